@@ -1,0 +1,1 @@
+"""Built-in visadapt plugins, one module per method (installed as ``visadapt.plugins``)."""

@@ -1,0 +1,56 @@
+"""LoRA (Hu et al., 2021) on linear and convolution layers of any supported family.
+
+Targets are site kinds (:mod:`visadapt.sites`): ``q``, ``k``, ``v`` are row slices of a fused ``qkv``
+projection (timm) or of ``nn.MultiheadAttention.in_proj_weight`` (open_clip); on diffusers UNets the same
+names map to ``to_q``/``to_k``/``to_v``/``to_out``, and ``conv1``/``conv2`` adapt ResNet convolutions.
+``scaling = alpha / rank`` in both the unmerged forward and the merge (:class:`visadapt.layers.LoRA`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from visadapt.inject import insert
+from visadapt.layers import LoRA
+from visadapt.plugin import AdapterConfig, AdapterPlugin, check_positive, config_field
+from visadapt.registry import register_plugin
+from visadapt.sites import find_sites
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    rank: int = config_field(8, "r, the rank of each low-rank update")
+    alpha: float = config_field(8.0, "alpha; the update is scaled by alpha / rank")
+    dropout: float = config_field(0.0, "dropout on the layer input of the low-rank path")
+    targets: tuple[str, ...] = config_field(("q", "v"), "site kinds to adapt: q, k, v, qkv, proj, fc1, fc2 "
+                                                        "(UNets also to_q.., to_out, conv1, conv2)")
+    blocks: tuple[int, ...] | None = config_field(None, "indices of the blocks to adapt; None = all")
+    towers: tuple[str, ...] = config_field(("visual",), "open_clip towers to adapt: visual, text")
+    path_pattern: str | None = config_field(None, "regular expression the host module path must match")
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"config field rank={self.rank!r} is out of range: it must be an integer > 0")
+        check_positive("alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
+        if not self.targets:
+            raise ValueError("config field targets is empty: name at least one site kind, e.g. ('q', 'v')")
+
+
+@register_plugin("lora")
+class LoRAPlugin(AdapterPlugin):
+    Config = LoRAConfig
+    families = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet")
+    mergeable = True
+
+    def attach(self, model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
+        sites = find_sites(model, config.targets, config.blocks, config.towers, config.path_pattern)
+        for site in sites:
+            if site.how not in ("linear", "weight"):
+                raise ValueError(f"lora adapts linear and convolution layers; site kind {site.kind!r} is an "
+                                 f"{site.how} site (use the adapter plugin there)")
+            conv = site.host if isinstance(site.host, nn.Conv2d) else None
+            insert(site, adapter_name, LoRA(site.in_features, site.out_features, config.rank, config.alpha,
+                                            config.dropout, conv=conv))

@@ -1,0 +1,42 @@
+"""visadapt: parameter-efficient adapters for vision and diffusion models.
+
+>>> import timm, visadapt
+>>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+>>> visadapt.attach(model, "lora", rank=4, head="head")
+>>> visadapt.save_adapter(model, "lora.safetensors")
+"""
+from visadapt.api import (
+    attach,
+    detach,
+    merge,
+    summary,
+    trainable_parameters,
+    unmerge,
+)
+from visadapt.io import load_adapter, read_adapter_file, save_adapter
+from visadapt.plugin import AdapterConfig, AdapterPlugin, config_field
+from visadapt.registry import get_plugin, list_plugins, register_plugin
+from visadapt.sites import all_sites, find_sites, model_family
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterPlugin",
+    "all_sites",
+    "attach",
+    "config_field",
+    "detach",
+    "find_sites",
+    "get_plugin",
+    "list_plugins",
+    "load_adapter",
+    "merge",
+    "model_family",
+    "read_adapter_file",
+    "register_plugin",
+    "save_adapter",
+    "summary",
+    "trainable_parameters",
+    "unmerge",
+]

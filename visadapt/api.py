@@ -1,0 +1,232 @@
+"""The user-facing calls: ``attach``, ``detach``, ``merge``, ``unmerge``, ``trainable_parameters``, ``summary``."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from visadapt import inject
+from visadapt.plugin import AdapterConfig, AdapterPlugin
+from visadapt.registry import get_plugin
+from visadapt.sites import model_family
+
+_RECORDS_ATTR = "_visadapt_records"
+_GRAD_FLAGS_ATTR = "_visadapt_base_requires_grad"
+
+
+@dataclasses.dataclass
+class AttachedAdapter:
+    """What :func:`attach` remembers about one adapter on a model (kept on the model object)."""
+
+    plugin: AdapterPlugin
+    config: AdapterConfig
+    head: str | None
+
+
+def records(model: nn.Module) -> dict[str, AttachedAdapter]:
+    """Adapters attached to ``model`` by name, in attach order."""
+    return model.__dict__.setdefault(_RECORDS_ATTR, {})
+
+
+def get_record(model: nn.Module, adapter_name: str) -> AttachedAdapter:
+    recs = records(model)
+    if adapter_name not in recs:
+        have = ", ".join(map(repr, recs)) or "none"
+        raise KeyError(f"no adapter named {adapter_name!r} is attached to this model (attached: {have})")
+    return recs[adapter_name]
+
+
+def _resolve_plugin(plugin: str | type[AdapterPlugin] | AdapterPlugin) -> AdapterPlugin:
+    if isinstance(plugin, AdapterPlugin):
+        return plugin
+    if isinstance(plugin, type) and issubclass(plugin, AdapterPlugin):
+        return plugin()
+    return get_plugin(plugin)()
+
+
+def build_config(plugin: AdapterPlugin, config: AdapterConfig | dict | None, overrides: dict[str, Any]) -> AdapterConfig:
+    """The plugin's config from a config object, a dict, keyword overrides, or any mix of them."""
+    if isinstance(config, AdapterConfig):
+        if not isinstance(config, plugin.Config):
+            raise TypeError(f"plugin {plugin.name!r} takes a {plugin.Config.__name__}, got {type(config).__name__}")
+        values = config.to_dict()
+    else:
+        values = dict(config or {})
+    values.update(overrides)
+    return plugin.Config.from_dict(values)
+
+
+def _reference_tensor(model: nn.Module) -> torch.Tensor | None:
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def attach(
+    model: nn.Module,
+    plugin: str | type[AdapterPlugin] | AdapterPlugin,
+    config: AdapterConfig | dict | None = None,
+    *,
+    adapter_name: str = "default",
+    head: str | None = None,
+    **overrides: Any,
+) -> AdapterConfig:
+    """Insert the adapter ``plugin`` into ``model`` in place and freeze everything else.
+
+    Afterwards exactly the adapter parameters require grad, plus the parameters of the module at path
+    ``head`` when given (e.g. ``head="head"`` for a timm classifier); that head is saved with the adapter.
+    The model's train/eval mode is kept, and new modules take the device and dtype of the model.
+    Returns the resolved config.
+    """
+    plugin_obj = _resolve_plugin(plugin)
+    family = model_family(model)
+    if family not in plugin_obj.families:
+        raise ValueError(f"plugin {plugin_obj.name!r} supports {', '.join(plugin_obj.families)} models; "
+                         f"this model is {family}")
+    inject.check_adapter_name(adapter_name)
+    if adapter_name in records(model):
+        raise ValueError(f"an adapter named {adapter_name!r} is already attached; detach it or pass another "
+                         f"adapter_name")
+    if head is not None:
+        try:
+            model.get_submodule(head)
+        except AttributeError:
+            tops = ", ".join(name for name, _ in model.named_children())
+            raise ValueError(f"head={head!r} is not a submodule of this model (top-level modules: {tops})") from None
+    cfg = build_config(plugin_obj, config, overrides)
+
+    was_training = model.training
+    try:
+        plugin_obj.attach(model, cfg, adapter_name)
+    except Exception:
+        inject.remove(model, adapter_name)  # leave no half-attached adapter behind
+        raise
+    ref = _reference_tensor(model)
+    for item in inject.attached(model, adapter_name):
+        if ref is not None:
+            item.module.to(device=ref.device, dtype=ref.dtype)
+        item.module.train(was_training)
+
+    if _GRAD_FLAGS_ATTR not in model.__dict__:
+        model.__dict__[_GRAD_FLAGS_ATTR] = {
+            n: p.requires_grad for n, p in model.named_parameters() if inject.ADAPTERS_ATTR not in n
+        }
+    records(model)[adapter_name] = AttachedAdapter(plugin_obj, cfg, head)
+    _set_trainable(model)
+    return cfg
+
+
+def _set_trainable(model: nn.Module) -> None:
+    heads = tuple(f"{r.head}." for r in records(model).values() if r.head)
+    for name, param in model.named_parameters():
+        param.requires_grad_(inject.ADAPTERS_ATTR in name or name.startswith(heads))
+
+
+def detach(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Remove one adapter (all when ``adapter_name`` is None), restoring the base model exactly.
+
+    Merged adapters are unmerged first. When the last adapter goes, parameters get back the
+    ``requires_grad`` flags they had before the first :func:`attach`.
+    """
+    names = [adapter_name] if adapter_name is not None else list(records(model))
+    for name in names:
+        get_record(model, name)
+    for name in names:
+        inject.remove(model, name)
+        del records(model)[name]
+    if records(model):
+        _set_trainable(model)
+    else:
+        flags = model.__dict__.pop(_GRAD_FLAGS_ATTR, {})
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags.get(name, param.requires_grad))
+
+
+def _names(model: nn.Module, adapter_name: str | None) -> list[str]:
+    if adapter_name is not None:
+        get_record(model, adapter_name)
+        return [adapter_name]
+    if not records(model):
+        raise ValueError("no visadapt adapter is attached to this model")
+    return list(records(model))
+
+
+def merge(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Fold adapters into the base weights so inference costs what the base model costs.
+
+    Arithmetic is fp32 whatever the model dtype; the overwritten weights are kept so :func:`unmerge`
+    (and :func:`detach`) restore them bit for bit. Methods that cannot be merged raise ``ValueError``.
+    """
+    for name in _names(model, adapter_name):
+        plugin = get_record(model, name).plugin
+        if not plugin.mergeable:
+            raise ValueError(f"adapter {name!r} ({plugin.name}) cannot be merged: {plugin.merge_refusal}")
+    for name in _names(model, adapter_name):
+        get_record(model, name).plugin.merge(model, name)
+
+
+def unmerge(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Undo :func:`merge`, in reverse order of adapters, restoring base weights bit for bit."""
+    for name in reversed(_names(model, adapter_name)):
+        plugin = get_record(model, name).plugin
+        if plugin.mergeable:
+            plugin.unmerge(model, name)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad: hand these to the optimiser."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@dataclasses.dataclass
+class Summary:
+    """Parameter and storage counts. ``adapter_bytes`` is what :func:`visadapt.save_adapter` stores as tensors."""
+
+    trainable_params: int
+    total_params: int
+    adapter_params: int
+    adapter_bytes: int
+    adapters: dict[str, dict[str, Any]]
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        lines = [f"trainable params: {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%)",
+                 f"adapter params:   {self.adapter_params:,}   adapter bytes on disk: {self.adapter_bytes:,}"]
+        for name, info in self.adapters.items():
+            lines.append(f"  {name}: {info['plugin']}, {info['params']:,} params, {info['bytes']:,} bytes"
+                         + (f", head={info['head']}" if info["head"] else ""))
+        return "\n".join(lines)
+
+
+def stored_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Exactly the tensors an adapter file holds: the plugin's exported state plus its head."""
+    record = get_record(model, adapter_name)
+    tensors = dict(record.plugin.export_state(model, adapter_name))
+    if record.head:
+        for key, tensor in model.get_submodule(record.head).state_dict().items():
+            tensors[f"{record.head}.{key}"] = tensor
+    return tensors
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable / total parameter counts and the stored size of each attached adapter."""
+    per: dict[str, dict[str, Any]] = {}
+    for name, record in records(model).items():
+        tensors = stored_tensors(model, name)
+        per[name] = {
+            "plugin": record.plugin.name,
+            "params": sum(t.numel() for t in tensors.values()),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "head": record.head,
+        }
+    params = list(model.named_parameters())
+    return Summary(
+        trainable_params=sum(p.numel() for _, p in params if p.requires_grad),
+        total_params=sum(p.numel() for _, p in params),
+        adapter_params=sum(p.numel() for n, p in params if inject.ADAPTERS_ATTR in n),
+        adapter_bytes=sum(info["bytes"] for info in per.values()),
+        adapters=per,
+    )

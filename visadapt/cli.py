@@ -1,0 +1,96 @@
+"""``visadapt`` command line: ``list``, ``inspect FILE``, ``sites MODEL``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from visadapt.registry import get_plugin, list_plugins
+
+    for name in list_plugins():
+        plugin = get_plugin(name)
+        merge = "mergeable" if plugin.mergeable else "not mergeable"
+        print(f"{name}  [{', '.join(plugin.families)}]  ({merge})  {plugin.__module__}")
+        for field, default, help_text in plugin.Config.field_help():
+            print(f"    {field} = {default!r}    {help_text}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from visadapt.io import read_adapter_file
+
+    tensors, meta = read_adapter_file(args.file)
+    params = sum(t.numel() for t in tensors.values())
+    data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"file:          {args.file} ({Path(args.file).stat().st_size:,} bytes on disk)")
+    for key in ("plugin", "adapter_name", "head", "format_version", "visadapt_version"):
+        print(f"{key + ':':<15}{meta.get(key) or '-'}")
+    print(f"{'base model:':<15}{meta.get('base_model')}")
+    print(f"{'config:':<15}{json.dumps(json.loads(meta['config']), indent=None)}")
+    print(f"{'tensors:':<15}{len(tensors)}")
+    print(f"{'parameters:':<15}{params:,}")
+    print(f"{'tensor bytes:':<15}{data_bytes:,}")
+    if args.keys:
+        for key, tensor in sorted(tensors.items()):
+            print(f"  {key}  {tuple(tensor.shape)}  {str(tensor.dtype).replace('torch.', '')}")
+    return 0
+
+
+def build_model(spec: str):
+    """A randomly initialised model from a timm name, ``open_clip:NAME``, or a diffusers UNet folder."""
+    path = Path(spec)
+    if path.exists():
+        config_dir = path / "unet" if (path / "unet" / "config.json").exists() else path
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        config = json.loads((config_dir / "config.json").read_text())
+        cls = UNet2DModel if config.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
+        return cls.from_config(config)
+    if spec.startswith("open_clip:"):
+        import open_clip
+
+        return open_clip.create_model(spec.split(":", 1)[1], pretrained=None)
+    import timm
+
+    return timm.create_model(spec, pretrained=False)
+
+
+def _cmd_sites(args: argparse.Namespace) -> int:
+    from visadapt.sites import all_sites, model_family
+
+    model = build_model(args.model)
+    family = model_family(model)
+    sites = all_sites(model)
+    if args.kind:
+        sites = [s for s in sites if s.kind in args.kind]
+    print(f"{args.model}: {family}, {len(sites)} sites")
+    for s in sites:
+        tower = f"[{s.tower}] " if s.tower else ""
+        print(f"  {tower}block {s.block:>3}  {s.kind:<9} {s.path:<60} in {s.in_features:>5}  out {s.out_features:>5}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="visadapt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered plugins with their model families and config fields")
+    p = sub.add_parser("inspect", help="metadata, tensor count, parameter count and bytes of an adapter file")
+    p.add_argument("file")
+    p.add_argument("--keys", action="store_true", help="also list every tensor")
+    p = sub.add_parser("sites", help="attachable sites of a model (random init, nothing downloaded)")
+    p.add_argument("model", help="timm name (vit_base_patch16_224), open_clip:NAME, or a diffusers folder")
+    p.add_argument("--kind", action="append", help="only these site kinds (repeatable)")
+    args = parser.parse_args(argv)
+    handler = {"list": _cmd_list, "inspect": _cmd_inspect, "sites": _cmd_sites}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+        print(f"visadapt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

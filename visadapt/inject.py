@@ -1,0 +1,296 @@
+"""Putting adapter modules at sites, finding them again, merging and removing them.
+
+Modules stay where the model put them; nothing is replaced, so the base model's parameter names do not
+change (``blocks.0.attn.qkv.weight`` stays ``blocks.0.attn.qkv.weight``). Each adapted host gets:
+
+* a child ``visadapt_adapters``: ``ModuleDict[adapter_name -> ModuleDict[site kind -> delta module]]``,
+  so every adapter tensor has ``visadapt_adapters`` in its name;
+* one forward pre-hook and one forward hook, plain module-level functions that read that dict (so
+  ``copy.deepcopy`` and ``torch.compile`` see no closures).
+
+Layers whose weight is read directly instead of called (``nn.MultiheadAttention.in_proj_weight``) get a
+:mod:`torch.nn.utils.parametrize` parametrization instead, ``W -> W + delta``, holding the same dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from visadapt.layers import add_rows
+from visadapt.sites import Site
+
+ADAPTERS_ATTR = "visadapt_adapters"
+_HOOKS_ATTR = "_visadapt_hook_handles"
+_TAP_HOOK_ATTR = "_visadapt_tap_handle"
+_TAP_VALUE_ATTR = "_visadapt_branch_input"
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class AdapterLoadError(ValueError):
+    """Tensors in a file do not fit the adapter attached from its config; the message is a full report."""
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"adapter_name {name!r} must be a Python identifier (letters, digits, underscores)")
+
+
+class WeightDelta(nn.Module):
+    """Parametrization ``W -> W + sum of unmerged adapter deltas`` for weights read without a call.
+
+    Shapes: ``weight`` is the host parameter, e.g. ``(3 * dim, dim)`` for a fused in-projection; each
+    adapter's delta covers its ``site_rows`` of dimension 0.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visadapt_adapters = nn.ModuleDict()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        for per_name in self.visadapt_adapters.values():
+            for module in per_name.values():
+                if not module.merged:
+                    weight = add_rows(weight, module.delta_weight().to(weight.dtype), module.site_rows, dim=0)
+        return weight
+
+
+def _adapter_dict(owner: nn.Module, adapter_name: str) -> nn.ModuleDict:
+    store = getattr(owner, ADAPTERS_ATTR, None)
+    if store is None:
+        store = nn.ModuleDict()
+        setattr(owner, ADAPTERS_ATTR, store)
+    if adapter_name not in store:
+        store[adapter_name] = nn.ModuleDict()
+    return store[adapter_name]
+
+
+def _weight_delta_for(host: nn.Module, param: str) -> WeightDelta:
+    if parametrize.is_parametrized(host, param):
+        for p in host.parametrizations[param]:
+            if isinstance(p, WeightDelta):
+                return p
+    delta = WeightDelta()
+    # unsafe=True: the parametrization preserves shape and dtype, so PyTorch need not probe it by calling it
+    parametrize.register_parametrization(host, param, delta, unsafe=True)
+    return delta
+
+
+def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
+    """Attach ``module`` (a delta module from :mod:`visadapt.layers`) at ``site`` under ``adapter_name``."""
+    check_adapter_name(adapter_name)
+    module.site_how = site.how
+    module.site_rows = site.rows
+    module.site_tap = site.tap
+    module.site_widths = (site.in_features, site.out_features)
+    if site.how == "weight":
+        if not hasattr(module, "delta_weight"):
+            raise TypeError(f"site {site.name} takes weight deltas (LoRA-type modules) only, "
+                            f"not {type(module).__name__}")
+        if getattr(module, "dropout", None) is not None and not isinstance(module.dropout, nn.Identity):
+            raise ValueError(f"site {site.name} is a weight read directly by its layer ({site.param}); a LoRA "
+                             f"there cannot apply dropout to the layer input: set dropout=0")
+        owner = _weight_delta_for(site.host, site.param)
+    elif site.how in ("output", "input", "parallel", "linear"):
+        owner = site.host
+    else:
+        raise ValueError(f"site {site.name} is a {site.how!r} site; this adapter type attaches to "
+                         f"output/input/parallel/linear/weight sites only")
+    per_name = _adapter_dict(owner, adapter_name)
+    if site.kind in per_name:
+        raise ValueError(f"adapter {adapter_name!r} already has a module at {site.name}; detach it first "
+                         f"or use another adapter_name")
+    per_name[site.kind] = module
+    if site.how != "weight" and not hasattr(owner, _HOOKS_ATTR):
+        setattr(owner, _HOOKS_ATTR, (owner.register_forward_pre_hook(_pre_hook),
+                                     owner.register_forward_hook(_post_hook)))
+    if site.how == "parallel":
+        tap = site.host.get_submodule(site.tap)
+        if not hasattr(tap, _TAP_HOOK_ATTR):
+            setattr(tap, _TAP_HOOK_ATTR, tap.register_forward_pre_hook(_tap_hook))
+
+
+def _active(owner: nn.Module, how: str) -> Iterator[nn.Module]:
+    for per_name in getattr(owner, ADAPTERS_ATTR).values():
+        for module in per_name.values():
+            if module.site_how == how and not getattr(module, "merged", False):
+                yield module
+
+
+def _tap_hook(tap: nn.Module, args: tuple) -> None:
+    # The parallel branch of a block is fed the tap's (e.g. norm2's) input: the residual stream after attention.
+    setattr(tap, _TAP_VALUE_ATTR, args[0])
+
+
+def _pre_hook(host: nn.Module, args: tuple):
+    modules = list(_active(host, "input"))
+    if not modules:
+        return None
+    x = args[0]
+    for module in modules:
+        x = x + module(x)
+    return (x, *args[1:])
+
+
+def _post_hook(host: nn.Module, args: tuple, output):
+    parallel = list(_active(host, "parallel"))
+    if parallel:
+        for module in parallel:
+            tap = host.get_submodule(module.site_tap)
+            branch_input = getattr(tap, _TAP_VALUE_ATTR)
+            # Swin returns (B, H, W, C) while its MLP branch saw (B, H*W, C): same elements, other view
+            output = output + module(branch_input).reshape(output.shape)
+        for module in parallel:
+            setattr(host.get_submodule(module.site_tap), _TAP_VALUE_ATTR, None)  # free the activation
+    linear = list(_active(host, "linear"))
+    if linear:
+        x = args[0]
+        channel_dim = 1 if isinstance(host, nn.Conv2d) else -1
+        for module in linear:
+            output = add_rows(output, module(x), module.site_rows, dim=channel_dim)
+    for module in _active(host, "output"):
+        output = output + module(output)
+    return output
+
+
+@dataclasses.dataclass
+class Attached:
+    """One attached delta module: where it sits and the base weight it can merge into."""
+
+    host_path: str
+    adapter_name: str
+    kind: str
+    module: nn.Module
+    base_weight: torch.Tensor | None
+
+
+def attached(model: nn.Module, adapter_name: str | None = None) -> list[Attached]:
+    """Every attached delta module (of one adapter when ``adapter_name`` is given), in model order."""
+    found = []
+    for path, owner in model.named_modules():
+        store = owner._modules.get(ADAPTERS_ATTR)
+        if store is None:
+            continue
+        if isinstance(owner, WeightDelta):
+            # path is "<host>.parametrizations.<param>.<i>"; the base tensor is the list's .original
+            plist = model.get_submodule(path.rsplit(".", 1)[0])
+            base, host_path = plist.original, path.split(".parametrizations.")[0]
+        else:
+            base, host_path = getattr(owner, "weight", None), path
+        for name, per_name in store.items():
+            if adapter_name is not None and name != adapter_name:
+                continue
+            for kind, module in per_name.items():
+                found.append(Attached(host_path, name, kind, module, base))
+    return found
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for item in attached(model):
+        names[item.adapter_name] = None
+    return list(names)
+
+
+def merge(model: nn.Module, adapter_name: str) -> None:
+    """Fold each delta of ``adapter_name`` into its base weight (fp32 arithmetic, exact copy kept)."""
+    for item in attached(model, adapter_name):
+        if not hasattr(item.module, "merge_into") or item.base_weight is None:
+            raise ValueError(f"{item.host_path}:{item.kind} holds a {type(item.module).__name__}, which has no "
+                             f"weight to merge into")
+        item.module.merge_into(item.base_weight.data, item.module.site_rows)
+
+
+def unmerge(model: nn.Module, adapter_name: str) -> None:
+    """Undo :func:`merge` in reverse order, restoring the base weights bit for bit."""
+    for item in reversed(attached(model, adapter_name)):
+        if getattr(item.module, "merged", False):
+            item.module.unmerge_from(item.base_weight.data, item.module.site_rows)
+
+
+def remove(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Remove every module of ``adapter_name`` (all adapters when None), unmerging first, and the hooks and
+    parametrizations that no adapter needs any more."""
+    for name in [adapter_name] if adapter_name else adapter_names(model):
+        unmerge(model, name)
+    for path, owner in list(model.named_modules()):
+        store = owner._modules.get(ADAPTERS_ATTR)
+        if store is None:
+            continue
+        taps = {m.site_tap for per in store.values() for m in per.values() if m.site_how == "parallel"}
+        for name in list(store):
+            if adapter_name is None or name == adapter_name:
+                del store[name]
+        still_tapped = {m.site_tap for per in store.values() for m in per.values() if m.site_how == "parallel"}
+        for tap_name in taps - still_tapped:
+            tap = owner.get_submodule(tap_name)
+            getattr(tap, _TAP_HOOK_ATTR).remove()
+            delattr(tap, _TAP_HOOK_ATTR)
+            tap.__dict__.pop(_TAP_VALUE_ATTR, None)
+        if len(store):
+            continue
+        delattr(owner, ADAPTERS_ATTR)
+        if isinstance(owner, WeightDelta):
+            host_path, param = path.split(".parametrizations.")
+            param = param.split(".")[0]
+            host = model.get_submodule(host_path)
+            if len(host.parametrizations[param]) != 1:
+                raise RuntimeError(f"{host_path}.{param} carries other parametrizations besides visadapt's; "
+                                   f"remove them first so the original weight can be restored")
+            parametrize.remove_parametrizations(host, param, leave_parametrized=False)
+        else:
+            for handle in getattr(owner, _HOOKS_ATTR):
+                handle.remove()
+            delattr(owner, _HOOKS_ATTR)
+
+
+_KEY_RE = re.compile(rf"(^|\.){ADAPTERS_ATTR}\.([A-Za-z_][A-Za-z0-9_]*)\.")
+
+
+def adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_name``, keyed without the adapter name so a file loads under any name:
+    ``blocks.0.attn.qkv.visadapt_adapters.default.q.A.weight`` -> ``blocks.0.attn.qkv.visadapt_adapters.q.A.weight``.
+    """
+    state = {}
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        match = _KEY_RE.search(key)
+        if match and match.group(2) == adapter_name:
+            state[key[: match.start()] + f"{match.group(1)}{ADAPTERS_ATTR}." + key[match.end():]] = tensor
+    return state
+
+
+def _named_key(key: str, adapter_name: str) -> str:
+    marker = f"{ADAPTERS_ATTR}."
+    head, _, tail = key.partition(marker)
+    return f"{head}{marker}{adapter_name}.{tail}"
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy ``state`` (keys as from :func:`adapter_state`) into the attached adapter, strictly.
+
+    Raises :class:`AdapterLoadError` listing every missing key, unexpected key and shape mismatch;
+    nothing is copied unless everything fits.
+    """
+    expected = adapter_state(model, adapter_name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"adapter tensors do not fit the model ({len(expected)} expected, {len(state)} given, "
+                 f"{len(set(state) & set(expected)) - len(mismatched)} matched):"]
+        lines += [f"  missing    {k}" for k in missing]
+        lines += [f"  unexpected {k}" for k in unexpected]
+        lines += [f"  shape      {m}" for m in mismatched]
+        raise AdapterLoadError("\n".join(lines))
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            targets[_named_key(key, adapter_name)].copy_(tensor)

@@ -1,0 +1,185 @@
+"""One adapter file format for every method: a single ``.safetensors`` file.
+
+Header metadata (all strings):
+
+=================  =================================================================================
+``format``         ``"visadapt"``
+``format_version`` ``"1"``
+``plugin``         registry name of the method
+``config``         the plugin config as JSON
+``adapter_name``   the name it was saved under (informational; load under any name)
+``base_model``     JSON fingerprint of the base model: family, name, depth and width per tower
+``site_widths``    JSON ``{host path: [in, out]}`` of every host the adapter touches
+``head``           path of the classifier head stored alongside, or ``""``
+``tensors_sha256`` digest of names, dtypes, shapes and bytes of all tensors: corruption is caught on load
+``visadapt_version``
+=================  =================================================================================
+
+Only safetensors is ever read: no pickle, so a file cannot run code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from visadapt import api, inject
+from visadapt.registry import get_plugin
+from visadapt.sites import fingerprint
+
+FORMAT = "visadapt"
+FORMAT_VERSION = "1"
+
+
+class AdapterFileError(ValueError):
+    """The file is missing, not safetensors, not a visadapt adapter, truncated or corrupted."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` (and its head) to ONE safetensors file, atomically.
+
+    The file appears under its final name only once it is complete: a crash mid-write leaves at most a
+    hidden temporary file, never a truncated adapter. Returns the path written.
+    """
+    from visadapt import __version__
+
+    record = api.get_record(model, adapter_name)
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter.safetensors"
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in api.stored_tensors(model, adapter_name).items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "plugin": record.plugin.name,
+        "config": json.dumps(record.config.to_dict(), sort_keys=True),
+        "adapter_name": adapter_name,
+        "base_model": json.dumps(fingerprint(model), sort_keys=True),
+        "site_widths": json.dumps(site_widths(model, adapter_name), sort_keys=True),
+        "head": record.head or "",
+        "tensors_sha256": tensors_digest(tensors),
+        "visadapt_version": __version__,
+    }
+    for key, value in (metadata or {}).items():
+        if key in meta:
+            raise ValueError(f"metadata key {key!r} is reserved by the visadapt format; choose another name")
+        meta[key] = str(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def site_widths(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
+    """``{"host:kind": [in_features, out_features]}`` for every site the adapter occupies."""
+    return {f"{item.host_path}:{item.kind}": list(item.module.site_widths)
+            for item in inject.attached(model, adapter_name)}
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a visadapt adapter file, after checking it is whole and uncorrupted."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file {str(path)!r} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise AdapterFileError(
+            f"{path} is a pickle/zip checkpoint (torch.save format); visadapt only reads safetensors files, "
+            f"because unpickling can run arbitrary code. Convert it where you trust it: "
+            f"`safetensors.torch.save_file(torch.load(f), 'adapter.safetensors')`"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+    if meta.get("format") != FORMAT:
+        raise AdapterFileError(
+            f"{path} is a safetensors file without visadapt metadata (format={meta.get('format')!r}); "
+            f"it was not written by visadapt.save_adapter"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(f"{path} has visadapt format version {meta.get('format_version')!r}; this visadapt "
+                               f"reads version {FORMAT_VERSION}: upgrade visadapt")
+    if tensors_digest(tensors) != meta.get("tensors_sha256"):
+        raise AdapterFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")
+    return tensors, meta
+
+
+def _describe(fp: dict) -> str:
+    towers = ", ".join(f"{t}: {v['depth']} blocks, {v['width']} wide" for t, v in fp.get("towers", {}).items())
+    return f"{fp.get('name') or 'unnamed'} ({fp.get('family')}; {towers})"
+
+
+def check_base_model(model: nn.Module, meta: dict[str, str], path: str | os.PathLike) -> None:
+    """Raise when the file was trained for a model of another family, depth or width."""
+    saved = json.loads(meta["base_model"])
+    here = fingerprint(model)
+    if saved.get("family") != here["family"] or saved.get("towers") != here["towers"]:
+        raise AdapterFileError(
+            f"adapter file {path} was trained for {_describe(saved)}; this model is {_describe(here)}"
+        )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"):
+    """Attach the plugin recorded in the file with its saved config, then load its tensors (strictly).
+
+    On any failure the model is left exactly as it was. Returns the attached config.
+    """
+    tensors, meta = read_adapter_file(path)
+    check_base_model(model, meta, path)
+    plugin = get_plugin(meta["plugin"])()
+    config = plugin.Config.from_dict(json.loads(meta["config"]))
+    head = meta.get("head") or None
+    head_state = {k[len(head) + 1:]: v for k, v in tensors.items() if head and k.startswith(head + ".")}
+    adapter_tensors = {k: v for k, v in tensors.items() if not (head and k.startswith(head + "."))}
+    api.attach(model, plugin, config, adapter_name=adapter_name, head=head)
+    try:
+        saved_widths = json.loads(meta.get("site_widths", "{}"))
+        here_widths = site_widths(model, adapter_name)
+        if saved_widths and saved_widths != here_widths:
+            diff = [f"{k}: file {saved_widths.get(k)} vs model {here_widths.get(k)}"
+                    for k in sorted(set(saved_widths) | set(here_widths)) if saved_widths.get(k) != here_widths.get(k)]
+            raise AdapterFileError(f"adapter file {path} does not fit this model's sites:\n  " + "\n  ".join(diff[:10]))
+        plugin.import_state(model, adapter_tensors, adapter_name)
+        if head:
+            module = model.get_submodule(head)
+            current = module.state_dict()
+            bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape) if k in current else 'missing'}"
+                   for k, v in head_state.items() if k not in current or current[k].shape != v.shape]
+            if bad or set(current) != set(head_state):
+                raise inject.AdapterLoadError(
+                    f"head {head!r} stored in {path} does not fit this model's head: " + "; ".join(bad or [
+                        f"keys {sorted(head_state)} vs {sorted(current)}"])
+                )
+            module.load_state_dict(head_state)
+    except Exception:
+        api.detach(model, adapter_name)
+        raise
+    return config

@@ -1,0 +1,353 @@
+"""Where adapters can go: the one module that knows model internals.
+
+Every supported family offers the same site names for transformer blocks, so a plugin written against
+sites works on timm and open_clip alike:
+
+==============  =====================================================================================
+``attn_out``    serial, on the attention branch output before the residual add (Houlsby)
+``mlp``         parallel to the MLP branch, fed the block's residual stream (AdaptFormer)
+``mlp_out``     serial, on the MLP branch output before the residual add (Houlsby, Pfeiffer)
+``block_out``   serial, on the block output
+``qkv``         the fused q/k/v projection; ``q``, ``k``, ``v`` are its row slices
+``proj``        attention output projection
+``fc1``, ``fc2``  the MLP's two linear layers
+==============  =====================================================================================
+
+Diffusers UNets offer ``to_q``, ``to_k``, ``to_v``, ``to_out`` (attention projections; ``q``/``k``/``v``/
+``proj`` are accepted as aliases), ``conv1``/``conv2`` (ResNet-block convolutions) and ``norm`` (the
+group norms of ResNet blocks and attention blocks).
+
+Each :class:`Site` says *how* an adapter attaches there (see :mod:`visadapt.inject`):
+``output`` (add ``f(y)`` to the host's output ``y``), ``input`` (replace the host's input ``x`` by
+``x + f(x)``), ``parallel`` (add ``f(x_branch)`` to the block output, ``x_branch`` being the input of
+the ``tap`` module), ``linear`` (add ``f(x)`` to a Linear/Conv host's output, optionally on a row slice),
+``weight`` (add a weight delta to parameter ``param`` of the host, for layers whose weights are read
+directly rather than called, such as ``nn.MultiheadAttention``) and ``norm`` (a normalisation layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet")
+
+#: site kinds of transformer families, in the order they are listed
+TRANSFORMER_KINDS = ("attn_out", "mlp", "mlp_out", "block_out", "qkv", "q", "k", "v", "proj", "fc1", "fc2")
+UNET_KINDS = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "norm")
+#: the transformer names accepted on UNets, so one LoRA config (``targets=("q", "v")``) fits every family
+UNET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj": "to_out"}
+
+_FAMILY_CLASSES = {
+    "timm_vit": {("timm.models.vision_transformer", "VisionTransformer")},
+    "timm_swin": {("timm.models.swin_transformer", "SwinTransformer")},
+    "open_clip": {
+        ("open_clip.model", "CLIP"),
+        ("open_clip.model", "CustomTextCLIP"),
+        ("open_clip.transformer", "VisionTransformer"),
+        ("open_clip.transformer", "TextTransformer"),
+    },
+    "diffusers_unet": {
+        ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),
+        ("diffusers.models.unets.unet_2d", "UNet2DModel"),
+    },
+}
+
+
+class UnsupportedModelError(TypeError):
+    """The model belongs to no family visadapt knows."""
+
+
+@dataclasses.dataclass(eq=False)
+class Site:
+    """One place in a model where an adapter can attach.
+
+    ``path`` is the dotted name of the host module inside the model, ``block`` the index of the block
+    it belongs to (forward order, counted per tower), ``in_features``/``out_features`` the widths an
+    adapter there must have (channels for convolutions).
+    """
+
+    path: str
+    kind: str
+    block: int
+    in_features: int
+    out_features: int
+    host: nn.Module
+    how: str
+    tower: str | None = None
+    rows: tuple[int, int] | None = None  # q/k/v: the output rows of the fused projection
+    tap: str | None = None  # parallel: attribute name, on the host, of the module whose input feeds the adapter
+    param: str | None = None  # weight: the parameter of the host that receives the delta
+
+    @property
+    def name(self) -> str:
+        """Unique, human-readable name: host path plus the kind where several kinds share a host."""
+        return f"{self.path}:{self.kind}"
+
+
+def model_family(model: nn.Module) -> str:
+    """The family of ``model`` (one of :data:`FAMILIES`), recognised by class without importing libraries."""
+    for cls in type(model).__mro__:
+        for family, classes in _FAMILY_CLASSES.items():
+            if (cls.__module__, cls.__name__) in classes:
+                return family
+    raise UnsupportedModelError(
+        f"visadapt does not know models of class {type(model).__module__}.{type(model).__qualname__}; "
+        f"supported families: timm VisionTransformer (timm_vit, incl. DINOv2), timm SwinTransformer (timm_swin), "
+        f"open_clip CLIP / CustomTextCLIP / their towers (open_clip), diffusers UNet2DConditionModel / "
+        f"UNet2DModel (diffusers_unet)"
+    )
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The model's published name where the library records one (timm architecture, diffusers repo id)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("architecture"):
+        tag = cfg.get("tag")
+        return f"{cfg['architecture']}.{tag}" if tag else cfg["architecture"]
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) if config is not None else None
+    return name or None
+
+
+def _width(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0]
+    raise TypeError(f"cannot read a feature width from {type(module).__name__}")
+
+
+def _transformer_block_sites(
+    block: nn.Module, path: str, index: int, tower: str | None, layout: dict[str, str]
+) -> list[Site]:
+    """Sites of one pre-norm transformer block; ``layout`` names its submodules in this family."""
+    out: list[Site] = []
+    get = lambda name: block.get_submodule(layout[name])  # noqa: E731
+    dim = _width(get("norm1"))
+    sub = lambda name: f"{path}.{layout[name]}"  # noqa: E731
+    attn_out_how = layout.get("attn_out_how", "output")
+    mlp_out_how = layout.get("mlp_out_how", "output")
+    out.append(Site(sub("attn_out"), "attn_out", index, dim, dim, get("attn_out"), attn_out_how, tower))
+    out.append(Site(path, "mlp", index, dim, dim, block, "parallel", tower, tap=layout["norm2"]))
+    out.append(Site(sub("mlp_out"), "mlp_out", index, dim, dim, get("mlp_out"), mlp_out_how, tower))
+    out.append(Site(path, "block_out", index, dim, dim, block, "output", tower))
+
+    if layout.get("qkv_param"):
+        # Attention that reads a fused weight directly (nn.MultiheadAttention): weight deltas only.
+        attn = get("attn")
+        qkv_out = getattr(attn, layout["qkv_param"]).shape[0]
+        per = qkv_out // 3
+        out.append(Site(sub("attn"), "qkv", index, dim, qkv_out, attn, "weight", tower, param=layout["qkv_param"]))
+        for i, kind in enumerate("qkv"):
+            out.append(Site(sub("attn"), kind, index, dim, per, attn, "weight", tower,
+                            rows=(i * per, (i + 1) * per), param=layout["qkv_param"]))
+        proj = get("proj")
+        out.append(Site(sub("proj"), "proj", index, proj.in_features, proj.out_features, proj, "weight", tower,
+                        param="weight"))
+    else:
+        qkv = get("qkv")
+        per = qkv.out_features // 3
+        out.append(Site(sub("qkv"), "qkv", index, qkv.in_features, qkv.out_features, qkv, "linear", tower))
+        for i, kind in enumerate("qkv"):
+            out.append(Site(sub("qkv"), kind, index, qkv.in_features, per, qkv, "linear", tower,
+                            rows=(i * per, (i + 1) * per)))
+        proj = get("proj")
+        out.append(Site(sub("proj"), "proj", index, proj.in_features, proj.out_features, proj, "linear", tower))
+    for kind in ("fc1", "fc2"):
+        try:
+            fc = get(kind)
+        except AttributeError:
+            continue  # e.g. SwiGLU MLPs split fc1 in two; those layers are simply not offered
+        if isinstance(fc, nn.Linear):
+            out.append(Site(sub(kind), kind, index, fc.in_features, fc.out_features, fc, "linear", tower))
+    return out
+
+
+_TIMM_VIT_LAYOUT = {
+    "norm1": "norm1", "norm2": "norm2", "attn_out": "ls1", "mlp_out": "ls2",
+    "qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+}
+# Swin blocks have no LayerScale; the branch output is the input of drop_path, which is always called.
+_TIMM_SWIN_LAYOUT = dict(_TIMM_VIT_LAYOUT, attn_out="drop_path1", mlp_out="drop_path2",
+                         attn_out_how="input", mlp_out_how="input")
+_OPEN_CLIP_LAYOUT = {
+    "norm1": "ln_1", "norm2": "ln_2", "attn_out": "ls_1", "mlp_out": "ls_2",
+    "attn": "attn", "qkv_param": "in_proj_weight", "proj": "attn.out_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj",
+}
+
+
+def _check_block(block: nn.Module, layout: dict[str, str], family: str) -> None:
+    for key, name in layout.items():
+        if key.endswith("_how") or key in ("fc1", "fc2", "qkv_param"):
+            continue
+        try:
+            block.get_submodule(name)
+        except AttributeError:
+            raise UnsupportedModelError(
+                f"{family} block of class {type(block).__name__} has no submodule {name!r}; visadapt supports "
+                f"pre-norm blocks (timm Block / SwinTransformerBlock, open_clip ResidualAttentionBlock)"
+            ) from None
+
+
+def _timm_vit_sites(model: nn.Module) -> list[Site]:
+    sites = []
+    for i, block in enumerate(model.blocks):
+        _check_block(block, _TIMM_VIT_LAYOUT, "timm_vit")
+        sites += _transformer_block_sites(block, f"blocks.{i}", i, None, _TIMM_VIT_LAYOUT)
+    return sites
+
+
+def _timm_swin_sites(model: nn.Module) -> list[Site]:
+    sites, index = [], 0
+    for s, stage in enumerate(model.layers):
+        for b, block in enumerate(stage.blocks):
+            _check_block(block, _TIMM_SWIN_LAYOUT, "timm_swin")
+            sites += _transformer_block_sites(block, f"layers.{s}.blocks.{b}", index, None, _TIMM_SWIN_LAYOUT)
+            index += 1
+    return sites
+
+
+def _open_clip_towers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(tower, path prefix, module holding .resblocks)`` for each transformer tower present."""
+    towers = []
+    cls = type(model).__name__
+    if cls == "VisionTransformer":
+        return [("visual", "transformer", model.transformer)]
+    if cls == "TextTransformer":
+        return [("text", "transformer", model.transformer)]
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(getattr(visual, "transformer", None), "resblocks"):
+        towers.append(("visual", "visual.transformer", visual.transformer))
+    if hasattr(getattr(model, "transformer", None), "resblocks"):  # CLIP keeps its text tower at the top level
+        towers.append(("text", "transformer", model.transformer))
+    text = getattr(model, "text", None)  # CustomTextCLIP
+    if text is not None and hasattr(getattr(text, "transformer", None), "resblocks"):
+        towers.append(("text", "text.transformer", text.transformer))
+    return towers
+
+
+def _open_clip_sites(model: nn.Module) -> list[Site]:
+    sites = []
+    towers = _open_clip_towers(model)
+    if not towers:
+        raise UnsupportedModelError(
+            f"open_clip model {type(model).__name__} has no transformer tower (ResNet/timm/HF towers are not sites)"
+        )
+    for tower, prefix, transformer in towers:
+        for i, block in enumerate(transformer.resblocks):
+            layout = dict(_OPEN_CLIP_LAYOUT)
+            if type(block).__name__ == "CustomResidualAttentionBlock":
+                # its attention calls out_proj as a module but still reads in_proj_weight directly
+                layout["proj"] = "attn.out_proj"
+            _check_block(block, layout, "open_clip")
+            sites += _transformer_block_sites(block, f"{prefix}.resblocks.{i}", i, tower, layout)
+    return sites
+
+
+def _unet_sites(model: nn.Module) -> list[Site]:
+    sites: list[Site] = []
+    resnet_index = attn_index = 0
+    for path, module in model.named_modules():
+        cls = type(module).__name__
+        if cls == "ResnetBlock2D":
+            for kind in ("conv1", "conv2"):
+                conv = getattr(module, kind)
+                sites.append(Site(f"{path}.{kind}", kind, resnet_index, conv.in_channels, conv.out_channels,
+                                  conv, "linear"))
+            for norm_name in ("norm1", "norm2"):
+                norm = getattr(module, norm_name)
+                if isinstance(norm, nn.GroupNorm):
+                    sites.append(Site(f"{path}.{norm_name}", "norm", resnet_index, norm.num_channels,
+                                      norm.num_channels, norm, "norm"))
+            resnet_index += 1
+        elif cls == "Attention" and hasattr(module, "to_q"):
+            for kind in ("to_q", "to_k", "to_v"):
+                lin = getattr(module, kind)
+                sites.append(Site(f"{path}.{kind}", kind, attn_index, lin.in_features, lin.out_features, lin,
+                                  "linear"))
+            out = module.to_out[0]
+            sites.append(Site(f"{path}.to_out.0", "to_out", attn_index, out.in_features, out.out_features, out,
+                              "linear"))
+            attn_index += 1
+        elif cls == "Transformer2DModel" and isinstance(getattr(module, "norm", None), nn.GroupNorm):
+            sites.append(Site(f"{path}.norm", "norm", attn_index, module.norm.num_channels,
+                              module.norm.num_channels, module.norm, "norm"))
+    return sites
+
+
+_ENUMERATORS = {
+    "timm_vit": _timm_vit_sites,
+    "timm_swin": _timm_swin_sites,
+    "open_clip": _open_clip_sites,
+    "diffusers_unet": _unet_sites,
+}
+
+
+def family_kinds(family: str) -> tuple[str, ...]:
+    return UNET_KINDS if family == "diffusers_unet" else TRANSFORMER_KINDS
+
+
+def all_sites(model: nn.Module) -> list[Site]:
+    """Every site of ``model``, in forward order."""
+    return _ENUMERATORS[model_family(model)](model)
+
+
+def find_sites(
+    model: nn.Module,
+    kinds: Sequence[str],
+    blocks: Iterable[int] | None = None,
+    towers: Sequence[str] | None = None,
+    path_pattern: str | None = None,
+) -> list[Site]:
+    """Sites of the given ``kinds``, optionally restricted to block indices, open_clip towers
+    (``"visual"``, ``"text"``) and a regular expression on the host path.
+
+    Raises ``ValueError`` when a kind is unknown to the family or when the selection matches nothing,
+    listing what the model does offer; a selection that silently adapts nothing is never returned.
+    """
+    family = model_family(model)
+    offered = family_kinds(family)
+    resolved = []
+    for kind in kinds:
+        kind = UNET_ALIASES.get(kind, kind) if family == "diffusers_unet" else kind
+        if kind not in offered:
+            raise ValueError(f"site {kind!r} does not exist on {family} models; sites there: {', '.join(offered)}")
+        resolved.append(kind)
+    sites = [s for s in all_sites(model) if s.kind in resolved]
+    if towers is not None and family == "open_clip":
+        present = sorted({s.tower for s in sites})
+        missing = [t for t in towers if t not in present]
+        if missing:
+            raise ValueError(f"open_clip tower(s) {missing} not in this model; it has {present}")
+        sites = [s for s in sites if s.tower in towers]
+    if blocks is not None:
+        wanted = set(blocks)
+        depth = 1 + max((s.block for s in sites), default=-1)
+        bad = sorted(b for b in wanted if not 0 <= b < depth)
+        if bad:
+            raise ValueError(f"block indices {bad} are out of range: this model has blocks 0..{depth - 1}")
+        sites = [s for s in sites if s.block in wanted]
+    if path_pattern:
+        regex = re.compile(path_pattern)
+        sites = [s for s in sites if regex.search(s.path)]
+    if not sites:
+        raise ValueError(
+            f"no site matches kinds={list(kinds)}, blocks={blocks}, towers={towers}, path_pattern={path_pattern!r} "
+            f"on this {family} model; run `visadapt sites` to see what it offers"
+        )
+    return sites
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """What an adapter file needs to know about its base model: family, name and per-tower depth/width."""
+    family = model_family(model)
+    sites = all_sites(model)
+    shape: dict[str, dict[str, int]] = {}
+    for s in sites:
+        key = s.tower or "model"
+        entry = shape.setdefault(key, {"depth": 0, "width": s.in_features})
+        entry["depth"] = max(entry["depth"], s.block + 1)
+    return {"family": family, "name": model_name(model), "towers": shape}

@@ -98,6 +98,8 @@ def attach(
             raise ValueError(f"head={head!r} is not a submodule of this model (top-level modules: {tops})") from None
     cfg = build_config(plugin_obj, config, overrides)
 
+    if _GRAD_FLAGS_ATTR not in model.__dict__:  # before attaching: parametrizations rename weights
+        model.__dict__[_GRAD_FLAGS_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     try:
         plugin_obj.attach(model, cfg, adapter_name)
@@ -110,10 +112,6 @@ def attach(
             item.module.to(device=ref.device, dtype=ref.dtype)
         item.module.train(was_training)
 
-    if _GRAD_FLAGS_ATTR not in model.__dict__:
-        model.__dict__[_GRAD_FLAGS_ATTR] = {
-            n: p.requires_grad for n, p in model.named_parameters() if inject.ADAPTERS_ATTR not in n
-        }
     records(model)[adapter_name] = AttachedAdapter(plugin_obj, cfg, head)
     _set_trainable(model)
     return cfg

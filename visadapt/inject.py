@@ -75,6 +75,8 @@ def _weight_delta_for(host: nn.Module, param: str) -> WeightDelta:
             if isinstance(p, WeightDelta):
                 return p
     delta = WeightDelta()
+    # remove_parametrizations re-registers the parameter last; remember the order to put it back
+    delta.param_order = list(host._parameters)
     # unsafe=True: the parametrization preserves shape and dtype, so PyTorch need not probe it by calling it
     parametrize.register_parametrization(host, param, delta, unsafe=True)
     return delta
@@ -242,6 +244,8 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> None:
                 raise RuntimeError(f"{host_path}.{param} carries other parametrizations besides visadapt's; "
                                    f"remove them first so the original weight can be restored")
             parametrize.remove_parametrizations(host, param, leave_parametrized=False)
+            order = [n for n in owner.param_order if n in host._parameters]
+            host._parameters = {n: host._parameters[n] for n in order + [n for n in host._parameters if n not in order]}
         else:
             for handle in getattr(owner, _HOOKS_ATTR):
                 handle.remove()

@@ -106,13 +106,17 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not path.is_file():
         raise AdapterFileError(f"adapter file {str(path)!r} does not exist")
     with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise AdapterFileError(
-            f"{path} is a pickle/zip checkpoint (torch.save format); visadapt only reads safetensors files, "
-            f"because unpickling can run arbitrary code. Convert it where you trust it: "
-            f"`safetensors.torch.save_file(torch.load(f), 'adapter.safetensors')`"
-        )
+        head = handle.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header itself
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if not (len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8):
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise AdapterFileError(
+                f"{path} is a pickle/zip checkpoint (torch.save format); visadapt only reads safetensors files, "
+                f"because unpickling can run arbitrary code. Convert it where you trust it: "
+                f"`safetensors.torch.save_file(torch.load(f), 'adapter.safetensors')`"
+            )
+        raise AdapterFileError(f"{path} is not a safetensors file (truncated, corrupted or another format)")
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}

@@ -1,0 +1,201 @@
+"""The adapter and lora plugins on every family: the properties every user relies on."""
+from __future__ import annotations
+
+import pytest
+import tiny_models as tm
+import torch
+
+import visadapt
+from visadapt import inject
+
+# (model builder, input kind, plugin, config, head)
+CASES = {
+    "vit-adaptformer": (tm.vit, "timm_vit", "adapter", {}, "head"),
+    "vit-houlsby": (tm.vit, "timm_vit", "adapter", {"style": "houlsby"}, None),
+    "dinov2-pfeiffer": (tm.vit_dinov2, "timm_vit", "adapter", {"style": "pfeiffer", "layer_norm": True}, None),
+    "vit-lora-qv": (tm.vit, "timm_vit", "lora", {"rank": 4, "alpha": 16.0}, "head"),
+    "dinov2-lora-all": (tm.vit_dinov2, "timm_vit", "lora", {"targets": ("qkv", "proj", "fc1", "fc2")}, None),
+    "swin-adaptformer": (tm.swin, "timm_swin", "adapter", {}, "head"),
+    "swin-houlsby": (tm.swin, "timm_swin", "adapter", {"style": "houlsby"}, None),
+    "swin-lora": (tm.swin, "timm_swin", "lora", {"targets": ("q", "v", "fc2")}, None),
+    "clip-adaptformer": (tm.clip, "open_clip", "adapter", {"towers": ("visual", "text")}, None),
+    "clip-houlsby-text": (tm.clip, "open_clip", "adapter", {"style": "houlsby", "towers": ("text",)}, None),
+    "clip-lora": (tm.clip, "open_clip", "lora", {"targets": ("q", "v", "proj", "fc1"), "towers": ("visual", "text")},
+                  None),
+    "unet-lora-qv": (tm.unet, "diffusers_unet", "lora", {}, None),
+    "unet-lora-all": (tm.unet, "diffusers_unet", "lora",
+                      {"targets": ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2"), "rank": 2, "alpha": 4.0}, None),
+    "unet2d-lora": (tm.unet_uncond, "diffusers_unet_uncond", "lora", {"targets": ("q", "v", "conv2")}, None),
+}
+LORA_CASES = [k for k, v in CASES.items() if v[2] == "lora"]
+ADAPTER_CASES = [k for k, v in CASES.items() if v[2] == "adapter"]
+
+
+def build(case: str, seed: int = 0):
+    builder, input_kind, plugin, config, head = CASES[case]
+    torch.manual_seed(seed)
+    model = builder().eval()
+    args, kwargs = tm.example_input(input_kind, model)
+    return model, (args, kwargs), plugin, dict(config), head
+
+
+def run(model, inputs) -> torch.Tensor:
+    args, kwargs = inputs
+    return tm.output_tensor(model(*args, **kwargs))
+
+
+def randomize_adapters(model, scale: float = 0.05) -> None:
+    """Give adapter weights non-trivial values (up/B start at zero, so a fresh adapter changes nothing)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if inject.ADAPTERS_ATTR in name:
+                param.add_(torch.randn_like(param) * scale)
+
+
+def clone_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fresh_adapter_leaves_output_unchanged(case):
+    model, inputs, plugin, config, head = build(case)
+    # Freeze first, as attach does: with no parameter requiring grad, nn.MultiheadAttention takes
+    # PyTorch's native fast path, which rounds differently (~1e-6) from its regular path.
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with torch.no_grad():
+        before = run(model, inputs)
+        visadapt.attach(model, plugin, config, head=head)
+        after = run(model, inputs)
+    assert inject.attached(model), "nothing was attached"
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_changes_only_adapter_tensors(case):
+    model, inputs, plugin, config, head = build(case)
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    visadapt.attach(model, plugin, config, head=head)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {name for name, _ in model.named_parameters()
+                if inject.ADAPTERS_ATTR in name or (head and name.startswith(head + "."))}
+    assert trainable == expected
+
+    adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-2)
+    for _ in range(3):
+        loss = run(model, inputs).float().pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    params = dict(model.named_parameters())
+    for name, value in base.items():
+        if head and name.startswith(head + "."):
+            continue
+        current = params[name] if name in params else model.get_parameter(name.replace(
+            "in_proj_weight", "parametrizations.in_proj_weight.original").replace(
+            "out_proj.weight", "out_proj.parametrizations.weight.original"))
+        assert torch.equal(current, value), f"backbone tensor {name} changed"
+    for name, value in buffers.items():
+        assert torch.equal(model.get_buffer(name), value), f"buffer {name} changed"
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapter_before[n])]
+    assert any(inject.ADAPTERS_ATTR in n for n in changed), "training did not update any adapter tensor"
+    if head:
+        assert any(n.startswith(head + ".") for n in changed), "the named head was not trained"
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_merged_output_equals_unmerged_and_unmerge_restores(case):
+    model, inputs, plugin, config, head = build(case)
+    base = clone_state(model)
+    visadapt.attach(model, plugin, config)
+    randomize_adapters(model)
+    with torch.no_grad():
+        unmerged = run(model, inputs)
+        visadapt.merge(model)
+        merged = run(model, inputs)
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=0), (merged - unmerged).abs().max()
+    visadapt.unmerge(model)
+    with torch.no_grad():
+        again = run(model, inputs)
+    assert torch.equal(again, unmerged)
+    visadapt.detach(model)
+    restored = model.state_dict()
+    for key, value in base.items():
+        assert torch.equal(restored[key], value), f"{key} not restored bit for bit"
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_merge_really_writes_the_base_weights(case):
+    model, inputs, plugin, config, head = build(case)
+    visadapt.attach(model, plugin, config)
+    randomize_adapters(model)
+    before = [a.base_weight.detach().clone() for a in inject.attached(model)]
+    visadapt.merge(model)
+    after = [a.base_weight.detach().clone() for a in inject.attached(model)]
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+    # with the deltas folded in, switching the low-rank paths off must not change the output
+    with torch.no_grad():
+        merged = run(model, inputs)
+        for item in inject.attached(model):
+            torch.nn.init.zeros_(item.module.B.weight)
+        assert torch.equal(run(model, inputs), merged)
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES)
+def test_adapter_plugin_refuses_merge_clearly(case):
+    model, inputs, plugin, config, head = build(case)
+    visadapt.attach(model, plugin, config)
+    with pytest.raises(ValueError, match="cannot be merged.*non-linearity"):
+        visadapt.merge(model)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_detach_restores_original_state_dict_bit_for_bit(case):
+    model, inputs, plugin, config, head = build(case)
+    base = clone_state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        base_out = run(model, inputs)
+    visadapt.attach(model, plugin, config, head=head)
+    randomize_adapters(model)
+    if plugin == "lora":
+        visadapt.merge(model)  # detaching a merged adapter must unmerge it too
+    visadapt.detach(model)
+    state = model.state_dict()
+    assert list(state) == list(base)
+    for key, value in base.items():
+        assert torch.equal(state[key], value), key
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, f"hook left on {name}"
+        assert not hasattr(module, "parametrizations"), f"parametrization left on {name}"
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), base_out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_save_load_round_trip_is_bit_identical(case, tmp_path):
+    model, inputs, plugin, config, head = build(case)
+    visadapt.attach(model, plugin, config, head=head)
+    randomize_adapters(model)
+    if head:
+        with torch.no_grad():
+            for param in model.get_submodule(head).parameters():
+                param.add_(1.0)
+    path = visadapt.save_adapter(model, tmp_path / "adapter.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"], "temporary file left behind"
+
+    fresh, _, _, _, _ = build(case)  # same seed: the same base weights, a different object
+    visadapt.load_adapter(fresh, path)
+    saved = visadapt.api.stored_tensors(model, "default")
+    loaded = visadapt.api.stored_tensors(fresh, "default")
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert saved[key].dtype == loaded[key].dtype and torch.equal(saved[key], loaded[key]), key
+    with torch.no_grad():
+        assert torch.equal(run(fresh, inputs), run(model, inputs))
+    assert visadapt.api.records(fresh)["default"].config == visadapt.api.records(model)["default"].config

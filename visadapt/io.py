@@ -116,7 +116,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 f"because unpickling can run arbitrary code. Convert it where you trust it: "
                 f"`safetensors.torch.save_file(torch.load(f), 'adapter.safetensors')`"
             )
-        raise AdapterFileError(f"{path} is not a safetensors file (truncated, corrupted or another format)")
+        raise AdapterFileError(f"{path} is not a safetensors file (truncated or corrupted, or another format)")
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}

@@ -7,9 +7,10 @@
    set-up is LoRA on all of ``qkv``; visadapt is run both on ``q,v`` (its default) and on ``qkv`` (the same
    shapes as PEFT's), and the trainable-parameter count of each configuration is printed.
 
-Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` during one step above what was allocated before
-it. PyTorch exposes no allocator peak on CPU, so on every device the script also reports the bytes of tensors
-saved for backward (counted once per storage, parameters excluded) plus trainable params, grads and AdamW state.
+Memory: PyTorch exposes no allocator peak on CPU, so on every device the script reports the bytes of tensors
+saved for backward in one step (once per storage, parameters excluded) plus trainable params, grads and AdamW
+state; on CUDA it adds the peak of ``torch.cuda.max_memory_allocated`` during one step above what was resident.
+With rank r on a width-d ViT, LoRA on q and v (4rd per block) has exactly as many parameters as LoRA on qkv.
 
 Run from the repository root:  python eval/bench/overhead.py [--model vit_small_patch16_224 --img-size 96 ...]
 """
@@ -46,17 +47,15 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def timed(device: torch.device, fn, *args) -> float:
+    """Wall seconds of ``fn(*args)``; synchronised before and after so queued GPU work lands in the right call."""
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    """Wall seconds of one call; synchronising first and last so queued GPU work is counted in the right call."""
-    sync(device)
     start = time.perf_counter()
-    fn()
-    sync(device)
+    fn(*args)
+    if cuda:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -95,7 +94,7 @@ def bench_latency(args, device, x) -> dict[str, float]:
         if state == "merged":
             visadapt.merge(lora)
         with torch.no_grad():
-            seconds = timed(lambda: (base if state == "base" else lora)(x), device)
+            seconds = timed(device, base if state == "base" else lora, x)
         if state == "merged":
             visadapt.unmerge(lora)
         return seconds
@@ -146,24 +145,24 @@ def bench_training(args, device, x, y) -> dict[str, dict[str, float]]:
     optimizers = {c: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
                   for c, m in models.items()}
     # counted the same way for every configuration (PEFT's frozen original head copy is not trainable)
-    results = {c: {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad)} for c, m in models.items()}
+    results = {c: {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad)}
+               for c, m in models.items()}
     times = {c: [] for c in TRAIN_CONFIGS}
     for i in range(args.warmup + args.steps):
         order = TRAIN_CONFIGS[i % 3:] + TRAIN_CONFIGS[:i % 3]  # rotate so each config takes each slot in turn
         for c in order:
-            seconds = timed(lambda: train_step(models[c], optimizers[c], x, y), device)
+            seconds = timed(device, train_step, models[c], optimizers[c], x, y)
             if i >= args.warmup:
                 times[c].append(seconds)
     for c in TRAIN_CONFIGS:
         results[c]["step_ms"] = 1e3 * statistics.median(times[c])
         # measured after warm-up, so AdamW state exists as it would in a real run
         results[c]["saved_state_mb"] = saved_plus_state_bytes(models[c], optimizers[c], x, y) / MB
-        if device.type == "cuda":
-            sync(device)
+        if device.type == "cuda":  # every model stays resident, so count only what one step adds
+            torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            train_step(models[c], optimizers[c], x, y)
-            sync(device)
+            timed(device, train_step, models[c], optimizers[c], x, y)  # timed() synchronises after the step
             results[c]["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / MB
     return results
 
@@ -190,8 +189,8 @@ def main() -> None:
     print(f"# visadapt LoRA overhead — {datetime.date.today()} — {machine(device)}")
     print(f"torch {torch.__version__}, timm {timm.__version__}, peft {peft.__version__}, "
           f"visadapt {visadapt.__version__}")
-    print(f"model {args.model}, img {args.img_size}, batch {args.batch_size}, rank {args.rank}, alpha {args.rank}, "
-          f"fp32, {args.warmup} warm-up + {args.steps} timed repeats, median reported\n")
+    print(f"model {args.model}, img {args.img_size}, batch {args.batch_size}, rank {args.rank}, "
+          f"alpha {args.rank}, fp32, {args.warmup} warm-up + {args.steps} timed repeats, median reported\n")
 
     lat = bench_latency(args, device, x)
     print("## Inference (eval, no_grad), visadapt lora q,v\n")
@@ -212,8 +211,8 @@ def main() -> None:
         print(f"| {c} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['saved_state_mb']:.1f} |"
               + (f" {r['cuda_peak_mb']:.1f} |" if cuda else ""))
     peft_r = res["peft lora qkv"]
-    print("\n(memory column: bytes of activations saved for backward + trainable params, grads and AdamW state;"
-          "\n not an allocator peak, which PyTorch does not expose on CPU)")
+    print("\n(saved+state: bytes of tensors saved for backward + trainable params, grads and AdamW state;\n"
+          " not an allocator peak, which PyTorch does not expose on CPU)")
     for c in TRAIN_CONFIGS[:2]:
         r = res[c]
         print(f"{c} / peft lora qkv: step time {r['step_ms'] / peft_r['step_ms']:.2f}x, "

@@ -109,7 +109,7 @@ def test_training_changes_only_adapter_tensors(case):
 
 @pytest.mark.parametrize("case", LORA_CASES)
 def test_merged_output_equals_unmerged_and_unmerge_restores(case):
-    model, inputs, plugin, config, head = build(case)
+    model, inputs, plugin, config, _ = build(case)
     base = clone_state(model)
     visadapt.attach(model, plugin, config)
     randomize_adapters(model)
@@ -130,7 +130,7 @@ def test_merged_output_equals_unmerged_and_unmerge_restores(case):
 
 @pytest.mark.parametrize("case", LORA_CASES)
 def test_merge_really_writes_the_base_weights(case):
-    model, inputs, plugin, config, head = build(case)
+    model, inputs, plugin, config, _ = build(case)
     visadapt.attach(model, plugin, config)
     randomize_adapters(model)
     before = [a.base_weight.detach().clone() for a in inject.attached(model)]
@@ -147,7 +147,7 @@ def test_merge_really_writes_the_base_weights(case):
 
 @pytest.mark.parametrize("case", ADAPTER_CASES)
 def test_adapter_plugin_refuses_merge_clearly(case):
-    model, inputs, plugin, config, head = build(case)
+    model, _, plugin, config, _ = build(case)
     visadapt.attach(model, plugin, config)
     with pytest.raises(ValueError, match="cannot be merged.*non-linearity"):
         visadapt.merge(model)

@@ -110,7 +110,7 @@ def test_loading_onto_another_width_or_depth(tmp_path, change):
 
 
 def test_truncated_file(tmp_path):
-    model, path = saved_vit_lora(tmp_path)
+    _, path = saved_vit_lora(tmp_path)
     data = path.read_bytes()
     for cut in (len(data) - 7, 40, 5, 0):
         path.write_bytes(data[:cut])
@@ -119,7 +119,7 @@ def test_truncated_file(tmp_path):
 
 
 def test_corrupted_tensor_bytes_are_caught_by_the_checksum(tmp_path):
-    model, path = saved_vit_lora(tmp_path)
+    _, path = saved_vit_lora(tmp_path)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # inside the last tensor: safetensors itself cannot notice this
     path.write_bytes(bytes(data))
@@ -160,7 +160,7 @@ def test_file_whose_keys_do_not_fit_gives_a_full_report_and_leaves_model_clean(t
 
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key.replace("blocks.0", "blocks.9")] = tensors.pop(key)
     meta["tensors_sha256"] = visadapt.io.tensors_digest(tensors)
     save_file(tensors, str(path), metadata=meta)

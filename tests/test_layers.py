@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visadapt.layers import LoRA, BottleneckAdapter, add_rows
+from visadapt.layers import BottleneckAdapter, LoRA, add_rows
 
 
 def test_lora_scaling_is_the_same_in_forward_and_merge_linear():

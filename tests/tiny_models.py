@@ -7,7 +7,8 @@ import torch
 def vit(**overrides):
     import timm
 
-    kw = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    kw = {"pretrained": False, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+          "num_classes": 5}
     kw.update(overrides)
     return timm.create_model("vit_tiny_patch16_224", **kw)
 
@@ -32,8 +33,8 @@ def clip():
 
     return CLIP(
         embed_dim=16,
-        vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
-        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=2),
+        vision_cfg={"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2},
     )
 
 

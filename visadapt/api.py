@@ -105,6 +105,8 @@ def attach(
         plugin_obj.attach(model, cfg, adapter_name)
     except Exception:
         inject.remove(model, adapter_name)  # leave no half-attached adapter behind
+        if not records(model):
+            model.__dict__.pop(_GRAD_FLAGS_ATTR, None)
         raise
     ref = _reference_tensor(model)
     for item in inject.attached(model, adapter_name):

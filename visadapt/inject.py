@@ -288,8 +288,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter
         if state[k].shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
-        lines = [f"adapter tensors do not fit the model ({len(expected)} expected, {len(state)} given, "
-                 f"{len(set(state) & set(expected)) - len(mismatched)} matched):"]
+        matched = len(set(state) & set(expected)) - len(mismatched)
+        lines = [f"adapter tensors do not fit the model ({len(expected)} expected, {len(state)} given, {matched} matched):"]
         lines += [f"  missing    {k}" for k in missing]
         lines += [f"  unexpected {k}" for k in unexpected]
         lines += [f"  shape      {m}" for m in mismatched]

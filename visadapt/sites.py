@@ -125,9 +125,14 @@ def _transformer_block_sites(
 ) -> list[Site]:
     """Sites of one pre-norm transformer block; ``layout`` names its submodules in this family."""
     out: list[Site] = []
-    get = lambda name: block.get_submodule(layout[name])  # noqa: E731
+
+    def get(name: str) -> nn.Module:
+        return block.get_submodule(layout[name])
+
+    def sub(name: str) -> str:
+        return f"{path}.{layout[name]}"
+
     dim = _width(get("norm1"))
-    sub = lambda name: f"{path}.{layout[name]}"  # noqa: E731
     attn_out_how = layout.get("attn_out_how", "output")
     mlp_out_how = layout.get("mlp_out_how", "output")
     out.append(Site(sub("attn_out"), "attn_out", index, dim, dim, get("attn_out"), attn_out_how, tower))

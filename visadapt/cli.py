@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
         print(f"visadapt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `visadapt sites ... | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

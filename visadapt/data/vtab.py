@@ -1,0 +1,204 @@
+"""VTAB-1k (and the procedural mini-VTAB) in the NOAH image-list layout.
+
+On disk, as written by NOAH's ``data/vtab-source/get_vtab1k.py`` and by
+:func:`visadapt.data.procedural.generate_mini_vtab`::
+
+    <root>/<task>/
+        images/...                                   the images (JPEG for VTAB-1k, PNG for mini-VTAB)
+        train800.txt  val200.txt  train800val200.txt  test.txt
+
+Every line of a split file is ``<relative image path> <integer label>``, the path relative to
+``<root>/<task>/``. Task folders are found under any of the task's names (``cifar`` or ``cifar100``, ...),
+because the repositories that dump VTAB-1k disagree on them.
+
+:class:`ImageListDataset` is also the dataset type of the FGVC loader (:mod:`visadapt.data.fgvc`).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from visadapt.data.errors import DatasetError
+from visadapt.data.tasks import TaskInfo, resolve_task
+
+SPLITS = ("train800", "val200", "train800val200", "test")
+IMAGE_LIST_BENCHMARKS = ("vtab", "mini-vtab")
+# How many missing images a report lists before summarising the rest as a count.
+_MISSING_SHOWN = 5
+_LABEL = re.compile(r"[+-]?\d+")
+
+
+class ImageListDataset(Dataset):
+    """Images on disk with integer labels; item ``i`` is ``(transform(RGB PIL image), label)``.
+
+    Attributes:
+        samples: ``[(absolute image path, label)]`` with labels in ``[0, num_classes)``.
+        targets: the labels alone, in sample order (what samplers and class-balance code look at).
+        num_classes: the task's class count (from the task table, not inferred from the labels seen).
+        origins: for each sample, where it was listed (``"<split file>:<line>"`` or ``"<json> key '<k>'"``),
+            so that an unreadable image is reported together with the entry that names it.
+        transform: applied to the PIL image; ``None`` returns the PIL image itself.
+        name: a short description such as ``"cifar100/train800val200"`` (for messages and ``repr``).
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], num_classes: int, origins: list[str],
+                 transform: Callable | None = None, name: str = ""):
+        if len(samples) != len(origins):
+            raise ValueError(f"{len(samples)} samples but {len(origins)} origins; give one origin per sample")
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.num_classes = num_classes
+        self.origins = origins
+        self.transform = transform
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as raw:
+                # convert() forces the full decode, so truncated files fail here and not inside the transform.
+                img = raw.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DatasetError(
+                f"cannot read image {path} (listed at {self.origins[index]}): {err}. The file is corrupt, "
+                "truncated or not an image; replace it or remove its line from the split file"
+            ) from err
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label
+
+    def __repr__(self) -> str:
+        return f"ImageListDataset({self.name!r}, {len(self)} images, {self.num_classes} classes)"
+
+    def check_files(self, fix: str) -> None:
+        """Raise :class:`DatasetError` listing the first few samples whose image file does not exist.
+
+        ``fix`` is appended to the message (how to obtain the missing images for this benchmark).
+        """
+        missing = [i for i, (path, _) in enumerate(self.samples) if not path.is_file()]
+        if not missing:
+            return
+        shown = "\n".join(f"  {self.origins[i]}: {self.samples[i][0]}" for i in missing[:_MISSING_SHOWN])
+        more = f"\n  ... and {len(missing) - _MISSING_SHOWN} more" if len(missing) > _MISSING_SHOWN else ""
+        raise DatasetError(
+            f"{len(missing)} of {len(self)} images listed for {self.name} do not exist:\n{shown}{more}\n{fix}"
+        )
+
+
+def find_task_dir(root: str | os.PathLike, info: TaskInfo) -> Path:
+    """The folder of task ``info`` under ``root``: the first of ``info.names`` that exists.
+
+    Names are tried exactly first, then case-insensitively against what ``root`` holds (``NABirds`` vs
+    ``nabirds``). The error names ``root``, the names tried, the folders ``root`` does contain and the
+    closest of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data root {root} does not exist or is not a directory; pass the folder that "
+                           f"holds the task folders ({', '.join(info.names)}, ...)")
+    for name in info.names:
+        if (root / name).is_dir():
+            return root / name
+    present = sorted(p.name for p in root.iterdir() if p.is_dir())
+    by_lower = {p.lower(): p for p in present}
+    for name in info.names:
+        if name.lower() in by_lower:
+            return root / by_lower[name.lower()]
+    close = sorted({c for name in info.names for c in difflib.get_close_matches(name, present, n=3, cutoff=0.6)})
+    listing = ", ".join(present[:30]) + (f", ... ({len(present)} in all)" if len(present) > 30 else "")
+    msg = (f"no folder for task {info.name!r} under data root {root}; tried {', '.join(info.names)}. "
+           f"{root} contains: {listing or 'no folders'}")
+    if close:
+        msg += f". Close matches: {', '.join(close)} (rename the folder to one of the names tried)"
+    if any((root / f"{split}.txt").is_file() for split in SPLITS) or (root / "train.json").is_file():
+        msg += f". {root} looks like a task folder itself: pass its parent as the data root"
+    elif "vtab-1k" in present:
+        msg += f". The tasks may be in {root / 'vtab-1k'}: pass that as the data root"
+    raise DatasetError(msg)
+
+
+def _layout_fix(benchmark: str, task_dir: Path) -> str:
+    if benchmark == "mini-vtab":
+        return (f"Re-create the folder with visadapt.data.procedural.generate_mini_vtab(root) "
+                f"(it rewrites {task_dir.name}/ completely)")
+    return (f"Re-create {task_dir} with NOAH's data/vtab-source/get_vtab1k.py, or restore the missing files; "
+            f"image paths in a split file are relative to {task_dir}")
+
+
+def read_image_list(list_file: Path, base: Path, info: TaskInfo) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Parse one split file into ``(samples, origins)``; paths are joined to ``base``.
+
+    Each non-blank line is split on its LAST whitespace, so image paths may contain spaces. Labels must be
+    integers in ``[0, info.num_classes)``.
+    """
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{list_file} is not a UTF-8 text file ({err}); a split file holds lines "
+                           "'<relative image path> <integer label>'") from err
+    samples: list[tuple[Path, int]] = []
+    origins: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        parts = stripped.rsplit(None, 1)
+        if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+            raise DatasetError(f"{list_file}:{lineno}: malformed line {line!r}; expected "
+                               "'<relative image path> <integer label>' (e.g. 'images/test/000000.jpg 3')")
+        label = int(parts[1])
+        if not 0 <= label < info.num_classes:
+            raise DatasetError(
+                f"{list_file}:{lineno}: label {label} is outside [0, {info.num_classes}) for task {info.name!r} "
+                f"({info.num_classes} classes); the file belongs to another task or its labels are not 0-based"
+            )
+        samples.append((base / parts[0], label))
+        origins.append(f"{list_file}:{lineno}")
+    if not samples:
+        raise DatasetError(f"{list_file} lists no images; every line should be '<relative image path> "
+                           "<integer label>'. Re-create the split file")
+    return samples, origins
+
+
+def load_split(root: str | os.PathLike, benchmark: str, task: str, split_name: str,
+               transform: Callable | None = None) -> ImageListDataset:
+    """One split of a VTAB-1k or mini-VTAB task as an :class:`ImageListDataset`.
+
+    Args:
+        root: the folder holding the task folders (``<root>/<task>/train800.txt``, ...).
+        benchmark: ``vtab`` or ``mini-vtab`` (decides the task table: names, aliases, class counts).
+        task: task name or alias, e.g. ``cifar100`` or ``cifar``.
+        split_name: one of ``train800``, ``val200``, ``train800val200``, ``test``.
+        transform: applied to each RGB PIL image.
+
+    Every listed image is checked to exist here, so a broken folder fails before training starts.
+    """
+    if benchmark not in IMAGE_LIST_BENCHMARKS:
+        hint = "; FGVC uses visadapt.data.fgvc.load_split" if benchmark == "fgvc" else ""
+        raise DatasetError(f"benchmark {benchmark!r} is not stored as image lists; "
+                           f"choose one of {', '.join(IMAGE_LIST_BENCHMARKS)}{hint}")
+    if split_name not in SPLITS:
+        raise DatasetError(f"unknown VTAB split {split_name!r}; choose one of {', '.join(SPLITS)}")
+    info = resolve_task(benchmark, task)
+    task_dir = find_task_dir(root, info)
+    list_file = task_dir / f"{split_name}.txt"
+    if not list_file.is_file():
+        found = sorted(p.name for p in task_dir.glob("*.txt"))
+        raise DatasetError(
+            f"split file {list_file} does not exist (found: {', '.join(found) or 'no .txt files'}); expected "
+            f"the NOAH VTAB-1k layout {task_dir}/{{{','.join(SPLITS)}}}.txt with lines "
+            f"'<relative image path> <integer label>'. {_layout_fix(benchmark, task_dir)}"
+        )
+    samples, origins = read_image_list(list_file, task_dir, info)
+    dataset = ImageListDataset(samples, info.num_classes, origins, transform, name=f"{info.name}/{split_name}")
+    dataset.check_files(_layout_fix(benchmark, task_dir))
+    return dataset

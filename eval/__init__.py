@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tables (``visadapt-eval``) and, under ``bench/``, speed and memory benchmarks."""

@@ -1,0 +1,267 @@
+"""``visadapt-eval``: VTAB-1k / FGVC tables the way the PETL papers print them, from training outputs.
+
+    visadapt-eval --benchmark vtab --adapters runs/lora runs/mosa
+    visadapt-eval --benchmark vtab --adapters runs/lora --data-root /data/vtab-1k --csv lora.csv --plot lora.png
+
+Without --data-root the accuracies are read from each task's metrics.json (final epoch by default, --metric best
+for the optimistic best-on-test number). With --data-root every adapter file is evaluated again on the data.
+The table goes to stdout; progress, and where --csv / --json / --plot were written, go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from visadapt.data.tasks import BENCHMARKS, resolve_task, resolve_tasks
+
+# Relative, because eval/ is mapped to visadapt.eval by pyproject's package-dir: import sorters do not see it as
+# part of visadapt and would split it from the other visadapt imports.
+from .tables import (
+    ADAPTER_FILE,
+    RunResult,
+    TaskResult,
+    collect_run,
+    find_task_dirs,
+    result_from_evaluation,
+    to_csv,
+    to_json,
+    to_markdown,
+)
+
+# The signature of visadapt.engine.evaluate_adapter_file; tests pass a fake with the same one.
+Evaluator = Callable[..., Mapping]
+
+
+def _engine_evaluator() -> Evaluator:
+    """visadapt.engine.evaluate_adapter_file, imported only when re-evaluating: it pulls in the model stack."""
+    try:
+        from visadapt.engine import evaluate_adapter_file
+    except ImportError as err:
+        raise ImportError(
+            f"re-evaluating adapter files needs visadapt.engine.evaluate_adapter_file, which does not import "
+            f"({err}); update visadapt, or drop --data-root to read the numbers from metrics.json"
+        ) from err
+    return evaluate_adapter_file
+
+
+# The safetensors metadata entry where train/vtab.py records the run (benchmark, task, backbone, ...).
+TRAIN_METADATA = "visadapt.train"
+
+
+def _recorded_benchmark(path: Path) -> str | None:
+    """The benchmark an adapter file says it was trained on, read from the header alone (no tensors).
+
+    Checked before evaluating because task names overlap between benchmarks (``oxford_flowers102`` is a VTAB
+    task and an FGVC alias): an FGVC run passed as ``--benchmark vtab`` would otherwise be evaluated, wrongly,
+    on VTAB's Flowers102 data. A file this cannot read is left to the evaluator, which explains what is wrong.
+    """
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return json.loads(metadata[TRAIN_METADATA]).get("benchmark")
+    except Exception:  # noqa: BLE001 - any unreadable header means "not known here", never a failure
+        return None
+
+
+def _evaluate_one(evaluate: Evaluator, adapter: Path, data_root, benchmark: str, task: str | None,
+                  **kwargs) -> TaskResult:
+    """One adapter file through ``evaluate``, refused first if its header records another benchmark."""
+    recorded = _recorded_benchmark(adapter)
+    if recorded is not None and recorded != benchmark:
+        raise ValueError(f"{adapter} was trained on {recorded}, not {benchmark}; pass --benchmark {recorded}, or "
+                         "leave it out")
+    print(f"visadapt-eval: evaluating {adapter}", file=sys.stderr)
+    try:
+        record = evaluate(adapter, data_root, benchmark=benchmark, task=task, **kwargs)
+    except (ValueError, KeyError, TypeError) as err:  # the evaluator's message lacks which file it was about
+        raise ValueError(f"evaluating {adapter}: {err}") from err
+    return result_from_evaluation(record, benchmark, task=task, source=adapter, protocol=kwargs.get("protocol"))
+
+
+def _file_label(path: Path, benchmark: str) -> str:
+    """``runs/lora/cifar100/adapter.safetensors`` is labelled ``lora`` (the task is its column); others by stem."""
+    if path.stem == Path(ADAPTER_FILE).stem:
+        try:
+            resolve_task(benchmark, path.parent.name)
+        except ValueError:
+            return path.stem
+        return path.resolve().parent.parent.name
+    return path.stem
+
+
+def reevaluate_run(
+    path: str | Path,
+    benchmark: str,
+    evaluate: Evaluator,
+    data_root: str | Path,
+    *,
+    protocol: str = "final",
+    batch_size: int = 128,
+    tasks: list[str] | None = None,
+    label: str | None = None,
+) -> RunResult:
+    """Evaluates a training output directory (each ``<task>/adapter.safetensors``) or one adapter file again.
+
+    ``evaluate`` is called like ``visadapt.engine.evaluate_adapter_file(file, data_root, benchmark=..., task=...,
+    protocol=..., batch_size=...)`` and returns its dict. A bare file's task comes from its own metadata.
+    """
+    path = Path(path)
+    kwargs = {"protocol": protocol, "batch_size": batch_size}
+    if path.is_file():
+        result = _evaluate_one(evaluate, path, data_root, benchmark, None, **kwargs)
+        if tasks is not None and result.task not in tasks:
+            raise ValueError(f"{path} holds task {result.task!r}, which --tasks leaves out; add it to --tasks or "
+                             "leave the file out")
+        return RunResult(label or _file_label(path, benchmark), benchmark, "reevaluated", {result.task: result},
+                         path=str(path))
+    dirs, warnings = find_task_dirs(path, benchmark, tasks)
+    results: dict[str, TaskResult] = {}
+    for name, task_dir in dirs.items():
+        adapter = task_dir / ADAPTER_FILE
+        if not adapter.is_file():
+            warnings.append(f"{task_dir} has no {ADAPTER_FILE} (unfinished or failed training?); shown as missing")
+            continue
+        results[name] = _evaluate_one(evaluate, adapter, data_root, benchmark, name, **kwargs)
+    if not results:
+        raise ValueError(f"no task directory of {path} holds {ADAPTER_FILE}; check the path, or wait for training "
+                         "to finish")
+    return RunResult(label or path.resolve().name, benchmark, "reevaluated", results, path=str(path),
+                     warnings=warnings)
+
+
+def _unique_labels(runs: list[RunResult]) -> None:
+    """Runs from different places with the same directory name (a/lora, b/lora) get their paths as labels."""
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+    for run in runs:
+        if seen[run.label] > 1 and run.path is not None:
+            run.label = run.path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visadapt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which task table")
+    parser.add_argument("--adapters", required=True, nargs="+", metavar="PATH",
+                        help="training output directories (one subdirectory per task) or adapter .safetensors "
+                             "files (those need --data-root); one table row each")
+    parser.add_argument("--labels", nargs="+", metavar="LABEL",
+                        help="row labels, one per --adapters path (default: the directory name)")
+    parser.add_argument("--metric", choices=["final", "best"],
+                        help="from metrics.json: final-epoch accuracy (default) or best test accuracy seen during "
+                             "training (optimistic; what most PETL papers report)")
+    parser.add_argument("--data-root", metavar="ROOT",
+                        help="re-evaluate every adapter file on the benchmark data under ROOT instead of reading "
+                             "metrics.json")
+    parser.add_argument("--protocol", choices=["final", "tune"],
+                        help="with --data-root: final = test split (default), tune = val200")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="with --data-root: evaluation batch size (128)")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="only these tasks (names or aliases, comma- or space-separated); the rest show as "
+                             "missing")
+    parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    parser.add_argument("--json", metavar="FILE", help="also write everything as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    return parser
+
+
+def _collect(args: argparse.Namespace, evaluate: Evaluator | None) -> list[RunResult]:
+    """One RunResult per --adapters path, after checking every input before any slow work starts."""
+    benchmark = args.benchmark
+    tasks = [info.name for info in resolve_tasks(benchmark, args.tasks)] if args.tasks else None
+    paths = [Path(p) for p in args.adapters]
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"{path} does not exist; pass a training output directory (one subdirectory per "
+                             "task) or an adapter .safetensors file")
+        if path.is_file() and path.suffix != ".safetensors":
+            raise ValueError(f"{path} is neither a directory nor a .safetensors adapter file; pass a training "
+                             "output directory (one subdirectory per task) or an adapter file")
+    if args.labels is not None:
+        if len(args.labels) != len(paths):
+            raise ValueError(f"--labels gives {len(args.labels)} labels for {len(paths)} --adapters paths; give one "
+                             "label per path, in the same order")
+        if len(set(args.labels)) != len(args.labels):
+            raise ValueError(f"--labels repeats a label ({' '.join(args.labels)}); give each row its own")
+    labels = args.labels or [None] * len(paths)
+    if args.data_root is None:
+        for option, value in (("--protocol", args.protocol), ("--batch-size", args.batch_size)):
+            if value is not None:
+                raise ValueError(f"{option} only applies when re-evaluating; add --data-root ROOT, or drop "
+                                 f"{option} to read metrics.json")
+        for path in paths:
+            if path.is_file():
+                raise ValueError(f"{path} is an adapter file, and only metrics.json can be read without data; add "
+                                 f"--data-root ROOT (the folder holding the {benchmark} tasks) to evaluate it, or "
+                                 "pass its training output directory")
+        return [collect_run(path, benchmark, args.metric or "final", label=label, tasks=tasks)
+                for path, label in zip(paths, labels)]
+    if args.metric is not None:
+        raise ValueError("--metric picks a number from metrics.json, but --data-root evaluates the adapter files "
+                         "again; drop one of the two")
+    if not Path(args.data_root).is_dir():
+        raise ValueError(f"--data-root {args.data_root} is not a directory; pass the folder holding the "
+                         f"{benchmark} tasks")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+    evaluate = evaluate or _engine_evaluator()
+    return [
+        reevaluate_run(path, benchmark, evaluate, args.data_root, protocol=args.protocol or "final",
+                       batch_size=args.batch_size or 128, tasks=tasks, label=label)
+        for path, label in zip(paths, labels)
+    ]
+
+
+def _write(path: str, text: str, what: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"visadapt-eval: wrote {what} to {target}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None, *, evaluate: Evaluator | None = None) -> int:
+    """Runs ``visadapt-eval`` and returns the exit status: 0, or 2 for bad input (message on stderr).
+
+    ``evaluate`` replaces ``visadapt.engine.evaluate_adapter_file`` for --data-root (tests pass a fake).
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed usage and the bad argument; return, as for other errors
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        if args.plot:  # fail before a long re-evaluation, not after it
+            from .plot import require_matplotlib
+
+            require_matplotlib()
+        runs = _collect(args, evaluate)
+        if args.labels is None:
+            _unique_labels(runs)
+        print(to_markdown(runs), end="")
+        sys.stdout.flush()
+        if args.csv:
+            _write(args.csv, to_csv(runs), "CSV")
+        if args.json:
+            _write(args.json, to_json(runs), "JSON")
+        if args.plot:
+            from .plot import plot_runs
+
+            target = plot_runs(runs, args.benchmark, args.plot)
+            print(f"visadapt-eval: wrote plot to {target}", file=sys.stderr)
+        return 0
+    except BrokenPipeError:  # `visadapt-eval ... | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
+    except (ValueError, KeyError, TypeError, OSError, ImportError) as err:
+        print(f"visadapt-eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Small files visadapt needs at run time (the embedded pretrained backbone), shipped as package data."""

@@ -1,0 +1,380 @@
+"""The Accelerate training loop every ``train/`` script shares: one place for devices, precision and resume.
+
+One :class:`accelerate.Accelerator` does the devices (one CPU, one GPU, several GPUs, several CPU processes)
+and mixed precision (``accelerate launch --mixed_precision bf16``); trainable parameters stay fp32 and the
+forward runs under autocast. :func:`fit` trains the trainable parameters of an adapted model with AdamW and
+a cosine schedule with linear warm-up, evaluates with ``gather_for_metrics`` (exact under any number of
+processes: padded duplicates are dropped and the count is checked), and checkpoints so that a killed run
+resumed with ``resume=True`` ends with the same numbers as one that was never interrupted.
+
+Conventions that matter for reproducibility:
+
+* ``batch_size`` is the global batch (Accelerate's ``split_batches=True``): one process with 64 and two
+  processes with 32 each take the same optimisation steps, so results do not depend on the process count.
+* The training order of epoch ``e`` is a permutation drawn from ``(seed, e)`` alone, so it is known again
+  after a restart; a mid-epoch resume skips exactly the batches already seen.
+* Checkpoints hold only the trainable tensors (adapter and head), the optimiser, scheduler and RNG states,
+  never the frozen backbone: a checkpoint of a ViT-B adapter run is a few MB, not a few hundred.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from visadapt import api
+
+CHECKPOINTS_DIR = "checkpoints"
+_PROGRESS = "progress.json"
+_TRAINABLE = "trainable.safetensors"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation settings of one run. Defaults are the common VTAB-1k recipe (NOAH, PETL-ViT, V-PETL)."""
+
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64                # global batch, split across processes
+    eval_batch_size: int = 256
+    warmup_epochs: float = 10
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = None
+    label_smoothing: float = 0.0
+    seed: int = 0
+    eval_every: int = 1                 # evaluate every N epochs (and always after the last)
+    checkpoint_every_steps: int = 0     # also checkpoint mid-epoch every N optimiser steps (0 = epoch ends only)
+    keep_checkpoints: int = 1
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError(f"lr={self.lr} must be > 0, weight_decay={self.weight_decay} and "
+                             f"warmup_epochs={self.warmup_epochs} >= 0")
+
+
+class EpochPermutation(Sampler[int]):
+    """Indices ``0..n-1`` in an order drawn from ``(seed, epoch)`` only; call :meth:`set_epoch` each epoch."""
+
+    def __init__(self, length: int, seed: int):
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor at optimiser step ``s``: linear from ~0 to 1 over ``warmup_steps``, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_accelerator(output_dir: str | os.PathLike | None = None, *, grad_accum_steps: int = 1,
+                     log_with: str | None = "auto", cpu: bool = False) -> Accelerator:
+    """An Accelerator with visadapt's conventions; precision and devices come from ``accelerate launch``.
+
+    ``log_with="auto"`` logs to TensorBoard under ``output_dir`` when ``tensorboard`` is installed.
+    """
+    if log_with == "auto":
+        try:
+            import tensorboard  # noqa: F401
+            log_with = "tensorboard"
+        except ImportError:
+            log_with = None
+    return Accelerator(
+        gradient_accumulation_steps=grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=log_with if output_dir is not None else None,
+        project_dir=str(output_dir) if output_dir is not None else None,
+        cpu=cpu,
+    )
+
+
+def _check_divisible(batch: int, accelerator: Accelerator, name: str) -> None:
+    if batch % accelerator.num_processes:
+        raise ValueError(f"{name}={batch} is the global batch and must divide evenly over "
+                         f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, expected: int) -> dict[str, float]:
+    """Top-1 accuracy (%) over every sample exactly once, whatever the number of processes.
+
+    ``loader`` must be prepared by ``accelerator``; ``expected`` is ``len(dataset)``, checked against the
+    gathered count so that a sharding mistake can never inflate or deflate the metric silently.
+    """
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    seen = 0
+    for images, labels in loader:
+        predictions = model(images).argmax(dim=-1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
+        correct += (predictions == labels).sum()
+        seen += labels.numel()
+    model.train(was_training)
+    if seen != expected:
+        raise RuntimeError(f"evaluation saw {seen} samples but the dataset has {expected}")
+    return {"accuracy": 100.0 * correct.item() / max(seen, 1), "samples": seen}
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint needs: trainable parameters and the buffers of adapter modules."""
+    state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    state.update({name: b for name, b in model.named_buffers() if "visadapt_" in name})
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (those with their progress file), oldest first."""
+    found = [p for p in root.glob("step_*") if (p / _PROGRESS).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` measured. Accuracies in percent on the evaluation set."""
+
+    accuracy_final: float
+    accuracy_best: float
+    best_epoch: int
+    eval_samples: int
+    history: list[dict[str, float]]
+    wall_time_s: float
+    resumed_from: str | None
+
+
+def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config: TrainConfig, *,
+        accelerator: Accelerator | None = None, output_dir: str | os.PathLike | None = None,
+        resume: bool = False, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        log_prefix: str = "") -> FitResult:
+    """Train the parameters of ``model`` that require grad; evaluate on ``eval_dataset``.
+
+    ``model`` maps images ``(B, C, H, W)`` to logits ``(B, num_classes)``; datasets yield ``(image, label)``.
+    Checkpoints go to ``output_dir/checkpoints/step_N`` at each epoch end (and every
+    ``checkpoint_every_steps`` optimiser steps); ``resume=True`` continues from the newest complete one
+    (starting fresh when there is none). Plugins attached with :func:`visadapt.attach` get their
+    ``on_step(model, step)`` hook after every optimiser step.
+    """
+    accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps)
+    _check_divisible(config.batch_size, accelerator, "batch_size")
+    _check_divisible(config.eval_batch_size, accelerator, "eval_batch_size")
+    params = api.trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters: attach an adapter (visadapt.attach) or pass a head")
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=config.label_smoothing))
+    start_time = time.time()
+
+    sampler = EpochPermutation(len(train_dataset), config.seed)
+    # A private generator keeps DataLoader start-up from consuming the global RNG, which resume restores.
+    train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
+                              num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
+    eval_loader = DataLoader(eval_dataset, batch_size=config.eval_batch_size, shuffle=False,
+                             num_workers=config.num_workers)
+    batches_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps))
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    bare = accelerator.unwrap_model(model)
+
+    # Checkpoints carry the trainable tensors only; the frozen backbone is rebuilt from its own weights.
+    def save_trainable(models, weights, directory):
+        weights.clear()
+        save_file(_trainable_state(bare), os.path.join(directory, _TRAINABLE))
+
+    def load_trainable(models, directory):
+        models.clear()
+        state = load_file(os.path.join(directory, _TRAINABLE))
+        missing = set(_trainable_state(bare)) - set(state)
+        if missing:
+            raise RuntimeError(f"checkpoint {directory} lacks {sorted(missing)[:5]}: it belongs to another "
+                               f"adapter configuration; start a fresh output directory")
+        bare.load_state_dict(state, strict=False)
+
+    hooks = [accelerator.register_save_state_pre_hook(save_trainable),
+             accelerator.register_load_state_pre_hook(load_trainable)]
+    ckpt_root = Path(output_dir) / CHECKPOINTS_DIR if output_dir is not None else None
+    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": (-1.0, 0)}
+    resumed_from = None
+    if resume and ckpt_root is not None and _checkpoints(ckpt_root):
+        latest = _checkpoints(ckpt_root)[-1]
+        accelerator.load_state(str(latest))
+        progress = json.loads((latest / _PROGRESS).read_text())
+        progress["best"] = tuple(progress["best"])
+        resumed_from = str(latest)
+        accelerator.print(f"{log_prefix}resuming from {latest} (epoch {progress['epoch'] + 1}, "
+                          f"batch {progress['batch']}, step {progress['step']})")
+
+    def checkpoint() -> None:
+        if ckpt_root is None:
+            return
+        target = ckpt_root / f"step_{progress['step']:08d}"
+        accelerator.save_state(str(target))  # every process writes its own RNG state here
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (target / _PROGRESS).write_text(json.dumps(progress))  # written last: marks it complete
+            for old in _checkpoints(ckpt_root)[:-config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    records = api.records(bare)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with huggingface_hub; the loop works without it anyway
+        tqdm = None
+    model.train()
+    for epoch in range(progress["epoch"], config.epochs):
+        loader = train_loader
+        if progress["batch"]:
+            loader = accelerator.skip_first_batches(train_loader, progress["batch"])
+        # Through the prepared loader: Accelerate re-sets the sampler's epoch from its own counter on
+        # every pass, which after a resume would not be the true epoch.
+        loader.set_epoch(epoch)
+        bar = None
+        if tqdm is not None and config.progress and accelerator.is_local_main_process:
+            bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False,
+                       desc=f"{log_prefix}epoch {epoch + 1}/{config.epochs}")
+        # Carried in the checkpoint so that a mid-epoch resume reports the whole epoch's mean loss.
+        loss_sum = torch.tensor(progress.get("loss_sum", 0.0), device=accelerator.device)
+        loss_count = progress.get("loss_count", 0)
+        for images, labels in loader:
+            with accelerator.accumulate(model):
+                loss = loss_fn(model(images), labels)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+            progress["batch"] += 1
+            if bar is not None:
+                bar.update(1)
+            if accelerator.sync_gradients:
+                progress["step"] += 1
+                for record in records.values():
+                    record.plugin.on_step(bare, progress["step"])
+                if (config.checkpoint_every_steps and progress["step"] % config.checkpoint_every_steps == 0
+                        and progress["batch"] < batches_per_epoch):
+                    progress["loss_sum"], progress["loss_count"] = loss_sum.item(), loss_count
+                    checkpoint()
+        if bar is not None:
+            bar.close()
+        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
+        entry: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            metrics = evaluate(model, eval_loader, accelerator, len(eval_dataset))
+            entry["accuracy"] = metrics["accuracy"]
+            if metrics["accuracy"] > progress["best"][0]:
+                progress["best"] = (metrics["accuracy"], epoch + 1)
+        accelerator.log({f"{log_prefix}{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
+        accelerator.print(f"{log_prefix}epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}"
+                          + (f"  accuracy {entry['accuracy']:.2f}%" if "accuracy" in entry else ""))
+        progress["history"].append(entry)
+        progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+        checkpoint()
+
+    for hook in hooks:
+        hook.remove()
+    final = progress["history"][-1]["accuracy"] if progress["history"] else float("nan")
+    eval_samples = len(eval_dataset)
+    accelerator.free_memory()
+    return FitResult(accuracy_final=final, accuracy_best=progress["best"][0], best_epoch=progress["best"][1],
+                     eval_samples=eval_samples, history=progress["history"],
+                     wall_time_s=time.time() - start_time, resumed_from=resumed_from)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch on every process identically (adapters start equal everywhere)."""
+    set_seed(seed)
+
+
+def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike | None, *,
+                          benchmark: str | None = None, task: str | None = None, protocol: str = "final",
+                          batch_size: int = 128, normalize: str | None = None) -> dict[str, Any]:
+    """Rebuild the base model an adapter file was trained on, load the file, and measure its accuracy.
+
+    The file's ``visadapt.train`` metadata (written by ``train/vtab.py``) names the backbone, its weights,
+    the benchmark, the task and the input normalisation; arguments given here override it. For the
+    embedded ``mini-vtab`` benchmark ``data_root=None`` means the generated default folder.
+    """
+    from visadapt.backbones import create_backbone
+    from visadapt.data import build_datasets, resolve_normalization
+    from visadapt.data.procedural import default_data_root, generate_mini_vtab
+    from visadapt.data.tasks import resolve_task
+    from visadapt.io import load_adapter, read_adapter_file
+
+    _, meta = read_adapter_file(path)
+    if "visadapt.train" not in meta:
+        raise ValueError(f"{path} has no 'visadapt.train' metadata (it was not written by a visadapt train/ "
+                         f"script), so the backbone and task it belongs to are unknown")
+    run = json.loads(meta["visadapt.train"])
+    benchmark = benchmark or run["benchmark"]
+    info = resolve_task(benchmark, task or run["task"])
+    if data_root is None:
+        if benchmark != "mini-vtab":
+            raise ValueError(f"evaluating {path} on {benchmark} needs --data-root (the folder with the task "
+                             f"directories)")
+        data_root = generate_mini_vtab(default_data_root(run.get("data_seed", 0)), seed=run.get("data_seed", 0))
+    # Seeded as in training, so a run on a randomly initialised backbone ("none") gets the same backbone back.
+    seed_everything(int(run.get("seed", 0)))
+    model = create_backbone(run["model"], run.get("pretrained", "default"), num_classes=info.num_classes)
+    load_adapter(model, path)
+    normalization = resolve_normalization(normalize or run.get("normalize", "model"), model)
+    input_size = int(run.get("input_size") or model.pretrained_cfg["input_size"][-1])
+    _, eval_dataset = build_datasets(benchmark, data_root, info.name, protocol=protocol, input_size=input_size,
+                                     normalization=normalization)
+    accelerator = make_accelerator(None)
+    eval_batch = batch_size - batch_size % accelerator.num_processes or accelerator.num_processes
+    loader = DataLoader(eval_dataset, batch_size=eval_batch, shuffle=False)
+    model, loader = accelerator.prepare(model, loader)
+    metrics = evaluate(model, loader, accelerator, len(eval_dataset))
+    bare = accelerator.unwrap_model(model)
+    counts = api.summary(bare)
+    head = api.get_record(bare, "default").head
+    head_params = sum(p.numel() for p in bare.get_submodule(head).parameters()) if head else 0
+    accelerator.free_memory()
+    return {
+        "benchmark": benchmark, "task": info.name, "accuracy": metrics["accuracy"],
+        "eval_samples": metrics["samples"], "trainable_params": counts.trainable_params,
+        "adapter_params": counts.trainable_params - head_params, "head_params": head_params,
+        "adapter_bytes": os.path.getsize(path),
+    }

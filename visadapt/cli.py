@@ -55,6 +55,8 @@ def build_model(spec: str):
         return open_clip.create_model(spec.split(":", 1)[1], pretrained=None)
     import timm
 
+    import visadapt.backbones  # noqa: F401  (registers the embedded visadapt_procvit_tiny with timm)
+
     return timm.create_model(spec, pretrained=False)
 
 

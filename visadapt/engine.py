@@ -191,7 +191,9 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
     """
     accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps)
     _check_divisible(config.batch_size, accelerator, "batch_size")
-    _check_divisible(config.eval_batch_size, accelerator, "eval_batch_size")
+    # The evaluation batch changes no result, so it is simply rounded to a multiple of the process count.
+    n = accelerator.num_processes
+    eval_batch = max(n, config.eval_batch_size - config.eval_batch_size % n)
     params = api.trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters: attach an adapter (visadapt.attach) or pass a head")
@@ -202,7 +204,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
     # A private generator keeps DataLoader start-up from consuming the global RNG, which resume restores.
     train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
                               num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
-    eval_loader = DataLoader(eval_dataset, batch_size=config.eval_batch_size, shuffle=False,
+    eval_loader = DataLoader(eval_dataset, batch_size=eval_batch, shuffle=False,
                              num_workers=config.num_workers)
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)

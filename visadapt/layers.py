@@ -4,6 +4,7 @@ A block computes only its *delta*; :mod:`visadapt.inject` decides where the delt
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,7 +32,8 @@ class BottleneckAdapter(nn.Module):
 
     Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
     ``up`` starts at zero so the adapted model starts equal to the base model; ``down`` keeps
-    ``nn.Linear``'s default (Kaiming-uniform) initialisation as AdaptFormer does.
+    ``nn.Linear``'s default (Kaiming-uniform) initialisation as AdaptFormer does. With ``bits < 32`` both
+    projections are :class:`QuantizedLinear` and ``up`` starts near zero instead (truncated normal, std 1e-3).
     """
 
     def __init__(
@@ -44,16 +46,23 @@ class BottleneckAdapter(nn.Module):
         scale: float = 1.0,
         layer_norm: bool = False,
         bias: bool = True,
+        bits: int = 32,
     ) -> None:
         super().__init__()
         out_features = out_features or in_features
         self.norm = nn.LayerNorm(in_features) if layer_norm else nn.Identity()
-        self.down = nn.Linear(in_features, bottleneck, bias=bias)
+        if bits == 32:
+            self.down = nn.Linear(in_features, bottleneck, bias=bias)
+            self.up = nn.Linear(bottleneck, out_features, bias=bias)
+            nn.init.zeros_(self.up.weight)
+        else:
+            self.down = QuantizedLinear(in_features, bottleneck, bits, bias=bias)
+            self.up = QuantizedLinear(bottleneck, out_features, bits, bias=bias)
+            # An all-zero matrix has std 0 and quantises degenerately: start tiny instead (official init).
+            nn.init.trunc_normal_(self.up.weight, std=1e-3, a=-2e-3, b=2e-3)
         self.act = make_activation(activation)
         self.dropout = nn.Dropout(dropout)
-        self.up = nn.Linear(bottleneck, out_features, bias=bias)
         self.scale = scale
-        nn.init.zeros_(self.up.weight)
         if bias:
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.bias)
@@ -161,3 +170,116 @@ def add_rows(full: torch.Tensor, part: torch.Tensor, rows: tuple[int, int] | Non
     size = full.shape[dim]
     pad = [0, 0] * (full.dim() - 1 - dim) + [rows[0], size - rows[1]]
     return full + F.pad(part, pad)
+
+
+# ------------------------------------------------------------------------------------------ quantisation
+# The k-bit quantiser of Jie et al. (ICCV 2023, "precision redundancy"): per-matrix standardisation, a
+# fixed codebook designed for N(0, 1), de-standardisation, and a straight-through gradient.
+
+QUANT_BITS = (1, 2, 4, 8, 32)
+
+
+@functools.cache
+def normal_codebook(bits: int, iterations: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codewords ``(2**bits,)`` and thresholds ``(2**bits - 1,)``, ascending, for standard-normal data.
+
+    Lloyd-style alternation as in the official code: thresholds are midpoints of adjacent codewords, and
+    each codeword is the normal quantile at the *probability midpoint* of its cell (the conditional
+    median, not the textbook conditional mean). 1 bit gives ``{-0.6745, +0.6745}`` = ``ppf(0.25), ppf(0.75)``.
+    """
+    if bits not in QUANT_BITS or bits == 32:
+        raise ValueError(f"bits={bits!r}: a codebook exists for 1, 2, 4 or 8 bits (32 means no quantisation)")
+    n = 2 ** bits
+    codes = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    for _ in range(iterations):
+        thresholds = (codes[1:] + codes[:-1]) / 2
+        cdf = torch.special.ndtr(thresholds)
+        edges = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
+        codes = torch.special.ndtri((edges[1:] + edges[:-1]) / 2)
+    return codes.float(), ((codes[1:] + codes[:-1]) / 2).float()
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor, torch.Tensor]:
+    """``(w_hat, codes, mean, std)`` for one weight matrix (any shape), quantised per tensor.
+
+    ``z = (w - mean) / (std + eps)`` (unbiased std), ``codes`` index the nearest codeword, and
+    ``w_hat = codeword * std + mean`` carries a straight-through gradient to ``w`` (and through ``mean``
+    and ``std``, which are statistics of ``w``, never learnt). ``codes`` is uint8 of ``w``'s shape.
+    """
+    codebook, thresholds = normal_codebook(bits)
+    codebook, thresholds = codebook.to(weight.device), thresholds.to(weight.device)
+    mean, std = weight.mean(), weight.std()
+    z = (weight - mean) / (std + eps)
+    codes = torch.bucketize(z.detach().float(), thresholds)
+    z_ste = codebook[codes].to(weight.dtype) + (z - z.detach())
+    return z_ste * std + mean, codes.to(torch.uint8), mean.detach(), std.detach()
+
+
+def dequantize(codes: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, bits: int) -> torch.Tensor:
+    """The weights :func:`fake_quantize` produced in the forward pass, from stored codes and statistics."""
+    codebook = normal_codebook(bits)[0].to(codes.device)
+    return codebook[codes.long()] * std + mean
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flatten ``codes`` (values < 2**bits) into bytes, ``8 // bits`` per byte, first code in the low bits.
+
+    Returns a uint8 tensor of ``ceil(numel * bits / 8)`` bytes: the official release's bit order.
+    """
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"bits={bits!r}: packing needs a width that divides 8 (1, 2, 4 or 8)")
+    per_byte = 8 // bits
+    flat = codes.reshape(-1).to(torch.int32)
+    pad = (-flat.numel()) % per_byte
+    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=flat.device) * bits
+    return (flat << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as uint8 ``(numel,)``."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
+    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (2 ** bits - 1)
+    if codes.numel() < numel:
+        raise ValueError(f"{packed.numel()} packed bytes hold {codes.numel()} {bits}-bit codes, not {numel}")
+    return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+class QuantizedLinear(nn.Linear):
+    """``nn.Linear`` whose forward uses the k-bit fake-quantised weight; the fp32 weight is the latent.
+
+    After :meth:`load_codes` the layer holds the dequantised weight and stops re-quantising (re-quantising
+    a dequantised weight would change it: its mean and std are not the stored ones), as the official
+    code does. ``x`` is ``(..., in_features)``, the result ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        normal_codebook(bits)  # validates bits
+        self.bits = bits
+        self.fake_quant = True
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.bits)[0] if self.fake_quant else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    @torch.no_grad()
+    def export_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed uint8 codes, float32 [mean, std])`` of the current weight."""
+        if not self.fake_quant:
+            raise RuntimeError("this layer holds loaded, dequantised weights; export from the trained layer")
+        _, codes, mean, std = fake_quantize(self.weight.float(), self.bits)
+        return pack_codes(codes, self.bits), torch.stack([mean, std]).float()
+
+    @torch.no_grad()
+    def load_codes(self, packed: torch.Tensor, stats: torch.Tensor) -> None:
+        codes = unpack_codes(packed, self.bits, self.weight.numel()).reshape(self.weight.shape)
+        self.weight.copy_(dequantize(codes, stats[0], stats[1], self.bits).to(self.weight.dtype))
+        self.fake_quant = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}"

@@ -216,9 +216,13 @@ def summary(model: nn.Module) -> Summary:
     per: dict[str, dict[str, Any]] = {}
     for name, record in records(model).items():
         tensors = stored_tensors(model, name)
+        # Parameters are counted on the modules, bytes on what is stored: a 1-bit file packs 8 per byte.
+        params = sum(p.numel() for item in inject.attached(model, name) for p in item.module.parameters())
+        if record.head:
+            params += sum(p.numel() for p in model.get_submodule(record.head).parameters())
         per[name] = {
             "plugin": record.plugin.name,
-            "params": sum(t.numel() for t in tensors.values()),
+            "params": params,
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "head": record.head,
         }

@@ -1,0 +1,119 @@
+"""The bitadapter plugin (1-bit AdaptFormer / LoRA): exact reload, packed file size, bad files, training."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import visadapt
+from visadapt.data.procedural import generate_mini_vtab
+from visadapt.inject import AdapterLoadError
+from visadapt.layers import QuantizedLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _vit(num_classes: int = 5, **kwargs):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                             depth=2, num_heads=3, num_classes=num_classes, **kwargs)
+
+
+def _train_a_little(model, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(torch.randn(4, 3, 32, 32)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "lora"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 32])
+def test_saved_file_reloads_to_the_trained_outputs_exactly(tmp_path, method, bits):
+    torch.manual_seed(0)
+    model = _vit()
+    visadapt.attach(model, "bitadapter", method=method, dim=4, bits=bits, head="head")
+    _train_a_little(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    path = visadapt.save_adapter(model, tmp_path / "bit.safetensors")
+    fresh = _vit()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
+    visadapt.load_adapter(fresh, path)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    if bits < 32:
+        tensors, _ = visadapt.read_adapter_file(path)
+        assert set(tensors) == {"codes", "stats", "head.weight", "head.bias"}
+        layers = [m for m in fresh.modules() if isinstance(m, QuantizedLinear)]
+        assert tensors["codes"].numel() == sum(-(-m.weight.numel() * bits // 8) for m in layers)
+        assert not any(m.fake_quant for m in layers)
+
+
+def test_one_bit_file_is_the_official_byte_stream_plus_a_small_header(tmp_path):
+    """ViT-B/16, AdaptFormer dim 32, 1 bit, fp32 head, 8 classes: official raw size + < 2 KiB."""
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=8)
+    visadapt.attach(model, "bitadapter", head="head")
+    path = visadapt.save_adapter(model, tmp_path / "b.safetensors")
+    # official stream: 24 matrices x (768*32 bits / 8 + float32 mean + std), then head weight and bias (fp32)
+    official = 24 * (768 * 32 // 8 + 8) + 8 * 768 * 4 + 8 * 4
+    assert official == 98_528
+    assert 0 < os.path.getsize(path) - official <= 2048
+    summary = visadapt.summary(model)
+    assert summary.adapter_bytes == official
+    assert summary.adapters["default"]["params"] == 24 * 768 * 32 + 8 * 768 + 8
+
+
+def test_file_for_another_dim_is_refused_and_the_model_left_clean(tmp_path):
+    model = _vit()
+    visadapt.attach(model, "bitadapter", dim=4, head="head")
+    path = visadapt.save_adapter(model, tmp_path / "d4.safetensors")
+    tensors, meta = visadapt.read_adapter_file(path)
+    config = json.loads(meta["config"])
+    config["dim"] = 8
+    meta["config"] = json.dumps(config)
+    from safetensors.torch import save_file
+    save_file(tensors, str(tmp_path / "d8.safetensors"), metadata=meta)
+    fresh = _vit()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="do not fit"):
+        visadapt.load_adapter(fresh, tmp_path / "d8.safetensors")
+    assert fresh.state_dict().keys() == before.keys()
+
+
+def test_merge_is_refused_with_a_reason():
+    model = _vit()
+    visadapt.attach(model, "bitadapter")
+    with pytest.raises(ValueError, match="ReLU"):
+        visadapt.merge(model)
+
+
+@pytest.mark.parametrize("field, value, message", [("bits", 3, "bits"), ("method", "houlsby", "method"),
+                                                   ("dim", 0, "dim")])
+def test_bad_config_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        visadapt.attach(_vit(), "bitadapter", **{field: value})
+
+
+def test_trains_with_train_vtab_and_the_loss_falls(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_vtab", ROOT / "train" / "vtab.py")
+    vtab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vtab)
+    data = generate_mini_vtab(tmp_path / "data", split_sizes={"train800": 16, "val200": 8, "test": 20})
+    args = ["--data-root", str(data), "--output-dir", str(tmp_path / "run"), "--no-progress", "--task", "textures",
+            "--epochs", "4", "--batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "0", "--adapter",
+            "bitadapter", "--set", "dim=8"]
+    assert vtab.main(args) == 0
+    metrics = json.loads((tmp_path / "run" / "textures" / "metrics.json").read_text())
+    losses = [h["train_loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0], losses
+    assert metrics["adapter_config"]["bits"] == 1

@@ -19,12 +19,19 @@ over {0.01, 0.1, 1, 10, 100} in the paper; 1.0 (the most frequent choice at dim 
 std in ONE ``(n, 2)`` tensor (``stats``), plus the classifier head as usual. That is the official raw byte
 stream regrouped, so a file is the official size plus one small safetensors header. After loading, the
 layers hold the dequantised weights (inference costs what a plain AdaptFormer / LoRA costs).
+
+**Official checkpoints.** :func:`convert_official_checkpoint` reads a release ``.bin`` (``JieShibo/PETL-ViT``
+``binary_adapter/models_bin``) with its YAML config into a visadapt adapter file.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from visadapt import inject
@@ -101,3 +108,57 @@ class BitAdapterPlugin(AdapterPlugin):
                 f"this model's {len(layers)} quantised matrices ({sum(sizes)} bytes expected)")
         for layer, chunk, stat in zip(layers, torch.split(codes, sizes), stats):
             layer.load_codes(chunk, stat)
+
+
+def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | os.PathLike, model: nn.Module,
+                                output: str | os.PathLike) -> Path:
+    """Convert an official binary-adapter ``.bin`` + its YAML config into a visadapt adapter file.
+
+    The official file is a raw byte stream in module order: for every quantised matrix its packed codes
+    (first code in the low bits) then float32 mean and std; then, unless the method ends in ``-bihead``,
+    the fp32 head weight ``(C, D)`` and bias ``(C,)``. Module order is the official registration order,
+    which visadapt's site order reproduces: block by block, ``lora_q`` before ``lora_v``, and
+    ``adapter_down`` before ``adapter_up``. The YAML gives ``method``, ``dim``, ``bit``,
+    ``scale`` and ``num_class``. ``model`` is the backbone it was trained on (e.g. timm
+    ``vit_base_patch16_224_in21k`` weights) with a ``num_class`` head; it gets the adapter attached.
+    """
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    missing = [k for k in ("method", "dim", "bit", "scale") if k not in config]
+    if missing:
+        raise ValueError(f"{config_path} lacks {', '.join(missing)}: it is not an official binary-adapter config")
+    method = str(config["method"])
+    if method.endswith("-bihead"):
+        raise ValueError(f"{config_path}: method {method!r} stores a 1-bit head, which visadapt's bitadapter does "
+                         f"not model yet; convert a run with a full-precision head (adaptformer or lora)")
+    head = model.get_submodule("head")
+    if "num_class" in config and head.out_features != int(config["num_class"]):
+        raise ValueError(f"{config_path} is for {config['num_class']} classes; the model's head has "
+                         f"{head.out_features}: create the model with num_classes={config['num_class']}")
+    from visadapt import api, io
+
+    api.attach(model, BitAdapterPlugin(), {"method": method, "dim": int(config["dim"]), "bits": int(config["bit"]),
+                                           "scale": float(config["scale"])}, head="head")
+    try:
+        data = Path(bin_path).read_bytes()
+        layers = _quantized_layers(model, "default")
+        sizes = [-(-layer.weight.numel() * layer.bits // 8) for layer in layers]
+        head_bytes = (head.weight.numel() + head.bias.numel()) * 4
+        expected = sum(sizes) + 8 * len(layers) + head_bytes
+        if len(data) != expected:
+            raise ValueError(f"{bin_path} has {len(data):,} bytes; {method} dim {config['dim']} at {config['bit']} "
+                             f"bit on this model ({len(layers)} matrices, {head.out_features}-class head) needs "
+                             f"{expected:,}: the config, the model or the file does not match")
+        codes, stats, offset = [], [], 0
+        for size in sizes:
+            codes.append(torch.from_numpy(np.frombuffer(data, np.uint8, size, offset).copy()))
+            stats.append(torch.from_numpy(np.frombuffer(data, "<f4", 2, offset + size).copy()))
+            offset += size + 8
+        BitAdapterPlugin().import_state(model, {"codes": torch.cat(codes), "stats": torch.stack(stats)}, "default")
+        floats = torch.from_numpy(np.frombuffer(data, "<f4", head_bytes // 4, offset).copy())
+        with torch.no_grad():
+            head.weight.copy_(floats[:head.weight.numel()].reshape(head.weight.shape))
+            head.bias.copy_(floats[head.weight.numel():])
+        return io.save_adapter(model, output, metadata={"converted_from": Path(bin_path).name})
+    except Exception:
+        api.detach(model, "default")
+        raise

@@ -117,3 +117,72 @@ def test_trains_with_train_vtab_and_the_loss_falls(tmp_path):
     losses = [h["train_loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0], losses
     assert metrics["adapter_config"]["bits"] == 1
+
+
+def _official_bytes(model_for_shapes, bits: int, seed: int = 0) -> tuple[bytes, list]:
+    """An official-format .bin written independently here: per matrix codes (low bits first), mean, std."""
+    import struct
+
+    gen = torch.Generator().manual_seed(seed)
+    blob, expected = b"", []
+    for layer in [m for m in model_for_shapes.modules() if isinstance(m, QuantizedLinear)]:
+        n = layer.weight.numel()
+        codes = torch.randint(0, 2 ** bits, (n,), generator=gen).tolist()
+        per_byte = 8 // bits
+        packed = bytearray()
+        for start in range(0, n, per_byte):
+            byte = 0
+            for j, code in enumerate(codes[start:start + per_byte]):
+                byte |= code << (j * bits)
+            packed.append(byte)
+        mean, std = 0.01 * (len(expected) + 1), 0.5 + 0.1 * len(expected)
+        blob += bytes(packed) + struct.pack("<ff", mean, std)
+        expected.append((codes, mean, std))
+    return blob, expected
+
+
+def test_official_checkpoint_converts_to_the_same_weights(tmp_path):
+    from visadapt.layers import normal_codebook
+    from visadapt.plugins.bitadapter import convert_official_checkpoint
+
+    shapes = _vit(num_classes=3)
+    visadapt.attach(shapes, "bitadapter", method="lora", dim=4, bits=2)
+    blob, expected = _official_bytes(shapes, bits=2)
+    head_w, head_b = torch.randn(3, 48), torch.randn(3)
+    blob += head_w.numpy().astype("<f4").tobytes() + head_b.numpy().astype("<f4").tobytes()
+    (tmp_path / "task.bin").write_bytes(blob)
+    (tmp_path / "task.yaml").write_text("backbone: ViT-B_16\nbit: 2\ndataset: dtd\ndim: 4\nmethod: lora\n"
+                                        "num_class: 3\nscale: 10\n")
+    model = _vit(num_classes=3)
+    out = convert_official_checkpoint(tmp_path / "task.bin", tmp_path / "task.yaml", model, tmp_path / "c.safetensors")
+    codebook = normal_codebook(2)[0]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == len(expected) == 2 * 2 * 2  # 2 blocks x (q, v) x (down, up)
+    for layer, (codes, mean, std) in zip(layers, expected):
+        want = codebook[torch.tensor(codes)].reshape(layer.weight.shape) * torch.tensor(std) + torch.tensor(mean)
+        torch.testing.assert_close(layer.weight.detach(), want, atol=1e-6, rtol=0)
+    assert torch.equal(model.head.weight.detach(), head_w) and torch.equal(model.head.bias.detach(), head_b)
+    # the converted file loads on a fresh model to the same outputs
+    fresh = _vit(num_classes=3)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
+    visadapt.load_adapter(fresh, out)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert json.loads(visadapt.read_adapter_file(out)[1]["config"])["scale"] == 10.0
+
+
+def test_official_checkpoint_of_the_wrong_size_is_refused_cleanly(tmp_path):
+    from visadapt.plugins.bitadapter import convert_official_checkpoint
+
+    (tmp_path / "t.bin").write_bytes(b"\0" * 100)
+    (tmp_path / "t.yaml").write_text("bit: 1\ndim: 4\nmethod: adaptformer\nnum_class: 5\nscale: 1\n")
+    model = _vit(num_classes=5)
+    with pytest.raises(ValueError, match="has 100 bytes"):
+        convert_official_checkpoint(tmp_path / "t.bin", tmp_path / "t.yaml", model, tmp_path / "o.safetensors")
+    assert not any("visadapt_" in k for k in model.state_dict())
+    (tmp_path / "b.yaml").write_text("bit: 1\ndim: 4\nmethod: adaptformer-bihead\nnum_class: 5\nscale: 1\n")
+    with pytest.raises(ValueError, match="1-bit head"):
+        convert_official_checkpoint(tmp_path / "t.bin", tmp_path / "b.yaml", model, tmp_path / "o.safetensors")

@@ -252,7 +252,7 @@ class QuantizedLinear(nn.Linear):
 
     After :meth:`load_codes` the layer holds the dequantised weight and stops re-quantising (re-quantising
     a dequantised weight would change it: its mean and std are not the stored ones), as the official
-    code does. ``x`` is ``(..., in_features)``, the result ``(..., out_features)``.
+    code does; :meth:`export_codes` then returns the loaded bytes unchanged. ``x`` is ``(..., in_features)``, the result ``(..., out_features)``.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False) -> None:
@@ -269,16 +269,19 @@ class QuantizedLinear(nn.Linear):
 
     @torch.no_grad()
     def export_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(packed uint8 codes, float32 [mean, std])`` of the current weight."""
+        """``(packed uint8 codes, float32 [mean, std])``: of the latent weight, or exactly what was loaded."""
         if not self.fake_quant:
-            raise RuntimeError("this layer holds loaded, dequantised weights; export from the trained layer")
+            return self._loaded_codes.clone(), self._loaded_stats.clone()
         _, codes, mean, std = fake_quantize(self.weight.float(), self.bits)
         return pack_codes(codes, self.bits), torch.stack([mean, std]).float()
 
     @torch.no_grad()
     def load_codes(self, packed: torch.Tensor, stats: torch.Tensor) -> None:
+        """Hold the dequantised weight of ``packed`` codes and ``stats`` = float32 ``[mean, std]``."""
         codes = unpack_codes(packed, self.bits, self.weight.numel()).reshape(self.weight.shape)
         self.weight.copy_(dequantize(codes, stats[0], stats[1], self.bits).to(self.weight.dtype))
+        # Kept so that saving a loaded adapter writes the same bytes back.
+        self._loaded_codes, self._loaded_stats = packed.detach().cpu().clone(), stats.detach().float().cpu().clone()
         self.fake_quant = False
 
     def extra_repr(self) -> str:

@@ -186,3 +186,23 @@ def test_official_checkpoint_of_the_wrong_size_is_refused_cleanly(tmp_path):
     (tmp_path / "b.yaml").write_text("bit: 1\ndim: 4\nmethod: adaptformer-bihead\nnum_class: 5\nscale: 1\n")
     with pytest.raises(ValueError, match="1-bit head"):
         convert_official_checkpoint(tmp_path / "t.bin", tmp_path / "b.yaml", model, tmp_path / "o.safetensors")
+
+
+def test_convert_bitadapter_command(tmp_path, capsys):
+    from visadapt.cli import main
+
+    shapes = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
+    visadapt.attach(shapes, "bitadapter", dim=2)
+    blob, _ = _official_bytes(shapes, bits=1)
+    blob += torch.zeros(3 * 192 + 3).numpy().astype("<f4").tobytes()
+    (tmp_path / "dtd-bit1-dim2.bin").write_bytes(blob)
+    (tmp_path / "dtd-bit1-dim2.yaml").write_text("bit: 1\ndim: 2\nmethod: adaptformer\nnum_class: 3\nscale: 0.01\n")
+    out = tmp_path / "dtd.safetensors"
+    assert main(["convert-bitadapter", str(tmp_path / "dtd-bit1-dim2.bin"), str(tmp_path / "dtd-bit1-dim2.yaml"),
+                 "--model", "vit_tiny_patch16_224", "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _, meta = visadapt.read_adapter_file(out)
+    assert meta["plugin"] == "bitadapter" and meta["converted_from"] == "dtd-bit1-dim2.bin"
+    assert main(["convert-bitadapter", str(tmp_path / "missing.bin"), str(tmp_path / "dtd-bit1-dim2.yaml"),
+                 "--model", "vit_tiny_patch16_224", "-o", str(out)]) == 2
+    assert "missing.bin" in capsys.readouterr().err

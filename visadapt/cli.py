@@ -1,8 +1,9 @@
-"""``visadapt`` command line: ``list``, ``inspect FILE``, ``sites MODEL``."""
+"""``visadapt`` command line: ``list``, ``inspect FILE``, ``sites MODEL``, ``convert-bitadapter BIN YAML``."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,22 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_bitadapter(args: argparse.Namespace) -> int:
+    import timm
+    import yaml
+
+    from visadapt.plugins.bitadapter import convert_official_checkpoint
+
+    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    if "num_class" not in config:
+        raise ValueError(f"{args.config} has no num_class: it is not an official binary-adapter config")
+    # Only the adapter and head tensors are converted, so the backbone needs its shapes, not its weights.
+    model = timm.create_model(args.model, pretrained=False, num_classes=int(config["num_class"]))
+    path = convert_official_checkpoint(args.bin, args.config, model, args.output)
+    print(f"wrote {path} ({os.path.getsize(path):,} bytes; {args.bin}: {os.path.getsize(args.bin):,} bytes)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visadapt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,8 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sites", help="attachable sites of a model (random init, nothing downloaded)")
     p.add_argument("model", help="timm name (vit_base_patch16_224), open_clip:NAME, or a diffusers folder")
     p.add_argument("--kind", action="append", help="only these site kinds (repeatable)")
+    p = sub.add_parser("convert-bitadapter", help="an official binary-adapter .bin + YAML (PETL-ViT release) "
+                                                  "to a visadapt adapter file")
+    p.add_argument("bin", help="official checkpoint, e.g. models_bin/adaptformer/dtd-bit1-dim32.bin")
+    p.add_argument("config", help="its YAML, e.g. configs/adaptformer/dtd-bit1-dim32.yaml")
+    p.add_argument("--model", default="vit_base_patch16_224.augreg_in21k",
+                   help="timm name of the backbone it was trained on (only its shapes are used)")
+    p.add_argument("-o", "--output", required=True, help="adapter file to write")
     args = parser.parse_args(argv)
-    handler = {"list": _cmd_list, "inspect": _cmd_inspect, "sites": _cmd_sites}[args.command]
+    handler = {"list": _cmd_list, "inspect": _cmd_inspect, "sites": _cmd_sites,
+               "convert-bitadapter": _cmd_convert_bitadapter}[args.command]
     try:
         return handler(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:

@@ -54,6 +54,8 @@ class BitAdapterConfig(AdapterConfig):
     scale: float = config_field(1.0, "s, the factor on the adapter output (searched per task in the paper)")
     dropout: float = config_field(0.1, "dropout between the two projections")
     blocks: tuple[int, ...] | None = config_field(None, "indices of the blocks to adapt; None = all")
+    quantize_head: bool = config_field(False, "replace the classifier by a bias-free linear at the same bit width "
+                                              "(the official -bihead variants); the model's own head then idles")
 
     def validate(self) -> None:
         check_choice("method", self.method, METHOD_SITES)
@@ -65,9 +67,13 @@ class BitAdapterConfig(AdapterConfig):
             raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
 
 
-def _quantized_layers(model: nn.Module, adapter_name: str) -> list[QuantizedLinear]:
-    """Every quantised matrix of the adapter, in model order, down before up within a module."""
-    return [layer for item in inject.attached(model, adapter_name) for layer in (item.module.down, item.module.up)]
+def _quantized_layers(model: nn.Module, adapter_name: str) -> list[nn.Linear]:
+    """Every matrix of the adapter, in model order: down before up within a module, the head (if any) last."""
+    layers: list[nn.Linear] = []
+    for item in inject.attached(model, adapter_name):
+        module = item.module
+        layers += [module] if isinstance(module, nn.Linear) else [module.down, module.up]
+    return layers
 
 
 @register_plugin("bitadapter")
@@ -78,12 +84,20 @@ class BitAdapterPlugin(AdapterPlugin):
     merge_refusal = ("1-bit adapters are not folded into base weights: AdaptFormer has a ReLU between its "
                      "projections, and the loaded file already runs as dense dequantised weights")
 
+    def replaces_head(self, config: BitAdapterConfig) -> bool:
+        return config.quantize_head
+
     def attach(self, model: nn.Module, config: BitAdapterConfig, adapter_name: str) -> None:
         for site in find_sites(model, METHOD_SITES[config.method], config.blocks):
             insert(site, adapter_name, BottleneckAdapter(
                 site.in_features, config.dim, site.out_features, activation=METHOD_ACTIVATION[config.method],
                 dropout=config.dropout, scale=config.scale, bias=False, bits=config.bits,
             ))
+        if config.quantize_head:
+            (site,) = find_sites(model, ["head"])
+            head = (nn.Linear(site.in_features, site.out_features, bias=False) if config.bits == 32
+                    else QuantizedLinear(site.in_features, site.out_features, config.bits, bias=False))
+            insert(site, adapter_name, head)
 
     def export_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         layers = _quantized_layers(model, adapter_name)
@@ -116,7 +130,8 @@ def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | 
 
     The official file is a raw byte stream in module order: for every quantised matrix its packed codes
     (first code in the low bits) then float32 mean and std; then, unless the method ends in ``-bihead``,
-    the fp32 head weight ``(C, D)`` and bias ``(C,)``. Module order is the official registration order,
+    the fp32 head weight ``(C, D)`` and bias ``(C,)`` (with ``-bihead`` the head is the last quantised
+    matrix instead, bias-free). Module order is the official registration order,
     which visadapt's site order reproduces: block by block, ``lora_q`` before ``lora_v``, and
     ``adapter_down`` before ``adapter_up``. The YAML gives ``method``, ``dim``, ``bit``,
     ``scale`` and ``num_class``. ``model`` is the backbone it was trained on (e.g. timm
@@ -127,9 +142,8 @@ def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | 
     if missing:
         raise ValueError(f"{config_path} lacks {', '.join(missing)}: it is not an official binary-adapter config")
     method = str(config["method"])
-    if method.endswith("-bihead"):
-        raise ValueError(f"{config_path}: method {method!r} stores a 1-bit head, which visadapt's bitadapter does "
-                         f"not model yet; convert a run with a full-precision head (adaptformer or lora)")
+    bihead = method.endswith("-bihead")
+    method = method.removesuffix("-bihead")
     head = model.get_submodule("head")
     if "num_class" in config and head.out_features != int(config["num_class"]):
         raise ValueError(f"{config_path} is for {config['num_class']} classes; the model's head has "
@@ -137,12 +151,13 @@ def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | 
     from visadapt import api, io
 
     api.attach(model, BitAdapterPlugin(), {"method": method, "dim": int(config["dim"]), "bits": int(config["bit"]),
-                                           "scale": float(config["scale"])}, head="head")
+                                           "scale": float(config["scale"]), "quantize_head": bihead},
+               head=None if bihead else "head")
     try:
         data = Path(bin_path).read_bytes()
         layers = _quantized_layers(model, "default")
         sizes = [-(-layer.weight.numel() * layer.bits // 8) for layer in layers]
-        head_bytes = (head.weight.numel() + head.bias.numel()) * 4
+        head_bytes = 0 if bihead else (head.weight.numel() + head.bias.numel()) * 4
         expected = sum(sizes) + 8 * len(layers) + head_bytes
         if len(data) != expected:
             raise ValueError(f"{bin_path} has {len(data):,} bytes; {method} dim {config['dim']} at {config['bit']} "
@@ -154,10 +169,11 @@ def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | 
             stats.append(torch.from_numpy(np.frombuffer(data, "<f4", 2, offset + size).copy()))
             offset += size + 8
         BitAdapterPlugin().import_state(model, {"codes": torch.cat(codes), "stats": torch.stack(stats)}, "default")
-        floats = torch.from_numpy(np.frombuffer(data, "<f4", head_bytes // 4, offset).copy())
-        with torch.no_grad():
-            head.weight.copy_(floats[:head.weight.numel()].reshape(head.weight.shape))
-            head.bias.copy_(floats[head.weight.numel():])
+        if not bihead:
+            floats = torch.from_numpy(np.frombuffer(data, "<f4", head_bytes // 4, offset).copy())
+            with torch.no_grad():
+                head.weight.copy_(floats[:head.weight.numel()].reshape(head.weight.shape))
+                head.bias.copy_(floats[head.weight.numel():])
         return io.save_adapter(model, output, metadata={"converted_from": Path(bin_path).name})
     except Exception:
         api.detach(model, "default")

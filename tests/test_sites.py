@@ -60,3 +60,12 @@ def test_fingerprint_records_depth_and_width_per_tower():
     assert fingerprint(tm.vit())["towers"] == {"model": {"depth": 2, "width": 32}}
     assert fingerprint(tm.clip())["towers"] == {"visual": {"depth": 2, "width": 32}, "text": {"depth": 2, "width": 32}}
     assert fingerprint(tm.vit())["name"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+def test_vit_classifier_is_a_replace_site_after_the_blocks():
+    model = tm.vit()
+    (head,) = find_sites(model, ["head"])
+    assert (head.path, head.how, head.block) == ("head", "replace", 2)
+    assert (head.in_features, head.out_features) == (model.head.in_features, model.head.out_features)
+    with pytest.raises(ValueError, match="does not exist on timm_swin"):
+        find_sites(tm.swin(), ["head"])

@@ -128,9 +128,12 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, setti
     train_set, eval_set = build_datasets(args.benchmark, data_root, info.name, protocol=args.split,
                                          input_size=input_size, normalization=normalization)
     head = model.pretrained_cfg.get("classifier") or "head"
-    adapter_config = visadapt.attach(model, args.adapter, settings, head=head)
+    plugin = visadapt.get_plugin(args.adapter)()
+    # A plugin with its own classifier (a quantised head) replaces the model's, which then stays frozen.
+    owns_head = plugin.replaces_head(plugin.Config.from_dict(settings))
+    adapter_config = visadapt.attach(model, plugin, settings, head=None if owns_head else head)
     counts = api.summary(model)
-    head_params = sum(p.numel() for p in model.get_submodule(head).parameters())
+    head_params = 0 if owns_head else sum(p.numel() for p in model.get_submodule(head).parameters())
     run = {"benchmark": args.benchmark, "task": info.name, "model": args.model, "pretrained": args.pretrained,
            "normalize": args.normalize, "input_size": input_size, "protocol": args.split,
            "data_seed": args.data_seed, "seed": args.seed}

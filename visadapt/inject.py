@@ -97,11 +97,15 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
             raise ValueError(f"site {site.name} is a weight read directly by its layer ({site.param}); a LoRA "
                              f"there cannot apply dropout to the layer input: set dropout=0")
         owner = _weight_delta_for(site.host, site.param)
-    elif site.how in ("output", "input", "parallel", "linear"):
+    elif site.how in ("output", "input", "parallel", "linear", "replace"):
         owner = site.host
     else:
         raise ValueError(f"site {site.name} is a {site.how!r} site; this adapter type attaches to "
                          f"output/input/parallel/linear/weight sites only")
+    existing = owner._modules.get(ADAPTERS_ATTR)
+    if site.how == "replace" and existing is not None and any(
+            m.site_how == "replace" for d in existing.values() for m in d.values()):
+        raise ValueError(f"{site.name} is already replaced by another adapter; only one module can replace it")
     per_name = _adapter_dict(owner, adapter_name)
     if site.kind in per_name:
         raise ValueError(f"adapter {adapter_name!r} already has a module at {site.name}; detach it first "
@@ -156,6 +160,8 @@ def _post_hook(host: nn.Module, args: tuple, output):
             output = add_rows(output, module(x), module.site_rows, dim=channel_dim)
     for module in _active(host, "output"):
         output = output + module(output)
+    for module in _active(host, "replace"):  # at most one (checked in insert)
+        output = module(args[0])
     return output
 
 

@@ -123,5 +123,10 @@ class AdapterPlugin(abc.ABC):
         """Inverse of :meth:`export_state`; strict: raises on any missing, unexpected or misshapen tensor."""
         inject.load_adapter_state(model, state, adapter_name)
 
+    def replaces_head(self, config: AdapterConfig) -> bool:
+        """True when the adapter brings its own classifier (a quantised head), so the model's head must be
+        neither trained nor stored; training scripts then attach without ``head=``."""
+        return False
+
     def on_step(self, model: nn.Module, step: int) -> None:
         """Called by the training engine once per optimiser step; most methods need nothing here."""

@@ -36,6 +36,8 @@ FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet")
 
 #: site kinds of transformer families, in the order they are listed
 TRANSFORMER_KINDS = ("attn_out", "mlp", "mlp_out", "block_out", "qkv", "q", "k", "v", "proj", "fc1", "fc2")
+# Whole-model sites after the blocks: the timm ViT classifier, which a module replaces (quantised heads).
+VIT_MODEL_KINDS = ("head",)
 UNET_KINDS = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "norm")
 #: the transformer names accepted on UNets, so one LoRA config (``targets=("q", "v")``) fits every family
 UNET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj": "to_out"}
@@ -202,6 +204,10 @@ def _timm_vit_sites(model: nn.Module) -> list[Site]:
     for i, block in enumerate(model.blocks):
         _check_block(block, _TIMM_VIT_LAYOUT, "timm_vit")
         sites += _transformer_block_sites(block, f"blocks.{i}", i, None, _TIMM_VIT_LAYOUT)
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        # A module here *replaces* the classifier (e.g. a quantised head): how="replace".
+        sites.append(Site("head", "head", len(model.blocks), head.in_features, head.out_features, head, "replace"))
     return sites
 
 
@@ -292,7 +298,9 @@ _ENUMERATORS = {
 
 
 def family_kinds(family: str) -> tuple[str, ...]:
-    return UNET_KINDS if family == "diffusers_unet" else TRANSFORMER_KINDS
+    if family == "diffusers_unet":
+        return UNET_KINDS
+    return TRANSFORMER_KINDS + VIT_MODEL_KINDS if family == "timm_vit" else TRANSFORMER_KINDS
 
 
 def all_sites(model: nn.Module) -> list[Site]:
@@ -352,6 +360,8 @@ def fingerprint(model: nn.Module) -> dict:
     sites = all_sites(model)
     shape: dict[str, dict[str, int]] = {}
     for s in sites:
+        if s.kind in VIT_MODEL_KINDS:  # not a block: depth counts transformer blocks only
+            continue
         key = s.tower or "model"
         entry = shape.setdefault(key, {"depth": 0, "width": s.in_features})
         entry["depth"] = max(entry["depth"], s.block + 1)

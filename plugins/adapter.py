@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from visadapt.inject import insert
-from visadapt.layers import ACTIVATIONS, BottleneckAdapter
+from visadapt.layers import ACTIVATIONS, QUANT_BITS, BottleneckAdapter
 from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
 from visadapt.registry import register_plugin
 from visadapt.sites import find_sites
@@ -40,12 +40,15 @@ class BottleneckAdapterConfig(AdapterConfig):
     dropout: float = config_field(0.1, "dropout after the activation")
     layer_norm: bool = config_field(False, "LayerNorm on the adapter input")
     bias: bool = config_field(True, "biases in the down and up projections")
+    bits: int = config_field(32, "bits per projection weight: 1, 2, 4, 8 (trained with the shared k-bit "
+                                 "quantiser, stored packed) or 32 (full precision)")
     blocks: tuple[int, ...] | None = config_field(None, "indices of the blocks to adapt; None = all")
     towers: tuple[str, ...] = config_field(("visual",), "open_clip towers to adapt: visual, text")
 
     def validate(self) -> None:
         check_choice("style", self.style, STYLE_SITES)
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("bits", self.bits, QUANT_BITS)
         if not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
             raise ValueError(f"config field bottleneck={self.bottleneck!r} is out of range: it must be an integer > 0")
         if self.scale is not None:
@@ -71,5 +74,5 @@ class BottleneckAdapterPlugin(AdapterPlugin):
             insert(site, adapter_name, BottleneckAdapter(
                 site.in_features, config.bottleneck, site.out_features, activation=config.activation,
                 dropout=config.dropout, scale=config.effective_scale, layer_norm=config.layer_norm,
-                bias=config.bias,
+                bias=config.bias, bits=config.bits,
             ))

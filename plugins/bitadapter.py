@@ -14,7 +14,7 @@ median-Lloyd normal codebook, straight-through gradients):
 Defaults follow the official recipe: ``dim`` 32, 1 bit, dropout 0.1. The scale ``s`` was searched per task
 over {0.01, 0.1, 1, 10, 100} in the paper; 1.0 (the most frequent choice at dim 32) is the default here.
 
-**Storage.** The adapter file holds the packed codes of every quantised matrix in ONE uint8 tensor
+**Storage** (the shared k-bit format of :func:`visadapt.inject.packed_adapter_state`). The file holds the packed codes of every quantised matrix in ONE uint8 tensor
 (``codes``, first code in the low bits, matrices in model order, down before up) and their float32 mean and
 std in ONE ``(n, 2)`` tensor (``stats``), plus the classifier head as usual. That is the official raw byte
 stream regrouped, so a file is the official size plus one small safetensors header. After loading, the
@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 from visadapt import inject
-from visadapt.inject import AdapterLoadError, insert
+from visadapt.inject import insert
 from visadapt.layers import QUANT_BITS, BottleneckAdapter, QuantizedLinear
 from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
 from visadapt.registry import register_plugin
@@ -67,13 +67,9 @@ class BitAdapterConfig(AdapterConfig):
             raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
 
 
-def _quantized_layers(model: nn.Module, adapter_name: str) -> list[nn.Linear]:
-    """Every matrix of the adapter, in model order: down before up within a module, the head (if any) last."""
-    layers: list[nn.Linear] = []
-    for item in inject.attached(model, adapter_name):
-        module = item.module
-        layers += [module] if isinstance(module, nn.Linear) else [module.down, module.up]
-    return layers
+def _quantized_layers(model: nn.Module, adapter_name: str) -> list[QuantizedLinear]:
+    """Every quantised matrix of the adapter, in model order: down before up, the head (if any) last."""
+    return [layer for _, layer in inject.quantized_layers(model, adapter_name)]
 
 
 @register_plugin("bitadapter")
@@ -98,30 +94,6 @@ class BitAdapterPlugin(AdapterPlugin):
             head = (nn.Linear(site.in_features, site.out_features, bias=False) if config.bits == 32
                     else QuantizedLinear(site.in_features, site.out_features, config.bits, bias=False))
             insert(site, adapter_name, head)
-
-    def export_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        layers = _quantized_layers(model, adapter_name)
-        if not layers or not isinstance(layers[0], QuantizedLinear):
-            return inject.adapter_state(model, adapter_name)  # bits == 32: plain tensors
-        packed, stats = zip(*(layer.export_codes() for layer in layers))
-        return {"codes": torch.cat(packed), "stats": torch.stack(stats)}
-
-    def import_state(self, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
-        layers = _quantized_layers(model, adapter_name)
-        if not layers or not isinstance(layers[0], QuantizedLinear):
-            inject.load_adapter_state(model, state, adapter_name)
-            return
-        if set(state) != {"codes", "stats"}:
-            raise AdapterLoadError(f"a quantised bitadapter file holds the tensors 'codes' and 'stats'; this one "
-                                   f"holds {sorted(state)}")
-        codes, stats = state["codes"], state["stats"]
-        sizes = [-(-layer.weight.numel() * layer.bits // 8) for layer in layers]
-        if stats.shape != (len(layers), 2) or codes.numel() != sum(sizes) or codes.dtype != torch.uint8:
-            raise AdapterLoadError(
-                f"the file's codes ({codes.numel()} bytes, {codes.dtype}) and stats {tuple(stats.shape)} do not fit "
-                f"this model's {len(layers)} quantised matrices ({sum(sizes)} bytes expected)")
-        for layer, chunk, stat in zip(layers, torch.split(codes, sizes), stats):
-            layer.load_codes(chunk, stat)
 
 
 def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | os.PathLike, model: nn.Module,
@@ -168,7 +140,7 @@ def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | 
             codes.append(torch.from_numpy(np.frombuffer(data, np.uint8, size, offset).copy()))
             stats.append(torch.from_numpy(np.frombuffer(data, "<f4", 2, offset + size).copy()))
             offset += size + 8
-        BitAdapterPlugin().import_state(model, {"codes": torch.cat(codes), "stats": torch.stack(stats)}, "default")
+        inject.load_packed_adapter_state(model, {"codes": torch.cat(codes), "stats": torch.stack(stats)}, "default")
         if not bihead:
             floats = torch.from_numpy(np.frombuffer(data, "<f4", head_bytes // 4, offset).copy())
             with torch.no_grad():

@@ -255,3 +255,26 @@ def test_convert_bitadapter_command(tmp_path, capsys):
     assert main(["convert-bitadapter", str(tmp_path / "missing.bin"), str(tmp_path / "dtd-bit1-dim2.yaml"),
                  "--model", "vit_tiny_patch16_224", "-o", str(out)]) == 2
     assert "missing.bin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [1, 4])
+def test_any_bottleneck_plugin_stores_k_bit_weights_packed(tmp_path, bits):
+    """The plain `adapter` plugin with bits < 32: shared quantiser, packed storage, fp32 biases, exact reload."""
+    torch.manual_seed(0)
+    model = _vit()
+    visadapt.attach(model, "adapter", style="houlsby", bottleneck=4, bits=bits, head="head")
+    _train_a_little(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    path = visadapt.save_adapter(model, tmp_path / "a.safetensors")
+    tensors, _ = visadapt.read_adapter_file(path)
+    assert not any(k.endswith(("down.weight", "up.weight")) for k in tensors)
+    assert any(k.endswith("down.bias") for k in tensors) and tensors["stats"].shape == (2 * 2 * 2, 2)
+    assert tensors["codes"].numel() == 2 * 2 * 2 * (-(-48 * 4 * bits // 8))
+    fresh = _vit()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
+    visadapt.load_adapter(fresh, path)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from visadapt.layers import add_rows
+from visadapt.layers import QuantizedLinear, add_rows
 from visadapt.sites import Site
 
 ADAPTERS_ATTR = "visadapt_adapters"
@@ -279,13 +279,14 @@ def _named_key(key: str, adapter_name: str) -> str:
     return f"{head}{marker}{adapter_name}.{tail}"
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                       skip: frozenset[str] = frozenset()) -> None:
     """Copy ``state`` (keys as from :func:`adapter_state`) into the attached adapter, strictly.
 
     Raises :class:`AdapterLoadError` listing every missing key, unexpected key and shape mismatch;
-    nothing is copied unless everything fits.
+    nothing is copied unless everything fits. Keys in ``skip`` are filled by the caller (packed weights).
     """
-    expected = adapter_state(model, adapter_name)
+    expected = {k: v for k, v in adapter_state(model, adapter_name).items() if k not in skip}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -304,3 +305,54 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter
     with torch.no_grad():
         for key, tensor in state.items():
             targets[_named_key(key, adapter_name)].copy_(tensor)
+
+
+# ---------------------------------------------------------------------------------------- k-bit storage
+# Any adapter built from QuantizedLinear blocks is stored packed: the codes of every quantised matrix in ONE
+# uint8 tensor "codes" (model order, first code in the low bits) and their float32 [mean, std] in ONE
+# (n, 2) tensor "stats"; every other tensor (biases, norms) is stored as it is.
+
+
+def quantized_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, QuantizedLinear]]:
+    """``(weight key as in adapter_state, layer)`` for every quantised matrix of the adapter, in model order."""
+    marker = f"{ADAPTERS_ATTR}.{adapter_name}."
+    return [(_unnamed(f"{path}.weight", adapter_name), module) for path, module in model.named_modules()
+            if isinstance(module, QuantizedLinear) and (marker in path or path.startswith(marker))]
+
+
+def _unnamed(key: str, adapter_name: str) -> str:
+    return key.replace(f"{ADAPTERS_ATTR}.{adapter_name}.", f"{ADAPTERS_ATTR}.", 1)
+
+
+def packed_adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """:func:`adapter_state` with every quantised matrix replaced by its packed codes and statistics."""
+    state = adapter_state(model, adapter_name)
+    layers = quantized_layers(model, adapter_name)
+    if not layers:
+        return state
+    for key, _ in layers:
+        del state[key]
+    packed, stats = zip(*(layer.export_codes() for _, layer in layers))
+    state["codes"], state["stats"] = torch.cat(packed), torch.stack(stats)
+    return state
+
+
+def load_packed_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Inverse of :func:`packed_adapter_state`, strict; nothing is written unless everything fits."""
+    layers = quantized_layers(model, adapter_name)
+    if not layers:
+        load_adapter_state(model, state, adapter_name)
+        return
+    state = dict(state)
+    codes, stats = state.pop("codes", None), state.pop("stats", None)
+    if codes is None or stats is None:
+        raise AdapterLoadError(f"this adapter has {len(layers)} quantised matrices but the file holds no packed "
+                               f"'codes' and 'stats' (it was saved at full precision: attach with bits=32)")
+    sizes = [-(-layer.weight.numel() * layer.bits // 8) for _, layer in layers]
+    if stats.shape != (len(layers), 2) or codes.numel() != sum(sizes) or codes.dtype != torch.uint8:
+        raise AdapterLoadError(
+            f"the file's codes ({codes.numel()} bytes, {codes.dtype}) and stats {tuple(stats.shape)} do not fit "
+            f"this model's {len(layers)} quantised matrices ({sum(sizes)} bytes expected)")
+    load_adapter_state(model, state, adapter_name, skip=frozenset(key for key, _ in layers))
+    for (_, layer), chunk, stat in zip(layers, torch.split(codes, sizes), stats):
+        layer.load_codes(chunk, stat)

@@ -116,12 +116,13 @@ class AdapterPlugin(abc.ABC):
         inject.unmerge(model, adapter_name)
 
     def export_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Tensors to store, keyed without the adapter name (see :func:`visadapt.inject.adapter_state`)."""
-        return inject.adapter_state(model, adapter_name)
+        """Tensors to store, keyed without the adapter name (see :func:`visadapt.inject.adapter_state`);
+        k-bit matrices (:class:`visadapt.layers.QuantizedLinear`) are stored packed."""
+        return inject.packed_adapter_state(model, adapter_name)
 
     def import_state(self, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Inverse of :meth:`export_state`; strict: raises on any missing, unexpected or misshapen tensor."""
-        inject.load_adapter_state(model, state, adapter_name)
+        inject.load_packed_adapter_state(model, state, adapter_name)
 
     def replaces_head(self, config: AdapterConfig) -> bool:
         """True when the adapter brings its own classifier (a quantised head), so the model's head must be

@@ -47,10 +47,6 @@ def _engine_evaluator() -> Evaluator:
     return evaluate_adapter_file
 
 
-# The safetensors metadata entry where train/vtab.py records the run (benchmark, task, backbone, ...).
-TRAIN_METADATA = "visadapt.train"
-
-
 def _recorded_benchmark(path: Path) -> str | None:
     """The benchmark an adapter file says it was trained on, read from the header alone (no tensors).
 
@@ -59,11 +55,9 @@ def _recorded_benchmark(path: Path) -> str | None:
     on VTAB's Flowers102 data. A file this cannot read is left to the evaluator, which explains what is wrong.
     """
     try:
-        from safetensors import safe_open
+        from visadapt.io import TRAIN_METADATA, read_safetensors_metadata
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return json.loads(metadata[TRAIN_METADATA]).get("benchmark")
+        return json.loads(read_safetensors_metadata(path)[TRAIN_METADATA]).get("benchmark")
     except Exception:  # noqa: BLE001 - any unreadable header means "not known here", never a failure
         return None
 

@@ -67,11 +67,6 @@ class BitAdapterConfig(AdapterConfig):
             raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
 
 
-def _quantized_layers(model: nn.Module, adapter_name: str) -> list[QuantizedLinear]:
-    """Every quantised matrix of the adapter, in model order: down before up, the head (if any) last."""
-    return [layer for _, layer in inject.quantized_layers(model, adapter_name)]
-
-
 @register_plugin("bitadapter")
 class BitAdapterPlugin(AdapterPlugin):
     Config = BitAdapterConfig
@@ -127,8 +122,8 @@ def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | 
                head=None if bihead else "head")
     try:
         data = Path(bin_path).read_bytes()
-        layers = _quantized_layers(model, "default")
-        sizes = [-(-layer.weight.numel() * layer.bits // 8) for layer in layers]
+        layers = [layer for _, layer in inject.quantized_layers(model, "default")]
+        sizes = [layer.packed_bytes for layer in layers]
         head_bytes = 0 if bihead else (head.weight.numel() + head.bias.numel()) * 4
         expected = sum(sizes) + 8 * len(layers) + head_bytes
         if len(data) != expected:

@@ -29,6 +29,7 @@ from visadapt.data import build_datasets, resolve_normalization
 from visadapt.data.procedural import default_data_root, generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks, resolve_tasks
 from visadapt.engine import TrainConfig, fit, make_accelerator, seed_everything
+from visadapt.io import TRAIN_METADATA
 
 # Recipes per benchmark; every value can be overridden by its flag. VTAB-1k / FGVC: the common recipe of
 # NOAH, PETL-ViT and V-PETL Bench. mini-vtab: sized to finish on 2 CPU cores in a few minutes.
@@ -113,7 +114,7 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, settings: dict) -> dict:
+def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugin, adapter_config) -> dict:
     """Train one task; returns its metrics (also written to ``out/metrics.json``)."""
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                          warmup_epochs=args.warmup_epochs, grad_accum_steps=args.grad_accum, seed=args.seed,
@@ -128,12 +129,10 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, setti
     train_set, eval_set = build_datasets(args.benchmark, data_root, info.name, protocol=args.split,
                                          input_size=input_size, normalization=normalization)
     head = model.pretrained_cfg.get("classifier") or "head"
-    plugin = visadapt.get_plugin(args.adapter)()
     # A plugin with its own classifier (a quantised head) replaces the model's, which then stays frozen.
-    owns_head = plugin.replaces_head(plugin.Config.from_dict(settings))
-    adapter_config = visadapt.attach(model, plugin, settings, head=None if owns_head else head)
+    owns_head = plugin.replaces_head(adapter_config)
+    visadapt.attach(model, plugin, adapter_config, head=None if owns_head else head)
     counts = api.summary(model)
-    head_params = 0 if owns_head else sum(p.numel() for p in model.get_submodule(head).parameters())
     run = {"benchmark": args.benchmark, "task": info.name, "model": args.model, "pretrained": args.pretrained,
            "normalize": args.normalize, "input_size": input_size, "protocol": args.split,
            "data_seed": args.data_seed, "seed": args.seed}
@@ -146,7 +145,7 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, setti
     metrics = {}
     if accelerator.is_main_process:
         adapter_file = visadapt.save_adapter(model, out / "adapter.safetensors",
-                                             metadata={"visadapt.train": json.dumps(run, sort_keys=True)})
+                                             metadata={TRAIN_METADATA: json.dumps(run, sort_keys=True)})
         metrics = {
             "benchmark": args.benchmark, "task": info.name, "title": info.title, "group": info.group,
             "num_classes": info.num_classes, "model": args.model, "pretrained": args.pretrained,
@@ -159,8 +158,8 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, setti
             "accuracy_final": result.accuracy_final,   # the adapter in adapter.safetensors
             "accuracy_best": result.accuracy_best,     # best eval during training: optimistic, as papers report
             "best_epoch": result.best_epoch, "eval_samples": result.eval_samples,
-            "trainable_params": counts.trainable_params, "adapter_params": counts.trainable_params - head_params,
-            "head_params": head_params, "adapter_bytes": adapter_file.stat().st_size,
+            "trainable_params": counts.trainable_params,
+            "adapter_params": counts.trainable_params - counts.head_params, "head_params": counts.head_params, "adapter_bytes": adapter_file.stat().st_size,
             "wall_time_s": round(result.wall_time_s, 2), "resumed_from": result.resumed_from,
             "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
             "history": result.history, "adapter_file": adapter_file.name, "visadapt_version": visadapt.__version__,
@@ -175,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         tasks = resolve_tasks(args.benchmark, args.task)
-        settings = adapter_settings(args)
-        visadapt.get_plugin(args.adapter).Config.from_dict(settings)  # fail before any work on a bad config
+        plugin = visadapt.get_plugin(args.adapter)()
+        adapter_config = plugin.Config.from_dict(adapter_settings(args))  # a bad config fails before any work
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out)
         state.wait_for_everyone()
         out.mkdir(parents=True, exist_ok=True)
-        results[info.name] = train_task(args, info, data_root, out, settings)
+        results[info.name] = train_task(args, info, data_root, out, plugin, adapter_config)
 
     if state.is_main_process:
         print(f"\n{'task':<22}{'final acc':>10}{'best acc':>10}  adapter file")

@@ -190,6 +190,7 @@ class Summary:
     adapter_params: int
     adapter_bytes: int
     adapters: dict[str, dict[str, Any]]
+    head_params: int = 0  # parameters of the classifier heads stored with the adapters (in trainable_params)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -217,12 +218,13 @@ def summary(model: nn.Module) -> Summary:
     for name, record in records(model).items():
         tensors = stored_tensors(model, name)
         # Parameters are counted on the modules, bytes on what is stored: a 1-bit file packs 8 per byte.
+        head_params = (sum(p.numel() for p in model.get_submodule(record.head).parameters())
+                       if record.head else 0)
         params = sum(p.numel() for item in inject.attached(model, name) for p in item.module.parameters())
-        if record.head:
-            params += sum(p.numel() for p in model.get_submodule(record.head).parameters())
         per[name] = {
             "plugin": record.plugin.name,
-            "params": params,
+            "params": params + head_params,
+            "head_params": head_params,
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "head": record.head,
         }
@@ -233,4 +235,5 @@ def summary(model: nn.Module) -> Summary:
         adapter_params=sum(p.numel() for n, p in params if inject.ADAPTERS_ATTR in n),
         adapter_bytes=sum(info["bytes"] for info in per.values()),
         adapters=per,
+        head_params=sum(info["head_params"] for info in per.values()),
     )

@@ -123,6 +123,15 @@ def make_accelerator(output_dir: str | os.PathLike | None = None, *, grad_accum_
     )
 
 
+def _eval_batch_size(batch: int, accelerator: Accelerator) -> int:
+    """``batch`` rounded down to a multiple of the process count (at least one sample per process).
+
+    The evaluation batch changes no result, so it is rounded rather than refused as the training batch is.
+    """
+    n = accelerator.num_processes
+    return max(n, batch - batch % n)
+
+
 def _check_divisible(batch: int, accelerator: Accelerator, name: str) -> None:
     if batch % accelerator.num_processes:
         raise ValueError(f"{name}={batch} is the global batch and must divide evenly over "
@@ -191,9 +200,6 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
     """
     accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps)
     _check_divisible(config.batch_size, accelerator, "batch_size")
-    # The evaluation batch changes no result, so it is simply rounded to a multiple of the process count.
-    n = accelerator.num_processes
-    eval_batch = max(n, config.eval_batch_size - config.eval_batch_size % n)
     params = api.trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters: attach an adapter (visadapt.attach) or pass a head")
@@ -204,7 +210,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
     # A private generator keeps DataLoader start-up from consuming the global RNG, which resume restores.
     train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
                               num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
-    eval_loader = DataLoader(eval_dataset, batch_size=eval_batch, shuffle=False,
+    eval_loader = DataLoader(eval_dataset, batch_size=_eval_batch_size(config.eval_batch_size, accelerator),
+                             shuffle=False,
                              num_workers=config.num_workers)
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
@@ -340,22 +347,22 @@ def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike 
     """
     from visadapt.backbones import create_backbone
     from visadapt.data import build_datasets, resolve_normalization
-    from visadapt.data.procedural import default_data_root, generate_mini_vtab
+    from visadapt.data.procedural import generate_mini_vtab
     from visadapt.data.tasks import resolve_task
-    from visadapt.io import load_adapter, read_adapter_file
+    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata
 
-    _, meta = read_adapter_file(path)
-    if "visadapt.train" not in meta:
-        raise ValueError(f"{path} has no 'visadapt.train' metadata (it was not written by a visadapt train/ "
+    meta = read_adapter_metadata(path)  # the header only: load_adapter below reads and checks the tensors
+    if TRAIN_METADATA not in meta:
+        raise ValueError(f"{path} has no {TRAIN_METADATA!r} metadata (it was not written by a visadapt train/ "
                          f"script), so the backbone and task it belongs to are unknown")
-    run = json.loads(meta["visadapt.train"])
+    run = json.loads(meta[TRAIN_METADATA])
     benchmark = benchmark or run["benchmark"]
     info = resolve_task(benchmark, task or run["task"])
     if data_root is None:
         if benchmark != "mini-vtab":
             raise ValueError(f"evaluating {path} on {benchmark} needs --data-root (the folder with the task "
                              f"directories)")
-        data_root = generate_mini_vtab(default_data_root(run.get("data_seed", 0)), seed=run.get("data_seed", 0))
+        data_root = generate_mini_vtab(seed=run.get("data_seed", 0))  # its default folder for that seed
     # Seeded as in training, so a run on a randomly initialised backbone ("none") gets the same backbone back.
     seed_everything(int(run.get("seed", 0)))
     model = create_backbone(run["model"], run.get("pretrained", "default"), num_classes=info.num_classes)
@@ -365,18 +372,14 @@ def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike 
     _, eval_dataset = build_datasets(benchmark, data_root, info.name, protocol=protocol, input_size=input_size,
                                      normalization=normalization)
     accelerator = make_accelerator(None)
-    eval_batch = batch_size - batch_size % accelerator.num_processes or accelerator.num_processes
-    loader = DataLoader(eval_dataset, batch_size=eval_batch, shuffle=False)
+    loader = DataLoader(eval_dataset, batch_size=_eval_batch_size(batch_size, accelerator), shuffle=False)
     model, loader = accelerator.prepare(model, loader)
     metrics = evaluate(model, loader, accelerator, len(eval_dataset))
-    bare = accelerator.unwrap_model(model)
-    counts = api.summary(bare)
-    head = api.get_record(bare, "default").head
-    head_params = sum(p.numel() for p in bare.get_submodule(head).parameters()) if head else 0
+    counts = api.summary(accelerator.unwrap_model(model))
     accelerator.free_memory()
     return {
         "benchmark": benchmark, "task": info.name, "accuracy": metrics["accuracy"],
         "eval_samples": metrics["samples"], "trainable_params": counts.trainable_params,
-        "adapter_params": counts.trainable_params - head_params, "head_params": head_params,
+        "adapter_params": counts.trainable_params - counts.head_params, "head_params": counts.head_params,
         "adapter_bytes": os.path.getsize(path),
     }

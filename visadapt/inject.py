@@ -317,7 +317,7 @@ def quantized_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, Qua
     """``(weight key as in adapter_state, layer)`` for every quantised matrix of the adapter, in model order."""
     marker = f"{ADAPTERS_ATTR}.{adapter_name}."
     return [(_unnamed(f"{path}.weight", adapter_name), module) for path, module in model.named_modules()
-            if isinstance(module, QuantizedLinear) and (marker in path or path.startswith(marker))]
+            if isinstance(module, QuantizedLinear) and marker in path]
 
 
 def _unnamed(key: str, adapter_name: str) -> str:
@@ -348,7 +348,7 @@ def load_packed_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], 
     if codes is None or stats is None:
         raise AdapterLoadError(f"this adapter has {len(layers)} quantised matrices but the file holds no packed "
                                f"'codes' and 'stats' (it was saved at full precision: attach with bits=32)")
-    sizes = [-(-layer.weight.numel() * layer.bits // 8) for _, layer in layers]
+    sizes = [layer.packed_bytes for _, layer in layers]
     if stats.shape != (len(layers), 2) or codes.numel() != sum(sizes) or codes.dtype != torch.uint8:
         raise AdapterLoadError(
             f"the file's codes ({codes.numel()} bytes, {codes.dtype}) and stats {tuple(stats.shape)} do not fit "

@@ -100,8 +100,12 @@ def site_widths(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
             for item in inject.attached(model, adapter_name)}
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a visadapt adapter file, after checking it is whole and uncorrupted."""
+# The metadata entry where train/ scripts record the run (benchmark, task, backbone, normalisation, ...).
+TRAIN_METADATA = "visadapt.train"
+
+
+def _check_is_safetensors(path: str | os.PathLike) -> Path:
+    """``path`` as a Path once its first bytes look like safetensors; pickles are refused unopened."""
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file {str(path)!r} does not exist")
@@ -117,12 +121,10 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 f"`safetensors.torch.save_file(torch.load(f), 'adapter.safetensors')`"
             )
         raise AdapterFileError(f"{path} is not a safetensors file (truncated or corrupted, or another format)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+    return path
+
+
+def _check_visadapt_metadata(path: Path, meta: dict[str, str]) -> None:
     if meta.get("format") != FORMAT:
         raise AdapterFileError(
             f"{path} is a safetensors file without visadapt metadata (format={meta.get('format')!r}); "
@@ -131,6 +133,39 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(f"{path} has visadapt format version {meta.get('format_version')!r}; this visadapt "
                                f"reads version {FORMAT_VERSION}: upgrade visadapt")
+
+
+def _open_error(path: Path, err: Exception) -> AdapterFileError:
+    return AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}")
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of any safetensors file (no tensors read, no visadapt checks)."""
+    path = _check_is_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _open_error(path, err) from err
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a visadapt adapter file, read from its header alone (no tensors, no checksum)."""
+    meta = read_safetensors_metadata(path)
+    _check_visadapt_metadata(Path(path), meta)
+    return meta
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a visadapt adapter file, after checking it is whole and uncorrupted."""
+    path = _check_is_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _open_error(path, err) from err
+    _check_visadapt_metadata(path, meta)
     if tensors_digest(tensors) != meta.get("tensors_sha256"):
         raise AdapterFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")
     return tensors, meta

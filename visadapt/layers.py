@@ -261,6 +261,11 @@ class QuantizedLinear(nn.Linear):
         self.bits = bits
         self.fake_quant = True
 
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes the packed codes of this weight take: ``ceil(numel * bits / 8)``."""
+        return -(-self.weight.numel() * self.bits // 8)
+
     def quantized_weight(self) -> torch.Tensor:
         return fake_quantize(self.weight, self.bits)[0] if self.fake_quant else self.weight
 

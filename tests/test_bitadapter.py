@@ -34,6 +34,14 @@ def _train_a_little(model, steps: int = 3) -> None:
     model.eval()
 
 
+def _reloaded(model, path, num_classes: int = 5):
+    """A fresh model with ``model``'s backbone weights and the adapter file ``path`` loaded, in eval mode."""
+    fresh = _vit(num_classes=num_classes)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
+    visadapt.load_adapter(fresh, path)
+    return fresh.eval()
+
+
 @pytest.mark.parametrize("method", ["adaptformer", "lora"])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 32])
 def test_saved_file_reloads_to_the_trained_outputs_exactly(tmp_path, method, bits):
@@ -45,10 +53,7 @@ def test_saved_file_reloads_to_the_trained_outputs_exactly(tmp_path, method, bit
     with torch.no_grad():
         expected = model(x)
     path = visadapt.save_adapter(model, tmp_path / "bit.safetensors")
-    fresh = _vit()
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
-    visadapt.load_adapter(fresh, path)
-    fresh.eval()
+    fresh = _reloaded(model, path)
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
     if bits < 32:
@@ -163,12 +168,9 @@ def test_official_checkpoint_converts_to_the_same_weights(tmp_path):
         torch.testing.assert_close(layer.weight.detach(), want, atol=1e-6, rtol=0)
     assert torch.equal(model.head.weight.detach(), head_w) and torch.equal(model.head.bias.detach(), head_b)
     # the converted file loads on a fresh model to the same outputs
-    fresh = _vit(num_classes=3)
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
-    visadapt.load_adapter(fresh, out)
+    fresh = _reloaded(model, out, 3)
     x = torch.randn(2, 3, 32, 32)
     model.eval()
-    fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     assert json.loads(visadapt.read_adapter_file(out)[1]["config"])["scale"] == 10.0
@@ -208,10 +210,7 @@ def test_quantized_head_replaces_the_classifier_and_round_trips(tmp_path):
         head = next(m for n, m in model.named_modules() if n.endswith("visadapt_adapters.default.head"))
         assert torch.equal(expected, head(features))  # the quantised head, not model.head, gives the logits
     path = visadapt.save_adapter(model, tmp_path / "h.safetensors")
-    fresh = _vit(num_classes=4)
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
-    visadapt.load_adapter(fresh, path)
-    fresh.eval()
+    fresh = _reloaded(model, path, 4)
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
     visadapt.detach(fresh)
@@ -272,9 +271,6 @@ def test_any_bottleneck_plugin_stores_k_bit_weights_packed(tmp_path, bits):
     assert not any(k.endswith(("down.weight", "up.weight")) for k in tensors)
     assert any(k.endswith("down.bias") for k in tensors) and tensors["stats"].shape == (2 * 2 * 2, 2)
     assert tensors["codes"].numel() == 2 * 2 * 2 * (-(-48 * 4 * bits // 8))
-    fresh = _vit()
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
-    visadapt.load_adapter(fresh, path)
-    fresh.eval()
+    fresh = _reloaded(model, path)
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)

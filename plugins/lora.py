@@ -4,6 +4,8 @@ Targets are site kinds (:mod:`visadapt.sites`): ``q``, ``k``, ``v`` are row slic
 projection (timm) or of ``nn.MultiheadAttention.in_proj_weight`` (open_clip); on diffusers UNets the same
 names map to ``to_q``/``to_k``/``to_v``/``to_out``, and ``conv1``/``conv2`` adapt ResNet convolutions.
 ``scaling = alpha / rank`` in both the unmerged forward and the merge (:class:`visadapt.layers.LoRA`).
+``bits < 32`` trains ``A`` and ``B`` through the shared k-bit quantiser (linear layers only) and stores them
+packed, as the 1-bit adapters do; merging then folds the quantised product into the base weight.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from visadapt.inject import insert
-from visadapt.layers import LoRA
-from visadapt.plugin import AdapterConfig, AdapterPlugin, check_positive, config_field
+from visadapt.layers import QUANT_BITS, LoRA
+from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
 from visadapt.registry import register_plugin
 from visadapt.sites import find_sites
 
@@ -28,11 +30,14 @@ class LoRAConfig(AdapterConfig):
     blocks: tuple[int, ...] | None = config_field(None, "indices of the blocks to adapt; None = all")
     towers: tuple[str, ...] = config_field(("visual",), "open_clip towers to adapt: visual, text")
     path_pattern: str | None = config_field(None, "regular expression the host module path must match")
+    bits: int = config_field(32, "bits per A/B weight: 1, 2, 4, 8 (k-bit quantiser, stored packed; linear "
+                                 "layers only) or 32 (full precision)")
 
     def validate(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"config field rank={self.rank!r} is out of range: it must be an integer > 0")
         check_positive("alpha", self.alpha)
+        check_choice("bits", self.bits, QUANT_BITS)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
         if not self.targets:
@@ -53,4 +58,4 @@ class LoRAPlugin(AdapterPlugin):
                                  f"{site.how} site (use the adapter plugin there)")
             conv = site.host if isinstance(site.host, nn.Conv2d) else None
             insert(site, adapter_name, LoRA(site.in_features, site.out_features, config.rank, config.alpha,
-                                            config.dropout, conv=conv))
+                                            config.dropout, conv=conv, bits=config.bits))

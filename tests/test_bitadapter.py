@@ -274,3 +274,33 @@ def test_any_bottleneck_plugin_stores_k_bit_weights_packed(tmp_path, bits):
     fresh = _reloaded(model, path)
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_lora_plugin_at_k_bits_stores_packed_reloads_exactly_and_merges(tmp_path, bits):
+    """The plain `lora` plugin with bits < 32: A and B go through the quantiser in the forward, the merge
+    folds the same quantised product into the base weight, and the file holds packed codes only."""
+    torch.manual_seed(0)
+    model = _vit()
+    visadapt.attach(model, "lora", rank=4, alpha=4.0, bits=bits, head="head")
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 2 * 2 * 2  # 2 blocks x q, v x A, B
+    _train_a_little(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        visadapt.merge(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        visadapt.unmerge(model)
+    path = visadapt.save_adapter(model, tmp_path / "lora.safetensors")
+    tensors, _ = visadapt.read_adapter_file(path)
+    assert not any(k.endswith(("A.weight", "B.weight")) for k in tensors)
+    assert tensors["codes"].numel() == 2 * 2 * (-(-48 * 4 * bits // 8)) * 2
+    with torch.no_grad():
+        assert torch.equal(_reloaded(model, path)(x), expected)
+
+
+def test_lora_plugin_refuses_k_bits_on_a_convolution():
+    import tiny_models
+
+    with pytest.raises(ValueError, match="convolution, use bits=32"):
+        visadapt.attach(tiny_models.unet(), "lora", targets=("conv1",), bits=1)

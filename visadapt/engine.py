@@ -167,6 +167,22 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def _training_loss(records: dict[str, api.AttachedAdapter], loss_fn: Callable) -> Callable:
+    """``(model, images, labels) -> loss``: the plain task loss, or the one plugin's own training loss."""
+    from visadapt.plugin import AdapterPlugin
+
+    own = [(name, r) for name, r in records.items()
+           if type(r.plugin).training_loss is not AdapterPlugin.training_loss]
+    if len(own) > 1:
+        raise ValueError(f"adapters {', '.join(repr(n) for n, _ in own)} each define their own training loss "
+                         f"({', '.join(r.plugin.name for _, r in own)}); train them one at a time")
+    if own:
+        record = own[0][1]
+        return lambda model, images, labels: record.plugin.training_loss(model, record.config, images, labels,
+                                                                         loss_fn)
+    return lambda model, images, labels: loss_fn(model(images), labels)
+
+
 def _checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints (those with their progress file), oldest first."""
     found = [p for p in root.glob("step_*") if (p / _PROGRESS).is_file()] if root.is_dir() else []
@@ -196,7 +212,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
     Checkpoints go to ``output_dir/checkpoints/step_N`` at each epoch end (and every
     ``checkpoint_every_steps`` optimiser steps); ``resume=True`` continues from the newest complete one
     (starting fresh when there is none). Plugins attached with :func:`visadapt.attach` get their
-    ``on_step(model, step)`` hook after every optimiser step.
+    ``on_step(model, step)`` hook before training and after every optimiser step, and a plugin that defines
+    its own :meth:`~visadapt.plugin.AdapterPlugin.training_loss` computes the loss of each batch.
     """
     accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps)
     _check_divisible(config.batch_size, accelerator, "batch_size")
@@ -264,6 +281,9 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
         accelerator.wait_for_everyone()
 
     records = api.records(bare)
+    compute_loss = _training_loss(records, loss_fn)
+    for record in records.values():  # the step count is state a resumed run must hand back to the plugins
+        record.plugin.on_step(bare, progress["step"])
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with huggingface_hub; the loop works without it anyway
@@ -285,7 +305,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
         loss_count = progress.get("loss_count", 0)
         for images, labels in loader:
             with accelerator.accumulate(model):
-                loss = loss_fn(model(images), labels)
+                loss = compute_loss(model, images, labels)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)

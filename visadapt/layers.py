@@ -74,11 +74,24 @@ class BottleneckAdapter(nn.Module):
         return f"scale={self.scale}"
 
 
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight ``layer``'s forward multiplies by right now.
+
+    A plain layer's ``weight``; a :class:`QuantizedLinear`'s fake-quantised weight; a layer that samples its
+    weight per step (MoSA's sparse modules) the sampled one. Such layers provide ``forward_weight()``.
+    """
+    forward_weight = getattr(layer, "forward_weight", None)
+    return forward_weight() if forward_weight is not None else layer.weight
+
+
 class LoRA(nn.Module):
     """Low-rank delta ``scaling * B(A(dropout(x)))`` for an ``nn.Linear`` or ``nn.Conv2d`` base layer.
 
     ``scaling = alpha / rank`` is the single source of the factor: :meth:`forward` and
     :meth:`delta_weight` (hence merging) both use it, so merged and unmerged outputs agree.
+    With ``bits < 32`` (linear bases only) ``A`` and ``B`` are :class:`QuantizedLinear`, trained through the
+    k-bit quantiser and stored packed; ``B`` then starts near zero (truncated normal, std 1e-3) because an
+    all-zero matrix has no spread to standardise.
 
     For a Linear base: ``x`` is ``(..., in_features)``, the delta ``(..., out_features)``.
     For a Conv2d base: ``A`` is a convolution with the base's kernel, stride, padding and dilation
@@ -96,6 +109,7 @@ class LoRA(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         conv: nn.Conv2d | None = None,
+        bits: int = 32,
     ) -> None:
         super().__init__()
         if rank <= 0:
@@ -109,12 +123,21 @@ class LoRA(nn.Module):
                                  f"ungrouped convolutions only")
             self.A = nn.Conv2d(in_features, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                                bias=False)
+            if bits != 32:
+                raise ValueError(f"bits={bits}: k-bit LoRA is defined for linear layers; this site is a "
+                                 f"convolution, use bits=32 there")
             self.B = nn.Conv2d(rank, out_features, 1, bias=False)
-        else:
+        elif bits == 32:
             self.A = nn.Linear(in_features, rank, bias=False)
             self.B = nn.Linear(rank, out_features, bias=False)
+        else:
+            self.A = QuantizedLinear(in_features, rank, bits)
+            self.B = QuantizedLinear(rank, out_features, bits)
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.B.weight)
+        if bits == 32:
+            nn.init.zeros_(self.B.weight)
+        else:
+            nn.init.trunc_normal_(self.B.weight, std=1e-3, a=-2e-3, b=2e-3)
         self.merged = False
         self.register_buffer("_unmerged_rows", None, persistent=False)
 
@@ -126,9 +149,12 @@ class LoRA(nn.Module):
         return self.B(self.A(self.dropout(x))) * self.scaling
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scaling * B @ A`` shaped like the base weight: ``(out, in)`` or ``(out, in, kh, kw)``."""
-        a = self.A.weight.to(dtype) if dtype else self.A.weight
-        b = self.B.weight.to(dtype) if dtype else self.B.weight
+        """``scaling * B @ A`` shaped like the base weight: ``(out, in)`` or ``(out, in, kh, kw)``.
+
+        Built from the weights the forward uses (k-bit or sampled, see :func:`effective_weight`)."""
+        a, b = effective_weight(self.A), effective_weight(self.B)
+        if dtype:
+            a, b = a.to(dtype), b.to(dtype)
         if a.dim() == 4:
             delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
         else:
@@ -266,11 +292,12 @@ class QuantizedLinear(nn.Linear):
         """Bytes the packed codes of this weight take: ``ceil(numel * bits / 8)``."""
         return -(-self.weight.numel() * self.bits // 8)
 
-    def quantized_weight(self) -> torch.Tensor:
+    def forward_weight(self) -> torch.Tensor:
+        """The weight the forward uses: fake-quantised latent, or the loaded dequantised weight."""
         return fake_quantize(self.weight, self.bits)[0] if self.fake_quant else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.forward_weight(), self.bias)
 
     @torch.no_grad()
     def export_codes(self) -> tuple[torch.Tensor, torch.Tensor]:

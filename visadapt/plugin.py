@@ -10,6 +10,7 @@ import abc
 import dataclasses
 import difflib
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -94,7 +95,8 @@ class AdapterPlugin(abc.ABC):
 
     Required: :meth:`attach`. Optional: :meth:`merge`/:meth:`unmerge` (set ``mergeable = True``),
     :meth:`export_state`/:meth:`import_state` where the stored form differs from the training form,
-    :meth:`on_step` for per-step behaviour the training engine calls.
+    :meth:`on_step` for per-step behaviour the training engine calls, :meth:`training_loss` for methods
+    whose objective is more than the task loss of one forward pass.
     """
 
     name: ClassVar[str] = ""
@@ -130,4 +132,14 @@ class AdapterPlugin(abc.ABC):
         return False
 
     def on_step(self, model: nn.Module, step: int) -> None:
-        """Called by the training engine once per optimiser step; most methods need nothing here."""
+        """Called by the training engine with the number of optimiser steps done so far: once before
+        training starts (or resumes) and after every optimiser step. Most methods need nothing here."""
+
+    def training_loss(self, model: nn.Module, config: AdapterConfig, images: torch.Tensor, labels: torch.Tensor,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The scalar loss of one training batch; ``model`` may be wrapped for distributed training.
+
+        Default: ``loss_fn(model(images), labels)``. A method overrides this for extra forward passes or
+        regularisers (MoSA's consistency term); the engine refuses two attached adapters that both do.
+        """
+        return loss_fn(model(images), labels)

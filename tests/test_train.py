@@ -121,11 +121,13 @@ def _same_tensors(a: Path, b: Path, atol: float = 0.0) -> None:
         torch.testing.assert_close(ta[key], tb[key], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=key)
 
 
-def test_resume_from_any_checkpoint_matches_uninterrupted_run(tiny_data, tmp_path):
-    """Resuming from a mid-epoch or an epoch-end checkpoint ends bit-identical to the uninterrupted run."""
+@pytest.mark.parametrize("adapter", ["adapter", "mosa"])
+def test_resume_from_any_checkpoint_matches_uninterrupted_run(tiny_data, tmp_path, adapter):
+    """Resuming from a mid-epoch or an epoch-end checkpoint ends bit-identical to the uninterrupted run
+    (for mosa: the resumed run draws the modules the uninterrupted one drew at the same steps)."""
     vtab = _load_script()
     common = ("--task", "orientation", "--epochs", "3", "--checkpoint-every-steps", "1", "--keep-checkpoints",
-              "100")
+              "100", "--adapter", adapter)
     full = tmp_path / "full"
     assert vtab.main(_args(tiny_data, full, *common)) == 0
     reference = _metrics(full, "orientation")

@@ -41,8 +41,10 @@ decay also shrinks each copy's elements *outside* its mask when the initial valu
 down-projection), so modules drift off their masks; here a module changes only its own elements, as the
 method describes.
 
-**k bits.** ``bits < 32`` stores the merged adapter at k bits with the shared quantiser of the 1-bit adapters
-(post-training quantisation of the merged weights; the modules train at full precision).
+**k bits.** ``bits < 32`` stores the merged adapter at k bits with the shared quantiser of the 1-bit adapters:
+post-training quantisation of the merged weights. The modules train at full precision; eval mode (so the
+accuracy measured during training) already computes with the k-bit merged weights, so what is evaluated is
+what the file holds.
 
 **The paper's "hierarchical sparse strategy"** for low-data settings is not implemented: neither the official
 code nor any text readable here defines it (see the project's issue notes).
@@ -57,7 +59,7 @@ from torch import nn
 
 from visadapt import inject
 from visadapt.inject import AdapterLoadError, insert
-from visadapt.layers import ACTIVATIONS, QUANT_BITS, BottleneckAdapter, LoRA, QuantizedLinear
+from visadapt.layers import ACTIVATIONS, QUANT_BITS, BottleneckAdapter, LoRA, QuantizedLinear, fake_quantize
 from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
 from visadapt.plugins.adapter import DEFAULT_SCALE, STYLE_SITES
 from visadapt.registry import register_plugin
@@ -107,8 +109,10 @@ class SparseModulesLinear(nn.Module):
     the N modules: ``(weight_modules + (N - 1) * initial) / N``, which is what :attr:`weight` returns.
     """
 
-    def __init__(self, base: nn.Linear, num_modules: int, mask_seed: int, draw_seed: int, draw_key: int) -> None:
+    def __init__(self, base: nn.Linear, num_modules: int, mask_seed: int, draw_seed: int, draw_key: int,
+                 bits: int = 32) -> None:
         super().__init__()
+        self.bits = bits  # eval mode and storage use the merged weight at this width (post-training)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.num_modules = num_modules
         initial = base.weight.detach().clone()
@@ -150,20 +154,24 @@ class SparseModulesLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return None if self.bias_modules is None else self.bias_modules.mean(dim=0)
 
+    def eval_weight(self) -> torch.Tensor:
+        """The merged weight as inference uses it: fake-quantised to ``bits`` when ``bits < 32``."""
+        return self.weight if self.bits == 32 else fake_quantize(self.weight, self.bits)[0]
+
     def forward_weight(self) -> torch.Tensor:
         """The weight this call computes with: a drawn module in training, the merged weight otherwise."""
-        return self.module_weight(self.draw()) if self.training else self.weight
+        return self.module_weight(self.draw()) if self.training else self.eval_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.eval_weight(), self.bias)
         index = self.draw()
         bias = None if self.bias_modules is None else self.bias_modules[index]
         return F.linear(x, self.module_weight(index), bias)
 
-    def to_plain(self, bits: int = 32) -> nn.Linear:
+    def to_plain(self) -> nn.Linear:
         """A plain layer holding the merged weight and bias (a :class:`QuantizedLinear` when ``bits < 32``)."""
-        return _plain_copy(self.weight, self.bias, bits)
+        return _plain_copy(self.weight, self.bias, self.bits).train(self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_modules={self.num_modules}, "
@@ -171,9 +179,10 @@ class SparseModulesLinear(nn.Module):
 
 
 def _plain_copy(weight: torch.Tensor, bias: torch.Tensor | None, bits: int) -> nn.Linear:
+    """An ``nn.Linear`` with these values; at ``bits < 32`` a post-training :class:`QuantizedLinear`."""
     out_features, in_features = weight.shape
     layer = (nn.Linear(in_features, out_features, bias=bias is not None) if bits == 32
-             else QuantizedLinear(in_features, out_features, bits, bias=bias is not None))
+             else QuantizedLinear(in_features, out_features, bits, bias=bias is not None, quantize_in_training=False))
     layer.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -295,12 +304,15 @@ class MoSAPlugin(AdapterPlugin):
                 module = LoRA(site.in_features, site.out_features, config.dim, config.effective_scale * config.dim,
                               config.effective_dropout)
             for role in ("down", "up"):
+                child = ROLE_CHILD[config.base][role]
+                layer = getattr(module, child)
                 if role in config.split:
-                    child = ROLE_CHILD[config.base][role]
                     setattr(module, child, SparseModulesLinear(
-                        getattr(module, child), config.num_modules, mask_seed=stable_hash(config.seed, matrix),
-                        draw_seed=config.seed, draw_key=_draw_key(towers.index(site.tower), site.block, role)))
+                        layer, config.num_modules, mask_seed=stable_hash(config.seed, matrix), draw_seed=config.seed,
+                        draw_key=_draw_key(towers.index(site.tower), site.block, role), bits=config.bits))
                     matrix += 1
+                elif config.bits != 32:  # a shared layer: full precision in training, k bits in eval and storage
+                    setattr(module, child, _plain_copy(layer.weight.detach(), layer.bias, config.bits))
             module.mosa_state = "split"
             insert(site, adapter_name, module)
 
@@ -317,11 +329,7 @@ class MoSAPlugin(AdapterPlugin):
                 layer = getattr(module, child)
                 if isinstance(layer, SparseModulesLinear):
                     aside[child] = layer
-                    setattr(module, child, layer.to_plain(config.bits))
-                elif config.bits != 32:  # a shared layer is stored at the same bit width
-                    aside[child] = layer
-                    setattr(module, child, _plain_copy(layer.weight.detach(), getattr(layer, "bias", None),
-                                                       config.bits))
+                    setattr(module, child, layer.to_plain())
             module.__dict__["_mosa_split_layers"] = aside
             module.mosa_state = "merged"
             changed.append(module)

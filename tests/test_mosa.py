@@ -328,8 +328,9 @@ def test_merged_adapter_stored_at_k_bits(tmp_path, bits):
     _train(model, config)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        visadapt.merge(model)  # the merged adapter runs with its k-bit weights
-        expected = model(x)
+        expected = model(x)  # eval mode before merging already uses the k-bit merged weights
+        visadapt.merge(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
     path = visadapt.save_adapter(model, tmp_path / "mosa.safetensors")
     tensors, _ = visadapt.read_adapter_file(path)
     weights = 2 * (48 * 8 + 8 * 48)  # down and up of two blocks

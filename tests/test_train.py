@@ -207,12 +207,15 @@ def test_two_processes_match_one(tiny_data, tmp_path, adapter):
                   atol=1e-3 if adapter == "mosa" else 1e-5)
 
 
-def test_visadapt_eval_reevaluation_matches_training_metrics(tiny_data, tmp_path, capsys):
-    """Re-evaluating the saved adapter file gives exactly the final accuracy training recorded."""
+@pytest.mark.parametrize("adapter", ["adapter", "mosa", "bitadapter"])
+def test_visadapt_eval_reevaluation_matches_training_metrics(tiny_data, tmp_path, capsys, adapter):
+    """Re-evaluating the saved adapter file gives exactly the final accuracy training recorded (for mosa the
+    file holds the merged adapter, for bitadapter the packed 1-bit codes: what was evaluated is what is stored)."""
     from visadapt.eval.cli import main as eval_main
 
     vtab = _load_script()
-    assert vtab.main(_args(tiny_data, tmp_path / "run", "--task", "digits", "cells", "--epochs", "2")) == 0
+    assert vtab.main(_args(tiny_data, tmp_path / "run", "--task", "digits", "cells", "--epochs", "2",
+                           "--adapter", adapter)) == 0
     capsys.readouterr()
     out_json = tmp_path / "table.json"
     assert eval_main(["--benchmark", "mini-vtab", "--adapters", str(tmp_path / "run"), "--data-root",

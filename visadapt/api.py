@@ -155,7 +155,9 @@ def _names(model: nn.Module, adapter_name: str | None) -> list[str]:
 
 
 def merge(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Fold adapters into the base weights so inference costs what the base model costs.
+    """Put adapters in their inference form: LoRA-type deltas folded into the base weights (inference then
+    costs what the base model costs), MoSA's sparse modules merged into one plain adapter (and a MoSA LoRA
+    folded too).
 
     Arithmetic is fp32 whatever the model dtype; the overwritten weights are kept so :func:`unmerge`
     (and :func:`detach`) restore them bit for bit. Methods that cannot be merged raise ``ValueError``.

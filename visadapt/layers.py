@@ -278,14 +278,19 @@ class QuantizedLinear(nn.Linear):
 
     After :meth:`load_codes` the layer holds the dequantised weight and stops re-quantising (re-quantising
     a dequantised weight would change it: its mean and std are not the stored ones), as the official
-    code does; :meth:`export_codes` then returns the loaded bytes unchanged. ``x`` is ``(..., in_features)``, the result ``(..., out_features)``.
+    code does; :meth:`export_codes` then returns the loaded bytes unchanged. With ``quantize_in_training=False``
+    the layer is post-training quantised: full precision in training, k bits in eval mode and in storage.
+    ``x`` is ``(..., in_features)``, the result ``(..., out_features)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False,
+                 quantize_in_training: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         normal_codebook(bits)  # validates bits
         self.bits = bits
         self.fake_quant = True
+        # False: post-training quantisation, full precision in training and k bits in eval mode and storage.
+        self.quantize_in_training = quantize_in_training
 
     @property
     def packed_bytes(self) -> int:
@@ -294,7 +299,9 @@ class QuantizedLinear(nn.Linear):
 
     def forward_weight(self) -> torch.Tensor:
         """The weight the forward uses: fake-quantised latent, or the loaded dequantised weight."""
-        return fake_quantize(self.weight, self.bits)[0] if self.fake_quant else self.weight
+        if self.fake_quant and (self.quantize_in_training or not self.training):
+            return fake_quantize(self.weight, self.bits)[0]
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.forward_weight(), self.bias)

@@ -1,0 +1,201 @@
+"""MoSA side by side in one run: trainer memory of the one-tensor form vs a plain adapter vs the N-copy form,
+and inference latency of the merged MoSA adapter vs a plain adapter (and the unmerged eval path).
+
+    python eval/bench/mosa.py                          # ViT-B/16 shapes for memory, ViT-S/16 at 96 px for time
+
+1. **Trainer memory**: bytes of trainable parameters, AdamW state after one step and the adapter's buffers
+   (masks, frozen initial values), for the three official recipes on ViT-B/16 (random init: only shapes
+   matter). "N-copy" is the official layout, rebuilt here: N full copies of each split matrix and of its bias,
+   N float masks of the matrix's shape and a merged copy (``vit_mosa.py`` keeps ``adapter_up[i]`` with a
+   ``.mask`` each plus ``adapter_up_merge``). Activation memory is the same in all three (one module per pass).
+2. **Latency**: median ms of one no-grad forward: the backbone alone, a plain adapter of the same shape,
+   MoSA in eval mode without merging (merged weights computed on the fly each call) and MoSA after
+   :func:`visadapt.merge` (a plain adapter: the ratio to the plain adapter should be 1.00).
+3. **Training step**: forward + backward + AdamW of MoSA (two passes for the consistency term, the official
+   default) and with ``consistency_weight=0``, against the plain adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import visadapt
+from visadapt.plugins.mosa import SparseModulesLinear
+
+RECIPES = {  # official scripts: scripts/mosa/vit/{VTAB,FGVC}/*.sh
+    "VTAB-1k (r 16, N 4, split up)": {"dim": 16, "num_modules": 4, "split": ("up",)},
+    "FGVC (r 64, N 4, split up)": {"dim": 64, "num_modules": 4, "split": ("up",)},
+    "multi-task (r 64, N 2, split both)": {"dim": 64, "num_modules": 2, "split": ("down", "up")},
+}
+
+
+class OfficialNCopyLinear(nn.Module):
+    """The official memory layout of one split layer: N weight and bias copies, N float masks, a merged copy."""
+
+    def __init__(self, layer: SparseModulesLinear):
+        super().__init__()
+        n = layer.num_modules
+        self.weights = nn.ParameterList([nn.Parameter(layer.module_weight(i).detach().clone()) for i in range(n)])
+        self.biases = nn.ParameterList([nn.Parameter(layer.bias_modules[i].detach().clone()) for i in range(n)])
+        self.register_buffer("masks", torch.stack([(layer.owner == i).float() for i in range(n)]))
+        self.merged = nn.Linear(layer.in_features, layer.out_features).requires_grad_(False)
+        self.index = 0
+
+    def forward(self, x):
+        if not self.training:
+            return self.merged(x)
+        self.index = (self.index + 1) % len(self.weights)
+        return F.linear(x, self.weights[self.index], self.biases[self.index])
+
+
+def _to_n_copy(model: nn.Module) -> nn.Module:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, SparseModulesLinear):
+                setattr(module, name, OfficialNCopyLinear(child))
+    return model
+
+
+def trainer_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
+    """(trainable parameter bytes, AdamW state bytes, adapter buffer bytes) after one training step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model.train()
+    model(x).square().mean().backward()
+    optimizer.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    buffers = [b for n, b in model.named_buffers() if "visadapt_" in n]
+    head = sum(p.numel() * 4 for p in model.get_submodule("head").parameters())
+    return nbytes(params) - head, nbytes(state) - 2 * head, nbytes(buffers)
+
+
+def memory_table(args) -> None:
+    print(f"\n1. trainer memory, {args.memory_model} (MB; trainable params + AdamW state + adapter buffers, "
+          f"head excluded)")
+    print(f"{'recipe':<36}{'plain adapter':>14}{'MoSA (visadapt)':>17}{'N-copy (official)':>19}"
+          f"{'visadapt/plain':>16}{'N-copy/visadapt':>17}")
+    x = torch.randn(1, 3, 224, 224)
+    for label, recipe in RECIPES.items():
+        totals = []
+        for form in ("plain", "mosa", "n-copy"):
+            torch.manual_seed(0)
+            model = timm.create_model(args.memory_model, pretrained=False, num_classes=10)
+            if form == "plain":
+                visadapt.attach(model, "adapter", bottleneck=recipe["dim"], activation="gelu", layer_norm=True,
+                                head="head")
+            else:
+                visadapt.attach(model, "mosa", head="head", **recipe)
+                if form == "n-copy":
+                    _to_n_copy(model)
+            totals.append(sum(trainer_bytes(model, x)) / 2**20)
+        plain, mosa, ncopy = totals
+        print(f"{label:<36}{plain:>14.2f}{mosa:>17.2f}{ncopy:>19.2f}{mosa / plain:>16.2f}{ncopy / mosa:>16.2f}x")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def latency_table(args) -> None:
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    models = {}
+    for name in ("backbone", "plain adapter", "MoSA eval, unmerged", "MoSA merged"):
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.img_size)
+        if name == "plain adapter":
+            visadapt.attach(model, "adapter", bottleneck=args.dim, activation="gelu", layer_norm=True)
+        elif name.startswith("MoSA"):
+            visadapt.attach(model, "mosa", dim=args.dim)
+            if name == "MoSA merged":
+                visadapt.merge(model)
+        models[name] = model.eval()
+    timings = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(args.warmup):
+                model(x)
+        for _ in range(args.rounds):  # interleaved, so drift in machine speed hits every configuration alike
+            for name, model in models.items():
+                timings[name].append(_median_ms(lambda m=model: m(x), args.repeats))
+    print(f"\n2. inference latency, {args.model} at {args.img_size} px, batch {args.batch_size}, dim {args.dim} "
+          f"(median ms of {args.rounds} x {args.repeats} forwards)")
+    plain = statistics.median(timings["plain adapter"])
+    for name, values in timings.items():
+        ms = statistics.median(values)
+        print(f"{name:<24}{ms:>9.2f} ms   vs plain adapter {ms / plain:>5.2f}")
+
+
+def step_table(args) -> None:
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    y = torch.randint(0, 10, (args.batch_size,))
+    configs = {"plain adapter": None, "MoSA, consistency 1.0": 1.0, "MoSA, consistency 0": 0.0}
+    steps = {}
+    for name, weight in configs.items():
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.img_size)
+        if weight is None:
+            record_config = visadapt.attach(model, "adapter", bottleneck=args.dim, activation="gelu", layer_norm=True,
+                                            head="head")
+        else:
+            record_config = visadapt.attach(model, "mosa", dim=args.dim, consistency_weight=weight, head="head")
+        plugin = visadapt.api.get_record(model, "default").plugin
+        optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-3)
+        model.train()
+
+        def step(model=model, plugin=plugin, optimizer=optimizer, config=record_config):
+            plugin.training_loss(model, config, x, y, F.cross_entropy).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        steps[name] = step
+    timings = {name: [] for name in steps}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            timings[name].append(_median_ms(step, max(1, args.repeats // 2)))
+    print(f"\n3. training step (forward + backward + AdamW), {args.model} at {args.img_size} px, batch "
+          f"{args.batch_size}")
+    plain = statistics.median(timings["plain adapter"])
+    for name, values in timings.items():
+        ms = statistics.median(values)
+        print(f"{name:<24}{ms:>9.1f} ms   vs plain adapter {ms / plain:>5.2f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--memory-model", default="vit_base_patch16_224")
+    p.add_argument("--model", default="vit_small_patch16_224", help="model for the timings")
+    p.add_argument("--img-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args(argv)
+    print(f"visadapt MoSA benchmark, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not args.skip_memory:
+        memory_table(args)
+    latency_table(args)
+    step_table(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -273,7 +273,10 @@ def _check_no_activation_checkpointing(model: nn.Module) -> None:
                          "on recomputation: call model.set_grad_checkpointing(False) before training MoSA")
 
 
-def _module_states(model: nn.Module, adapter_name: str) -> list[nn.Module]:
+def _adapter_modules(model: nn.Module, adapter_name: str) -> list[nn.Module]:
+    """The adapter's bottleneck / LoRA modules. Each carries ``mosa_state``: ``"split"`` (training form),
+    ``"merged"`` (after :func:`visadapt.merge`; the split layers wait aside) or ``"loaded-merged"`` (loaded
+    from a file without module state: a plain adapter with nothing to split back to)."""
     return [item.module for item in inject.attached(model, adapter_name)]
 
 
@@ -321,7 +324,7 @@ class MoSAPlugin(AdapterPlugin):
         """Replace every split layer by the plain merged layer (at ``config.bits``); returns the modules
         that were split, each keeping its split layers aside for :meth:`_split_back`."""
         changed = []
-        for module in _module_states(model, adapter_name):
+        for module in _adapter_modules(model, adapter_name):
             if module.mosa_state != "split":
                 continue
             aside = {}
@@ -359,14 +362,14 @@ class MoSAPlugin(AdapterPlugin):
 
         if api.get_record(model, adapter_name).config.base == "lora":
             inject.unmerge(model, adapter_name)
-        self._split_back([m for m in _module_states(model, adapter_name) if m.mosa_state == "merged"])
+        self._split_back([m for m in _adapter_modules(model, adapter_name) if m.mosa_state == "merged"])
 
     # -------------------------------------------------------------------------------------------- storage
     @staticmethod
     def _training_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors in split form (the modules), whichever form it is in now."""
         swapped = []
-        for module in _module_states(model, adapter_name):
+        for module in _adapter_modules(model, adapter_name):
             if module.mosa_state == "loaded-merged":
                 raise ValueError(f"keep_modules=True, but adapter {adapter_name!r} was loaded from a merged-only "
                                  f"file and has no module state to store; save it with keep_modules=False")

@@ -353,7 +353,16 @@ class MoSAPlugin(AdapterPlugin):
         config = api.get_record(model, adapter_name).config
         self._consolidate(model, adapter_name, config)
         if config.base == "lora":
-            inject.merge(model, adapter_name)
+            # Fold the inference form whatever the model's mode: k-bit factors quantise only in eval mode.
+            modules = _adapter_modules(model, adapter_name)
+            modes = [m.training for m in modules]
+            for module in modules:
+                module.eval()
+            try:
+                inject.merge(model, adapter_name)
+            finally:
+                for module, mode in zip(modules, modes):
+                    module.train(mode)
 
     def unmerge(self, model: nn.Module, adapter_name: str) -> None:
         """Undo :meth:`merge`. An adapter loaded from a merged-only file has no modules to return to and

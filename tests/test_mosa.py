@@ -339,6 +339,19 @@ def test_merged_adapter_stored_at_k_bits(tmp_path, bits):
         assert torch.equal(_reload(model, path)(x), expected)
 
 
+def test_k_bit_lora_base_merged_in_train_mode_folds_the_inference_form():
+    torch.manual_seed(0)
+    model = _vit()
+    config = visadapt.attach(model, "mosa", base="lora", split=("down", "up"), dim=4, bits=4)
+    _train(model, config)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)  # eval mode: the k-bit merged factors
+        model.train()
+        visadapt.merge(model)
+        torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_symmetric_kl_is_symmetric_zero_on_equal_and_matches_its_definition():
     a, b = torch.randn(4, 6), torch.randn(4, 6)
     assert symmetric_kl(a, a).abs() < 1e-7

@@ -25,6 +25,7 @@ from .tables import (
     TaskResult,
     collect_run,
     find_task_dirs,
+    read_task_files,
     result_from_evaluation,
     to_csv,
     to_json,
@@ -114,13 +115,9 @@ def reevaluate_run(
         return RunResult(label or _file_label(path, benchmark), benchmark, "reevaluated", {result.task: result},
                          path=str(path))
     dirs, warnings = find_task_dirs(path, benchmark, tasks)
-    results: dict[str, TaskResult] = {}
-    for name, task_dir in dirs.items():
-        adapter = task_dir / ADAPTER_FILE
-        if not adapter.is_file():
-            warnings.append(f"{task_dir} has no {ADAPTER_FILE} (unfinished or failed training?); shown as missing")
-            continue
-        results[name] = _evaluate_one(evaluate, adapter, data_root, benchmark, name, **kwargs)
+    results = read_task_files(
+        dirs, ADAPTER_FILE, lambda adapter, name: _evaluate_one(evaluate, adapter, data_root, benchmark, name, **kwargs),
+        warnings)
     if not results:
         raise ValueError(f"no task directory of {path} holds {ADAPTER_FILE}; check the path, or wait for training "
                          "to finish")

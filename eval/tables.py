@@ -18,7 +18,7 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from visadapt.data.tasks import GROUPS, benchmark_tasks, resolve_task
@@ -105,6 +105,20 @@ def describe_metric(metric: str) -> str:
     if metric not in METRIC_DESCRIPTIONS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_DESCRIPTIONS)}")
     return METRIC_DESCRIPTIONS[metric]
+
+
+def read_task_files(dirs: dict[str, Path], filename: str, read: Callable[[Path, str], TaskResult],
+                    warnings: list[str]) -> dict[str, TaskResult]:
+    """``read(<task dir>/filename, task)`` for each task directory; a task whose file is absent (an
+    unfinished run) is left out with a warning appended to ``warnings``."""
+    results: dict[str, TaskResult] = {}
+    for name, task_dir in dirs.items():
+        path = task_dir / filename
+        if not path.is_file():
+            warnings.append(f"{task_dir} has no {filename} (unfinished or failed training?); shown as missing")
+            continue
+        results[name] = read(path, name)
+    return results
 
 
 def find_task_dirs(
@@ -254,13 +268,8 @@ def collect_run(
     """
     describe_metric(metric)
     dirs, warnings = find_task_dirs(run_dir, benchmark, tasks)
-    results: dict[str, TaskResult] = {}
-    for name, task_dir in dirs.items():
-        path = task_dir / METRICS_FILE
-        if not path.is_file():
-            warnings.append(f"{task_dir} has no {METRICS_FILE} (unfinished or failed training?); shown as missing")
-            continue
-        results[name] = read_metrics(path, benchmark, metric, name)
+    results = read_task_files(dirs, METRICS_FILE, lambda path, name: read_metrics(path, benchmark, metric, name),
+                              warnings)
     if not results:
         raise ValueError(
             f"no task directory of {run_dir} holds {METRICS_FILE}; wait for training to finish, or pass "

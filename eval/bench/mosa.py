@@ -110,9 +110,27 @@ def _median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def interleaved_ms(calls: dict, args, repeats: int) -> dict[str, float]:
+    """Median ms per call of each ``calls[name]()``, after ``args.warmup`` untimed calls each; timed in
+    ``args.rounds`` interleaved rounds so drift in machine speed hits every configuration alike."""
+    for call in calls.values():
+        for _ in range(args.warmup):
+            call()
+    timings = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            timings[name].append(_median_ms(call, repeats))
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def print_against(medians: dict[str, float], reference: str, digits: int) -> None:
+    for name, ms in medians.items():
+        print(f"{name:<24}{ms:>9.{digits}f} ms   vs {reference} {ms / medians[reference]:>5.2f}")
+
+
 def latency_table(args) -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    models = {}
+    calls = {}
     for name in ("backbone", "plain adapter", "MoSA eval, unmerged", "MoSA merged"):
         torch.manual_seed(0)
         model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.img_size)
@@ -122,59 +140,42 @@ def latency_table(args) -> None:
             visadapt.attach(model, "mosa", dim=args.dim)
             if name == "MoSA merged":
                 visadapt.merge(model)
-        models[name] = model.eval()
-    timings = {name: [] for name in models}
+        model.eval()
+        calls[name] = lambda m=model: m(x)
     with torch.inference_mode():
-        for model in models.values():
-            for _ in range(args.warmup):
-                model(x)
-        for _ in range(args.rounds):  # interleaved, so drift in machine speed hits every configuration alike
-            for name, model in models.items():
-                timings[name].append(_median_ms(lambda m=model: m(x), args.repeats))
+        medians = interleaved_ms(calls, args, args.repeats)
     print(f"\n2. inference latency, {args.model} at {args.img_size} px, batch {args.batch_size}, dim {args.dim} "
           f"(median ms of {args.rounds} x {args.repeats} forwards)")
-    plain = statistics.median(timings["plain adapter"])
-    for name, values in timings.items():
-        ms = statistics.median(values)
-        print(f"{name:<24}{ms:>9.2f} ms   vs plain adapter {ms / plain:>5.2f}")
+    print_against(medians, "plain adapter", digits=2)
 
 
 def step_table(args) -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, 10, (args.batch_size,))
     configs = {"plain adapter": None, "MoSA, consistency 1.0": 1.0, "MoSA, consistency 0": 0.0}
-    steps = {}
+    calls = {}
     for name, weight in configs.items():
         torch.manual_seed(0)
         model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.img_size)
         if weight is None:
-            record_config = visadapt.attach(model, "adapter", bottleneck=args.dim, activation="gelu", layer_norm=True,
-                                            head="head")
+            config = visadapt.attach(model, "adapter", bottleneck=args.dim, activation="gelu", layer_norm=True,
+                                     head="head")
         else:
-            record_config = visadapt.attach(model, "mosa", dim=args.dim, consistency_weight=weight, head="head")
+            config = visadapt.attach(model, "mosa", dim=args.dim, consistency_weight=weight, head="head")
         plugin = visadapt.api.get_record(model, "default").plugin
         optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-3)
         model.train()
 
-        def step(model=model, plugin=plugin, optimizer=optimizer, config=record_config):
+        def step(model=model, plugin=plugin, optimizer=optimizer, config=config):
             plugin.training_loss(model, config, x, y, F.cross_entropy).backward()
             optimizer.step()
             optimizer.zero_grad()
 
-        steps[name] = step
-    timings = {name: [] for name in steps}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            timings[name].append(_median_ms(step, max(1, args.repeats // 2)))
+        calls[name] = step
+    medians = interleaved_ms(calls, args, max(1, args.repeats // 2))
     print(f"\n3. training step (forward + backward + AdamW), {args.model} at {args.img_size} px, batch "
           f"{args.batch_size}")
-    plain = statistics.median(timings["plain adapter"])
-    for name, values in timings.items():
-        ms = statistics.median(values)
-        print(f"{name:<24}{ms:>9.1f} ms   vs plain adapter {ms / plain:>5.2f}")
+    print_against(medians, "plain adapter", digits=1)
 
 
 def main(argv=None) -> None:

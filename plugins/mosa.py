@@ -387,7 +387,7 @@ class MoSAPlugin(AdapterPlugin):
                     swapped.append((module, child, getattr(module, child)))
                     setattr(module, child, layer)
         try:
-            return {k: v.detach().clone() for k, v in inject.adapter_state(model, adapter_name).items()}
+            return inject.adapter_state(model, adapter_name)
         finally:
             for module, child, plain in swapped:
                 setattr(module, child, plain)
@@ -402,7 +402,7 @@ class MoSAPlugin(AdapterPlugin):
             training = self._training_state(model, adapter_name) if config.keep_modules else {}
             changed = self._consolidate(model, adapter_name, config)
             try:
-                state = {k: v.detach().clone() for k, v in inject.packed_adapter_state(model, adapter_name).items()}
+                state = inject.packed_adapter_state(model, adapter_name)
             finally:
                 self._split_back(changed)
         state.update({TRAINING_STATE_PREFIX + k: v for k, v in training.items()})

@@ -121,11 +121,11 @@ class LoRA(nn.Module):
             if conv.groups != 1:
                 raise ValueError(f"LoRA on a grouped convolution (groups={conv.groups}) is not defined; target "
                                  f"ungrouped convolutions only")
-            self.A = nn.Conv2d(in_features, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                               bias=False)
             if bits != 32:
                 raise ValueError(f"bits={bits}: k-bit LoRA is defined for linear layers; this site is a "
                                  f"convolution, use bits=32 there")
+            self.A = nn.Conv2d(in_features, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                               bias=False)
             self.B = nn.Conv2d(rank, out_features, 1, bias=False)
         elif bits == 32:
             self.A = nn.Linear(in_features, rank, bias=False)

@@ -420,7 +420,7 @@ def test_swin_trains_merges_and_round_trips(tmp_path):
 def test_open_clip_visual_tower(base, tmp_path):
     torch.manual_seed(0)
     model = tiny_models.clip()
-    config = visadapt.attach(model, "mosa", base=base, dim=4, split=("down", "up"))
+    visadapt.attach(model, "mosa", base=base, dim=4, split=("down", "up"))
     assert _sparse_layers(model) and all(n.startswith("visual.") for n, _ in _sparse_layers(model))
     optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-2)
     images = torch.randn(2, 3, 32, 32)
@@ -443,4 +443,3 @@ def test_open_clip_visual_tower(base, tmp_path):
     visadapt.load_adapter(model, path)
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encode_image(images), expected, rtol=1e-5, atol=1e-5)
-    del config

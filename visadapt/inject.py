@@ -97,7 +97,7 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
             raise ValueError(f"site {site.name} is a weight read directly by its layer ({site.param}); a LoRA "
                              f"there cannot apply dropout to the layer input: set dropout=0")
         owner = _weight_delta_for(site.host, site.param)
-    elif site.how in ("output", "input", "parallel", "linear", "replace"):
+    elif site.how in ("output", "input", "parallel", "linear", "replace", "held"):
         owner = site.host
     else:
         raise ValueError(f"site {site.name} is a {site.how!r} site; this adapter type attaches to "
@@ -111,7 +111,8 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
         raise ValueError(f"adapter {adapter_name!r} already has a module at {site.name}; detach it first "
                          f"or use another adapter_name")
     per_name[site.kind] = module
-    if site.how != "weight" and not hasattr(owner, _HOOKS_ATTR):
+    # "held" modules (heads a plugin calls itself, e.g. SelaVPR's place head) need no hooks
+    if site.how not in ("weight", "held") and not hasattr(owner, _HOOKS_ATTR):
         setattr(owner, _HOOKS_ATTR, (owner.register_forward_pre_hook(_pre_hook),
                                      owner.register_forward_hook(_post_hook)))
     if site.how == "parallel":
@@ -253,9 +254,8 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> None:
             order = [n for n in owner.param_order if n in host._parameters]
             host._parameters = {n: host._parameters[n] for n in order + [n for n in host._parameters if n not in order]}
         else:
-            for handle in getattr(owner, _HOOKS_ATTR):
+            for handle in owner.__dict__.pop(_HOOKS_ATTR, ()):
                 handle.remove()
-            delattr(owner, _HOOKS_ATTR)
 
 
 _KEY_RE = re.compile(rf"(^|\.){ADAPTERS_ATTR}\.([A-Za-z_][A-Za-z0-9_]*)\.")

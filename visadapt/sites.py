@@ -7,6 +7,9 @@ sites works on timm and open_clip alike:
 ``attn_out``    serial, on the attention branch output before the residual add (Houlsby)
 ``mlp``         parallel to the MLP branch, fed the block's residual stream (AdaptFormer)
 ``mlp_out``     serial, on the MLP branch output before the residual add (Houlsby, Pfeiffer)
+``attn_branch`` serial on the attention output inside its branch, before LayerScale: ``LS(a + f(a))`` (SelaVPR)
+``mlp_branch``  parallel to the MLP inside its branch: fed the MLP's (normalised) input, added to the MLP's
+                output before LayerScale and the residual add (SelaVPR)
 ``block_out``   serial, on the block output
 ``qkv``         the fused q/k/v projection; ``q``, ``k``, ``v`` are its row slices
 ``proj``        attention output projection
@@ -22,7 +25,8 @@ Each :class:`Site` says *how* an adapter attaches there (see :mod:`visadapt.inje
 ``x + f(x)``), ``parallel`` (add ``f(x_branch)`` to the block output, ``x_branch`` being the input of
 the ``tap`` module), ``linear`` (add ``f(x)`` to a Linear/Conv host's output, optionally on a row slice),
 ``weight`` (add a weight delta to parameter ``param`` of the host, for layers whose weights are read
-directly rather than called, such as ``nn.MultiheadAttention``) and ``norm`` (a normalisation layer).
+directly rather than called, such as ``nn.MultiheadAttention``), ``norm`` (a normalisation layer) and
+``held`` (a module kept on the model that the plugin calls itself, such as a head over the patch tokens).
 """
 from __future__ import annotations
 
@@ -30,12 +34,15 @@ import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet")
 
 #: site kinds of transformer families, in the order they are listed
-TRANSFORMER_KINDS = ("attn_out", "mlp", "mlp_out", "block_out", "qkv", "q", "k", "v", "proj", "fc1", "fc2")
+TRANSFORMER_KINDS = (
+    "attn_out", "attn_branch", "mlp", "mlp_out", "mlp_branch", "block_out", "qkv", "q", "k", "v", "proj", "fc1", "fc2"
+)
 # Whole-model sites after the blocks: the timm ViT classifier, which a module replaces (quantised heads).
 VIT_MODEL_KINDS = ("head",)
 UNET_KINDS = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "norm")
@@ -138,8 +145,13 @@ def _transformer_block_sites(
     attn_out_how = layout.get("attn_out_how", "output")
     mlp_out_how = layout.get("mlp_out_how", "output")
     out.append(Site(sub("attn_out"), "attn_out", index, dim, dim, get("attn_out"), attn_out_how, tower))
+    # The LayerScale (Swin: drop_path) module's *input* is the raw attention output: adapting it there is
+    # LS(a + f(a)), inside the branch, whatever the attention module returns.
+    out.append(Site(sub("attn_out"), "attn_branch", index, dim, dim, get("attn_out"), "input", tower))
     out.append(Site(path, "mlp", index, dim, dim, block, "parallel", tower, tap=layout["norm2"]))
     out.append(Site(sub("mlp_out"), "mlp_out", index, dim, dim, get("mlp_out"), mlp_out_how, tower))
+    # The MLP module itself hosts a "linear"-style site: its output gains f(its input), inside the branch.
+    out.append(Site(sub("mlp"), "mlp_branch", index, dim, dim, get("mlp"), "linear", tower))
     out.append(Site(path, "block_out", index, dim, dim, block, "output", tower))
 
     if layout.get("qkv_param"):
@@ -174,14 +186,14 @@ def _transformer_block_sites(
 
 
 _TIMM_VIT_LAYOUT = {
-    "norm1": "norm1", "norm2": "norm2", "attn_out": "ls1", "mlp_out": "ls2",
+    "norm1": "norm1", "norm2": "norm2", "attn_out": "ls1", "mlp_out": "ls2", "mlp": "mlp",
     "qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
 }
 # Swin blocks have no LayerScale; the branch output is the input of drop_path, which is always called.
 _TIMM_SWIN_LAYOUT = dict(_TIMM_VIT_LAYOUT, attn_out="drop_path1", mlp_out="drop_path2",
                          attn_out_how="input", mlp_out_how="input")
 _OPEN_CLIP_LAYOUT = {
-    "norm1": "ln_1", "norm2": "ln_2", "attn_out": "ls_1", "mlp_out": "ls_2",
+    "norm1": "ln_1", "norm2": "ln_2", "attn_out": "ls_1", "mlp_out": "ls_2", "mlp": "mlp",
     "attn": "attn", "qkv_param": "in_proj_weight", "proj": "attn.out_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj",
 }
 
@@ -366,3 +378,20 @@ def fingerprint(model: nn.Module) -> dict:
         entry = shape.setdefault(key, {"depth": 0, "width": s.in_features})
         entry["depth"] = max(entry["depth"], s.block + 1)
     return {"family": family, "name": model_name(model), "towers": shape}
+
+
+def held_site(model: nn.Module, kind: str, in_features: int, out_features: int) -> Site:
+    """A site on the model itself for a module no hook calls: the plugin calls it on features it reads
+    (SelaVPR's place head over :func:`patch_token_map`). It is saved, loaded and detached like any adapter."""
+    model_family(model)
+    return Site("", kind, -1, in_features, out_features, model, "held")
+
+
+def patch_token_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The final, normalised patch tokens of a timm ViT as a map ``(B, D, H/p, W/p)`` (prefix tokens such as
+    the class and register tokens dropped) for images ``(B, 3, H, W)``; adapters attached at block sites
+    take part as in the model's own forward."""
+    family = model_family(model)
+    if family != "timm_vit":
+        raise ValueError(f"patch token maps are read from timm ViTs (incl. DINOv2); this model is {family}")
+    return model.forward_intermediates(images, indices=1, norm=True, intermediates_only=True)[0]

@@ -155,8 +155,8 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
             "normalize": args.normalize, "input_size": input_size, "seed": args.seed, "epochs": args.epochs,
             "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
             "warmup_epochs": args.warmup_epochs,
-            "accuracy_final": result.accuracy_final,   # the adapter in adapter.safetensors
-            "accuracy_best": result.accuracy_best,     # best eval during training: optimistic, as papers report
+            "accuracy_final": result.score_final,  # the adapter in adapter.safetensors
+            "accuracy_best": result.score_best,    # best eval during training: optimistic, as papers report
             "best_epoch": result.best_epoch, "eval_samples": result.eval_samples,
             "trainable_params": counts.trainable_params,
             "adapter_params": counts.trainable_params - counts.head_params, "head_params": counts.head_params, "adapter_bytes": adapter_file.stat().st_size,

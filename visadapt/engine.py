@@ -191,24 +191,32 @@ def _checkpoints(root: Path) -> list[Path]:
 
 @dataclasses.dataclass
 class FitResult:
-    """What :func:`fit` measured. Accuracies in percent on the evaluation set."""
+    """What :func:`fit` measured: ``metric`` (top-1 accuracy in percent unless an ``evaluator`` said
+    otherwise) after the last epoch and at its best evaluation."""
 
-    accuracy_final: float
-    accuracy_best: float
+    score_final: float
+    score_best: float
     best_epoch: int
     eval_samples: int
     history: list[dict[str, float]]
     wall_time_s: float
     resumed_from: str | None
+    metric: str = "accuracy"
 
 
-def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config: TrainConfig, *,
+def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, config: TrainConfig, *,
         accelerator: Accelerator | None = None, output_dir: str | os.PathLike | None = None,
-        resume: bool = False, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        log_prefix: str = "") -> FitResult:
+        resume: bool = False, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        evaluator: Callable[[nn.Module, Accelerator], dict[str, float]] | None = None, metric: str = "accuracy",
+        before_epoch: Callable[[nn.Module, int], None] | None = None, log_prefix: str = "") -> FitResult:
     """Train the parameters of ``model`` that require grad; evaluate on ``eval_dataset``.
 
     ``model`` maps images ``(B, C, H, W)`` to logits ``(B, num_classes)``; datasets yield ``(image, label)``.
+    Other tasks (place recognition: tuples of images in, descriptors out) pass their ``loss_fn(outputs,
+    labels)``, an ``evaluator(model, accelerator) -> metrics`` used instead of top-1 accuracy on
+    ``eval_dataset`` (then ``None``), the ``metric`` key that picks the best epoch, and ``before_epoch(model,
+    epoch)``, called at the start of every epoch (also a resumed one) before its first batch, e.g. to mine
+    hard negatives with the current model.
     Checkpoints go to ``output_dir/checkpoints/step_N`` at each epoch end (and every
     ``checkpoint_every_steps`` optimiser steps); ``resume=True`` continues from the newest complete one
     (starting fresh when there is none). Plugins attached with :func:`visadapt.attach` get their
@@ -227,17 +235,26 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
     # A private generator keeps DataLoader start-up from consuming the global RNG, which resume restores.
     train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
                               num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
-    eval_loader = DataLoader(eval_dataset, batch_size=_eval_batch_size(config.eval_batch_size, accelerator),
-                             shuffle=False,
-                             num_workers=config.num_workers)
+    if evaluator is None and eval_dataset is None:
+        raise ValueError("fit needs an eval_dataset (top-1 accuracy) or an evaluator")
+    eval_loader = None if evaluator is not None else DataLoader(
+        eval_dataset, batch_size=_eval_batch_size(config.eval_batch_size, accelerator), shuffle=False,
+        num_workers=config.num_workers)
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps))
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    if eval_loader is None:
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        run_evaluation = evaluator
+    else:
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler)
+
+        def run_evaluation(model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
+            return evaluate(model, eval_loader, accelerator, len(eval_dataset))
     bare = accelerator.unwrap_model(model)
 
     # Checkpoints carry the trainable tensors only; the frozen backbone is rebuilt from its own weights.
@@ -296,6 +313,9 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
         # Through the prepared loader: Accelerate re-sets the sampler's epoch from its own counter on
         # every pass, which after a resume would not be the true epoch.
         loader.set_epoch(epoch)
+        if before_epoch is not None:
+            before_epoch(model, epoch)
+            model.train()
         bar = None
         if tqdm is not None and config.progress and accelerator.is_local_main_process:
             bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False,
@@ -330,25 +350,30 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset, config:
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
         entry: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            metrics = evaluate(model, eval_loader, accelerator, len(eval_dataset))
-            entry["accuracy"] = metrics["accuracy"]
-            if metrics["accuracy"] > progress["best"][0]:
-                progress["best"] = (metrics["accuracy"], epoch + 1)
+            metrics = run_evaluation(model, accelerator)
+            model.train()
+            if metric not in metrics:
+                raise KeyError(f"the evaluator returned {sorted(metrics)}, not the metric {metric!r} that picks "
+                               f"the best epoch")
+            entry.update({k: float(v) for k, v in metrics.items() if k != "samples"})
+            progress["eval_samples"] = int(metrics.get("samples", 0))
+            if metrics[metric] > progress["best"][0]:
+                progress["best"] = (metrics[metric], epoch + 1)
         accelerator.log({f"{log_prefix}{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
         accelerator.print(f"{log_prefix}epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}"
-                          + (f"  accuracy {entry['accuracy']:.2f}%" if "accuracy" in entry else ""))
+                          + (f"  {metric} {entry[metric]:.2f}" if metric in entry else ""))
         progress["history"].append(entry)
         progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
         checkpoint()
 
     for hook in hooks:
         hook.remove()
-    final = progress["history"][-1]["accuracy"] if progress["history"] else float("nan")
-    eval_samples = len(eval_dataset)
+    final = progress["history"][-1].get(metric, float("nan")) if progress["history"] else float("nan")
+    eval_samples = len(eval_dataset) if eval_dataset is not None else progress.get("eval_samples", 0)
     accelerator.free_memory()
-    return FitResult(accuracy_final=final, accuracy_best=progress["best"][0], best_epoch=progress["best"][1],
+    return FitResult(score_final=final, score_best=progress["best"][0], best_epoch=progress["best"][1],
                      eval_samples=eval_samples, history=progress["history"],
-                     wall_time_s=time.time() - start_time, resumed_from=resumed_from)
+                     wall_time_s=time.time() - start_time, resumed_from=resumed_from, metric=metric)
 
 
 def seed_everything(seed: int) -> None:

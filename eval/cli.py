@@ -2,6 +2,7 @@
 
     visadapt-eval --benchmark vtab --adapters runs/lora runs/mosa
     visadapt-eval --benchmark vtab --adapters runs/lora --data-root /data/vtab-1k --csv lora.csv --plot lora.png
+    visadapt-eval --benchmark vpr --adapters runs/vpr-mini-places-selavpr      # Recall@1/5/10, global and re-ranked
 
 Without --data-root the accuracies are read from each task's metrics.json (final epoch by default, --metric best
 for the optimistic best-on-test number). With --data-root every adapter file is evaluated again on the data.
@@ -139,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visadapt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which task table")
+    parser.add_argument("--benchmark", required=True, choices=[*BENCHMARKS, "vpr"],
+                        help="which table; vpr: place recognition runs of train/vpr.py")
     parser.add_argument("--adapters", required=True, nargs="+", metavar="PATH",
                         help="training output directories (one subdirectory per task) or adapter .safetensors "
                              "files (those need --data-root); one table row each")
@@ -157,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="only these tasks (names or aliases, comma- or space-separated); the rest show as "
                              "missing")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+                        help="vpr with --data-root: the split of the dataset folder to retrieve on")
+    parser.add_argument("--rerank-k", type=int, metavar="K",
+                        help="vpr with --data-root: candidates re-ranked per query (default: the training recipe's)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     parser.add_argument("--json", metavar="FILE", help="also write everything as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
@@ -210,6 +216,27 @@ def _collect(args: argparse.Namespace, evaluate: Evaluator | None) -> list[RunRe
     ]
 
 
+def _vpr(args: argparse.Namespace) -> int:
+    """``--benchmark vpr``: the Recall@K table of place recognition runs (options of the task tables refused)."""
+    from .vpr import vpr_main
+
+    for option, value in (("--metric", args.metric), ("--protocol", args.protocol), ("--tasks", args.tasks),
+                          ("--csv", args.csv), ("--plot", args.plot)):
+        if value is not None:
+            raise ValueError(f"{option} belongs to the classification tables; --benchmark vpr does not take it")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise ValueError(f"--data-root {args.data_root} is not a directory; pass the dataset folder holding "
+                         f"images/<split>/database and images/<split>/queries")
+    if args.labels is not None and len(args.labels) != len(args.adapters):
+        raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.adapters)} --adapters paths")
+    table, records = vpr_main(args.adapters, args.labels, args.data_root, args.split, args.rerank_k,
+                              args.batch_size)
+    print(table, end="")
+    if args.json:
+        _write(args.json, json.dumps(records, indent=1), "JSON")
+    return 0
+
+
 def _write(path: str, text: str, what: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +258,8 @@ def main(argv: list[str] | None = None, *, evaluate: Evaluator | None = None) ->
             from .plot import require_matplotlib
 
             require_matplotlib()
+        if args.benchmark == "vpr":
+            return _vpr(args)
         runs = _collect(args, evaluate)
         if args.labels is None:
             _unique_labels(runs)

@@ -1,0 +1,117 @@
+"""SelaVPR retrieval cost side by side in one run: global k-NN vs re-ranking, its growth with k and with the
+number of local features, and k-NN search in torch vs faiss.
+
+    python eval/bench/selavpr.py                 # official shapes: 1024-d globals, 61x61x128 local maps
+
+1. **Re-ranking vs global-only** per query: global k-NN over ``--database`` descriptors, then MNN re-ranking
+   of the top k (10, 20, 50, 100) candidates with the official local map (61 x 61 = 3721 features of 128
+   channels, stored float16 as :func:`visadapt.eval.vpr.evaluate_places` keeps them). Ratio to global-only.
+2. **Growth with the number of local features**: re-ranking the top 20 with maps of 13x13, 29x29 (the embedded
+   default's) and 61x61 features: the cost grows with the square of the count (an N x N similarity per pair).
+3. **k-NN search**: exact search of ``--queries-knn`` queries over 1k / 10k / 100k database descriptors with
+   :func:`global_knn` in torch (chunked ``cdist`` + ``topk``) and with faiss ``IndexFlatL2`` when installed.
+
+Random unit features: only shapes matter for time. Medians over interleaved rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from visadapt.plugins.selavpr import global_knn, rerank
+
+
+def median_ms(fn, rounds: int, per_call: int = 1) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) / per_call)
+    return 1000 * statistics.median(times)
+
+
+def unit(*shape: int, dtype=torch.float32) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape), dim=-1).to(dtype)
+
+
+def rerank_vs_global(args) -> None:
+    q_global, db_global = unit(args.queries, args.dim), unit(args.database, args.dim)
+    side = args.map_side
+    q_local = unit(args.queries, side, side, args.local_dim, dtype=torch.float16)
+    max_k = max(args.ks)
+    # Only the candidates' local maps are touched: keep max_k of them instead of the whole database in memory.
+    db_local = unit(max_k, side, side, args.local_dim, dtype=torch.float16)
+    candidates = torch.stack([torch.randperm(max_k) for _ in range(args.queries)])
+    global_ms = median_ms(lambda: global_knn(q_global, db_global, max_k), args.rounds, args.queries)
+    print(f"\n1. per query: global k-NN over {args.database} x {args.dim} vs re-ranking the top k "
+          f"({side}x{side}={side * side} local features x {args.local_dim})")
+    print(f"{'stage':<28}{'ms/query':>12}{'vs global':>12}")
+    print(f"{'global k-NN':<28}{global_ms:>12.2f}{1.0:>12.1f}")
+    for k in args.ks:
+        ms = median_ms(lambda k=k: rerank(q_local, db_local, candidates[:, :k]), args.rounds, args.queries)
+        print(f"{f'+ re-rank top {k}':<28}{ms:>12.1f}{ms / global_ms:>12.1f}")
+
+
+def rerank_vs_features(args) -> None:
+    k = 20
+    print(f"\n2. re-ranking the top {k} per query vs local features per image ({args.local_dim} channels)")
+    print(f"{'local map':<16}{'features':>10}{'ms/query':>12}{'vs smallest':>14}")
+    base = None
+    for side in (13, 29, 61):
+        q_local = unit(args.queries, side, side, args.local_dim, dtype=torch.float16)
+        db_local = unit(k, side, side, args.local_dim, dtype=torch.float16)
+        candidates = torch.stack([torch.randperm(k) for _ in range(args.queries)])
+        ms = median_ms(lambda q=q_local, d=db_local, c=candidates: rerank(q, d, c), args.rounds, args.queries)
+        base = base or ms
+        print(f"{f'{side}x{side}':<16}{side * side:>10}{ms:>12.2f}{ms / base:>14.1f}")
+
+
+def knn_backends(args) -> None:
+    try:
+        import faiss  # noqa: F401
+        backends = ("torch", "faiss")
+    except ImportError:
+        backends = ("torch",)
+        print("\n(faiss is not installed: pip install faiss-cpu, or the visadapt[faiss] extra, to compare it)")
+    print(f"\n3. exact k-NN (k=100) of {args.queries_knn} queries, {args.dim}-d, ms per query")
+    print(f"{'database':>10}" + "".join(f"{b:>12}" for b in backends)
+          + (f"{'faiss/torch':>14}" if len(backends) == 2 else ""))
+    for size in (1_000, 10_000, 100_000):
+        database, queries = unit(size, args.dim), unit(args.queries_knn, args.dim)
+        found = {b: median_ms(lambda b=b, q=queries, d=database: global_knn(q, d, 100, backend=b), args.rounds,
+                              args.queries_knn) for b in backends}
+        row = f"{size:>10}" + "".join(f"{found[b]:>12.3f}" for b in backends)
+        if len(backends) == 2:
+            row += f"{found['faiss'] / found['torch']:>14.2f}"
+        print(row)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--database", type=int, default=10_000, help="database descriptors for global search")
+    p.add_argument("--dim", type=int, default=1024, help="global descriptor width (ViT-L: 1024)")
+    p.add_argument("--map-side", type=int, default=61, help="local map side (official 61)")
+    p.add_argument("--local-dim", type=int, default=128)
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100])
+    p.add_argument("--queries", type=int, default=2, help="queries per timed call (re-ranking)")
+    p.add_argument("--queries-knn", type=int, default=100, help="queries per timed call (k-NN search)")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    print(f"visadapt SelaVPR retrieval benchmark, {datetime.date.today()}, "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    torch.manual_seed(0)
+    rerank_vs_global(args)
+    rerank_vs_features(args)
+    knn_backends(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -48,10 +48,11 @@ RECIPES = {
     "selavpr": {"model": "vit_large_patch14_dinov2.lvd142m", "input_size": 224, "epochs": 50, "lr": 1e-5,
                 "weight_decay": 0.0, "batch_size": 4, "warmup_epochs": 0.0, "negatives": 2, "rerank_k": 100,
                 "mining_pool": 1000, "adapter_settings": {}},
-    "mini-places": {"model": EMBEDDED_MODEL, "input_size": 32, "epochs": 6, "lr": 1e-3, "weight_decay": 0.0,
+    "mini-places": {"model": EMBEDDED_MODEL, "input_size": 32, "epochs": 12, "lr": 3e-4, "weight_decay": 0.0,
                     "batch_size": 16, "warmup_epochs": 0.5, "negatives": 2, "rerank_k": 10, "mining_pool": 200,
-                    # a 96-wide backbone: a proportionate local head (official 256 -> 128 channels on 1024)
-                    "adapter_settings": {"local_hidden": 64, "local_dim": 32}},
+                    # a 96-wide backbone: a smaller local head (official 256 -> 128 channels on 1024);
+                    # lr 1e-3 collapsed the global descriptors (triplet loss stuck at the margin)
+                    "adapter_settings": {"local_hidden": 128, "local_dim": 64}},
 }
 MINING_FILE = "mined_epoch_{epoch:04d}.pt"
 

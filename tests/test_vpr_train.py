@@ -79,3 +79,31 @@ def test_vpr_table_layout():
     assert lines[0] == "| method | pitts30k R@1 | pitts30k R@5 | pitts30k R@10 | ms/query | trainable |"
     assert lines[2] == "| SelaVPR | 80.0 | 90.0 | 95.0 | 1.00 | 53.00M |"
     assert lines[3] == "| SelaVPR + re-rank (top-100) | 90.5 | 96.0 | 97.0 | 18.00 | 53.00M |"
+
+
+def test_a_resumed_epoch_trains_on_the_tuples_it_had_mined(tiny_world, tmp_path):
+    import argparse
+
+    from tiny_models import vit
+
+    import visadapt
+    from visadapt.data.places import PlaceSplit, TripletDataset
+    from visadapt.engine import make_accelerator
+    from visadapt.plugins.selavpr import PlaceRecognitionModel
+
+    script = _load_script()
+    split = PlaceSplit(tiny_world, "train", lambda img: torch.zeros(3, 32, 32))
+    triplets = TripletDataset(split, negatives_per_query=2)
+    args = argparse.Namespace(mining="partial", seed=0, negatives=2, mining_pool=10, eval_batch_size=8)
+    backbone = vit()
+    visadapt.attach(backbone, "selavpr", local_hidden=4, local_dim=4)
+    miner = script.HardNegativeMiner(triplets, args, tmp_path, make_accelerator(None))
+    miner(PlaceRecognitionModel(backbone), 0)  # mines and records epoch 0
+    recorded = torch.load(tmp_path / "mined_epoch_0000.pt")
+    assert torch.equal(triplets.negative_indices, recorded["negatives"])
+    # a restart with another model, mid-epoch 0: the recorded tuples come back, whatever the model mines now
+    chosen = torch.stack([torch.flip(row, [0]) for row in recorded["negatives"]])
+    torch.save({"positive": recorded["positive"], "negatives": chosen}, tmp_path / "mined_epoch_0000.pt")
+    triplets.clear_mined()
+    miner(PlaceRecognitionModel(backbone), 0)
+    assert torch.equal(triplets.negative_indices, chosen) and triplets.mined

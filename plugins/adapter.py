@@ -17,7 +17,15 @@ from torch import nn
 
 from visadapt.inject import insert
 from visadapt.layers import ACTIVATIONS, QUANT_BITS, BottleneckAdapter
-from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
+from visadapt.plugin import (
+    AdapterConfig,
+    AdapterPlugin,
+    check_choice,
+    check_dropout,
+    check_positive,
+    check_positive_int,
+    config_field,
+)
 from visadapt.registry import register_plugin
 from visadapt.sites import find_sites
 
@@ -49,12 +57,10 @@ class BottleneckAdapterConfig(AdapterConfig):
         check_choice("style", self.style, STYLE_SITES)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("bits", self.bits, QUANT_BITS)
-        if not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
-            raise ValueError(f"config field bottleneck={self.bottleneck!r} is out of range: it must be an integer > 0")
+        check_positive_int("bottleneck", self.bottleneck)
         if self.scale is not None:
             check_positive("scale", self.scale, allow_zero=True)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
+        check_dropout("dropout", self.dropout)
 
     @property
     def effective_scale(self) -> float:

@@ -37,7 +37,15 @@ from torch import nn
 from visadapt import inject
 from visadapt.inject import insert
 from visadapt.layers import QUANT_BITS, BottleneckAdapter, QuantizedLinear
-from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
+from visadapt.plugin import (
+    AdapterConfig,
+    AdapterPlugin,
+    check_choice,
+    check_dropout,
+    check_positive,
+    check_positive_int,
+    config_field,
+)
 from visadapt.registry import register_plugin
 from visadapt.sites import find_sites
 
@@ -60,11 +68,9 @@ class BitAdapterConfig(AdapterConfig):
     def validate(self) -> None:
         check_choice("method", self.method, METHOD_SITES)
         check_choice("bits", self.bits, QUANT_BITS)
-        if not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"config field dim={self.dim!r} is out of range: it must be an integer > 0")
+        check_positive_int("dim", self.dim)
         check_positive("scale", self.scale)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
+        check_dropout("dropout", self.dropout)
 
 
 @register_plugin("bitadapter")

@@ -15,7 +15,15 @@ from torch import nn
 
 from visadapt.inject import insert
 from visadapt.layers import QUANT_BITS, LoRA
-from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
+from visadapt.plugin import (
+    AdapterConfig,
+    AdapterPlugin,
+    check_choice,
+    check_dropout,
+    check_positive,
+    check_positive_int,
+    config_field,
+)
 from visadapt.registry import register_plugin
 from visadapt.sites import find_sites
 
@@ -34,12 +42,10 @@ class LoRAConfig(AdapterConfig):
                                  "layers only) or 32 (full precision)")
 
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"config field rank={self.rank!r} is out of range: it must be an integer > 0")
+        check_positive_int("rank", self.rank)
         check_positive("alpha", self.alpha)
         check_choice("bits", self.bits, QUANT_BITS)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
+        check_dropout("dropout", self.dropout)
         if not self.targets:
             raise ValueError("config field targets is empty: name at least one site kind, e.g. ('q', 'v')")
 

@@ -60,7 +60,15 @@ from torch import nn
 from visadapt import inject
 from visadapt.inject import AdapterLoadError, insert
 from visadapt.layers import ACTIVATIONS, QUANT_BITS, BottleneckAdapter, LoRA, QuantizedLinear, fake_quantize
-from visadapt.plugin import AdapterConfig, AdapterPlugin, check_choice, check_positive, config_field
+from visadapt.plugin import (
+    AdapterConfig,
+    AdapterPlugin,
+    check_choice,
+    check_dropout,
+    check_positive,
+    check_positive_int,
+    config_field,
+)
 from visadapt.plugins.adapter import DEFAULT_SCALE, STYLE_SITES
 from visadapt.registry import register_plugin
 from visadapt.sites import find_sites
@@ -233,8 +241,7 @@ class MoSAConfig(AdapterConfig):
         check_choice("bits", self.bits, QUANT_BITS)
         if self.activation is not None:
             check_choice("activation", self.activation, ACTIVATIONS)
-        if not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"config field dim={self.dim!r} is out of range: it must be an integer > 0")
+        check_positive_int("dim", self.dim)
         if not isinstance(self.num_modules, int) or not 2 <= self.num_modules <= 255:
             raise ValueError(f"config field num_modules={self.num_modules!r} is out of range: it must be an integer "
                              f"in [2, 255] (1 module is a plain adapter: use the adapter or lora plugin)")
@@ -242,8 +249,8 @@ class MoSAConfig(AdapterConfig):
             raise ValueError(f"config field split={self.split!r} must name 'down', 'up' or both, each once")
         if self.scale is not None:
             check_positive("scale", self.scale)
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
+        if self.dropout is not None:
+            check_dropout("dropout", self.dropout)
         check_positive("consistency_weight", self.consistency_weight, allow_zero=True)
         if self.base == "lora" and not self.targets:
             raise ValueError("config field targets is empty: name at least one site kind, e.g. ('q', 'v')")

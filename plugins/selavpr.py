@@ -37,7 +37,14 @@ from torch import nn
 
 from visadapt.inject import attached, insert
 from visadapt.layers import BottleneckAdapter
-from visadapt.plugin import AdapterConfig, AdapterPlugin, check_positive, config_field
+from visadapt.plugin import (
+    AdapterConfig,
+    AdapterPlugin,
+    check_dropout,
+    check_positive,
+    check_positive_int,
+    config_field,
+)
 from visadapt.registry import register_plugin
 from visadapt.sites import find_sites, held_site, patch_token_map
 
@@ -62,16 +69,13 @@ class SelaVPRConfig(AdapterConfig):
         if not 0.0 < self.ratio <= 4.0:
             raise ValueError(f"config field ratio={self.ratio!r} is out of range: it must be in (0, 4]")
         check_positive("parallel_scale", self.parallel_scale, allow_zero=True)
-        for name in ("local_hidden", "local_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config field {name}={value!r} is out of range: it must be an integer > 0")
+        check_positive_int("local_hidden", self.local_hidden)
+        check_positive_int("local_dim", self.local_dim)
         if self.gem_p < 1.0:
             raise ValueError(f"config field gem_p={self.gem_p!r} is out of range: it must be >= 1 (1 = mean "
                              f"pooling, larger values approach max pooling)")
         check_positive("gem_eps", self.gem_eps)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config field dropout={self.dropout!r} is out of range: it must be in [0, 1)")
+        check_dropout("dropout", self.dropout)
 
 
 class GeM(nn.Module):

@@ -89,6 +89,16 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"config field {name}={value!r} is out of range: it must be {bound}")
 
 
+def check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config field {name}={value!r} is out of range: it must be an integer > 0")
+
+
+def check_dropout(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"config field {name}={value!r} is out of range: it must be in [0, 1)")
+
+
 class AdapterPlugin(abc.ABC):
     """Contract the core relies on. Subclass, set ``name``/``Config``/``families``, register with
     :func:`visadapt.register_plugin`.

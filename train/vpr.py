@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
@@ -39,7 +38,8 @@ from visadapt.data.places import MANIFEST, PlaceSplit, TripletDataset, generate_
 from visadapt.data.transforms import vtab_transform
 from visadapt.engine import TrainConfig, fit, make_accelerator, seed_everything
 from visadapt.eval.vpr import evaluate_places, extract_place_features
-from visadapt.io import TRAIN_METADATA
+from visadapt.io import TRAIN_METADATA, write_json_atomic
+from visadapt.plugin import config_values
 from visadapt.plugins.selavpr import PlaceRecognitionModel, SelaVPRLoss
 
 # Every value can be overridden by its flag. "selavpr": the paper's (ViT-L/14 DINOv2 at 224, Adam lr 1e-5,
@@ -108,21 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def adapter_settings(args: argparse.Namespace) -> dict:
     """Recipe settings, then ``--adapter-config``, then ``--set key=value`` (later wins)."""
-    values = dict(args.adapter_settings) if args.adapter == "selavpr" else {}
-    if args.adapter_config:
-        path = Path(args.adapter_config)
-        if not path.is_file():
-            raise ValueError(f"--adapter-config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--adapter-config {path}: expected a mapping of config fields")
-        values.update(loaded)
-    for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set ratio=0.25")
-        values[key.strip()] = yaml.safe_load(raw)
-    return values
+    return config_values(args.adapter_config, args.overrides,
+                         base=args.adapter_settings if args.adapter == "selavpr" else None)
 
 
 def attach_place_adapter(model, args: argparse.Namespace) -> None:
@@ -183,12 +170,6 @@ class HardNegativeMiner:
         return positive, negatives
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress)
@@ -227,7 +208,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
             for adapter_name in api.records(backbone):
                 visadapt.save_adapter(backbone, best_file.with_name(f"best_{adapter_name}.safetensors"), adapter_name,
                                       metadata={TRAIN_METADATA: json.dumps(run, sort_keys=True)})
-            _write_json(best_json, {"R@5": score})
+            write_json_atomic(best_json, {"R@5": score})
         accelerator.wait_for_everyone()
         return {"R@1": result["reranked"]["1"], "R@5": score, "R@10": result["reranked"]["10"],
                 "R@1_global": result["global"]["1"], "R@5_global": result["global"]["5"],
@@ -262,7 +243,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
             "num_processes": accelerator.num_processes, "history": result.history,
             "visadapt_version": visadapt.__version__,
         }
-        _write_json(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -18,7 +18,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
@@ -29,7 +28,8 @@ from visadapt.data import build_datasets, resolve_normalization
 from visadapt.data.procedural import default_data_root, generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks, resolve_tasks
 from visadapt.engine import TrainConfig, fit, make_accelerator, seed_everything
-from visadapt.io import TRAIN_METADATA
+from visadapt.io import TRAIN_METADATA, write_json_atomic
+from visadapt.plugin import config_values
 
 # Recipes per benchmark; every value can be overridden by its flag. VTAB-1k / FGVC: the common recipe of
 # NOAH, PETL-ViT and V-PETL Bench. mini-vtab: sized to finish on 2 CPU cores in a few minutes.
@@ -91,27 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def adapter_settings(args: argparse.Namespace) -> dict:
     """Plugin config from ``--adapter-config`` then ``--set key=value`` (later wins)."""
-    values: dict = {}
-    if args.adapter_config:
-        path = Path(args.adapter_config)
-        if not path.is_file():
-            raise ValueError(f"--adapter-config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--adapter-config {path}: expected a mapping of config fields, got {type(loaded).__name__}")
-        values.update(loaded)
-    for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set bottleneck=16")
-        values[key.strip()] = yaml.safe_load(raw)
-    return values
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    return config_values(args.adapter_config, args.overrides)
 
 
 def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugin, adapter_config) -> dict:
@@ -164,7 +144,7 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
             "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
             "history": result.history, "adapter_file": adapter_file.name, "visadapt_version": visadapt.__version__,
         }
-        _write_json(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

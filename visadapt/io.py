@@ -94,6 +94,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return path
 
 
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as JSON so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
 def site_widths(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
     """``{"host:kind": [in_features, out_features]}`` for every site the adapter occupies."""
     return {f"{item.host_path}:{item.kind}": list(item.module.site_widths)

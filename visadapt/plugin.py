@@ -9,8 +9,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
+import os
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -75,6 +77,29 @@ def _accepts_tuple(hint: Any) -> bool:
     if typing.get_origin(hint) is tuple:
         return True
     return any(typing.get_origin(arg) is tuple for arg in typing.get_args(hint))
+
+
+def config_values(config_file: str | os.PathLike | None, overrides: typing.Iterable[str] = (),
+                  base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plugin config fields for a training script: ``base``, then a YAML file, then ``KEY=VALUE`` strings
+    (values parsed as YAML), later wins; what the ``--adapter-config`` and ``--set`` flags give."""
+    import yaml
+
+    values = dict(base or {})
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"--adapter-config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--adapter-config {path}: expected a mapping of config fields, got {type(loaded).__name__}")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set bottleneck=16")
+        values[key.strip()] = yaml.safe_load(raw)
+    return values
 
 
 def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:

@@ -148,7 +148,8 @@ def vpr_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
 def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split: str = "test",
                               rerank_k: int | None = None, batch_size: int = 32, **kwargs: Any) -> dict[str, Any]:
     """Rebuild the backbone a ``train/vpr.py`` adapter file was trained on, load it, and run
-    :func:`evaluate_places` on ``<data_root>/images/<split>`` (``rerank_k`` default: the training recipe's)."""
+    :func:`evaluate_places` on ``<data_root>/images/<split>`` (``rerank_k`` default: the one training used)."""
+    from visadapt.api import summary
     from visadapt.backbones import EMBEDDED_MODEL, create_backbone
     from visadapt.data import resolve_normalization
     from visadapt.data.places import PlaceSplit
@@ -171,10 +172,10 @@ def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split:
     model = PlaceRecognitionModel(backbone)
     transform = vtab_transform(size, resolve_normalization(run.get("normalize", "model"), backbone))
     place_split = PlaceSplit(data_root, split, transform)
-    k = rerank_k or {"selavpr": 100, "mini-places": 10}.get(run.get("recipe"), 100)
+    k = rerank_k or int(run.get("rerank_k", 100))
     result = evaluate_places(model, place_split, rerank_k=k, batch_size=batch_size, **kwargs)
     return {"benchmark": "vpr", "dataset": Path(data_root).name, "test": {Path(data_root).name: result},
-            "trainable_params": sum(p.numel() for n, p in backbone.named_parameters() if "visadapt_" in n)}
+            "trainable_params": summary(backbone).trainable_params}
 
 
 def vpr_main(adapters: Sequence[str], labels: Sequence[str] | None, data_root: str | None, split: str,

@@ -55,7 +55,8 @@ def test_training_writes_the_val_selected_adapter_and_test_recalls(trained_run):
         mined = torch.load(trained_run / f"mined_epoch_{epoch:04d}.pt")
         assert mined["negatives"].shape[1] == 2
 
-    again = evaluate_vpr_adapter_file(trained_run / "adapter.safetensors", metrics["data_root"], rerank_k=5)
+    again = evaluate_vpr_adapter_file(trained_run / "adapter.safetensors", metrics["data_root"])
+    assert again["test"]["mini"]["rerank_k"] == 5  # the k training used, read from the file's metadata
     assert again["test"]["mini"]["global"] == test["global"]
     assert again["test"]["mini"]["reranked"] == test["reranked"]
 

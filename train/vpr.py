@@ -191,7 +191,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     name = args.dataset_name or data_root.name
     run = {"benchmark": "vpr", "dataset": name, "data_root": str(data_root), "model": args.model, "pretrained": args.pretrained,
            "normalize": args.normalize, "input_size": args.input_size, "recipe": args.recipe,
-           "data_seed": args.data_seed, "seed": args.seed, "adapter": args.adapter}
+           "data_seed": args.data_seed, "seed": args.seed, "adapter": args.adapter, "rerank_k": args.rerank_k}
     accelerator.init_trackers("vpr", config={**run, **{k: v for k, v in vars(config).items() if k != "progress"}})
     accelerator.print(f"[vpr] {args.adapter} on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(triplets)} training tuples, "
@@ -252,7 +252,6 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        visadapt.get_plugin(args.adapter)
         visadapt.get_plugin(args.adapter)().Config.from_dict(adapter_settings(args))  # fail before any work
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

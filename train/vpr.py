@@ -189,15 +189,18 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     model = PlaceRecognitionModel(backbone, "default" if args.adapter == "selavpr" else "place")
     counts = api.summary(backbone)
     name = args.dataset_name or data_root.name
-    run = {"benchmark": "vpr", "dataset": name, "data_root": str(data_root), "model": args.model, "pretrained": args.pretrained,
-           "normalize": args.normalize, "input_size": args.input_size, "recipe": args.recipe,
+    run = {"benchmark": "vpr", "dataset": name, "data_root": str(data_root), "model": args.model,
+           "pretrained": args.pretrained, "normalize": args.normalize, "input_size": args.input_size, "recipe": args.recipe,
            "data_seed": args.data_seed, "seed": args.seed, "adapter": args.adapter, "rerank_k": args.rerank_k}
     accelerator.init_trackers("vpr", config={**run, **{k: v for k, v in vars(config).items() if k != "progress"}})
     accelerator.print(f"[vpr] {args.adapter} on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(triplets)} training tuples, "
                       f"{len(splits['val'].query_paths)} val queries")
 
-    best_file, best_json = out / "best_adapter.safetensors", out / "best.json"
+    best_json = out / "best.json"
+
+    def best_file(adapter_name: str) -> Path:
+        return out / f"best_{adapter_name}.safetensors"
 
     def evaluator(prepared, accelerator) -> dict[str, float]:
         result = evaluate_places(accelerator.unwrap_model(prepared), splits["val"], rerank_k=args.rerank_k,
@@ -206,7 +209,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
         best = json.loads(best_json.read_text())["R@5"] if best_json.is_file() else -1.0
         if score > best and accelerator.is_main_process:
             for adapter_name in api.records(backbone):
-                visadapt.save_adapter(backbone, best_file.with_name(f"best_{adapter_name}.safetensors"), adapter_name,
+                visadapt.save_adapter(backbone, best_file(adapter_name), adapter_name,
                                       metadata={TRAIN_METADATA: json.dumps(run, sort_keys=True)})
             write_json_atomic(best_json, {"R@5": score})
         accelerator.wait_for_everyone()
@@ -220,16 +223,15 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     # Test the val-selected adapter, as the paper does.
     bare = accelerator.unwrap_model(model)
     for adapter_name in list(api.records(backbone)):
-        saved = out / f"best_{adapter_name}.safetensors"
         visadapt.detach(backbone, adapter_name)
-        visadapt.load_adapter(backbone, saved, adapter_name)
+        visadapt.load_adapter(backbone, best_file(adapter_name), adapter_name)
     test = evaluate_places(bare, splits["test"], rerank_k=args.rerank_k, positive_radius_m=args.eval_radius,
                            batch_size=args.eval_batch_size)
     metrics = {}
     if accelerator.is_main_process:
         for adapter_name in api.records(backbone):
             target = "adapter.safetensors" if adapter_name == "default" else f"adapter_{adapter_name}.safetensors"
-            shutil.copyfile(out / f"best_{adapter_name}.safetensors", out / target)
+            shutil.copyfile(best_file(adapter_name), out / target)
         metrics = {
             **run, "adapter_config": {n: r.config.to_dict() for n, r in api.records(backbone).items()},
             "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "negatives": args.negatives,

@@ -150,7 +150,7 @@ def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split:
     """Rebuild the backbone a ``train/vpr.py`` adapter file was trained on, load it, and run
     :func:`evaluate_places` on ``<data_root>/images/<split>`` (``rerank_k`` default: the one training used)."""
     from visadapt.api import summary
-    from visadapt.backbones import EMBEDDED_MODEL, create_backbone
+    from visadapt.backbones import create_backbone
     from visadapt.data import resolve_normalization
     from visadapt.data.places import PlaceSplit
     from visadapt.data.transforms import vtab_transform
@@ -167,7 +167,7 @@ def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split:
                          f"with --benchmark {run.get('benchmark')}")
     size = int(run["input_size"])
     backbone = create_backbone(run["model"], run.get("pretrained", "default"), num_classes=0,
-                               **({"img_size": size} if run["model"] != EMBEDDED_MODEL else {}))
+                               img_size=size)
     load_adapter(backbone, path)
     model = PlaceRecognitionModel(backbone)
     transform = vtab_transform(size, resolve_normalization(run.get("normalize", "model"), backbone))

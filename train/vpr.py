@@ -175,8 +175,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
                          warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress)
     accelerator = make_accelerator(out)
     seed_everything(args.seed)
-    backbone = create_backbone(args.model, args.pretrained, num_classes=0,
-                               **({"img_size": args.input_size} if args.model != EMBEDDED_MODEL else {}))
+    backbone = create_backbone(args.model, args.pretrained, num_classes=0, img_size=args.input_size)
     transform = vtab_transform(args.input_size, resolve_normalization(args.normalize, backbone))
     splits = {name: PlaceSplit(data_root, name, transform) for name in ("train", "val", "test")}
     triplets = TripletDataset(splits["train"], positive_radius_m=args.train_positive_radius,

@@ -57,10 +57,12 @@ def evaluate_places(model: nn.Module, split, *, rerank_k: int = 100, positive_ra
                     device: torch.device | str | None = None) -> dict[str, Any]:
     """Two-stage retrieval on one :class:`visadapt.data.places.PlaceSplit`.
 
-    Returns ``{"global": {K: R@K}, "reranked": {K: R@K}, "queries", "database", "rerank_k",
-    "queries_without_positive", "extract_ms_per_image", "global_ms_per_query", "rerank_ms_per_query"}``
-    (recalls in percent; ``R@K`` for ``K > rerank_k`` is that of the global order, which re-ranking leaves
-    unchanged beyond the first ``rerank_k``).
+    Returns ``{"global": {K: R@K}, "reranked": {K: R@K}, "top1_fixed", "top1_broken", "queries", "database",
+    "rerank_k", "queries_without_positive", "extract_ms_per_image", "global_ms_per_query",
+    "rerank_ms_per_query"}`` (recalls in percent; ``R@K`` for ``K > rerank_k`` is that of the global order,
+    which re-ranking leaves unchanged beyond the first ``rerank_k``). ``top1_fixed`` / ``top1_broken`` count
+    the queries whose first answer re-ranking turned right / wrong: R@1 changes by their difference, and their
+    sizes say whether that change is more than a few lucky queries.
     """
     start = time.perf_counter()
     db_global, db_local = extract_place_features(model, split.database_dataset(), batch_size, device)
@@ -80,9 +82,13 @@ def evaluate_places(model: nn.Module, split, *, rerank_k: int = 100, positive_ra
     reranked = torch.cat([reranked_head, ranked[:, k:]], dim=1)
 
     n_queries, n_images = q_global.shape[0], q_global.shape[0] + db_global.shape[0]
+    right_before = torch.tensor([bool(torch.isin(ranked[i, 0], p)) for i, p in enumerate(positives)])
+    right_after = torch.tensor([bool(torch.isin(reranked[i, 0], p)) for i, p in enumerate(positives)])
     return {
         "global": {str(key): value for key, value in recall_at_k(ranked, positives, ks).items()},
         "reranked": {str(key): value for key, value in recall_at_k(reranked, positives, ks).items()},
+        "top1_fixed": int((right_after & ~right_before).sum()),
+        "top1_broken": int((right_before & ~right_after).sum()),
         "queries": n_queries,
         "database": int(db_global.shape[0]),
         "rerank_k": k,

@@ -48,6 +48,10 @@ def test_training_writes_the_val_selected_adapter_and_test_recalls(trained_run):
         assert 0.0 <= test[stage]["1"] <= test[stage]["5"] <= test[stage]["10"] <= 100.0
     # re-ranking permutes the top 5 only: from 5 on, the recalls of both stages agree
     assert test["reranked"]["5"] == test["global"]["5"] and test["reranked"]["10"] == test["global"]["10"]
+    assert test["top1_fixed"] >= 0 and test["top1_broken"] >= 0
+    assert test["reranked"]["1"] - test["global"]["1"] == pytest.approx(
+        100.0 * (test["top1_fixed"] - test["top1_broken"]) / test["queries"])
+    assert metrics["mining"] == "semihard"  # the embedded recipe's
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["val_best_R@5"] == max(h["R@5"] for h in metrics["history"])
     # every epoch mined its tuples with the model of that moment, and kept them for an exact resume
@@ -80,6 +84,15 @@ def test_vpr_table_layout():
     assert lines[0] == "| method | pitts30k R@1 | pitts30k R@5 | pitts30k R@10 | ms/query | trainable |"
     assert lines[2] == "| SelaVPR | 80.0 | 90.0 | 95.0 | 1.00 | 53.00M |"
     assert lines[3] == "| SelaVPR + re-rank (top-100) | 90.5 | 96.0 | 97.0 | 18.00 | 53.00M |"
+
+
+def test_semihard_mining_skips_negatives_closer_than_the_positive():
+    select = _load_script().select_negatives
+    d_negatives = torch.tensor([0.1, 0.6, 0.3, 0.9, 0.55])
+    assert select(torch.tensor(0.5), d_negatives, 2).tolist() == [0, 2]  # hard: the closest
+    assert select(torch.tensor(0.5), d_negatives, 2, semihard=True).tolist() == [4, 1]
+    # too few beyond the positive: the closest of the rest fill up
+    assert select(torch.tensor(0.5), d_negatives, 4, semihard=True).tolist() == [4, 1, 3, 0]
 
 
 def test_a_resumed_epoch_trains_on_the_tuples_it_had_mined(tiny_world, tmp_path):

@@ -16,6 +16,8 @@ included), ``metrics.json`` (val history and test recalls for both stages, with 
 Differences from the official recipe, each a flag away: the learning rate follows the engine's cosine schedule
 (official: constant Adam; pass ``--warmup-epochs 0`` and a large ``--epochs`` to approach it); the mined tuples
 are refreshed once per epoch (official: every 1000 queries); no early stopping (the val-best adapter is kept).
+The embedded recipe mines semi-hard negatives (``--mining semihard``, see :func:`select_negatives`): with the
+official hardest negatives its look-alike places collapse the global descriptors.
 """
 from __future__ import annotations
 
@@ -47,11 +49,13 @@ from visadapt.plugins.selavpr import PlaceRecognitionModel, SelaVPRLoss
 RECIPES = {
     "selavpr": {"model": "vit_large_patch14_dinov2.lvd142m", "input_size": 224, "epochs": 50, "lr": 1e-5,
                 "weight_decay": 0.0, "batch_size": 4, "warmup_epochs": 0.0, "negatives": 2, "rerank_k": 100,
-                "mining_pool": 1000, "adapter_settings": {}},
+                "mining_pool": 1000, "mining": "partial", "adapter_settings": {}},
     "mini-places": {"model": EMBEDDED_MODEL, "input_size": 32, "epochs": 12, "lr": 3e-4, "weight_decay": 0.0,
                     "batch_size": 16, "warmup_epochs": 0.5, "negatives": 2, "rerank_k": 10, "mining_pool": 200,
-                    # a 96-wide backbone: a smaller local head (official 256 -> 128 channels on 1024);
-                    # lr 1e-3 collapsed the global descriptors (triplet loss stuck at the margin)
+                    "mining": "semihard",
+                    # semi-hard mining: the hardest negatives (look-alikes of the same family) collapsed the
+                    # global descriptors (triplet loss stuck at the margin, cosine 0.999 between any two places);
+                    # a 96-wide backbone: a smaller local head (official 256 -> 128 channels on 1024)
                     "adapter_settings": {"local_hidden": 128, "local_dim": 64}},
 }
 MINING_FILE = "mined_epoch_{epoch:04d}.pt"
@@ -79,9 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("batch-size", int), ("warmup-epochs", float), ("negatives", int), ("rerank-k", int),
                        ("mining-pool", int)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
-    p.add_argument("--mining", default="partial", choices=["partial", "random"],
+    p.add_argument("--mining", default=None, choices=["partial", "semihard", "random"],
                    help="partial: hardest negatives among --mining-pool random far images, in descriptor space; "
-                        "random: random far images (no mining)")
+                        "semihard: the hardest of those that are farther than the positive (FaceNet), the "
+                        "hardest overall where too few are; random: random far images (no mining). "
+                        "Default: the recipe's")
     p.add_argument("--local-weight", type=float, default=1.0, help="weight of the local MNN loss (0 = global only)")
     p.add_argument("--margin", type=float, default=0.1, help="triplet margin of the global loss")
     p.add_argument("--train-positive-radius", type=float, default=10.0, help="metres; training positives")
@@ -121,6 +127,23 @@ def attach_place_adapter(model, args: argparse.Namespace) -> None:
     visadapt.attach(model, args.adapter, settings)
     visadapt.attach(model, "selavpr", dict(RECIPES[args.recipe]["adapter_settings"], serial=False, parallel=False),
                     adapter_name="place")
+
+
+def select_negatives(d_positive: torch.Tensor, d_negatives: torch.Tensor, count: int, semihard: bool = False
+                     ) -> torch.Tensor:
+    """Indices of the ``count`` negatives to train on, from descriptor distances: ``d_positive`` ``()`` (the
+    query to its positive), ``d_negatives`` ``(P,)`` (the query to each negative of the pool).
+
+    Hard: the ``count`` closest. Semi-hard (FaceNet): the closest of those farther than the positive, then,
+    if too few are, the closest of the rest. Why it exists: where negatives are look-alikes the backbone
+    cannot yet tell apart (the generated places' families), the hardest ones are closer than the positive for
+    most queries, and the cheapest way to lower the triplet loss is then to pull every descriptor together;
+    the loss settles at the margin and the descriptors end up nearly identical.
+    """
+    if semihard:
+        # unit descriptors are at most 2 apart: +4 sends the negatives closer than the positive behind the rest
+        d_negatives = torch.where(d_negatives > d_positive, d_negatives, d_negatives + 4.0)
+    return d_negatives.topk(count, largest=False).indices
 
 
 class HardNegativeMiner:
@@ -166,7 +189,8 @@ class HardNegativeMiner:
             far = triplets.negative_mask(i).nonzero().flatten()
             pool = far[torch.randperm(far.numel(), generator=generator)[: self.args.mining_pool]]
             d_neg = torch.cdist(q_global[query][None], db_global[pool])[0]
-            negatives[i] = pool[d_neg.topk(self.args.negatives, largest=False).indices]
+            negatives[i] = pool[select_negatives(d_pos.min(), d_neg, self.args.negatives,
+                                                 semihard=self.args.mining == "semihard")]
         return positive, negatives
 
 
@@ -279,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{name} test] {test['queries']} queries, {test['database']} database images")
         for stage in ("global", "reranked"):
             print(f"  {stage:<9} R@1 {test[stage]['1']:5.1f}  R@5 {test[stage]['5']:5.1f}  R@10 {test[stage]['10']:5.1f}")
+        print(f"  re-ranking made {test['top1_fixed']} first answers right and {test['top1_broken']} wrong")
         print(f"table: visadapt-eval --benchmark vpr --adapters {out}")
     return 0
 

@@ -3,6 +3,7 @@
     visadapt-eval --benchmark vtab --adapters runs/lora runs/mosa
     visadapt-eval --benchmark vtab --adapters runs/lora --data-root /data/vtab-1k --csv lora.csv --plot lora.png
     visadapt-eval --benchmark vpr --adapters runs/vpr-mini-places-selavpr      # Recall@1/5/10, global and re-ranked
+    visadapt-eval --benchmark rank --adapters runs/rank-mini-counting-v1-seed0   # PLCC / SRCC / MAE / pair accuracy
 
 Without --data-root the accuracies are read from each task's metrics.json (final epoch by default, --metric best
 for the optimistic best-on-test number). With --data-root every adapter file is evaluated again on the data.
@@ -140,8 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visadapt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--benchmark", required=True, choices=[*BENCHMARKS, "vpr"],
-                        help="which table; vpr: place recognition runs of train/vpr.py")
+    parser.add_argument("--benchmark", required=True, choices=[*BENCHMARKS, "vpr", "rank"],
+                        help="which table; vpr: place recognition runs of train/vpr.py; rank: text-driven "
+                             "ranking runs of train/rank.py")
     parser.add_argument("--adapters", required=True, nargs="+", metavar="PATH",
                         help="training output directories (one subdirectory per task) or adapter .safetensors "
                              "files (those need --data-root); one table row each")
@@ -237,6 +239,24 @@ def _vpr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(args: argparse.Namespace) -> int:
+    """``--benchmark rank``: the ranking table of train/rank.py runs, read from their metrics.json."""
+    from .ranking import rank_main
+
+    for option, value in (("--metric", args.metric), ("--protocol", args.protocol), ("--tasks", args.tasks),
+                          ("--csv", args.csv), ("--plot", args.plot), ("--data-root", args.data_root),
+                          ("--rerank-k", args.rerank_k)):
+        if value is not None:
+            raise ValueError(f"{option} does not apply to --benchmark rank, which reads each run's metrics.json")
+    if args.labels is not None and len(args.labels) != len(args.adapters):
+        raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.adapters)} --adapters paths")
+    table, records = rank_main(args.adapters, args.labels)
+    print(table, end="")
+    if args.json:
+        _write(args.json, json.dumps(records, indent=1), "JSON")
+    return 0
+
+
 def _write(path: str, text: str, what: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +280,8 @@ def main(argv: list[str] | None = None, *, evaluate: Evaluator | None = None) ->
             require_matplotlib()
         if args.benchmark == "vpr":
             return _vpr(args)
+        if args.benchmark == "rank":
+            return _rank(args)
         runs = _collect(args, evaluate)
         if args.labels is None:
             _unique_labels(runs)

@@ -82,3 +82,52 @@ def create_backbone(model: str, pretrained: str | None = "default", num_classes:
         raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, a hub "
                                 f"repo id, 'default' or 'none'")
     return timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"hf_hub_id": choice}, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- open_clip
+
+EMBEDDED_CLIP = "visadapt_tiny_clip"
+# 32 px, patch 4, width 64 both towers, 2 blocks each; the standard 49408-token BPE vocabulary (so open_clip's
+# shipped tokenizer works), a 16-token context. Random weights from a fixed seed: it stands in for a real CLIP
+# in CPU runs and tests, not for CLIP's knowledge.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+TINY_CLIP_SEED = 0
+
+
+def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Module, dict]:
+    """An open_clip model and its preprocessing facts ``{"image_size", "mean", "std"}``.
+
+    ``model`` is an open_clip model name (``open_clip.list_models()``) or ``visadapt_tiny_clip`` (built from
+    :data:`TINY_CLIP_CONFIG`, seeded, no weights). ``pretrained``: ``"default"`` (open_clip's first listed tag
+    for ``model``), ``"none"`` (random init), a tag such as ``laion2b_s32b_b82k``, or a local checkpoint file.
+    """
+    import open_clip
+    import torch
+
+    choice = (pretrained or "default").strip()
+    if model == EMBEDDED_CLIP:
+        with torch.random.fork_rng():
+            torch.manual_seed(TINY_CLIP_SEED)
+            clip = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    else:
+        if model not in open_clip.list_models():
+            raise ValueError(f"--model {model!r} is not an open_clip model name; see open_clip.list_models(), or use "
+                             f"{EMBEDDED_CLIP} (the embedded default)")
+        if choice == "default":
+            tags = [tag for name, tag in open_clip.list_pretrained() if name == model]
+            if not tags:
+                raise ValueError(f"open_clip has no pretrained tag for {model!r}; pass --pretrained <file|tag|none>")
+            choice = tags[0]
+        if _looks_like_path(choice) and not os.path.isfile(choice):
+            raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, an "
+                                    f"open_clip tag, 'default' or 'none'")
+        clip = open_clip.create_model(model, pretrained=None if choice == "none" else choice)
+    cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    size = clip.visual.image_size
+    return clip, {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size),
+                  "mean": tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                  "std": tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))}

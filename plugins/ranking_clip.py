@@ -255,6 +255,14 @@ def _check_clip(model: nn.Module) -> None:
     if model_family(model) != "open_clip" or not hasattr(model, "visual") or not hasattr(model, "forward_intermediates"):
         raise ValueError("the ranking-aware adapter attaches to a whole open_clip CLIP / CustomTextCLIP model "
                          "(open_clip.create_model(...)), not to one of its towers")
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(model.visual, VisionTransformer):
+        # ValueError like every unsupported-model refusal of attach(), which callers catch as bad input
+        raise ValueError(  # noqa: TRY004
+            f"the ranking adapter reads ViT patch tokens; this CLIP's image tower is {type(model.visual).__name__} "
+            f"(ResNet / timm towers such as ConvNeXt have none). Use a CLIP with a ViT image tower, e.g. "
+            f"open_clip.create_model('ViT-L-14', ...)")
     if getattr(model.visual, "attn_pool", None) is not None:
         raise ValueError("this open_clip vision tower pools with attention (CoCa-style); its patch tokens are not "
                          "the ln_post tokens the ranking adapter reads. Use a CLIP with a plain ViT tower")

@@ -136,6 +136,12 @@ def test_scalar_prompt_form_and_config_errors():
         visadapt.attach(_clip(), "ranking_clip", {"num_heads": 5})
     with pytest.raises(ValueError, match="no ranking adapter"):
         R.RankingModel(_clip())
+    from open_clip.model import CLIP
+
+    resnet_clip = CLIP(embed_dim=16, vision_cfg={"layers": (1, 1, 1, 1), "width": 8, "image_size": 32, "head_width": 8},
+                       text_cfg={"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1})
+    with pytest.raises(ValueError, match="ModifiedResNet"):
+        visadapt.attach(resnet_clip, "ranking_clip", SMALL)
 
 
 def test_save_load_round_trip_and_rank(tmp_path):

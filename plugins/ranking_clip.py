@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visadapt.inject import attached, insert
+from visadapt.inject import held_module, insert
 from visadapt.plugin import (
     AdapterConfig,
     AdapterPlugin,
@@ -283,14 +283,7 @@ class RankingCLIPPlugin(AdapterPlugin):
 
 def ranking_adapter(model: nn.Module, adapter_name: str | None = None) -> RankingAdapter:
     """The :class:`RankingAdapter` attached to ``model`` (the only one, or that of ``adapter_name``)."""
-    held = [item for item in attached(model, adapter_name) if item.kind == RANKING_ADAPTER]
-    if not held:
-        raise ValueError("no ranking adapter is attached to this model: visadapt.attach(model, 'ranking_clip') or "
-                         "load a ranking_clip adapter file first")
-    if len(held) > 1:
-        names = ", ".join(repr(item.adapter_name) for item in held)
-        raise ValueError(f"several ranking adapters are attached ({names}); pass adapter_name")
-    return held[0].module
+    return held_module(model, RANKING_ADAPTER, adapter_name, what="ranking adapter", plugin="ranking_clip")
 
 
 def clip_tokens(model: nn.Module, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

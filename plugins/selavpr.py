@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visadapt.inject import attached, insert
+from visadapt.inject import held_module, insert
 from visadapt.layers import BottleneckAdapter
 from visadapt.plugin import (
     AdapterConfig,
@@ -137,14 +137,7 @@ class SelaVPRPlugin(AdapterPlugin):
 
 def place_head(model: nn.Module, adapter_name: str | None = None) -> PlaceHead:
     """The :class:`PlaceHead` attached to ``model`` (the only one, or that of ``adapter_name``)."""
-    heads = [item for item in attached(model, adapter_name) if item.kind == PLACE_HEAD]
-    if not heads:
-        raise ValueError("no SelaVPR place head is attached to this model: visadapt.attach(model, 'selavpr') "
-                         "or load a SelaVPR adapter file first")
-    if len(heads) > 1:
-        names = ", ".join(repr(item.adapter_name) for item in heads)
-        raise ValueError(f"several SelaVPR adapters are attached ({names}); pass adapter_name")
-    return heads[0].module
+    return held_module(model, PLACE_HEAD, adapter_name, what="SelaVPR place head", plugin="selavpr")
 
 
 def place_features(model: nn.Module, images: torch.Tensor, adapter_name: str | None = None

@@ -198,6 +198,19 @@ def attached(model: nn.Module, adapter_name: str | None = None) -> list[Attached
     return found
 
 
+def held_module(model: nn.Module, kind: str, adapter_name: str | None, *, what: str, plugin: str) -> nn.Module:
+    """The module a plugin keeps on ``model`` at its held site ``kind`` (see :func:`visadapt.sites.held_site`):
+    the only one, or that of ``adapter_name``. ``what`` names it in errors, ``plugin`` is the fix."""
+    held = [item for item in attached(model, adapter_name) if item.kind == kind]
+    if not held:
+        raise ValueError(f"no {what} is attached to this model: visadapt.attach(model, {plugin!r}) or load a "
+                         f"{plugin} adapter file first")
+    if len(held) > 1:
+        names = ", ".join(repr(item.adapter_name) for item in held)
+        raise ValueError(f"several {plugin} adapters are attached ({names}); pass adapter_name")
+    return held[0].module
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for item in attached(model):

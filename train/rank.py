@@ -36,7 +36,7 @@ import visadapt
 from visadapt import api
 from visadapt.backbones import EMBEDDED_CLIP, create_clip
 from visadapt.data.ranking import COUNTING_MANIFEST, RankingLists, RankingTable, generate_mini_counting
-from visadapt.engine import TrainConfig, fit, make_accelerator, seed_everything
+from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
 from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
@@ -215,15 +215,11 @@ def main(argv: list[str] | None = None) -> int:
               f"and test.csv (tab-separated: filepath, title, cname, value)", file=sys.stderr)
         return 2
     out = Path(args.output_dir or f"runs/rank-{data_root.name}")
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        print(f"error: {out} already holds a run; pass --resume to continue it or --overwrite to replace it",
-              file=sys.stderr)
+    try:
+        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    state.wait_for_everyone()
-    if args.overwrite and state.is_main_process and out.exists():
-        shutil.rmtree(out)
-    state.wait_for_everyone()
-    out.mkdir(parents=True, exist_ok=True)
     metrics = train(args, data_root, out)
     if state.is_main_process:
         print(f"\n[{metrics['dataset']} test] {metrics['test']['images']} images")

@@ -38,7 +38,7 @@ from visadapt.backbones import EMBEDDED_MODEL, create_backbone
 from visadapt.data import resolve_normalization
 from visadapt.data.places import MANIFEST, PlaceSplit, TripletDataset, generate_mini_places
 from visadapt.data.transforms import vtab_transform
-from visadapt.engine import TrainConfig, fit, make_accelerator, seed_everything
+from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
 from visadapt.eval.vpr import evaluate_places, extract_place_features
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
@@ -287,15 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             args.data_root = str(generate_mini_places(seed=args.data_seed))
     data_root = Path(args.data_root)
     out = Path(args.output_dir or f"runs/vpr-{args.dataset_name or data_root.name}-{args.adapter}")
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        print(f"error: {out} already holds a run; pass --resume to continue it or --overwrite to replace it",
-              file=sys.stderr)
+    try:
+        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    state.wait_for_everyone()
-    if args.overwrite and state.is_main_process and out.exists():
-        shutil.rmtree(out)
-    state.wait_for_everyone()
-    out.mkdir(parents=True, exist_ok=True)
     metrics = train(args, data_root, out)
     if state.is_main_process:
         name = next(iter(metrics["test"]))

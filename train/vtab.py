@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from visadapt.backbones import EMBEDDED_MODEL, create_backbone
 from visadapt.data import build_datasets, resolve_normalization
 from visadapt.data.procedural import default_data_root, generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks, resolve_tasks
-from visadapt.engine import TrainConfig, fit, make_accelerator, seed_everything
+from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
 
@@ -187,15 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             state.print(f"[{info.name}] finished earlier; keeping {done}")
             results[info.name] = json.loads(done.read_text())
             continue
-        if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-            print(f"error: {out} already holds a run; pass --resume to continue it or --overwrite to replace it",
-                  file=sys.stderr)
+        try:
+            prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
+        except FileExistsError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 2
-        state.wait_for_everyone()
-        if args.overwrite and state.is_main_process and out.exists():
-            shutil.rmtree(out)
-        state.wait_for_everyone()
-        out.mkdir(parents=True, exist_ok=True)
         results[info.name] = train_task(args, info, data_root, out, plugin, adapter_config)
 
     if state.is_main_process:

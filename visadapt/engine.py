@@ -376,6 +376,21 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                      wall_time_s=time.time() - start_time, resumed_from=resumed_from, metric=metric)
 
 
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, state) -> None:
+    """Make ``out`` ready for a training run on every process of ``state`` (an Accelerate ``PartialState``).
+
+    A folder already holding files is refused (``FileExistsError``) unless the run resumes it or overwrites it;
+    with ``overwrite`` the main process empties it while the others wait. Then it exists, on every process.
+    """
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    state.wait_for_everyone()
+    if overwrite and state.is_main_process and out.exists():
+        shutil.rmtree(out)
+    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch on every process identically (adapters start equal everywhere)."""
     set_seed(seed)

@@ -7,7 +7,6 @@ half). For ordinal targets (age groups, decades) ``accuracy``: share of scores t
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -17,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-METRICS_FILE = "metrics.json"
+# relative: eval/ is installed as visadapt.eval (see eval/cli.py)
+from .tables import read_run_record
+
 METRIC_NAMES = ("plcc", "srcc", "mae", "pair_acc")
 
 
@@ -130,20 +131,6 @@ def zero_shot_scorer(clip: nn.Module, tokenizer) -> Callable[[torch.Tensor, str]
 # ------------------------------------------------------------------------------------------------ table
 
 
-def read_rank_metrics(path: str | Path) -> dict[str, Any]:
-    """The ``metrics.json`` of a ``train/rank.py`` output directory (or the file itself)."""
-    path = Path(path)
-    file = path / METRICS_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"{path} holds no {METRICS_FILE}; pass a train/rank.py output directory (training may still "
-                         f"be running)")
-    record = json.loads(file.read_text())
-    if record.get("benchmark") != "rank" or "test" not in record:
-        raise ValueError(f"{file} is not a train/rank.py result (no ranking 'test' figures); pass --benchmark "
-                         f"{record.get('benchmark', '?')} for it")
-    return record
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -172,6 +159,7 @@ def rank_main(paths: Sequence[str], labels: Sequence[str] | None) -> tuple[str, 
         path = Path(item)
         if not path.exists():
             raise ValueError(f"{path} does not exist; pass a train/rank.py output directory")
-        runs.append((labels[i] if labels else path.resolve().name, read_rank_metrics(path)))
+        label = labels[i] if labels else path.resolve().name
+        runs.append((label, read_run_record(path, "rank", "train/rank.py")))
     print(f"visadapt-eval: {len(runs)} ranking run(s)", file=sys.stderr)
     return rank_table(runs), dict(runs)

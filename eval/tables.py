@@ -231,6 +231,21 @@ def _task_result(
     )
 
 
+def read_run_record(path: str | Path, benchmark: str, script: str) -> dict:
+    """The ``metrics.json`` of a ``script`` output directory (or the file itself), checked to hold the ``test``
+    figures of ``benchmark`` (the one-table benchmarks: ``vpr``, ``rank``)."""
+    path = Path(path)
+    file = path / METRICS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path} holds no {METRICS_FILE}; pass a {script} output directory (training may still "
+                         f"be running)")
+    record = json.loads(file.read_text())
+    if record.get("benchmark") != benchmark or "test" not in record:
+        raise ValueError(f"{file} is not a {script} result (it has no {benchmark} 'test' figures); pass --benchmark "
+                         f"{record.get('benchmark', '?')} for it")
+    return record
+
+
 def read_metrics(path: str | Path, benchmark: str, metric: str = "final", task: str | None = None) -> TaskResult:
     """One task's result from a ``metrics.json``; ``metric`` picks ``accuracy_final`` or ``accuracy_best``.
 

@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from visadapt.plugins.selavpr import global_knn, recall_at_k, rerank
 
+# relative: eval/ is installed as visadapt.eval (see eval/cli.py)
+from .tables import read_run_record
+
 RECALL_KS = (1, 5, 10)
-METRICS_FILE = "metrics.json"
 
 
 @torch.no_grad()
@@ -100,20 +102,6 @@ def evaluate_places(model: nn.Module, split, *, rerank_k: int = 100, positive_ra
 
 
 # ------------------------------------------------------------------------------------------------- table
-
-
-def read_vpr_metrics(path: str | Path) -> dict[str, Any]:
-    """The ``metrics.json`` of a ``train/vpr.py`` output directory (or the file itself)."""
-    path = Path(path)
-    file = path / METRICS_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"{path} holds no {METRICS_FILE}; pass a train/vpr.py output directory (training may still "
-                         f"be running)")
-    record = json.loads(file.read_text())
-    if record.get("benchmark") != "vpr" or "test" not in record:
-        raise ValueError(f"{file} is not a train/vpr.py result (it has no 'test' retrieval figures); pass "
-                         f"--benchmark {record.get('benchmark', '?')} for it")
-    return record
 
 
 def _fmt(value: float | None) -> str:
@@ -199,7 +187,7 @@ def vpr_main(adapters: Sequence[str], labels: Sequence[str] | None, data_root: s
             if path.is_file() and path.suffix == ".safetensors":
                 raise ValueError(f"{path} is an adapter file; add --data-root DATASET to evaluate it, or pass its "
                                  f"training output directory")
-            runs.append((label, read_vpr_metrics(path)))
+            runs.append((label, read_run_record(path, "vpr", "train/vpr.py")))
         else:
             adapter = path / "adapter.safetensors" if path.is_dir() else path
             if not adapter.is_file():

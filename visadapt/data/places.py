@@ -35,11 +35,8 @@ place. Global retrieval should get the family right and re-ranking the member.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +47,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visadapt.data.errors import DatasetError
+from visadapt.data.generated import write_generated
 from visadapt.data.procedural import (
     _SUPERSAMPLE,
     UPSTREAM_SHAPES,
@@ -61,6 +59,7 @@ from visadapt.data.procedural import (
     _two_tone,
     default_data_root,
 )
+from visadapt.data.transforms import pil_to_tensor
 
 PLACE_SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -97,11 +96,6 @@ def _image_files(folder: Path) -> list[Path]:
     # Hidden files are skipped: archives made on macOS carry "._<name>" companions that are not images.
     return sorted(p for p in folder.iterdir()
                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
-
-
-def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ``(3, H, W)`` float tensor in [0, 1] (without importing torchvision, which is slow)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
 class PlaceSplit:
@@ -205,7 +199,7 @@ class PlaceSplit:
         except (OSError, SyntaxError, ValueError) as err:
             raise DatasetError(f"cannot read {kind} image {index} of split {self.split!r}: {path}: {err}. The file "
                                "is corrupt, truncated or not an image; replace or remove it") from err
-        return self.transform(img) if self.transform is not None else _pil_to_tensor(img)
+        return self.transform(img) if self.transform is not None else pil_to_tensor(img)
 
     def load_database(self, index: int) -> torch.Tensor:
         """Database image ``index`` through ``transform`` (default: ``(3, H, W)`` float in [0, 1])."""
@@ -739,36 +733,10 @@ def generate_mini_places(root: str | os.PathLike | None = None, seed: int = 0,
                          f"{family_size}, {queries_per_place}, {image_size}")
     wanted = {"generator_version": PLACES_GENERATOR_VERSION, "seed": seed, "num_places": sizes,
               "family_size": family_size, "queries_per_place": list(queries), "image_size": image_size}
-    if _manifest_parameters(root) == wanted:
-        return root
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"{root} is a file; pass a new or empty folder for the mini-places benchmark")
-    if root.exists() and not (root / MANIFEST).is_file() and any(root.iterdir()):
-        raise DatasetError(f"{root} exists, is not empty and holds no {MANIFEST}: not replacing it with the "
-                           "mini-places benchmark; pass a new or empty folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        counts = {split: _write_split(tmp / "images" / split, split, PLACE_SPLITS.index(split), count, seed,
-                                      family_size, queries, image_size)
-                  for split, count in sizes.items()}
-        (tmp / MANIFEST).write_text(json.dumps({"parameters": wanted, "images": counts}, indent=1))
-        if root.exists():
-            shutil.rmtree(root)  # a stale mini-places folder or an empty one (checked above)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # Another process finished the same folder between our check and the rename: use theirs.
-            if _manifest_parameters(root) != wanted:
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
 
+    def write(tmp: Path) -> dict:
+        return {"images": {split: _write_split(tmp / "images" / split, split, PLACE_SPLITS.index(split), count,
+                                               seed, family_size, queries, image_size)
+                           for split, count in sizes.items()}}
 
-def _manifest_parameters(root: Path) -> dict | None:
-    try:
-        return json.loads((root / MANIFEST).read_text()).get("parameters")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return write_generated(root, MANIFEST, wanted, write, "mini-places benchmark")

@@ -24,11 +24,8 @@ numbers of <shape>.", value = the count: a procedural stand-in for the paper's C
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +36,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visadapt.data.errors import DatasetError
+from visadapt.data.generated import write_generated
 from visadapt.data.procedural import _background, _finish, _object
+from visadapt.data.transforms import pil_to_tensor
 
 REQUIRED_COLUMNS = ("filepath", "title", "cname", "value")
 WEIGHT_COLUMN = "sample_weights_by_class"
@@ -53,10 +52,6 @@ class RankingRow:
     cname: str
     value: float
     weight: float = 1.0
-
-
-def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
 class RankingTable:
@@ -136,7 +131,7 @@ class RankingTable:
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
-                return self.transform(img) if self.transform is not None else _pil_to_tensor(img)
+                return self.transform(img) if self.transform is not None else pil_to_tensor(img)
         except OSError as err:
             raise DatasetError(f"cannot read image {path} (row {index + 2} of {self.csv_path}): {err}") from err
 
@@ -238,8 +233,8 @@ def generate_mini_counting(root: str | os.PathLike | None = None, seed: int = 0,
     """Write mini-counting (``train.csv``, ``val.csv``, ``test.csv`` and ``images/``) to ``root``; return it.
 
     Counts are uniform in 1-6 and shapes uniform over :data:`COUNTING_SHAPES`; the same arguments give the
-    same bytes. An existing folder with the same arguments (its manifest) is reused; it is written to a
-    temporary sibling and renamed into place, so an interrupted run leaves nothing half-written.
+    same bytes. Written through :func:`visadapt.data.generated.write_generated`: a folder with the same
+    arguments (its manifest) is reused, and an interrupted run leaves nothing half-written.
     """
     root = Path(root) if root is not None else default_counting_root(seed)
     sizes = dict(DEFAULT_COUNTING_SIZES if sizes is None else sizes)
@@ -247,18 +242,9 @@ def generate_mini_counting(root: str | os.PathLike | None = None, seed: int = 0,
     if unknown or any(int(n) < 1 for n in sizes.values()):
         raise ValueError(f"sizes must map train/val/test to positive counts, got {sizes}")
     wanted = {"generator_version": COUNTING_GENERATOR_VERSION, "seed": seed, "sizes": sizes}
-    try:
-        if json.loads((root / COUNTING_MANIFEST).read_text()).get("parameters") == wanted:
-            return root
-    except (OSError, ValueError, AttributeError):
-        pass
-    if root.exists() and any(root.iterdir()) and not (root / COUNTING_MANIFEST).is_file():
-        raise DatasetError(f"{root} exists, is not empty and holds no {COUNTING_MANIFEST}: not replacing it; pass "
-                           f"a new or empty folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        (tmp / "images").mkdir(parents=True)
+
+    def write(tmp: Path) -> dict:
+        (tmp / "images").mkdir()
         for split_index, (split, n) in enumerate(sizes.items()):
             with open(tmp / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -270,15 +256,6 @@ def generate_mini_counting(root: str | os.PathLike | None = None, seed: int = 0,
                     name = f"images/{split}_{k:05d}.png"
                     Image.fromarray(render_count(shape, count, rng)).save(tmp / name, compress_level=1)
                     writer.writerow([name, INSTRUCTION.format(shape), shape, count])
-        (tmp / COUNTING_MANIFEST).write_text(json.dumps({"parameters": wanted}, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not (root / COUNTING_MANIFEST).is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
+        return {}
+
+    return write_generated(root, COUNTING_MANIFEST, wanted, write, "mini-counting data")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+
 if TYPE_CHECKING:
     from torchvision.transforms import Compose
 
@@ -84,3 +87,9 @@ def fgvc_transforms(input_size: int, normalization=None) -> tuple[Compose, Compo
     train = T.Compose([resize, T.RandomCrop(input_size), T.RandomHorizontalFlip(), *_to_tensor(normalization)])
     evaluate = T.Compose([resize, T.CenterCrop(input_size), *_to_tensor(normalization)])
     return train, evaluate
+
+
+def pil_to_tensor(img) -> torch.Tensor:
+    """RGB PIL image -> ``(3, H, W)`` float tensor in [0, 1] (without importing torchvision, which is slow): the
+    loaders' default when no transform is given."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)

@@ -7,22 +7,19 @@ AdaptFormer 81.0% (6 epochs), MoSA 77.0% (12 epochs: its sparse modules each see
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from train_scripts import load_train_script
 
 from visadapt.data.procedural import generate_mini_vtab
 
-ROOT = Path(__file__).resolve().parents[1]
 MARGIN = 5.0  # points; the measured gaps are 14.5 and 18.5
 
 
 def _run(data: Path, out: Path, adapter: str, epochs: int) -> float:
-    spec = importlib.util.spec_from_file_location("train_vtab", ROOT / "train" / "vtab.py")
-    vtab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vtab)
+    vtab = load_train_script("vtab")
     args = ["--data-root", str(data), "--output-dir", str(out), "--no-progress", "--task", "cells", "--adapter",
             adapter, "--epochs", str(epochs), "--eval-every", str(epochs)]
     assert vtab.main(args) == 0

@@ -1,21 +1,18 @@
 """The bitadapter plugin (1-bit AdaptFormer / LoRA): exact reload, packed file size, bad files, training."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from train_scripts import load_train_script
 
 import visadapt
 from visadapt.data.procedural import generate_mini_vtab
 from visadapt.inject import AdapterLoadError
 from visadapt.layers import QuantizedLinear
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _vit(num_classes: int = 5, **kwargs):
@@ -110,9 +107,7 @@ def test_bad_config_names_the_field(field, value, message):
 
 
 def test_trains_with_train_vtab_and_the_loss_falls(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_vtab", ROOT / "train" / "vtab.py")
-    vtab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vtab)
+    vtab = load_train_script("vtab")
     data = generate_mini_vtab(tmp_path / "data", split_sizes={"train800": 16, "val200": 8, "test": 20})
     args = ["--data-root", str(data), "--output-dir", str(tmp_path / "run"), "--no-progress", "--task", "textures",
             "--epochs", "4", "--batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "0", "--adapter",

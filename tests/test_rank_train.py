@@ -1,17 +1,16 @@
 """train/rank.py end to end on a small generated counting set: it learns to count where zero-shot CLIP cannot."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from train_scripts import load_train_script
 
 from visadapt.data.ranking import RankingTable, generate_mini_counting
 from visadapt.eval import cli
 from visadapt.eval.ranking import adapter_scorer, evaluate_ranking
 
-ROOT = Path(__file__).resolve().parents[1]
 # A small run that learns: 512 training images, 12 epochs of lists of 16 with 4 partners per image (45 s on
 # 2 cores). Measured on its 192 test images: SRCC 0.326, zero-shot -0.07 (2026-11-23); the full embedded
 # default reaches 0.818. The threshold leaves a margin for numeric drift between platforms.
@@ -19,10 +18,7 @@ SRCC_THRESHOLD = 0.2
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_rank", ROOT / "train" / "rank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("rank")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ or a kill is the point), on a mini-VTAB folder with a few dozen images per split
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_scripts import load_train_script
 
 from visadapt.backbones import embedded_weights_path
 from visadapt.data.procedural import generate_mini_vtab
@@ -29,10 +29,7 @@ TINY_SIZES = {"train800": 16, "val200": 8, "test": 20}  # 24 training images = 3
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_vtab", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("vtab")
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,20 @@
 """train/vpr.py end to end on a tiny generated world, re-evaluation of its adapter file, and the vpr table."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from train_scripts import load_train_script
 
 from visadapt.data.places import generate_mini_places
 from visadapt.eval import cli
 from visadapt.eval.vpr import evaluate_vpr_adapter_file, vpr_table
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_vpr", ROOT / "train" / "vpr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("vpr")
 
 
 @pytest.fixture(scope="module")

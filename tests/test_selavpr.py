@@ -104,6 +104,9 @@ def test_local_loss_on_a_hand_built_example():
     loss = S.local_mnn_loss(query[None], positive[None], negative[None, None])
     assert loss.item() == pytest.approx(0.2)  # max(0, 0.8 - 0.6) over 1 query x 1 negative
     assert S.local_mnn_loss(query[None], negative[None], positive[None, None]).item() == 0.0
+    # with a margin the satisfied order still costs until the gap exceeds it: max(0, 0.6 - 0.8 + 0.3)
+    assert S.local_mnn_loss(query[None], negative[None], positive[None, None], margin=0.3).item() == \
+        pytest.approx(0.1)
 
 
 def test_global_loss_equals_torch_triplet_margin_loss_summed_and_divided():

@@ -46,7 +46,7 @@ def test_training_writes_the_val_selected_adapter_and_test_recalls(trained_run):
     assert test["top1_fixed"] >= 0 and test["top1_broken"] >= 0
     assert test["reranked"]["1"] - test["global"]["1"] == pytest.approx(
         100.0 * (test["top1_fixed"] - test["top1_broken"]) / test["queries"])
-    assert metrics["mining"] == "semihard"  # the embedded recipe's
+    assert metrics["mining"] == "semihard" and metrics["local_margin"] == 0.1  # the embedded recipe's
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["val_best_R@5"] == max(h["R@5"] for h in metrics["history"])
     # every epoch mined its tuples with the model of that moment, and kept them for an exact resume

@@ -196,3 +196,47 @@ def test_save_load_round_trip_is_bit_identical(case, tmp_path):
     with torch.no_grad():
         assert torch.equal(run(fresh, inputs), run(model, inputs))
     assert visadapt.api.records(fresh)["default"].config == visadapt.api.records(model)["default"].config
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapter_weight_zero_is_the_base_model_and_merging_keeps_the_weight(case):
+    model, inputs, plugin, config, _ = build(case)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with torch.no_grad():
+        base = run(model, inputs)
+        visadapt.attach(model, plugin, config)  # no head: a head is held by the record, not weighted
+        randomize_adapters(model)
+        full = run(model, inputs)
+        visadapt.set_weight(model, "default", 0.0)
+        assert torch.allclose(run(model, inputs), base, atol=1e-6)
+        visadapt.set_weight(model, "default", 0.5)
+        half = run(model, inputs)
+        assert visadapt.get_weight(model, "default") == 0.5
+        assert not torch.allclose(half, base, rtol=1e-3, atol=0.0)  # relative: DINOv2's LayerScale is tiny
+        if plugin == "lora":
+            visadapt.merge(model)
+            assert torch.allclose(run(model, inputs), half, atol=1e-5)
+            with pytest.raises(ValueError, match="unmerge"):
+                visadapt.set_weight(model, "default", 1.0)
+            visadapt.unmerge(model)
+        visadapt.set_weight(model, "default", 1.0)
+        assert torch.allclose(run(model, inputs), full, atol=1e-6)
+
+
+def test_adapter_weight_scales_one_lora_delta_exactly():
+    torch.manual_seed(0)
+    layer_model = tm.vit()
+    visadapt.attach(layer_model, "lora", {"targets": ("fc2",), "blocks": (0,)})
+    randomize_adapters(layer_model, 0.5)
+    fc2 = layer_model.blocks[0].mlp.fc2
+    x = torch.randn(3, fc2.in_features)
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, fc2.weight, fc2.bias)
+        delta = fc2(x) - base
+        visadapt.set_weight(layer_model, "default", -1.5)
+        assert torch.allclose(fc2(x), base - 1.5 * delta, atol=1e-5)
+    with pytest.raises(ValueError, match="finite"):
+        visadapt.set_weight(layer_model, "default", float("nan"))
+    with pytest.raises(KeyError, match="no adapter named 'other'"):
+        visadapt.set_weight(layer_model, "other", 1.0)

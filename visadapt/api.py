@@ -170,6 +170,22 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> None:
         get_record(model, name).plugin.merge(model, name)
 
 
+def set_weight(model: nn.Module, adapter_name: str, weight: float) -> None:
+    """Scale adapter ``adapter_name`` by ``weight`` at run time: 0 is the base model, 1 the adapter as trained,
+    anything between or beyond interpolates or extrapolates its deltas (see
+    :func:`visadapt.inject.set_adapter_weight`). Unmerge a merged adapter first; merging folds the weighted
+    delta, so merged and unmerged outputs stay equal."""
+    get_record(model, adapter_name)
+    inject.set_adapter_weight(model, adapter_name, weight)
+
+
+def get_weight(model: nn.Module, adapter_name: str) -> float:
+    """The runtime weight of ``adapter_name`` (1.0 unless :func:`set_weight` changed it)."""
+    get_record(model, adapter_name)
+    items = inject.attached(model, adapter_name)
+    return inject.adapter_weight(items[0].module) if items else 1.0
+
+
 def unmerge(model: nn.Module, adapter_name: str | None = None) -> None:
     """Undo :func:`merge`, in reverse order of adapters, restoring base weights bit for bit."""
     for name in reversed(_names(model, adapter_name)):

@@ -131,3 +131,56 @@ def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Modu
     return clip, {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size),
                   "mean": tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                   "std": tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))}
+
+
+# ------------------------------------------------------------------------------------------ diffusers pipeline
+
+#: the embedded text-to-image pipeline: a seeded, randomly initialised Stable Diffusion of a few hundred
+#: thousand parameters, built from configs with the tokenizer vocabulary shipped in ``assets/`` (no download)
+EMBEDDED_SD = "visadapt_tiny_sd"
+TINY_SD_SEED = 0
+TINY_SD_CONFIG = {
+    # SD1.5's UNet layout (cross-attention down/up blocks, ResNet blocks with two convolutions and group
+    # norms) at widths 32/64, so every site a real SD1.5 adapter targets exists here too
+    "unet": {"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+             "block_out_channels": (32, 64), "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32,
+             "attention_head_dim": 8, "norm_num_groups": 8},
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (16, 32),
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"), "norm_num_groups": 8, "sample_size": 32},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "projection_dim": 32},
+}
+
+
+def tiny_tokenizer_dir() -> Path:
+    """The shipped byte-level BPE vocabulary (``vocab.json``, ``merges.txt``) of the embedded pipelines."""
+    return Path(str(importlib.resources.files("visadapt.assets") / "tiny_clip_tokenizer"))
+
+
+def create_tiny_sd_pipeline(seed: int = TINY_SD_SEED):
+    """:data:`EMBEDDED_SD`: a ``StableDiffusionPipeline`` built from :data:`TINY_SD_CONFIG`, seeded, on CPU.
+
+    The VAE downsamples by 2 (not SD's 8), so a 32x32 image is a 16x16 latent; it generates 32x32 images in
+    well under a second on one CPU core. No safety checker (nothing to check on random weights).
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = tiny_tokenizer_dir()
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_SD_CONFIG["unet"])
+        vae = AutoencoderKL(**TINY_SD_CONFIG["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                                    bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id,
+                                                    **TINY_SD_CONFIG["text_encoder"]))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

@@ -14,6 +14,7 @@ Layers whose weight is read directly instead of called (``nn.MultiheadAttention.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterator
 
@@ -55,7 +56,8 @@ class WeightDelta(nn.Module):
         for per_name in self.visadapt_adapters.values():
             for module in per_name.values():
                 if not module.merged:
-                    weight = add_rows(weight, module.delta_weight().to(weight.dtype), module.site_rows, dim=0)
+                    delta = module.delta_weight().to(weight.dtype) * adapter_weight(module)
+                    weight = add_rows(weight, delta, module.site_rows, dim=0)
         return weight
 
 
@@ -128,6 +130,42 @@ def _active(owner: nn.Module, how: str) -> Iterator[nn.Module]:
                 yield module
 
 
+def adapter_weight(module: nn.Module) -> float:
+    """The runtime weight of one delta module (1.0 unless :func:`set_adapter_weight` changed it)."""
+    return module.__dict__.get("adapter_weight", 1.0)
+
+
+def _weighted(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    weight = adapter_weight(module)
+    return delta if weight == 1.0 else delta * weight
+
+
+def set_adapter_weight(model: nn.Module, adapter_name: str, weight: float) -> None:
+    """Scale every delta of ``adapter_name`` by ``weight`` at run time (LoRA-style ``set_adapters`` weights).
+
+    Additive deltas become ``weight * f(x)``; a module that replaces its host's output (a trainable norm, a
+    quantised head) gives ``weight * new + (1 - weight) * base``, so 0 is the base model and 1 the adapter.
+    Merging folds the weighted delta. A merged adapter must be unmerged before its weight changes, and
+    adapters holding a module of their own (a head the plugin calls) have no weight to set.
+    """
+    weight = float(weight)
+    if not math.isfinite(weight):
+        raise ValueError(f"adapter weight must be a finite number, got {weight}")
+    items = attached(model, adapter_name)
+    if not items:
+        raise KeyError(f"no modules of adapter {adapter_name!r} are attached to this model")
+    merged = [f"{i.host_path}:{i.kind}" for i in items if getattr(i.module, "merged", False)]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights ({merged[0]}, ...); unmerge "
+                         f"(unfuse) it before changing its weight")
+    held = [f"{i.host_path}:{i.kind}" for i in items if i.module.site_how == "held"]
+    if held and weight != 1.0:
+        raise ValueError(f"adapter {adapter_name!r} holds a module its plugin calls itself ({held[0]}); a "
+                         f"weight cannot scale it, so only 1.0 is allowed")
+    for item in items:
+        item.module.__dict__["adapter_weight"] = weight
+
+
 def _tap_hook(tap: nn.Module, args: tuple) -> None:
     # The parallel branch of a block is fed the tap's (e.g. norm2's) input: the residual stream after attention.
     setattr(tap, _TAP_VALUE_ATTR, args[0])
@@ -139,7 +177,7 @@ def _pre_hook(host: nn.Module, args: tuple):
         return None
     x = args[0]
     for module in modules:
-        x = x + module(x)
+        x = x + _weighted(module, module(x))
     return (x, *args[1:])
 
 
@@ -150,7 +188,7 @@ def _post_hook(host: nn.Module, args: tuple, output):
             tap = host.get_submodule(module.site_tap)
             branch_input = getattr(tap, _TAP_VALUE_ATTR)
             # Swin returns (B, H, W, C) while its MLP branch saw (B, H*W, C): same elements, other view
-            output = output + module(branch_input).reshape(output.shape)
+            output = output + _weighted(module, module(branch_input)).reshape(output.shape)
         for module in parallel:
             setattr(host.get_submodule(module.site_tap), _TAP_VALUE_ATTR, None)  # free the activation
     linear = list(_active(host, "linear"))
@@ -158,11 +196,13 @@ def _post_hook(host: nn.Module, args: tuple, output):
         x = args[0]
         channel_dim = 1 if isinstance(host, nn.Conv2d) else -1
         for module in linear:
-            output = add_rows(output, module(x), module.site_rows, dim=channel_dim)
+            output = add_rows(output, _weighted(module, module(x)), module.site_rows, dim=channel_dim)
     for module in _active(host, "output"):
-        output = output + module(output)
+        output = output + _weighted(module, module(output))
     for module in _active(host, "replace"):  # at most one (checked in insert)
-        output = module(args[0])
+        weight = adapter_weight(module)
+        replaced = module(args[0])
+        output = replaced if weight == 1.0 else weight * replaced + (1.0 - weight) * output
     return output
 
 

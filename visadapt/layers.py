@@ -168,7 +168,9 @@ class LoRA(nn.Module):
             return
         target = weight if rows is None else weight[rows[0]:rows[1]]
         self._unmerged_rows = target.detach().clone()
-        target.copy_((target.float() + self.delta_weight(torch.float32)).to(weight.dtype))
+        # the runtime weight of visadapt.inject.set_adapter_weight, so merged output equals unmerged output
+        delta = self.delta_weight(torch.float32) * self.__dict__.get("adapter_weight", 1.0)
+        target.copy_((target.float() + delta).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()

@@ -1,0 +1,101 @@
+"""Checkpoint formats other than visadapt's own, converted on load into ordinary visadapt adapters.
+
+Published adapters ship in their authors' layouts: ResAdapter as two files (a diffusers LoRA file and a file of
+UNet normalisation tensors), SELMA's experts and community LoRAs in the diffusers/PEFT LoRA layout. A format is
+one class registered with :func:`register_format`; :func:`find_format` picks the one that recognises a folder's
+files (or an in-memory state dict), and its :meth:`CheckpointFormat.load` attaches the equivalent visadapt
+adapter, so ``save_adapter`` afterwards writes the one visadapt file format.
+
+``visadapt.diffusers``' ``pipe.load_visadapt`` reads visadapt files itself and asks these formats about
+anything else; plugins register their formats at import (``plugins/resadapter.py``, ``plugins/selma.py``).
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visadapt.plugin import AdapterConfig
+
+_FORMATS: dict[str, type[CheckpointFormat]] = {}
+
+
+class CheckpointFormat(abc.ABC):
+    """One foreign layout. Subclasses set ``name`` and ``file_names`` and implement the two methods.
+
+    ``file_names``: the file names the layout uses inside a folder or hub repo (most specific first), so a
+    loader knows what to look for or download; the first that :meth:`detect` accepts wins.
+    """
+
+    name: str = ""
+    file_names: tuple[str, ...] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def detect(cls, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None) -> bool:
+        """Whether this layout is what ``files`` (existing files by name, possibly empty) or ``state`` (tensors
+        given in memory instead of files, or None) hold. Must be cheap: read headers, not tensors."""
+
+    @abc.abstractmethod
+    def load(self, model: nn.Module, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None,
+             adapter_name: str) -> AdapterConfig:
+        """Attach to ``model`` (a diffusers UNet, ...) the visadapt adapter ``adapter_name`` equivalent to the
+        checkpoint and load its tensors; return the adapter's config. On any failure leave ``model`` exactly as
+        it was and raise an error naming the file, the keys that did not fit and the fix. Keys that match nothing
+        are an error (or, where the layout legitimately holds more than the adapter, reported), never ignored."""
+
+
+def register_format(name: str):
+    """Class decorator: ``@register_format("resadapter")`` makes the format known to :func:`find_format`."""
+
+    def wrap(cls: type[CheckpointFormat]) -> type[CheckpointFormat]:
+        if not (isinstance(cls, type) and issubclass(cls, CheckpointFormat)):
+            raise TypeError(f"@register_format({name!r}) decorates CheckpointFormat subclasses, not {cls!r}")
+        if name in _FORMATS and _FORMATS[name] is not cls:
+            raise ValueError(f"checkpoint format {name!r} is already registered by {_FORMATS[name].__module__}")
+        cls.name = name
+        _FORMATS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _discover() -> None:
+    # the plugins that define formats register them at import
+    from visadapt.registry import _discover as discover_plugins
+
+    discover_plugins()
+
+
+def list_formats() -> list[str]:
+    _discover()
+    return sorted(_FORMATS)
+
+
+def get_format(name: str) -> CheckpointFormat:
+    _discover()
+    if name not in _FORMATS:
+        raise KeyError(f"unknown checkpoint format {name!r}; known: {', '.join(sorted(_FORMATS)) or 'none'}")
+    return _FORMATS[name]()
+
+
+def find_format(files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None = None
+                ) -> CheckpointFormat | None:
+    """The registered format that recognises ``files`` / ``state``, or None when none does."""
+    _discover()
+    for cls in _FORMATS.values():
+        if cls.detect(files, state):
+            return cls()
+    return None
+
+
+def known_file_names() -> list[str]:
+    """Every file name some registered format may read, in registration order, without duplicates."""
+    _discover()
+    names: dict[str, None] = {}
+    for cls in _FORMATS.values():
+        names.update(dict.fromkeys(cls.file_names))
+    return list(names)

@@ -48,7 +48,7 @@ def test_unet_sites_and_transformer_aliases():
     model = tm.unet()
     sites = all_sites(model)
     kinds = {s.kind for s in sites}
-    assert kinds == {"to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "norm"}
+    assert kinds == {"to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "norm", "downsample", "upsample"}
     cross_k = [s for s in by_kind(sites, "to_k") if s.path.endswith("attn2.to_k")]
     assert cross_k and all(s.in_features == 16 for s in cross_k)  # cross_attention_dim
     assert {s.kind for s in find_sites(model, ["q", "proj"])} == {"to_q", "to_out"}

@@ -64,7 +64,8 @@ def register_format(name: str):
 
 
 def _discover() -> None:
-    # the plugins that define formats register them at import
+    # the plugins that define formats register them at import; the LoRA layouts module registers its own
+    import visadapt.lora_layouts  # noqa: F401
     from visadapt.registry import _discover as discover_plugins
 
     discover_plugins()

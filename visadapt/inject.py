@@ -261,6 +261,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 def merge(model: nn.Module, adapter_name: str) -> None:
     """Fold each delta of ``adapter_name`` into its base weight (fp32 arithmetic, exact copy kept)."""
     for item in attached(model, adapter_name):
+        if hasattr(item.module, "merge_into_host"):  # needs more of its host than the weight (a norm's bias)
+            item.module.merge_into_host(model.get_submodule(item.host_path))
+            continue
         if not hasattr(item.module, "merge_into") or item.base_weight is None:
             raise ValueError(f"{item.host_path}:{item.kind} holds a {type(item.module).__name__}, which has no "
                              f"weight to merge into")
@@ -271,7 +274,10 @@ def unmerge(model: nn.Module, adapter_name: str) -> None:
     """Undo :func:`merge` in reverse order, restoring the base weights bit for bit."""
     for item in reversed(attached(model, adapter_name)):
         if getattr(item.module, "merged", False):
-            item.module.unmerge_from(item.base_weight.data, item.module.site_rows)
+            if hasattr(item.module, "unmerge_from_host"):
+                item.module.unmerge_from_host(model.get_submodule(item.host_path))
+            else:
+                item.module.unmerge_from(item.base_weight.data, item.module.site_rows)
 
 
 def remove(model: nn.Module, adapter_name: str | None = None) -> None:

@@ -17,16 +17,21 @@ sites works on timm and open_clip alike:
 ==============  =====================================================================================
 
 Diffusers UNets offer ``to_q``, ``to_k``, ``to_v``, ``to_out`` (attention projections; ``q``/``k``/``v``/
-``proj`` are accepted as aliases), ``conv1``/``conv2`` (ResNet-block convolutions) and ``norm`` (the
-group norms of ResNet blocks and attention blocks).
+``proj`` are accepted as aliases), ``conv1``/``conv2`` (ResNet-block convolutions), ``downsample``/``upsample``
+(the convolution of each down block's ``Downsample2D`` and each up block's ``Upsample2D``, which ResAdapter's
+released LoRA adapts) and ``norm`` (the group norms of ResNet blocks and attention blocks; a module there
+*replaces* the norm's output, e.g. a group norm with its own trainable affine).
+
+:func:`module_sites` offers any ``nn.Linear`` / ungrouped ``nn.Conv2d`` by its module path (PEFT's
+``target_modules``), for LoRA files that name their modules rather than site kinds.
 
 Each :class:`Site` says *how* an adapter attaches there (see :mod:`visadapt.inject`):
 ``output`` (add ``f(y)`` to the host's output ``y``), ``input`` (replace the host's input ``x`` by
 ``x + f(x)``), ``parallel`` (add ``f(x_branch)`` to the block output, ``x_branch`` being the input of
 the ``tap`` module), ``linear`` (add ``f(x)`` to a Linear/Conv host's output, optionally on a row slice),
 ``weight`` (add a weight delta to parameter ``param`` of the host, for layers whose weights are read
-directly rather than called, such as ``nn.MultiheadAttention``), ``norm`` (a normalisation layer) and
-``held`` (a module kept on the model that the plugin calls itself, such as a head over the patch tokens).
+directly rather than called, such as ``nn.MultiheadAttention``), ``replace`` (the module's output replaces the
+host's: a classifier head, a normalisation layer) and ``held`` (a module kept on the model that the plugin calls itself, such as a head over the patch tokens).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ TRANSFORMER_KINDS = (
 )
 # Whole-model sites after the blocks: the timm ViT classifier, which a module replaces (quantised heads).
 VIT_MODEL_KINDS = ("head",)
-UNET_KINDS = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "norm")
+UNET_KINDS = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "downsample", "upsample", "norm")
 #: the transformer names accepted on UNets, so one LoRA config (``targets=("q", "v")``) fits every family
 UNET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj": "to_out"}
 
@@ -284,8 +289,14 @@ def _unet_sites(model: nn.Module) -> list[Site]:
                 norm = getattr(module, norm_name)
                 if isinstance(norm, nn.GroupNorm):
                     sites.append(Site(f"{path}.{norm_name}", "norm", resnet_index, norm.num_channels,
-                                      norm.num_channels, norm, "norm"))
+                                      norm.num_channels, norm, "replace"))
             resnet_index += 1
+        elif cls in ("Downsample2D", "Upsample2D") and isinstance(getattr(module, "conv", None), nn.Conv2d):
+            # the block's resolution change; numbered with the ResNet block before it, so depth is unchanged
+            kind = "downsample" if cls == "Downsample2D" else "upsample"
+            conv = module.conv
+            sites.append(Site(f"{path}.conv", kind, max(resnet_index - 1, 0), conv.in_channels, conv.out_channels,
+                              conv, "linear"))
         elif cls == "Attention" and hasattr(module, "to_q"):
             for kind in ("to_q", "to_k", "to_v"):
                 lin = getattr(module, kind)
@@ -297,7 +308,7 @@ def _unet_sites(model: nn.Module) -> list[Site]:
             attn_index += 1
         elif cls == "Transformer2DModel" and isinstance(getattr(module, "norm", None), nn.GroupNorm):
             sites.append(Site(f"{path}.norm", "norm", attn_index, module.norm.num_channels,
-                              module.norm.num_channels, module.norm, "norm"))
+                              module.norm.num_channels, module.norm, "replace"))
     return sites
 
 
@@ -363,6 +374,52 @@ def find_sites(
             f"no site matches kinds={list(kinds)}, blocks={blocks}, towers={towers}, path_pattern={path_pattern!r} "
             f"on this {family} model; run `visadapt sites` to see what it offers"
         )
+    return sites
+
+
+def _matches_module(path: str, pattern: str) -> bool:
+    return path == pattern or path.endswith("." + pattern)
+
+
+def module_sites(model: nn.Module, patterns: Sequence[str]) -> list[Site]:
+    """Sites at the modules named by ``patterns`` (PEFT ``target_modules``: a full module path such as
+    ``down_blocks.0.resnets.0.conv1``, or a dotted suffix such as ``to_q`` that matches every module ending so).
+
+    A module that is also a site of the family (e.g. a UNet ``to_q``, an open_clip ``out_proj`` read as a
+    weight) gets that site, kind and attachment included; any other ``nn.Linear`` or ungrouped ``nn.Conv2d``
+    gets a ``linear`` site of kind ``module``. Raises ``ValueError`` naming every pattern that matches no
+    such layer, so a misspelt target never adapts nothing silently.
+    """
+    family = model_family(model)
+    known: dict[str, Site] = {}
+    for site in all_sites(model):
+        # row slices (q/k/v of a fused qkv) are not whole modules; the first whole-module site wins
+        if site.rows is None and site.how in ("linear", "weight"):
+            known.setdefault(site.path, site)
+    sites, unmatched = [], []
+    layers = [(path, m) for path, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d)) and "visadapt_" not in path]
+    chosen: dict[str, Site] = {}
+    for pattern in patterns:
+        hits = [(path, m) for path, m in layers if _matches_module(path, pattern)]
+        if not hits:
+            unmatched.append(pattern)
+        for path, module in hits:
+            if path in chosen:
+                continue
+            if path in known:
+                chosen[path] = known[path]
+            elif isinstance(module, nn.Conv2d):
+                chosen[path] = Site(path, "module", -1, module.in_channels, module.out_channels, module, "linear")
+            else:
+                chosen[path] = Site(path, "module", -1, module.in_features, module.out_features, module, "linear")
+    if unmatched:
+        raise ValueError(
+            f"target_modules {unmatched} match no nn.Linear / nn.Conv2d of this {family} model (patterns are full "
+            f"module paths or dotted suffixes, e.g. 'down_blocks.0.resnets.0.conv1' or 'to_q'); "
+            f"print(dict(model.named_modules()).keys()) lists the paths")
+    order = {path: i for i, (path, _) in enumerate(layers)}
+    sites = sorted(chosen.values(), key=lambda s: order[s.path])
     return sites
 
 

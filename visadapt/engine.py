@@ -208,7 +208,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         accelerator: Accelerator | None = None, output_dir: str | os.PathLike | None = None,
         resume: bool = False, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
         evaluator: Callable[[nn.Module, Accelerator], dict[str, float]] | None = None, metric: str = "accuracy",
-        before_epoch: Callable[[nn.Module, int], None] | None = None, log_prefix: str = "") -> FitResult:
+        before_epoch: Callable[[nn.Module, int], None] | None = None, log_prefix: str = "",
+        batch_sampler: Sampler[list] | None = None) -> FitResult:
     """Train the parameters of ``model`` that require grad; evaluate on ``eval_dataset``.
 
     ``model`` maps images ``(B, C, H, W)`` to logits ``(B, num_classes)``; datasets yield ``(image, label)``.
@@ -222,6 +223,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     (starting fresh when there is none). Plugins attached with :func:`visadapt.attach` get their
     ``on_step(model, step)`` hook before training and after every optimiser step, and a plugin that defines
     its own :meth:`~visadapt.plugin.AdapterPlugin.training_loss` computes the loss of each batch.
+    ``batch_sampler`` replaces the default shuffled batches of ``config.batch_size`` (e.g.
+    :class:`visadapt.diffusion.BucketBatchSampler`: one resolution per batch). Its batches are global batches,
+    its ``batch_size`` attribute must divide over the processes, its length must not change between epochs, and
+    its ``set_epoch(epoch)`` is called before every epoch so that its order can depend on the epoch alone.
     """
     accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps)
     _check_divisible(config.batch_size, accelerator, "batch_size")
@@ -231,10 +236,16 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=config.label_smoothing))
     start_time = time.time()
 
-    sampler = EpochPermutation(len(train_dataset), config.seed)
     # A private generator keeps DataLoader start-up from consuming the global RNG, which resume restores.
-    train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
-                              num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
+    if batch_sampler is not None:
+        _check_divisible(getattr(batch_sampler, "batch_size", config.batch_size), accelerator,
+                         "batch_sampler.batch_size")
+        train_loader = DataLoader(train_dataset, batch_sampler=batch_sampler, num_workers=config.num_workers,
+                                  generator=torch.Generator().manual_seed(config.seed))
+    else:
+        sampler = EpochPermutation(len(train_dataset), config.seed)
+        train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
+                                  num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
     if evaluator is None and eval_dataset is None:
         raise ValueError("fit needs an eval_dataset (top-1 accuracy) or an evaluator")
     eval_loader = None if evaluator is not None else DataLoader(
@@ -313,6 +324,9 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         # Through the prepared loader: Accelerate re-sets the sampler's epoch from its own counter on
         # every pass, which after a resume would not be the true epoch.
         loader.set_epoch(epoch)
+        if batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
+            # Accelerate's wrappers (resume skipping, process sharding) do not always pass set_epoch on.
+            batch_sampler.set_epoch(epoch)
         if before_epoch is not None:
             before_epoch(model, epoch)
             model.train()

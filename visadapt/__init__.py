@@ -44,3 +44,8 @@ __all__ = [
     "trainable_parameters",
     "unmerge",
 ]
+
+# pipe.load_visadapt & co. on every diffusers.DiffusionPipeline (added when diffusers' pipelines are imported)
+from visadapt import diffusers as _diffusers_loader
+
+_diffusers_loader.install()

@@ -1,0 +1,499 @@
+"""``pipe.load_visadapt`` and friends on the embedded tiny Stable Diffusion pipeline (CPU, 32x32, 2 steps)."""
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import visadapt
+from tests import tiny_models as tm
+from visadapt import diffusers as loader
+from visadapt import inject, io
+from visadapt.backbones import create_tiny_sd_pipeline
+from visadapt.formats import CheckpointFormat, register_format
+
+PROMPT = "a red cube on a table"
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny pipeline gains nothing from threads, and on a shared 2-core machine spinning OpenMP workers
+    # made these tests 50x slower; restored for the other test modules afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_pipe(_one_thread):
+    pipe = create_tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    generate(pipe)  # the first calls of a process are slow (kernel set-up); pay it once
+    return pipe
+
+
+@pytest.fixture()
+def pipe(base_pipe):
+    return copy.deepcopy(base_pipe)
+
+
+@pytest.fixture(scope="module")
+def base_image(base_pipe):
+    return generate(base_pipe)
+
+
+def generate(pipe) -> torch.Tensor:
+    """A 32x32 image (1, 3, 32, 32) from 2 DDIM steps with a fixed seed."""
+    with torch.no_grad():
+        return pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+
+def every_tensor(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of every torch component of the pipeline, cloned."""
+    return {f"{name}.{key}": value.detach().clone()
+            for name, module in pipe.components.items() if isinstance(module, nn.Module)
+            for key, value in module.state_dict().items()}
+
+
+def assert_same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert sorted(before) == sorted(after)
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
+
+
+def lora_file(path: Path, unet: nn.Module, seed: int, rank: int = 4, targets=("q", "v", "conv2")) -> Path:
+    """A visadapt LoRA file for ``unet``'s architecture, with random (non-zero) B so it changes the output."""
+    unet = copy.deepcopy(unet)
+    visadapt.attach(unet, "lora", rank=rank, alpha=float(rank), targets=targets)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if inject.ADAPTERS_ATTR in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return visadapt.save_adapter(unet, path)
+
+
+@pytest.fixture()
+def lora_a(tmp_path, base_pipe) -> Path:
+    return lora_file(tmp_path / "a.safetensors", base_pipe.unet, seed=1)
+
+
+@pytest.fixture()
+def lora_b(tmp_path, base_pipe) -> Path:
+    return lora_file(tmp_path / "b.safetensors", base_pipe.unet, seed=2, targets=("k", "to_out", "conv1"))
+
+
+# A test-only foreign layout: visadapt's LoRA tensors (q/v LoRA) under keys prefixed "plain::", in a file named
+# test_plain_adapter.safetensors or given in memory. It stands for ResAdapter's and the diffusers LoRA layouts,
+# whose formats are registered by their plugins: the loader must reach it through visadapt.formats only.
+PLAIN_PREFIX = "plain::"
+PLAIN_FILE = "test_plain_adapter.safetensors"
+
+
+@register_format("test_plain_lora")
+class PlainLoRAFormat(CheckpointFormat):
+    file_names = (PLAIN_FILE,)
+
+    @classmethod
+    def detect(cls, files, state):
+        if state is not None:
+            return bool(state) and all(key.startswith(PLAIN_PREFIX) for key in state)
+        return PLAIN_FILE in files
+
+    def load(self, model, files, state, adapter_name):
+        state = dict(state) if state is not None else load_file(str(files[PLAIN_FILE]))
+        tensors = {key[len(PLAIN_PREFIX):]: value for key, value in state.items()}
+        rank = next(t.shape[0] for k, t in tensors.items() if k.endswith(".A.weight"))
+        config = visadapt.attach(model, "lora", rank=rank, alpha=float(rank), targets=("q", "v"),
+                                 adapter_name=adapter_name)
+        try:
+            inject.load_adapter_state(model, tensors, adapter_name)
+        except Exception:
+            visadapt.detach(model, adapter_name)
+            raise
+        return config
+
+
+def plain_state(path: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = visadapt.read_adapter_file(path)
+    return {PLAIN_PREFIX + key: value for key, value in tensors.items()}
+
+
+@visadapt.register_plugin("test_unmergeable_lora")
+class UnmergeableLoRA(visadapt.get_plugin("lora")):
+    """LoRA declared non-mergeable, standing for methods with a non-linearity (bottleneck adapters)."""
+
+    mergeable = False
+    merge_refusal = "test plugin: declared non-mergeable"
+
+
+# ------------------------------------------------------------------------------------- load / unload / weights
+
+
+def test_methods_installed_on_every_pipeline(pipe):
+    from diffusers import DiffusionPipeline
+
+    for name in ("load_visadapt", "set_visadapt_weights", "fuse_visadapt", "unfuse_visadapt", "unload_visadapt",
+                 "list_visadapt", "save_visadapt"):
+        assert getattr(DiffusionPipeline, name) is getattr(loader.VisadaptLoaderMixin, name)
+    assert pipe.list_visadapt() == {}
+
+
+def test_methods_installed_lazily_when_diffusers_is_imported_after_visadapt():
+    code = ("import sys, visadapt\n"
+            "assert 'diffusers.pipelines.pipeline_utils' not in sys.modules, 'import visadapt pulled in diffusers'\n"
+            "from diffusers import StableDiffusionPipeline\n"
+            "assert StableDiffusionPipeline.load_visadapt is visadapt.diffusers.VisadaptLoaderMixin.load_visadapt\n")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_load_generate_unload_restores_every_tensor(pipe, lora_a, base_image):
+    before = every_tensor(pipe)
+    name = pipe.load_visadapt(str(lora_a))
+    assert name == "default_0"
+    assert pipe.list_visadapt() == {"unet": ["default_0"]}
+    adapted = generate(pipe)
+    assert (adapted - base_image).abs().max() > 1e-3
+    pipe.unload_visadapt()
+    assert pipe.list_visadapt() == {}
+    assert_same_tensors(before, every_tensor(pipe))
+    assert torch.equal(generate(pipe), base_image)
+
+
+def test_fused_output_equals_unfused_and_unfuse_restores_weights(pipe, lora_a):
+    before = every_tensor(pipe)
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    with_adapter = every_tensor(pipe)
+    unfused = generate(pipe)
+    pipe.fuse_visadapt()
+    unet_weight = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert not torch.equal(unet_weight, before["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+    torch.testing.assert_close(generate(pipe), unfused, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="fused already"):
+        pipe.fuse_visadapt()
+    with pytest.raises(ValueError, match="unfuse_visadapt"):
+        pipe.set_visadapt_weights("a", 0.5)
+    pipe.unfuse_visadapt()
+    assert_same_tensors(with_adapter, every_tensor(pipe))
+    assert torch.equal(generate(pipe), unfused)
+
+    # lora_scale folds weight * lora_scale, as diffusers' fuse_lora does; unfuse gives the old weight back
+    pipe.set_visadapt_weights("a", 0.5)
+    half = generate(pipe)
+    pipe.set_visadapt_weights("a", 1.0)
+    pipe.fuse_visadapt(lora_scale=0.5)
+    torch.testing.assert_close(generate(pipe), half, atol=1e-5, rtol=1e-4)
+    pipe.unload_visadapt()  # unloads fused adapters too
+    assert_same_tensors(before, every_tensor(pipe))
+
+
+def test_weight_zero_is_the_base_pipeline(pipe, lora_a, base_image):
+    pipe.load_visadapt(lora_a, weight=0.0)
+    assert torch.equal(generate(pipe), base_image)
+
+
+def test_set_visadapt_weights(pipe, lora_a, lora_b, base_image):
+    pipe.load_visadapt(lora_a, adapter_name="a", weight=0.5)
+    loaded_at_half = generate(pipe)
+    pipe.set_visadapt_weights("a", 1.0)
+    assert visadapt.get_weight(pipe.unet, "a") == 1.0
+    full = generate(pipe)
+    assert (full - loaded_at_half).abs().max() > 1e-4
+    pipe.set_visadapt_weights(["a"], [0.5])
+    assert torch.equal(generate(pipe), loaded_at_half)
+    pipe.set_visadapt_weights("a", 0)
+    assert torch.equal(generate(pipe), base_image)
+
+    pipe.load_visadapt(lora_b, adapter_name="b")
+    pipe.set_visadapt_weights(["a", "b"], 0.25)  # one number for all
+    assert visadapt.get_weight(pipe.unet, "a") == visadapt.get_weight(pipe.unet, "b") == 0.25
+    pipe.set_visadapt_weights(["a", "b"])  # None: 1.0 each
+    assert visadapt.get_weight(pipe.unet, "b") == 1.0
+    with pytest.raises(ValueError, match="2 adapter names but 1 weights"):
+        pipe.set_visadapt_weights(["a", "b"], [0.5])
+
+
+def test_two_adapters_at_once(pipe, lora_a, lora_b, base_image):
+    pipe.load_visadapt(lora_a)
+    only_a = generate(pipe)
+    pipe.unload_visadapt()
+    pipe.load_visadapt(lora_b)
+    only_b = generate(pipe)
+    pipe.unload_visadapt()
+
+    before = every_tensor(pipe)
+    assert pipe.load_visadapt(lora_a) == "default_0"
+    assert pipe.load_visadapt(lora_b) == "default_1"
+    assert pipe.list_visadapt() == {"unet": ["default_0", "default_1"]}
+    both = generate(pipe)
+    assert (both - only_a).abs().max() > 1e-4 and (both - only_b).abs().max() > 1e-4
+    pipe.set_visadapt_weights("default_1", 0.0)
+    assert torch.equal(generate(pipe), only_a)
+    pipe.set_visadapt_weights("default_1", 1.0)
+    pipe.fuse_visadapt(["default_0"])
+    torch.testing.assert_close(generate(pipe), both, atol=1e-5, rtol=1e-4)
+    pipe.unload_visadapt("default_0")  # the fused one: unfused, then removed
+    assert pipe.list_visadapt() == {"unet": ["default_1"]}
+    assert torch.equal(generate(pipe), only_b)
+    pipe.unload_visadapt(["default_1"])
+    assert_same_tensors(before, every_tensor(pipe))
+    assert torch.equal(generate(pipe), base_image)
+
+
+# ------------------------------------------------------------------------------------------- input kinds
+
+
+def test_state_dict_input_with_visadapt_metadata(pipe, lora_a):
+    pipe.load_visadapt(lora_a)
+    from_file = generate(pipe)
+    pipe.unload_visadapt()
+    tensors, meta = visadapt.read_adapter_file(lora_a)
+    pipe.load_visadapt(tensors, adapter_name="mem", metadata=meta)
+    assert pipe.list_visadapt() == {"unet": ["mem"]}
+    assert torch.equal(generate(pipe), from_file)
+
+
+def test_state_dict_and_folder_of_a_registered_format(pipe, lora_a, tmp_path):
+    """Foreign layouts are dispatched through visadapt.formats: in memory and as a folder's known file."""
+    lora_qv = lora_file(tmp_path / "qv.safetensors", pipe.unet, seed=3, targets=("q", "v"))
+    pipe.load_visadapt(lora_qv)
+    reference = generate(pipe)
+    pipe.unload_visadapt()
+
+    pipe.load_visadapt(plain_state(lora_qv), adapter_name="from_dict")
+    assert torch.equal(generate(pipe), reference)
+    pipe.unload_visadapt()
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    save_file(plain_state(lora_qv), str(folder / PLAIN_FILE))
+    pipe.load_visadapt(folder, adapter_name="from_folder")
+    assert torch.equal(generate(pipe), reference)
+    # whatever it was loaded from, it saves as one visadapt file that loads back the same
+    saved = pipe.save_visadapt("from_folder", tmp_path / "converted")
+    assert saved.name == "adapter.safetensors" and io.read_adapter_metadata(saved)["plugin"] == "lora"
+    pipe.unload_visadapt()
+    pipe.load_visadapt(saved)
+    assert torch.equal(generate(pipe), reference)
+
+    with pytest.raises(io.AdapterFileError, match="no visadapt metadata.*test_plain_lora"):
+        pipe.load_visadapt({"some.weight": torch.zeros(2)})
+
+
+def test_folder_input_and_weight_name(pipe, lora_a, lora_b, tmp_path):
+    pipe.load_visadapt(lora_b)
+    only_b = generate(pipe)
+    pipe.unload_visadapt()
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "adapter.safetensors").write_bytes(lora_a.read_bytes())
+    (folder / "other.safetensors").write_bytes(lora_b.read_bytes())
+    pipe.load_visadapt(folder, adapter_name="from_folder")  # adapter.safetensors by default
+    reference = generate(pipe)
+    pipe.unload_visadapt()
+    pipe.load_visadapt(lora_a)
+    assert torch.equal(generate(pipe), reference)
+    pipe.unload_visadapt()
+    pipe.load_visadapt(folder, weight_name="other.safetensors")
+    assert torch.equal(generate(pipe), only_b)
+    with pytest.raises(io.AdapterFileError, match="weight_name='nope.safetensors' does not exist"):
+        pipe.load_visadapt(folder, weight_name="nope.safetensors")
+
+
+def _fake_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """huggingface_hub's cache layout: models--org--name/{refs/main, snapshots/<commit>/<files>}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+
+
+def test_hub_repo_id_from_the_local_cache(pipe, lora_a, tmp_path):
+    pipe.load_visadapt(lora_a)
+    reference = generate(pipe)
+    pipe.unload_visadapt()
+
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "visadapt-test/tiny-lora", {"adapter.safetensors": lora_a,
+                                                       "sd15/mine.safetensors": lora_a})
+    pipe.load_visadapt("visadapt-test/tiny-lora", cache_dir=cache, local_files_only=True)
+    assert torch.equal(generate(pipe), reference)
+    pipe.unload_visadapt()
+    pipe.load_visadapt("visadapt-test/tiny-lora", cache_dir=cache, local_files_only=True, subfolder="sd15",
+                       weight_name="mine.safetensors", revision="main")
+    assert torch.equal(generate(pipe), reference)
+    pipe.unload_visadapt()
+
+    with pytest.raises(io.AdapterFileError, match="'visadapt-test/absent' was not found in the local cache.*Fix"):
+        pipe.load_visadapt("visadapt-test/absent", cache_dir=cache, local_files_only=True)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_wrong_architecture_names_both(pipe, tmp_path):
+    other = lora_file(tmp_path / "other_unet.safetensors", tm.unet(), seed=0)  # a 16/32-wide UNet
+    before = every_tensor(pipe)
+    with pytest.raises(io.AdapterFileError, match=r"trained for .*16 wide.*unet is .*32 wide"):
+        pipe.load_visadapt(other)
+    assert pipe.list_visadapt() == {}
+    assert_same_tensors(before, every_tensor(pipe))
+
+
+def test_missing_file_pickle_and_bad_arguments(pipe, lora_a, tmp_path):
+    with pytest.raises(io.AdapterFileError, match="does not exist"):
+        pipe.load_visadapt(tmp_path / "missing.safetensors")
+    with pytest.raises(io.AdapterFileError, match="does not exist"):
+        pipe.load_visadapt("./no/such/folder")
+    pickled = tmp_path / "lora.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    with pytest.raises(io.AdapterFileError, match="pickle.*only reads safetensors"):
+        pipe.load_visadapt(pickled)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*low_cpu_mem_usage"):
+        pipe.load_visadapt(lora_a, low_cpu_mem_usage=True)
+    with pytest.raises(ValueError, match="adaptable component.*unet"):
+        pipe.load_visadapt(lora_a, component="vae")
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    with pytest.raises(ValueError, match="'a' is already loaded"):
+        pipe.load_visadapt(lora_a, adapter_name="a")
+    assert pipe.list_visadapt() == {"unet": ["a"]}
+
+
+def test_unknown_adapter_names(pipe, lora_a):
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    for call in (lambda: pipe.set_visadapt_weights("b", 0.5), lambda: pipe.unload_visadapt("b"),
+                 lambda: pipe.fuse_visadapt(["a", "b"]), lambda: pipe.save_visadapt("b", "x.safetensors")):
+        with pytest.raises(KeyError, match=r"no visadapt adapter named 'b'.*loaded: 'a'"):
+            call()
+    assert pipe.list_visadapt() == {"unet": ["a"]}
+
+
+def test_fusing_a_non_mergeable_adapter_raises_with_its_reason(pipe, lora_a, tmp_path):
+    unet = copy.deepcopy(pipe.unet)
+    visadapt.attach(unet, "test_unmergeable_lora", rank=2, targets=("q",))
+    path = visadapt.save_adapter(unet, tmp_path / "unmergeable.safetensors")
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    pipe.load_visadapt(path, adapter_name="u")
+    before = every_tensor(pipe)
+    with pytest.raises(ValueError, match="'u' \\(test_unmergeable_lora\\) cannot be fused: test plugin"):
+        pipe.fuse_visadapt()
+    assert_same_tensors(before, every_tensor(pipe))  # nothing fused, "a" included
+    pipe.fuse_visadapt("a")
+
+
+# ------------------------------------------------------------------------------- with diffusers' own LoRAs
+
+
+def _peft_lora_folder(pipe, folder: Path) -> Path:
+    """A LoRA written by diffusers' own save_lora_weights (PEFT layout) on to_q/to_k, random B."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = copy.deepcopy(pipe.unet)
+    torch.manual_seed(5)
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(donor))
+    return folder
+
+
+def test_alongside_diffusers_load_lora_weights(pipe, lora_a, tmp_path, base_image):
+    peft_folder = _peft_lora_folder(pipe, tmp_path / "peft")
+    before = every_tensor(pipe)
+    pipe.load_lora_weights(peft_folder, adapter_name="peft_lora")
+    only_peft = generate(pipe)
+    assert (only_peft - base_image).abs().max() > 1e-4
+
+    pipe.load_visadapt(lora_a, adapter_name="vis")
+    both = generate(pipe)
+    assert (both - only_peft).abs().max() > 1e-4
+    # both deltas act on the layer they share: W x + b + PEFT's B A x * s + visadapt's B A x * s
+    to_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    x = torch.randn(1, 5, to_q.in_features)
+    base = to_q.base_layer
+    peft_delta = to_q.lora_B["peft_lora"](to_q.lora_A["peft_lora"](x)) * to_q.scaling["peft_lora"]
+    vis_delta = getattr(to_q, inject.ADAPTERS_ATTR)["vis"]["to_q"](x)  # hooked onto PEFT's wrapper
+    with torch.no_grad():
+        torch.testing.assert_close(to_q(x), nn.functional.linear(x, base.weight, base.bias) + peft_delta + vis_delta)
+
+    pipe.fuse_visadapt()
+    torch.testing.assert_close(generate(pipe), both, atol=1e-5, rtol=1e-4)
+    pipe.unfuse_visadapt()
+    pipe.unload_visadapt()
+    assert torch.equal(generate(pipe), only_peft)  # the diffusers LoRA is untouched
+    pipe.unload_lora_weights()
+    assert_same_tensors(before, every_tensor(pipe))
+
+    # the other order: visadapt first, then diffusers' LoRA, unloaded first
+    pipe.load_visadapt(lora_a, adapter_name="vis")
+    only_vis = generate(pipe)
+    pipe.load_lora_weights(peft_folder, adapter_name="peft_lora")
+    torch.testing.assert_close(generate(pipe), both, atol=1e-5, rtol=1e-4)  # other summation order
+    pipe.unload_lora_weights()
+    assert torch.equal(generate(pipe), only_vis)
+    pipe.unload_visadapt()
+    assert_same_tensors(before, every_tensor(pipe))
+
+
+# ------------------------------------------------------------------------------------------------- xformers
+
+
+def test_xformers_falls_back_to_sdpa_with_one_notice(pipe, lora_a, caplog, monkeypatch):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # absent, whatever this machine has installed
+    monkeypatch.setattr(loader, "_XFORMERS_PROBES", {})
+    pipe.load_visadapt(lora_a)
+    sdpa = generate(pipe)
+    with caplog.at_level(logging.WARNING, logger="visadapt.diffusers"):
+        pipe.enable_xformers_memory_efficient_attention()
+    notices = [r for r in caplog.records if r.name == "visadapt.diffusers"]
+    assert len(notices) == 1 and "\n" not in notices[0].getMessage()
+    assert "xformers is not installed" in notices[0].getMessage() and "SDPA" in notices[0].getMessage()
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert torch.equal(generate(pipe), sdpa)
+
+
+def test_xformers_probe_runs_a_kernel_and_is_cached(monkeypatch):
+    calls = []
+
+    def memory_efficient_attention(q, k, v):
+        calls.append(q.device)
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
+
+    fake = types.ModuleType("xformers")
+    fake.__version__ = "0.0.35"
+    fake.ops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
+    monkeypatch.setattr(loader, "_XFORMERS_PROBES", {})
+    usable, reason = loader.xformers_usable("cpu")
+    assert not usable
+    assert reason == ("xformers 0.0.35 kernels do not run here (NotImplementedError: No operator found for "
+                      "`memory_efficient_attention_forward` with inputs:)")
+    assert loader.xformers_usable("cpu") == (usable, reason) and len(calls) == 1  # cached per device
+
+    fake.ops.memory_efficient_attention = lambda q, k, v: q  # a kernel that runs, but diffusers needs CUDA
+    monkeypatch.setattr(loader, "_XFORMERS_PROBES", {})
+    expected = "diffusers runs xformers attention on CUDA only; this pipeline is on cpu"
+    assert loader.xformers_usable("cpu") == (False, expected)

@@ -22,17 +22,15 @@ their recorded hashes, and regenerates any other (interrupted, corrupted, or mad
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import torch
 
-SHARD_MANIFEST = "manifest.json"
+from visadapt.data.shards import write_image_shards
+
 FORMAT_VERSION = 1
 
 
@@ -61,67 +59,21 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def shard_is_complete(folder: Path, settings: dict, prompts: list[str]) -> bool:
-    """Whether ``folder`` holds the finished shard for ``settings`` and ``prompts``, every image hash verified."""
-    try:
-        manifest = json.loads((folder / SHARD_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("settings") != settings or manifest.get("prompts") != prompts:
-        return False
-    files = manifest.get("files", {})
-    return len(files) == len(prompts) and all((folder / name).is_file() and _sha256(folder / name) == digest
-                                              for name, digest in files.items())
-
-
 def generate_skill(pipe, prompts: list[str], folder: Path, *, shard_size: int = 100, steps: int = 25,
                    guidance_scale: float = 7.5, height: int | None = None, width: int | None = None, seed: int = 0,
                    batch_size: int = 4, pipeline_name: str = "") -> dict[str, int]:
     """Generate ``prompts`` into shards under ``folder``; return ``{"written": shards, "skipped": shards}``."""
-    if shard_size <= 0 or batch_size <= 0:
-        raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be positive")
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = {"version": FORMAT_VERSION, "pipeline": pipeline_name, "steps": steps, "guidance_scale": guidance_scale,
                 "height": height, "width": width, "seed": seed}
-    folder.mkdir(parents=True, exist_ok=True)
-    counts = {"written": 0, "skipped": 0}
-    for shard_index, start in enumerate(range(0, len(prompts), shard_size)):
-        shard_prompts = prompts[start:start + shard_size]
-        shard = folder / f"shard_{shard_index:05d}"
-        if shard_is_complete(shard, settings, shard_prompts):
-            counts["skipped"] += 1
-            continue
-        tmp = folder / f".{shard.name}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
-        try:
-            files, lines = {}, []
-            for batch_start in range(0, len(shard_prompts), batch_size):
-                batch = shard_prompts[batch_start:batch_start + batch_size]
-                generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + batch_start + j)
-                              for j in range(len(batch))]
-                images = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=height,
-                              width=width, generator=generators, output_type="pil").images
-                for j, (image, prompt) in enumerate(zip(images, batch, strict=True)):
-                    name = f"{start + batch_start + j:05d}.png"
-                    image.save(tmp / name)
-                    files[name] = _sha256(tmp / name)
-                    lines.append(json.dumps({"file_name": name, "text": prompt}))
-            (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-            (tmp / SHARD_MANIFEST).write_text(json.dumps({"settings": settings, "prompts": shard_prompts,
-                                                          "files": files}, indent=1))
-            if shard.exists():
-                shutil.rmtree(shard)
-            os.replace(tmp, shard)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        counts["written"] += 1
-    return counts
+
+    def render(batch: list[str], generators: list[torch.Generator]):
+        return pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                    generator=generators, output_type="pil").images
+
+    return write_image_shards(render, prompts, folder, settings, shard_size=shard_size, batch_size=batch_size,
+                              seed=seed)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,6 +22,12 @@ Diffusers UNets offer ``to_q``, ``to_k``, ``to_v``, ``to_out`` (attention projec
 released LoRA adapts) and ``norm`` (the group norms of ResNet blocks and attention blocks; a module there
 *replaces* the norm's output, e.g. a group norm with its own trainable affine).
 
+timm ResNets (convolutional classifiers, e.g. the guidance classifiers of PPAP) offer ``stem`` (the first
+convolution), ``conv1``/``conv2``/``conv3`` (the convolutions of every BasicBlock / Bottleneck), ``downsample``
+(the shortcut's projection convolution), ``bn`` (every ``BatchNorm2d``: stem, blocks and shortcuts; a module
+there *replaces* the norm's output) and ``head`` (the final ``fc``, replaced). A site's ``block`` is the index of
+its residual block counted over all stages; the stem belongs to block 0.
+
 :func:`module_sites` offers any ``nn.Linear`` / ungrouped ``nn.Conv2d`` by its module path (PEFT's
 ``target_modules``), for LoRA files that name their modules rather than site kinds.
 
@@ -42,7 +48,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet")
+FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet", "timm_resnet")
 
 #: site kinds of transformer families, in the order they are listed
 TRANSFORMER_KINDS = (
@@ -53,10 +59,13 @@ VIT_MODEL_KINDS = ("head",)
 UNET_KINDS = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2", "downsample", "upsample", "norm")
 #: the transformer names accepted on UNets, so one LoRA config (``targets=("q", "v")``) fits every family
 UNET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj": "to_out"}
+#: site kinds of timm ResNets (BasicBlock and Bottleneck stages)
+RESNET_KINDS = ("stem", "conv1", "conv2", "conv3", "downsample", "bn", "head")
 
 _FAMILY_CLASSES = {
     "timm_vit": {("timm.models.vision_transformer", "VisionTransformer")},
     "timm_swin": {("timm.models.swin_transformer", "SwinTransformer")},
+    "timm_resnet": {("timm.models.resnet", "ResNet")},
     "open_clip": {
         ("open_clip.model", "CLIP"),
         ("open_clip.model", "CustomTextCLIP"),
@@ -111,7 +120,7 @@ def model_family(model: nn.Module) -> str:
         f"visadapt does not know models of class {type(model).__module__}.{type(model).__qualname__}; "
         f"supported families: timm VisionTransformer (timm_vit, incl. DINOv2), timm SwinTransformer (timm_swin), "
         f"open_clip CLIP / CustomTextCLIP / their towers (open_clip), diffusers UNet2DConditionModel / "
-        f"UNet2DModel (diffusers_unet)"
+        f"UNet2DModel (diffusers_unet), timm ResNet (timm_resnet)"
     )
 
 
@@ -312,17 +321,71 @@ def _unet_sites(model: nn.Module) -> list[Site]:
     return sites
 
 
+def _conv_site(path: str, kind: str, index: int, conv: nn.Module) -> Site:
+    if not isinstance(conv, nn.Conv2d):
+        raise UnsupportedModelError(f"timm_resnet: {path} is a {type(conv).__name__}, not an nn.Conv2d; visadapt "
+                                    f"supports ResNets whose stem and block convolutions are plain Conv2d layers")
+    return Site(path, kind, index, conv.in_channels, conv.out_channels, conv, "linear")
+
+
+def _bn_site(path: str, index: int, norm: nn.Module) -> list[Site]:
+    # exactly BatchNorm2d: subclasses such as timm's BatchNormAct2d fold an activation into forward, which a
+    # module replacing the output would drop
+    if type(norm) is nn.BatchNorm2d and norm.affine:
+        return [Site(path, "bn", index, norm.num_features, norm.num_features, norm, "replace")]
+    return []
+
+
+def _timm_resnet_sites(model: nn.Module) -> list[Site]:
+    sites: list[Site] = []
+    stem = model.conv1
+    if isinstance(stem, nn.Sequential):  # deep stems ("resnet50d"): three convolutions, all stem sites
+        for name, layer in stem.named_children():
+            if isinstance(layer, nn.Conv2d):
+                sites.append(_conv_site(f"conv1.{name}", "stem", 0, layer))
+            else:
+                sites += _bn_site(f"conv1.{name}", 0, layer)
+    else:
+        sites.append(_conv_site("conv1", "stem", 0, stem))
+    sites += _bn_site("bn1", 0, model.bn1)
+    index = 0
+    for stage_name in ("layer1", "layer2", "layer3", "layer4"):
+        for b, block in enumerate(getattr(model, stage_name)):
+            path = f"{stage_name}.{b}"
+            for kind in ("conv1", "conv2", "conv3"):
+                conv = getattr(block, kind, None)
+                if conv is None:
+                    continue  # BasicBlock has no conv3
+                sites.append(_conv_site(f"{path}.{kind}", kind, index, conv))
+                sites += _bn_site(f"{path}.bn{kind[-1]}", index, getattr(block, f"bn{kind[-1]}"))
+            shortcut = getattr(block, "downsample", None)
+            if isinstance(shortcut, nn.Sequential):
+                for name, layer in shortcut.named_children():
+                    if isinstance(layer, nn.Conv2d):
+                        sites.append(_conv_site(f"{path}.downsample.{name}", "downsample", index, layer))
+                    else:
+                        sites += _bn_site(f"{path}.downsample.{name}", index, layer)
+            index += 1
+    head = getattr(model, "fc", None)
+    if isinstance(head, nn.Linear):
+        sites.append(Site("fc", "head", index, head.in_features, head.out_features, head, "replace"))
+    return sites
+
+
 _ENUMERATORS = {
     "timm_vit": _timm_vit_sites,
     "timm_swin": _timm_swin_sites,
     "open_clip": _open_clip_sites,
     "diffusers_unet": _unet_sites,
+    "timm_resnet": _timm_resnet_sites,
 }
 
 
 def family_kinds(family: str) -> tuple[str, ...]:
     if family == "diffusers_unet":
         return UNET_KINDS
+    if family == "timm_resnet":
+        return RESNET_KINDS
     return TRANSFORMER_KINDS + VIT_MODEL_KINDS if family == "timm_vit" else TRANSFORMER_KINDS
 
 

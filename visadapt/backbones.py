@@ -184,3 +184,88 @@ def create_tiny_sd_pipeline(seed: int = TINY_SD_SEED):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+# ------------------------------------------------------------------------------ PPAP world (pixel diffusion)
+
+#: the embedded world of the PPAP guidance demo: 16x16 RGB images of one solid shape on a flat background,
+#: the class being the shape; ``train/pretrain_ppap_world.py`` trains both models below on it
+PPAP_WORLD_CLASSES = ("circle", "square", "triangle", "cross")
+PPAP_WORLD_SIZE = 16
+PPAP_WORLD_CLASSIFIER_WEIGHTS = "ppap_world_classifier.safetensors"
+PPAP_WORLD_UNET_WEIGHTS = "ppap_world_unet.safetensors"
+PPAP_WORLD_CLASSIFIER_ARGS = {"img_size": PPAP_WORLD_SIZE, "patch_size": 2, "embed_dim": 64, "depth": 2,
+                              "num_heads": 2, "mlp_ratio": 2.0, "num_classes": len(PPAP_WORLD_CLASSES)}
+PPAP_WORLD_UNET_CONFIG = {"sample_size": PPAP_WORLD_SIZE, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
+                          "block_out_channels": (32, 64, 64), "down_block_types": ("DownBlock2D",) * 3,
+                          "up_block_types": ("UpBlock2D",) * 3, "norm_num_groups": 8}
+#: the training noise schedule of the world's UNet (diffusers' DDPM defaults: 1000 steps, linear betas)
+PPAP_WORLD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                       "clip_sample": True, "prediction_type": "epsilon"}
+
+
+def assets_dir() -> Path:
+    """The folder of the shipped package data ``visadapt.assets``."""
+    return Path(str(importlib.resources.files("visadapt.assets")))
+
+
+def _load_shipped(model: nn.Module, path: Path) -> nn.Module:
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `python train/pretrain_ppap_world.py` to recreate it, "
+                                f"or pass pretrained=False for random weights")
+    state = load_file(str(path))
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        raise RuntimeError(f"{path} does not fit {type(model).__name__}: missing {sorted(set(expected) - set(state))[:5]}"
+                           f", unexpected {sorted(set(state) - set(expected))[:5]}; recreate it with "
+                           f"train/pretrain_ppap_world.py")
+    model.load_state_dict({k: v.to(expected[k].dtype) if torch.is_floating_point(v) else v for k, v in state.items()})
+    return model
+
+
+def create_ppap_world_classifier(pretrained: bool = True, weights: str | os.PathLike | None = None) -> nn.Module:
+    """The embedded world's classifier: a timm ViT (16x16 input, 2x2 patches, width 64, 2 blocks, 4 classes).
+
+    It reads images ``(B, 3, 16, 16)`` in [-1, 1], the diffusion model's pixel space, and returns logits
+    ``(B, 4)`` over :data:`PPAP_WORLD_CLASSES`. ``pretrained``: the weights shipped in ``assets/`` (or the file
+    ``weights``); returned in eval mode.
+    """
+    model = VisionTransformer(**PPAP_WORLD_CLASSIFIER_ARGS)
+    if pretrained or weights is not None:
+        _load_shipped(model, Path(weights) if weights is not None else assets_dir() / PPAP_WORLD_CLASSIFIER_WEIGHTS)
+    return model.eval()
+
+
+def create_ppap_world_pipeline(pretrained: bool = True, scheduler: str = "ddpm", weights: str | os.PathLike | None = None):
+    """The embedded world's unconditional pixel diffusion model as a diffusers pipeline, on CPU, in eval mode.
+
+    A ``UNet2DModel`` of :data:`PPAP_WORLD_UNET_CONFIG` (1.06 M parameters; weights stored in fp16 in
+    ``assets/``, loaded as fp32) generating ``(B, 3, 16, 16)`` images of :data:`PPAP_WORLD_CLASSES`.
+    ``scheduler="ddpm"`` gives a ``DDPMPipeline`` with a ``DDPMScheduler``; ``"ddim"`` a ``DDIMPipeline`` with
+    a ``DDIMScheduler`` on the same training schedule (:data:`PPAP_WORLD_SCHEDULE`).
+    """
+    import torch
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    if scheduler not in ("ddpm", "ddim"):
+        raise ValueError(f"scheduler={scheduler!r}: expected 'ddpm' or 'ddim'")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DModel(**PPAP_WORLD_UNET_CONFIG)
+    if pretrained or weights is not None:
+        _load_shipped(unet, Path(weights) if weights is not None else assets_dir() / PPAP_WORLD_UNET_WEIGHTS)
+    unet.eval()
+    if scheduler == "ddim":
+        return DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**PPAP_WORLD_SCHEDULE))
+    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**PPAP_WORLD_SCHEDULE))
+
+PPAP_WORLD_EXPERTS_WEIGHTS = "ppap_world_experts.safetensors"
+
+
+def ppap_world_experts_path() -> Path:
+    """The shipped PPAP experts (5, rank 16) of :func:`create_ppap_world_classifier`, made by ``python
+    train/ppap.py`` at its defaults (seed 0); ``visadapt.load_adapter(classifier, path)`` attaches them."""
+    return assets_dir() / PPAP_WORLD_EXPERTS_WEIGHTS

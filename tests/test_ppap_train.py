@@ -108,3 +108,17 @@ def test_shipped_experts_guide_better_than_naive_and_unguided():
                                     scale=40.0, steps=25, batch_size=96, seed=1)
     fraction = {name: row["fraction"] for name, row in table.items()}
     assert fraction["unguided"] < 0.35 < fraction["naive"] < fraction["ppap"], fraction
+
+
+def test_dense_objective_trains_experts_to_regress_the_teacher_output(tmp_path):
+    """--objective dense: MSE between the expert on x_t and the frozen model on x_0 (a regressor's outputs; here
+    the classifier's logits stand in for a dense map). The run must train, save and reload like the KL one."""
+    script = load_train_script("ppap")
+    out = tmp_path / "dense"
+    assert script.main(["--output-dir", str(out), "--objective", "dense", *TINY_RUN]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["objective"] == "dense"
+    classifier = create_ppap_world_classifier()
+    visadapt.load_adapter(classifier, out / script.EXPERTS_FILE)
+    trained = torch.cat([p.detach().flatten() for p in expert_parameters(classifier, 1)])
+    assert trained.abs().sum() > 0

@@ -240,3 +240,30 @@ def test_adapter_weight_scales_one_lora_delta_exactly():
         visadapt.set_weight(layer_model, "default", float("nan"))
     with pytest.raises(KeyError, match="no adapter named 'other'"):
         visadapt.set_weight(layer_model, "other", 1.0)
+
+
+@pytest.mark.parametrize("case", ["vit-lora-qv", "clip-lora", "unet-lora-all"])
+@pytest.mark.parametrize("order", ["first-merged-first", "last-merged-first", "detach-all"])
+def test_stacked_merged_adapters_come_off_in_any_order_bit_for_bit(case, order):
+    model, inputs, plugin, config, _ = build(case)
+    base = clone_state(model)
+    visadapt.attach(model, plugin, config, adapter_name="a")
+    visadapt.attach(model, plugin, dict(config, rank=2), adapter_name="b")  # the same layers: stacked deltas
+    randomize_adapters(model, 0.1)
+    with torch.no_grad():
+        both = run(model, inputs)
+        visadapt.merge(model, "a")
+        visadapt.merge(model, "b")
+        assert torch.allclose(run(model, inputs), both, atol=1e-5)
+        if order == "detach-all":
+            visadapt.detach(model)
+        else:
+            first, second = ("a", "b") if order == "first-merged-first" else ("b", "a")
+            visadapt.unmerge(model, first)  # one merged, the other back on its hooks: the same function
+            assert torch.allclose(run(model, inputs), both, atol=1e-5)
+            visadapt.unmerge(model, second)
+            assert torch.allclose(run(model, inputs), both, atol=1e-5)  # both unmerged, both active
+            visadapt.detach(model)
+    after = clone_state(model)
+    assert after.keys() == base.keys()
+    assert all(torch.equal(after[k], base[k]) for k in base), [k for k in base if not torch.equal(after[k], base[k])]

@@ -14,6 +14,7 @@ Layers whose weight is read directly instead of called (``nn.MultiheadAttention.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Iterator
@@ -30,6 +31,9 @@ _HOOKS_ATTR = "_visadapt_hook_handles"
 _TAP_HOOK_ATTR = "_visadapt_tap_handle"
 _TAP_VALUE_ATTR = "_visadapt_branch_input"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# merge order of every merged delta module (a process-wide counter): unmerge needs to know what was stacked later
+_MERGE_ORDER_ATTR = "_visadapt_merge_order"
+_merge_counter = itertools.count()
 
 
 class AdapterLoadError(ValueError):
@@ -258,26 +262,59 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def _merge_one(model: nn.Module, item: Attached) -> None:
+    if hasattr(item.module, "merge_into_host"):  # needs more of its host than the weight (a norm's bias)
+        item.module.merge_into_host(model.get_submodule(item.host_path))
+    else:
+        item.module.merge_into(item.base_weight.data, item.module.site_rows)
+    item.module.__dict__[_MERGE_ORDER_ATTR] = next(_merge_counter)
+
+
+def _unmerge_one(model: nn.Module, item: Attached) -> None:
+    if hasattr(item.module, "unmerge_from_host"):
+        item.module.unmerge_from_host(model.get_submodule(item.host_path))
+    else:
+        item.module.unmerge_from(item.base_weight.data, item.module.site_rows)
+    item.module.__dict__.pop(_MERGE_ORDER_ATTR, None)
+
+
+def _merge_order(item: Attached) -> int:
+    return item.module.__dict__.get(_MERGE_ORDER_ATTR, -1)
+
+
 def merge(model: nn.Module, adapter_name: str) -> None:
     """Fold each delta of ``adapter_name`` into its base weight (fp32 arithmetic, exact copy kept)."""
     for item in attached(model, adapter_name):
-        if hasattr(item.module, "merge_into_host"):  # needs more of its host than the weight (a norm's bias)
-            item.module.merge_into_host(model.get_submodule(item.host_path))
+        if getattr(item.module, "merged", False):
             continue
-        if not hasattr(item.module, "merge_into") or item.base_weight is None:
+        if not hasattr(item.module, "merge_into_host") and (
+                not hasattr(item.module, "merge_into") or item.base_weight is None):
             raise ValueError(f"{item.host_path}:{item.kind} holds a {type(item.module).__name__}, which has no "
                              f"weight to merge into")
-        item.module.merge_into(item.base_weight.data, item.module.site_rows)
+        _merge_one(model, item)
 
 
 def unmerge(model: nn.Module, adapter_name: str) -> None:
-    """Undo :func:`merge` in reverse order, restoring the base weights bit for bit."""
+    """Undo :func:`merge` of ``adapter_name``, restoring the base weights bit for bit, in any order of adapters.
+
+    Each merged delta keeps the exact values it overwrote, which are right only once every delta merged after it
+    into the same layer is gone. So the deltas stacked later on a layer are taken off first (last merged first),
+    this adapter's values are put back, and the later ones are merged again onto the restored weight: unmerging
+    stacked adapters in any order ends with the original weights, bit for bit.
+    """
+    everything = attached(model)
     for item in reversed(attached(model, adapter_name)):
-        if getattr(item.module, "merged", False):
-            if hasattr(item.module, "unmerge_from_host"):
-                item.module.unmerge_from_host(model.get_submodule(item.host_path))
-            else:
-                item.module.unmerge_from(item.base_weight.data, item.module.site_rows)
+        if not getattr(item.module, "merged", False):
+            continue
+        later = sorted((other for other in everything
+                        if other.host_path == item.host_path and other.module is not item.module
+                        and getattr(other.module, "merged", False) and _merge_order(other) > _merge_order(item)),
+                       key=_merge_order, reverse=True)
+        for other in later:
+            _unmerge_one(model, other)
+        _unmerge_one(model, item)
+        for other in reversed(later):
+            _merge_one(model, other)
 
 
 def remove(model: nn.Module, adapter_name: str | None = None) -> None:

@@ -31,28 +31,63 @@ _FIX = ("Download the VPT split files (train/val/test.json; mirror: huggingface.
         "into the dataset folder next to the original images")
 
 
-def _read_split_json(path: Path) -> dict[str, int]:
-    """``{relative image path: raw class id}`` from one split file, with every key and value checked."""
+def _key_line(text: str, key: str) -> int | None:
+    """1-based line of the first occurrence of JSON key ``key`` in ``text`` (``None`` if not found verbatim)."""
+    for encoded in (json.dumps(key, ensure_ascii=False), json.dumps(key)):
+        at = text.find(encoded + ":")
+        if at < 0:
+            at = text.find(encoded)
+        if at >= 0:
+            return text.count("\n", 0, at) + 1
+    return None
+
+
+def read_split_json(path: Path, problems: list[tuple[Path, int | None, str]] | None = None) -> dict[str, int]:
+    """``{relative image path: raw class id}`` from one split file, with every key and value checked.
+
+    ``problems``: ``None`` raises :class:`DatasetError` at the first defect (what the loader wants). A list
+    collects every defect as ``(path, line number or None, message)`` and drops the bad entries instead, so
+    that ``visadapt-data verify`` reports them all in one run.
+    """
+    def bad(lineno: int | None, message: str, sep: str = " ") -> None:
+        if problems is None:
+            raise DatasetError(f"{path}:{lineno}: {message}" if lineno else f"{path}{sep}{message}")
+        problems.append((path, lineno, message))
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); expected an object "
-                           f"{{\"<relative image path>\": <class id>}}. {_FIX}") from err
+        bad(err.lineno, f"not valid JSON ({err.msg}); expected an object "
+                        f"{{\"<relative image path>\": <class id>}}. {_FIX}")
+        return {}
     except UnicodeDecodeError as err:
-        raise DatasetError(f"{path} is not a UTF-8 text file ({err}). {_FIX}") from err
+        bad(None, f"is not a UTF-8 text file ({err}). {_FIX}")
+        return {}
     if not isinstance(data, dict):
-        raise DatasetError(f"{path} holds a JSON {type(data).__name__}, not an object "
-                           f"{{\"<relative image path>\": <class id>}}. {_FIX}")
+        bad(None, f"holds a JSON {type(data).__name__}, not an object "
+                  f"{{\"<relative image path>\": <class id>}}. {_FIX}")
+        return {}
     if not data:
-        raise DatasetError(f"{path} lists no images (an empty JSON object). {_FIX}")
+        bad(None, f"lists no images (an empty JSON object). {_FIX}")
+    good: dict[str, int] = {}
     for key, value in data.items():
         # bool is an int subclass in Python; a true/false class id is a broken file, not class 1/0.
         if not isinstance(value, int) or isinstance(value, bool):
-            raise DatasetError(f"{path}: key {key!r} has class id {value!r} ({type(value).__name__}); "
-                               f"class ids must be JSON integers. {_FIX}")
-        if not key.strip():
-            raise DatasetError(f"{path}: empty image path (key {key!r}) with class id {value}. {_FIX}")
-    return data
+            where = None if problems is None else _key_line(text, key)
+            bad(where, f"key {key!r} has class id {value!r} ({type(value).__name__}); "
+                       f"class ids must be JSON integers. {_FIX}", sep=": ")
+        elif not key.strip():
+            where = None if problems is None else _key_line(text, key)
+            bad(where, f"empty image path (key {key!r}) with class id {value}. {_FIX}", sep=": ")
+        else:
+            good[key] = value
+    return good
+
+
+def class_id_map(tables: Sequence[dict[str, int]]) -> dict[int, int]:
+    """``{raw class id: contiguous label}``: the distinct ids of all ``tables`` in sorted order (as VPT)."""
+    return {raw: i for i, raw in enumerate(sorted({v for table in tables for v in table.values()}))}
 
 
 def load_split(root: str | os.PathLike, task: str, splits: str | Sequence[str],
@@ -83,15 +118,14 @@ def load_split(root: str | os.PathLike, task: str, splits: str | Sequence[str],
                 f"expected the VPT layout {task_dir}/{{{','.join(SPLITS)}}}.json, each "
                 f"{{\"<image path relative to {task_dir / IMAGE_DIRS[info.name]}>\": <class id>}}. {_FIX}"
             )
-    tables = {s: _read_split_json(f) for s, f in files.items() if f.is_file()}
-    ids = sorted({v for table in tables.values() for v in table.values()})
-    if len(ids) != info.num_classes:
+    tables = {s: read_split_json(f) for s, f in files.items() if f.is_file()}
+    remap = class_id_map(list(tables.values()))
+    if len(remap) != info.num_classes:
         raise DatasetError(
-            f"{', '.join(str(files[s]) for s in tables)} together hold {len(ids)} distinct class ids but "
+            f"{', '.join(str(files[s]) for s in tables)} together hold {len(remap)} distinct class ids but "
             f"{info.name!r} has {info.num_classes} classes; the files belong to another dataset or are "
             f"incomplete. {_FIX}"
         )
-    remap = {raw: i for i, raw in enumerate(ids)}
     image_dir = task_dir / IMAGE_DIRS[info.name]
     samples: list[tuple[Path, int]] = []
     origins: list[str] = []

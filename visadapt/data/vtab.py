@@ -134,38 +134,51 @@ def _layout_fix(benchmark: str, task_dir: Path) -> str:
             f"image paths in a split file are relative to {task_dir}")
 
 
-def read_image_list(list_file: Path, base: Path, info: TaskInfo) -> tuple[list[tuple[Path, int]], list[str]]:
+def read_image_list(list_file: Path, base: Path, info: TaskInfo,
+                    problems: list[tuple[Path, int | None, str]] | None = None,
+                    ) -> tuple[list[tuple[Path, int]], list[str]]:
     """Parse one split file into ``(samples, origins)``; paths are joined to ``base``.
 
     Each non-blank line is split on its LAST whitespace, so image paths may contain spaces. Labels must be
     integers in ``[0, info.num_classes)``.
+
+    ``problems``: ``None`` raises :class:`DatasetError` at the first bad line (what the loaders want). A list
+    collects every defect as ``(list_file, line number or None, message)`` and skips the bad lines instead,
+    so that ``visadapt-data verify`` reports them all in one run.
     """
+    def bad(lineno: int | None, message: str) -> None:
+        if problems is None:
+            raise DatasetError(f"{list_file}:{lineno}: {message}" if lineno else f"{list_file} {message}")
+        problems.append((list_file, lineno, message))
+
+    samples: list[tuple[Path, int]] = []
+    origins: list[str] = []
     try:
         text = list_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DatasetError(f"{list_file} is not a UTF-8 text file ({err}); a split file holds lines "
-                           "'<relative image path> <integer label>'") from err
-    samples: list[tuple[Path, int]] = []
-    origins: list[str] = []
+        bad(None, f"is not a UTF-8 text file ({err}); a split file holds lines "
+                  "'<relative image path> <integer label>'")
+        return samples, origins
     for lineno, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped:
             continue
         parts = stripped.rsplit(None, 1)
         if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
-            raise DatasetError(f"{list_file}:{lineno}: malformed line {line!r}; expected "
-                               "'<relative image path> <integer label>' (e.g. 'images/test/000000.jpg 3')")
+            bad(lineno, f"malformed line {line!r}; expected "
+                        "'<relative image path> <integer label>' (e.g. 'images/test/000000.jpg 3')")
+            continue
         label = int(parts[1])
         if not 0 <= label < info.num_classes:
-            raise DatasetError(
-                f"{list_file}:{lineno}: label {label} is outside [0, {info.num_classes}) for task {info.name!r} "
-                f"({info.num_classes} classes); the file belongs to another task or its labels are not 0-based"
-            )
+            bad(lineno, f"label {label} is outside [0, {info.num_classes}) for task {info.name!r} "
+                        f"({info.num_classes} classes); the file belongs to another task or its labels are not "
+                        "0-based")
+            continue
         samples.append((base / parts[0], label))
         origins.append(f"{list_file}:{lineno}")
-    if not samples:
-        raise DatasetError(f"{list_file} lists no images; every line should be '<relative image path> "
-                           "<integer label>'. Re-create the split file")
+    if not samples and not any(p[0] == list_file and p[1] for p in problems or ()):
+        bad(None, "lists no images; every line should be '<relative image path> <integer label>'. "
+                  "Re-create the split file")
     return samples, origins
 
 

@@ -267,3 +267,22 @@ def test_stacked_merged_adapters_come_off_in_any_order_bit_for_bit(case, order):
     after = clone_state(model)
     assert after.keys() == base.keys()
     assert all(torch.equal(after[k], base[k]) for k in base), [k for k in base if not torch.equal(after[k], base[k])]
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_every_call_keeps_the_models_train_or_eval_mode(mode, tmp_path):
+    model, _, _, _, _ = build("vit-lora-qv")
+    model.train(mode)
+
+    def modes():
+        return {name for name, module in model.named_modules() if module.training != mode}
+
+    visadapt.attach(model, "lora", {"rank": 4, "dropout": 0.1})
+    assert not modes()
+    visadapt.merge(model)
+    visadapt.unmerge(model)
+    path = visadapt.save_adapter(model, tmp_path / "a.safetensors")
+    visadapt.detach(model)
+    assert not modes()
+    visadapt.load_adapter(model, path)
+    assert not modes(), modes()

@@ -67,11 +67,13 @@ class WeightDelta(nn.Module):
 
 def _adapter_dict(owner: nn.Module, adapter_name: str) -> nn.ModuleDict:
     store = getattr(owner, ADAPTERS_ATTR, None)
+    # the containers take the host's train/eval mode, so that attaching to an eval() model leaves every
+    # submodule in eval mode (the delta modules themselves are set by api.attach)
     if store is None:
-        store = nn.ModuleDict()
+        store = nn.ModuleDict().train(owner.training)
         setattr(owner, ADAPTERS_ATTR, store)
     if adapter_name not in store:
-        store[adapter_name] = nn.ModuleDict()
+        store[adapter_name] = nn.ModuleDict().train(owner.training)
     return store[adapter_name]
 
 

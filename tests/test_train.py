@@ -92,6 +92,11 @@ def test_linear_probe_and_metrics_file(tiny_data, tmp_path):
     m = _metrics(tmp_path, "cells")
     assert m["adapter_params"] == 0 and m["head_params"] == 96 * 2 + 2
     assert m["train_split"] == "train800val200" and m["eval_split"] == "test" and m["normalize"] == "model"
+    # what the run trained on and with: the data manifest of visadapt-data verify, device and versions
+    from visadapt.data.verify import verify_benchmark
+    expected = verify_benchmark(tiny_data, "mini-vtab", tasks=["cells"], check_images=False)
+    assert m["data_manifest_sha256"] == expected.manifest_sha256() and m["data_problems"] == 0
+    assert m["device"] == "cpu" and m["torch_version"] == torch.__version__ and m["timm_version"]
     # A finished task is kept on --resume and refused without it.
     assert vtab.main(_args(tiny_data, tmp_path, "--task", "cells", "--epochs", "1", "--adapter", "linear",
                            "--resume")) == 0

@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+import timm
+import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
@@ -26,6 +28,7 @@ from visadapt.backbones import EMBEDDED_MODEL, create_backbone
 from visadapt.data import build_datasets, resolve_normalization
 from visadapt.data.procedural import default_data_root, generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks, resolve_tasks
+from visadapt.data.verify import verify_benchmark
 from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
@@ -107,6 +110,11 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
     input_size = args.input_size or int(model.pretrained_cfg["input_size"][-1])
     train_set, eval_set = build_datasets(args.benchmark, data_root, info.name, protocol=args.split,
                                          input_size=input_size, normalization=normalization)
+    # What the run trained on, recorded in metrics.json: the task's split files (hashes, per-class counts), and
+    # every protocol defect visadapt-data verify finds (reported, not fatal: the loaders accepted the folder)
+    data_report = verify_benchmark(data_root, args.benchmark, tasks=[info.name], check_images=False)
+    for problem in data_report.problems[:10]:
+        accelerator.print(f"[{info.name}] data notice: {problem}")
     head = model.pretrained_cfg.get("classifier") or "head"
     # A plugin with its own classifier (a quantised head) replaces the model's, which then stays frozen.
     owns_head = plugin.replaces_head(adapter_config)
@@ -142,6 +150,9 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
             "wall_time_s": round(result.wall_time_s, 2), "resumed_from": result.resumed_from,
             "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
             "history": result.history, "adapter_file": adapter_file.name, "visadapt_version": visadapt.__version__,
+            "torch_version": torch.__version__, "timm_version": timm.__version__,
+            "device": str(accelerator.device), "data_root": str(data_root),
+            "data_manifest_sha256": data_report.manifest_sha256(), "data_problems": len(data_report.problems),
         }
         write_json_atomic(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()

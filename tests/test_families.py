@@ -286,3 +286,26 @@ def test_every_call_keeps_the_models_train_or_eval_mode(mode, tmp_path):
     assert not modes()
     visadapt.load_adapter(model, path)
     assert not modes(), modes()
+
+
+def test_merge_is_fp32_on_a_bf16_model_and_reports_the_probe_difference():
+    torch.manual_seed(0)
+    model = tm.vit().to(torch.bfloat16).eval()
+    visadapt.attach(model, "lora", {"rank": 4, "targets": ("fc1",)})
+    randomize_adapters(model, 0.2)
+    fc1 = model.blocks[0].mlp.fc1
+    lora = fc1.visadapt_adapters["default"]["fc1"]
+    base = fc1.weight.detach().clone()
+    expected = (base.float() + lora.delta_weight(torch.float32)).to(torch.bfloat16)  # fp32 sum, one rounding
+    probe = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        unmerged = model(probe)
+    difference = visadapt.merge(model, probe=probe)
+    assert torch.equal(fc1.weight, expected)
+    with torch.no_grad():
+        merged = model(probe)
+    assert difference == (merged.float() - unmerged.float()).abs().max().item()
+    assert 0.0 < difference < 0.1  # bf16 rounding of the merged weights shows, and stays small
+    visadapt.unmerge(model)
+    assert torch.equal(fc1.weight, base)
+    assert visadapt.merge(model) is None  # no probe, no report

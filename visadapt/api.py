@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -11,6 +12,8 @@ from visadapt import inject
 from visadapt.plugin import AdapterConfig, AdapterPlugin
 from visadapt.registry import get_plugin
 from visadapt.sites import model_family
+
+logger = logging.getLogger(__name__)
 
 _RECORDS_ATTR = "_visadapt_records"
 _GRAD_FLAGS_ATTR = "_visadapt_base_requires_grad"
@@ -154,20 +157,56 @@ def _names(model: nn.Module, adapter_name: str | None) -> list[str]:
     return list(records(model))
 
 
-def merge(model: nn.Module, adapter_name: str | None = None) -> None:
+def merge(model: nn.Module, adapter_name: str | None = None, probe: Any = None) -> float | None:
     """Put adapters in their inference form: LoRA-type deltas folded into the base weights (inference then
     costs what the base model costs), MoSA's sparse modules merged into one plain adapter (and a MoSA LoRA
     folded too).
 
     Arithmetic is fp32 whatever the model dtype; the overwritten weights are kept so :func:`unmerge`
     (and :func:`detach`) restore them bit for bit. Methods that cannot be merged raise ``ValueError``.
+
+    ``probe``: an input batch (a tensor, or a tuple of positional arguments) run through the model before and
+    after merging, in its current mode and without gradients. Then the largest absolute output difference the
+    merge caused is returned (and logged): rounding in a bf16/fp16 model shows here, in the unit of the outputs.
+    Without a probe, returns None.
     """
     for name in _names(model, adapter_name):
         plugin = get_record(model, name).plugin
         if not plugin.mergeable:
             raise ValueError(f"adapter {name!r} ({plugin.name}) cannot be merged: {plugin.merge_refusal}")
+    before = _probe_output(model, probe) if probe is not None else None
     for name in _names(model, adapter_name):
         get_record(model, name).plugin.merge(model, name)
+    if before is None:
+        return None
+    after = _probe_output(model, probe)
+    difference = max(((a.float() - b.float()).abs().max().item() for a, b in zip(before, after, strict=True)),
+                     default=0.0)
+    logger.info("visadapt.merge: largest output difference on the probe batch %.3g", difference)
+    return difference
+
+
+def _probe_output(model: nn.Module, probe: Any) -> list[torch.Tensor]:
+    """Every tensor ``model(*probe)`` returns (plain tensors, tuples/lists/dicts of them, diffusers outputs)."""
+    args = probe if isinstance(probe, tuple) else (probe,)
+    with torch.no_grad():
+        out = model(*args)
+    found: list[torch.Tensor] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append(value.detach().clone())
+        elif isinstance(value, dict) or hasattr(value, "values") and callable(value.values):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                collect(item)
+
+    collect(out)
+    if not found:
+        raise TypeError(f"the probe batch gave {type(out).__name__}, in which merge found no tensor to compare")
+    return found
 
 
 def set_weight(model: nn.Module, adapter_name: str, weight: float) -> None:

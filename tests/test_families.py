@@ -309,3 +309,37 @@ def test_merge_is_fp32_on_a_bf16_model_and_reports_the_probe_difference():
     visadapt.unmerge(model)
     assert torch.equal(fc1.weight, base)
     assert visadapt.merge(model) is None  # no probe, no report
+
+
+def test_head_travels_with_the_adapter_and_another_class_count_needs_replace_head(tmp_path):
+    torch.manual_seed(0)
+    backbone = {k: v for k, v in tm.vit(num_classes=5).state_dict().items() if not k.startswith("head.")}
+
+    def make(num_classes):  # the same backbone weights whatever the class count
+        model = tm.vit(num_classes=num_classes).eval()
+        model.load_state_dict(backbone, strict=False)
+        return model
+
+    trained = make(5)
+    visadapt.attach(trained, "lora", {"rank": 4}, head="head")
+    randomize_adapters(trained)
+    with torch.no_grad():
+        trained.head.weight.add_(1.0)
+    path = visadapt.save_adapter(trained, tmp_path / "a.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+
+    same = make(5)
+    visadapt.load_adapter(same, path)
+    with torch.no_grad():
+        assert torch.equal(same(x), trained(x))  # head restored with the adapter
+
+    other = make(7)
+    before = clone_state(other)
+    with pytest.raises(inject.AdapterLoadError, match="5 classes, this model's 7.*replace_head=True"):
+        visadapt.load_adapter(other, path)
+    assert clone_state(other).keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in clone_state(other).items())  # untouched
+    visadapt.load_adapter(other, path, replace_head=True)
+    assert other.head.out_features == 5
+    with torch.no_grad():
+        assert torch.equal(other(x), trained(x))

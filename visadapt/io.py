@@ -194,10 +194,32 @@ def check_base_model(model: nn.Module, meta: dict[str, str], path: str | os.Path
         )
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"):
+def _replace_linear_head(model: nn.Module, head: str, head_state: dict[str, torch.Tensor], path) -> nn.Module:
+    """Swap ``model.<head>`` for an ``nn.Linear`` shaped like the file's head; returns the module it replaced."""
+    old = model.get_submodule(head)
+    weight = head_state.get("weight")
+    if not isinstance(old, nn.Linear) or weight is None or weight.dim() != 2:
+        raise AdapterFileError(f"replace_head=True replaces a Linear classifier by the one stored in {path}; "
+                               f"{head!r} is a {type(old).__name__} and the file holds {sorted(head_state)}")
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_state,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    new.train(old.training)
+    for param, old_param in zip(new.parameters(), old.parameters(), strict=False):
+        param.requires_grad_(old_param.requires_grad)
+    parent, _, leaf = head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return old
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 replace_head: bool = False):
     """Attach the plugin recorded in the file with its saved config, then load its tensors (strictly).
 
-    On any failure the model is left exactly as it was. Returns the attached config.
+    The classifier head trained with the adapter (stored in the same file) is restored too. When the model's
+    head has another class count the load fails naming both counts, unless ``replace_head=True``: then a Linear
+    head is replaced by one of the file's shape (timm models keep ``num_classes`` in sync through
+    ``reset_classifier``; here only the module is swapped). On any failure the model is left exactly as it was.
+    Returns the attached config.
     """
     tensors, meta = read_adapter_file(path)
     check_base_model(model, meta, path)
@@ -206,7 +228,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     head = meta.get("head") or None
     head_state = {k[len(head) + 1:]: v for k, v in tensors.items() if head and k.startswith(head + ".")}
     adapter_tensors = {k: v for k, v in tensors.items() if not (head and k.startswith(head + "."))}
-    api.attach(model, plugin, config, adapter_name=adapter_name, head=head)
+    replaced = None
+    if head and replace_head:
+        current = model.get_submodule(head).state_dict()
+        if any(k in current and current[k].shape != v.shape for k, v in head_state.items()):
+            replaced = _replace_linear_head(model, head, head_state, path)
+    try:
+        api.attach(model, plugin, config, adapter_name=adapter_name, head=head)
+    except Exception:
+        if replaced is not None:
+            _put_back(model, head, replaced)
+        raise
     try:
         saved_widths = json.loads(meta.get("site_widths", "{}"))
         here_widths = site_widths(model, adapter_name)
@@ -221,12 +253,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape) if k in current else 'missing'}"
                    for k, v in head_state.items() if k not in current or current[k].shape != v.shape]
             if bad or set(current) != set(head_state):
+                classes = ""
+                if "weight" in head_state and "weight" in current and head_state["weight"].dim() == 2:
+                    classes = (f" (the file's head has {head_state['weight'].shape[0]} classes, this model's "
+                               f"{current['weight'].shape[0]}: create the model with num_classes="
+                               f"{head_state['weight'].shape[0]}, or pass replace_head=True to use the file's head)")
                 raise inject.AdapterLoadError(
-                    f"head {head!r} stored in {path} does not fit this model's head: " + "; ".join(bad or [
+                    f"head {head!r} stored in {path} does not fit this model's head{classes}: " + "; ".join(bad or [
                         f"keys {sorted(head_state)} vs {sorted(current)}"])
                 )
             module.load_state_dict(head_state)
     except Exception:
         api.detach(model, adapter_name)
+        if replaced is not None:
+            _put_back(model, head, replaced)
         raise
     return config
+
+
+def _put_back(model: nn.Module, head: str, module: nn.Module) -> None:
+    parent, _, leaf = head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from train_scripts import load_train_script
@@ -122,3 +123,11 @@ def test_dense_objective_trains_experts_to_regress_the_teacher_output(tmp_path):
     visadapt.load_adapter(classifier, out / script.EXPERTS_FILE)
     trained = torch.cat([p.detach().flatten() for p in expert_parameters(classifier, 1)])
     assert trained.abs().sum() > 0
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    script = load_train_script("ppap")
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--output-dir", str(tmp_path), "--resume", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "--resume and --overwrite contradict each other" in capsys.readouterr().err

@@ -46,7 +46,15 @@ from visadapt.backbones import (
 )
 from visadapt.data.shards import write_image_shards
 from visadapt.diffusion import read_metadata
-from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
+from visadapt.engine import (
+    TrainConfig,
+    add_run_flags,
+    finish_run_args,
+    fit,
+    make_accelerator,
+    prepare_output_dir,
+    seed_everything,
+)
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugins.ppap import (
     classifier_distillation_loss,
@@ -311,8 +319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--objective", choices=("class", "dense"), default="class",
                    help="class: KL to the sharpened teacher; dense: MSE to the teacher's output")
     p.add_argument("--output-dir", default="runs/ppap")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="empty --output-dir first")
+    add_run_flags(p, resume_help="continue an interrupted run in --output-dir",
+                  overwrite_help="empty --output-dir first", progress=False)
     g = p.add_argument_group("pool (step 1)")
     g.add_argument("--pool-size", type=int, default=2048)
     g.add_argument("--pool-steps", type=int, default=25, help="denoising steps per pool image")
@@ -342,7 +350,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 < args.holdout_fraction < 1:
         p.error("--holdout-fraction must lie in (0, 1)")
-    return args
+    return finish_run_args(p, args)  # no recipe: refuses --resume with --overwrite, like every train script
 
 
 def main(argv: list[str] | None = None) -> int:

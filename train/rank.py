@@ -36,7 +36,15 @@ import visadapt
 from visadapt import api
 from visadapt.backbones import EMBEDDED_CLIP, create_clip
 from visadapt.data.ranking import COUNTING_MANIFEST, RankingLists, RankingTable, generate_mini_counting
-from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
+from visadapt.engine import (
+    TrainConfig,
+    add_run_flags,
+    finish_run_args,
+    fit,
+    make_accelerator,
+    prepare_output_dir,
+    seed_everything,
+)
 from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
@@ -83,18 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0, help="mini-counting only: seed of the generated data")
     p.add_argument("--output-dir", default=None, help="default: runs/rank-<dataset>")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(p)
     args = p.parse_args(argv)
     if args.recipe is None:
         embedded = args.data_root is None or (Path(args.data_root) / COUNTING_MANIFEST).is_file()
         args.recipe = "mini-counting" if embedded else "ranking-clip"
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite contradict each other; choose one")
+    finish_run_args(p, args, RECIPES[args.recipe])
     if args.list_size < 2:
         p.error(f"--list-size {args.list_size}: a ranking list needs at least 2 images")
     if args.pair_partners is not None and args.pair_partners < 1:

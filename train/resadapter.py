@@ -53,7 +53,15 @@ from visadapt.diffusion import (
     denoising_loss,
     load_pipeline,
 )
-from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
+from visadapt.engine import (
+    TrainConfig,
+    add_run_flags,
+    finish_run_args,
+    fit,
+    make_accelerator,
+    prepare_output_dir,
+    seed_everything,
+)
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
 
@@ -186,16 +194,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="embedded data only: seed of the generated images")
     p.add_argument("--images", type=int, default=48, help="embedded data only: number of images")
     p.add_argument("--output-dir", default="runs/resadapter")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(p)
     args = p.parse_args(argv)
     args.recipe = args.recipe or ("embedded" if args.pipeline == EMBEDDED_SD else "sd15")
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite contradict each other; choose one")
+    finish_run_args(p, args, RECIPES[args.recipe])
     try:
         args.buckets = [parse_size(s) for s in args.buckets]
         args.sample_sizes = [parse_size(s) for s in args.sample_sizes]

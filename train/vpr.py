@@ -41,7 +41,15 @@ from visadapt.backbones import EMBEDDED_MODEL, create_backbone
 from visadapt.data import resolve_normalization
 from visadapt.data.places import MANIFEST, PlaceSplit, TripletDataset, generate_mini_places
 from visadapt.data.transforms import vtab_transform
-from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
+from visadapt.engine import (
+    TrainConfig,
+    add_run_flags,
+    finish_run_args,
+    fit,
+    make_accelerator,
+    prepare_output_dir,
+    seed_everything,
+)
 from visadapt.eval.vpr import evaluate_places, extract_place_features
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
@@ -104,18 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0, help="mini-places only: seed of the generated world")
     p.add_argument("--output-dir", default=None, help="default: runs/vpr-<dataset>-<adapter>")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(p)
     args = p.parse_args(argv)
     if args.recipe is None:  # the embedded world (generated, or a folder written by generate_mini_places)
         embedded = args.data_root is None or (Path(args.data_root) / MANIFEST).is_file()
         args.recipe = "mini-places" if embedded else "selavpr"
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite contradict each other; choose one")
+    finish_run_args(p, args, RECIPES[args.recipe])
     return args
 
 

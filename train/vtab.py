@@ -29,7 +29,15 @@ from visadapt.data import build_datasets, resolve_normalization
 from visadapt.data.procedural import default_data_root, generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks, resolve_tasks
 from visadapt.data.verify import verify_benchmark
-from visadapt.engine import TrainConfig, fit, make_accelerator, prepare_output_dir, seed_everything
+from visadapt.engine import (
+    TrainConfig,
+    add_run_flags,
+    finish_run_args,
+    fit,
+    make_accelerator,
+    prepare_output_dir,
+    seed_everything,
+)
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
 
@@ -78,17 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0, help="mini-vtab only: seed of the generated images")
     p.add_argument("--output-dir", default=None, help="default: runs/<benchmark>-<adapter>")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint of each task; finished tasks are kept")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --output-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(p, resume_help="continue from the newest checkpoint of each task; finished tasks are kept",
+                  overwrite_help="discard earlier results in --output-dir")
     args = p.parse_args(argv)
-    for key, value in RECIPES[args.benchmark].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite contradict each other; choose one")
-    return args
+    return finish_run_args(p, args, RECIPES[args.benchmark])
 
 
 def adapter_settings(args: argparse.Namespace) -> dict:

@@ -18,13 +18,14 @@ Conventions that matter for reproducibility:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,28 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     return FitResult(score_final=final, score_best=progress["best"][0], best_epoch=progress["best"][1],
                      eval_samples=eval_samples, history=progress["history"],
                      wall_time_s=time.time() - start_time, resumed_from=resumed_from, metric=metric)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "continue from the newest checkpoint",
+                  overwrite_help: str = "discard an earlier run in --output-dir", progress: bool = True) -> None:
+    """The flags every ``train/`` script shares: ``--resume``, ``--overwrite`` and (with ``progress``)
+    ``--no-progress``; :func:`finish_run_args` checks them after parsing."""
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    recipe: Mapping[str, Any] | None = None) -> argparse.Namespace:
+    """Fill every value left at ``None`` from ``recipe`` (a flag given on the command line wins) and refuse
+    ``--resume`` together with ``--overwrite``. Returns ``args``."""
+    for key, value in (recipe or {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other; choose one")
+    return args
 
 
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, state) -> None:

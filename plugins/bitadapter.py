@@ -37,6 +37,7 @@ from torch import nn
 from visadapt import inject
 from visadapt.inject import insert
 from visadapt.layers import QUANT_BITS, BottleneckAdapter, QuantizedLinear
+from visadapt.load_report import MATCHED, LoadReport
 from visadapt.plugin import (
     AdapterConfig,
     AdapterPlugin,
@@ -141,12 +142,20 @@ def convert_official_checkpoint(bin_path: str | os.PathLike, config_path: str | 
             codes.append(torch.from_numpy(np.frombuffer(data, np.uint8, size, offset).copy()))
             stats.append(torch.from_numpy(np.frombuffer(data, "<f4", 2, offset + size).copy()))
             offset += size + 8
-        inject.load_packed_adapter_state(model, {"codes": torch.cat(codes), "stats": torch.stack(stats)}, "default")
+        # the stream has no names: its byte count (checked above) is what makes every matrix land; the report
+        # records each quantised matrix and the head, as for every other load
+        report = LoadReport(str(bin_path), "adapter 'default'")
+        if not bihead:
+            report.add("head", "head.weight", MATCHED)
+            report.add("head", "head.bias", MATCHED)
+        inject.load_packed_adapter_state(model, {"codes": torch.cat(codes), "stats": torch.stack(stats)}, "default",
+                                         report=report)
         if not bihead:
             floats = torch.from_numpy(np.frombuffer(data, "<f4", head_bytes // 4, offset).copy())
             with torch.no_grad():
                 head.weight.copy_(floats[:head.weight.numel()].reshape(head.weight.shape))
                 head.bias.copy_(floats[head.weight.numel():])
+        api.get_record(model, "default").load_report = report
         return io.save_adapter(model, output, metadata={"converted_from": Path(bin_path).name})
     except Exception:
         api.detach(model, "default")

@@ -415,15 +415,26 @@ class MoSAPlugin(AdapterPlugin):
         state.update({TRAINING_STATE_PREFIX + k: v for k, v in training.items()})
         return state
 
-    def import_state(self, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
-        """Load a file's merged adapter, or its module state when it has one (checked against its merged part)."""
-        from visadapt import api
+    def import_state(self, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, *,
+                     strict: bool = True, report=None):
+        """Load a file's merged adapter, or its module state when it has one (checked against its merged part).
 
+        With ``strict=False`` a module state that fits only in part is loaded in part and the check against the
+        file's merged part is skipped (it cannot hold); the report says so. Returns the load report.
+        """
+        from visadapt import api
+        from visadapt.load_report import LoadReport
+
+        report = report if report is not None else LoadReport("a state dict", f"adapter {adapter_name!r}")
         config = api.get_record(model, adapter_name).config
         training = {k[len(TRAINING_STATE_PREFIX):]: v for k, v in state.items() if k.startswith(TRAINING_STATE_PREFIX)}
         merged = {k: v for k, v in state.items() if not k.startswith(TRAINING_STATE_PREFIX)}
         if training:
-            inject.load_adapter_state(model, training, adapter_name)
+            inject.load_adapter_state(model, training, adapter_name, strict=strict, report=report)
+            if not report.ok:
+                report.notes.append("the module state loaded in part, so the file's merged adapter was not used "
+                                    "and not checked against it")
+                return report
             recomputed = self.export_state(model, adapter_name)
             bad = sorted(k for k in set(merged) | {k for k in recomputed if not k.startswith(TRAINING_STATE_PREFIX)}
                          if k not in merged or k not in recomputed or merged[k].shape != recomputed[k].shape
@@ -431,16 +442,17 @@ class MoSAPlugin(AdapterPlugin):
             if bad:
                 raise AdapterLoadError(f"the file's merged adapter is not the merge of its stored modules "
                                        f"({len(bad)} tensors differ, e.g. {bad[0]}): the file was edited or corrupted")
-            return
+            return report
         changed = self._consolidate(model, adapter_name, config)
         try:
-            inject.load_packed_adapter_state(model, merged, adapter_name)
+            inject.load_packed_adapter_state(model, merged, adapter_name, strict=strict, report=report)
         except Exception:
             self._split_back(changed)
             raise
         for module in changed:
             module.__dict__.pop("_mosa_split_layers")  # untrained modules: nothing to go back to
             module.mosa_state = "loaded-merged"
+        return report
 
     # ------------------------------------------------------------------------------------------ training
     def on_step(self, model: nn.Module, step: int) -> None:

@@ -53,11 +53,14 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.formats import CheckpointFormat, register_format
+from visadapt.load_report import MISSING, UNEXPECTED, AdapterLoadError, LoadReport
 from visadapt.lora_layouts import (
     LoraLayoutError,
+    fitting_loras,
     header_keys,
     load_lora_weights_into,
     looks_like_lora,
+    lora_modules,
     read_lora_state,
 )
 from visadapt.plugin import (
@@ -241,7 +244,7 @@ class ResAdapterFormat(CheckpointFormat):
         except (OSError, ValueError, RuntimeError):  # not safetensors: not this format
             return False
 
-    def load(self, model, files, state, adapter_name):
+    def load(self, model, files, state, adapter_name, strict=True):
         if state is not None:
             lora_state, norm_state = split_official_state(state)
             where = "the state dict"
@@ -255,41 +258,45 @@ class ResAdapterFormat(CheckpointFormat):
             lora_state = load_file(str(files[lora_name]))
             norm_state = load_file(str(files[norm_name])) if norm_name else {}
             where = ", ".join(str(files[n]) for n in (lora_name, norm_name) if n)
-        try:
-            return load_official(model, lora_state, norm_state, adapter_name)
-        except LoraLayoutError as err:
-            raise LoraLayoutError(f"{where}: {err}") from err
+        return load_official(model, lora_state, norm_state, adapter_name, strict=strict, source=where)
 
 
 def load_official(unet: nn.Module, lora_state: Mapping[str, torch.Tensor], norm_state: Mapping[str, torch.Tensor],
-                  adapter_name: str = "default") -> ResAdapterConfig:
+                  adapter_name: str = "default", *, strict: bool = True,
+                  source: str = "the ResAdapter state dicts") -> ResAdapterConfig:
     """Attach a ``resadapter`` adapter equal to the official LoRA tensors (kohya or PEFT layout) plus the
-    normalisation tensors (diffusers UNet names; empty for the "-i" models), strictly: every key must land.
+    normalisation tensors (diffusers UNet names; empty for the "-i" models).
 
-    The config is derived from the tensors (rank, alpha, which conv kinds and UNet parts, norm on/off); the
-    attached adapter must then cover exactly the file's modules. On any mismatch the adapter is detached and
-    the error lists the keys. Returns the config, so :func:`visadapt.save_adapter` writes one visadapt file.
+    The config is derived from the tensors (rank, alpha, which conv kinds and UNet parts, norm on/off). Every key
+    of both files goes into one :class:`~visadapt.load_report.LoadReport` (on the adapter's record):
+    ``strict`` (default) raises with it unless every key lands, leaving the UNet as it was; ``strict=False``
+    attaches and loads what fits and prints the rest. Returns the config, so :func:`visadapt.save_adapter`
+    writes one visadapt file.
     """
-    loras = read_lora_state(lora_state, module_names=[name for name, _ in unet.named_modules()])
-    if loras.text_encoder:
-        raise LoraLayoutError("a ResAdapter LoRA adapts the UNet only, but this one has text-encoder keys")
-    bad_norm_keys = sorted(k for k in norm_state if not _NORM_KEY.match(k))
-    if bad_norm_keys:
-        raise LoraLayoutError(f"{len(bad_norm_keys)} normalisation keys are not ResNet group norms of the UNet's "
-                              f"down/mid/up blocks: {', '.join(bad_norm_keys[:8])}")
-    outside = sorted(p for p in loras if not _LORA_PATH.match(p))
-    if outside:
-        raise LoraLayoutError(f"LoRA modules outside ResAdapter's convolutions (down/upsamplers, ResNet conv1/conv2):"
-                              f" {', '.join(outside[:8])}; load such a file as a plain LoRA (format 'diffusers_lora')")
+    report = LoadReport(source, f"adapter {adapter_name!r}")
+    loras = read_lora_state(lora_state, module_names=[name for name, _ in unet.named_modules()], report=report)
+    for component, modules in loras.text_encoder.items():
+        for path, weights in modules.items():
+            for key in weights.keys:
+                report.add(f"{component}.{path}", key, UNEXPECTED, "a ResAdapter LoRA adapts the UNet only")
+    for key in sorted(k for k in norm_state if not _NORM_KEY.match(k)):
+        report.add(key.rpartition(".")[0] or key, key, UNEXPECTED,
+                   "not a ResNet group norm of the UNet's down/mid/up blocks")
+    outside = {p: w for p, w in loras.items() if not _LORA_PATH.match(p)}
+    for path, weights in outside.items():
+        for key in weights.keys:
+            report.add(path, key, UNEXPECTED, "outside ResAdapter's convolutions (down/upsamplers, ResNet "
+                                              "conv1/conv2): load such a file as a plain LoRA ('diffusers_lora')")
+    loras = fitting_loras(unet, {p: w for p, w in loras.items() if p not in outside}, report)
+    norm_state = {k: v for k, v in norm_state.items() if _NORM_KEY.match(k)}
+    if not loras:
+        report.enforce(strict)  # raises: nothing of the LoRA fits, so no config can be derived
     kinds_by_path = {s.path: s.kind for s in all_sites(unet)}
-    missing_modules = sorted(p for p in loras if p not in kinds_by_path)
-    if missing_modules:
-        raise LoraLayoutError(f"LoRA modules this UNet does not have: {', '.join(missing_modules[:8])}")
     ranks = {w.rank for w in loras.values()}
     alphas = {w.alpha if w.alpha is not None else w.rank for w in loras.values()}
     if len(ranks) != 1 or len(alphas) != 1:
-        raise LoraLayoutError(f"ResAdapter uses one rank and one alpha for all its convolutions; this file has ranks "
-                              f"{sorted(ranks)} and alphas {sorted(alphas)}: load it as a plain LoRA instead")
+        raise LoraLayoutError(f"{source}: ResAdapter uses one rank and one alpha for all its convolutions; this file "
+                              f"has ranks {sorted(ranks)} and alphas {sorted(alphas)}: load it as a plain LoRA instead")
     norm_paths = {m.group("path") for m in map(_NORM_KEY.match, norm_state)}
 
     def parts_of(paths) -> tuple[str, ...]:
@@ -297,36 +304,34 @@ def load_official(unet: nn.Module, lora_state: Mapping[str, torch.Tensor], norm_
 
     config = ResAdapterConfig(
         rank=ranks.pop(), alpha=float(alphas.pop()),
-        lora_targets=tuple(k for k in LORA_KINDS if k in {kinds_by_path[p] for p in loras}),
+        lora_targets=tuple(k for k in LORA_KINDS if k in {kinds_by_path.get(p) for p in loras}),
         lora_blocks=parts_of(loras), norm=bool(norm_paths),
         norm_blocks=parts_of(norm_paths) if norm_paths else ResAdapterConfig.norm_blocks,
     )
     api.attach(unet, "resadapter", config, adapter_name=adapter_name)
     try:
-        load_lora_weights_into(unet, loras, adapter_name)
-        _load_norms(unet, norm_state, adapter_name)
+        attached = lora_modules(unet, adapter_name)
+        for path in sorted(set(attached) - set(loras)):  # a site the config covers that the file has no LoRA for
+            report.add(path, f"{path}.lora_down/lora_up", MISSING)
+        norms = {item.host_path: item.module for item in inject.attached(unet, adapter_name)
+                 if isinstance(item.module, ResolutionNorm)}
+        expected = {f"{path}.{param}": getattr(module, param) for path, module in norms.items()
+                    for param in ("weight", "bias")}
+        norm_fits = report.compare(norm_state, expected, site_of=lambda key: key.rpartition(".")[0])
+        try:
+            report.enforce(strict)
+        except AdapterLoadError as err:
+            raise LoraLayoutError(str(err), report) from err
+        load_lora_weights_into(unet, {p: w for p, w in loras.items() if p in attached}, adapter_name,
+                               allow_missing=not strict)
+        with torch.no_grad():
+            for key in norm_fits:
+                expected[key].copy_(norm_state[key])
     except Exception:
         api.detach(unet, adapter_name)
         raise
+    api.get_record(unet, adapter_name).load_report = report
     return config
-
-
-def _load_norms(unet: nn.Module, norm_state: Mapping[str, torch.Tensor], adapter_name: str) -> None:
-    norms = {item.host_path: item.module for item in inject.attached(unet, adapter_name)
-             if isinstance(item.module, ResolutionNorm)}
-    expected = {f"{path}.{param}": getattr(module, param) for path, module in norms.items()
-                for param in ("weight", "bias")}
-    missing, unexpected = sorted(set(expected) - set(norm_state)), sorted(set(norm_state) - set(expected))
-    shapes = [f"{k}: file {tuple(norm_state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(norm_state)) if norm_state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        lines = [f"normalisation tensors do not fit this UNet ({len(expected)} expected, {len(norm_state)} given):"]
-        lines += [f"  missing    {k}" for k in missing[:20]] + [f"  unexpected {k}" for k in unexpected[:20]]
-        lines += [f"  shape      {s}" for s in shapes[:20]]
-        raise LoraLayoutError("\n".join(lines))
-    with torch.no_grad():
-        for key, tensor in expected.items():
-            tensor.copy_(norm_state[key])
 
 
 def official_state(unet: nn.Module, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor],

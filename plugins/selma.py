@@ -285,20 +285,21 @@ def merge_expert_files(model: nn.Module, paths: Sequence[str | os.PathLike], out
     return report
 
 
-def load_expert(model: nn.Module, path: str | os.PathLike, adapter_name: str):
+def load_expert(model: nn.Module, path: str | os.PathLike, adapter_name: str, strict: bool = True):
     """Attach the expert in ``path`` as ``adapter_name``: a visadapt adapter file, or a file/folder in a layout a
-    registered checkpoint format recognises (:func:`visadapt.formats.find_format`). Returns its config."""
+    registered checkpoint format recognises (:func:`visadapt.formats.find_format`). ``strict`` as in
+    :func:`visadapt.load_adapter` (the report is on the adapter's record). Returns its config."""
     from visadapt.formats import find_format, known_file_names
     from visadapt.io import FORMAT, load_adapter, read_safetensors_metadata
 
     path = Path(path)
     if path.is_file() and read_safetensors_metadata(path).get("format") == FORMAT:
-        return load_adapter(model, path, adapter_name)
+        return load_adapter(model, path, adapter_name, strict=strict)
     if path.is_dir():
         files = {p.name: p for p in path.iterdir() if p.is_file()}
         if (path / "adapter.safetensors").is_file() and \
                 read_safetensors_metadata(path / "adapter.safetensors").get("format") == FORMAT:
-            return load_adapter(model, path / "adapter.safetensors", adapter_name)
+            return load_adapter(model, path / "adapter.safetensors", adapter_name, strict=strict)
     elif path.is_file():
         files = {path.name: path}
     else:
@@ -313,8 +314,8 @@ def load_expert(model: nn.Module, path: str | os.PathLike, adapter_name: str):
 
         state = load_file(str(path))
         if looks_like_lora(state):
-            return attach_lora_state(model, state, adapter_name)
+            return attach_lora_state(model, state, adapter_name, strict=strict, source=str(path))
     if fmt is None:
         raise ValueError(f"expert {path} is neither a visadapt adapter file nor a layout a registered checkpoint "
                          f"format recognises (file names looked for: {', '.join(known_file_names()) or 'none'})")
-    return fmt.load(model, files, None, adapter_name)
+    return fmt.load(model, files, None, adapter_name, strict=strict)

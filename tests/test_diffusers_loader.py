@@ -113,14 +113,14 @@ class PlainLoRAFormat(CheckpointFormat):
             return bool(state) and all(key.startswith(PLAIN_PREFIX) for key in state)
         return PLAIN_FILE in files
 
-    def load(self, model, files, state, adapter_name):
+    def load(self, model, files, state, adapter_name, strict=True):
         state = dict(state) if state is not None else load_file(str(files[PLAIN_FILE]))
         tensors = {key[len(PLAIN_PREFIX):]: value for key, value in state.items()}
         rank = next(t.shape[0] for k, t in tensors.items() if k.endswith(".A.weight"))
         config = visadapt.attach(model, "lora", rank=rank, alpha=float(rank), targets=("q", "v"),
                                  adapter_name=adapter_name)
         try:
-            inject.load_adapter_state(model, tensors, adapter_name)
+            inject.load_adapter_state(model, tensors, adapter_name, strict=strict)
         except Exception:
             visadapt.detach(model, adapter_name)
             raise

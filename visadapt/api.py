@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from visadapt import inject
+from visadapt.load_report import LoadReport
 from visadapt.plugin import AdapterConfig, AdapterPlugin
 from visadapt.registry import get_plugin
 from visadapt.sites import model_family
@@ -26,6 +27,8 @@ class AttachedAdapter:
     plugin: AdapterPlugin
     config: AdapterConfig
     head: str | None
+    #: what the load that filled the adapter matched, missed and skipped (None when attached untrained)
+    load_report: LoadReport | None = None
 
 
 def records(model: nn.Module) -> dict[str, AttachedAdapter]:
@@ -39,6 +42,12 @@ def get_record(model: nn.Module, adapter_name: str) -> AttachedAdapter:
         have = ", ".join(map(repr, recs)) or "none"
         raise KeyError(f"no adapter named {adapter_name!r} is attached to this model (attached: {have})")
     return recs[adapter_name]
+
+
+def load_report(model: nn.Module, adapter_name: str = "default") -> LoadReport | None:
+    """What the load that filled ``adapter_name`` matched, missed and skipped, per site (None for an adapter
+    attached and trained here rather than loaded). ``print(visadapt.load_report(model))`` shows it."""
+    return get_record(model, adapter_name).load_report
 
 
 def _resolve_plugin(plugin: str | type[AdapterPlugin] | AdapterPlugin) -> AdapterPlugin:

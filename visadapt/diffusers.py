@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ ADAPTER_FILE_NAME = "adapter.safetensors"
 _PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"
 _FUSED_ATTR = "_visadapt_fused_weights"  # on a component: {adapter name: its weight before fuse_visadapt}
 _HUB_KWARGS = ("cache_dir", "revision", "subfolder", "local_files_only", "token", "force_download")
-_LOAD_KWARGS = ("weight_name", "metadata", "component") + _HUB_KWARGS
+_LOAD_KWARGS = ("weight_name", "metadata", "component", "strict") + _HUB_KWARGS
 
 
 class VisadaptPipelineError(ValueError):
@@ -271,9 +270,11 @@ def _default_adapter_name(pipe) -> str:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _load_visadapt_file(pipe, path: Path, candidates: dict[str, nn.Module], adapter_name: str) -> str:
-    """Attach the adapter of visadapt file ``path`` to the one candidate component its base model matches."""
-    meta = io.read_adapter_metadata(path)
+def _load_visadapt_file(pipe, path: Path, candidates: dict[str, nn.Module], adapter_name: str,
+                        strict: bool = True, contents: tuple[dict, dict] | None = None) -> str:
+    """Attach the adapter of visadapt file ``path`` (or of ``contents``: its tensors and metadata already in
+    memory, ``path`` then only names them) to the one candidate component its base model matches."""
+    meta = contents[1] if contents is not None else io.read_adapter_metadata(path)
     fits = {}
     for name, module in candidates.items():
         try:
@@ -292,12 +293,15 @@ def _load_visadapt_file(pipe, path: Path, candidates: dict[str, nn.Module], adap
         raise VisadaptPipelineError(f"adapter file {path} fits several components ({', '.join(fits)}); pass "
                                     f"component='<name>' to choose")
     (component, module), = fits.items()
-    io.load_adapter(module, path, adapter_name)
+    if contents is None:
+        io.load_adapter(module, path, adapter_name, strict=strict)
+    else:
+        io.load_adapter_tensors(module, contents[0], contents[1], adapter_name, source=str(path), strict=strict)
     return component
 
 
 def _load_foreign(pipe, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None,
-                  candidates: dict[str, nn.Module], adapter_name: str, what: str) -> str:
+                  candidates: dict[str, nn.Module], adapter_name: str, what: str, strict: bool = True) -> str:
     """Hand ``files`` / ``state`` to the registered format that recognises them, on the first component it fits."""
     fmt = formats.find_format(files, state)
     if fmt is None:
@@ -309,7 +313,7 @@ def _load_foreign(pipe, files: Mapping[str, Path], state: Mapping[str, torch.Ten
     errors = []
     for component, module in candidates.items():
         try:
-            fmt.load(module, files, state, adapter_name)
+            fmt.load(module, files, state, adapter_name, strict=strict)
         except Exception as err:  # the format left the component as it was; try the next one
             if len(candidates) == 1:
                 raise
@@ -321,17 +325,13 @@ def _load_foreign(pipe, files: Mapping[str, Path], state: Mapping[str, torch.Ten
 
 
 def _load_visadapt_state(pipe, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                         candidates: dict[str, nn.Module], adapter_name: str) -> str:
-    """An in-memory visadapt adapter (tensors plus the header metadata of its file)."""
-    from safetensors.torch import save_file
-
-    # Written out so that the one implementation of visadapt loading (io.load_adapter) checks the checksum,
-    # the base model and the site widths, exactly as for a file. Adapter files are small.
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-    with tempfile.TemporaryDirectory(prefix="visadapt-") as folder:
-        path = Path(folder) / ADAPTER_FILE_NAME
-        save_file(tensors, str(path), metadata={str(k): str(v) for k, v in metadata.items()})
-        return _load_visadapt_file(pipe, path, candidates, adapter_name)
+                         candidates: dict[str, nn.Module], adapter_name: str, strict: bool = True) -> str:
+    """An in-memory visadapt adapter (tensors plus the header metadata of its file), checked like a file:
+    checksum, base model, site widths (:func:`visadapt.io.load_adapter_tensors`)."""
+    tensors = {str(key): value for key, value in state.items()}
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    return _load_visadapt_file(pipe, Path(f"the state dict given ({len(tensors)} tensors)"), candidates, adapter_name,
+                               strict=strict, contents=(tensors, meta))
 
 
 class VisadaptLoaderMixin:
@@ -353,6 +353,10 @@ class VisadaptLoaderMixin:
                 ``load_lora_weights`` (hub downloads through ``huggingface_hub.hf_hub_download``).
             metadata: the visadapt header metadata of an in-memory state dict.
             component: the pipeline component to load into (``"unet"``); found from the adapter by default.
+            strict: ``True`` (default): every key must land, else the error shows the load report (matched,
+                missing, unexpected keys and shape mismatches per site). ``False``: load what fits and print the
+                report; a load where nothing fits still raises. The report of the load stays on the adapter:
+                ``visadapt.load_report(pipe.unet, adapter_name)``.
 
         Returns the adapter name. On any error the pipeline is left exactly as it was.
         """
@@ -362,6 +366,7 @@ class VisadaptLoaderMixin:
                             f"adapter_name, weight, {', '.join(_LOAD_KWARGS)}")
         weight_name = kwargs.get("weight_name")
         metadata = kwargs.get("metadata")
+        strict = bool(kwargs.get("strict", True))
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
         candidates = _pick_components(self, kwargs.get("component"))
 
@@ -377,20 +382,20 @@ class VisadaptLoaderMixin:
             if weight_name is not None:
                 raise TypeError("weight_name picks a file in a folder or hub repo; a state dict was given")
             if metadata is not None and metadata.get("format") == io.FORMAT:
-                component = _load_visadapt_state(self, source, metadata, candidates, adapter_name)
+                component = _load_visadapt_state(self, source, metadata, candidates, adapter_name, strict)
             else:
                 component = _load_foreign(self, {}, source, candidates, adapter_name,
-                                          f"the state dict given ({len(source)} tensors)")
+                                          f"the state dict given ({len(source)} tensors)", strict)
         elif isinstance(source, (str, os.PathLike)):
             if metadata is not None:
                 raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")
             kind, files = _resolve(source, weight_name, hub_kwargs)
             if kind == "visadapt":
                 (path,) = files.values()
-                component = _load_visadapt_file(self, path, candidates, adapter_name)
+                component = _load_visadapt_file(self, path, candidates, adapter_name, strict)
             else:
                 what = ", ".join(str(p) for p in files.values())
-                component = _load_foreign(self, files, None, candidates, adapter_name, what)
+                component = _load_foreign(self, files, None, candidates, adapter_name, what, strict)
         else:
             raise TypeError(f"load_visadapt takes a file or folder path, a hub repo id or a state dict, not "
                             f"{type(source).__name__}")

@@ -41,11 +41,12 @@ class CheckpointFormat(abc.ABC):
 
     @abc.abstractmethod
     def load(self, model: nn.Module, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None,
-             adapter_name: str) -> AdapterConfig:
+             adapter_name: str, strict: bool = True) -> AdapterConfig:
         """Attach to ``model`` (a diffusers UNet, ...) the visadapt adapter ``adapter_name`` equivalent to the
-        checkpoint and load its tensors; return the adapter's config. On any failure leave ``model`` exactly as
-        it was and raise an error naming the file, the keys that did not fit and the fix. Keys that match nothing
-        are an error (or, where the layout legitimately holds more than the adapter, reported), never ignored."""
+        checkpoint and load its tensors; return the adapter's config. Every key goes into a
+        :class:`~visadapt.load_report.LoadReport`, kept on the adapter's record (``record.load_report``) and
+        enforced by its rule: ``strict`` raises with the report on anything that does not fit, leaving ``model``
+        exactly as it was; ``strict=False`` loads what fits and prints the rest; nothing fitting always raises."""
 
 
 def register_format(name: str):

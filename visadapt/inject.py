@@ -24,6 +24,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from visadapt.layers import QuantizedLinear, add_rows
+from visadapt.load_report import (
+    MATCHED,
+    MISMATCHED,
+    AdapterLoadError,  # noqa: F401  (re-exported: visadapt.inject.AdapterLoadError)
+    LoadReport,
+    adapter_key_site,
+)
 from visadapt.sites import Site
 
 ADAPTERS_ATTR = "visadapt_adapters"
@@ -34,10 +41,6 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # merge order of every merged delta module (a process-wide counter): unmerge needs to know what was stacked later
 _MERGE_ORDER_ATTR = "_visadapt_merge_order"
 _merge_counter = itertools.count()
-
-
-class AdapterLoadError(ValueError):
-    """Tensors in a file do not fit the adapter attached from its config; the message is a full report."""
 
 
 def check_adapter_name(name: str) -> None:
@@ -378,31 +381,24 @@ def _named_key(key: str, adapter_name: str) -> str:
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
-                       skip: frozenset[str] = frozenset()) -> None:
-    """Copy ``state`` (keys as from :func:`adapter_state`) into the attached adapter, strictly.
+                       skip: frozenset[str] = frozenset(), *, strict: bool = True,
+                       report: LoadReport | None = None) -> LoadReport:
+    """Copy ``state`` (keys as from :func:`adapter_state`) into the attached adapter.
 
-    Raises :class:`AdapterLoadError` listing every missing key, unexpected key and shape mismatch;
-    nothing is copied unless everything fits. Keys in ``skip`` are filled by the caller (packed weights).
+    Every key is recorded in ``report`` (a new :class:`~visadapt.load_report.LoadReport` when None), which is
+    then enforced: strict raises :class:`AdapterLoadError` with the report (missing, unexpected and misshapen
+    keys, per site) before anything is copied; ``strict=False`` copies the keys that fit and prints the rest.
+    Keys in ``skip`` are filled by the caller (packed weights). Returns the report.
     """
-    expected = {k: v for k, v in adapter_state(model, adapter_name).items() if k not in skip}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        matched = len(set(state) & set(expected)) - len(mismatched)
-        lines = [f"adapter tensors do not fit the model ({len(expected)} expected, {len(state)} given, {matched} matched):"]
-        lines += [f"  missing    {k}" for k in missing]
-        lines += [f"  unexpected {k}" for k in unexpected]
-        lines += [f"  shape      {m}" for m in mismatched]
-        raise AdapterLoadError("\n".join(lines))
+    report = report if report is not None else LoadReport("a state dict", f"adapter {adapter_name!r}")
+    expected = adapter_state(model, adapter_name)
+    fits = report.compare(state, expected, skip=skip)
+    report.enforce(strict)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for key, tensor in state.items():
-            targets[_named_key(key, adapter_name)].copy_(tensor)
+        for key in fits:
+            targets[_named_key(key, adapter_name)].copy_(state[key])
+    return report
 
 
 # ---------------------------------------------------------------------------------------- k-bit storage
@@ -435,22 +431,36 @@ def packed_adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch
     return state
 
 
-def load_packed_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Inverse of :func:`packed_adapter_state`, strict; nothing is written unless everything fits."""
+def load_packed_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, *,
+                              strict: bool = True, report: LoadReport | None = None) -> LoadReport:
+    """Inverse of :func:`packed_adapter_state`, reported and enforced like :func:`load_adapter_state`.
+
+    The packed ``codes`` / ``stats`` hold every quantised matrix back to back with no names, so they load whole
+    or not at all: when they do not fit this adapter's matrices, each matrix is reported as mismatched (and
+    ``strict=False`` loads the other tensors only).
+    """
+    report = report if report is not None else LoadReport("a state dict", f"adapter {adapter_name!r}")
     layers = quantized_layers(model, adapter_name)
     if not layers:
-        load_adapter_state(model, state, adapter_name)
-        return
+        return load_adapter_state(model, state, adapter_name, strict=strict, report=report)
     state = dict(state)
     codes, stats = state.pop("codes", None), state.pop("stats", None)
-    if codes is None or stats is None:
-        raise AdapterLoadError(f"this adapter has {len(layers)} quantised matrices but the file holds no packed "
-                               f"'codes' and 'stats' (it was saved at full precision: attach with bits=32)")
     sizes = [layer.packed_bytes for _, layer in layers]
-    if stats.shape != (len(layers), 2) or codes.numel() != sum(sizes) or codes.dtype != torch.uint8:
-        raise AdapterLoadError(
-            f"the file's codes ({codes.numel()} bytes, {codes.dtype}) and stats {tuple(stats.shape)} do not fit "
-            f"this model's {len(layers)} quantised matrices ({sum(sizes)} bytes expected)")
-    load_adapter_state(model, state, adapter_name, skip=frozenset(key for key, _ in layers))
-    for (_, layer), chunk, stat in zip(layers, torch.split(codes, sizes), stats):
-        layer.load_codes(chunk, stat)
+    if codes is None or stats is None:
+        why = ("the file holds no packed 'codes' and 'stats' (it was saved at full precision: attach with "
+               "bits=32)")
+    elif stats.shape != (len(layers), 2) or codes.numel() != sum(sizes) or codes.dtype != torch.uint8:
+        why = (f"the file's codes ({codes.numel()} bytes, {codes.dtype}) and stats {tuple(stats.shape)} do not fit "
+               f"this model's {len(layers)} quantised matrices ({sum(sizes)} bytes expected)")
+    else:
+        why = ""
+    if why:
+        report.notes.append(why)
+    for key, _ in layers:
+        report.add(adapter_key_site(key), key, MISMATCHED if why else MATCHED, "packed codes" if why else "")
+    load_adapter_state(model, state, adapter_name, skip=frozenset(key for key, _ in layers), strict=strict,
+                       report=report)
+    if not why:
+        for (_, layer), chunk, stat in zip(layers, torch.split(codes, sizes), stats):
+            layer.load_codes(chunk, stat)
+    return report

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from visadapt import api, inject
+from visadapt.load_report import AdapterLoadError, LoadReport
 from visadapt.registry import get_plugin
 from visadapt.sites import fingerprint
 
@@ -212,16 +213,37 @@ def _replace_linear_head(model: nn.Module, head: str, head_state: dict[str, torc
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 replace_head: bool = False):
-    """Attach the plugin recorded in the file with its saved config, then load its tensors (strictly).
+                 replace_head: bool = False, strict: bool = True):
+    """Attach the plugin recorded in the file with its saved config, then load its tensors.
 
     The classifier head trained with the adapter (stored in the same file) is restored too. When the model's
     head has another class count the load fails naming both counts, unless ``replace_head=True``: then a Linear
     head is replaced by one of the file's shape (timm models keep ``num_classes`` in sync through
-    ``reset_classifier``; here only the module is swapped). On any failure the model is left exactly as it was.
-    Returns the attached config.
+    ``reset_classifier``; here only the module is swapped).
+
+    Every tensor is accounted for in a :class:`~visadapt.load_report.LoadReport` (kept on the adapter's record:
+    :func:`visadapt.load_report`). ``strict`` (default): anything missing, unexpected or misshapen raises with
+    the report and the model is left exactly as it was. ``strict=False``: what fits is loaded and the rest is
+    printed; nothing fitting at all still raises. A file made for another architecture (family, depth, width)
+    is refused either way. Returns the attached config.
     """
     tensors, meta = read_adapter_file(path)
+    return load_adapter_tensors(model, tensors, meta, adapter_name, source=str(path), replace_head=replace_head,
+                                strict=strict)
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                         adapter_name: str = "default", *, source: str = "a state dict",
+                         replace_head: bool = False, strict: bool = True):
+    """:func:`load_adapter` for tensors and header metadata already in memory (an adapter file's contents).
+
+    The same checks as for a file: visadapt format and version, the tensor checksum when the metadata has one,
+    the base model, the site widths, the head. ``source`` names the tensors in messages.
+    """
+    path = source
+    _check_visadapt_metadata(path, meta)
+    if meta.get("tensors_sha256") and tensors_digest(tensors) != meta["tensors_sha256"]:
+        raise AdapterFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")
     check_base_model(model, meta, path)
     plugin = get_plugin(meta["plugin"])()
     config = plugin.Config.from_dict(json.loads(meta["config"]))
@@ -239,35 +261,43 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if replaced is not None:
             _put_back(model, head, replaced)
         raise
+    report = LoadReport(str(path), f"adapter {adapter_name!r}")
     try:
         saved_widths = json.loads(meta.get("site_widths", "{}"))
         here_widths = site_widths(model, adapter_name)
-        if saved_widths and saved_widths != here_widths:
+        if strict and saved_widths and saved_widths != here_widths:
             diff = [f"{k}: file {saved_widths.get(k)} vs model {here_widths.get(k)}"
                     for k in sorted(set(saved_widths) | set(here_widths)) if saved_widths.get(k) != here_widths.get(k)]
-            raise AdapterFileError(f"adapter file {path} does not fit this model's sites:\n  " + "\n  ".join(diff[:10]))
-        plugin.import_state(model, adapter_tensors, adapter_name)
+            raise AdapterFileError(f"adapter file {path} does not fit this model's sites:\n  " + "\n  ".join(diff[:10])
+                                   + "\n(pass strict=False to load the sites that fit)")
+        head_fits: list[str] = []
+        classes = ""
         if head:
-            module = model.get_submodule(head)
-            current = module.state_dict()
-            bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape) if k in current else 'missing'}"
-                   for k, v in head_state.items() if k not in current or current[k].shape != v.shape]
-            if bad or set(current) != set(head_state):
-                classes = ""
-                if "weight" in head_state and "weight" in current and head_state["weight"].dim() == 2:
-                    classes = (f" (the file's head has {head_state['weight'].shape[0]} classes, this model's "
-                               f"{current['weight'].shape[0]}: create the model with num_classes="
-                               f"{head_state['weight'].shape[0]}, or pass replace_head=True to use the file's head)")
-                raise inject.AdapterLoadError(
-                    f"head {head!r} stored in {path} does not fit this model's head{classes}: " + "; ".join(bad or [
-                        f"keys {sorted(head_state)} vs {sorted(current)}"])
-                )
-            module.load_state_dict(head_state)
+            current = model.get_submodule(head).state_dict()
+            head_fits = report.compare({f"{head}.{k}": v for k, v in head_state.items()},
+                                       {f"{head}.{k}": v for k, v in current.items()}, site_of=lambda _key: head)
+            if "weight" in head_state and "weight" in current and head_state["weight"].dim() == 2 and (
+                    head_state["weight"].shape[0] != current["weight"].shape[0]):
+                classes = (f"the file's head {head!r} has {head_state['weight'].shape[0]} classes, this model's "
+                           f"{current['weight'].shape[0]}: create the model with num_classes="
+                           f"{head_state['weight'].shape[0]}, or pass replace_head=True to use the file's head")
+        try:
+            plugin.import_state(model, adapter_tensors, adapter_name, strict=strict, report=report)
+        except AdapterLoadError as err:
+            if classes:
+                raise AdapterLoadError(f"{err}\n{classes}", report) from err
+            raise
+        if head_fits:
+            targets = model.get_submodule(head).state_dict(keep_vars=True)
+            with torch.no_grad():
+                for key in head_fits:
+                    targets[key[len(head) + 1:]].copy_(tensors[key])
     except Exception:
         api.detach(model, adapter_name)
         if replaced is not None:
             _put_back(model, head, replaced)
         raise
+    api.get_record(model, adapter_name).load_report = report
     return config
 
 

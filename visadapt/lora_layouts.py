@@ -38,6 +38,7 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.formats import CheckpointFormat, register_format
+from visadapt.load_report import MATCHED, MISMATCHED, UNEXPECTED, AdapterLoadError, LoadReport
 
 #: the text-encoder components a LoRA file may also hold, by key prefix
 TEXT_ENCODER_PREFIXES = {"text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
@@ -62,6 +63,8 @@ class LoraWeights:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None
+    #: the state-dict keys this module was read from (for load reports)
+    keys: tuple[str, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -90,8 +93,9 @@ class LoraStateDict(dict):
         self.layout = ""
 
 
-class LoraLayoutError(ValueError):
-    """Keys of a LoRA state dict fit no known layout, or tensors do not fit the model."""
+class LoraLayoutError(AdapterLoadError):
+    """Keys of a LoRA state dict fit no known layout, or tensors do not fit the model (``report``: the
+    :class:`~visadapt.load_report.LoadReport` when the error comes from a load)."""
 
 
 # (regex on the key, role); the "path" group is the module path in diffusers' naming
@@ -143,14 +147,15 @@ def _component(key: str) -> tuple[str, str]:
     return "unet", key
 
 
-def read_lora_state(state: Mapping[str, torch.Tensor], *,
-                    module_names: Iterable[str] | None = None) -> LoraStateDict:
+def read_lora_state(state: Mapping[str, torch.Tensor], *, module_names: Iterable[str] | None = None,
+                    report: LoadReport | None = None) -> LoraStateDict:
     """Read a LoRA state dict in any layout of the module docstring into ``{module path: LoraWeights}``.
 
     ``state``: tensors by key, as from ``safetensors.torch.load_file``. ``module_names``: the UNet's module
     paths, to resolve kohya names exactly (without it they are rebuilt from diffusers' naming). Text-encoder
     entries land in ``result.text_encoder``. Raises :class:`LoraLayoutError` listing every key that fits no
-    layout, every module with a ``down`` but no ``up`` (or the reverse), and ranks that disagree.
+    layout, every module with a ``down`` but no ``up`` (or the reverse), and ranks that disagree; with a
+    ``report`` those keys are recorded in it as unexpected instead (the caller enforces it).
     """
     parts: dict[tuple[str, str], dict[str, object]] = {}
     layouts: dict[str, None] = {}
@@ -164,6 +169,7 @@ def read_lora_state(state: Mapping[str, torch.Tensor], *,
             raise LoraLayoutError(f"LoRA key {key!r} repeats the {role} of module {path!r} ({component}); the "
                                   f"state dict mixes two copies of one module")
         entry[role] = value
+        entry.setdefault("keys", []).append(key)
         layouts[layout] = None
 
     for key, tensor in state.items():
@@ -200,7 +206,10 @@ def read_lora_state(state: Mapping[str, torch.Tensor], *,
                 put(component, match.group("path"), "alpha", float(tensor.item()), key, "peft")
                 continue
             unknown.append(key)
-    if unknown:
+    if unknown and report is not None:
+        for key in unknown:
+            report.add("(no LoRA layout)", key, UNEXPECTED, "fits no LoRA layout visadapt reads")
+    elif unknown:
         shown = "\n  ".join(unknown[:20]) + (f"\n  ... and {len(unknown) - 20} more" if len(unknown) > 20 else "")
         raise LoraLayoutError(
             f"{len(unknown)} of {len(state)} keys fit no LoRA layout visadapt reads (PEFT/diffusers lora_A/lora_B, "
@@ -210,76 +219,123 @@ def read_lora_state(state: Mapping[str, torch.Tensor], *,
     result = LoraStateDict()
     result.layout = "+".join(layouts)
     problems = []
+
+    def problem(entry: dict, component: str, path: str, message: str) -> None:
+        if report is None:
+            problems.append(f"{component} module {path!r}{message}")
+        else:
+            for key in entry["keys"]:
+                report.add(path, key, UNEXPECTED, message.lstrip(": "))
+
     for (component, path), entry in parts.items():
         if "down" not in entry or "up" not in entry:
-            have = ", ".join(sorted(entry))
-            problems.append(f"{component} module {path!r} has {have} but needs both down (lora_A) and up (lora_B)")
+            have = ", ".join(sorted(r for r in entry if r != "keys"))
+            problem(entry, component, path, f" has {have} but needs both down (lora_A) and up (lora_B)")
             continue
         down, up = entry["down"], entry["up"]
         conv = down.dim() == 4
         if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or (
                 conv and tuple(up.shape[2:]) != (1, 1)):
-            problems.append(f"{component} module {path!r}: down {tuple(down.shape)} and up {tuple(up.shape)} are not "
-                            f"a LoRA pair (down (r, in[, kh, kw]), up (out, r[, 1, 1]))")
+            problem(entry, component, path, f": down {tuple(down.shape)} and up {tuple(up.shape)} are not "
+                                             f"a LoRA pair (down (r, in[, kh, kw]), up (out, r[, 1, 1]))")
             continue
-        weights = LoraWeights(down, up, entry.get("alpha"))
+        weights = LoraWeights(down, up, entry.get("alpha"), tuple(entry["keys"]))
         if component == "unet":
             result[path] = weights
         else:
             result.text_encoder.setdefault(component, {})[path] = weights
     if problems:
         raise LoraLayoutError("LoRA state dict is incomplete:\n  " + "\n  ".join(problems))
-    if not result and not result.text_encoder:
+    if not result and not result.text_encoder and report is None:
         raise LoraLayoutError("the LoRA state dict holds no LoRA tensors (it is empty)")
     return result
 
 
+def fitting_loras(model: nn.Module, loras: Mapping[str, LoraWeights], report: LoadReport) -> dict[str, LoraWeights]:
+    """The LoRAs of ``loras`` whose module exists in ``model`` as a Linear / Conv2d of a fitting shape (``down``
+    ``(r, in[, kh, kw])`` against the weight's input side, ``up`` ``(out, r[, 1, 1])`` against its output side);
+    every module is recorded in ``report`` by its file keys: matched, unexpected (no such module, or not a layer
+    LoRA applies to) or a shape mismatch naming both shapes."""
+    modules = dict(model.named_modules())
+    fits = {}
+    for path, weights in loras.items():
+        keys = weights.keys or (f"{path}.lora_down", f"{path}.lora_up")
+        host = modules.get(path)
+        if not isinstance(host, (nn.Linear, nn.Conv2d)):
+            what = "this model has no such module" if host is None else f"a {type(host).__name__}, not Linear/Conv2d"
+            for key in keys:
+                report.add(path, key, UNEXPECTED, what)
+            continue
+        weight = host.weight
+        if tuple(weights.down.shape[1:]) != tuple(weight.shape[1:]) or weights.up.shape[0] != weight.shape[0] or (
+                weights.down.dim() != weight.dim()):
+            detail = (f"file down {tuple(weights.down.shape)} / up {tuple(weights.up.shape)} vs model weight "
+                      f"{tuple(weight.shape)}")
+            for key in keys:
+                report.add(path, key, MISMATCHED, detail)
+            continue
+        for key in keys:
+            report.add(path, key, MATCHED)
+        fits[path] = weights
+    return fits
+
+
 def attach_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor] | LoraStateDict, adapter_name: str, *,
-                      alpha: float | None = None):
+                      alpha: float | None = None, strict: bool = True, source: str | None = None):
     """Attach a visadapt ``lora`` adapter to exactly the modules ``state`` names, with their ranks and alphas,
     and load its tensors. Returns the :class:`~visadapt.plugins.lora.LoRAConfig` (``target_modules``,
     ``rank_pattern``, ``alpha_pattern``), so :func:`visadapt.save_adapter` writes an ordinary visadapt file.
 
     ``state``: a raw state dict in any layout :func:`read_lora_state` reads, or its result. ``alpha``: the
     alpha of modules whose file has none (default: their rank, i.e. scale 1, as diffusers does).
-    Refuses text-encoder entries (visadapt adapts the UNet) naming the fix. On any mismatch (a module the
-    model lacks, a shape that does not fit) the adapter is detached again and the error lists the offending
-    modules with both shapes.
+
+    Every key is accounted for in a :class:`~visadapt.load_report.LoadReport` (kept on the adapter's record,
+    :func:`visadapt.load_report`): keys of no LoRA layout, modules this model lacks, shapes that do not fit,
+    text-encoder entries (visadapt adapts the UNet; ``pipe.load_lora_weights`` loads those). ``strict``
+    (default) raises :class:`LoraLayoutError` with the report and leaves the model as it was;
+    ``strict=False`` attaches the modules that fit and prints the rest. ``source`` names the input in messages.
     """
     from visadapt.plugins.lora import LoRAConfig
 
+    source = source or f"a LoRA state dict of {len(state)} entries"
+    report = LoadReport(source, f"adapter {adapter_name!r}")
     loras = state if isinstance(state, LoraStateDict) else read_lora_state(
-        state, module_names=[name for name, _ in unet.named_modules()])
-    if loras.text_encoder:
-        counts = ", ".join(f"{len(mods)} {comp} modules" for comp, mods in loras.text_encoder.items())
-        raise LoraLayoutError(f"this LoRA also adapts the text encoder ({counts}); visadapt loads UNet LoRAs only: "
-                              f"load the file with pipe.load_lora_weights, or remove the text-encoder keys")
-    if not loras:
-        raise LoraLayoutError("this LoRA state dict adapts no UNet module")
-    ranks = [w.rank for w in loras.values()]
+        state, module_names=[name for name, _ in unet.named_modules()], report=report)
+    for component, modules in loras.text_encoder.items():
+        for path, weights in modules.items():
+            for key in weights.keys or (f"{component}.{path}",):
+                report.add(f"{component}.{path}", key, UNEXPECTED,
+                           "text encoder: visadapt loads UNet LoRAs; use pipe.load_lora_weights for these")
+    fits = fitting_loras(unet, loras, report)
+    try:
+        report.enforce(strict)
+    except AdapterLoadError as err:
+        raise LoraLayoutError(str(err), report) from err
+    ranks = [w.rank for w in fits.values()]
     rank = max(set(ranks), key=ranks.count)
     alphas = {path: (w.alpha if w.alpha is not None else (alpha if alpha is not None else w.rank))
-              for path, w in loras.items()}
+              for path, w in fits.items()}
     alpha_values = list(alphas.values())
     common_alpha = float(max(set(alpha_values), key=alpha_values.count))
     config = LoRAConfig(
-        rank=rank, alpha=common_alpha, targets=("to_q",), target_modules=tuple(loras),
-        rank_pattern={path: w.rank for path, w in loras.items() if w.rank != rank},
+        rank=rank, alpha=common_alpha, targets=("to_q",), target_modules=tuple(fits),
+        rank_pattern={path: w.rank for path, w in fits.items() if w.rank != rank},
         alpha_pattern={path: float(a) for path, a in alphas.items() if a != common_alpha},
     )
     try:
         api.attach(unet, "lora", config, adapter_name=adapter_name)
     except ValueError as err:
-        raise LoraLayoutError(f"LoRA modules do not fit this UNet: {err}") from err
+        raise LoraLayoutError(f"LoRA modules do not fit this UNet: {err}", report) from err
     try:
-        load_lora_weights_into(unet, loras, adapter_name)
+        load_lora_weights_into(unet, fits, adapter_name)
     except Exception:
         api.detach(unet, adapter_name)
         raise
+    api.get_record(unet, adapter_name).load_report = report
     return config
 
 
-def _lora_modules(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+def lora_modules(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     """``{host module path: visadapt LoRA module}`` of one adapter."""
     from visadapt.layers import LoRA
 
@@ -290,12 +346,14 @@ def _lora_modules(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     return found
 
 
-def load_lora_weights_into(model: nn.Module, loras: Mapping[str, LoraWeights], adapter_name: str) -> None:
+def load_lora_weights_into(model: nn.Module, loras: Mapping[str, LoraWeights], adapter_name: str, *,
+                           allow_missing: bool = False) -> None:
     """Copy ``loras`` into the LoRA modules of ``adapter_name`` already attached at the same module paths, strictly
-    (every module both ways, every shape); the alpha of each module must equal the attached one. Nothing is
-    copied unless everything fits."""
-    modules = _lora_modules(model, adapter_name)
-    missing = sorted(set(modules) - set(loras))
+    (every module both ways, every shape; with ``allow_missing`` attached modules the file lacks keep their
+    initial zero delta); the alpha of each module must equal the attached one. Nothing is copied unless
+    everything fits."""
+    modules = lora_modules(model, adapter_name)
+    missing = [] if allow_missing else sorted(set(modules) - set(loras))
     unexpected = sorted(set(loras) - set(modules))
     problems = [f"  model module without a LoRA in the file: {p}" for p in missing]
     problems += [f"  file LoRA for a module the adapter lacks: {p}" for p in unexpected]
@@ -311,6 +369,8 @@ def load_lora_weights_into(model: nn.Module, loras: Mapping[str, LoraWeights], a
                               f"{len(modules)} in the model):\n" + "\n".join(problems))
     with torch.no_grad():
         for path, module in modules.items():
+            if path not in loras:
+                continue
             module.A.weight.copy_(loras[path].down)
             module.B.weight.copy_(loras[path].up)
 
@@ -333,7 +393,7 @@ def lora_state_to_peft(unet: nn.Module, adapter_name: str, prefix: str = "unet")
                               f"save it with visadapt.save_adapter")
     out = {}
     lead = f"{prefix}." if prefix else ""
-    for path, module in _lora_modules(unet, adapter_name).items():
+    for path, module in lora_modules(unet, adapter_name).items():
         if getattr(module.A, "bits", 32) != 32:
             raise LoraLayoutError(f"{path}: a {module.A.bits}-bit LoRA has no diffusers layout; attach with bits=32")
         out[f"{lead}{path}.lora_A.weight"] = module.A.weight.detach().clone().contiguous()
@@ -388,15 +448,13 @@ class DiffusersLoraFormat(CheckpointFormat):
                     return False
         return False
 
-    def load(self, model, files, state, adapter_name):
+    def load(self, model, files, state, adapter_name, strict=True):
         if state is None:
             from safetensors.torch import load_file
 
             name = next((n for n in self.file_names if n in files), None)
             if name is None:
                 raise FileNotFoundError(f"no LoRA file among {sorted(files)}; expected one of {self.file_names}")
-            try:
-                return attach_lora_state(model, load_file(str(files[name])), adapter_name)
-            except LoraLayoutError as err:
-                raise LoraLayoutError(f"{files[name]}: {err}") from err
-        return attach_lora_state(model, state, adapter_name)
+            return attach_lora_state(model, load_file(str(files[name])), adapter_name, strict=strict,
+                                     source=str(files[name]))
+        return attach_lora_state(model, state, adapter_name, strict=strict)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from visadapt import inject
+from visadapt.load_report import LoadReport
 
 
 def config_field(default: Any, help: str, **kwargs) -> Any:
@@ -157,9 +158,12 @@ class AdapterPlugin(abc.ABC):
         k-bit matrices (:class:`visadapt.layers.QuantizedLinear`) are stored packed."""
         return inject.packed_adapter_state(model, adapter_name)
 
-    def import_state(self, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
-        """Inverse of :meth:`export_state`; strict: raises on any missing, unexpected or misshapen tensor."""
-        inject.load_packed_adapter_state(model, state, adapter_name)
+    def import_state(self, model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, *,
+                     strict: bool = True, report: LoadReport | None = None) -> LoadReport:
+        """Inverse of :meth:`export_state`. Every key goes into ``report`` (returned); ``strict`` raises on any
+        missing, unexpected or misshapen tensor before loading anything, ``strict=False`` loads what fits and
+        prints the rest (see :mod:`visadapt.load_report`)."""
+        return inject.load_packed_adapter_state(model, state, adapter_name, strict=strict, report=report)
 
     def replaces_head(self, config: AdapterConfig) -> bool:
         """True when the adapter brings its own classifier (a quantised head), so the model's head must be

@@ -42,6 +42,7 @@ host's: a classifier head, a normalisation layer) and ``held`` (a module kept on
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Iterable, Sequence
 
@@ -477,10 +478,15 @@ def module_sites(model: nn.Module, patterns: Sequence[str]) -> list[Site]:
             else:
                 chosen[path] = Site(path, "module", -1, module.in_features, module.out_features, module, "linear")
     if unmatched:
+        paths = [path for path, _ in layers]
+        close = {p: difflib.get_close_matches(p, paths, n=3, cutoff=0.6) for p in unmatched}
+        close_text = "; ".join(f"{p!r} is close to {', '.join(c)}" for p, c in close.items() if c)
+        leaves = list(dict.fromkeys(path.rpartition(".")[2] for path in paths))
         raise ValueError(
             f"target_modules {unmatched} match no nn.Linear / nn.Conv2d of this {family} model (patterns are full "
-            f"module paths or dotted suffixes, e.g. 'down_blocks.0.resnets.0.conv1' or 'to_q'); "
-            f"print(dict(model.named_modules()).keys()) lists the paths")
+            f"module paths or dotted suffixes, e.g. 'down_blocks.0.resnets.0.conv1' or 'to_q'). "
+            f"{close_text + '. ' if close_text else ''}Its {len(paths)} layers end in: {', '.join(leaves[:30])}"
+            f"{', ...' if len(leaves) > 30 else ''}; `visadapt sites MODEL` lists every site with its widths")
     order = {path: i for i, (path, _) in enumerate(layers)}
     sites = sorted(chosen.values(), key=lambda s: order[s.path])
     return sites

@@ -6,11 +6,13 @@
 >>> visadapt.save_adapter(model, "lora.safetensors")
 """
 from visadapt.api import (
+    active_adapters,
     attach,
     detach,
     get_weight,
     load_report,
     merge,
+    set_active_adapters,
     set_weight,
     summary,
     trainable_parameters,
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
     "AdapterPlugin",
+    "active_adapters",
     "all_sites",
     "attach",
     "config_field",
@@ -41,6 +44,7 @@ __all__ = [
     "read_adapter_file",
     "register_plugin",
     "save_adapter",
+    "set_active_adapters",
     "set_weight",
     "summary",
     "trainable_parameters",

@@ -227,6 +227,31 @@ def set_weight(model: nn.Module, adapter_name: str, weight: float) -> None:
     inject.set_adapter_weight(model, adapter_name, weight)
 
 
+def set_active_adapters(model: nn.Module, adapter_names: str | list[str] | tuple[str, ...] | None) -> None:
+    """Run only ``adapter_names`` (one name, several, or None for all), like PEFT's ``set_adapter``: the others
+    stay attached, trainable and saveable but are skipped by the hooks, so they cost no time. Used to train one
+    adapter per task on a shared frozen backbone. A merged adapter cannot be switched off (unmerge it first);
+    held modules a plugin calls itself (heads) are the plugin's to call or not."""
+    every = list(records(model))
+    if adapter_names is None:
+        wanted = set(every)
+    else:
+        wanted = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        unknown = sorted(wanted - set(every))
+        if unknown:
+            raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} is attached to this model "
+                           f"(attached: {', '.join(map(repr, every)) or 'none'})")
+    for name in every:
+        if inject.attached(model, name):
+            inject.set_adapter_active(model, name, name in wanted)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the attached adapters that run (all, unless :func:`set_active_adapters` switched some off)."""
+    return [name for name in records(model)
+            if not inject.attached(model, name) or any(inject.is_active(i.module) for i in inject.attached(model, name))]
+
+
 def get_weight(model: nn.Module, adapter_name: str) -> float:
     """The runtime weight of ``adapter_name`` (1.0 unless :func:`set_weight` changed it)."""
     get_record(model, adapter_name)

@@ -62,7 +62,7 @@ class WeightDelta(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         for per_name in self.visadapt_adapters.values():
             for module in per_name.values():
-                if not module.merged:
+                if not module.merged and is_active(module):
                     delta = module.delta_weight().to(weight.dtype) * adapter_weight(module)
                     weight = add_rows(weight, delta, module.site_rows, dim=0)
         return weight
@@ -135,8 +135,28 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
 def _active(owner: nn.Module, how: str) -> Iterator[nn.Module]:
     for per_name in getattr(owner, ADAPTERS_ATTR).values():
         for module in per_name.values():
-            if module.site_how == how and not getattr(module, "merged", False):
+            if module.site_how == how and not getattr(module, "merged", False) and is_active(module):
                 yield module
+
+
+def is_active(module: nn.Module) -> bool:
+    """Whether a delta module runs (True unless :func:`set_adapter_active` switched its adapter off)."""
+    return not module.__dict__.get("adapter_inactive", False)
+
+
+def set_adapter_active(model: nn.Module, adapter_name: str, active: bool) -> None:
+    """Switch every delta module of ``adapter_name`` on or off: an inactive adapter is skipped by the hooks (it
+    costs nothing and contributes nothing) but stays attached, trainable and saveable. A merged adapter is part
+    of the base weights and cannot be switched off: unmerge it first."""
+    items = attached(model, adapter_name)
+    if not items:
+        raise KeyError(f"no modules of adapter {adapter_name!r} are attached to this model")
+    merged = [f"{i.host_path}:{i.kind}" for i in items if getattr(i.module, "merged", False)]
+    if merged and not active:
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights ({merged[0]}, ...); unmerge it "
+                         f"before switching it off")
+    for item in items:
+        item.module.__dict__["adapter_inactive"] = not active
 
 
 def adapter_weight(module: nn.Module) -> float:

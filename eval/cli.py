@@ -5,8 +5,16 @@
     visadapt-eval --benchmark vpr --adapters runs/vpr-mini-places-selavpr      # Recall@1/5/10, global and re-ranked
     visadapt-eval --benchmark rank --adapters runs/rank-mini-counting-v1-seed0   # PLCC / SRCC / MAE / pair accuracy
 
-Without --data-root the accuracies are read from each task's metrics.json (final epoch by default, --metric best
-for the optimistic best-on-test number). With --data-root every adapter file is evaluated again on the data.
+    visadapt-eval --benchmark vtab --adapters runs/lora-seeds                  # seed_0/ seed_1/ ...: mean ± std
+    visadapt-eval --benchmark vtab --adapters runs/lora-tune --split tune      # validation-selected test accuracy
+
+Without --data-root the accuracies are read from each task's metrics.json. Which number is shown follows the
+training protocol: --split final (default) shows the final-epoch test accuracy of runs trained with --split
+final; --split tune shows the validation-selected test accuracy of runs trained with --split tune. --metric best
+shows the best test accuracy seen during training instead, labelled best-on-test (optimistic). A table refuses
+runs of the other protocol unless --mixed-protocols is given. A run trained with --seeds (one seed_<n>
+directory per seed) shows mean ± sample standard deviation per task and in every average (each average is
+computed per seed first). With --data-root every adapter file is evaluated again on the data.
 The table goes to stdout; progress, and where --csv / --json / --plot were written, go to stderr.
 """
 from __future__ import annotations
@@ -23,11 +31,11 @@ from visadapt.data.tasks import BENCHMARKS, resolve_task, resolve_tasks
 # part of visadapt and would split it from the other visadapt imports.
 from .tables import (
     ADAPTER_FILE,
+    PROTOCOL_METRICS,
     RunResult,
     TaskResult,
     collect_run,
-    find_task_dirs,
-    read_task_files,
+    collect_seeds,
     result_from_evaluation,
     to_csv,
     to_json,
@@ -102,7 +110,8 @@ def reevaluate_run(
     tasks: list[str] | None = None,
     label: str | None = None,
 ) -> RunResult:
-    """Evaluates a training output directory (each ``<task>/adapter.safetensors``) or one adapter file again.
+    """Evaluates a training output directory (each ``<task>/adapter.safetensors``, or each
+    ``seed_<n>/<task>/adapter.safetensors`` of a run with seeds) or one adapter file again.
 
     ``evaluate`` is called like ``visadapt.engine.evaluate_adapter_file(file, data_root, benchmark=..., task=...,
     protocol=..., batch_size=...)`` and returns its dict. A bare file's task comes from its own metadata.
@@ -116,15 +125,14 @@ def reevaluate_run(
                              "leave the file out")
         return RunResult(label or _file_label(path, benchmark), benchmark, "reevaluated", {result.task: result},
                          path=str(path))
-    dirs, warnings = find_task_dirs(path, benchmark, tasks)
-    results = read_task_files(
-        dirs, ADAPTER_FILE, lambda adapter, name: _evaluate_one(evaluate, adapter, data_root, benchmark, name, **kwargs),
-        warnings)
+    seeds, results, warnings = collect_seeds(
+        path, benchmark, tasks, ADAPTER_FILE,
+        lambda adapter, name: _evaluate_one(evaluate, adapter, data_root, benchmark, name, **kwargs))
     if not results:
         raise ValueError(f"no task directory of {path} holds {ADAPTER_FILE}; check the path, or wait for training "
                          "to finish")
     return RunResult(label or path.resolve().name, benchmark, "reevaluated", results, path=str(path),
-                     warnings=warnings)
+                     warnings=warnings, seeds=seeds)
 
 
 def _unique_labels(runs: list[RunResult]) -> None:
@@ -149,9 +157,19 @@ def _parser() -> argparse.ArgumentParser:
                              "files (those need --data-root); one table row each")
     parser.add_argument("--labels", nargs="+", metavar="LABEL",
                         help="row labels, one per --adapters path (default: the directory name)")
-    parser.add_argument("--metric", choices=["final", "best"],
-                        help="from metrics.json: final-epoch accuracy (default) or best test accuracy seen during "
-                             "training (optimistic; what most PETL papers report)")
+    parser.add_argument("--split", choices=["final", "tune", "train", "val", "test"],
+                        help="VTAB-1k / FGVC tables: which training protocol's number to show: final (default; "
+                             "final-epoch test accuracy of runs trained with --split final) or tune (test accuracy "
+                             "at the best validation accuracy, runs trained with --split tune). vpr with "
+                             "--data-root: the split of the dataset folder to retrieve on (train, val, test; "
+                             "default test)")
+    parser.add_argument("--metric", choices=["final", "val-selected", "best"],
+                        help="override the number --split shows: final (final-epoch test accuracy), val-selected "
+                             "(tune runs only) or best (best test accuracy seen during training: best-on-test, "
+                             "optimistic; what most PETL papers report)")
+    parser.add_argument("--mixed-protocols", action="store_true",
+                        help="allow runs trained with the other --split in the same table (a warning lists which "
+                             "run used which); without it such a run is an error")
     parser.add_argument("--data-root", metavar="ROOT",
                         help="re-evaluate every adapter file on the benchmark data under ROOT instead of reading "
                              "metrics.json")
@@ -161,8 +179,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="only these tasks (names or aliases, comma- or space-separated); the rest show as "
                              "missing")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
-                        help="vpr with --data-root: the split of the dataset folder to retrieve on")
     parser.add_argument("--rerank-k", type=int, metavar="K",
                         help="vpr with --data-root: candidates re-ranked per query (default: the training recipe's)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
@@ -190,6 +206,9 @@ def _collect(args: argparse.Namespace, evaluate: Evaluator | None) -> list[RunRe
         if len(set(args.labels)) != len(args.labels):
             raise ValueError(f"--labels repeats a label ({' '.join(args.labels)}); give each row its own")
     labels = args.labels or [None] * len(paths)
+    if args.split is not None and args.split not in PROTOCOL_METRICS:
+        raise ValueError(f"--split {args.split} is a dataset split of --benchmark vpr; the {benchmark} tables take "
+                         f"--split {' or '.join(PROTOCOL_METRICS)} (the training protocol)")
     if args.data_root is None:
         for option, value in (("--protocol", args.protocol), ("--batch-size", args.batch_size)):
             if value is not None:
@@ -200,11 +219,20 @@ def _collect(args: argparse.Namespace, evaluate: Evaluator | None) -> list[RunRe
                 raise ValueError(f"{path} is an adapter file, and only metrics.json can be read without data; add "
                                  f"--data-root ROOT (the folder holding the {benchmark} tasks) to evaluate it, or "
                                  "pass its training output directory")
-        return [collect_run(path, benchmark, args.metric or "final", label=label, tasks=tasks)
+        split = args.split or "final"
+        metric = args.metric or PROTOCOL_METRICS[split][0]
+        if metric not in PROTOCOL_METRICS[split]:
+            raise ValueError(f"--metric {metric} does not exist under --split {split} (training on train800val200 "
+                             f"leaves no validation set to select by); use --split tune, or --metric "
+                             f"{' or '.join(PROTOCOL_METRICS[split])}")
+        return [collect_run(path, benchmark, metric, label=label, tasks=tasks, protocol=split,
+                            mixed_protocols=args.mixed_protocols)
                 for path, label in zip(paths, labels)]
-    if args.metric is not None:
-        raise ValueError("--metric picks a number from metrics.json, but --data-root evaluates the adapter files "
-                         "again; drop one of the two")
+    for option, value in (("--metric", args.metric), ("--split", args.split),
+                          ("--mixed-protocols", args.mixed_protocols or None)):
+        if value is not None:
+            raise ValueError(f"{option} picks a number from metrics.json, but --data-root evaluates the adapter files "
+                             "again (--protocol chooses the split they are evaluated on); drop one of the two")
     if not Path(args.data_root).is_dir():
         raise ValueError(f"--data-root {args.data_root} is not a directory; pass the folder holding the "
                          f"{benchmark} tasks")
@@ -223,15 +251,18 @@ def _vpr(args: argparse.Namespace) -> int:
     from .vpr import vpr_main
 
     for option, value in (("--metric", args.metric), ("--protocol", args.protocol), ("--tasks", args.tasks),
-                          ("--csv", args.csv), ("--plot", args.plot)):
+                          ("--csv", args.csv), ("--plot", args.plot), ("--mixed-protocols", args.mixed_protocols or None)):
         if value is not None:
             raise ValueError(f"{option} belongs to the classification tables; --benchmark vpr does not take it")
+    if args.split in PROTOCOL_METRICS:
+        raise ValueError(f"--split {args.split} is a training protocol of the classification tables; --benchmark vpr "
+                         "takes --split train, val or test (the dataset split to retrieve on, with --data-root)")
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise ValueError(f"--data-root {args.data_root} is not a directory; pass the dataset folder holding "
                          f"images/<split>/database and images/<split>/queries")
     if args.labels is not None and len(args.labels) != len(args.adapters):
         raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.adapters)} --adapters paths")
-    table, records = vpr_main(args.adapters, args.labels, args.data_root, args.split, args.rerank_k,
+    table, records = vpr_main(args.adapters, args.labels, args.data_root, args.split or "test", args.rerank_k,
                               args.batch_size)
     print(table, end="")
     if args.json:
@@ -245,7 +276,8 @@ def _rank(args: argparse.Namespace) -> int:
 
     for option, value in (("--metric", args.metric), ("--protocol", args.protocol), ("--tasks", args.tasks),
                           ("--csv", args.csv), ("--plot", args.plot), ("--data-root", args.data_root),
-                          ("--rerank-k", args.rerank_k)):
+                          ("--rerank-k", args.rerank_k), ("--split", args.split),
+                          ("--mixed-protocols", args.mixed_protocols or None)):
         if value is not None:
             raise ValueError(f"{option} does not apply to --benchmark rank, which reads each run's metrics.json")
     if args.labels is not None and len(args.labels) != len(args.adapters):

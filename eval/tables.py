@@ -7,9 +7,14 @@ Bench). A table here therefore prints both, each labelled, and FGVC, which has n
 five datasets.
 
 A training run is a directory ``<run_dir>/<task>/metrics.json`` (+ ``adapter.safetensors``), written by
-``train/vtab.py``. Nothing here evaluates a model: :func:`collect_run` reads metrics files, and
+``train/vtab.py``; a run with several seeds (``--seeds 0,1,2``) holds one such directory per seed,
+``<run_dir>/seed_<n>/<task>/``. Nothing here evaluates a model: :func:`collect_run` reads metrics files, and
 :func:`result_from_evaluation` turns what ``visadapt.engine.evaluate_adapter_file`` returned into the same
 record, so a re-evaluated table and a table read from disk are built by the same arithmetic.
+
+Seeds: each task shows the mean ± the sample standard deviation (n - 1) of its per-seed accuracies, and every
+average (group means, both overall means) is computed per seed first, then reported as mean ± std over the
+seeds, so its spread is that of the average itself. With one seed no ± is shown.
 """
 from __future__ import annotations
 
@@ -18,21 +23,36 @@ import dataclasses
 import io
 import json
 import math
+import re
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from visadapt.data.tasks import GROUPS, benchmark_tasks, resolve_task
 
 METRICS_FILE = "metrics.json"
 ADAPTER_FILE = "adapter.safetensors"
 
-# Where the accuracy of a table comes from. "final" is the default because it is the only honest one: "best" was
-# picked on the test set itself.
+# Where the accuracy of a table comes from. "final" (protocol final) and "val-selected" (protocol tune) are the
+# honest ones; "best" was picked on the test set itself and is shown only when asked for.
 METRIC_DESCRIPTIONS = {
     "final": "final-epoch accuracy",
-    "best": "best-on-test accuracy during training (optimistic, as most PETL papers report)",
+    "val-selected": "validation-selected accuracy (test accuracy of the evaluation with the best validation "
+                    "accuracy)",
+    "best": "best-on-test (optimistic): the best test accuracy of any evaluation during training, as most PETL "
+            "papers report",
     "reevaluated": "re-evaluated from adapter files",
 }
+# The metrics.json key behind each metric.
+METRIC_KEYS = {"final": "accuracy_final", "val-selected": "accuracy_val_selected", "best": "accuracy_best"}
+# Which metrics each training protocol (train/vtab.py --split) records, its default first.
+PROTOCOL_METRICS = {"final": ("final", "best"), "tune": ("val-selected", "final", "best")}
+
+# A seed's directory in a run trained with --seeds.
+SEED_DIR = re.compile(r"seed_(\d+)")
+STD_DESCRIPTION = ("sample standard deviation (n - 1 denominator) over seeds; every average is computed per seed, "
+                   "then mean and std over the seeds; null with one seed")
 
 BENCHMARK_TITLES = {"vtab": "VTAB-1k", "fgvc": "FGVC", "mini-vtab": "mini-VTAB (procedural)"}
 
@@ -56,15 +76,20 @@ class TaskResult:
     eval_samples: int | None = None
     protocol: str | None = None
     source: str | None = None
+    seed: int | None = None
+    accuracy_std: float | None = None
+    seeds: tuple[int, ...] = ()
+    per_seed: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass
 class RunResult:
     """Every task found for one run (a training output directory or one adapter file), keyed by canonical name.
 
-    ``metric`` says where the accuracies come from: ``final``, ``best`` (both from metrics.json) or
+    ``metric`` says where the accuracies come from: ``final``, ``val-selected``, ``best`` (from metrics.json) or
     ``reevaluated`` (from the adapter files). ``warnings`` holds what was found but not used, so a table can
-    print it instead of dropping it.
+    print it instead of dropping it. ``seeds`` are the seeds of a ``--seeds`` run (empty for a single run); each
+    result's ``accuracy`` is then the mean over them and its ``per_seed`` the values in ``seeds`` order.
     """
 
     label: str
@@ -73,6 +98,12 @@ class RunResult:
     results: dict[str, TaskResult]
     path: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    seeds: tuple[int, ...] = ()
+
+    @property
+    def n_seeds(self) -> int:
+        """How many seeds each number is over (1 for a single run)."""
+        return max(1, len(self.seeds))
 
     @property
     def missing(self) -> list[str]:
@@ -85,7 +116,9 @@ class RunSummary:
     """The numbers of one table row. Means over incomplete sets are over the tasks present.
 
     ``group_means`` is empty for FGVC (no groups), and ``mean_groups`` is then ``None``. ``adapter_params``,
-    ``trainable_params`` and ``adapter_bytes`` are means over the tasks that recorded them.
+    ``trainable_params`` and ``adapter_bytes`` are means over the tasks that recorded them. The ``*_std``
+    entries are sample standard deviations over seeds (``None`` with one seed); every mean over tasks is
+    computed per seed first, then averaged over the seeds.
     """
 
     label: str
@@ -98,6 +131,11 @@ class RunSummary:
     adapter_params: float | None
     trainable_params: float | None
     adapter_bytes: float | None
+    n_seeds: int = 1
+    accuracy_std: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    group_means_std: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    mean_groups_std: float | None = None
+    mean_tasks_std: float | None = None
 
 
 def describe_metric(metric: str) -> str:
@@ -171,6 +209,100 @@ def find_task_dirs(
     return {name: found[name] for name in order if name in found}, warnings
 
 
+def find_seed_dirs(run_dir: str | Path) -> dict[int, Path]:
+    """``{seed: <run_dir>/seed_<seed>}`` for a run trained with ``--seeds``, in seed order; empty for a single run.
+
+    A directory holding both seed directories and task directories is an error: which of them the table should
+    show is not knowable.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return {}
+    seeds, others = {}, []
+    for entry in run_dir.iterdir():
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        match = SEED_DIR.fullmatch(entry.name)
+        if match:
+            seeds[int(match.group(1))] = entry
+        else:
+            others.append(entry.name)
+    if seeds and others:
+        raise ValueError(f"{run_dir} holds both seed directories ({', '.join(sorted(p.name for p in seeds.values()))}) "
+                         f"and other directories ({', '.join(sorted(others))}); a run is either one directory per "
+                         "task or one seed_<n> directory per seed; move the extra ones away")
+    return dict(sorted(seeds.items()))
+
+
+def _is_task_dir(path: Path, benchmark: str, wanted: set[str] | None) -> bool:
+    """Whether ``path`` is the directory of a task of ``benchmark`` (one of ``wanted``, when given)."""
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    try:
+        name = resolve_task(benchmark, path.name).name
+    except ValueError:
+        return False
+    return wanted is None or name in wanted
+
+
+def collect_seeds(
+    run_dir: str | Path,
+    benchmark: str,
+    tasks: Iterable[str] | None,
+    filename: str,
+    read: Callable[[Path, str], TaskResult],
+) -> tuple[tuple[int, ...], dict[str, TaskResult], list[str]]:
+    """Every task result of a run directory, single (``<task>/``) or with seeds (``seed_<n>/<task>/``).
+
+    Returns ``(seeds, results, warnings)``: ``seeds`` is empty for a single run; with seeds, each task's
+    result holds the mean accuracy over the seeds, its sample standard deviation (``None`` for one seed) and
+    the per-seed values. A task finished for only some seeds is left out (a warning says which seeds it
+    lacks): means over different seed sets are not comparable. A seed directory with no finished task yet is
+    not counted as a seed (a warning says so). A record whose own ``seed`` contradicts its directory is an
+    error.
+    """
+    seed_dirs = find_seed_dirs(run_dir)
+    if not seed_dirs:
+        dirs, warnings = find_task_dirs(run_dir, benchmark, tasks)
+        return (), read_task_files(dirs, filename, read, warnings), warnings
+    warnings: list[str] = []
+    per_seed: dict[int, dict[str, TaskResult]] = {}
+    wanted = None if tasks is None else set(tasks)
+    for seed, seed_dir in seed_dirs.items():
+        if not any(_is_task_dir(p, benchmark, wanted) for p in seed_dir.iterdir()):
+            warnings.append(f"{seed_dir} holds no task yet; seed {seed} is not counted")
+            continue
+        dirs, seed_warnings = find_task_dirs(seed_dir, benchmark, tasks)
+        results = read_task_files(dirs, filename, read, seed_warnings)
+        warnings += seed_warnings
+        for result in results.values():
+            if result.seed is not None and result.seed != seed:
+                raise ValueError(f"{result.source} records seed {result.seed} but lies in {seed_dir.name}; move it "
+                                 f"to seed_{result.seed}")
+        if results:
+            per_seed[seed] = results
+        else:
+            warnings.append(f"{seed_dir} holds no finished task yet; seed {seed} is not counted")
+    seeds = tuple(per_seed)
+    combined: dict[str, TaskResult] = {}
+    for name in benchmark_tasks(benchmark):
+        have = [seed for seed in seeds if name in per_seed[seed]]
+        if not have:
+            continue
+        if len(have) < len(seeds):
+            lacking = [seed for seed in seeds if seed not in have]
+            warnings.append(f"task {name} is finished for seed(s) {', '.join(map(str, have))} but not "
+                            f"{', '.join(map(str, lacking))}; left out until every seed has it")
+            continue
+        values = tuple(per_seed[seed][name].accuracy for seed in seeds)
+        first = per_seed[seeds[0]][name]
+        combined[name] = dataclasses.replace(
+            first, accuracy=math.fsum(values) / len(values), seed=None, seeds=seeds, per_seed=values,
+            accuracy_std=statistics.stdev(values) if len(values) > 1 else None,
+            source="; ".join(str(per_seed[seed][name].source) for seed in seeds))
+    return seeds, combined, warnings
+
+
 def _count(record: Mapping, key: str, where: str) -> int | None:
     value = record.get(key)
     if value is None:
@@ -218,6 +350,7 @@ def _task_result(
     head = _count(record, "head_params", where)
     if adapter is None and trainable is not None and head is not None:
         adapter = trainable - head
+    seed = record.get("seed")
     return TaskResult(
         task=task,
         accuracy=accuracy,
@@ -228,6 +361,7 @@ def _task_result(
         eval_samples=_count(record, "eval_samples", where),
         protocol=record.get("protocol", protocol),
         source=where,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
     )
 
 
@@ -246,14 +380,18 @@ def read_run_record(path: str | Path, benchmark: str, script: str) -> dict:
     return record
 
 
-def read_metrics(path: str | Path, benchmark: str, metric: str = "final", task: str | None = None) -> TaskResult:
-    """One task's result from a ``metrics.json``; ``metric`` picks ``accuracy_final`` or ``accuracy_best``.
+def read_metrics(path: str | Path, benchmark: str, metric: str = "final", task: str | None = None, *,
+                 protocol: str | None = None, mixed_protocols: bool = False) -> TaskResult:
+    """One task's result from a ``metrics.json``; ``metric`` picks ``accuracy_final``, ``accuracy_val_selected``
+    (``val-selected``) or ``accuracy_best``.
 
     ``task`` (canonical name) is the task its directory stands for; a file recording another task, or another
-    benchmark, is an error naming the file.
+    benchmark, is an error naming the file. So is a ``--split tune`` record of an older ``train/vtab.py`` whose
+    accuracies are on val200, not on test, and, when ``protocol`` is given, a record trained with another
+    protocol (unless ``mixed_protocols``).
     """
-    if metric not in ("final", "best"):
-        raise ValueError(f"metric {metric!r} is not in metrics.json; choose 'final' or 'best'")
+    if metric not in METRIC_KEYS:
+        raise ValueError(f"metric {metric!r} is not in metrics.json; choose one of {', '.join(METRIC_KEYS)}")
     path = Path(path)
     try:
         record = json.loads(path.read_text())
@@ -261,9 +399,19 @@ def read_metrics(path: str | Path, benchmark: str, metric: str = "final", task: 
         raise ValueError(f"{path} is not valid JSON ({err}); re-run that task or move its directory away") from None
     if not isinstance(record, dict):
         raise TypeError(f"{path} holds {type(record).__name__}, expected a JSON object written by train/vtab.py")
-    other = "best" if metric == "final" else "final"
-    fix = f"it was written by an older or unfinished training run (or try --metric {other})"
-    accuracy = _accuracy(record, f"accuracy_{metric}", str(path), fix)
+    recorded = record.get("protocol")
+    if protocol is not None and not mixed_protocols and recorded not in (None, protocol):
+        raise ValueError(f"{path} was trained with --split {recorded}, not {protocol}; pass --split {recorded} for "
+                         f"it, or --mixed-protocols to put both in one table (labelled)")
+    if recorded == "tune" and record.get("eval_split", "val200") != "test":
+        raise ValueError(f"{path} holds val200 accuracies of an older train/vtab.py --split tune (which never "
+                         "measured test); re-run that task to get its validation-selected test accuracy")
+    if metric == "val-selected" and recorded == "final":
+        fix = ("it was trained with --split final, which has no validation set to select by; show it with --split "
+               "final, or train it again with --split tune")
+    else:
+        fix = "it was written by an older or unfinished training run"
+    accuracy = _accuracy(record, METRIC_KEYS[metric], str(path), fix)
     return _task_result(record, benchmark, accuracy, str(path), task, None)
 
 
@@ -274,17 +422,26 @@ def collect_run(
     *,
     label: str | None = None,
     tasks: Iterable[str] | None = None,
+    protocol: str | None = None,
+    mixed_protocols: bool = False,
 ) -> RunResult:
-    """Every ``<run_dir>/<task>/metrics.json`` of a training output directory, as one table row.
+    """Every ``<run_dir>/<task>/metrics.json`` (or ``<run_dir>/seed_<n>/<task>/metrics.json``) of a training
+    output directory, as one table row.
 
-    ``metric``: ``final`` (accuracy of the last epoch's adapter) or ``best`` (best test accuracy seen during
-    training). ``label`` defaults to the directory's name; ``tasks`` (canonical names) restricts what is read.
-    A task directory without metrics.json (an unfinished run) becomes a missing task plus a warning.
+    ``metric``: ``final`` (test accuracy of the last epoch's adapter), ``val-selected`` (test accuracy of the
+    evaluation with the best validation accuracy; ``--split tune`` runs) or ``best`` (best test accuracy seen
+    during training: optimistic). ``protocol`` (``final`` or ``tune``), when given, is the training protocol
+    every record must have: a run trained otherwise is an error naming it, unless ``mixed_protocols`` (then
+    the table says which run used which). ``label`` defaults to the directory's name; ``tasks`` (canonical
+    names) restricts what is read. A task directory without metrics.json (an unfinished run) becomes a missing
+    task plus a warning.
     """
     describe_metric(metric)
-    dirs, warnings = find_task_dirs(run_dir, benchmark, tasks)
-    results = read_task_files(dirs, METRICS_FILE, lambda path, name: read_metrics(path, benchmark, metric, name),
-                              warnings)
+
+    seeds, results, warnings = collect_seeds(
+        run_dir, benchmark, tasks, METRICS_FILE,
+        lambda path, name: read_metrics(path, benchmark, metric, name, protocol=protocol,
+                                        mixed_protocols=mixed_protocols))
     if not results:
         raise ValueError(
             f"no task directory of {run_dir} holds {METRICS_FILE}; wait for training to finish, or pass "
@@ -297,6 +454,7 @@ def collect_run(
         results=results,
         path=str(run_dir),
         warnings=warnings,
+        seeds=seeds,
     )
 
 
@@ -323,10 +481,23 @@ def _mean(values: Iterable[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def summarize(run: RunResult) -> RunSummary:
-    """Per-task accuracy, group means, mean of the group means, mean over tasks, mean params and bytes."""
-    tasks = benchmark_tasks(run.benchmark)
-    accuracy = {name: (run.results[name].accuracy if name in run.results else None) for name in tasks}
+def _std(values: Sequence[float | None]) -> float | None:
+    """Sample standard deviation (n - 1) of ``values``; ``None`` with fewer than two or any ``None``."""
+    if len(values) < 2 or any(v is None for v in values):
+        return None
+    return statistics.stdev(values)
+
+
+class _Averages(NamedTuple):
+    group_means: dict[str, float | None]
+    incomplete_groups: tuple[str, ...]
+    mean_groups: float | None
+    mean_tasks: float | None
+
+
+def _averages(tasks: Mapping, accuracy: Mapping[str, float | None]) -> _Averages:
+    """The group means (and which groups lack tasks), the mean of the group means and the mean over tasks of one
+    set of per-task accuracies (``None`` for a task without a number)."""
     group_means: dict[str, float | None] = {}
     incomplete: list[str] = []
     for group in GROUPS:
@@ -338,18 +509,48 @@ def summarize(run: RunResult) -> RunSummary:
         if len(present) < len(members):
             incomplete.append(group)
     present_means = [m for m in group_means.values() if m is not None]
+    mean_groups = _mean(present_means) if group_means else None
+    return _Averages(group_means, tuple(incomplete), mean_groups, _mean(a for a in accuracy.values() if a is not None))
+
+
+def summarize(run: RunResult) -> RunSummary:
+    """Per-task accuracy, group means, mean of the group means, mean over tasks, mean params and bytes.
+
+    With several seeds every average is computed for each seed from that seed's accuracies, then reported as
+    the mean and sample standard deviation of those per-seed averages.
+    """
+    tasks = benchmark_tasks(run.benchmark)
+    accuracy = {name: (run.results[name].accuracy if name in run.results else None) for name in tasks}
+    group_means, incomplete, mean_groups, mean_tasks = _averages(tasks, accuracy)
+    spread: dict = {}
+    if run.n_seeds > 1:
+        per_seed = [_averages(tasks, {name: (run.results[name].per_seed[i] if name in run.results else None)
+                                      for name in tasks}) for i in range(run.n_seeds)]
+        group_means = {g: _mean(a.group_means[g] for a in per_seed) if group_means[g] is not None else None
+                       for g in group_means}
+        mean_groups = _mean(a.mean_groups for a in per_seed) if mean_groups is not None else None
+        mean_tasks = _mean(a.mean_tasks for a in per_seed) if mean_tasks is not None else None
+        spread = {
+            "accuracy_std": {name: (run.results[name].accuracy_std if name in run.results else None)
+                             for name in tasks},
+            "group_means_std": {g: _std([a.group_means[g] for a in per_seed]) for g in group_means},
+            "mean_groups_std": _std([a.mean_groups for a in per_seed]),
+            "mean_tasks_std": _std([a.mean_tasks for a in per_seed]),
+        }
     results = list(run.results.values())
     return RunSummary(
         label=run.label,
         accuracy=accuracy,
         group_means=group_means,
-        incomplete_groups=tuple(incomplete),
-        mean_groups=_mean(present_means) if group_means else None,
-        mean_tasks=_mean(a for a in accuracy.values() if a is not None),
+        incomplete_groups=incomplete,
+        mean_groups=mean_groups,
+        mean_tasks=mean_tasks,
         missing=tuple(run.missing),
         adapter_params=_mean(r.adapter_params for r in results if r.adapter_params is not None),
         trainable_params=_mean(r.trainable_params for r in results if r.trainable_params is not None),
         adapter_bytes=_mean(r.adapter_bytes for r in results if r.adapter_bytes is not None),
+        n_seeds=run.n_seeds,
+        **spread,
     )
 
 
@@ -378,7 +579,10 @@ def _protocol_warning(runs: Sequence[RunResult]) -> list[str]:
     if len(by_protocol) < 2:
         return []
     parts = "; ".join(f"protocol {p}: {', '.join(names)}" for p, names in sorted(by_protocol.items()))
-    return [f"the table mixes evaluation protocols (train800->val200 vs train800val200->test): {parts}"]
+    message = ("the table mixes protocols, whose numbers are not comparable (final: trained on train800val200; tune: "
+               "trained on train800 and selected on val200; for re-evaluated files the protocol names the split "
+               f"evaluated): {parts}")
+    return [message]
 
 
 def format_millions(count: float | None) -> str:
@@ -402,10 +606,11 @@ def format_bytes(size: float | None) -> str:
     return f"{size:.0f} B"
 
 
-def _percent(value: float | None, incomplete: bool = False) -> str:
+def _percent(value: float | None, incomplete: bool = False, std: float | None = None) -> str:
+    """``76.0``, ``76.0 ± 0.5`` with a spread over seeds, ``*`` appended for a mean over an incomplete set."""
     if value is None:
         return MISSING
-    return f"{value:.1f}" + ("*" if incomplete else "")
+    return f"{value:.1f}" + (f" ± {std:.1f}" if std is not None else "") + ("*" if incomplete else "")
 
 
 def to_markdown(runs: Sequence[RunResult]) -> str:
@@ -428,11 +633,12 @@ def to_markdown(runs: Sequence[RunResult]) -> str:
     for summary in summaries:
         partial = bool(summary.missing)
         cells = [summary.label.replace("|", "\\|")]
-        cells += [_percent(summary.accuracy[name]) for name in tasks]
-        cells += [_percent(summary.group_means[g], g in summary.incomplete_groups) for g in groups]
+        cells += [_percent(summary.accuracy[name], std=summary.accuracy_std.get(name)) for name in tasks]
+        cells += [_percent(summary.group_means[g], g in summary.incomplete_groups, summary.group_means_std.get(g))
+                  for g in groups]
         if groups:
-            cells.append(_percent(summary.mean_groups, partial))
-        cells.append(_percent(summary.mean_tasks, partial))
+            cells.append(_percent(summary.mean_groups, partial, summary.mean_groups_std))
+        cells.append(_percent(summary.mean_tasks, partial, summary.mean_tasks_std))
         star = "*" if partial else ""
         cells += [
             format_millions(summary.adapter_params) + star * (summary.adapter_params is not None),
@@ -452,6 +658,13 @@ def to_markdown(runs: Sequence[RunResult]) -> str:
         "Params (M) = adapter parameters without the classifier head, mean over tasks; Trainable (M) includes the "
         "head; Size = adapter file on disk, mean over tasks (1 KB = 1000 bytes)."
     )
+    if any(s.n_seeds > 1 for s in summaries):
+        counts = "; ".join(f"{run.label}: {run.n_seeds} seed{'s' * (run.n_seeds > 1)}"
+                           + (f" ({', '.join(map(str, run.seeds))})" if run.seeds else "") for run in runs)
+        lines.append(
+            "± = sample standard deviation over seeds (n - 1 in the denominator); every average is computed per seed, "
+            f"then its mean ± std over the seeds is shown. A run of one seed shows no ±. Seeds: {counts}."
+        )
     incomplete = [(s, run) for s, run in zip(summaries, runs) if s.missing]
     if incomplete:
         parts = "; ".join(
@@ -486,6 +699,12 @@ def to_dict(runs: Sequence[RunResult]) -> dict:
             "adapter_params": _round(summary.adapter_params, 1),
             "trainable_params": _round(summary.trainable_params, 1),
             "adapter_bytes": _round(summary.adapter_bytes, 1),
+            "n_seeds": summary.n_seeds,
+            "seeds": list(run.seeds),
+            "accuracy_std": {name: _round(summary.accuracy_std.get(name)) for name in summary.accuracy},
+            "group_means_std": {g: _round(summary.group_means_std.get(g)) for g in summary.group_means},
+            "mean_groups_std": _round(summary.mean_groups_std),
+            "mean_tasks_std": _round(summary.mean_tasks_std),
             "per_task": {name: dataclasses.asdict(result) for name, result in run.results.items()},
             "warnings": list(run.warnings),
         })
@@ -499,6 +718,7 @@ def to_dict(runs: Sequence[RunResult]) -> dict:
             "mean_groups": "mean of the group means (VPT, NOAH, FacT); null for FGVC, which has no groups",
             "mean_tasks": "plain mean over the tasks (V-PETL Bench; the FGVC mean)",
             "incomplete": "a mean over a run with missing tasks is over the tasks present (see 'missing')",
+            "std": STD_DESCRIPTION,
         },
         "units": {"accuracy": "percent", "adapter_params": "parameters without the classifier head, mean over "
                   "tasks", "trainable_params": "including the head, mean over tasks",
@@ -515,13 +735,17 @@ def to_json(runs: Sequence[RunResult]) -> str:
 
 def to_csv(runs: Sequence[RunResult]) -> str:
     """One row per run: label, metric, per-task accuracy by canonical name, group means, both means, params,
-    bytes and the missing tasks (``;``-separated). Missing numbers are empty cells."""
+    bytes and the missing tasks (``;``-separated), then the number of seeds (``n_seeds``), the seeds, and the
+    standard deviation over seeds of every accuracy column (``<column>_std``; empty with one seed). Missing
+    numbers are empty cells."""
     table = to_dict(runs)
     tasks = [t["name"] for t in table["tasks"]]
     groups = list(table["runs"][0]["group_means"])
     header = ["label", "path", "metric", *tasks, *groups]
     header += ["mean_groups", "mean_tasks"] if groups else ["mean_tasks"]
     header += ["adapter_params", "trainable_params", "adapter_bytes", "missing"]
+    means = ["mean_groups", "mean_tasks"] if groups else ["mean_tasks"]
+    header += ["n_seeds", "seeds", *(f"{name}_std" for name in [*tasks, *groups, *means])]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
@@ -530,5 +754,8 @@ def to_csv(runs: Sequence[RunResult]) -> str:
         values += [row["group_means"][g] for g in groups]
         values += [row["mean_groups"], row["mean_tasks"]] if groups else [row["mean_tasks"]]
         values += [row["adapter_params"], row["trainable_params"], row["adapter_bytes"], ";".join(row["missing"])]
+        values += [row["n_seeds"], ";".join(map(str, row["seeds"]))]
+        values += [row["accuracy_std"][t] for t in tasks] + [row["group_means_std"][g] for g in groups]
+        values += [row[f"{m}_std"] for m in means]
         writer.writerow(["" if v is None else v for v in values])
     return out.getvalue()

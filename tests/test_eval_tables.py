@@ -76,7 +76,7 @@ def test_spec_worked_example_full_ft(tmp_path):
 def test_best_metric_is_labelled_optimistic(tmp_path):
     run = collect_run(vtab_easy(tmp_path / "r"), "vtab", metric="best")
     assert summarize(run).group_means["Natural"] == 77.0  # every accuracy_best is accuracy_final + 1
-    assert "best-on-test accuracy during training (optimistic" in to_markdown([run]).splitlines()[0]
+    assert "best-on-test (optimistic)" in to_markdown([run]).splitlines()[0]
 
 
 def test_aliases_missing_tasks_and_stray_directories(tmp_path):

@@ -1,4 +1,5 @@
-"""``visadapt`` command line: ``list``, ``inspect FILE``, ``sites MODEL``, ``convert-bitadapter BIN YAML``."""
+"""``visadapt`` command line: ``list``, ``inspect FILE``, ``sites MODEL``, ``convert-bitadapter BIN YAML``,
+``export ADAPTER --to DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +93,22 @@ def _cmd_convert_bitadapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from visadapt.export import REPORT_FILE, ExportParityError, export_model, format_report
+
+    try:
+        report = export_model(args.adapter, args.model, to=args.to, pretrained=args.pretrained, onnx=args.onnx,
+                              probe_size=args.probe_size, num_classes=args.num_classes, tolerance=args.tolerance,
+                              onnx_tolerance=args.onnx_tolerance, overwrite=args.overwrite)
+    except ExportParityError as err:
+        print(format_report(err.report), file=sys.stderr)
+        print(f"visadapt export: error: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"  report: {Path(args.to) / REPORT_FILE}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visadapt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vit_base_patch16_224.augreg_in21k",
                    help="timm name of the backbone it was trained on (only its shapes are used)")
     p.add_argument("-o", "--output", required=True, help="adapter file to write")
+    _add_export_parser(sub)
     args = parser.parse_args(argv)
     handler = {"list": _cmd_list, "inspect": _cmd_inspect, "sites": _cmd_sites,
-               "convert-bitadapter": _cmd_convert_bitadapter}[args.command]
+               "convert-bitadapter": _cmd_convert_bitadapter, "export": _cmd_export}[args.command]
     try:
         return handler(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
@@ -120,6 +138,32 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `visadapt sites ... | head`: the reader left, which is not an error
         sys.stderr.close()
         return 0
+
+
+def _add_export_parser(sub) -> None:
+    from visadapt.export import DENSE_RTOL, ONNX_RTOL
+
+    p = sub.add_parser("export", help="merge an adapter into its base model and write a dense checkpoint loadable "
+                                      "without visadapt (and --onnx a graph), each checked for output parity")
+    p.add_argument("adapter", help="visadapt adapter file (.safetensors)")
+    p.add_argument("--model", default=None,
+                   help="timm name, open_clip:NAME, or a diffusers UNet folder / pipeline folder with unet/ "
+                        "(default: the backbone recorded in the adapter file by the train/ scripts)")
+    p.add_argument("--pretrained", default=None,
+                   help="base weights: default, none, a local checkpoint file, an open_clip tag or a timm hub id "
+                        "(default: what the adapter file records, else default)")
+    p.add_argument("--to", required=True, help="output folder (created; must be empty unless --overwrite)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime; for an "
+                                                        "adapter that does not fold into base weights, only it")
+    p.add_argument("--probe-size", type=int, default=2, help="examples in the seeded probe batch (default 2)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="timm classifier size (default: the head stored in the adapter file, else 0)")
+    p.add_argument("--tolerance", type=float, default=DENSE_RTOL,
+                   help=f"dense parity tolerance per output, relative to max(1, max |output|) "
+                        f"(default {DENSE_RTOL:g})")
+    p.add_argument("--onnx-tolerance", type=float, default=ONNX_RTOL,
+                   help=f"ONNX parity tolerance, relative likewise (default {ONNX_RTOL:g})")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --to folder first")
 
 
 if __name__ == "__main__":

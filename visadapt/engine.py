@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,10 @@ from visadapt import api
 CHECKPOINTS_DIR = "checkpoints"
 _PROGRESS = "progress.json"
 _TRAINABLE = "trainable.safetensors"
+# The trainable state at the best evaluation so far (``fit(keep_best=True)``), carried in every checkpoint.
+_SELECTED = "selected.safetensors"
+# History key of the accuracy on ``fit``'s ``test_dataset``: recorded at every evaluation, never used to choose.
+TEST_METRIC = "test_accuracy"
 
 
 @dataclasses.dataclass
@@ -190,10 +194,29 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def validation_selected(history: Sequence[Mapping[str, float]], metric: str = "accuracy") -> Mapping[str, float] | None:
+    """The evaluation a validation-selected protocol reports: the ``history`` entry with the highest ``metric``.
+
+    Of equal scores the earliest evaluation wins (the rule :func:`fit` applies when it keeps the best state).
+    Entries without ``metric`` (epochs that were not evaluated) are passed over; ``None`` if none has it.
+    """
+    selected = None
+    for entry in history:
+        if metric in entry and (selected is None or entry[metric] > selected[metric]):
+            selected = entry
+    return selected
+
+
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` measured: ``metric`` (top-1 accuracy in percent unless an ``evaluator`` said
-    otherwise) after the last epoch and at its best evaluation."""
+    otherwise) after the last epoch and at its best evaluation.
+
+    With a ``test_dataset``: ``test_final`` is its accuracy at the last evaluation, ``test_at_best`` at the
+    evaluation with the best ``metric`` (the validation-selected number), ``test_best`` the highest seen
+    (optimistic: picked on the test set itself). ``restored_best`` says the model was given back the trainable
+    state of the best evaluation (``keep_best=True``) instead of the last epoch's.
+    """
 
     score_final: float
     score_best: float
@@ -203,6 +226,10 @@ class FitResult:
     wall_time_s: float
     resumed_from: str | None
     metric: str = "accuracy"
+    test_final: float | None = None
+    test_at_best: float | None = None
+    test_best: float | None = None
+    restored_best: bool = False
 
 
 def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, config: TrainConfig, *,
@@ -210,7 +237,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         resume: bool = False, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
         evaluator: Callable[[nn.Module, Accelerator], dict[str, float]] | None = None, metric: str = "accuracy",
         before_epoch: Callable[[nn.Module, int], None] | None = None, log_prefix: str = "",
-        batch_sampler: Sampler[list] | None = None) -> FitResult:
+        batch_sampler: Sampler[list] | None = None, test_dataset: Dataset | None = None,
+        keep_best: bool = False) -> FitResult:
     """Train the parameters of ``model`` that require grad; evaluate on ``eval_dataset``.
 
     ``model`` maps images ``(B, C, H, W)`` to logits ``(B, num_classes)``; datasets yield ``(image, label)``.
@@ -228,6 +256,13 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     :class:`visadapt.diffusion.BucketBatchSampler`: one resolution per batch). Its batches are global batches,
     its ``batch_size`` attribute must divide over the processes, its length must not change between epochs, and
     its ``set_epoch(epoch)`` is called before every epoch so that its order can depend on the epoch alone.
+
+    The validation-selected protocol: ``eval_dataset`` is the validation split, ``test_dataset`` the test split
+    (its top-1 accuracy is recorded as ``test_accuracy`` at every evaluation and never used to choose
+    anything), and ``keep_best=True`` keeps the trainable state of the evaluation with the best ``metric`` (the
+    earliest of equals, see :func:`validation_selected`), in memory and in every checkpoint, and loads it back
+    into ``model`` before returning: the model then holds the adapter whose test accuracy is
+    ``FitResult.test_at_best``, not the last epoch's.
     """
     accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps)
     _check_divisible(config.batch_size, accelerator, "batch_size")
@@ -249,8 +284,14 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                                   num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
     if evaluator is None and eval_dataset is None:
         raise ValueError("fit needs an eval_dataset (top-1 accuracy) or an evaluator")
+    if test_dataset is not None and evaluator is not None:
+        raise ValueError("test_dataset is measured by top-1 accuracy next to eval_dataset; with an evaluator, "
+                         "measure the test split inside the evaluator instead")
     eval_loader = None if evaluator is not None else DataLoader(
         eval_dataset, batch_size=_eval_batch_size(config.eval_batch_size, accelerator), shuffle=False,
+        num_workers=config.num_workers)
+    test_loader = None if test_dataset is None else DataLoader(
+        test_dataset, batch_size=_eval_batch_size(config.eval_batch_size, accelerator), shuffle=False,
         num_workers=config.num_workers)
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
@@ -261,10 +302,13 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     if eval_loader is None:
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         run_evaluation = evaluator
-    else:
+    elif test_loader is None:
         model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, eval_loader, scheduler)
-
+    else:
+        model, optimizer, train_loader, eval_loader, test_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, test_loader, scheduler)
+    if eval_loader is not None:
         def run_evaluation(model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
             return evaluate(model, eval_loader, accelerator, len(eval_dataset))
     bare = accelerator.unwrap_model(model)
@@ -288,11 +332,17 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     ckpt_root = Path(output_dir) / CHECKPOINTS_DIR if output_dir is not None else None
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": (-1.0, 0)}
     resumed_from = None
+    selected: dict[str, torch.Tensor] | None = None  # trainable state at the best evaluation (keep_best)
     if resume and ckpt_root is not None and _checkpoints(ckpt_root):
         latest = _checkpoints(ckpt_root)[-1]
         accelerator.load_state(str(latest))
         progress = json.loads((latest / _PROGRESS).read_text())
         progress["best"] = tuple(progress["best"])
+        if keep_best and progress["best"][1] > 0:
+            if not (latest / _SELECTED).is_file():
+                raise RuntimeError(f"checkpoint {latest} holds no {_SELECTED} (it was written by a run that did not "
+                                   f"keep its best state, e.g. another --split); start a fresh output directory")
+            selected = load_file(str(latest / _SELECTED))
         resumed_from = str(latest)
         accelerator.print(f"{log_prefix}resuming from {latest} (epoch {progress['epoch'] + 1}, "
                           f"batch {progress['batch']}, step {progress['step']})")
@@ -304,6 +354,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         accelerator.save_state(str(target))  # every process writes its own RNG state here
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if selected is not None:
+                save_file(selected, str(target / _SELECTED))
             (target / _PROGRESS).write_text(json.dumps(progress))  # written last: marks it complete
             for old in _checkpoints(ckpt_root)[:-config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -372,8 +424,14 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                                f"the best epoch")
             entry.update({k: float(v) for k, v in metrics.items() if k != "samples"})
             progress["eval_samples"] = int(metrics.get("samples", 0))
+            if test_loader is not None:
+                entry[TEST_METRIC] = float(evaluate(model, test_loader, accelerator, len(test_dataset))["accuracy"])
+                model.train()
+            # Strictly greater: of equal scores the earliest evaluation stays selected (validation_selected).
             if metrics[metric] > progress["best"][0]:
                 progress["best"] = (metrics[metric], epoch + 1)
+                if keep_best:  # a copy: on CPU the state's tensors share storage with the live parameters
+                    selected = {k: v.clone() for k, v in _trainable_state(bare).items()}
         accelerator.log({f"{log_prefix}{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
         accelerator.print(f"{log_prefix}epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}"
                           + (f"  {metric} {entry[metric]:.2f}" if metric in entry else ""))
@@ -383,12 +441,23 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
 
     for hook in hooks:
         hook.remove()
-    final = progress["history"][-1].get(metric, float("nan")) if progress["history"] else float("nan")
+    history = progress["history"]
+    final = history[-1].get(metric, float("nan")) if history else float("nan")
     eval_samples = len(eval_dataset) if eval_dataset is not None else progress.get("eval_samples", 0)
+    test = {}
+    if test_loader is not None:
+        tested = [entry for entry in history if TEST_METRIC in entry]
+        chosen = validation_selected(history, metric)
+        test = {"test_final": tested[-1][TEST_METRIC] if tested else None,
+                "test_at_best": chosen.get(TEST_METRIC) if chosen is not None else None,
+                "test_best": max((entry[TEST_METRIC] for entry in tested), default=None)}
+    if keep_best and selected is not None:
+        bare.load_state_dict(selected, strict=False)  # the same tensors a checkpoint restores
     accelerator.free_memory()
     return FitResult(score_final=final, score_best=progress["best"][0], best_epoch=progress["best"][1],
-                     eval_samples=eval_samples, history=progress["history"],
-                     wall_time_s=time.time() - start_time, resumed_from=resumed_from, metric=metric)
+                     eval_samples=eval_samples, history=history, wall_time_s=time.time() - start_time,
+                     resumed_from=resumed_from, metric=metric, restored_best=keep_best and selected is not None,
+                     **test)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "continue from the newest checkpoint",

@@ -133,7 +133,8 @@ def model_name(model: nn.Module) -> str | None:
         return f"{cfg['architecture']}.{tag}" if tag else cfg["architecture"]
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) if config is not None else None
-    return name or None
+    # diffusers keeps whatever from_pretrained was given, a pathlib.Path included; the fingerprint is JSON
+    return str(name) if name else None
 
 
 def _width(module: nn.Module) -> int:

@@ -207,3 +207,13 @@ def test_recipe_names_and_adapter_conflicts(vtab, tiny_data, tmp_path, capsys):
     assert "did you mean 'bi-adaptformer-dim32-vtab'" in capsys.readouterr().err
     assert vtab.main(_args(tiny_data, tmp_path / "b", "--recipe", "mosa-vtab", "--adapter", "lora")) == 2
     assert "--adapter lora contradicts recipe 'mosa-vtab'" in capsys.readouterr().err
+
+
+def test_a_plugin_seed_follows_the_run_seed_unless_set(vtab):
+    plan = vtab.plan_run(vtab.parse_args(["--adapter", "mosa", "--task", "digits", "--seeds", "0,3"]))
+    assert [vtab.seeded_config(plan, "digits", seed).seed for seed in (0, 3)] == [0, 3]
+    fixed = vtab.plan_run(vtab.parse_args(["--adapter", "mosa", "--task", "digits", "--seeds", "0,3",
+                                           "--set", "seed=5"]))
+    assert vtab.seeded_config(fixed, "digits", 3).seed == 5
+    plain = vtab.plan_run(vtab.parse_args(["--adapter", "lora", "--task", "digits"]))
+    assert vtab.seeded_config(plain, "digits", 3) is plain.adapter_configs["digits"]

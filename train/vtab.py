@@ -31,6 +31,7 @@ resolution, seed, device, the visadapt/torch/timm versions and the data manifest
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -419,6 +420,16 @@ def _print_recipes() -> None:
               f"{'':<32} {recipe.source['paper']}")
 
 
+def seeded_config(plan: RunPlan, task: str, seed: int):
+    """The task's plugin config for a run of ``seed``: a plugin with a ``seed`` field of its own (MoSA's masks
+    and module draws) takes the run's seed unless the config or recipe set it, so that ``--seeds 0,1,2`` varies
+    everything random about the method, not only the initialisation and data order."""
+    config = plan.adapter_configs[task]
+    if "seed" in {f.name for f in dataclasses.fields(config)} and "seed" not in plan.config_fields[task]:
+        return dataclasses.replace(config, seed=seed)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_recipes:
@@ -469,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             except FileExistsError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
-            results[seed, info.name] = train_task(plan.args_for(info.name, seed), info, data_root, out, plan.plugin,
-                                                  plan.adapter_configs[info.name])
+            task_args = plan.args_for(info.name, seed)
+            results[seed, info.name] = train_task(task_args, info, data_root, out, plan.plugin,
+                                                  seeded_config(plan, info.name, task_args.seed))
 
     if state.is_main_process:
         tune = args.split == "tune"

@@ -27,7 +27,7 @@ from visadapt.plugin import (
     config_field,
 )
 from visadapt.registry import register_plugin
-from visadapt.sites import find_sites
+from visadapt.sites import Site, find_sites
 
 STYLE_SITES = {
     "adaptformer": ("mlp",),
@@ -42,6 +42,9 @@ class BottleneckAdapterConfig(AdapterConfig):
     style: str = config_field("adaptformer", "placement: adaptformer (parallel to MLP), houlsby (serial after "
                                              "attention and MLP), pfeiffer (serial after MLP)")
     bottleneck: int = config_field(8, "hidden width of each adapter")
+    reduction_factor: int | None = config_field(None, "bottleneck = site width // reduction_factor when set; "
+                                                      "overrides bottleneck (width-proportional, as the "
+                                                      "Adapter baseline of Polyhistor)")
     scale: float | None = config_field(None, "s, the factor on the adapter output; None = the style's "
                                              "published default (adaptformer 0.1, houlsby/pfeiffer 1.0)")
     activation: str = config_field("relu", f"non-linearity between down and up: {', '.join(ACTIVATIONS)}")
@@ -58,6 +61,8 @@ class BottleneckAdapterConfig(AdapterConfig):
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("bits", self.bits, QUANT_BITS)
         check_positive_int("bottleneck", self.bottleneck)
+        if self.reduction_factor is not None:
+            check_positive_int("reduction_factor", self.reduction_factor)
         if self.scale is not None:
             check_positive("scale", self.scale, allow_zero=True)
         check_dropout("dropout", self.dropout)
@@ -65,6 +70,17 @@ class BottleneckAdapterConfig(AdapterConfig):
     @property
     def effective_scale(self) -> float:
         return DEFAULT_SCALE[self.style] if self.scale is None else self.scale
+
+
+def bottleneck_width(config: BottleneckAdapterConfig, site: Site) -> int:
+    """The hidden width of the adapter at ``site``: ``config.bottleneck``, or ``width // reduction_factor``."""
+    if config.reduction_factor is None:
+        return config.bottleneck
+    width = site.in_features // config.reduction_factor
+    if width < 1:
+        raise ValueError(f"reduction_factor={config.reduction_factor} leaves no hidden unit at {site.name} "
+                         f"({site.in_features} wide): use a reduction_factor <= {site.in_features}")
+    return width
 
 
 @register_plugin("adapter")
@@ -78,7 +94,7 @@ class BottleneckAdapterPlugin(AdapterPlugin):
     def attach(self, model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str) -> None:
         for site in find_sites(model, STYLE_SITES[config.style], config.blocks, config.towers):
             insert(site, adapter_name, BottleneckAdapter(
-                site.in_features, config.bottleneck, site.out_features, activation=config.activation,
+                site.in_features, bottleneck_width(config, site), site.out_features, activation=config.activation,
                 dropout=config.dropout, scale=config.effective_scale, layer_norm=config.layer_norm,
                 bias=config.bias, bits=config.bits,
             ))

@@ -776,7 +776,7 @@ def _require_scipy_io(tasks: Sequence[str]):
         needing = [t for t in tasks if t in ("human_parts", "normals")]
         raise ImportError(
             f"PASCAL-Context task(s) {', '.join(needing)} read MATLAB .mat files (human_parts/<id>.mat, "
-            f"pascal-context/trainval/<id>.mat), which needs scipy: pip install scipy "
+            f"pascal-context/trainval/<id>.mat), which needs scipy: pip install 'visadapt[pascal]' (or scipy) "
             f"(or leave them out, e.g. tasks=('semseg', 'sal'))") from None
     return scipy.io
 

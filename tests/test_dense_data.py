@@ -266,7 +266,7 @@ def test_pascal_semseg_and_saliency_without_scipy(tmp_path, monkeypatch):
     assert set(sample["semseg"].unique().tolist()) == {0, PASCAL_PERSON_CLASS, IGNORE_INDEX}
 
     monkeypatch.setitem(sys.modules, "scipy", None)  # as if scipy were not installed
-    with pytest.raises(ImportError, match="pip install .visadapt\[pascal\]."):
+    with pytest.raises(ImportError, match=r"pip install .visadapt\[pascal\]."):
         PascalContextMultiTask(tmp_path, "train", tasks=("semseg", "human_parts"))
 
 

@@ -1,9 +1,16 @@
-"""Backbones for the training scripts: any timm model, plus the small ViT the project pretrains itself.
+"""Backbones for the training scripts: any timm model, plus the small ViT and Swin the project pretrains.
 
 ``visadapt_procvit_tiny`` is registered with timm like any timm model, so ``timm.create_model(
 "visadapt_procvit_tiny", pretrained=True, num_classes=10)`` loads the weights shipped in ``assets/`` (no
 download): a 4-block, 96-wide ViT on 32x32 images with 4x4 patches (0.46 M parameters), trained by
 ``train/pretrain_backbone.py`` on the procedural upstream task of :mod:`visadapt.data.procedural`.
+
+``visadapt_procswin_tiny`` is its hierarchical sibling for dense prediction: a timm Swin Transformer on 64x64
+images (patch 4, width 24, depths 1/1/2/1, window 4; 0.80 M parameters without its classifier) whose four
+stages give feature maps of 16, 8, 4 and 2 pixels with 24, 48, 96 and 192 channels. It was pretrained on the
+same upstream task (``train/pretrain_backbone.py --model visadapt_procswin_tiny``, the 32x32 renders upsampled
+to 64x64), and ``timm.create_model("visadapt_procswin_tiny", pretrained=True, num_classes=0)`` loads it from
+``assets/``.
 """
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ from pathlib import Path
 
 import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -23,10 +32,27 @@ EMBEDDED_WEIGHTS = "procvit_tiny.safetensors"
 PROCVIT_TINY_ARGS = {"img_size": IMAGE_SIZE, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3,
                      "mlp_ratio": 4.0}
 
+EMBEDDED_SWIN = "visadapt_procswin_tiny"
+EMBEDDED_SWIN_WEIGHTS = "procswin_tiny.safetensors"
+#: input side of the embedded Swin: the upstream renders (32x32) are upsampled 2x, so that a 4x4 patch
+#: embedding still leaves a 16x16 stage-1 map and four stages (16, 8, 4, 2) for a dense decoder
+PROCSWIN_IMAGE_SIZE = 2 * IMAGE_SIZE
+# Width 24 and depths 1/1/2/1 keep it cheap on a CPU (forward+backward of 64 images: ~0.14 s on one core);
+# the heads keep 24 channels per head at every stage. With one block in stages 1-2, and stage maps of 4 and 2
+# pixels fitting in one window in stages 3-4, no block shifts its windows: stages 1-2 attend within 4x4
+# windows, stages 3-4 globally.
+PROCSWIN_TINY_ARGS = {"img_size": PROCSWIN_IMAGE_SIZE, "patch_size": 4, "embed_dim": 24,
+                      "depths": (1, 1, 2, 1), "num_heads": (1, 2, 4, 8), "window_size": 4, "mlp_ratio": 4.0}
+
 
 def embedded_weights_path() -> Path:
     """The shipped upstream checkpoint of ``visadapt_procvit_tiny`` (package data ``visadapt.assets``)."""
     return Path(str(importlib.resources.files("visadapt.assets") / EMBEDDED_WEIGHTS))
+
+
+def embedded_swin_weights_path() -> Path:
+    """The shipped upstream checkpoint of ``visadapt_procswin_tiny`` (package data ``visadapt.assets``)."""
+    return Path(str(importlib.resources.files("visadapt.assets") / EMBEDDED_SWIN_WEIGHTS))
 
 
 # timm reads `default_cfgs` of the module that registers a model to learn its pretrained configs.
@@ -44,6 +70,20 @@ default_cfgs = generate_default_cfgs({
         "classifier": "head",
         "license": "apache-2.0",
     },
+    f"{EMBEDDED_SWIN}.upstream_v1": {
+        "file": str(embedded_swin_weights_path()),
+        "num_classes": UPSTREAM_CLASSES,
+        "input_size": (3, PROCSWIN_IMAGE_SIZE, PROCSWIN_IMAGE_SIZE),
+        "pool_size": (PROCSWIN_IMAGE_SIZE // 32, PROCSWIN_IMAGE_SIZE // 32),
+        "fixed_input_size": True,
+        "interpolation": "bilinear",  # the upstream run upsampled its 32x32 renders bilinearly
+        "crop_pct": 1.0,
+        "mean": (0.5, 0.5, 0.5),  # [0, 1] images normalised to [-1, 1], as for the ViT
+        "std": (0.5, 0.5, 0.5),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head.fc",
+        "license": "apache-2.0",
+    },
 })
 
 
@@ -53,6 +93,21 @@ def visadapt_procvit_tiny(pretrained: bool = False, **kwargs) -> VisionTransform
     args = dict(PROCVIT_TINY_ARGS, **kwargs)
     return build_model_with_cfg(VisionTransformer, EMBEDDED_MODEL, pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn, **args)
+
+
+@register_model
+def visadapt_procswin_tiny(pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """Swin for 64x64 inputs (patch 4, width 24, depths 1/1/2/1, window 4), pretrained on procedural shapes.
+
+    ``forward_intermediates(x, intermediates_only=True)`` gives 4 maps
+    ``(B, 24 * 2**s, 16 / 2**s, 16 / 2**s)`` for stages ``s = 0..3``; ``features_only=True`` works as for
+    timm's own Swin models (NHWC maps).
+    """
+    args = dict(PROCSWIN_TINY_ARGS, **kwargs)
+    out_indices = args.pop("out_indices", tuple(range(len(args["depths"]))))
+    return build_model_with_cfg(SwinTransformer, EMBEDDED_SWIN, pretrained,
+                                pretrained_filter_fn=swin_checkpoint_filter_fn,
+                                feature_cfg={"flatten_sequential": True, "out_indices": out_indices}, **args)
 
 
 def _looks_like_path(value: str) -> bool:
@@ -68,7 +123,7 @@ def create_backbone(model: str, pretrained: str | None = "default", num_classes:
     """
     if model not in timm.list_models(pretrained=False) and model.split(".")[0] not in timm.list_models():
         raise ValueError(f"--model {model!r} is not a timm model name; see `timm.list_models()`, "
-                         f"or use {EMBEDDED_MODEL} (the embedded default)")
+                         f"or use {EMBEDDED_MODEL} (the embedded default; {EMBEDDED_SWIN} for dense tasks)")
     kwargs = dict(num_classes=num_classes, **kwargs)
     choice = (pretrained or "default").strip()
     if choice == "none":

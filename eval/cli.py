@@ -4,6 +4,7 @@
     visadapt-eval --benchmark vtab --adapters runs/lora --data-root /data/vtab-1k --csv lora.csv --plot lora.png
     visadapt-eval --benchmark vpr --adapters runs/vpr-mini-places-selavpr      # Recall@1/5/10, global and re-ranked
     visadapt-eval --benchmark rank --adapters runs/rank-mini-counting-v1-seed0   # PLCC / SRCC / MAE / pair accuracy
+    visadapt-eval --benchmark dense --adapters runs/dense-scenes-lite --reference runs/dense-scenes-full-single  # Δm
 
     visadapt-eval --benchmark vtab --adapters runs/lora-seeds                  # seed_0/ seed_1/ ...: mean ± std
     visadapt-eval --benchmark vtab --adapters runs/lora-tune --split tune      # validation-selected test accuracy
@@ -149,9 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visadapt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--benchmark", required=True, choices=[*BENCHMARKS, "vpr", "rank"],
+    parser.add_argument("--benchmark", required=True, choices=[*BENCHMARKS, "vpr", "rank", "dense"],
                         help="which table; vpr: place recognition runs of train/vpr.py; rank: text-driven "
-                             "ranking runs of train/rank.py")
+                             "ranking runs of train/rank.py; dense: multi-task dense runs of train/dense.py")
     parser.add_argument("--adapters", required=True, nargs="+", metavar="PATH",
                         help="training output directories (one subdirectory per task) or adapter .safetensors "
                              "files (those need --data-root); one table row each")
@@ -181,6 +182,9 @@ def _parser() -> argparse.ArgumentParser:
                              "missing")
     parser.add_argument("--rerank-k", type=int, metavar="K",
                         help="vpr with --data-root: candidates re-ranked per query (default: the training recipe's)")
+    parser.add_argument("--reference", metavar="RUN",
+                        help="dense: the single-task reference of Δm, a train/dense.py --single-task output "
+                             "directory, or 'pascal' (published single-task Swin-T numbers)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     parser.add_argument("--json", metavar="FILE", help="also write everything as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
@@ -289,6 +293,25 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense(args: argparse.Namespace) -> int:
+    """``--benchmark dense``: the multi-task table of train/dense.py runs with Δm, read from their metrics.json."""
+    from .dense import dense_main
+
+    for option, value in (("--metric", args.metric), ("--protocol", args.protocol), ("--tasks", args.tasks),
+                          ("--csv", args.csv), ("--plot", args.plot), ("--data-root", args.data_root),
+                          ("--rerank-k", args.rerank_k), ("--split", args.split),
+                          ("--mixed-protocols", args.mixed_protocols or None)):
+        if value is not None:
+            raise ValueError(f"{option} does not apply to --benchmark dense, which reads each run's metrics.json")
+    if args.labels is not None and len(args.labels) != len(args.adapters):
+        raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.adapters)} --adapters paths")
+    table, records = dense_main(args.adapters, args.labels, args.reference)
+    print(table, end="")
+    if args.json:
+        _write(args.json, json.dumps(records, indent=1), "JSON")
+    return 0
+
+
 def _write(path: str, text: str, what: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -314,6 +337,10 @@ def main(argv: list[str] | None = None, *, evaluate: Evaluator | None = None) ->
             return _vpr(args)
         if args.benchmark == "rank":
             return _rank(args)
+        if args.benchmark == "dense":
+            return _dense(args)
+        if args.reference is not None:
+            raise ValueError("--reference belongs to --benchmark dense")
         runs = _collect(args, evaluate)
         if args.labels is None:
             _unique_labels(runs)

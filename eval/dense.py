@@ -25,8 +25,11 @@ the mean relative gain over the single-task references, in percent (:func:`delta
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -382,3 +385,58 @@ def format_dense_table(rows: Sequence[DenseRow | Mapping], references: Mapping |
     lines.append("Δm = mean over the tasks of the relative difference to the single-task reference, in %, with the "
                  "sign flipped for lower-is-better metrics (normals error): positive is better.")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ visadapt-eval --benchmark dense
+
+DENSE_BENCHMARKS = ("scenes", "pascal")
+
+
+def read_dense_run(path: str | Path) -> dict:
+    """The ``metrics.json`` of a ``train/dense.py`` output directory (or the file), checked to be one."""
+    path = Path(path)
+    file = path / "metrics.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path} holds no metrics.json; pass a train/dense.py output directory (training may "
+                         f"still be running)")
+    record = json.loads(file.read_text())
+    if record.get("benchmark") not in DENSE_BENCHMARKS or not isinstance(record.get("results"), dict):
+        raise ValueError(f"{file} is not a train/dense.py result (no dense 'results'); pass the --benchmark it "
+                         f"belongs to")
+    return record
+
+
+def dense_main(paths: Sequence[str], labels: Sequence[str] | None, reference: str | None
+               ) -> tuple[str, dict[str, Any]]:
+    """The ``visadapt-eval --benchmark dense`` table: one row per ``train/dense.py`` run, Δm against
+    ``reference`` (a single-task run directory such as ``train/dense.py --method full --single-task``, or
+    ``pascal`` for the published single-task Swin-T numbers; none: no Δm)."""
+    runs = []
+    for i, item in enumerate(paths):
+        record = read_dense_run(item)
+        runs.append((labels[i] if labels else Path(item).resolve().name, record))
+    benchmarks = {record["benchmark"] for _, record in runs}
+    if len(benchmarks) > 1:
+        raise ValueError(f"the runs come from different benchmarks ({', '.join(sorted(benchmarks))}); one table "
+                         f"compares runs of one benchmark")
+    references = None
+    caption = None
+    if reference == "pascal":
+        references = PASCAL_SINGLE_TASK_REFERENCE
+        caption = "Δm against single-task full fine-tuning of Swin-T (PASCAL-Context, MTLoRA protocol)"
+    elif reference is not None:
+        ref = read_dense_run(reference)
+        if ref["benchmark"] not in benchmarks:
+            raise ValueError(f"reference {reference} is a {ref['benchmark']} run; the table's runs are "
+                             f"{', '.join(sorted(benchmarks))}")
+        references = ref["results"]
+        kind = "one model per task" if ref.get("single_task") else "multi-task"
+        caption = f"Δm against {Path(reference).resolve().name} ({ref.get('method')}, {kind})"
+    rows = [DenseRow(label, record["results"], None, record.get("trainable_params")) for label, record in runs]
+    table = format_dense_table(rows, references, caption=caption)
+    extra = [f"{label}: adapter {record.get('adapter_params', 0):,} + stage norms "
+             f"{record.get('stage_norm_params', 0):,} + decoders {record.get('decoder_params', 0):,} trainable; "
+             f"{record.get('wall_time_s', 0):.0f} s" for label, record in runs if "adapter_params" in record]
+    if extra:
+        table += "\n" + "\n".join(extra) + "\n"
+    return table, {label: record for label, record in runs}

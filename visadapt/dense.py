@@ -17,9 +17,12 @@ Tasks and sample format are those shared by the dense datasets and metrics: ``se
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -324,3 +327,174 @@ def dense_loss(predictions: Mapping[str, torch.Tensor], batch: Mapping[str, torc
         per_task[task] = TASK_LOSSES[task](prediction, batch[task], task=task)
     total = sum(float(weights[task]) * loss for task, loss in per_task.items())
     return total, per_task
+
+
+# ------------------------------------------------------------------------------------ training and evaluation
+
+#: the multi-task set-ups train/dense.py compares (see attach_dense_method)
+DENSE_METHODS = ("lite", "polyhistor", "per-task", "shared", "decoder", "full")
+# Plugin defaults per method that differ from the plugin's own: the per-task baseline is Polyhistor's placement
+# (serial after the MLP, "pfeiffer") with a width-proportional bottleneck, as the paper's Adapter baseline.
+_METHOD_PLUGIN = {"lite": ("polyhistor", {"variant": "lite"}), "polyhistor": ("polyhistor", {"variant": "polyhistor"}),
+                  "per-task": ("adapter", {"style": "pfeiffer", "reduction_factor": 16}),
+                  "shared": ("adapter", {"style": "pfeiffer", "reduction_factor": 16})}
+
+
+def method_plugin_fields(method: str, tasks: Sequence[str], fields: Mapping) -> tuple[str | None, dict]:
+    """``(plugin name, config fields)`` of a :data:`DENSE_METHODS` entry: the method's defaults, then ``fields``
+    (a field the plugin lacks is dropped only when it came from a benchmark-wide default, see train/dense.py)."""
+    if method not in DENSE_METHODS:
+        raise ValueError(f"unknown dense method {method!r}; choose one of {', '.join(DENSE_METHODS)}")
+    if method in ("decoder", "full"):
+        if fields:
+            raise ValueError(f"method {method!r} attaches no adapter, so plugin fields {sorted(fields)} do not apply")
+        return None, {}
+    plugin, defaults = _METHOD_PLUGIN[method]
+    values = {**defaults, **fields}
+    if plugin == "polyhistor":
+        values["tasks"] = tuple(tasks)
+    return plugin, values
+
+
+def attach_dense_method(backbone: nn.Module | None, method: str, tasks: Sequence[str], fields: Mapping
+                        ) -> tuple[Callable[[str], None] | None, dict]:
+    """Prepare ``backbone`` for ``method`` and return ``(select_task, {adapter name: config})``.
+
+    ``lite`` / ``polyhistor``: Polyhistor(-Lite) adapters, ``select_task`` sets the task embedding;
+    ``per-task``: one ``adapter`` per task named by it, ``select_task`` = :func:`visadapt.set_active_adapters`;
+    ``shared``: one ``adapter`` for all tasks (no ``select_task``: one backbone pass feeds every head);
+    ``decoder``: the backbone frozen, nothing attached; ``full``: every backbone parameter trains.
+    ``backbone=None`` only builds and checks the configs (a bad field fails before any work).
+    """
+    from visadapt import api
+    from visadapt.registry import get_plugin
+
+    plugin_name, values = method_plugin_fields(method, tasks, fields)
+    if plugin_name is None:
+        if backbone is not None:
+            for param in backbone.parameters():
+                param.requires_grad_(method == "full")
+        return None, {}
+    plugin = get_plugin(plugin_name)()
+    config = plugin.Config.from_dict(values)
+    names = list(tasks) if method == "per-task" else ["default"]
+    if backbone is None:
+        return None, dict.fromkeys(names, config)
+    for name in names:
+        api.attach(backbone, plugin, config, adapter_name=name)
+    if method == "per-task":
+        def select_task(task: str) -> None:
+            api.set_active_adapters(backbone, task)
+        return select_task, dict.fromkeys(names, config)
+    if plugin_name == "polyhistor":
+        from visadapt.plugins.polyhistor import set_task
+
+        return (lambda task: set_task(backbone, task)), {"default": config}
+    return None, {"default": config}
+
+
+class DenseTargets(torch.utils.data.Dataset):
+    """A dense dataset as ``(image (3, H, W), {task: target})`` pairs, the form :func:`visadapt.engine.fit`
+    batches (its ``loss_fn(predictions, targets)`` then gets the collated target dict)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+        self.tasks = tuple(dataset.tasks)
+        self.task_outputs = dict(dataset.task_outputs)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        return sample["image"], {task: sample[task] for task in self.tasks}
+
+
+def _selection_score(results: Mapping[str, Mapping[str, float]]) -> float:
+    """One higher-is-better number to pick a 'best' evaluation by (bookkeeping only; tables use the per-task
+    metrics and Δm): the mean over tasks of mIoU in % and, for normals, ``100 * (1 - mean error / 90°)``."""
+    from visadapt.eval.dense import DENSE_METRICS, headline
+
+    scores = []
+    for task, result in results.items():
+        value = headline(task, result)
+        scores.append(value if DENSE_METRICS[task].higher_is_better else 100.0 * (1.0 - value / 90.0))
+    return sum(scores) / len(scores)
+
+
+def evaluate_dense(model: nn.Module, dataset: torch.utils.data.Dataset, *, batch_size: int = 64,
+                   device: torch.device | str | None = None, autocast=None) -> dict[str, dict]:
+    """Every task's metrics (:class:`visadapt.eval.dense.DenseMeters`) of ``model`` over the whole ``dataset``,
+    in eval mode without gradients; the model's train/eval mode is put back after."""
+    from visadapt.eval.dense import DenseMeters
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    meters = DenseMeters(dataset.task_outputs)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), (autocast() if autocast is not None else contextlib.nullcontext()):
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                predictions = model(batch["image"])
+                meters.update({k: v.float() for k, v in predictions.items()}, batch)
+    finally:
+        model.train(was_training)
+    return meters.compute()
+
+
+def dense_evaluator(dataset: torch.utils.data.Dataset, batch_size: int = 64) -> Callable:
+    """An ``evaluator(model, accelerator)`` for :func:`visadapt.engine.fit`: :func:`evaluate_dense` on the
+    whole ``dataset`` in every process (exact metrics, no sharding), flattened to ``{"<task>/<key>": value}``
+    plus ``score`` (:func:`_selection_score`) and ``samples``. The full results of the latest evaluation (per-class
+    IoU lists included) stay on ``evaluator.last_results``."""
+
+    def evaluator(model: nn.Module, accelerator) -> dict[str, float]:
+        bare = accelerator.unwrap_model(model)
+        results = evaluate_dense(bare, dataset, batch_size=batch_size, device=accelerator.device,
+                                 autocast=accelerator.autocast)
+        evaluator.last_results = results
+        flat = {f"{task}/{key}": float(value) for task, result in results.items()
+                for key, value in result.items() if isinstance(value, (int, float))}
+        return {**flat, "score": _selection_score(results), "samples": len(dataset)}
+
+    return evaluator
+
+
+def unflatten_results(entry: Mapping[str, float], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{"semseg/mIoU": 40.1, ...}`` (a :func:`dense_evaluator` history entry) -> ``{"semseg": {"mIoU": 40.1}}``."""
+    results: dict[str, dict[str, float]] = {task: {} for task in tasks}
+    for key, value in entry.items():
+        task, sep, name = key.partition("/")
+        if sep and task in results:
+            results[task][name] = value
+    return results
+
+
+def save_dense_adapters(model: MultiTaskDenseModel, method: str, folder, run: Mapping | None = None) -> list[str]:
+    """Write what a run trained into ``folder``: the adapter file(s) (``adapter.safetensors``; ``per-task``: one
+    ``adapter-<task>.safetensors`` each; ``full``: ``backbone.safetensors``) and ``heads.safetensors`` (stage norms
+    and decoders, with the task outputs in its metadata). Returns the file names."""
+    from safetensors.torch import save_file
+
+    from visadapt import api
+    from visadapt.io import TRAIN_METADATA, save_adapter
+
+    folder = Path(folder)
+    meta = {TRAIN_METADATA: json.dumps({"method": method, **(run or {})}, sort_keys=True)}
+    written = []
+    names = list(api.records(model.backbone))
+    for name in names:
+        file = f"adapter-{name}.safetensors" if method == "per-task" else "adapter.safetensors"
+        save_adapter(model.backbone, folder / file, adapter_name=name, metadata=meta)
+        written.append(file)
+    if method == "full":
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()},
+                  str(folder / "backbone.safetensors"), metadata=meta)
+        written.append("backbone.safetensors")
+    heads = {k: v.detach().cpu().contiguous() for k, v in model.head_state_dict().items()}
+    save_file(heads, str(folder / "heads.safetensors"),
+              metadata={**meta, "task_outputs": json.dumps(model.task_outputs)})
+    written.append("heads.safetensors")
+    return written

@@ -166,9 +166,15 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, exp
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint needs: trainable parameters and the buffers of adapter modules."""
+    """Every tensor a checkpoint needs: trainable parameters, the buffers of adapter modules, and the buffers of
+    any module whose own parameters train (a trainable head's BatchNorm running statistics)."""
     state = {name: p for name, p in model.named_parameters() if p.requires_grad}
     state.update({name: b for name, b in model.named_buffers() if "visadapt_" in name})
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            state.update({f"{prefix}.{name}" if prefix else name: b
+                          for name, b in module.named_buffers(recurse=False)
+                          if name not in module._non_persistent_buffers_set})  # those are rebuilt, never loaded
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 

@@ -387,12 +387,15 @@ def _write_timm(model: nn.Module, folder: Path) -> dict[str, Any]:
 def stock_timm_equivalent(arch: str) -> tuple[str, dict[str, Any]] | None:
     """For a timm architecture visadapt registers itself: a stock timm architecture and the arguments that build
     the same network, so the exported ``config.json`` names something a timm without visadapt can build."""
-    from visadapt.backbones import EMBEDDED_MODEL, PROCVIT_TINY_ARGS
+    from visadapt.backbones import EMBEDDED_MODEL, EMBEDDED_SWIN, PROCSWIN_TINY_ARGS, PROCVIT_TINY_ARGS
 
     if arch == EMBEDDED_MODEL:
         # vit_tiny_patch16_224's builder passes keyword arguments over its own: the arguments set every field
         # in which visadapt_procvit_tiny differs from VisionTransformer's defaults
         return "vit_tiny_patch16_224", dict(PROCVIT_TINY_ARGS)
+    if arch == EMBEDDED_SWIN:
+        # the same for swin_tiny_patch4_window7_224: the arguments cover every field the embedded Swin changes
+        return "swin_tiny_patch4_window7_224", dict(PROCSWIN_TINY_ARGS)
     return None
 
 

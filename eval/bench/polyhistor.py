@@ -1,0 +1,128 @@
+"""Polyhistor side by side in one run: trainable parameters and training step time against one bottleneck
+adapter per task, for the same four dense tasks.
+
+    python eval/bench/polyhistor.py                 # Swin-T counts (formula) + embedded Swin step time on CPU
+    python eval/bench/polyhistor.py --batch 32 --steps 10 --device cuda
+
+1. **Parameters at Swin-T scale** (stages 96/192/384/768, depths 2/2/6/2, 4 tasks, rho 16; nothing is built):
+   the adapters of Polyhistor and Polyhistor-Lite from :func:`visadapt.plugins.polyhistor.parameter_count`,
+   against 4 x a plain adapter (``adapter`` plugin, Pfeiffer placement, bottleneck = width // 16), at the
+   probable authors' code defaults (d_t 512, hidden 128, d_p 64) and with 64-wide embeddings. The paper's claim:
+   about 10% of the trainable parameters of the methods it matches.
+2. **Measured on the embedded Swin** (``visadapt_procswin_tiny``, 64 px, the train/dense.py recipe for it):
+   trainable parameters (adapter / all, decoders included) and the median time of one training step (forward of
+   every task, weighted loss, backward, AdamW) of :class:`visadapt.dense.MultiTaskDenseModel` for each method,
+   with ratios to the per-task adapters measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+
+from visadapt.backbones import EMBEDDED_SWIN, create_backbone
+from visadapt.data.dense import SCENE_TASK_OUTPUTS
+from visadapt.dense import MTLORA_LOSS_WEIGHTS, MultiTaskDenseModel, attach_dense_method, dense_loss
+from visadapt.plugins.adapter import BottleneckAdapterConfig
+from visadapt.plugins.polyhistor import PolyhistorConfig, parameter_count
+
+SWIN_T = {"stage_widths": (96, 192, 384, 768), "depths": (2, 2, 6, 2)}
+TASKS = tuple(SCENE_TASK_OUTPUTS)
+# train/dense.py's plugin defaults for the embedded Swin (scenes benchmark)
+EMBEDDED_FIELDS = {"reduction_factor": 4, "task_embedding_dim": 32, "hidden_dim": 32, "projected_dim": 32}
+METHODS = ("per-task", "lite", "polyhistor", "shared", "decoder")
+
+
+def per_task_adapter_count(widths, depths, rho: int, num_tasks: int) -> int:
+    """Parameters of ``num_tasks`` plain adapters (down + up with biases, no LayerNorm) after every block's MLP."""
+    config = BottleneckAdapterConfig(style="pfeiffer", reduction_factor=rho)
+    assert config.bias and not config.layer_norm  # the formula below assumes the plugin's defaults
+    per_task = sum(depth * (2 * width * (width // rho) + width // rho + width) for width, depth in zip(widths, depths))
+    return num_tasks * per_task
+
+
+def swin_t_table() -> str:
+    baseline = per_task_adapter_count(SWIN_T["stage_widths"], SWIN_T["depths"], 16, len(TASKS))
+    lines = ["| Swin-T, 4 tasks, rho 16 | adapter params | vs 4 x adapter |", "|---|---:|---:|",
+             f"| 4 x adapter (per task) | {baseline:,} | 1.000 |"]
+    for label, fields in (("code defaults (d_t 512)", {}), ("d_t 64", {"task_embedding_dim": 64})):
+        for variant in ("polyhistor", "lite"):
+            config = PolyhistorConfig(tasks=TASKS, variant=variant, **fields)
+            total = parameter_count(config, SWIN_T["stage_widths"], SWIN_T["depths"], len(TASKS))["total"]
+            name = "Polyhistor" if variant == "polyhistor" else "Polyhistor-Lite"
+            lines.append(f"| {name}, {label} | {total:,} | {total / baseline:.3f} |")
+    return "\n".join(lines)
+
+
+def build(method: str, device: torch.device) -> MultiTaskDenseModel:
+    backbone = create_backbone(EMBEDDED_SWIN, "default", num_classes=0)
+    fields = {} if method == "decoder" else {k: v for k, v in EMBEDDED_FIELDS.items()
+                                             if method in ("lite", "polyhistor") or k == "reduction_factor"}
+    select, _ = attach_dense_method(backbone, method, TASKS, fields)
+    return MultiTaskDenseModel(backbone, SCENE_TASK_OUTPUTS, select).to(device)
+
+
+def step_time(model: MultiTaskDenseModel, batch: dict, steps: int, warmup: int) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        if batch["image"].is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = dense_loss(model(batch["image"]), batch, MTLORA_LOSS_WEIGHTS)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if batch["image"].is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_batch(size: int, batch: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    normals = torch.nn.functional.normalize(torch.randn(batch, 3, size, size, generator=g), dim=1)
+    sample = {"image": torch.randn(batch, 3, size, size, generator=g),
+              "semseg": torch.randint(0, SCENE_TASK_OUTPUTS["semseg"], (batch, size, size), generator=g),
+              "human_parts": torch.randint(0, SCENE_TASK_OUTPUTS["human_parts"], (batch, size, size), generator=g),
+              "sal": torch.randint(0, 2, (batch, size, size), generator=g), "normals": normals}
+    return {k: v.to(device) for k, v in sample.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(swin_t_table())
+    batch = random_batch(64, args.batch, device)
+    rows = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        model = build(method, device)
+        counts = model.trainable_parameter_counts()
+        rows[method] = (counts.adapter, counts.total, step_time(model, batch, args.steps, args.warmup))
+    base_adapter, _, base_time = rows["per-task"]
+    print(f"\n| embedded Swin, 64 px, batch {args.batch} | adapter params | vs per-task | all trainable | "
+          f"step ms | vs per-task |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for method, (adapter, total, seconds) in rows.items():
+        ratio = f"{adapter / base_adapter:.3f}" if base_adapter else "-"
+        print(f"| {method} | {adapter:,} | {ratio} | {total:,} | {1000 * seconds:.1f} | {seconds / base_time:.2f} |")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(f"\n{device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"{datetime.date.today()}; median of {args.steps} steps after {args.warmup} warm-up")
+
+
+if __name__ == "__main__":
+    main()

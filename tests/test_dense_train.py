@@ -69,7 +69,9 @@ def test_saved_files_rebuild_the_trained_model(runs):
     assert not unexpected and all(k.startswith("backbone.") for k in missing)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VISADAPT_CACHE", str(runs / "cache"))
-        val = ProceduralDenseScenes("val", num_samples=8)
+        norm = record["normalization"]
+        assert norm["choice"] == "model" and norm["mean"] == [0.5, 0.5, 0.5]  # the embedded Swin's own statistics
+        val = ProceduralDenseScenes("val", num_samples=8, normalization=(norm["mean"], norm["std"]))
     results = evaluate_dense(model, val, batch_size=8)
     for task, result in results.items():
         scalars = {k: v for k, v in result.items() if isinstance(v, float)}

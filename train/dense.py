@@ -39,6 +39,7 @@ import torch
 
 import visadapt
 from visadapt.backbones import EMBEDDED_SWIN, create_backbone
+from visadapt.data import resolve_normalization
 from visadapt.data.dense import DENSE_TASKS, PascalContextMultiTask, ProceduralDenseScenes
 from visadapt.dense import (
     DENSE_METHODS,
@@ -101,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrained", default="default",
                    help="backbone weights: 'default' (timm's / the embedded ones), 'none', a file or a hub id")
     p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the benchmark's)")
+    p.add_argument("--normalize", default="model", choices=["model", "imagenet", "none"],
+                   help="input normalisation: the backbone's own statistics (a frozen backbone must see what it "
+                        "was pretrained on), ImageNet's (MTLoRA's), or none; recorded in metrics.json")
     for flag, kind in (("epochs", int), ("lr", float), ("weight-decay", float), ("batch-size", int),
                        ("warmup-epochs", float), ("eval-every", int)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the benchmark's recipe")
@@ -126,16 +130,17 @@ def plugin_fields(args: argparse.Namespace) -> dict:
     return {**{k: v for k, v in PLUGIN_DEFAULTS[args.benchmark].items() if k in known}, **given}
 
 
-def build_datasets(args: argparse.Namespace, tasks: list[str]):
+def build_datasets(args: argparse.Namespace, tasks: list[str], normalization):
     if args.benchmark == "scenes":
-        common = {"size": args.input_size, "seed": args.data_seed, "tasks": tasks}
+        common = {"size": args.input_size, "seed": args.data_seed, "tasks": tasks, "normalization": normalization}
         return (ProceduralDenseScenes("train", num_samples=args.train_samples, **common),
                 ProceduralDenseScenes("val", num_samples=args.val_samples, **common))
     if args.data_root is None:
         raise ValueError("--benchmark pascal needs --data-root, the PASCAL_MT folder (JPEGImages, ImageSets, "
                          "semseg, human_parts, normals_distill, sal_distill)")
-    return (PascalContextMultiTask(args.data_root, "train", size=args.input_size, tasks=tasks, train=True),
-            PascalContextMultiTask(args.data_root, "val", size=args.input_size, tasks=tasks, train=False))
+    common = {"size": args.input_size, "tasks": tasks, "normalization": normalization}
+    return (PascalContextMultiTask(args.data_root, "train", train=True, **common),
+            PascalContextMultiTask(args.data_root, "val", train=False, **common))
 
 
 def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fields: dict) -> dict:
@@ -145,8 +150,9 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
                          num_workers=args.num_workers, progress=not args.no_progress)
     accelerator = make_accelerator(out)
     seed_everything(args.seed)
-    train_set, val_set = build_datasets(args, tasks)
     backbone = create_backbone(args.model, args.pretrained, num_classes=0)
+    normalization = resolve_normalization(args.normalize, backbone)
+    train_set, val_set = build_datasets(args, tasks, normalization)
     select_task, configs = attach_dense_method(backbone, args.method, tasks, plugin_fields)
     model = MultiTaskDenseModel(backbone, train_set.task_outputs, select_task)
     counts = model.trainable_parameter_counts()
@@ -166,6 +172,9 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
         metrics = {
             "benchmark": args.benchmark, "method": args.method, "tasks": tasks, "single_task": args.single_task,
             "model": args.model, "pretrained": args.pretrained, "input_size": args.input_size,
+            "normalization": {"choice": args.normalize,
+                              "mean": list(normalization[0]) if normalization else None,
+                              "std": list(normalization[1]) if normalization else None},
             "plugin_configs": {name: c.to_dict() for name, c in configs.items()},
             # the final evaluation's full results; a run resumed after its last epoch has only the history's
             "results": getattr(evaluator, "last_results", None) or unflatten_results(final, tasks),

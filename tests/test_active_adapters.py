@@ -61,3 +61,28 @@ def test_unknown_names_and_merged_adapters_are_refused():
     visadapt.merge(model)
     with pytest.raises(ValueError, match="unmerge it before switching it off"):
         visadapt.set_active_adapters(model, [])
+
+
+def test_merged_layers_are_called_without_hooks():
+    """A layer whose adapters are all merged (or switched off) has no hooks left: it runs like a plain layer."""
+    model = tm.vit().eval()
+    args, kwargs = tm.example_input("timm_vit", model)
+    visadapt.attach(model, "lora", rank=4, targets=("qkv", "fc1"))
+    randomize(model, "default", 0)
+    qkv = model.blocks[0].attn.qkv
+    with torch.no_grad():
+        unmerged = model(*args, **kwargs)
+    assert qkv._forward_hooks and qkv._forward_pre_hooks
+    visadapt.merge(model)
+    assert not qkv._forward_hooks and not qkv._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.allclose(model(*args, **kwargs), unmerged, atol=1e-5)
+    visadapt.unmerge(model)
+    assert qkv._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs), unmerged)
+    visadapt.set_active_adapters(model, [])
+    assert not qkv._forward_hooks
+    visadapt.set_active_adapters(model, None)
+    visadapt.detach(model)
+    assert not qkv._forward_hooks and not qkv._forward_pre_hooks

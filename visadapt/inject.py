@@ -122,14 +122,38 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
         raise ValueError(f"adapter {adapter_name!r} already has a module at {site.name}; detach it first "
                          f"or use another adapter_name")
     per_name[site.kind] = module
-    # "held" modules (heads a plugin calls itself, e.g. SelaVPR's place head) need no hooks
-    if site.how not in ("weight", "held") and not hasattr(owner, _HOOKS_ATTR):
-        setattr(owner, _HOOKS_ATTR, (owner.register_forward_pre_hook(_pre_hook),
-                                     owner.register_forward_hook(_post_hook)))
+    sync_hooks(owner)
     if site.how == "parallel":
         tap = site.host.get_submodule(site.tap)
         if not hasattr(tap, _TAP_HOOK_ATTR):
             setattr(tap, _TAP_HOOK_ATTR, tap.register_forward_pre_hook(_tap_hook))
+
+
+def _runs_in_hooks(module: nn.Module) -> bool:
+    # "held" modules (heads a plugin calls itself, e.g. SelaVPR's place head) and weight parametrizations need
+    # no hooks; merged or switched-off modules contribute nothing at call time
+    return (module.site_how not in ("weight", "held") and not getattr(module, "merged", False)
+            and is_active(module))
+
+
+def sync_hooks(owner: nn.Module) -> None:
+    """Register ``owner``'s forward hooks when one of its delta modules runs at call time, remove them when none
+    does (all merged, switched off or removed): a layer whose adapters are all merged is called exactly like a
+    plain layer, with no hook and no Python in its call, so merged inference costs what the base model costs."""
+    store = owner._modules.get(ADAPTERS_ATTR)
+    needed = store is not None and any(_runs_in_hooks(m) for per in store.values() for m in per.values())
+    registered = _HOOKS_ATTR in owner.__dict__
+    if needed and not registered:
+        setattr(owner, _HOOKS_ATTR, (owner.register_forward_pre_hook(_pre_hook),
+                                     owner.register_forward_hook(_post_hook)))
+    elif registered and not needed:
+        for handle in owner.__dict__.pop(_HOOKS_ATTR):
+            handle.remove()
+
+
+def _sync_hosts(model: nn.Module, items: list) -> None:
+    for path in dict.fromkeys(item.host_path for item in items):
+        sync_hooks(model.get_submodule(path))
 
 
 def _active(owner: nn.Module, how: str) -> Iterator[nn.Module]:
@@ -157,6 +181,7 @@ def set_adapter_active(model: nn.Module, adapter_name: str, active: bool) -> Non
                          f"before switching it off")
     for item in items:
         item.module.__dict__["adapter_inactive"] = not active
+    _sync_hosts(model, items)
 
 
 def adapter_weight(module: nn.Module) -> float:
@@ -308,8 +333,10 @@ def _merge_order(item: Attached) -> int:
 
 
 def merge(model: nn.Module, adapter_name: str) -> None:
-    """Fold each delta of ``adapter_name`` into its base weight (fp32 arithmetic, exact copy kept)."""
-    for item in attached(model, adapter_name):
+    """Fold each delta of ``adapter_name`` into its base weight (fp32 arithmetic, exact copy kept); layers left
+    with no unmerged adapter lose their hooks (:func:`sync_hooks`)."""
+    items = attached(model, adapter_name)
+    for item in items:
         if getattr(item.module, "merged", False):
             continue
         if not hasattr(item.module, "merge_into_host") and (
@@ -317,6 +344,7 @@ def merge(model: nn.Module, adapter_name: str) -> None:
             raise ValueError(f"{item.host_path}:{item.kind} holds a {type(item.module).__name__}, which has no "
                              f"weight to merge into")
         _merge_one(model, item)
+    _sync_hosts(model, items)
 
 
 def unmerge(model: nn.Module, adapter_name: str) -> None:
@@ -340,6 +368,7 @@ def unmerge(model: nn.Module, adapter_name: str) -> None:
         _unmerge_one(model, item)
         for other in reversed(later):
             _merge_one(model, other)
+    _sync_hosts(model, attached(model, adapter_name))
 
 
 def remove(model: nn.Module, adapter_name: str | None = None) -> None:
@@ -362,6 +391,7 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> None:
             delattr(tap, _TAP_HOOK_ATTR)
             tap.__dict__.pop(_TAP_VALUE_ATTR, None)
         if len(store):
+            sync_hooks(owner)
             continue
         delattr(owner, ADAPTERS_ATTR)
         if isinstance(owner, WeightDelta):
@@ -375,8 +405,7 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> None:
             order = [n for n in owner.param_order if n in host._parameters]
             host._parameters = {n: host._parameters[n] for n in order + [n for n in host._parameters if n not in order]}
         else:
-            for handle in owner.__dict__.pop(_HOOKS_ATTR, ()):
-                handle.remove()
+            sync_hooks(owner)
 
 
 _KEY_RE = re.compile(rf"(^|\.){ADAPTERS_ATTR}\.([A-Za-z_][A-Za-z0-9_]*)\.")

@@ -86,6 +86,22 @@ def test_default_run_smoke_loss_falls(tiny_data, tmp_path):
     assert 0.0 <= m["accuracy_final"] <= m["accuracy_best"] <= 100.0
 
 
+def test_bf16_autocast_trains_on_cpu_with_fp32_adapter_weights(tiny_data, tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision bf16`` on a CPU: the forward runs under bf16 autocast, the loss
+    still falls, and the stored adapter (trainable parameters and optimiser state) stays float32."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    vtab = _load_script()
+    args = _args(tiny_data, tmp_path, "--task", "textures", "--epochs", "4")
+    args[args.index("none")] = "default"
+    assert vtab.main(args) == 0
+    m = _metrics(tmp_path, "textures")
+    assert m["mixed_precision"] == "bf16"
+    losses = [h["train_loss"] for h in m["history"]]
+    assert losses[-1] < losses[0] * 0.8, losses
+    stored = load_file(str(tmp_path / "textures" / "adapter.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float32}
+
+
 def test_linear_probe_and_metrics_file(tiny_data, tmp_path):
     vtab = _load_script()
     assert vtab.main(_args(tiny_data, tmp_path, "--task", "cells", "--epochs", "1", "--adapter", "linear")) == 0

@@ -143,7 +143,7 @@ def _check_divisible(batch: int, accelerator: Accelerator, name: str) -> None:
                          f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad: no version counters, no views tracked
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, expected: int) -> dict[str, float]:
     """Top-1 accuracy (%) over every sample exactly once, whatever the number of processes.
 
@@ -303,7 +303,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The fused CUDA kernel updates every tensor in one launch; on CPU the default (foreach) path is kept, so
+    # CPU runs stay bit-identical to earlier releases and across process counts.
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=accelerator.device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps))
     if eval_loader is None:
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)

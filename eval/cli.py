@@ -274,42 +274,37 @@ def _vpr(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rank(args: argparse.Namespace) -> int:
-    """``--benchmark rank``: the ranking table of train/rank.py runs, read from their metrics.json."""
-    from .ranking import rank_main
-
+def _run_record_table(args: argparse.Namespace, build: Callable[[], tuple[str, dict]]) -> int:
+    """The one-table benchmarks that read each run's metrics.json (rank, dense): options of the other tables are
+    refused, then ``build()`` gives the table and the records for --json."""
     for option, value in (("--metric", args.metric), ("--protocol", args.protocol), ("--tasks", args.tasks),
                           ("--csv", args.csv), ("--plot", args.plot), ("--data-root", args.data_root),
                           ("--rerank-k", args.rerank_k), ("--split", args.split),
                           ("--mixed-protocols", args.mixed_protocols or None)):
         if value is not None:
-            raise ValueError(f"{option} does not apply to --benchmark rank, which reads each run's metrics.json")
+            raise ValueError(f"{option} does not apply to --benchmark {args.benchmark}, which reads each run's "
+                             f"metrics.json")
     if args.labels is not None and len(args.labels) != len(args.adapters):
         raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.adapters)} --adapters paths")
-    table, records = rank_main(args.adapters, args.labels)
+    table, records = build()
     print(table, end="")
     if args.json:
         _write(args.json, json.dumps(records, indent=1), "JSON")
     return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    """``--benchmark rank``: the ranking table of train/rank.py runs, read from their metrics.json."""
+    from .ranking import rank_main
+
+    return _run_record_table(args, lambda: rank_main(args.adapters, args.labels))
 
 
 def _dense(args: argparse.Namespace) -> int:
     """``--benchmark dense``: the multi-task table of train/dense.py runs with Δm, read from their metrics.json."""
     from .dense import dense_main
 
-    for option, value in (("--metric", args.metric), ("--protocol", args.protocol), ("--tasks", args.tasks),
-                          ("--csv", args.csv), ("--plot", args.plot), ("--data-root", args.data_root),
-                          ("--rerank-k", args.rerank_k), ("--split", args.split),
-                          ("--mixed-protocols", args.mixed_protocols or None)):
-        if value is not None:
-            raise ValueError(f"{option} does not apply to --benchmark dense, which reads each run's metrics.json")
-    if args.labels is not None and len(args.labels) != len(args.adapters):
-        raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.adapters)} --adapters paths")
-    table, records = dense_main(args.adapters, args.labels, args.reference)
-    print(table, end="")
-    if args.json:
-        _write(args.json, json.dumps(records, indent=1), "JSON")
-    return 0
+    return _run_record_table(args, lambda: dense_main(args.adapters, args.labels, args.reference))
 
 
 def _write(path: str, text: str, what: str) -> None:

@@ -62,6 +62,7 @@ from visadapt.lora_layouts import (
     looks_like_lora,
     lora_modules,
     read_lora_state,
+    report_text_encoder,
 )
 from visadapt.plugin import (
     AdapterConfig,
@@ -275,10 +276,7 @@ def load_official(unet: nn.Module, lora_state: Mapping[str, torch.Tensor], norm_
     """
     report = LoadReport(source, f"adapter {adapter_name!r}")
     loras = read_lora_state(lora_state, module_names=[name for name, _ in unet.named_modules()], report=report)
-    for component, modules in loras.text_encoder.items():
-        for path, weights in modules.items():
-            for key in weights.keys:
-                report.add(f"{component}.{path}", key, UNEXPECTED, "a ResAdapter LoRA adapts the UNet only")
+    report_text_encoder(loras, report, "a ResAdapter LoRA adapts the UNet only")
     for key in sorted(k for k in norm_state if not _NORM_KEY.match(k)):
         report.add(key.rpartition(".")[0] or key, key, UNEXPECTED,
                    "not a ResNet group norm of the UNet's down/mid/up blocks")

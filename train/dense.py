@@ -27,7 +27,6 @@ task, ``adapter-<task>.safetensors``) and ``heads.safetensors`` (stage norms and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import timm
 import torch
+from accelerate import PartialState
 
 import visadapt
 from visadapt.backbones import EMBEDDED_SWIN, create_backbone
@@ -47,9 +47,9 @@ from visadapt.dense import (
     DenseTargets,
     MultiTaskDenseModel,
     attach_dense_method,
+    benchmark_plugin_fields,
     dense_evaluator,
     dense_loss,
-    method_plugin_fields,
     save_dense_adapters,
     unflatten_results,
 )
@@ -72,15 +72,6 @@ RECIPES = {
                "warmup_epochs": 1, "eval_every": 4, "input_size": 64},
     "pascal": {"model": "swin_tiny_patch4_window7_224.ms_in1k", "epochs": 300, "lr": 5e-4, "weight_decay": 0.05,
                "batch_size": 32, "warmup_epochs": 20, "eval_every": 20, "input_size": 448},
-}
-
-# Plugin fields per benchmark, under --set / --adapter-config (applied where the method's plugin has the field).
-# scenes: the 24-wide embedded Swin needs smaller bottlenecks and hypernetworks than the code defaults made for
-# Swin-T (rho 16 leaves 24 // 16 = 1 hidden unit; d_t 512 would make the hypernetwork larger than the backbone's
-# adapters): rho 4 and 32-wide embeddings keep Polyhistor-Lite at a few % of the per-task adapters, as on Swin-T.
-PLUGIN_DEFAULTS = {
-    "scenes": {"reduction_factor": 4, "task_embedding_dim": 32, "hidden_dim": 32, "projected_dim": 32},
-    "pascal": {},
 }
 
 
@@ -123,11 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def plugin_fields(args: argparse.Namespace) -> dict:
     """The method's plugin fields: the benchmark's defaults the plugin has, then --adapter-config, then --set."""
     given = config_values(args.adapter_config, args.overrides)
-    plugin, _ = method_plugin_fields(args.method, args.tasks, {})
-    if plugin is None:
-        return given
-    known = {field.name for field in dataclasses.fields(visadapt.get_plugin(plugin).Config)}
-    return {**{k: v for k, v in PLUGIN_DEFAULTS[args.benchmark].items() if k in known}, **given}
+    return benchmark_plugin_fields(args.method, args.tasks, args.benchmark, given)
 
 
 def build_datasets(args: argparse.Namespace, tasks: list[str], normalization):
@@ -214,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             runs[tasks[0]] = json.loads(done.read_text())
             continue
         try:
-            from accelerate import PartialState
-
             prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=PartialState())
             runs[tasks[0]] = train_one(args, tasks, out, fields)
         except (ValueError, KeyError, FileExistsError) as err:

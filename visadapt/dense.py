@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-#: the label of ignored pixels in every dense target (255.0 in all three channels for normals)
-IGNORE_INDEX = 255
+from visadapt.data.dense import IGNORE_INDEX  # ignored pixels (255.0 in all three channels for normals)
 
 #: the task weights of the total loss in MTLoRA's ``main.py`` (scale-lab/MTLoRA; Polyhistor's own weights
 #: are not public): semseg 1, human_parts 2, sal 5, normals 10
@@ -338,6 +337,28 @@ DENSE_METHODS = ("lite", "polyhistor", "per-task", "shared", "decoder", "full")
 _METHOD_PLUGIN = {"lite": ("polyhistor", {"variant": "lite"}), "polyhistor": ("polyhistor", {"variant": "polyhistor"}),
                   "per-task": ("adapter", {"style": "pfeiffer", "reduction_factor": 16}),
                   "shared": ("adapter", {"style": "pfeiffer", "reduction_factor": 16})}
+
+
+# Plugin fields per train/dense.py benchmark, under the user's (applied where the method's plugin has the field).
+# scenes: the 24-wide embedded Swin needs smaller bottlenecks and hypernetworks than the code defaults made for
+# Swin-T (rho 16 leaves 24 // 16 = 1 hidden unit; d_t 512 would make the hypernetwork larger than the backbone's
+# adapters): rho 4 and 32-wide embeddings keep Polyhistor-Lite at a few % of the per-task adapters, as on Swin-T.
+DENSE_PLUGIN_DEFAULTS = {
+    "scenes": {"reduction_factor": 4, "task_embedding_dim": 32, "hidden_dim": 32, "projected_dim": 32},
+    "pascal": {},
+}
+
+
+def benchmark_plugin_fields(method: str, tasks: Sequence[str], benchmark: str, given: Mapping) -> dict:
+    """The fields a ``benchmark`` run of ``method`` attaches with: the fields of :data:`DENSE_PLUGIN_DEFAULTS`
+    that the method's plugin has, then ``given`` (the user's)."""
+    from visadapt.registry import get_plugin
+
+    plugin, _ = method_plugin_fields(method, tasks, {})
+    if plugin is None:
+        return dict(given)
+    known = {field.name for field in dataclasses.fields(get_plugin(plugin).Config)}
+    return {**{k: v for k, v in DENSE_PLUGIN_DEFAULTS[benchmark].items() if k in known}, **given}
 
 
 def method_plugin_fields(method: str, tasks: Sequence[str], fields: Mapping) -> tuple[str | None, dict]:

@@ -251,6 +251,14 @@ def read_lora_state(state: Mapping[str, torch.Tensor], *, module_names: Iterable
     return result
 
 
+def report_text_encoder(loras: LoraStateDict, report: LoadReport, detail: str) -> None:
+    """Record every text-encoder key of ``loras`` in ``report`` as unexpected, with ``detail`` saying why."""
+    for component, modules in loras.text_encoder.items():
+        for path, weights in modules.items():
+            for key in weights.keys or (f"{component}.{path}",):
+                report.add(f"{component}.{path}", key, UNEXPECTED, detail)
+
+
 def fitting_loras(model: nn.Module, loras: Mapping[str, LoraWeights], report: LoadReport) -> dict[str, LoraWeights]:
     """The LoRAs of ``loras`` whose module exists in ``model`` as a Linear / Conv2d of a fitting shape (``down``
     ``(r, in[, kh, kw])`` against the weight's input side, ``up`` ``(out, r[, 1, 1])`` against its output side);
@@ -301,11 +309,7 @@ def attach_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor] | LoraS
     report = LoadReport(source, f"adapter {adapter_name!r}")
     loras = state if isinstance(state, LoraStateDict) else read_lora_state(
         state, module_names=[name for name, _ in unet.named_modules()], report=report)
-    for component, modules in loras.text_encoder.items():
-        for path, weights in modules.items():
-            for key in weights.keys or (f"{component}.{path}",):
-                report.add(f"{component}.{path}", key, UNEXPECTED,
-                           "text encoder: visadapt loads UNet LoRAs; use pipe.load_lora_weights for these")
+    report_text_encoder(loras, report, "text encoder: visadapt loads UNet LoRAs; use pipe.load_lora_weights for these")
     fits = fitting_loras(unet, loras, report)
     try:
         report.enforce(strict)

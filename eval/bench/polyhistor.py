@@ -26,14 +26,18 @@ import torch
 
 from visadapt.backbones import EMBEDDED_SWIN, create_backbone
 from visadapt.data.dense import SCENE_TASK_OUTPUTS
-from visadapt.dense import MTLORA_LOSS_WEIGHTS, MultiTaskDenseModel, attach_dense_method, dense_loss
+from visadapt.dense import (
+    MTLORA_LOSS_WEIGHTS,
+    MultiTaskDenseModel,
+    attach_dense_method,
+    benchmark_plugin_fields,
+    dense_loss,
+)
 from visadapt.plugins.adapter import BottleneckAdapterConfig
 from visadapt.plugins.polyhistor import PolyhistorConfig, parameter_count
 
 SWIN_T = {"stage_widths": (96, 192, 384, 768), "depths": (2, 2, 6, 2)}
 TASKS = tuple(SCENE_TASK_OUTPUTS)
-# train/dense.py's plugin defaults for the embedded Swin (scenes benchmark)
-EMBEDDED_FIELDS = {"reduction_factor": 4, "task_embedding_dim": 32, "hidden_dim": 32, "projected_dim": 32}
 METHODS = ("per-task", "lite", "polyhistor", "shared", "decoder")
 
 
@@ -60,9 +64,8 @@ def swin_t_table() -> str:
 
 def build(method: str, device: torch.device) -> MultiTaskDenseModel:
     backbone = create_backbone(EMBEDDED_SWIN, "default", num_classes=0)
-    fields = {} if method == "decoder" else {k: v for k, v in EMBEDDED_FIELDS.items()
-                                             if method in ("lite", "polyhistor") or k == "reduction_factor"}
-    select, _ = attach_dense_method(backbone, method, TASKS, fields)
+    # train/dense.py's plugin fields for the embedded Swin (the scenes benchmark)
+    select, _ = attach_dense_method(backbone, method, TASKS, benchmark_plugin_fields(method, TASKS, "scenes", {}))
     return MultiTaskDenseModel(backbone, SCENE_TASK_OUTPUTS, select).to(device)
 
 

@@ -98,6 +98,37 @@ def stable_hash(*parts: int) -> int:
     return h
 
 
+def _signed64(value: int) -> int:
+    """A 64-bit unsigned value as the int64 with the same bits (two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_SPLITMIX_CONSTANTS = tuple(_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # int64 ``>>`` is arithmetic (copies the sign bit); masking the top bits makes it the unsigned shift
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_splitmix64` on an int64 tensor holding 64-bit values in two's complement (any shape).
+
+    int64 adds and multiplies wrap modulo 2**64 exactly as the masked Python integers do, so the bits agree;
+    this is what a compiled forward runs, where a Python integer would be baked into the graph.
+    """
+    add, mul1, mul2 = _SPLITMIX_CONSTANTS
+    x = x + add
+    x = (x ^ _shift_right_logical(x, 30)) * mul1
+    x = (x ^ _shift_right_logical(x, 27)) * mul2
+    return x ^ _shift_right_logical(x, 31)
+
+
+def unsigned_mod(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(x read as unsigned 64-bit) % n`` for an int64 tensor: ``(2 * (x >>> 1) + (x & 1)) % n``."""
+    return ((_shift_right_logical(x, 1) % n) * 2 + (x & 1)) % n
+
+
 def partition_elements(shape: torch.Size | tuple[int, ...], num_modules: int, seed: int) -> torch.Tensor:
     """uint8 ``owner`` map of ``shape``: element ``e`` belongs to module ``owner[e]``; modules differ in size by
     at most one element, and the assignment is a uniformly random permutation drawn from ``seed``."""
@@ -133,6 +164,14 @@ class SparseModulesLinear(nn.Module):
         self.draw_seed, self.draw_key = draw_seed, draw_key
         self.step, self.call = 0, 0
         self.last_drawn: int | None = None
+        # The same draw state as tensors, for a compiled forward (torch.compile): a Python integer read there is
+        # baked into the graph and guarded, so a new step or call would recompile it. ``_draw_state`` holds
+        # stable_hash(seed, key, step) (int64 bits), ``_draw_calls`` the calls since set_step. Not persistent:
+        # set_step rebuilds them (the engine calls it before training and on resume).
+        device = initial.device
+        self.register_buffer("_draw_state", torch.tensor(_signed64(stable_hash(draw_seed, draw_key, 0)),
+                                                         device=device), persistent=False)
+        self.register_buffer("_draw_calls", torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
     def draw(self) -> int:
         """The module index of this training call: a pure function of (seed, block, role, step, call)."""
@@ -141,11 +180,28 @@ class SparseModulesLinear(nn.Module):
         self.last_drawn = index
         return index
 
+    def draw_tensor(self) -> torch.Tensor:
+        """:meth:`draw` in tensor ops, as a 0-dim int64 tensor: the index of the same (seed, block, role, step,
+        call), the call counted by ``_draw_calls``. The compiled forward uses it (no Python integer changes
+        between steps, so the graph is compiled once); :attr:`last_drawn` is not updated."""
+        index = unsigned_mod(splitmix64_tensor(self._draw_state ^ self._draw_calls), self.num_modules)
+        self._draw_calls.add_(1)
+        return index
+
     def set_step(self, step: int) -> None:
         self.step, self.call = step, 0
+        with torch.no_grad():
+            self._draw_state.fill_(_signed64(stable_hash(self.draw_seed, self.draw_key, step)))
+            self._draw_calls.zero_()
 
-    def module_weight(self, index: int) -> torch.Tensor:
-        """``(out, in)`` weight of module ``index``: its own elements trainable, the rest at the initial value."""
+    def _draw_index(self) -> int | torch.Tensor:
+        # Eager keeps the Python draw (and last_drawn); under torch.compile the tensor draw gives the same index.
+        # A step runs either eager or compiled: the two keep their own call counters.
+        return self.draw_tensor() if torch.compiler.is_compiling() else self.draw()
+
+    def module_weight(self, index: int | torch.Tensor) -> torch.Tensor:
+        """``(out, in)`` weight of module ``index`` (an int or a 0-dim integer tensor): its own elements
+        trainable, the rest at the initial value."""
         rest = self.initial if self.initial is not None else self.weight_modules.new_zeros(())
         return torch.where(self.owner == index, self.weight_modules, rest)
 
@@ -168,13 +224,18 @@ class SparseModulesLinear(nn.Module):
 
     def forward_weight(self) -> torch.Tensor:
         """The weight this call computes with: a drawn module in training, the merged weight otherwise."""
-        return self.module_weight(self.draw()) if self.training else self.eval_weight()
+        return self.module_weight(self._draw_index()) if self.training else self.eval_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return F.linear(x, self.eval_weight(), self.bias)
-        index = self.draw()
-        bias = None if self.bias_modules is None else self.bias_modules[index]
+        index = self._draw_index()
+        bias = None
+        if self.bias_modules is not None:
+            # a tensor index selects by index_select: ``[index]`` would read it back as a Python int (a sync and a
+            # graph break); both give the row and the same gradient (the row's, zeros elsewhere)
+            bias = (self.bias_modules[index] if isinstance(index, int)
+                    else self.bias_modules.index_select(0, index.view(1)).view(-1))
         return F.linear(x, self.module_weight(index), bias)
 
     def to_plain(self) -> nn.Linear:

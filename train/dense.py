@@ -60,6 +60,7 @@ from visadapt.engine import (
     fit,
     make_accelerator,
     prepare_output_dir,
+    run_options,
     seed_everything,
 )
 from visadapt.io import write_json_atomic
@@ -134,8 +135,8 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
     """Train one multi-task model on ``tasks``; returns its metrics (also written to ``out/metrics.json``)."""
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, eval_every=args.eval_every,
-                         num_workers=args.num_workers, progress=not args.no_progress)
-    accelerator = make_accelerator(out)
+                         num_workers=args.num_workers, progress=not args.no_progress, **run_options(args))
+    accelerator = make_accelerator(out, precision=args.precision)
     seed_everything(args.seed)
     backbone = create_backbone(args.model, args.pretrained, num_classes=0)
     normalization = resolve_normalization(args.normalize, backbone)

@@ -53,6 +53,7 @@ from visadapt.engine import (
     fit,
     make_accelerator,
     prepare_output_dir,
+    run_options,
     seed_everything,
 )
 from visadapt.io import TRAIN_METADATA, write_json_atomic
@@ -246,7 +247,8 @@ def train_experts(model: nn.Module, scheduler, preprocess, pool: TeacherLabelled
         student = NoisedStudent(model, scheduler, expert, time_range, preprocess)
         train_config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                                    batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
-                                   seed=args.seed + expert, progress=False)
+                                   seed=args.seed + expert, progress=False,
+                                   **run_options(args))
         result = fit(student, train_set, None, train_config, accelerator=accelerator,
                      output_dir=out / "runs" / f"expert_{expert}", resume=args.resume, loss_fn=loss_fn,
                      evaluator=distillation_evaluator(student, held_out, loss_fn, args.seed + 1000 + expert),
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     visadapt.attach(classifier, "ppap", {"num_experts": args.num_experts, "rank": args.rank, "alpha": args.alpha,
                                          "num_train_timesteps": pipe.scheduler.config.num_train_timesteps})
     pool = TeacherLabelledPool(pool_dir, classifier, preprocess)
-    accelerator = make_accelerator(out)
+    accelerator = make_accelerator(out, precision=args.precision)
     experts = train_experts(classifier, pipe.scheduler, preprocess, pool, out, args, accelerator)
     recipe = {k: v for k, v in vars(args).items() if k not in ("output_dir", "resume", "overwrite")}
     metrics = {"pool": {"images": len(pool), "folder": str(pool_dir), "seconds": round(pool_time, 1)},

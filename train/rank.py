@@ -43,6 +43,7 @@ from visadapt.engine import (
     fit,
     make_accelerator,
     prepare_output_dir,
+    run_options,
     seed_everything,
 )
 from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
@@ -125,8 +126,9 @@ def tower_digest(clip: torch.nn.Module) -> str:
 
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=1,
-                         warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress)
-    accelerator = make_accelerator(out)
+                         warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress,
+                         **run_options(args))
+    accelerator = make_accelerator(out, precision=args.precision)
     seed_everything(args.seed)
     clip, facts = create_clip(args.model, args.pretrained)
     train_tf, eval_tf = clip_transforms(facts)

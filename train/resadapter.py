@@ -60,6 +60,7 @@ from visadapt.engine import (
     fit,
     make_accelerator,
     prepare_output_dir,
+    run_options,
     seed_everything,
 )
 from visadapt.io import TRAIN_METADATA, write_json_atomic
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     held_sampler = BucketBatchSampler(min(args.eval_items, len(data)), 1, buckets=args.buckets, seed=args.seed + 1)
     denoising = denoising_evaluator(data, seed=args.seed, batch_sampler=held_sampler)
 
-    accelerator = make_accelerator(out, grad_accum_steps=1)
+    accelerator = make_accelerator(out, grad_accum_steps=1, precision=args.precision)
     run = {"benchmark": "resadapter", "pipeline": args.pipeline, "recipe": args.recipe, "data": str(data_root),
            "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
            "buckets": [f"{h}x{w}" for h, w in args.buckets], "config": config.to_dict()}
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
     before = evaluate(model, accelerator)["denoising_loss"]
     train_config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=0.0, batch_size=args.batch_size,
-                               warmup_epochs=0, seed=args.seed, progress=not args.no_progress)
+                               warmup_epochs=0, seed=args.seed, progress=not args.no_progress,
+                               **run_options(args))
     result = fit(model, data, None, train_config, accelerator=accelerator, output_dir=out, resume=args.resume,
                  loss_fn=denoising_loss, evaluator=evaluate, metric="neg_denoising_loss",
                  before_epoch=before_epoch, batch_sampler=sampler)

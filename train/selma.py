@@ -57,6 +57,7 @@ from visadapt.engine import (
     fit,
     make_accelerator,
     prepare_output_dir,
+    run_options,
     seed_everything,
 )
 from visadapt.io import TRAIN_METADATA, write_json_atomic
@@ -189,7 +190,7 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
         before = evaluator(model, accelerator)["denoising_loss"]
         train_config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=0.0, batch_size=args.batch_size,
                                    grad_accum_steps=args.grad_accum_steps, warmup_epochs=0, seed=args.seed,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, **run_options(args))
         result = fit(model, data, None, train_config, accelerator=accelerator, output_dir=out / "runs" / skill,
                      resume=args.resume, loss_fn=denoising_loss, evaluator=evaluator, metric="neg_denoising_loss",
                      log_prefix=f"[{skill}] ")
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     pipe = load_pipeline(args.pipeline)
-    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum_steps)
+    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum_steps, precision=args.precision)
     run = {"benchmark": "selma", "pipeline": args.pipeline, "recipe": args.recipe, "seed": args.seed,
            "resolution": args.resolution, "epochs": args.epochs, "lr": args.lr}
     accelerator.init_trackers("selma", config={k: v for k, v in run.items()})

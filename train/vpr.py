@@ -48,6 +48,7 @@ from visadapt.engine import (
     fit,
     make_accelerator,
     prepare_output_dir,
+    run_options,
     seed_everything,
 )
 from visadapt.eval.vpr import evaluate_places, extract_place_features
@@ -205,8 +206,9 @@ class HardNegativeMiner:
 
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                         warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress)
-    accelerator = make_accelerator(out)
+                         warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress,
+                         **run_options(args))
+    accelerator = make_accelerator(out, precision=args.precision)
     seed_everything(args.seed)
     backbone = create_backbone(args.model, args.pretrained, num_classes=0, img_size=args.input_size)
     transform = vtab_transform(args.input_size, resolve_normalization(args.normalize, backbone))

@@ -53,6 +53,8 @@ import torch
 from torch import nn
 
 from visadapt import api, formats, io
+from visadapt.attention import _probe_xformers  # noqa: F401  (importable from here, as before)
+from visadapt.attention import xformers_usable as _xformers_usable
 from visadapt.sites import UnsupportedModelError, fingerprint, model_family
 
 logger = logging.getLogger(__name__)
@@ -509,50 +511,15 @@ class VisadaptLoaderMixin:
 
 # ------------------------------------------------------------------------------------------------ xformers probe
 
+#: diffusers' own probe results, per device and dtype (its reason names the pipeline)
 _XFORMERS_PROBES: dict[tuple[str, torch.dtype | None], tuple[bool, str]] = {}
 
 
 def xformers_usable(device: str | torch.device = "cuda", dtype: torch.dtype | None = None) -> tuple[bool, str]:
-    """``(True, version)`` when xformers' ``memory_efficient_attention`` really runs on ``device``, else
-    ``(False, reason)``. A tiny attention call is run rather than trusting the import: xformers wheels are built
-    for one torch version and raise "No operator found" on the first call under another. diffusers' xformers
-    processors also need CUDA. Cached per device and dtype (the default dtype is float16 on CUDA, else float32).
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), dtype)
-    if key in _XFORMERS_PROBES:
-        return _XFORMERS_PROBES[key]
-    result = _probe_xformers(device, dtype)
-    _XFORMERS_PROBES[key] = result
-    return result
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def _probe_xformers(device: torch.device, dtype: torch.dtype | None) -> tuple[bool, str]:
-    try:
-        import xformers
-        import xformers.ops
-    except ModuleNotFoundError:
-        return False, "xformers is not installed"
-    except Exception as err:  # noqa: BLE001 - a wheel for another torch can fail at import already
-        return False, f"xformers failed to import ({_first_line(err)})"
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    try:
-        query = torch.randn(1, 2, 1, 40, device=device, dtype=dtype)  # (batch, tokens, heads, head dim)
-        out = xformers.ops.memory_efficient_attention(query, query, query)
-        if out.shape != query.shape or not torch.isfinite(out).all():
-            return False, "xformers memory_efficient_attention returned a wrong result on a test input"
-    except Exception as err:  # noqa: BLE001 - whatever the kernel raises means "not usable here"; it is reported
-        return False, f"xformers {getattr(xformers, '__version__', '?')} kernels do not run here ({_first_line(err)})"
-    if device.type != "cuda":
-        return False, f"diffusers runs xformers attention on CUDA only; this pipeline is on {device}"
-    return True, f"xformers {getattr(xformers, '__version__', '?')}"
+    """:func:`visadapt.attention.xformers_usable` as the pipelines use it: ``(True, version)`` when xformers'
+    kernels really run on ``device``, else ``(False, reason)``; cached per device and dtype."""
+    return _xformers_usable(device, dtype, cache=_XFORMERS_PROBES,
+                            not_cuda="diffusers runs xformers attention on CUDA only; this pipeline is on {device}")
 
 
 # ------------------------------------------------------------------------------------------------ installation

@@ -1,11 +1,13 @@
 """The Accelerate training loop every ``train/`` script shares: one place for devices, precision and resume.
 
 One :class:`accelerate.Accelerator` does the devices (one CPU, one GPU, several GPUs, several CPU processes)
-and mixed precision (``accelerate launch --mixed_precision bf16``); trainable parameters stay fp32 and the
-forward runs under autocast. :func:`fit` trains the trainable parameters of an adapted model with AdamW and
-a cosine schedule with linear warm-up, evaluates with ``gather_for_metrics`` (exact under any number of
-processes: padded duplicates are dropped and the count is checked), and checkpoints so that a killed run
-resumed with ``resume=True`` ends with the same numbers as one that was never interrupted.
+and mixed precision: ``TrainConfig.precision`` / ``--precision`` (``auto``: the launch's ``--mixed_precision``
+when it set one, else bf16 on a CUDA device that has it, else fp32); trainable parameters and the optimiser
+state stay fp32 and the forward runs under autocast. :func:`fit` trains the trainable parameters of an
+adapted model with AdamW and a cosine schedule with linear warm-up, evaluates with ``gather_for_metrics``
+(exact under any number of processes: padded duplicates are dropped and the count is checked), and
+checkpoints so that a killed run resumed with ``resume=True`` ends with the same numbers as one that was
+never interrupted.
 
 Conventions that matter for reproducibility:
 
@@ -15,6 +17,12 @@ Conventions that matter for reproducibility:
   after a restart; a mid-epoch resume skips exactly the batches already seen.
 * Checkpoints hold only the trainable tensors (adapter and head), the optimiser, scheduler and RNG states,
   never the frozen backbone: a checkpoint of a ViT-B adapter run is a few MB, not a few hundred.
+
+Speed (the run flags of :func:`add_run_flags`): timm attention runs PyTorch SDPA (``--attention``, see
+:mod:`visadapt.attention`), AdamW is the fused kernel on CUDA, ``--compile`` compiles the adapted model once
+with ``torch.compile`` (plugins keep their per-step state in tensors, so steps do not recompile), evaluation
+runs under ``torch.inference_mode()`` with a large batch, and a dataset's ``device_transform`` (uint8 images
+decoded once, normalised on the device) is applied to every batch as it reaches the device.
 """
 from __future__ import annotations
 
@@ -32,12 +40,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visadapt import api
+from visadapt.attention import BACKENDS as ATTENTION_BACKENDS
+from visadapt.attention import attention_report, set_attention
 
 CHECKPOINTS_DIR = "checkpoints"
 _PROGRESS = "progress.json"
@@ -46,6 +56,15 @@ _TRAINABLE = "trainable.safetensors"
 _SELECTED = "selected.safetensors"
 # History key of the accuracy on ``fit``'s ``test_dataset``: recorded at every evaluation, never used to choose.
 TEST_METRIC = "test_accuracy"
+#: ``TrainConfig.precision`` choices; ``fp32`` is Accelerate's ``"no"``
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def default_eval_batch_size() -> int:
+    """512 where CUDA is available, else 256. Evaluation keeps no activations for backward (inference mode), so
+    a GPU takes far larger batches than training does: 512 ViT-B/16 images at 224 need a few GB in bf16 and keep
+    an H100 busy, while CPU runs and tests keep the smaller batch (and their earlier numbers)."""
+    return 512 if torch.cuda.is_available() else 256
 
 
 @dataclasses.dataclass
@@ -56,7 +75,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 64                # global batch, split across processes
-    eval_batch_size: int = 256
+    eval_batch_size: int = dataclasses.field(default_factory=default_eval_batch_size)  # 512 with CUDA, else 256
     warmup_epochs: float = 10
     grad_accum_steps: int = 1
     max_grad_norm: float | None = None
@@ -67,6 +86,10 @@ class TrainConfig:
     keep_checkpoints: int = 1
     num_workers: int = 0
     progress: bool = True
+    precision: str = "auto"             # auto | bf16 | fp16 | fp32 (see resolve_precision); autocast only
+    compile: bool = False               # torch.compile the adapted model once, for training and evaluation
+    compile_backend: str | Callable = "inductor"  # torch.compile backend; tests pass "aot_eager" or a counter
+    attention: str = "sdpa"             # timm attention path: sdpa | eager (reference code) | xformers
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every"):
@@ -76,6 +99,10 @@ class TrainConfig:
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError(f"lr={self.lr} must be > 0, weight_decay={self.weight_decay} and "
                              f"warmup_epochs={self.warmup_epochs} >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION_BACKENDS)}")
 
 
 class EpochPermutation(Sampler[int]):
@@ -107,24 +134,74 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
     return factor
 
 
-def make_accelerator(output_dir: str | os.PathLike | None = None, *, grad_accum_steps: int = 1,
-                     log_with: str | None = "auto", cpu: bool = False) -> Accelerator:
-    """An Accelerator with visadapt's conventions; precision and devices come from ``accelerate launch``.
+def _initialized_precision() -> str | None:
+    """The mixed precision of this process's AcceleratorState, if an Accelerator already made one."""
+    from accelerate.state import AcceleratorState
 
+    return AcceleratorState._shared_state.get("_mixed_precision")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Accelerate's ``mixed_precision`` (``"no"``, ``"bf16"``, ``"fp16"``, ...) for ``precision`` on ``device``.
+
+    ``"fp32"`` -> ``"no"``; ``"bf16"`` / ``"fp16"`` as given. ``"auto"``: the precision an earlier Accelerator
+    of this process already fixed (Accelerate keeps a process's first one), else what ``accelerate launch
+    --mixed_precision`` (or ``ACCELERATE_MIXED_PRECISION``) set when that is not ``"no"``, else bf16 on a CUDA
+    device with native bf16 (Ampere and later), else fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return "no" if precision == "fp32" else precision
+    earlier = _initialized_precision()
+    if earlier is not None:
+        return earlier
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if launched not in ("", "no"):
+        return launched
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "no"
+
+
+def precision_name(mixed_precision: str) -> str:
+    """Accelerate's ``mixed_precision`` as a ``--precision`` value: ``"no"`` -> ``"fp32"``."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
+def make_accelerator(output_dir: str | os.PathLike | None = None, *, grad_accum_steps: int = 1,
+                     log_with: str | None = "auto", cpu: bool = False, precision: str = "auto") -> Accelerator:
+    """An Accelerator with visadapt's conventions; devices come from ``accelerate launch``, the precision from
+    ``precision`` (see :func:`resolve_precision`).
+
+    The precision is passed to Accelerate explicitly, which beats the ``ACCELERATE_MIXED_PRECISION`` that
+    ``accelerate launch`` always sets. Accelerate keeps the precision of a process's first Accelerator: asking
+    for another one later raises ``ValueError`` (run it in a new process).
     ``log_with="auto"`` logs to TensorBoard under ``output_dir`` when ``tensorboard`` is installed.
     """
+    from accelerate import PartialState
+
     if log_with == "auto":
         try:
             import tensorboard  # noqa: F401
             log_with = "tensorboard"
         except ImportError:
             log_with = None
+    # the device the Accelerator will pick (AcceleratorState reads ACCELERATE_USE_CPU itself; PartialState does not)
+    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+    mixed = resolve_precision(precision, PartialState(cpu=cpu).device)
+    earlier = _initialized_precision()
+    if earlier is not None and earlier != mixed:
+        raise ValueError(f"precision {precision!r} means mixed_precision={mixed!r}, but this process already runs "
+                         f"{earlier!r} (Accelerate keeps the precision of a process's first Accelerator); run it in "
+                         f"a new process")
     return Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=log_with if output_dir is not None else None,
         project_dir=str(output_dir) if output_dir is not None else None,
         cpu=cpu,
+        mixed_precision=mixed,
     )
 
 
@@ -143,18 +220,33 @@ def _check_divisible(batch: int, accelerator: Accelerator, name: str) -> None:
                          f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")
 
 
+def device_transform(dataset: Dataset | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``dataset.device_transform`` when it has one: a callable ``images (B, 3, H, W) uint8 on the device ->
+    (B, 3, H, W) float32`` (normalisation, and for training the random crops and flips, done on the device)
+    that :func:`fit` applies to every batch of the dataset right after it reaches the device."""
+    transform = getattr(dataset, "device_transform", None)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"{type(dataset).__name__}.device_transform is a {type(transform).__name__}, not a callable "
+                        f"images -> images; set it to a function or to None")
+    return transform
+
+
 @torch.inference_mode()  # cheaper than no_grad: no version counters, no views tracked
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, expected: int) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, expected: int,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Top-1 accuracy (%) over every sample exactly once, whatever the number of processes.
 
     ``loader`` must be prepared by ``accelerator``; ``expected`` is ``len(dataset)``, checked against the
-    gathered count so that a sharding mistake can never inflate or deflate the metric silently.
+    gathered count so that a sharding mistake can never inflate or deflate the metric silently. ``transform``
+    (the dataset's :func:`device_transform`) maps each batch of images on the device before the model.
     """
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     seen = 0
     for images, labels in loader:
+        if transform is not None:
+            images = transform(images)
         predictions = model(images).argmax(dim=-1)
         predictions, labels = accelerator.gather_for_metrics((predictions, labels))
         correct += (predictions == labels).sum()
@@ -169,7 +261,10 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint needs: trainable parameters, the buffers of adapter modules, and the buffers of
     any module whose own parameters train (a trainable head's BatchNorm running statistics)."""
     state = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    state.update({name: b for name, b in model.named_buffers() if "visadapt_" in name})
+    # non-persistent buffers (a plugin's per-step draw state, snapshots taken at attach) are rebuilt, never loaded
+    state.update({f"{prefix}.{name}" if prefix else name: b for prefix, module in model.named_modules()
+                  for name, b in module.named_buffers(recurse=False)
+                  if "visadapt_" in f"{prefix}.{name}" and name not in module._non_persistent_buffers_set})
     for prefix, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             state.update({f"{prefix}.{name}" if prefix else name: b
@@ -200,6 +295,52 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def _prepare_attention(model: nn.Module, backend: str, accelerator: Accelerator) -> dict[str, int]:
+    """Put the timm attention modules of ``model`` on ``backend``; returns the path counts.
+
+    Checks first that they are still fused after the adapters were attached: a module found on the unfused
+    path (a plugin or the model's own default switched it off; timm leaves Swin's window attention unfused)
+    is named in one notice line before it is switched to ``backend``.
+    """
+    before = attention_report(model)
+    unfused = before.paths.get("eager", [])
+    if unfused and backend != "eager":
+        shown = ", ".join(unfused[:3]) + (f" and {len(unfused) - 3} more" if len(unfused) > 3 else "")
+        accelerator.print(f"notice: {len(unfused)} timm attention modules were not fused ({shown}); "
+                          f"running them on {backend}")
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    report = set_attention(model, backend, device=accelerator.device, dtype=compute_dtype, notice=accelerator.print)
+    return report.counts
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler inductor would build CPU kernels with, if there is one."""
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compile(model: nn.Module, config: TrainConfig, accelerator: Accelerator):
+    """Compile ``model`` in place (``nn.Module.compile``: parameter and state-dict names stay as they are) with
+    ``config.compile_backend``; returns what the model had compiled before, for :func:`fit` to put back.
+
+    TorchDynamo's caches are reset first: graphs of an earlier model of this process (the previous task of a
+    ``--task all`` run) cannot serve this one, and keeping them would use up the recompile limit (8 per code
+    object), after which dynamo silently runs eager. Inductor on CPU needs a C++ compiler; without one the run
+    compiles with ``aot_eager`` and says so.
+    """
+    backend = config.compile_backend
+    if backend == "inductor" and accelerator.device.type == "cpu" and _cpp_compiler() is None:
+        accelerator.print("notice: torch.compile's inductor backend needs a C++ compiler for CPU code and none was "
+                          "found (set CXX); compiling with aot_eager instead (no kernel fusion)")
+        backend = "aot_eager"
+    torch._dynamo.reset()
+    previous = model._compiled_call_impl
+    model.compile(backend=backend)
+    return previous
+
+
 def validation_selected(history: Sequence[Mapping[str, float]], metric: str = "accuracy") -> Mapping[str, float] | None:
     """The evaluation a validation-selected protocol reports: the ``history`` entry with the highest ``metric``.
 
@@ -221,7 +362,9 @@ class FitResult:
     With a ``test_dataset``: ``test_final`` is its accuracy at the last evaluation, ``test_at_best`` at the
     evaluation with the best ``metric`` (the validation-selected number), ``test_best`` the highest seen
     (optimistic: picked on the test set itself). ``restored_best`` says the model was given back the trainable
-    state of the best evaluation (``keep_best=True``) instead of the last epoch's.
+    state of the best evaluation (``keep_best=True``) instead of the last epoch's. ``precision`` is the one the
+    run used (``fp32``, ``bf16``, ``fp16``), ``compiled`` whether it ran under ``torch.compile``, ``attention``
+    how many timm attention modules ran which path (``{"sdpa": 12}``).
     """
 
     score_final: float
@@ -236,6 +379,9 @@ class FitResult:
     test_at_best: float | None = None
     test_best: float | None = None
     restored_best: bool = False
+    precision: str = "fp32"
+    compiled: bool = False
+    attention: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, config: TrainConfig, *,
@@ -270,7 +416,14 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     into ``model`` before returning: the model then holds the adapter whose test accuracy is
     ``FitResult.test_at_best``, not the last epoch's.
     """
-    accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps)
+    accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps,
+                                                  precision=config.precision)
+    if config.precision != "auto":
+        wanted = resolve_precision(config.precision, accelerator.device)
+        if accelerator.mixed_precision != wanted:
+            raise ValueError(f"TrainConfig.precision={config.precision!r}, but the accelerator given to fit runs "
+                             f"mixed_precision={accelerator.mixed_precision!r}: build it with "
+                             f"make_accelerator(..., precision={config.precision!r})")
     _check_divisible(config.batch_size, accelerator, "batch_size")
     params = api.trainable_parameters(model)
     if not params:
@@ -319,8 +472,12 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             model, optimizer, train_loader, eval_loader, test_loader, scheduler)
     if eval_loader is not None:
         def run_evaluation(model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
-            return evaluate(model, eval_loader, accelerator, len(eval_dataset))
+            return evaluate(model, eval_loader, accelerator, len(eval_dataset), device_transform(eval_dataset))
     bare = accelerator.unwrap_model(model)
+    train_transform = device_transform(train_dataset)
+    test_transform = device_transform(test_dataset)
+    attention = _prepare_attention(bare, config.attention, accelerator)
+    compiled_before = _compile(bare, config, accelerator) if config.compile else None
 
     # Checkpoints carry the trainable tensors only; the frozen backbone is rebuilt from its own weights.
     def save_trainable(models, weights, directory):
@@ -400,6 +557,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         loss_sum = torch.tensor(progress.get("loss_sum", 0.0), device=accelerator.device)
         loss_count = progress.get("loss_count", 0)
         for images, labels in loader:
+            if train_transform is not None:
+                images = train_transform(images)
             with accelerator.accumulate(model):
                 loss = compute_loss(model, images, labels)
                 accelerator.backward(loss)
@@ -434,7 +593,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             entry.update({k: float(v) for k, v in metrics.items() if k != "samples"})
             progress["eval_samples"] = int(metrics.get("samples", 0))
             if test_loader is not None:
-                entry[TEST_METRIC] = float(evaluate(model, test_loader, accelerator, len(test_dataset))["accuracy"])
+                entry[TEST_METRIC] = float(evaluate(model, test_loader, accelerator, len(test_dataset),
+                                                    test_transform)["accuracy"])
                 model.train()
             # Strictly greater: of equal scores the earliest evaluation stays selected (validation_selected).
             if metrics[metric] > progress["best"][0]:
@@ -462,21 +622,42 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                 "test_best": max((entry[TEST_METRIC] for entry in tested), default=None)}
     if keep_best and selected is not None:
         bare.load_state_dict(selected, strict=False)  # the same tensors a checkpoint restores
+    if config.compile:
+        # The model leaves fit as it came: merging, saving or deep-copying it afterwards meets no compiled code.
+        bare._compiled_call_impl = compiled_before
     accelerator.free_memory()
     return FitResult(score_final=final, score_best=progress["best"][0], best_epoch=progress["best"][1],
                      eval_samples=eval_samples, history=history, wall_time_s=time.time() - start_time,
                      resumed_from=resumed_from, metric=metric, restored_best=keep_best and selected is not None,
-                     **test)
+                     precision=precision_name(accelerator.mixed_precision), compiled=config.compile,
+                     attention=attention, **test)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "continue from the newest checkpoint",
                   overwrite_help: str = "discard an earlier run in --output-dir", progress: bool = True) -> None:
-    """The flags every ``train/`` script shares: ``--resume``, ``--overwrite`` and (with ``progress``)
-    ``--no-progress``; :func:`finish_run_args` checks them after parsing."""
+    """The flags every ``train/`` script shares: ``--resume``, ``--overwrite``, (with ``progress``)
+    ``--no-progress``, and the speed flags ``--precision``, ``--compile``, ``--attention`` (pass them on with
+    :func:`run_options`); :func:`finish_run_args` checks them after parsing."""
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="autocast precision (adapter weights and optimiser state stay fp32). auto: the "
+                             "--mixed_precision of accelerate launch when it set one, else bf16 on a CUDA GPU that "
+                             "has it, else fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the adapted model once (first steps are slower while it compiles)")
+    parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
+                        help="timm attention kernel: sdpa (PyTorch fused attention), eager (unfused, as the "
+                             "reference PETL code runs it), xformers (where its kernels run here, else sdpa with "
+                             "a notice)")
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields the speed flags of :func:`add_run_flags` set:
+    ``TrainConfig(..., **run_options(args))``. The accelerator takes ``precision=args.precision`` too."""
+    return {"precision": args.precision, "compile": args.compile, "attention": args.attention}
 
 
 def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -549,7 +730,8 @@ def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike 
     accelerator = make_accelerator(None)
     loader = DataLoader(eval_dataset, batch_size=_eval_batch_size(batch_size, accelerator), shuffle=False)
     model, loader = accelerator.prepare(model, loader)
-    metrics = evaluate(model, loader, accelerator, len(eval_dataset))
+    _prepare_attention(accelerator.unwrap_model(model), "sdpa", accelerator)
+    metrics = evaluate(model, loader, accelerator, len(eval_dataset), device_transform(eval_dataset))
     counts = api.summary(accelerator.unwrap_model(model))
     accelerator.free_memory()
     return {

@@ -246,3 +246,29 @@ def test_visadapt_eval_reevaluation_matches_training_metrics(tiny_data, tmp_path
         recorded = _metrics(tmp_path / "run", task)
         assert row["per_task"][task]["accuracy"] == pytest.approx(recorded["accuracy_final"], abs=1e-9)
         assert row["per_task"][task]["adapter_bytes"] == recorded["adapter_bytes"]
+
+
+def test_cache_flag_trains_exactly_as_decoding(tiny_data, tmp_path):
+    """``--cache`` feeds the same pixels (uint8, normalised on the device), so the run's numbers are the decode
+    path's to the bit; evaluated once, only the training split is cached, evaluated twice every split is."""
+    vtab = _load_script()
+    common = ("--task", "cells", "--epochs", "2", "--eval-every", "2")
+    assert vtab.main(_args(tiny_data, tmp_path / "decode", *common)) == 0
+    assert vtab.main(_args(tiny_data, tmp_path / "cache", *common, "--cache-dir", str(tmp_path / "caches"))) == 0
+    decoded, cached = _metrics(tmp_path / "decode", "cells"), _metrics(tmp_path / "cache", "cells")
+    assert decoded["history"] == cached["history"] and decoded["accuracy_final"] == cached["accuracy_final"]
+    assert decoded["data_cache"] == {"train800val200": None, "test": None}
+    assert cached["data_cache"]["test"] is None  # read once: a cache would add a write to the same decode
+    assert Path(cached["data_cache"]["train800val200"]).is_file()
+    assert str(tmp_path / "caches") in cached["data_cache"]["train800val200"]
+    _same_tensors(tmp_path / "decode" / "cells" / "adapter.safetensors",
+                  tmp_path / "cache" / "cells" / "adapter.safetensors")
+
+    assert vtab.main(_args(tiny_data, tmp_path / "every", "--task", "cells", "--epochs", "2", "--eval-every", "1",
+                           "--cache-dir", str(tmp_path / "caches"))) == 0
+    every = _metrics(tmp_path / "every", "cells")["data_cache"]
+    assert every["train800val200"] == cached["data_cache"]["train800val200"]  # reused, not rebuilt
+    assert Path(every["test"]).is_file()
+    with pytest.raises(SystemExit) as refused:  # argparse's error exit
+        vtab.main(_args(tiny_data, tmp_path / "x", *common, "--no-cache", "--cache-dir", "d"))
+    assert refused.value.code == 2

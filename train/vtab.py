@@ -63,6 +63,7 @@ from visadapt.engine import (
     fit,
     make_accelerator,
     prepare_output_dir,
+    run_options,
     seed_everything,
     validation_selected,
 )
@@ -151,7 +152,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every-steps", type=int, default=0,
                    help="also checkpoint mid-epoch every N optimiser steps (epoch ends are always saved)")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="how many recent checkpoints to keep per task")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes (default: 8 or the CPUs available when training on a GPU, "
+                        "else 0)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve images from the decoded-image cache: each split is decoded once into "
+                        "<task folder>/.visadapt_cache/ (or --cache-dir), rebuilt when its split file or images "
+                        "change, checksummed on open, and fed to the device as uint8 (normalised there). The "
+                        "evaluation splits are cached only when the run evaluates them more than once. Default: on "
+                        "when training on a GPU (decoding every epoch cannot keep up with one), off on a CPU")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep the decoded-image caches under DIR/<benchmark>/<task>/ (for a read-only or slow data "
+                        "folder); implies --cache")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None,
                        help="one run, written to <output-dir>/<task>/ (default: the recipe's, else 0)")
@@ -162,7 +174,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="default: runs/<benchmark>-<recipe or adapter>")
     add_run_flags(p, resume_help="continue from the newest checkpoint of each task; finished tasks are kept",
                   overwrite_help="discard earlier results in --output-dir")
-    return finish_run_args(p, p.parse_args(argv))
+    args = finish_run_args(p, p.parse_args(argv))
+    if args.cache is False and args.cache_dir is not None:
+        p.error("--cache-dir says where to keep the decoded-image cache; it contradicts --no-cache")
+    return args
 
 
 class RunPlan(NamedTuple):
@@ -302,25 +317,48 @@ def _split_names(benchmark: str, protocol: str) -> tuple[str, str]:
     return name, eval_split
 
 
+def data_cache_choice(args: argparse.Namespace, on_gpu: bool) -> bool | str:
+    """``build_datasets``' ``cache`` for this run: ``False``, ``"train"`` (the training split) or ``True`` (every
+    split). On by default on a GPU or with ``--cache-dir``; the evaluation splits join only when the run evaluates
+    them more than once (``--eval-every`` below ``--epochs``), since a split read once costs a full decode
+    either way and its cache would only add the write."""
+    wanted = args.cache if args.cache is not None else (args.cache_dir is not None or on_gpu)
+    if not wanted:
+        return False
+    evaluations = -(-args.epochs // args.eval_every)
+    return True if evaluations > 1 else "train"
+
+
 def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugin, adapter_config) -> dict:
     """Train one task with the settings in ``args``; returns its metrics (also written to ``out/metrics.json``)."""
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                          warmup_epochs=args.warmup_epochs, grad_accum_steps=args.grad_accum, seed=args.seed,
                          eval_every=args.eval_every, label_smoothing=args.label_smoothing,
                          checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints,
-                         num_workers=args.num_workers, progress=not args.no_progress)
-    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum)
+                         num_workers=0, progress=not args.no_progress, **run_options(args))
+    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum, precision=args.precision)
+    on_gpu = accelerator.device.type == "cuda"
+    config.num_workers = args.num_workers if args.num_workers is not None else (
+        min(8, len(os.sched_getaffinity(0))) if on_gpu else 0)
     seed_everything(args.seed)
     backbone_options = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate else {}
     model = create_backbone(args.model, args.pretrained, num_classes=info.num_classes, **backbone_options)
     normalization = resolve_normalization(args.normalize, model)
     input_size = args.input_size or int(model.pretrained_cfg["input_size"][-1])
     tune = args.split == "tune"
-    train_set, eval_set = build_datasets(args.benchmark, data_root, info.name, protocol=args.split,
-                                         input_size=input_size, normalization=normalization)
-    # tune: the test split is measured at every evaluation too, and reported at the validation-selected one.
-    test_set = build_datasets(args.benchmark, data_root, info.name, protocol="final", input_size=input_size,
-                              normalization=normalization)[1] if tune else None
+    cache = data_cache_choice(args, on_gpu)
+    data_options = {"input_size": input_size, "normalization": normalization, "cache": cache,
+                    "cache_dir": args.cache_dir if cache else None}
+    # One process builds a missing cache, the others then open it (racing builds are safe, but wasted work).
+    with accelerator.main_process_first():
+        if cache:
+            which = "every split" if cache is True else "the training split"
+            accelerator.print(f"[{info.name}] decoded-image cache: {which} (built on first use, one decode pass)")
+        train_set, eval_set = build_datasets(args.benchmark, data_root, info.name, protocol=args.split,
+                                             **data_options)
+        # tune: the test split is measured at every evaluation too, and reported at the validation-selected one.
+        test_set = build_datasets(args.benchmark, data_root, info.name, protocol="final",
+                                  **data_options)[1] if tune else None
     train_split, eval_split = _split_names(args.benchmark, args.split)
     # What the run trained on, recorded in metrics.json: the task's split files (hashes, per-class counts), and
     # every protocol defect visadapt-data verify finds (reported, not fatal: the loaders accepted the folder)
@@ -392,6 +430,11 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
             "adapter_bytes": adapter_file.stat().st_size,
             "wall_time_s": round(result.wall_time_s, 2), "resumed_from": result.resumed_from,
             "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+            "precision": result.precision, "compiled": result.compiled, "attention": result.attention,
+            "num_workers": config.num_workers,
+            "data_cache": {split: str(getattr(dataset, "cache_path", "")) or None
+                           for split, dataset in ((train_split, train_set), (eval_split, eval_set),
+                                                  ("test", test_set)) if dataset is not None},
             "history": history, "adapter_file": adapter_file.name, "visadapt_version": visadapt.__version__,
             "torch_version": torch.__version__, "timm_version": timm.__version__,
             "accelerate_version": accelerate.__version__, "python_version": platform.python_version(),

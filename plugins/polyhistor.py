@@ -324,6 +324,37 @@ def _kronecker_vector_sum(coefficients: torch.Tensor, templates: torch.Tensor, k
     return kronecker_sum(coefficients.unsqueeze(-1), templates.unsqueeze(-1), kernel_front).squeeze(-1)
 
 
+def _split_rows(weights: GeneratedAdapter, sizes: Sequence[int]) -> list[GeneratedAdapter]:
+    """Cut a :class:`GeneratedAdapter` batched over ``sum(sizes)`` rows into one per block (``sizes[i]`` rows)."""
+    def cut(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(t, list(sizes))
+
+    def cut_norm(pair):
+        return [None] * len(sizes) if pair is None else list(zip(cut(pair[0]), cut(pair[1])))
+
+    return [GeneratedAdapter(*fields) for fields in zip(cut(weights.down_weight), cut(weights.down_bias),
+                                                        cut(weights.up_weight), cut(weights.up_bias),
+                                                        cut_norm(weights.pre_norm), cut_norm(weights.post_norm))]
+
+
+class _GeneratedCache:
+    """Per-task generated adapters of every position, with the key they were made under. A copy (``deepcopy``,
+    pickling) starts empty: the entries may hold autograd graphs, and a copy regenerates on its first forward."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[tuple, list[GeneratedAdapter | None]]] = {}
+        self.slots: list[tuple[dict, str]] | None = None  # (a module's _parameters, name) of every tensor read
+
+    def __deepcopy__(self, memo) -> _GeneratedCache:
+        return _GeneratedCache()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
 class PolyhistorHyperNetworks(nn.Module):
     """What every adapted block shares, held once at the model root.
 
@@ -331,6 +362,14 @@ class PolyhistorHyperNetworks(nn.Module):
     step gets no gradient at all and no weight decay). ``stages``: one :class:`DecomposedHyperNetwork` per Swin
     stage (Polyhistor), or ``template``: one at the stage-1 width (Lite); neither in the per-block form.
     ``active_task`` is the task the next forward generates adapters for (set with :func:`set_task`).
+
+    The forward pass generates the adapters of every position at once (:meth:`generated`): the template rows of
+    all blocks that share a hypernetwork go through it as ONE batch, and the result is kept while the parameters
+    are unchanged. With gradients on, each position takes its weights once, so every forward pass builds its own
+    graph (one batched generation per forward instead of one per position); without gradients (evaluation,
+    inference) the weights are reused until an optimizer step or a load changes a parameter (their ``_version``
+    counters and storage are the key). ``cache_generated = False`` generates per position on every call, the
+    plain path the cached one is tested against.
     """
 
     def __init__(self, config: PolyhistorConfig, stage_widths: Sequence[int]) -> None:
@@ -346,6 +385,10 @@ class PolyhistorHyperNetworks(nn.Module):
             self.stages = nn.ModuleList(DecomposedHyperNetwork(config, width, width // config.reduction_factor)
                                         for width in stage_widths)
         self.active_task: str | None = None
+        self.cache_generated = True
+        # plain attributes: the positions are registered under their hosts, the cache is no state
+        self.__dict__["positions"] = []  # every PolyhistorAdapter of this adapter, in attachment (forward) order
+        self.__dict__["_cache"] = _GeneratedCache()
 
     def task_index(self, task: str) -> int:
         if task not in self.tasks:
@@ -364,6 +407,60 @@ class PolyhistorHyperNetworks(nn.Module):
 
     def hypernetwork(self, stage: int) -> DecomposedHyperNetwork:
         return self.template if self.template is not None else self.stages[stage]
+
+    def _key(self, task: str) -> tuple:
+        cache = self._cache
+        if cache.slots is None:
+            modules = [self] + self.positions
+            cache.slots = [(m._parameters, name) for module in modules for m in module.modules()
+                           for name in m._parameters if m._parameters[name] is not None]
+        device = self.task_embeddings[0].device.type
+        modes = (task, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                 torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return modes + tuple((params[name]._version, params[name].data_ptr()) for params, name in cache.slots)
+
+    def generate_all(self, task: str | None = None) -> list[GeneratedAdapter]:
+        """The adapters of every position (:attr:`positions` order) for ``task`` (default: the active task),
+        equal to each position's :meth:`PolyhistorAdapter.generate`: blocks sharing a hypernetwork are generated
+        as one batch of template rows (their layer embeddings stacked), then each block applies its kernels."""
+        task = self.active_task if task is None else task
+        embedding = self.task_embedding(task)
+        templates: list[GeneratedAdapter | None] = [None] * len(self.positions)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for index, position in enumerate(self.positions):
+            if position.generator is not None:  # per-block hypernetwork: nothing to share
+                templates[index] = position.templates(task)
+            else:
+                groups.setdefault((position.stage if self.stages is not None else 0, position.position),
+                                  []).append(index)
+        for (stage, where), indices in groups.items():
+            layers = [self.positions[i]._owner().layer_embedding for i in indices]
+            batch = self.hypernetwork(stage)(embedding, torch.cat(layers), where)
+            for i, part in zip(indices, _split_rows(batch, [layer.shape[0] for layer in layers])):
+                templates[i] = part
+        return [position.compose(t) for position, t in zip(self.positions, templates)]
+
+    def generated(self, position: PolyhistorAdapter) -> GeneratedAdapter:
+        """The adapter of ``position`` for the active task, from the batched, kept generation (see the class)."""
+        if not self.cache_generated:
+            return position.generate()
+        task = self.active_task
+        self.task_embedding(task)  # refuses a missing or unknown task before anything is built
+        key = self._key(task)
+        entry = self._cache.entries.get(task)
+        index = position.position_index
+        if entry is None or entry[0] != key or entry[1][index] is None:
+            entry = (key, self.generate_all(task))
+            self._cache.entries[task] = entry
+        weights = entry[1][index]
+        if torch.is_grad_enabled():
+            entry[1][index] = None  # taken: the next forward builds a graph of its own
+        return weights
+
+    def clear_generated(self) -> None:
+        """Drop the kept generated adapters (they are rebuilt on the next forward pass)."""
+        self._cache.entries.clear()
+        self._cache.slots = None
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, active_task={self.active_task!r}"
@@ -406,6 +503,9 @@ class PolyhistorAdapter(nn.Module):
         # plain attributes, not submodules: shared tensors stay in the state dict once, deepcopy keeps sharing
         self.__dict__["shared"] = shared
         self.__dict__["block_owner"] = block_owner
+        self.position_index = len(shared.positions)
+        shared.positions.append(self)
+        shared.clear_generated()
 
     def _owner(self) -> PolyhistorAdapter:
         return self.block_owner if self.block_owner is not None else self
@@ -420,8 +520,13 @@ class PolyhistorAdapter(nn.Module):
         return self.shared.hypernetwork(self.stage)(task_embedding, owner.layer_embedding, self.position)
 
     def generate(self, task: str | None = None) -> GeneratedAdapter:
-        """This position's adapter for ``task`` (default: the active task): ``down_weight (C/rho, C)`` etc."""
-        t = self.templates(task)
+        """This position's adapter for ``task`` (default: the active task): ``down_weight (C/rho, C)`` etc.,
+        generated now, on its own (the forward pass takes it from the shared batched generation instead)."""
+        return self.compose(self.templates(task))
+
+    def compose(self, t: GeneratedAdapter) -> GeneratedAdapter:
+        """The adapter from this block's templates ``t`` (:meth:`templates`): Lite's scaling kernels applied, or
+        the single template row taken."""
         if self.weight_kernel is None:
             return GeneratedAdapter(t.down_weight[0], t.down_bias[0], t.up_weight[0], t.up_bias[0],
                                     None if t.pre_norm is None else (t.pre_norm[0][0], t.pre_norm[1][0]),
@@ -455,7 +560,8 @@ class PolyhistorAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the site computes x + delta; [code]'s block uses s * (adapter(x) + x), so delta = s adapter + (s - 1) x
-        core = self.adapter(x, self.generate())  # weights generated once per call, for every token at once
+        # generated for every position at once and kept while unchanged (PolyhistorHyperNetworks.generated)
+        core = self.adapter(x, self.shared.generated(self))
         s = self.output_scale
         return core if s == 1.0 else s * core + (s - 1.0) * x
 

@@ -357,3 +357,103 @@ def test_adapter_reduction_factor_gives_width_proportional_bottlenecks():
     assert {i.module.down.out_features for i in inject.attached(model)} == {8}
     with pytest.raises(ValueError, match="reduction_factor=32 leaves no hidden unit.*24 wide"):
         visadapt.attach(tiny_swin(), "adapter", reduction_factor=32)
+
+
+# ------------------------------------------------------------------------- batched, kept generation
+
+
+def generation_counter(model, monkeypatch) -> list[int]:
+    """Counts the batched generations of ``model``'s shared module."""
+    shared = polyhistor.hypernetworks(model)
+    calls = [0]
+    original = shared.generate_all
+
+    def counted(task=None):
+        calls[0] += 1
+        return original(task)
+
+    monkeypatch.setattr(shared, "generate_all", counted)
+    return calls
+
+
+@pytest.mark.parametrize("overrides", [{"variant": "lite", "attention": True, "adapter_layer_norm": "both"},
+                                       {"attention": True}, {"per_block_hypernet": True}])
+def test_batched_generation_equals_per_position_generation(overrides):
+    """Every position's weights from the one batched generation equal its own generate(), and the forward pass
+    through them gives the same outputs and the same gradients as the plain per-position path."""
+    model, _ = attached(**overrides)
+    randomise(model)
+    shared = polyhistor.hypernetworks(model)
+    modules = [module for _, module in sites(model)]
+    assert shared.positions == modules
+    with torch.no_grad():
+        for batched, module in zip(shared.generate_all("sal"), modules):
+            single = module.generate("sal")
+            for field in ("down_weight", "down_bias", "up_weight", "up_bias", "pre_norm", "post_norm"):
+                a, b = getattr(batched, field), getattr(single, field)
+                for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    x = images()
+    polyhistor.set_task(model, "sal")
+    results = []
+    for cached in (True, False):
+        shared.cache_generated = cached
+        model.zero_grad(set_to_none=True)
+        out = features(model, x)
+        sum((f * f).mean() for f in out).backward()
+        results.append(([f.detach() for f in out],
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (out_cached, grads_cached), (out_plain, grads_plain) = results
+    for a, b in zip(out_cached, out_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert grads_cached.keys() == grads_plain.keys() and grads_cached
+    for name in grads_cached:
+        torch.testing.assert_close(grads_cached[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kept_weights_are_reused_until_a_step_changes_the_parameters(monkeypatch):
+    """Without gradients the generated weights are kept (per task); an optimizer step refreshes them, so the
+    next forward equals the plain path; with gradients every forward generates once (its own graph)."""
+    model, _ = attached(variant="lite")
+    randomise(model)
+    calls = generation_counter(model, monkeypatch)
+    shared = polyhistor.hypernetworks(model)
+    x = images()
+    polyhistor.set_task(model, "normals")
+    with torch.no_grad():
+        first = features(model, x)
+        assert calls[0] == 1
+        assert all(torch.equal(a, b) for a, b in zip(features(model, x), first))
+        assert calls[0] == 1  # reused, not rebuilt
+        with polyhistor.use_task(model, "sal"):
+            features(model, x)
+        features(model, x)
+        assert calls[0] == 2  # one generation per task, both kept
+    optimizer = torch.optim.SGD(visadapt.trainable_parameters(model), lr=0.5)
+    for expected in (3, 4):
+        loss = sum((f * f).mean() for f in features(model, x))
+        assert calls[0] == expected  # once per forward with gradients, not once per position
+        loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = features(model, x)
+        assert calls[0] == 5  # the step changed the parameters: regenerated
+        shared.cache_generated = False
+        plain = features(model, x)
+    assert not torch.allclose(after[-1], first[-1])
+    for a, b in zip(after, plain):  # the batched generation rounds like the plain one up to summation order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_copies_start_without_kept_weights():
+    """A deepcopy taken after a training forward (kept tensors hold a graph) works and regenerates."""
+    model, _ = attached(variant="lite")
+    randomise(model)
+    polyhistor.set_task(model, "semseg")
+    x = images()
+    with torch.no_grad():
+        features(model, x)
+    clone = copy.deepcopy(model)
+    assert not polyhistor.hypernetworks(clone)._cache.entries
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(features(clone, x), features(model, x)))

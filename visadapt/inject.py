@@ -5,8 +5,10 @@ change (``blocks.0.attn.qkv.weight`` stays ``blocks.0.attn.qkv.weight``). Each a
 
 * a child ``visadapt_adapters``: ``ModuleDict[adapter_name -> ModuleDict[site kind -> delta module]]``,
   so every adapter tensor has ``visadapt_adapters`` in its name;
-* one forward pre-hook and one forward hook, plain module-level functions that read that dict (so
-  ``copy.deepcopy`` and ``torch.compile`` see no closures).
+* one forward pre-hook and one forward hook, plain module-level functions (so ``copy.deepcopy`` and
+  ``torch.compile`` see no closures) that read the host's *call plan*: the delta modules that run at call time,
+  grouped by how they apply, worked out once whenever the host's adapters change (:func:`sync_hooks`), so a call
+  costs no scan of the dict. LoRAs at a layer's outputs run batched (:func:`visadapt.layers.add_lora_deltas`).
 
 Layers whose weight is read directly instead of called (``nn.MultiheadAttention.in_proj_weight``) get a
 :mod:`torch.nn.utils.parametrize` parametrization instead, ``W -> W + delta``, holding the same dict.
@@ -17,13 +19,13 @@ import dataclasses
 import itertools
 import math
 import re
-from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from visadapt.layers import QuantizedLinear, add_rows
+from visadapt.layers import LoRA, QuantizedLinear, add_lora_deltas, add_rows, batchable_lora
 from visadapt.load_report import (
     MATCHED,
     MISMATCHED,
@@ -35,6 +37,7 @@ from visadapt.sites import Site
 
 ADAPTERS_ATTR = "visadapt_adapters"
 _HOOKS_ATTR = "_visadapt_hook_handles"
+_PLAN_ATTR = "_visadapt_call_plan"
 _TAP_HOOK_ATTR = "_visadapt_tap_handle"
 _TAP_VALUE_ATTR = "_visadapt_branch_input"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -136,17 +139,55 @@ def _runs_in_hooks(module: nn.Module) -> bool:
             and is_active(module))
 
 
+class CallPlan(NamedTuple):
+    """The delta modules of one host that run at call time, in the order the hooks apply them (each tuple in
+    attachment order). ``lora``: the :class:`~visadapt.layers.LoRA` modules at ``linear`` sites, run batched by
+    :func:`visadapt.layers.add_lora_deltas` when all of them qualify at call time
+    (:func:`~visadapt.layers.batchable_lora`: a plugin may swap a LoRA's factors, as MoSA does); ``linear``: the
+    other modules at ``linear`` sites."""
+
+    input: tuple[nn.Module, ...]
+    parallel: tuple[nn.Module, ...]
+    lora: tuple[nn.Module, ...]
+    linear: tuple[nn.Module, ...]
+    output: tuple[nn.Module, ...]
+    replace: tuple[nn.Module, ...]
+
+
+def call_plan(owner: nn.Module) -> CallPlan | None:
+    """``owner``'s :class:`CallPlan` as the hooks use it (None when no delta module runs at call time)."""
+    return owner.__dict__.get(_PLAN_ATTR)
+
+
+def _build_plan(store: nn.ModuleDict | None) -> CallPlan | None:
+    groups: dict[str, list[nn.Module]] = {field: [] for field in CallPlan._fields}
+    for per_name in store.values() if store is not None else ():
+        for module in per_name.values():
+            if _runs_in_hooks(module):
+                how = module.site_how
+                groups["lora" if how == "linear" and type(module) is LoRA else how].append(module)
+    if not any(groups.values()):
+        return None
+    return CallPlan(**{field: tuple(modules) for field, modules in groups.items()})
+
+
 def sync_hooks(owner: nn.Module) -> None:
     """Register ``owner``'s forward hooks when one of its delta modules runs at call time, remove them when none
     does (all merged, switched off or removed): a layer whose adapters are all merged is called exactly like a
-    plain layer, with no hook and no Python in its call, so merged inference costs what the base model costs."""
-    store = owner._modules.get(ADAPTERS_ATTR)
-    needed = store is not None and any(_runs_in_hooks(m) for per in store.values() for m in per.values())
+    plain layer, with no hook and no Python in its call, so merged inference costs what the base model costs.
+
+    Also rebuilds the host's :class:`CallPlan`. Every change of which modules run (insert, merge, unmerge,
+    switching adapters on or off, remove) goes through here; change them only with this module's functions."""
+    plan = _build_plan(owner._modules.get(ADAPTERS_ATTR))
+    if plan is None:
+        owner.__dict__.pop(_PLAN_ATTR, None)
+    else:
+        owner.__dict__[_PLAN_ATTR] = plan
     registered = _HOOKS_ATTR in owner.__dict__
-    if needed and not registered:
+    if plan is not None and not registered:
         setattr(owner, _HOOKS_ATTR, (owner.register_forward_pre_hook(_pre_hook),
                                      owner.register_forward_hook(_post_hook)))
-    elif registered and not needed:
+    elif registered and plan is None:
         for handle in owner.__dict__.pop(_HOOKS_ATTR):
             handle.remove()
 
@@ -154,13 +195,6 @@ def sync_hooks(owner: nn.Module) -> None:
 def _sync_hosts(model: nn.Module, items: list) -> None:
     for path in dict.fromkeys(item.host_path for item in items):
         sync_hooks(model.get_submodule(path))
-
-
-def _active(owner: nn.Module, how: str) -> Iterator[nn.Module]:
-    for per_name in getattr(owner, ADAPTERS_ATTR).values():
-        for module in per_name.values():
-            if module.site_how == how and not getattr(module, "merged", False) and is_active(module):
-                yield module
 
 
 def is_active(module: nn.Module) -> bool:
@@ -226,34 +260,41 @@ def _tap_hook(tap: nn.Module, args: tuple) -> None:
 
 
 def _pre_hook(host: nn.Module, args: tuple):
-    modules = list(_active(host, "input"))
-    if not modules:
+    plan = host.__dict__.get(_PLAN_ATTR)
+    if plan is None or not plan.input:
         return None
     x = args[0]
-    for module in modules:
+    for module in plan.input:
         x = x + _weighted(module, module(x))
     return (x, *args[1:])
 
 
 def _post_hook(host: nn.Module, args: tuple, output):
-    parallel = list(_active(host, "parallel"))
-    if parallel:
-        for module in parallel:
+    plan = host.__dict__.get(_PLAN_ATTR)
+    if plan is None:
+        return None
+    if plan.parallel:
+        for module in plan.parallel:
             tap = host.get_submodule(module.site_tap)
             branch_input = getattr(tap, _TAP_VALUE_ATTR)
             # Swin returns (B, H, W, C) while its MLP branch saw (B, H*W, C): same elements, other view
             output = output + _weighted(module, module(branch_input)).reshape(output.shape)
-        for module in parallel:
+        for module in plan.parallel:
             setattr(host.get_submodule(module.site_tap), _TAP_VALUE_ATTR, None)  # free the activation
-    linear = list(_active(host, "linear"))
-    if linear:
+    one_by_one = plan.linear
+    if plan.lora:
+        if all(map(batchable_lora, plan.lora)):
+            output = add_lora_deltas(output, args[0], plan.lora)
+        else:  # k-bit, sampled (MoSA) or dropout factors: each LoRA through its own forward
+            one_by_one = plan.lora + plan.linear
+    if one_by_one:
         x = args[0]
         channel_dim = 1 if isinstance(host, nn.Conv2d) else -1
-        for module in linear:
+        for module in one_by_one:
             output = add_rows(output, _weighted(module, module(x)), module.site_rows, dim=channel_dim)
-    for module in _active(host, "output"):
+    for module in plan.output:
         output = output + _weighted(module, module(output))
-    for module in _active(host, "replace"):  # at most one (checked in insert)
+    for module in plan.replace:  # at most one (checked in insert)
         weight = adapter_weight(module)
         replaced = module(args[0])
         output = replaced if weight == 1.0 else weight * replaced + (1.0 - weight) * output

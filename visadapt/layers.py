@@ -187,6 +187,58 @@ class LoRA(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
+def batchable_lora(module: nn.Module) -> bool:
+    """Whether :func:`add_lora_deltas` can run ``module``: a :class:`LoRA` with plain ``nn.Linear`` /
+    ``nn.Conv2d`` factors (not k-bit, not sampled per step) and no dropout (a dropout draws one mask per LoRA,
+    which a shared low-rank product could not)."""
+    return (type(module) is LoRA and isinstance(module.dropout, nn.Identity)
+            and type(module.A) in (nn.Linear, nn.Conv2d) and type(module.B) is type(module.A))
+
+
+def add_lora_deltas(output: torch.Tensor, x: torch.Tensor, loras: tuple[LoRA, ...] | list[LoRA]) -> torch.Tensor:
+    """``output + sum_i w_i * scaling_i * B_i(A_i(x))``, each delta on its LoRA's ``site_rows`` of the output
+    channels (all of them when None), ``w_i`` the runtime weight of :func:`visadapt.inject.set_adapter_weight`.
+
+    Equal to adding the LoRAs' forwards one by one, in fewer kernels and no module calls: one LoRA over all of a
+    linear layer's outputs costs one ``x @ A^T`` and one ``addmm`` that multiplies by ``B``, scales and adds to
+    ``output`` at once; several LoRAs on one layer (q and v rows of a fused qkv, two adapters) share ONE matmul
+    with their ``A`` matrices stacked and one ``addmm`` with their scaled ``B`` matrices side by side.
+    Every LoRA must satisfy :func:`batchable_lora` and sit on the same host layer.
+
+    Linear host: ``x (..., in)``, ``output (..., out)``. Conv2d host: ``x (N, C_in, H, W)``, ``output (N, out, H',
+    W')``; ``A`` is the host-shaped convolution onto ``r`` channels, ``B`` a 1x1 convolution.
+    """
+    first = loras[0]
+    conv = first.A.weight.dim() == 4
+    if len(loras) == 1 and getattr(first, "site_rows", None) is None:
+        factor = first.scaling * first.__dict__.get("adapter_weight", 1.0)
+        if conv:
+            ax = first.A._conv_forward(x, first.A.weight, None)
+            return torch.add(output, F.conv2d(ax, first.B.weight), alpha=factor)
+        ax = F.linear(x, first.A.weight)
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]), ax.reshape(-1, ax.shape[-1]), first.B.weight.t(),
+                           alpha=factor)
+        return flat.view(output.shape)
+    a = torch.cat([lora.A.weight for lora in loras]) if len(loras) > 1 else first.A.weight
+    ax = first.A._conv_forward(x, a, None) if conv else F.linear(x, a)  # (..., sum of ranks)
+    width = output.shape[1 if conv else -1]
+    columns = []
+    for lora in loras:
+        b = lora.B.weight.flatten(1)  # (out_i, r_i)
+        factor = lora.scaling * lora.__dict__.get("adapter_weight", 1.0)
+        if factor != 1.0:
+            b = b * factor
+        rows = getattr(lora, "site_rows", None)
+        if rows is not None:
+            b = F.pad(b, (0, 0, rows[0], width - rows[1]))
+        columns.append(b)
+    b = torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]  # (out, sum of ranks)
+    if conv:
+        return output + F.conv2d(ax, b[:, :, None, None])
+    flat = torch.addmm(output.reshape(-1, width), ax.reshape(-1, ax.shape[-1]), b.t())
+    return flat.view(output.shape)
+
+
 def add_rows(full: torch.Tensor, part: torch.Tensor, rows: tuple[int, int] | None, dim: int = -1) -> torch.Tensor:
     """``full`` with ``part`` added on index range ``rows`` of dimension ``dim`` (all of it when None).
 

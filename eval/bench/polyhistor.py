@@ -69,12 +69,14 @@ def build(method: str, device: torch.device) -> MultiTaskDenseModel:
     return MultiTaskDenseModel(backbone, SCENE_TASK_OUTPUTS, select).to(device)
 
 
-def step_time(model: MultiTaskDenseModel, batch: dict, steps: int, warmup: int) -> float:
+def stepper(model: MultiTaskDenseModel, batch: dict):
+    """A function that runs one training step of ``model`` on ``batch`` (forward of every task, weighted loss,
+    backward, AdamW) and returns its seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     model.train()
-    times = []
-    for i in range(warmup + steps):
+
+    def step() -> float:
         if batch["image"].is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -84,9 +86,9 @@ def step_time(model: MultiTaskDenseModel, batch: dict, steps: int, warmup: int) 
         optimizer.zero_grad(set_to_none=True)
         if batch["image"].is_cuda:
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return step
 
 
 def random_batch(size: int, batch: int, device: torch.device) -> dict:
@@ -105,16 +107,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods to time (per-task, the reference of the ratios, is always included)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(swin_t_table())
     batch = random_batch(64, args.batch, device)
-    rows = {}
-    for method in METHODS:
+    counts, steppers = {}, {}
+    for method in ["per-task"] + [m for m in args.methods if m != "per-task"]:
         torch.manual_seed(0)
         model = build(method, device)
-        counts = model.trainable_parameter_counts()
-        rows[method] = (counts.adapter, counts.total, step_time(model, batch, args.steps, args.warmup))
+        counts[method] = model.trainable_parameter_counts()
+        steppers[method] = stepper(model, batch)
+    # the methods take turns step by step, so load from other processes hits them alike
+    for _ in range(args.warmup):
+        for step in steppers.values():
+            step()
+    samples: dict[str, list[float]] = {method: [] for method in steppers}
+    for _ in range(args.steps):
+        for method, step in steppers.items():
+            samples[method].append(step())
+    rows = {method: (counts[method].adapter, counts[method].total, statistics.median(samples[method]))
+            for method in steppers}
     base_adapter, _, base_time = rows["per-task"]
     print(f"\n| embedded Swin, 64 px, batch {args.batch} | adapter params | vs per-task | all trainable | "
           f"step ms | vs per-task |")
@@ -124,7 +138,7 @@ def main() -> None:
         print(f"| {method} | {adapter:,} | {ratio} | {total:,} | {1000 * seconds:.1f} | {seconds / base_time:.2f} |")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"\n{device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"{datetime.date.today()}; median of {args.steps} steps after {args.warmup} warm-up")
+          f"{datetime.date.today()}; median of {args.steps} steps after {args.warmup} warm-up, methods interleaved")
 
 
 if __name__ == "__main__":

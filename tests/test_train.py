@@ -22,6 +22,7 @@ from train_scripts import load_train_script
 from visadapt.backbones import embedded_weights_path
 from visadapt.data.procedural import generate_mini_vtab
 from visadapt.engine import EpochPermutation, cosine_with_warmup
+from visadapt.io import TRAIN_METADATA, read_adapter_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "vtab.py"
@@ -246,6 +247,9 @@ def test_visadapt_eval_reevaluation_matches_training_metrics(tiny_data, tmp_path
         recorded = _metrics(tmp_path / "run", task)
         assert row["per_task"][task]["accuracy"] == pytest.approx(recorded["accuracy_final"], abs=1e-9)
         assert row["per_task"][task]["adapter_bytes"] == recorded["adapter_bytes"]
+        # the file names the precision it was evaluated at, which re-evaluation uses
+        run_meta = json.loads(read_adapter_metadata(tmp_path / "run" / task / "adapter.safetensors")[TRAIN_METADATA])
+        assert run_meta["precision"] == recorded["precision"] == "fp32"
 
 
 def test_cache_flag_trains_exactly_as_decoding(tiny_data, tmp_path):

@@ -62,6 +62,7 @@ from visadapt.engine import (
     finish_run_args,
     fit,
     make_accelerator,
+    precision_name,
     prepare_output_dir,
     run_options,
     seed_everything,
@@ -373,7 +374,9 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
     recipe = getattr(args, "recipe_record", None)
     run = {"benchmark": args.benchmark, "task": info.name, "model": args.model, "pretrained": args.pretrained,
            "normalize": args.normalize, "input_size": input_size, "protocol": args.split,
-           "data_seed": args.data_seed, "seed": args.seed, "recipe": recipe["name"] if recipe else None}
+           "data_seed": args.data_seed, "seed": args.seed, "recipe": recipe["name"] if recipe else None,
+           # re-evaluation (visadapt-eval) runs at the precision the run was trained and evaluated at
+           "precision": precision_name(accelerator.mixed_precision)}
     accelerator.init_trackers(info.name, config={**run, **{k: str(v) for k, v in adapter_config.to_dict().items()},
                                                  **{k: v for k, v in vars(config).items() if k != "progress"}})
     evaluated = f"{len(eval_set)} {eval_split}" + (f" + {len(test_set)} test" if tune else "")

@@ -694,12 +694,14 @@ def seed_everything(seed: int) -> None:
 
 def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike | None, *,
                           benchmark: str | None = None, task: str | None = None, protocol: str = "final",
-                          batch_size: int = 128, normalize: str | None = None) -> dict[str, Any]:
+                          batch_size: int = 128, normalize: str | None = None,
+                          precision: str | None = None) -> dict[str, Any]:
     """Rebuild the base model an adapter file was trained on, load the file, and measure its accuracy.
 
     The file's ``visadapt.train`` metadata (written by ``train/vtab.py``) names the backbone, its weights,
     the benchmark, the task and the input normalisation; arguments given here override it. For the
-    embedded ``mini-vtab`` benchmark ``data_root=None`` means the generated default folder.
+    embedded ``mini-vtab`` benchmark ``data_root=None`` means the generated default folder. ``precision``
+    defaults to the one the run recorded (a bf16-trained file is measured in bf16, an fp32 one in fp32).
     """
     from visadapt.backbones import create_backbone
     from visadapt.data import build_datasets, resolve_normalization
@@ -727,7 +729,8 @@ def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike 
     input_size = int(run.get("input_size") or model.pretrained_cfg["input_size"][-1])
     _, eval_dataset = build_datasets(benchmark, data_root, info.name, protocol=protocol, input_size=input_size,
                                      normalization=normalization)
-    accelerator = make_accelerator(None)
+    # The precision the run evaluated at (files written before it was recorded: auto, as they were trained).
+    accelerator = make_accelerator(None, precision=precision or run.get("precision", "auto"))
     loader = DataLoader(eval_dataset, batch_size=_eval_batch_size(batch_size, accelerator), shuffle=False)
     model, loader = accelerator.prepare(model, loader)
     _prepare_attention(accelerator.unwrap_model(model), "sdpa", accelerator)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -37,6 +35,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # synthetic_vtab.py next to this file
 
+from machine import describe
 from synthetic_vtab import NATIVE_SIZES, make_synthetic_vtab
 
 from visadapt.data import cache as data_cache
@@ -69,19 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--consumer-imgs-per-s", type=float, default=None,
                    help="what the model consumes (imgs/s); adds loader/consumer ratios to the table")
     return p.parse_args(argv)
-
-
-def machine() -> str:
-    """CPU model, usable/total cores, GPU name and torch version, in one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return f"CPU: {cpu} ({usable} of {os.cpu_count()} cores usable); GPU: {gpu}; torch {torch.__version__}"
 
 
 def _sync(device: torch.device) -> None:
@@ -155,7 +141,7 @@ def main(argv=None) -> None:
     cache_workers = args.cache_workers or data_cache.default_workers()
 
     print(f"visadapt loader benchmark, {datetime.date.today().isoformat()}")
-    print(machine())
+    print(describe())
     print(f"split {args.split}, {args.input_size} px to the model, batch {args.batch_size}, device {device}, "
           f"torch threads {torch.get_num_threads()}, normalisation {args.normalize}")
     started = time.perf_counter()

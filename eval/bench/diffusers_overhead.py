@@ -26,43 +26,23 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import time
 
 import torch
+from diffusers_load import UNET_CONFIG as SMALL_UNET_CONFIG
+from machine import describe
 from torch import nn
 
 import visadapt
 from visadapt import inject
 from visadapt.layers import LoRA
 
-SMALL_UNET_CONFIG = {
-    "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (64, 128, 256, 256),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 128, "attention_head_dim": 8, "norm_num_groups": 32,
-}
 RANK = 4
 ATTENTION = ("to_q", "to_k", "to_v", "to_out")
 CONVS = ("conv1", "conv2")
 SCENARIOS = {"attn": ATTENTION, "attn+conv": ATTENTION + CONVS, "resadapter": None}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or "CPU"
-        try:
-            with open("/proc/cpuinfo") as info:
-                name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return (f"{device.type} ({name}; {torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
-            f"{datetime.date.today()}")
 
 
 def build_unet(sd15: bool):
@@ -176,7 +156,7 @@ def main() -> None:
     print(f"UNet: {'SD1.5 config' if sd15 else 'small SD1.5 layout ' + str(SMALL_UNET_CONFIG['block_out_channels'])}"
           f", {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters, {str(dtype)[6:]}; latent "
           f"{size // 8}x{size // 8} ({size} px), batch {args.batch}, 77 context tokens")
-    print(machine(device))
+    print(f"{describe()}, {datetime.date.today()}")
 
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for scenario in args.scenarios:
@@ -231,7 +211,7 @@ def main() -> None:
             cells = ["-" if row.get(name) is None else f"{row[name]:.1f} ({row[name] / row['base']:.2f}x)"
                      for name in names]
             print(f"| {scenario} | " + " | ".join(cells) + " |")
-    print(f"\n{machine(device)}")
+    print(f"\n{describe()}, {datetime.date.today()}")
 
 
 if __name__ == "__main__":

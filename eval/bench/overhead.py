@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import time
 
@@ -27,6 +25,7 @@ import peft
 import timm
 import torch
 import torch.nn.functional as F
+from machine import describe
 
 import visadapt
 
@@ -167,16 +166,6 @@ def bench_training(args, device, x, y) -> dict[str, dict[str, float]]:
     return results
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):  # platform.processor() is often just "x86_64" on Linux
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    return f"{name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-
-
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -186,7 +175,7 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)
 
-    print(f"# visadapt LoRA overhead — {datetime.date.today()} — {machine(device)}")
+    print(f"# visadapt LoRA overhead — {datetime.date.today()} — {describe()}")
     print(f"torch {torch.__version__}, timm {timm.__version__}, peft {peft.__version__}, "
           f"visadapt {visadapt.__version__}")
     print(f"model {args.model}, img {args.img_size}, batch {args.batch_size}, rank {args.rank}, "

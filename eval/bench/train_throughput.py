@@ -28,7 +28,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "eval" / "bench"))
+from machine import describe
 from synthetic_vtab import make_synthetic_vtab
 
 VARIANTS = {
@@ -159,21 +159,6 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
             "rank": rank}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} CPU cores"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text + f", torch {torch.__version__}"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -202,7 +187,7 @@ def main(argv=None) -> None:
     print(f"\n{args.model} (random init) at {args.input_size} px, batch {args.batch_size}, {args.train_images} "
           f"images per epoch x {args.epochs - 2} timed epochs, {args.workers} loader workers, AdaptFormer "
           f"bottleneck {args.bottleneck}; task {args.task} of the synthetic suite")
-    print(f"machine: {machine()}; {datetime.date.today()}")
+    print(f"{describe()}; {datetime.date.today()}")
     memory = "peak GiB (CUDA allocated)" if args.device == "cuda" else "peak RSS GiB (whole process)"
     print(f"\n| variant | trainable params | precision | attention | imgs/s | vs reference | vs PEFT LoRA | {memory} |")
     print("|---|---:|---|---|---:|---:|---:|---:|")

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "eval" / "bench"))
+from machine import describe
 from synthetic_vtab import VTAB1K_TEST_SIZES, make_synthetic_vtab, suite_size
 
 # What each device runs by default: the protocol's model and resolution on a GPU; the embedded tiny ViT at its
@@ -74,21 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.compile = args.device == "cuda"
     args.root = Path(args.root or f"/tmp/visadapt-synthetic-vtab-{args.scale:g}")
     return args
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} CPU cores"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text + f", torch {torch.__version__}"
 
 
 def run_protocol(args: argparse.Namespace, tasks: list[str], eval_every: int, out: Path) -> dict:
@@ -148,7 +133,7 @@ def main(argv=None) -> None:
     print(f"\nVTAB-1k protocol, {len(tasks)} tasks, {args.adapter} on {args.model} at {args.input_size} px, "
           f"{args.epochs} epochs, batch {args.batch_size}, test x {args.scale:g}"
           f"{', --compile' if args.compile else ''}")
-    print(f"machine: {machine()}; {datetime.date.today()}")
+    print(f"{describe()}; {datetime.date.today()}")
     print("\n| evaluation | evaluations | wall s | in fit s | start-up + caches + writing s | train imgs/s (whole run) "
           "| test images per evaluation | precision | vs 'end' |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")

@@ -10,9 +10,9 @@ import shutil
 import pytest
 from PIL import Image
 
-from visadapt.data import procedural
+from visadapt.data import procedural, verify
 from visadapt.data.errors import DatasetError
-from visadapt.data.tasks import FGVC_TASKS
+from visadapt.data.tasks import FGVC_TASKS, VTAB1K_TEST_SIZES, VTAB_TASKS
 from visadapt.data.verify import MANIFEST_NAME, Problem, main, verify_benchmark
 
 VTAB_SIZES = {"train800": 800, "val200": 200, "test": 6}
@@ -40,6 +40,13 @@ def write_vtab_task(task_dir, num_classes, sizes=VTAB_SIZES, offset=0):
     for split, rows in lines.items():
         (task_dir / f"{split}.txt").write_text("".join(rows))
     return task_dir
+
+
+@pytest.fixture(autouse=True)
+def _small_svhn_test_split(monkeypatch):
+    """The template folders hold svhn with a 6-image test split (26,032 images would make every test slow): here
+    svhn's official test size is not checked; test_official_test_sizes_are_checked covers that check."""
+    monkeypatch.setattr(verify, "VTAB_TEST_SIZES", {k: v for k, v in verify.VTAB_TEST_SIZES.items() if k != "svhn"})
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +140,19 @@ def test_wrong_split_size(vtab_root):
     assert found(report, vtab_root / "svhn/train800val200.txt", None, "is not the union of train800 and val200")
 
 
-def test_cifar100_test_size_is_checked(tmp_path):
-    write_vtab_task(tmp_path / "cifar", 100)
-    report = verify_benchmark(tmp_path, "vtab", tasks="cifar100", check_images=False)
+@pytest.mark.parametrize("folder, task, classes, official", [("cifar", "cifar100", 100, 10_000),
+                                                               ("svhn", "svhn", 10, 26_032), ("kitti", "kitti", 4, 711)])
+def test_official_test_sizes_are_checked(tmp_path, monkeypatch, folder, task, classes, official):
+    monkeypatch.undo()  # the official sizes of every task, svhn's included
+    write_vtab_task(tmp_path / folder, classes)
+    report = verify_benchmark(tmp_path, "vtab", tasks=task, check_images=False)
     assert [p.message.split(";")[0] for p in report.problems] == ["lists 6 images"]
-    assert "expects 10000 for test of 'cifar100'" in report.problems[0].message
+    assert f"expects {official} for test of '{task}'" in report.problems[0].message
+
+
+def test_the_vtab_test_sizes_are_the_benchmarks():
+    """Pinned by google-research/task_adaptation's data tests; 387,904 test images in all."""
+    assert set(VTAB1K_TEST_SIZES) == set(VTAB_TASKS) and sum(VTAB1K_TEST_SIZES.values()) == 387_904
 
 
 @pytest.mark.parametrize("payload, why", [(b"not an image at all", "cannot identify image file"),

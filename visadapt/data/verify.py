@@ -37,7 +37,7 @@ from PIL import Image
 
 from visadapt.data import fgvc, procedural, vtab
 from visadapt.data.errors import DatasetError
-from visadapt.data.tasks import TaskInfo, benchmark_tasks, resolve_tasks
+from visadapt.data.tasks import VTAB1K_TEST_SIZES, TaskInfo, benchmark_tasks, resolve_tasks
 
 BENCHMARKS = ("vtab", "fgvc", "mini-vtab")
 MANIFEST_NAME = "visadapt_data_manifest.json"
@@ -45,9 +45,8 @@ MANIFEST_FORMAT = "visadapt-data-manifest/1"
 
 # VTAB-1k sizes fixed by the protocol (NOAH get_vtab1k.py); the union is a re-dump of train800 + val200.
 VTAB_SPLIT_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
-# Full official test splits: only those the protocol notes (shared/specs/vtab_fgvc.md) confirm are checked,
-# so that a number from memory never flags a correct folder.
-VTAB_TEST_SIZES = {"cifar100": 10_000}
+# Full official test splits, as pinned by the benchmark's reference code (see visadapt.data.tasks).
+VTAB_TEST_SIZES = VTAB1K_TEST_SIZES
 # VPT FGVC splits: only CUB is independently confirmed in the protocol notes.
 FGVC_SPLIT_SIZES = {"cub": {"train": 5_394, "val": 600, "test": 5_794}}
 

@@ -51,6 +51,7 @@ import visadapt
 from visadapt import api
 from visadapt.backbones import create_backbone
 from visadapt.data import PROTOCOLS, build_datasets, resolve_normalization
+from visadapt.data.cache import default_workers
 from visadapt.data.procedural import default_data_root, generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks, resolve_tasks
 from visadapt.data.transforms import NORMALIZATION_CHOICES
@@ -332,15 +333,15 @@ def data_cache_choice(args: argparse.Namespace, on_gpu: bool) -> bool | str:
 
 def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugin, adapter_config) -> dict:
     """Train one task with the settings in ``args``; returns its metrics (also written to ``out/metrics.json``)."""
+    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum, precision=args.precision)
+    on_gpu = accelerator.device.type == "cuda"
+    # A GPU needs loader workers to be fed (decoding the splits that are not cached); a CPU run keeps its cores.
+    num_workers = args.num_workers if args.num_workers is not None else min(8, default_workers()) if on_gpu else 0
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                          warmup_epochs=args.warmup_epochs, grad_accum_steps=args.grad_accum, seed=args.seed,
                          eval_every=args.eval_every, label_smoothing=args.label_smoothing,
                          checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints,
-                         num_workers=0, progress=not args.no_progress, **run_options(args))
-    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum, precision=args.precision)
-    on_gpu = accelerator.device.type == "cuda"
-    config.num_workers = args.num_workers if args.num_workers is not None else (
-        min(8, len(os.sched_getaffinity(0))) if on_gpu else 0)
+                         num_workers=num_workers, progress=not args.no_progress, **run_options(args))
     seed_everything(args.seed)
     backbone_options = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate else {}
     model = create_backbone(args.model, args.pretrained, num_classes=info.num_classes, **backbone_options)

@@ -53,7 +53,6 @@ import torch
 from torch import nn
 
 from visadapt import api, formats, io
-from visadapt.attention import _probe_xformers  # noqa: F401  (importable from here, as before)
 from visadapt.attention import xformers_usable as _xformers_usable
 from visadapt.sites import UnsupportedModelError, fingerprint, model_family
 

@@ -470,12 +470,12 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     else:
         model, optimizer, train_loader, eval_loader, test_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, eval_loader, test_loader, scheduler)
+    train_transform, eval_transform, test_transform = (device_transform(d)
+                                                       for d in (train_dataset, eval_dataset, test_dataset))
     if eval_loader is not None:
         def run_evaluation(model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
-            return evaluate(model, eval_loader, accelerator, len(eval_dataset), device_transform(eval_dataset))
+            return evaluate(model, eval_loader, accelerator, len(eval_dataset), eval_transform)
     bare = accelerator.unwrap_model(model)
-    train_transform = device_transform(train_dataset)
-    test_transform = device_transform(test_dataset)
     attention = _prepare_attention(bare, config.attention, accelerator)
     compiled_before = _compile(bare, config, accelerator) if config.compile else None
 

@@ -214,8 +214,7 @@ class CachedImageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image[:, top:top + size, left:left + size])), label
 
     def check_files(self, fix: str) -> None:
-        """A no-op: the cache proves it. Every listed image was opened and fully decoded when the cache was
-        built
+        """A no-op: the cache proves it. Every listed image was opened and fully decoded when the cache was built
         (a missing or unreadable file fails the build with the decode path's error), the key holds each file's
         size and mtime as listed now, and items are served from the cache without touching the files."""
 

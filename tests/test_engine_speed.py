@@ -24,12 +24,12 @@ import torch._dynamo
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounter
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 import visadapt
 from visadapt import attention
 from visadapt.attention import attention_report, set_attention
-from visadapt.engine import TrainConfig, default_eval_batch_size, fit, resolve_precision
+from visadapt.engine import TrainConfig, default_eval_batch_size, device_transform, fit, resolve_precision
 from visadapt.plugins.mosa import (
     MoSAPlugin,
     SparseModulesLinear,
@@ -389,6 +389,12 @@ def test_fit_applies_each_datasets_device_transform_to_every_batch(tmp_path):
             assert val.calls == [(torch.uint8, (4, 3, 32, 32))] * 4
             assert test.calls == [(torch.uint8, (4, 3, 32, 32)), (torch.uint8, (2, 3, 32, 32))] * 2
     assert json.dumps(histories[0]) == json.dumps(histories[1])
+
+
+def test_a_subset_takes_its_datasets_device_transform():
+    images = _Images(8, 0, True)
+    assert device_transform(Subset(Subset(images, range(6)), range(3))) == images.device_transform
+    assert device_transform(Subset(_Images(8, 0), range(3))) is None  # float images: nothing to apply
 
 
 def test_a_device_transform_that_is_not_callable_is_refused():

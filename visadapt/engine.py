@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from visadapt import api
 from visadapt.attention import BACKENDS as ATTENTION_BACKENDS
@@ -223,7 +223,10 @@ def _check_divisible(batch: int, accelerator: Accelerator, name: str) -> None:
 def device_transform(dataset: Dataset | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``dataset.device_transform`` when it has one: a callable ``images (B, 3, H, W) uint8 on the device ->
     (B, 3, H, W) float32`` (normalisation, and for training the random crops and flips, done on the device)
-    that :func:`fit` applies to every batch of the dataset right after it reaches the device."""
+    that :func:`fit` applies to every batch of the dataset right after it reaches the device. A
+    :class:`~torch.utils.data.Subset` without one of its own takes its dataset's (its items are that dataset's)."""
+    while isinstance(dataset, Subset) and not hasattr(dataset, "device_transform"):
+        dataset = dataset.dataset
     transform = getattr(dataset, "device_transform", None)
     if transform is not None and not callable(transform):
         raise TypeError(f"{type(dataset).__name__}.device_transform is a {type(transform).__name__}, not a callable "

@@ -81,22 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class _Subset(torch.utils.data.Dataset):
-    """The first ``n`` items of ``dataset``, keeping its ``device_transform`` (which ``fit`` looks for)."""
-
-    def __init__(self, dataset, n: int):
-        if n > len(dataset):
-            raise SystemExit(f"--train-images {n} exceeds the {len(dataset)} images of the split")
-        self.dataset, self.n = dataset, n
-        self.device_transform = getattr(dataset, "device_transform", None)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int):
-        return self.dataset[index]
-
-
 def peft_rank(budget: int, model, rank_max: int = 64) -> int:
     """The LoRA rank on every ``qkv`` whose parameter count is closest to ``budget``."""
     per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules() if name.endswith("attn.qkv"))
@@ -121,7 +105,10 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
     accelerator = make_accelerator(None, precision=spec["precision"])
     train_set, eval_set = build_datasets("vtab", args.root, args.task, input_size=args.input_size,
                                          normalization="imagenet", cache=spec["cache"])
-    train_set = _Subset(train_set, args.train_images)
+    if args.train_images > len(train_set):
+        raise SystemExit(f"--train-images {args.train_images} exceeds the {len(train_set)} images of the split")
+    # fit looks through a Subset for the cached dataset's device_transform
+    train_set = torch.utils.data.Subset(train_set, range(args.train_images))
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=train_set.dataset.num_classes,
                               img_size=args.input_size)

@@ -4,9 +4,10 @@ The suite (``eval/bench/synthetic_vtab.py``: the NOAH layout, real JPEGs at the 
 1,000 training images per task and VTAB-1k's test split sizes, about 388k test images at ``--scale 1``) is
 generated beforehand and not timed. Then ``train/vtab.py`` runs as a user runs it, in its own process, over all
 19 tasks (train800val200 -> test, ``--epochs`` each), and the clock covers everything that process does: start-up,
-building the decoded-image cache of every split (a fresh cache folder per run, so the build is always included),
-training, and evaluating the test split — once at the end (the final-epoch protocol), then again with
-``--eval-every 10`` (the best-of-evaluations convention, ten passes over every test split at 100 epochs).
+building the decoded-image caches (a fresh cache folder per run, so the builds are always included; a test split
+is cached only when the run evaluates it more than once), training, and evaluating the test split — once at the
+end (the final-epoch protocol), then again with ``--eval-every 10`` on a GPU (the best-of-evaluations convention,
+ten passes over every test split at 100 epochs) or every epoch of the CPU default's 2.
 
     python eval/bench/vtab_wallclock.py                          # 2-core CPU: embedded tiny ViT, --scale 0.01
     python eval/bench/vtab_wallclock.py --device cuda --scale 1  # GPU: ViT-B/16 at 224, 100 epochs, --compile

@@ -12,9 +12,16 @@ Two parts, both on a diffusers ``UNet2DConditionModel`` (site kinds of :mod:`vis
   and up blocks made trainable (the released normalisation files include ``mid_block``; attention-block norms
   and ``conv_norm_out`` are not included). The base norm is never modified: :class:`ResolutionNorm` sits at
   the norm's ``replace`` site and returns a group norm of the same input with its own affine, initialised
-  from the base's. The runtime weight ``w`` (:func:`visadapt.set_weight`) gives ``w * adapted + (1 - w) *
-  base`` there and ``w`` times the LoRA deltas, so ``w = 0`` is the base model; merging writes the weighted
-  affine into the base norm and keeps the original for an exact unmerge.
+  from the base's. Merging writes the affine into the base norm and keeps the original for an exact unmerge.
+
+Runtime weight ``w`` (:func:`visadapt.set_weight`, ``pipe.load_visadapt(..., weight=w)``,
+``set_visadapt_weights``, ``fuse_visadapt(lora_scale=...)``): as in the official code, which passes its
+``resadapter_alpha`` to ``pipe.set_adapters(["res_adapter"], adapter_weights=[alpha])`` and loads the norms with
+``unet.load_state_dict(norms, strict=False)``, ``w`` scales the ResCLoRA deltas ONLY; the norms are fully the
+adapter's at every weight, unfused and fused alike. So ``w = 0`` is NOT the base model: it is the base model with
+the adapter's norms (detach or ``set_active_adapters`` gives the base model). The config field
+``norm_weight_blend=True`` brings back the blend ``w * adapted + (1 - w) * base`` at the norms too (off by
+default; it is no official setting: such a model differs from the official loader's at every ``w != 1``).
 
 Parameter count (``C`` = channels of an adapted conv / norm, ``k = 3`` the kernel size, ``r`` the rank):
 ``sum over LoRA convs of r * (C_in * k * k + C_out)`` plus ``sum over norms of 2 * C``. SD1.5: downsamplers
@@ -26,19 +33,19 @@ UNet configs on the meta device in ``tests/test_resadapter.py``.
 Official checkpoints (format ``"resadapter"`` below; key names read from the released files of
 ``bytedance/res-adapter``, ``models/res_adapter/resadapter_v{1,2}_{sd1.5,sdxl}*/``):
 
-* LoRA file ``resolution_lora.safetensors`` (older name ``pytorch_lora_weights.safetensors``), kohya layout,
+* LoRA file ``pytorch_lora_weights.safetensors`` (March 2024 commits: ``resolution_lora.safetensors``), kohya layout,
   float16: ``lora_unet_down_blocks_{i}_downsamplers_0_conv.lora_down.weight`` ``(r, C, 3, 3)``,
   ``...lora_up.weight`` ``(C, r, 1, 1)``, ``...alpha`` (scalar, 8.0); likewise
   ``lora_unet_up_blocks_{i}_upsamplers_0_conv.*``. SD1.5: down blocks 0-2 and up blocks 0-2 (18 tensors);
   SDXL: down blocks 0-1, up blocks 0-1 (12 tensors).
-* Normalisation file ``resolution_normalization.safetensors`` (older name ``diffusion_pytorch_model.safetensors``),
+* Normalisation file ``diffusion_pytorch_model.safetensors`` (March 2024: ``resolution_normalization.safetensors``),
   float32, diffusers UNet parameter names: ``{down_blocks.{i},mid_block,up_blocks.{i}}.resnets.{j}.norm{1,2}.
   {weight,bias}`` (SD1.5: 88 tensors, SDXL: 68). The "-i" (interpolation) models may ship the LoRA file alone;
   they load as ``norm=False``.
 
 The authors load them with two calls (``pipe.load_lora_weights(lora)`` and ``pipe.unet.load_state_dict(norms,
 strict=False)``, which ignores keys that match nothing). Here one call converts both into one visadapt adapter,
-and every key that fits nothing is an error.
+and every key that fits nothing is an error. Both namings load; :func:`export_official` writes the current one.
 """
 from __future__ import annotations
 
@@ -105,6 +112,9 @@ class ResAdapterConfig(AdapterConfig):
     norm_blocks: tuple[str, ...] = config_field(("down", "mid", "up"),
                                                 "UNet parts whose ResNet norms are trainable (released: all three)")
     dropout: float = config_field(0.0, "dropout on the input of the LoRA path")
+    norm_weight_blend: bool = config_field(False, "the runtime weight w also blends the norms (w * adapted + "
+                                                  "(1 - w) * base); off: w scales the LoRA only and the norms are "
+                                                  "the adapter's, as the official loader does")
 
     def validate(self) -> None:
         check_positive_int("rank", self.rank)
@@ -127,14 +137,19 @@ class ResolutionNorm(nn.Module):
     its own, initialised from the base norm's, so the adapter starts as the identity. ``x`` is ``(N, C, H, W)``.
 
     It sits at the norm's ``replace`` site (:mod:`visadapt.inject`): the base norm and its tensors stay as they
-    are. ``merge_into_host`` writes the (runtime-weighted) affine into the base norm and keeps the original,
-    which ``unmerge_from_host`` puts back bit for bit.
+    are. ``merge_into_host`` writes the affine into the base norm and keeps the original, which
+    ``unmerge_from_host`` puts back bit for bit.
+
+    ``blends_with_weight`` (read by :func:`visadapt.inject.set_adapter_weight`'s hook): False (default, the
+    official semantics) keeps this affine at every runtime weight; True gives ``w * adapted + (1 - w) * base``,
+    unmerged and merged alike.
     """
 
-    def __init__(self, norm: nn.GroupNorm) -> None:
+    def __init__(self, norm: nn.GroupNorm, blends_with_weight: bool = False) -> None:
         super().__init__()
         if not isinstance(norm, nn.GroupNorm):
             raise TypeError(f"ResolutionNorm adapts nn.GroupNorm layers, not {type(norm).__name__}")
+        self.blends_with_weight = bool(blends_with_weight)
         self.num_groups, self.eps = norm.num_groups, norm.eps
         channels = norm.num_channels
         self.weight = nn.Parameter(norm.weight.detach().clone() if norm.affine else torch.ones(channels))
@@ -151,9 +166,10 @@ class ResolutionNorm(nn.Module):
             return
         if not norm.affine:
             raise ValueError("a ResolutionNorm can merge only into a group norm with an affine (affine=True)")
-        weight = inject.adapter_weight(self)
+        weight = inject.adapter_weight(self) if self.blends_with_weight else 1.0
         self._saved_affine = (norm.weight.detach().clone(), norm.bias.detach().clone())
         # affine parameters enter the output linearly, so the weighted mix of outputs is the mix of affines
+        # (weight 1.0 unless blending: then this copies the adapter's affine exactly)
         for base, own in ((norm.weight, self.weight), (norm.bias, self.bias)):
             base.copy_((weight * own.float() + (1.0 - weight) * base.float()).to(base.dtype))
         self.merged = True
@@ -168,7 +184,8 @@ class ResolutionNorm(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{self.weight.numel()}, groups={self.num_groups}, eps={self.eps}, merged={self.merged}"
+        return (f"{self.weight.numel()}, groups={self.num_groups}, eps={self.eps}, merged={self.merged}, "
+                f"blends_with_weight={self.blends_with_weight}")
 
 
 def norm_sites(model: nn.Module, parts: tuple[str, ...]):
@@ -186,13 +203,14 @@ class ResAdapterPlugin(AdapterPlugin):
         LoRAPlugin().attach(model, config.lora_config(), adapter_name)
         if config.norm:
             for site in norm_sites(model, config.norm_blocks):
-                inject.insert(site, adapter_name, ResolutionNorm(site.host))
+                inject.insert(site, adapter_name, ResolutionNorm(site.host, config.norm_weight_blend))
 
 
 # ------------------------------------------------------------------------------------------ official checkpoints
 
-LORA_FILES = ("resolution_lora.safetensors", "pytorch_lora_weights.safetensors")
-NORM_FILES = ("resolution_normalization.safetensors", "diffusion_pytorch_model.safetensors")
+# current release names first, then the March 2024 ones (both load)
+LORA_FILES = ("pytorch_lora_weights.safetensors", "resolution_lora.safetensors")
+NORM_FILES = ("diffusion_pytorch_model.safetensors", "resolution_normalization.safetensors")
 _NORM_KEY = re.compile(r"^(?P<path>(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)\.resnets\.\d+\.norm[12])\."
                        r"(?P<param>weight|bias)$")
 # the module paths ResCLoRA may adapt: resolution-changing convs and ResNet convs of down/mid/up blocks
@@ -335,7 +353,9 @@ def load_official(unet: nn.Module, lora_state: Mapping[str, torch.Tensor], norm_
 def official_state(unet: nn.Module, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor],
                                                                           dict[str, torch.Tensor]]:
     """The adapter in the official layout: ``(kohya LoRA tensors with alphas, norm tensors under diffusers UNet
-    names)``, the contents of ``resolution_lora.safetensors`` and ``resolution_normalization.safetensors``."""
+    names)``, the contents of ``pytorch_lora_weights.safetensors`` and ``diffusion_pytorch_model.safetensors``.
+    Tensors keep the adapter's dtype (the released files are float16 LoRA / float32 norms; fp32 here is exact).
+    The runtime weight is not in them: the official loader takes it as ``set_adapters(..., adapter_weights=[w])``."""
     from visadapt.layers import LoRA
 
     record = api.get_record(unet, adapter_name)
@@ -352,3 +372,32 @@ def official_state(unet: nn.Module, adapter_name: str = "default") -> tuple[dict
             norms[f"{item.host_path}.weight"] = item.module.weight.detach().clone()
             norms[f"{item.host_path}.bias"] = item.module.bias.detach().clone()
     return lora, norms
+
+
+def export_official(unet: nn.Module, folder, adapter_name: str = "default") -> dict[str, Path]:
+    """Write ``adapter_name`` as the official release does, to ``folder`` (created; existing files of these two
+    names are replaced): ``pytorch_lora_weights.safetensors`` (kohya LoRA, :func:`official_state`) and, unless the
+    adapter has no norms (``norm=False``, the "-i" variants), ``diffusion_pytorch_model.safetensors``.
+
+    The official loading gives this adapter's outputs at weight ``w``::
+
+        pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="res_adapter")
+        pipe.set_adapters(["res_adapter"], adapter_weights=[w])
+        pipe.unet.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=False)
+
+    An adapter created with ``norm_weight_blend=True`` has no official equivalent at ``w != 1`` (the official norms
+    are unweighted); its files are the same, and equal outputs hold at weight 1. Returns ``{role: path}``.
+    """
+    from safetensors.torch import save_file
+
+    lora, norms = official_state(unet, adapter_name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"lora": folder / LORA_FILES[0]}
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(written["lora"]), metadata={"format": "pt"})
+    if norms:
+        written["norms"] = folder / NORM_FILES[0]
+        save_file({k: v.contiguous() for k, v in norms.items()}, str(written["norms"]), metadata={"format": "pt"})
+    else:  # a norm file left from an earlier export would be loaded with this LoRA: it is not this adapter's
+        (folder / NORM_FILES[0]).unlink(missing_ok=True)
+    return written

@@ -114,21 +114,25 @@ def test_sd15_and_sdxl_counts_match_the_readme_and_the_released_files(config, lo
     assert "mid_block.resnets.1.norm2.bias" in norms
 
 
-def test_fresh_adapter_is_the_identity_weights_interpolate_and_merge_is_exact():
+def test_fresh_adapter_is_the_identity_the_weight_scales_the_lora_only_and_merge_is_exact():
     pipe = create_tiny_sd_pipeline()
     base, original = generate(pipe), snapshot(pipe.unet)
     visadapt.attach(pipe.unet, "resadapter")
     assert generate(pipe) == pytest.approx(base, abs=1e-6)  # LoRA up is zero, norms copy the base affine
     lora, norms = official_files(pipe.unet)
     visadapt.detach(pipe.unet)
+    norms_only = copy.deepcopy(pipe)  # the official loader at weight 0: the norms load in full, the LoRA adds 0
+    norms_only.unet.load_state_dict(norms, strict=False)
+    expected_at_zero = generate(norms_only)
     visadapt.plugins.resadapter.load_official(pipe.unet, lora, norms, "res")
     full = generate(pipe)
     assert abs(full - base).max() > 1e-3
     visadapt.set_weight(pipe.unet, "res", 0.0)
-    assert generate(pipe) == pytest.approx(base, abs=1e-6)
+    zero = generate(pipe)
+    assert zero == pytest.approx(expected_at_zero, abs=1e-6) and abs(zero - base).max() > 1e-3
     visadapt.set_weight(pipe.unet, "res", 0.5)
     half = generate(pipe)
-    assert abs(half - base).max() > 1e-4 and abs(half - full).max() > 1e-4
+    assert abs(half - zero).max() > 1e-4 and abs(half - full).max() > 1e-4
     visadapt.merge(pipe.unet, "res")
     assert generate(pipe) == pytest.approx(half, abs=1e-5)
     visadapt.unmerge(pipe.unet, "res")
@@ -136,6 +140,57 @@ def test_fresh_adapter_is_the_identity_weights_interpolate_and_merge_is_exact():
     visadapt.merge(pipe.unet, "res")
     visadapt.detach(pipe.unet, "res")  # detach unmerges first
     assert_same_tensors(pipe.unet, original)
+
+
+def test_norm_weight_blend_is_an_option_off_by_default_that_blends_the_norms_with_the_weight():
+    pipe = create_tiny_sd_pipeline()
+    base, original = generate(pipe), snapshot(pipe.unet)
+    lora, norms = official_files(pipe.unet)
+    donor = copy.deepcopy(pipe.unet)
+    assert visadapt.plugins.resadapter.load_official(donor, lora, norms, "res").norm_weight_blend is False
+    cfg = visadapt.attach(pipe.unet, "resadapter", adapter_name="res", norm_weight_blend=True)
+    assert cfg.norm_weight_blend is True
+    visadapt.inject.load_adapter_state(pipe.unet, visadapt.inject.adapter_state(donor, "res"), "res")
+    visadapt.set_weight(pipe.unet, "res", 0.0)
+    assert generate(pipe) == pytest.approx(base, abs=1e-6)  # blended: weight 0 is the base model
+    visadapt.set_weight(pipe.unet, "res", 0.5)
+    half = generate(pipe)
+    visadapt.set_weight(donor, "res", 0.5)
+    unblended = generate(type(pipe)(**{**pipe.components, "unet": donor}))
+    assert abs(half - unblended).max() > 1e-3  # the two semantics differ at w = 0.5
+    visadapt.merge(pipe.unet, "res")
+    assert generate(pipe) == pytest.approx(half, abs=1e-5)
+    visadapt.detach(pipe.unet, "res")
+    assert_same_tensors(pipe.unet, original)
+
+
+@pytest.mark.parametrize("lora_name, norm_name", [
+    ("pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors"),  # current release names
+    ("resolution_lora.safetensors", "resolution_normalization.safetensors"),  # March 2024 names
+])
+def test_load_visadapt_weight_equals_the_official_set_adapters_weight_unfused_and_fused(tmp_path, lora_name,
+                                                                                       norm_name):
+    pipe = create_tiny_sd_pipeline()
+    lora, norms = official_files(pipe.unet)
+    folder = tmp_path / "sd1.5"
+    folder.mkdir()
+    save_file(lora, folder / lora_name)
+    save_file(norms, folder / norm_name)
+    for weight in (0.5, 1.0):
+        # the official flow (resadapter/model_loader.py): the weight goes to set_adapters, the norms load in full
+        official = copy.deepcopy(pipe)
+        official.load_lora_weights(str(folder), weight_name=lora_name, adapter_name="res_adapter")
+        official.set_adapters(["res_adapter"], adapter_weights=[weight])
+        official.unet.load_state_dict(norms, strict=False)
+        expected = generate(official)
+        ours = copy.deepcopy(pipe)
+        ours.load_visadapt(str(folder), adapter_name="res", weight=weight)
+        assert generate(ours) == pytest.approx(expected, abs=1e-5), weight
+        ours.fuse_visadapt()
+        assert generate(ours) == pytest.approx(expected, abs=1e-5), weight
+        official.fuse_lora()  # and diffusers' fused flow gives the same image
+        assert generate(official) == pytest.approx(expected, abs=1e-5), weight
+    assert abs(expected - generate(pipe)).max() > 1e-3  # the adapter changes the image: the equalities can fail
 
 
 @pytest.mark.parametrize("lora_name, norm_name", [

@@ -219,7 +219,8 @@ def _probe_output(model: nn.Module, probe: Any) -> list[torch.Tensor]:
 
 
 def set_weight(model: nn.Module, adapter_name: str, weight: float) -> None:
-    """Scale adapter ``adapter_name`` by ``weight`` at run time: 0 is the base model, 1 the adapter as trained,
+    """Scale adapter ``adapter_name`` by ``weight`` at run time: 0 is the base model (ResAdapter: plus its norms,
+    which the weight does not scale), 1 the adapter as trained,
     anything between or beyond interpolates or extrapolates its deltas (see
     :func:`visadapt.inject.set_adapter_weight`). Unmerge a merged adapter first; merging folds the weighted
     delta, so merged and unmerged outputs stay equal."""

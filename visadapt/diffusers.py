@@ -348,7 +348,8 @@ class VisadaptLoaderMixin:
                 with the same content; or a state dict ``{key: tensor}`` that a registered format recognises
                 (or, with ``metadata=`` the header of a visadapt file, a visadapt adapter).
             adapter_name: name to load it under; default ``default_<n>`` as diffusers does.
-            weight: runtime weight (:func:`visadapt.set_weight`): 0 is the base model, 1 the adapter as trained.
+            weight: runtime weight (:func:`visadapt.set_weight`): 0 is the base model (ResAdapter: the weight
+                scales its LoRA only, as the official loader's; its norms stay), 1 the adapter as trained.
             weight_name: the file to read inside a folder or hub repo.
             subfolder, cache_dir, revision, local_files_only, token, force_download: as in diffusers'
                 ``load_lora_weights`` (hub downloads through ``huggingface_hub.hf_hub_download``).

@@ -232,7 +232,9 @@ def set_adapter_weight(model: nn.Module, adapter_name: str, weight: float) -> No
     """Scale every delta of ``adapter_name`` by ``weight`` at run time (LoRA-style ``set_adapters`` weights).
 
     Additive deltas become ``weight * f(x)``; a module that replaces its host's output (a trainable norm, a
-    quantised head) gives ``weight * new + (1 - weight) * base``, so 0 is the base model and 1 the adapter.
+    quantised head) gives ``weight * new + (1 - weight) * base``, so 0 is the base model and 1 the adapter,
+    unless it sets ``blends_with_weight = False``: then it is the adapter's at every weight (ResAdapter's norms,
+    whose official loader scales only the LoRA: there 0 is the base model plus the adapter's norms).
     Merging folds the weighted delta. A merged adapter must be unmerged before its weight changes, and
     adapters holding a module of their own (a head the plugin calls) have no weight to set.
     """
@@ -295,7 +297,8 @@ def _post_hook(host: nn.Module, args: tuple, output):
     for module in plan.output:
         output = output + _weighted(module, module(output))
     for module in plan.replace:  # at most one (checked in insert)
-        weight = adapter_weight(module)
+        # a module may be the adapter's at every weight (ResAdapter's norms, as the official code loads them)
+        weight = adapter_weight(module) if getattr(module, "blends_with_weight", True) else 1.0
         replaced = module(args[0])
         output = replaced if weight == 1.0 else weight * replaced + (1.0 - weight) * output
     return output

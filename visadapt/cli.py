@@ -1,5 +1,5 @@
 """``visadapt`` command line: ``list``, ``inspect FILE``, ``sites MODEL``, ``convert-bitadapter BIN YAML``,
-``export ADAPTER --to DIR``."""
+``export ADAPTER --to DIR [--format dense|peft|diffusers|resadapter]``."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,9 @@ def _cmd_convert_bitadapter(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from visadapt.export import REPORT_FILE, ExportParityError, export_model, format_report
 
+    if args.format != "dense":
+        return _cmd_export_interop(args)
+
     try:
         report = export_model(args.adapter, args.model, to=args.to, pretrained=args.pretrained, onnx=args.onnx,
                               probe_size=args.probe_size, num_classes=args.num_classes, tolerance=args.tolerance,
@@ -106,6 +109,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 1
     print(format_report(report))
     print(f"  report: {Path(args.to) / REPORT_FILE}")
+    return 0
+
+
+def _cmd_export_interop(args: argparse.Namespace) -> int:
+    from visadapt.export import ExportParityError
+    from visadapt.interop_export import export_file, format_report
+
+    if args.onnx or args.num_classes is not None:
+        raise ValueError(f"--format {args.format} writes a LoRA folder for another library; --onnx and "
+                         f"--num-classes belong to --format dense (the merged model)")
+    try:
+        report = export_file(args.adapter, args.format, args.to, model=args.model, pretrained=args.pretrained,
+                             probe_size=args.probe_size, tolerance=args.tolerance, overwrite=args.overwrite)
+    except ExportParityError as err:
+        print(f"visadapt export: error: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
     return 0
 
 
@@ -144,14 +164,21 @@ def _add_export_parser(sub) -> None:
     from visadapt.export import DENSE_RTOL, ONNX_RTOL
 
     p = sub.add_parser("export", help="merge an adapter into its base model and write a dense checkpoint loadable "
-                                      "without visadapt (and --onnx a graph), each checked for output parity")
+                                      "without visadapt (and --onnx a graph), or (--format) a PEFT / diffusers / "
+                                      "official ResAdapter LoRA folder; each checked for output parity")
     p.add_argument("adapter", help="visadapt adapter file (.safetensors)")
+    p.add_argument("--format", choices=("dense", "peft", "diffusers", "resadapter"), default="dense",
+                   help="dense (default): the merged model in its library's layout; peft: adapter_config.json + "
+                        "adapter_model.safetensors for PeftModel.from_pretrained; diffusers: "
+                        "pytorch_lora_weights.safetensors for pipe.load_lora_weights; resadapter: the official "
+                        "two files. Each non-dense folder is loaded back by its own library and compared")
     p.add_argument("--model", default=None,
                    help="timm name, open_clip:NAME, or a diffusers UNet folder / pipeline folder with unet/ "
                         "(default: the backbone recorded in the adapter file by the train/ scripts)")
     p.add_argument("--pretrained", default=None,
                    help="base weights: default, none, a local checkpoint file, an open_clip tag or a timm hub id "
-                        "(default: what the adapter file records, else default)")
+                        "(default: what the adapter file records, else default; for --format peft/diffusers/"
+                        "resadapter none: their parity check needs no real weights)")
     p.add_argument("--to", required=True, help="output folder (created; must be empty unless --overwrite)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime; for an "
                                                         "adapter that does not fold into base weights, only it")
@@ -163,7 +190,9 @@ def _add_export_parser(sub) -> None:
                         f"(default {DENSE_RTOL:g})")
     p.add_argument("--onnx-tolerance", type=float, default=ONNX_RTOL,
                    help=f"ONNX parity tolerance, relative likewise (default {ONNX_RTOL:g})")
-    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --to folder first")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --to folder first (--format "
+                                                             "peft/diffusers/resadapter: replace its files of the "
+                                                             "same names only)")
 
 
 if __name__ == "__main__":

@@ -383,25 +383,19 @@ def lora_state_to_peft(unet: nn.Module, adapter_name: str, prefix: str = "unet")
     """The LoRA modules of ``adapter_name`` in the diffusers/PEFT layout ``pipe.load_lora_weights`` reads:
     ``unet.<path>.lora_A.weight`` ``(r, in[, kh, kw])`` and ``unet.<path>.lora_B.weight`` ``(out, r[, 1, 1])``.
 
-    That layout carries no alphas (diffusers then uses ``alpha = rank``), so each module's ``alpha / rank`` is
-    folded into ``lora_B``; the delta ``B @ A`` is the adapter's (exact when the scale is a power of two).
-    Only LoRA modules are exported: an adapter holding anything else (ResAdapter's norms) raises, naming them.
+    Built by :func:`visadapt.interop_export.exact_loras` (slices of a fused layer joined exactly, never truncated;
+    k-bit LoRA and non-LoRA modules refused with :class:`~visadapt.export.ExportError`). This bare state dict
+    carries no alphas (diffusers then uses ``alpha = rank``), so each layer's scale is folded into ``lora_B``; the
+    delta ``B @ A`` is the adapter's (bit-exact when the scale is a power of two). For a folder with the config,
+    use :func:`visadapt.interop_export.export_diffusers` / ``export_peft``.
     """
-    from visadapt.layers import LoRA
+    from visadapt.interop_export import exact_loras
 
-    api.get_record(unet, adapter_name)
-    others = [f"{i.host_path}:{i.kind}" for i in inject.attached(unet, adapter_name) if not isinstance(i.module, LoRA)]
-    if others:
-        raise LoraLayoutError(f"adapter {adapter_name!r} holds modules that are not LoRA ({', '.join(others[:4])}"
-                              f"{', ...' if len(others) > 4 else ''}); the diffusers LoRA layout cannot store them: "
-                              f"save it with visadapt.save_adapter")
-    out = {}
     lead = f"{prefix}." if prefix else ""
-    for path, module in lora_modules(unet, adapter_name).items():
-        if getattr(module.A, "bits", 32) != 32:
-            raise LoraLayoutError(f"{path}: a {module.A.bits}-bit LoRA has no diffusers layout; attach with bits=32")
-        out[f"{lead}{path}.lora_A.weight"] = module.A.weight.detach().clone().contiguous()
-        out[f"{lead}{path}.lora_B.weight"] = (module.B.weight.detach() * module.scaling).contiguous()
+    out = {}
+    for path, lora in exact_loras(unet, adapter_name, what_else="save it with visadapt.save_adapter").items():
+        out[f"{lead}{path}.lora_A.weight"] = lora.down.contiguous()
+        out[f"{lead}{path}.lora_B.weight"] = (lora.up if lora.scale == 1.0 else lora.up * lora.scale).contiguous()
     return out
 
 

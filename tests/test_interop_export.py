@@ -1,0 +1,255 @@
+"""Exact export to PEFT / diffusers / the official ResAdapter layout, checked against each owner's own loader
+(``PeftModel.from_pretrained``, ``pipe.load_lora_weights``, ``unet.load_state_dict``) on tiny models."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import tiny_models
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import visadapt
+from visadapt.backbones import create_tiny_sd_pipeline
+from visadapt.export import ExportError
+from visadapt.interop_export import export_diffusers, export_peft, export_resadapter
+from visadapt.layers import LoRA
+from visadapt.sites import find_sites
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    return create_tiny_sd_pipeline()
+
+
+@pytest.fixture
+def pipe(base_pipe):
+    return copy.deepcopy(base_pipe)
+
+
+def randomize(model, head=None, std=0.1, seed=0):
+    """Non-zero adapter (and head) weights: LoRA's B starts at zero, which would make every export trivially equal."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "visadapt_adapters" in name or (head and name.startswith(f"{head}.")):
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def generate(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def unet_out(unet, seed=3):
+    (sample, timestep), kwargs = tiny_models.example_input("diffusers_unet", unet, seed=seed)
+    with torch.no_grad():
+        return tiny_models.output_tensor(unet(sample, timestep, **kwargs))
+
+
+def vit_with_qv_lora(q_rank_alpha=(4, 8.0), v_rank_alpha=(2, 6.0)):
+    """A tiny timm ViT with q and v LoRAs of different ranks/alphas on the fused qkv, an fc1 LoRA and a head.
+
+    visadapt's config gives q and v of one layer the same rank (patterns are keyed by layer); the exporter reads
+    each module's own rank and scale, so the v LoRAs are inserted with their own rank and alpha here."""
+    model = tiny_models.vit().eval()
+    base = copy.deepcopy(model)
+    visadapt.attach(model, "lora", rank=q_rank_alpha[0], alpha=q_rank_alpha[1], targets=("q", "fc1"), head="head",
+                    rank_pattern={"blocks.1.mlp.fc1": 3}, alpha_pattern={"blocks.1.mlp.fc1": 1.5})
+    for site in find_sites(model, ["v"]):
+        visadapt.inject.insert(site, "default", LoRA(site.in_features, site.out_features, *v_rank_alpha))
+    randomize(model, head="head")
+    return model, base
+
+
+def vit_out(model):
+    with torch.no_grad():
+        return model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("v_rank_alpha", [(2, 6.0), (4, 8.0)], ids=["different_scales", "equal_scales"])
+def test_timm_qv_lora_with_head_loads_in_peft_from_pretrained_with_visadapts_outputs(tmp_path, v_rank_alpha):
+    from peft import PeftModel
+
+    model, base = vit_with_qv_lora(v_rank_alpha=v_rank_alpha)
+    expected = vit_out(model)
+    written = export_peft(model, tmp_path / "peft")
+    assert {p.name for p in written.values()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    got = vit_out(peft_model)
+    assert (got - expected).abs().max().item() <= TOL
+    assert (vit_out(base) - expected).abs().max().item() > 1e-2  # the adapter matters: the check can fail
+
+    # one LoRA of rank r_q + r_v on qkv (96 wide = 3 x 32): A stacked, B block-structured, zero k rows
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    rank = 4 + v_rank_alpha[0]
+    lora_a = tensors["base_model.model.blocks.0.attn.qkv.lora_A.weight"]
+    lora_b = tensors["base_model.model.blocks.0.attn.qkv.lora_B.weight"]
+    assert lora_a.shape == (rank, 32) and lora_b.shape == (96, rank)
+    assert torch.count_nonzero(lora_b[32:64]) == 0  # k rows
+    assert torch.count_nonzero(lora_b[:32, 4:]) == 0 and torch.count_nonzero(lora_b[64:, :4]) == 0
+    assert {"base_model.model.head.weight", "base_model.model.head.bias"} <= set(tensors)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["head"]
+    assert config["rank_pattern"][r"^blocks\.1\.mlp\.fc1"] == 3 and config["alpha_pattern"][r"^blocks\.1\.mlp\.fc1"]
+    # qkv layers are the most common (r, alpha): scales 2 and 3 differ, so they are folded into B at scale 1;
+    # equal scales (2) stay the layer's scale
+    assert config["r"] == rank and config["lora_alpha"] == (rank if v_rank_alpha == (2, 6.0) else 2.0 * rank)
+    peft_qkv = peft_model.base_model.model.blocks[0].attn.qkv
+    assert peft_qkv.r["default"] == rank  # the anchored pattern reached exactly this layer
+
+
+def test_unet_lora_to_diffusers_folder_loads_with_load_lora_weights_like_load_visadapt(pipe, base_pipe, tmp_path):
+    visadapt.attach(pipe.unet, "lora", rank=4, alpha=8.0, targets=("to_q", "to_v", "conv1"),
+                    rank_pattern={"down_blocks.1.resnets.0.conv1": 2},
+                    alpha_pattern={"up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 2.0})
+    randomize(pipe.unet)
+    adapter_file = visadapt.save_adapter(pipe.unet, tmp_path / "lora.safetensors")
+    ours_pipe = copy.deepcopy(base_pipe)
+    ours_pipe.load_visadapt(str(adapter_file))
+    ours = generate(ours_pipe)
+
+    export_diffusers(ours_pipe.unet, tmp_path / "diffusers")
+    with safe_open(str(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 8.0
+    assert metadata["unet.rank_pattern"] == {r"^down_blocks\.1\.resnets\.0\.conv1": 2}
+    theirs = copy.deepcopy(base_pipe)
+    theirs.load_lora_weights(str(tmp_path / "diffusers"))
+    assert abs(generate(theirs) - ours).max() <= TOL
+    assert abs(generate(base_pipe) - ours).max() > 1e-3
+
+
+def test_unet_lora_to_peft_folder_loads_with_peft_from_pretrained(tmp_path):
+    from peft import PeftModel
+
+    unet = tiny_models.unet().eval()
+    base = copy.deepcopy(unet)
+    visadapt.attach(unet, "lora", rank=4, alpha=8.0, targets=("to_q", "to_v", "conv1"),
+                    rank_pattern={"down_blocks.0.resnets.0.conv1": 2}, alpha_pattern={"down_blocks.0.resnets.0.conv1": 1.0})
+    randomize(unet)
+    expected = unet_out(unet)
+    export_peft(unet, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    assert (unet_out(loaded.base_model.model) - expected).abs().max().item() <= TOL
+    assert (unet_out(tiny_models.unet()) - expected).abs().max().item() > 1e-3
+
+
+def test_resadapter_to_the_official_layout_loads_the_official_way(pipe, base_pipe, tmp_path):
+    visadapt.attach(pipe.unet, "resadapter")
+    randomize(pipe.unet, std=0.05)
+    with torch.no_grad():  # norms away from the base's, so that their loading matters
+        for item in visadapt.inject.attached(pipe.unet):
+            if not isinstance(item.module, LoRA):
+                item.module.weight.add_(0.2)
+    visadapt.set_weight(pipe.unet, "default", 0.5)
+    ours = generate(pipe)
+    with pytest.warns(UserWarning, match="hold it at weight 1"):
+        written = export_resadapter(pipe.unet, tmp_path / "res")
+    assert sorted(p.name for p in written.values()) == ["diffusion_pytorch_model.safetensors",
+                                                        "pytorch_lora_weights.safetensors"]
+    official = copy.deepcopy(base_pipe)
+    official.load_lora_weights(str(tmp_path / "res"), weight_name="pytorch_lora_weights.safetensors",
+                               adapter_name="res_adapter")
+    official.set_adapters(["res_adapter"], adapter_weights=[0.5])
+    official.unet.load_state_dict(load_file(str(written["norms"])), strict=False)
+    assert abs(generate(official) - ours).max() <= TOL
+    assert abs(generate(base_pipe) - ours).max() > 1e-3
+
+
+def test_what_has_no_exact_form_is_refused_with_the_reason_and_nothing_is_written(pipe, tmp_path):
+    out = tmp_path / "out"
+    kbit = tiny_models.vit()
+    visadapt.attach(kbit, "lora", bits=4, targets=("fc1",))
+    with pytest.raises(ExportError, match=r"k-bit LoRA \(blocks\.0\.mlp\.fc1:fc1 \(4 bits\).*attach with bits=32"):
+        export_peft(kbit, out)
+    clip = tiny_models.clip()
+    visadapt.attach(clip, "lora", targets=("q", "v"))
+    with pytest.raises(ExportError, match="in_proj_weight slices.*no PEFT LoRA layer can target"):
+        export_peft(clip, out)
+    bottleneck = tiny_models.vit()
+    visadapt.attach(bottleneck, "adapter")
+    with pytest.raises(ExportError, match="plugin 'adapter' holds modules that are not LoRA.*BottleneckAdapter"):
+        export_peft(bottleneck, out)
+    visadapt.attach(pipe.unet, "resadapter")
+    with pytest.raises(ExportError, match="ResolutionNorm.*--format resadapter writes the official two files"):
+        export_diffusers(pipe.unet, out)
+    vit = tiny_models.vit()
+    visadapt.attach(vit, "lora")
+    with pytest.raises(ExportError, match="diffusers LoRA file is for a diffusers UNet.*--format peft"):
+        export_diffusers(vit, out)
+    with pytest.raises(ExportError, match="is a lora adapter; the ResAdapter layout holds resadapter adapters"):
+        export_resadapter(vit, out)
+    assert not out.exists()
+    export_peft(vit, out)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ExportError, match="already holds adapter_config.json, adapter_model.safetensors; pass "
+                                          "overwrite=True"):
+        export_peft(vit, out)
+    assert (out / "adapter_model.safetensors").read_bytes() == before and sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # no staging folder left behind
+
+
+def test_lora_state_to_peft_keeps_both_slices_of_a_fused_qkv():
+    from visadapt.lora_layouts import lora_state_to_peft
+
+    model, _ = vit_with_qv_lora()
+    state = lora_state_to_peft(model, "default", prefix="")
+    assert state["blocks.0.attn.qkv.lora_B.weight"].shape == (96, 6)  # was (32, r): the q LoRA lost
+    qkv = model.blocks[0].attn.qkv
+    expected = sum(item.module.delta_weight() if item.module.site_rows is None else
+                   torch.nn.functional.pad(item.module.delta_weight(),
+                                           (0, 0, item.module.site_rows[0], 96 - item.module.site_rows[1]))
+                   for item in visadapt.inject.attached(model) if item.host_path == "blocks.0.attn.qkv")
+    got = state["blocks.0.attn.qkv.lora_B.weight"] @ state["blocks.0.attn.qkv.lora_A.weight"]
+    assert qkv.weight.shape == got.shape and (got - expected).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("format, files", [
+    ("peft", ["adapter_config.json", "adapter_model.safetensors"]),
+    ("diffusers", ["pytorch_lora_weights.safetensors"]),
+    ("resadapter", ["diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors"]),
+])
+def test_cli_export_format_writes_the_folder_checked_by_the_owning_library(tmp_path, capsys, base_pipe, format,
+                                                                          files):
+    from visadapt.backbones import EMBEDDED_SD
+    from visadapt.cli import main
+    from visadapt.diffusion import load_pipeline
+
+    unet = load_pipeline(EMBEDDED_SD).unet
+    plugin = "resadapter" if format == "resadapter" else "lora"
+    visadapt.attach(unet, plugin, **({} if plugin == "resadapter" else {"targets": ("to_q", "to_v", "conv1")}))
+    randomize(unet, std=0.05)
+    adapter = visadapt.save_adapter(unet, tmp_path / "adapter.safetensors")
+    out = tmp_path / "out"
+    assert main(["export", "--format", format, str(adapter), "--model", EMBEDDED_SD, "--to", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded by its own library: max |diff|" in printed and ": ok" in printed
+    assert sorted(p.name for p in out.iterdir()) == files
+    assert main(["export", "--format", format, str(adapter), "--model", EMBEDDED_SD, "--to", str(out)]) == 2
+    assert "pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    if format == "diffusers":
+        theirs = copy.deepcopy(base_pipe)
+        theirs.load_lora_weights(str(out))
+        ours = copy.deepcopy(base_pipe)
+        ours.load_visadapt(str(adapter))
+        assert abs(generate(theirs) - generate(ours)).max() <= TOL
+    if format == "resadapter":
+        lora_only = visadapt.save_adapter(unet, tmp_path / "lora_only.safetensors")  # not a lora plugin: refused
+        assert main(["export", "--format", "peft", str(lora_only), "--model", EMBEDDED_SD, "--to",
+                     str(tmp_path / "p")]) == 2
+        assert "holds modules that are not LoRA" in capsys.readouterr().err

@@ -1,0 +1,498 @@
+"""Exact export of visadapt LoRA adapters to the folders PEFT and diffusers load with their own calls.
+
+::
+
+    from visadapt.interop_export import export_diffusers, export_peft, export_resadapter
+
+    export_peft(vit, "out/peft")                  # PeftModel.from_pretrained(fresh_vit, "out/peft")
+    export_diffusers(pipe.unet, "out/diffusers")  # pipe.load_lora_weights("out/diffusers")
+    export_resadapter(pipe.unet, "out/res")       # the official two files (load_lora_weights + load_state_dict)
+
+What is written:
+
+===========  ==========================================================  =====================================
+format       files                                                       loads with
+===========  ==========================================================  =====================================
+peft         ``adapter_config.json`` (``LoraConfig.save_pretrained``),     ``PeftModel.from_pretrained(base, DIR)``
+             ``adapter_model.safetensors`` (keys of
+             ``get_peft_model_state_dict``: ``base_model.model.<path>.
+             lora_A.weight``, the head as ``base_model.model.<head>.*``)
+diffusers    ``pytorch_lora_weights.safetensors`` written by               ``pipe.load_lora_weights(DIR)``
+             ``StableDiffusionPipeline.save_lora_weights`` with the
+             ``LoraConfig`` as ``lora_adapter_metadata``
+resadapter   ``pytorch_lora_weights.safetensors`` (kohya) +                the official loader (see
+             ``diffusion_pytorch_model.safetensors`` (norms)               :func:`visadapt.plugins.resadapter.
+                                                                           export_official`)
+===========  ==========================================================  =====================================
+
+Exactness. Each module's scale is read from the module itself (``module.scaling`` and ``module.rank``), never
+from a config formula, and the written ``lora_alpha`` / ``alpha_pattern`` make PEFT's formula (``alpha / r``, or
+``alpha / sqrt(r)`` with ``use_rslora``) give that scale. Ranks and alphas that differ from the most common one go
+to ``rank_pattern`` / ``alpha_pattern`` keyed by ``"^" + re.escape(path)``: PEFT matches a pattern key ``K``
+against a module path with ``re.match(rf"(.*\\.)?({K})$", path)`` (``peft.utils.other.get_pattern_key``), so the
+escape and the anchor make each key match exactly one module (diffusers anchors its own keys the same way).
+
+LoRAs on row slices of one fused layer (timm's q / k / v of ``qkv``) become ONE LoRA on the fused layer, exactly:
+rank ``r_q + r_v``, ``A = [A_q; A_v]`` ``(r_q + r_v, in)`` and ``B`` ``(3 * dim, r_q + r_v)`` block-structured,
+``B_q`` in the q rows and first ``r_q`` columns, ``B_v`` in the v rows and last ``r_v`` columns, zeros elsewhere
+(the k rows). When the slices' scales are equal that scale is kept (``alpha = scale * (r_q + r_v)``); when they
+differ, each slice's scale is folded into its block of ``B`` and the module gets ``alpha = rank`` (scale 1) --
+``alpha = sqrt(rank)`` under ``use_rslora``. Several whole-layer LoRAs of one adapter on the same layer (SELMA's
+merged experts) are stacked the same way.
+
+Refused with the reason, before anything is written (:class:`~visadapt.export.ExportError`): k-bit LoRA (its
+factors are quantised codes; PEFT and diffusers store float factors), LoRA on open_clip's
+``nn.MultiheadAttention.in_proj_weight`` slices (PEFT wraps modules; MultiheadAttention reads the fused weight
+directly, which PEFT's LoRA layers cannot target per slice), and every module that is not a LoRA (bottleneck
+adapters, ResAdapter's norms -- those go to ``export_resadapter`` --, MoSA's sampled LoRAs, ...).
+
+The runtime weight (:func:`visadapt.set_weight`) is not written: the files hold the adapter as trained (weight 1),
+and PEFT / diffusers take the weight at load time (``pipe.set_adapters([name], [w])``), as the official
+ResAdapter loader does. Likewise dropout (training only) is written as ``lora_dropout`` for completeness.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visadapt import api, inject
+from visadapt.export import ExportError
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+FORMATS = ("peft", "diffusers", "resadapter")
+
+
+@dataclass
+class ExactLora:
+    """One exported LoRA on the layer at ``path``: delta ``W += (alpha / rank) * up @ down`` (``alpha /
+    sqrt(rank)`` under ``use_rslora``), identical to the sum of the adapter's LoRAs on that layer.
+
+    ``down``: ``(rank, in)`` or ``(rank, in, kh, kw)``; ``up``: ``(out, rank)`` or ``(out, rank, 1, 1)``, ``out``
+    the layer's full output width."""
+
+    path: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    scale: float  # the factor the product is multiplied by: alpha / rank (or alpha / sqrt(rank) with rslora)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+def resolve_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
+    """``adapter_name``, or when None the one adapter attached (``pipe.load_visadapt`` names them
+    ``default_0``, ...)."""
+    if adapter_name is not None:
+        api.get_record(model, adapter_name)  # raises KeyError naming the attached ones
+        return adapter_name
+    names = list(api.records(model))
+    if len(names) != 1:
+        raise ExportError(f"this model holds {len(names)} adapters ({', '.join(map(repr, names)) or 'none'}); "
+                          f"pass adapter_name to choose the one to export")
+    return names[0]
+
+
+def _refuse(adapter_name: str, what: str, items: list[str], why: str) -> ExportError:
+    shown = ", ".join(items[:4]) + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
+    return ExportError(f"adapter {adapter_name!r} cannot be exported exactly: {what} ({shown}); {why}")
+
+
+def _alpha_for(scale: float, rank: int, use_rslora: bool) -> float:
+    return scale * (math.sqrt(rank) if use_rslora else rank)
+
+
+def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: bool = False,
+                what_else: str = "save it with visadapt.save_adapter, or export the merged model "
+                                 "(visadapt export --format dense)") -> dict[str, ExactLora]:
+    """``{layer path: ExactLora}`` of ``adapter_name``: every LoRA of the adapter, slices of a fused layer joined
+    into one block-structured LoRA of the layer (see the module docstring), each with the alpha that gives its
+    exact scale under ``use_rslora``. Raises :class:`~visadapt.export.ExportError` naming the modules that have no
+    exact LoRA form (``what_else`` ends the message with the alternative)."""
+    from visadapt.layers import LoRA
+
+    record = api.get_record(model, adapter_name)
+    items = inject.attached(model, adapter_name)
+    not_lora = [f"{i.host_path}:{i.kind} ({type(i.module).__name__})" for i in items if type(i.module) is not LoRA]
+    if not_lora:
+        hint = ("; for a ResAdapter, export_resadapter / --format resadapter writes the official two files"
+                if record.plugin.name == "resadapter" else "")
+        raise _refuse(adapter_name, f"plugin {record.plugin.name!r} holds modules that are not LoRA", not_lora,
+                      f"PEFT and diffusers LoRA files hold LoRA factors only: {what_else}{hint}")
+    k_bit = [f"{i.host_path}:{i.kind} ({getattr(i.module.A, 'bits', '?')} bits)" for i in items
+             if type(i.module.A) not in (nn.Linear, nn.Conv2d) or type(i.module.B) is not type(i.module.A)]
+    if k_bit:
+        raise _refuse(adapter_name, "k-bit LoRA", k_bit, "its factors are quantised codes, PEFT and diffusers "
+                                                         "store float factors: attach with bits=32 to export")
+    in_weight = [f"{i.host_path}:{i.kind}" for i in items if i.module.site_how == "weight"]
+    if in_weight:
+        raise _refuse(adapter_name, "LoRA on a weight the layer reads directly (open_clip's nn.MultiheadAttention "
+                                    "in_proj_weight slices)", in_weight,
+                      "PEFT wraps modules, and MultiheadAttention reads its fused in_proj_weight without calling "
+                      "a sub-module, so no PEFT LoRA layer can target a q/k/v slice of it: target proj/fc1/fc2 "
+                      "(whole Linear layers) to export")
+    by_host: dict[str, list[LoRA]] = collections.defaultdict(list)
+    for item in items:
+        by_host[item.host_path].append(item.module)
+    exported = {}
+    for path, modules in by_host.items():
+        host = model.get_submodule(path)
+        out_features = host.weight.shape[0]
+        scales = [float(m.scaling) for m in modules]
+        if len(modules) == 1 and modules[0].site_rows is None:
+            module = modules[0]
+            exported[path] = ExactLora(path, module.A.weight.detach().clone(), module.B.weight.detach().clone(),
+                                       _plain_alpha(module, use_rslora), scales[0])
+            continue
+        rank = sum(m.rank for m in modules)
+        common = scales[0] if all(s == scales[0] for s in scales) else 1.0
+        down = torch.cat([m.A.weight.detach() for m in modules], dim=0)
+        b0 = modules[0].B.weight
+        up = torch.zeros((out_features, rank, *b0.shape[2:]), dtype=b0.dtype, device=b0.device)
+        column = 0
+        for module, scale in zip(modules, scales):
+            start, stop = module.site_rows if module.site_rows is not None else (0, out_features)
+            block = module.B.weight.detach()
+            # fold the slice's own scale into its block when the slices' scales differ (common is then 1)
+            up[start:stop, column:column + module.rank] = block if scale == common else block * (scale / common)
+            column += module.rank
+        exported[path] = ExactLora(path, down, up, _alpha_for(common, rank, use_rslora), common)
+    return exported
+
+
+def _plain_alpha(module, use_rslora: bool) -> float:
+    """The module's own alpha where PEFT's formula with it gives ``module.scaling`` (the common case keeps the
+    user's numbers), else the alpha that does."""
+    own = float(module.alpha)
+    formula = own / (math.sqrt(module.rank) if use_rslora else module.rank)
+    return own if formula == float(module.scaling) else _alpha_for(float(module.scaling), module.rank, use_rslora)
+
+
+def _pattern_key(path: str) -> str:
+    # PEFT: re.match(rf"(.*\.)?({key})$", path); "^" inside the group fails unless the optional prefix is empty
+    return "^" + re.escape(path)
+
+
+def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, use_rslora: bool = False,
+                modules_to_save: list[str] | None = None, dropout: float = 0.0,
+                base_model_name_or_path: str | None = None):
+    """The ``peft.LoraConfig`` of ``loras``: the most common rank / alpha as ``r`` / ``lora_alpha``, the others in
+    ``rank_pattern`` / ``alpha_pattern`` keyed by anchored, escaped full paths; ``target_modules`` the exact
+    paths (a list when no path is a dotted suffix of another module's path, else one full-match regex)."""
+    from peft import LoraConfig
+
+    ranks = collections.Counter(lora.rank for lora in loras.values())
+    alphas = collections.Counter(lora.alpha for lora in loras.values())
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    names = [name for name, _ in model.named_modules()]
+    # PEFT's list form matches `name == target or name.endswith("." + target)`: exact only without such suffixes
+    ambiguous = any(name != path and name.endswith("." + path) for path in loras for name in names)
+    targets: Any = ("^(?:" + "|".join(re.escape(p) for p in loras) + ")$") if ambiguous else sorted(loras)
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets, lora_dropout=dropout,
+        rank_pattern={_pattern_key(p): lora.rank for p, lora in loras.items() if lora.rank != rank},
+        alpha_pattern={_pattern_key(p): lora.alpha for p, lora in loras.items() if lora.alpha != alpha},
+        modules_to_save=modules_to_save, base_model_name_or_path=base_model_name_or_path, init_lora_weights=False,
+    )
+
+
+def _config_of(model: nn.Module, adapter_name: str) -> tuple[bool, float]:
+    config = api.get_record(model, adapter_name).config
+    return bool(getattr(config, "use_rslora", False)), float(getattr(config, "dropout", 0.0) or 0.0)
+
+
+def _warn_runtime_weight(model: nn.Module, adapter_name: str) -> None:
+    weights = {inject.adapter_weight(i.module) for i in inject.attached(model, adapter_name)}
+    if weights != {1.0}:
+        warnings.warn(f"adapter {adapter_name!r} runs at weight {sorted(weights)}; the exported files hold it at "
+                      f"weight 1 (as trained): give the weight to the loading library (pipe.set_adapters)",
+                      stacklevel=3)
+
+
+def _base_name(model: nn.Module) -> str | None:
+    from visadapt.sites import model_name
+
+    try:
+        return model_name(model)
+    except Exception:  # noqa: BLE001 - a name is a courtesy in the config, never a reason to fail the export
+        return None
+
+
+class _StagedFolder:
+    """Write into a hidden folder inside ``folder`` and move the files into place only when all are written, so a
+    failed export leaves ``folder`` as it was. Files of the same names are replaced only with ``overwrite``."""
+
+    def __init__(self, folder: str | os.PathLike, names: tuple[str, ...], overwrite: bool) -> None:
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ExportError(f"--to {self.folder} is a file; give a folder")
+        clashes = [n for n in names if (self.folder / n).exists()]
+        if clashes and not overwrite:
+            raise ExportError(f"{self.folder} already holds {', '.join(clashes)}; pass overwrite=True (--overwrite) "
+                              f"to replace them, or choose another folder")
+        self.names = names
+
+    def __enter__(self) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=".visadapt-export-", dir=self.folder))
+        return self.staging
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                for path in self.staging.iterdir():
+                    os.replace(path, self.folder / path.name)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def export_peft(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None, *,
+                base_model_name_or_path: str | None = None, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``adapter_name`` of ``model`` (timm, open_clip or a diffusers UNet) as a PEFT LoRA folder that
+    ``PeftModel.from_pretrained(base_model, folder)`` loads into the visadapt model's outputs (at weight 1).
+
+    ``adapter_config.json`` is written by ``LoraConfig.save_pretrained`` (:func:`lora_config`);
+    ``adapter_model.safetensors`` holds ``base_model.model.<path>.lora_A.weight`` ``(r, in[, kh, kw])`` and
+    ``...lora_B.weight`` ``(out, r[, 1, 1])`` per layer, plus the classifier head saved with the adapter as
+    ``base_model.model.<head>.<param>`` with ``modules_to_save=[head]`` (PEFT's ModulesToSaveWrapper saves its
+    copy under the module's own name). Returns ``{"config": path, "weights": path}``.
+    """
+    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    adapter_name = resolve_adapter_name(model, adapter_name)
+    record = api.get_record(model, adapter_name)
+    use_rslora, dropout = _config_of(model, adapter_name)
+    loras = exact_loras(model, adapter_name, use_rslora=use_rslora)
+    modules_to_save = None
+    tensors = {}
+    for path, lora in loras.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = lora.down.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = lora.up.contiguous()
+    if record.head:
+        # PEFT finds modules_to_save by `name.endswith(entry)` (plain string): another module ending with the
+        # head's path would be replaced too
+        others = [name for name, _ in model.named_modules() if name != record.head and name.endswith(record.head)]
+        if others:
+            raise _refuse(adapter_name, f"its head {record.head!r} is a name suffix of other modules", others,
+                          "PEFT's modules_to_save would wrap those too")
+        modules_to_save = [record.head]
+        for key, tensor in model.get_submodule(record.head).state_dict().items():
+            tensors[f"base_model.model.{record.head}.{key}"] = tensor.detach().clone().contiguous()
+    config = lora_config(model, loras, use_rslora=use_rslora, modules_to_save=modules_to_save, dropout=dropout,
+                         base_model_name_or_path=base_model_name_or_path or _base_name(model))
+    _warn_runtime_weight(model, adapter_name)
+    with _StagedFolder(folder, (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME), overwrite) as staging:
+        config.save_pretrained(str(staging))
+        save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    folder = Path(folder)
+    return {"config": folder / CONFIG_NAME, "weights": folder / SAFETENSORS_WEIGHTS_NAME}
+
+
+def diffusers_lora_layers(unet: nn.Module, adapter_name: str | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+    """``(unet_lora_layers, LoraConfig)`` for ``save_lora_weights``: ``<path>.lora_A.weight`` /
+    ``<path>.lora_B.weight`` per layer (diffusers adds the ``unet.`` prefix) and the config whose ``to_dict()``
+    is the ``lora_adapter_metadata`` ``load_lora_weights`` builds its ``LoraConfig`` from."""
+    from visadapt.sites import model_family
+
+    family = model_family(unet)
+    if not family.startswith("diffusers"):
+        raise ExportError(f"a diffusers LoRA file is for a diffusers UNet; this model is {family}: export it with "
+                          f"--format peft (PeftModel.from_pretrained) instead")
+    adapter_name = resolve_adapter_name(unet, adapter_name)
+    use_rslora, dropout = _config_of(unet, adapter_name)
+    loras = exact_loras(unet, adapter_name, use_rslora=use_rslora)
+    layers = {}
+    for path, lora in loras.items():
+        layers[f"{path}.lora_A.weight"] = lora.down.contiguous()
+        layers[f"{path}.lora_B.weight"] = lora.up.contiguous()
+    return layers, lora_config(unet, loras, use_rslora=use_rslora, dropout=dropout)
+
+
+def export_diffusers(unet: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None, *,
+                     overwrite: bool = False) -> dict[str, Path]:
+    """Write ``adapter_name`` of a diffusers UNet as ``folder/pytorch_lora_weights.safetensors``, by diffusers'
+    own ``StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=..., unet_lora_adapter_metadata=
+    LoraConfig(...).to_dict())``: ``pipe.load_lora_weights(folder)`` gives the visadapt pipeline's outputs (at
+    weight 1), ranks, alphas and rsLoRA read from the metadata. Returns ``{"weights": path}``."""
+    from diffusers import StableDiffusionPipeline
+
+    adapter_name = resolve_adapter_name(unet, adapter_name)
+    layers, config = diffusers_lora_layers(unet, adapter_name)
+    _warn_runtime_weight(unet, adapter_name)
+    metadata = json.loads(json.dumps(config.to_dict(), default=list))  # sets (target_modules) as lists
+    with _StagedFolder(folder, (DIFFUSERS_WEIGHTS_FILE,), overwrite) as staging:
+        StableDiffusionPipeline.save_lora_weights(str(staging), unet_lora_layers=layers,
+                                                  unet_lora_adapter_metadata=metadata,
+                                                  weight_name=DIFFUSERS_WEIGHTS_FILE, safe_serialization=True)
+    return {"weights": Path(folder) / DIFFUSERS_WEIGHTS_FILE}
+
+
+def export_resadapter(unet: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None, *,
+                      overwrite: bool = False) -> dict[str, Path]:
+    """Write a ``resadapter`` adapter in the official two-file layout
+    (:func:`visadapt.plugins.resadapter.export_official`), loaded by the official code's calls."""
+    from visadapt.plugins.resadapter import LORA_FILES, NORM_FILES, export_official
+
+    adapter_name = resolve_adapter_name(unet, adapter_name)
+    record = api.get_record(unet, adapter_name)
+    if record.plugin.name != "resadapter":
+        raise ExportError(f"adapter {adapter_name!r} is a {record.plugin.name} adapter; the ResAdapter layout holds "
+                          f"resadapter adapters only: use --format diffusers or peft")
+    _warn_runtime_weight(unet, adapter_name)
+    with _StagedFolder(folder, (LORA_FILES[0], NORM_FILES[0]), overwrite) as staging:
+        written = export_official(unet, staging, adapter_name)
+    if "norms" not in written:
+        (Path(folder) / NORM_FILES[0]).unlink(missing_ok=True)  # an earlier export's norms are not this adapter's
+    return {role: Path(folder) / path.name for role, path in written.items()}
+
+
+EXPORTERS = {"peft": export_peft, "diffusers": export_diffusers, "resadapter": export_resadapter}
+FORMAT_FILES = {"peft": (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), "diffusers": (DIFFUSERS_WEIGHTS_FILE,),
+                "resadapter": ("pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors")}
+
+
+def export_adapter(model: nn.Module, folder: str | os.PathLike, format: str, adapter_name: str | None = None,
+                   **kwargs: Any) -> dict[str, Path]:
+    """Dispatch to :func:`export_peft`, :func:`export_diffusers` or :func:`export_resadapter` by ``format``."""
+    if format not in EXPORTERS:
+        raise ExportError(f"format {format!r}: choose one of {', '.join(EXPORTERS)} (or dense, the merged model)")
+    return EXPORTERS[format](model, folder, adapter_name, **kwargs)
+
+
+# ------------------------------------------------------------------------------- `visadapt export --format`
+
+
+def _owner_loaded(base: nn.Module, folder: Path, format: str) -> nn.Module:
+    """``base`` with the exported folder loaded by the owning library's own calls (no visadapt code involved)."""
+    if format == "peft":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(folder)).eval()
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from visadapt.plugins.resadapter import NORM_FILES
+
+    # what pipe.load_lora_weights(folder) does for the UNet: diffusers' converters, then its PEFT injection
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(folder), return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, base, adapter_name="exported", metadata=metadata)
+    if format == "resadapter" and (folder / NORM_FILES[0]).is_file():
+        base.load_state_dict(load_file(str(folder / NORM_FILES[0])), strict=False)  # the official norm loading
+    return base.eval()
+
+
+def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, *, model: str | None = None,
+                pretrained: str | None = None, probe_size: int = 2, tolerance: float | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """``visadapt export --format peft|diffusers|resadapter``: load the adapter file on its base model, write the
+    folder with :func:`export_adapter`, load that folder into a fresh copy of the base model with the owning
+    library's own calls (``PeftModel.from_pretrained``; diffusers' ``lora_state_dict`` + ``load_lora_into_unet``,
+    what ``pipe.load_lora_weights`` runs for the UNet, plus ``unet.load_state_dict(norms, strict=False)`` for
+    ResAdapter) and compare its outputs with visadapt's on a seeded probe batch. Files are moved into ``to`` only
+    when the check passes (else :class:`~visadapt.export.ExportParityError`).
+
+    ``model``: as for the dense export (default: the backbone the file records). ``pretrained``: base weights for
+    the check (default ``none``: random init, seeded; the check compares two loaders on the same base, so real
+    weights are not needed and nothing is downloaded). Returns a report dict.
+    """
+    from visadapt.export import (
+        DENSE_RTOL,
+        ExportParityError,
+        ModelOutputs,
+        build_base_model,
+        compare,
+        output_names,
+        probe_inputs,
+        recorded_model_spec,
+        run_outputs,
+    )
+    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata
+
+    if format not in EXPORTERS:
+        raise ExportError(f"--format {format!r}: choose dense, {', '.join(EXPORTERS)}")
+    adapter, to = Path(adapter), Path(to)
+    destination = _StagedFolder(to, FORMAT_FILES[format], overwrite)  # refuses a clash before any work
+    meta = read_adapter_metadata(adapter)
+    recorded, _recorded_pretrained, seed = recorded_model_spec(meta)
+    spec = model or recorded
+    if spec is None:
+        raise ExportError(f"{adapter} does not record its base model (no {TRAIN_METADATA!r} metadata naming it); "
+                          f"pass --model: a timm name, open_clip:NAME, or a diffusers UNet/pipeline folder")
+    head = meta.get("head") or None
+    num_classes = 0
+    if head:
+        from safetensors import safe_open
+
+        with safe_open(str(adapter), framework="pt") as handle:
+            if f"{head}.weight" in handle.keys():  # noqa: SIM118 - safe_open has no __contains__
+                shape = handle.get_slice(f"{head}.weight").get_shape()
+                num_classes = int(shape[0]) if len(shape) == 2 else 0
+    base, facts = build_base_model(spec, pretrained or "none", num_classes=num_classes, seed=seed)
+    library = facts["library"]
+    fresh = copy.deepcopy(base)
+    load_adapter(base, adapter)
+    base.eval()
+    inputs = probe_inputs(base, library, probe_size)
+    reference = run_outputs(ModelOutputs(base, library, list(inputs)), inputs)
+    names = output_names(library, len(reference), num_classes)
+    kwargs = {"base_model_name_or_path": spec} if format == "peft" else {}
+    staging = Path(tempfile.mkdtemp(prefix=".visadapt-export-"))
+    try:
+        written = export_adapter(base, staging, format, **kwargs)
+        loaded = _owner_loaded(fresh, staging, format)
+        got = run_outputs(ModelOutputs(loaded, library, list(inputs)), inputs)
+        check = compare(reference, got, names, DENSE_RTOL if tolerance is None else tolerance)
+        report = {"format": format, "adapter": str(adapter), "model": spec, "library": library,
+                  "files": sorted(p.name for p in written.values()), "check": check, "folder": str(to)}
+        if not check["passed"]:
+            raise ExportParityError(f"the {format} folder, loaded by its own library, does not reproduce visadapt's "
+                                    f"outputs (max |diff| {check['max_abs_diff']:.3g} > {check['tolerance']:.3g} on "
+                                    f"{check['worst_output']}); nothing was written to {to}", report)
+        with destination as final_staging:
+            for name in report["files"]:
+                shutil.copy2(staging / name, final_staging / name)
+        if format == "resadapter" and "diffusion_pytorch_model.safetensors" not in report["files"]:
+            (to / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+LOADERS = {
+    "peft": "PeftModel.from_pretrained(base_model, '{dir}')",
+    "diffusers": "pipe.load_lora_weights('{dir}')",
+    "resadapter": "pipe.load_lora_weights('{dir}', adapter_name='res_adapter'); "
+                  "pipe.unet.load_state_dict(load_file('{dir}/diffusion_pytorch_model.safetensors'), strict=False)",
+}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    check = report["check"]
+    return "\n".join([
+        f"{report['format']} export of {report['adapter']} on {report['model']} [{report['library']}]",
+        f"  wrote {', '.join(report['files'])} to {report['folder']}",
+        (f"  loaded by its own library: max |diff| {check['max_abs_diff']:.3g} <= tolerance "
+         f"{check['tolerance']:.3g} (output {check['worst_output']}): ok"),
+        f"  load with {LOADERS[report['format']].format(dir=report['folder'])}",
+    ])
+
+
+__all__ = ["ExactLora", "diffusers_lora_layers", "exact_loras", "export_adapter", "export_diffusers", "export_file",
+           "export_peft", "export_resadapter", "format_report", "lora_config"]

@@ -143,10 +143,10 @@ def test_unet_lora_to_peft_folder_loads_with_peft_from_pretrained(tmp_path):
                     rank_pattern={"down_blocks.0.resnets.0.conv1": 2}, alpha_pattern={"down_blocks.0.resnets.0.conv1": 1.0})
     randomize(unet)
     expected = unet_out(unet)
+    assert (unet_out(base) - expected).abs().max().item() > 1e-3  # the adapter matters: the check can fail
     export_peft(unet, tmp_path / "peft")
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     assert (unet_out(loaded.base_model.model) - expected).abs().max().item() <= TOL
-    assert (unet_out(tiny_models.unet()) - expected).abs().max().item() > 1e-3
 
 
 def test_resadapter_to_the_official_layout_loads_the_official_way(pipe, base_pipe, tmp_path):
@@ -179,7 +179,8 @@ def test_what_has_no_exact_form_is_refused_with_the_reason_and_nothing_is_writte
         export_peft(kbit, out)
     clip = tiny_models.clip()
     visadapt.attach(clip, "lora", targets=("q", "v"))
-    with pytest.raises(ExportError, match="in_proj_weight slices.*no PEFT LoRA layer can target"):
+    with pytest.raises(ExportError, match=r"in_proj_weight and its q/k/v slices.*visual\.transformer\.resblocks"
+                                          r"\.0\.attn:q.*no PEFT LoRA layer can"):
         export_peft(clip, out)
     bottleneck = tiny_models.vit()
     visadapt.attach(bottleneck, "adapter")
@@ -253,3 +254,50 @@ def test_cli_export_format_writes_the_folder_checked_by_the_owning_library(tmp_p
         assert main(["export", "--format", "peft", str(lora_only), "--model", EMBEDDED_SD, "--to",
                      str(tmp_path / "p")]) == 2
         assert "holds modules that are not LoRA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config_says_rslora", [False, True], ids=["alpha_written_for_peft_formula", "use_rslora"])
+def test_rslora_scale_is_read_from_each_module_not_from_a_formula(monkeypatch, tmp_path, config_says_rslora):
+    """rsLoRA scales by alpha / sqrt(r). Simulated on the module (``LoRA.scaling``) so the test does not depend on
+    how the config spells it: the export must give PEFT the module's scale either way."""
+    import math
+
+    from peft import PeftModel
+
+    monkeypatch.setattr(LoRA, "scaling", property(lambda self: self.alpha / math.sqrt(self.rank)))
+    model = tiny_models.vit().eval()
+    base = copy.deepcopy(model)
+    visadapt.attach(model, "lora", rank=4, alpha=3.0, targets=("qkv", "fc1"), rank_pattern={"blocks.1.mlp.fc1": 2})
+    if config_says_rslora:
+        visadapt.api.get_record(model, "default").config.use_rslora = True
+    randomize(model)
+    expected = vit_out(model)
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is config_says_rslora
+    if config_says_rslora:  # the user's alpha, PEFT applies sqrt itself
+        assert config["lora_alpha"] == 3.0 and not config["alpha_pattern"]
+    else:  # alpha = scale * r, so that PEFT's alpha / r is the module's alpha / sqrt(r)
+        assert config["lora_alpha"] == pytest.approx(3.0 * 2) and config["alpha_pattern"]
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    assert (vit_out(loaded) - expected).abs().max().item() <= TOL
+
+
+def test_open_clip_mlp_lora_of_both_towers_loads_in_peft_with_visadapts_outputs(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_models.clip().eval()
+    base = copy.deepcopy(model)
+    visadapt.attach(model, "lora", targets=("fc1", "fc2"), towers=("visual", "text"), rank=2, alpha=5.0)
+    randomize(model)
+    (image, text), _ = tiny_models.example_input("open_clip", model, seed=2)
+
+    def features(clip):
+        with torch.no_grad():
+            return torch.cat([clip.encode_image(image), clip.encode_text(text)])
+
+    expected, unadapted = features(model), features(base)
+    assert (unadapted - expected).abs().max().item() > 1e-3  # the adapter matters: the check can fail
+    export_peft(model, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    assert (features(loaded.base_model.model) - expected).abs().max().item() <= TOL

@@ -31,6 +31,10 @@ model on a seeded probe batch, and moved into place only when every check passes
 Adapters that do not fold into base weights (bottleneck adapters such as AdaptFormer, MoSA's plain adapter, the
 1-bit adapters) cannot give a dense checkpoint of the host architecture; they are refused with the reason, and
 ``onnx=True`` exports the adapted graph instead (adapter modules included), checked the same way.
+
+This is ``visadapt export --format dense`` (the default). ``--format peft|diffusers|resadapter`` writes the adapter
+itself as a LoRA folder for PEFT / diffusers / the official ResAdapter loader instead: see
+:mod:`visadapt.interop_export`.
 """
 from __future__ import annotations
 

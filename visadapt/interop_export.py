@@ -42,8 +42,8 @@ merged experts) are stacked the same way.
 
 Refused with the reason, before anything is written (:class:`~visadapt.export.ExportError`): k-bit LoRA (its
 factors are quantised codes; PEFT and diffusers store float factors), LoRA on open_clip's
-``nn.MultiheadAttention.in_proj_weight`` slices (PEFT wraps modules; MultiheadAttention reads the fused weight
-directly, which PEFT's LoRA layers cannot target per slice), and every module that is not a LoRA (bottleneck
+``nn.MultiheadAttention`` weights (``in_proj_weight`` and its q/k/v slices, ``out_proj``: PEFT wraps modules, and
+MultiheadAttention reads those weights directly, so a PEFT LoRA layer there would never run), and every module that is not a LoRA (bottleneck
 adapters, ResAdapter's norms -- those go to ``export_resadapter`` --, MoSA's sampled LoRAs, ...).
 
 The runtime weight (:func:`visadapt.set_weight`) is not written: the files hold the adapter as trained (weight 1),
@@ -142,11 +142,12 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: 
                                                          "store float factors: attach with bits=32 to export")
     in_weight = [f"{i.host_path}:{i.kind}" for i in items if i.module.site_how == "weight"]
     if in_weight:
-        raise _refuse(adapter_name, "LoRA on a weight the layer reads directly (open_clip's nn.MultiheadAttention "
-                                    "in_proj_weight slices)", in_weight,
-                      "PEFT wraps modules, and MultiheadAttention reads its fused in_proj_weight without calling "
-                      "a sub-module, so no PEFT LoRA layer can target a q/k/v slice of it: target proj/fc1/fc2 "
-                      "(whole Linear layers) to export")
+        raise _refuse(adapter_name, "LoRA on a weight its layer reads directly (open_clip's nn.MultiheadAttention "
+                                    "in_proj_weight and its q/k/v slices, out_proj)", in_weight,
+                      "PEFT wraps modules, and MultiheadAttention reads in_proj_weight and out_proj.weight inside "
+                      "F.multi_head_attention_forward without calling a sub-module, so no PEFT LoRA layer can "
+                      "target them (PEFT's own MultiheadAttention LoRA adapts in_proj whole, never a slice): "
+                      "target fc1/fc2 there to export")
     by_host: dict[str, list[LoRA]] = collections.defaultdict(list)
     for item in items:
         by_host[item.host_path].append(item.module)

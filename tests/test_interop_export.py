@@ -149,8 +149,10 @@ def test_unet_lora_to_peft_folder_loads_with_peft_from_pretrained(tmp_path):
     assert (unet_out(loaded.base_model.model) - expected).abs().max().item() <= TOL
 
 
-def test_resadapter_to_the_official_layout_loads_the_official_way(pipe, base_pipe, tmp_path):
-    visadapt.attach(pipe.unet, "resadapter")
+@pytest.mark.parametrize("config", [{}, {"lora_targets": ("conv1", "conv2"), "lora_blocks": ("down", "mid", "up")},
+                                    {"norm": False}], ids=["released_layout", "resnet_convs", "interpolation_only"])
+def test_resadapter_to_the_official_layout_loads_the_official_way(pipe, base_pipe, tmp_path, config):
+    visadapt.attach(pipe.unet, "resadapter", **config)
     randomize(pipe.unet, std=0.05)
     with torch.no_grad():  # norms away from the base's, so that their loading matters
         for item in visadapt.inject.attached(pipe.unet):
@@ -160,13 +162,15 @@ def test_resadapter_to_the_official_layout_loads_the_official_way(pipe, base_pip
     ours = generate(pipe)
     with pytest.warns(UserWarning, match="hold it at weight 1"):
         written = export_resadapter(pipe.unet, tmp_path / "res")
-    assert sorted(p.name for p in written.values()) == ["diffusion_pytorch_model.safetensors",
-                                                        "pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in written.values()) == (["pytorch_lora_weights.safetensors"] if "norm" in config else
+                                                        ["diffusion_pytorch_model.safetensors",
+                                                         "pytorch_lora_weights.safetensors"])
     official = copy.deepcopy(base_pipe)
     official.load_lora_weights(str(tmp_path / "res"), weight_name="pytorch_lora_weights.safetensors",
                                adapter_name="res_adapter")
     official.set_adapters(["res_adapter"], adapter_weights=[0.5])
-    official.unet.load_state_dict(load_file(str(written["norms"])), strict=False)
+    if "norms" in written:
+        official.unet.load_state_dict(load_file(str(written["norms"])), strict=False)
     assert abs(generate(official) - ours).max() <= TOL
     assert abs(generate(base_pipe) - ours).max() > 1e-3
 
@@ -301,3 +305,21 @@ def test_open_clip_mlp_lora_of_both_towers_loads_in_peft_with_visadapts_outputs(
     export_peft(model, tmp_path / "peft")
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     assert (features(loaded.base_model.model) - expected).abs().max().item() <= TOL
+
+
+def test_cli_export_that_fails_its_parity_check_writes_nothing(tmp_path, capsys, monkeypatch):
+    from visadapt import interop_export
+    from visadapt.backbones import EMBEDDED_SD
+    from visadapt.cli import main
+    from visadapt.diffusion import load_pipeline
+
+    unet = load_pipeline(EMBEDDED_SD).unet
+    visadapt.attach(unet, "lora", targets=("to_q",))
+    randomize(unet)
+    adapter = visadapt.save_adapter(unet, tmp_path / "adapter.safetensors")
+    # a loader that drops the adapter: the check compares the plain base model with visadapt's outputs
+    monkeypatch.setattr(interop_export, "_owner_loaded", lambda base, folder, format: base)
+    out = tmp_path / "out"
+    assert main(["export", "--format", "diffusers", str(adapter), "--model", EMBEDDED_SD, "--to", str(out)]) == 1
+    assert "does not reproduce visadapt's outputs" in capsys.readouterr().err
+    assert not out.exists()

@@ -46,6 +46,9 @@ factors are quantised codes; PEFT and diffusers store float factors), LoRA on op
 MultiheadAttention reads those weights directly, so a PEFT LoRA layer there would never run), and every module that is not a LoRA (bottleneck
 adapters, ResAdapter's norms -- those go to ``export_resadapter`` --, MoSA's sampled LoRAs, ...).
 
+``adapter_name`` (every exporter): the adapter to write; default None, the one adapter attached (so a pipeline
+that ``load_visadapt`` gave ``default_0`` needs no name). Nothing of the model changes.
+
 The runtime weight (:func:`visadapt.set_weight`) is not written: the files hold the adapter as trained (weight 1),
 and PEFT / diffusers take the weight at load time (``pipe.set_adapters([name], [w])``), as the official
 ResAdapter loader does. Likewise dropout (training only) is written as ``lora_dropout`` for completeness.

@@ -323,3 +323,30 @@ def test_cli_export_that_fails_its_parity_check_writes_nothing(tmp_path, capsys,
     assert main(["export", "--format", "diffusers", str(adapter), "--model", EMBEDDED_SD, "--to", str(out)]) == 1
     assert "does not reproduce visadapt's outputs" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_export_peft_of_a_timm_qv_lora_with_head_recorded_by_a_train_script(tmp_path, capsys):
+    from peft import PeftModel
+
+    from visadapt.backbones import create_backbone
+    from visadapt.cli import main
+    from visadapt.io import TRAIN_METADATA
+
+    model = create_backbone("visadapt_procvit_tiny", "default", num_classes=5).eval()
+    base = copy.deepcopy(model)
+    visadapt.attach(model, "lora", rank=4, alpha=8.0, targets=("q", "v", "fc1"), head="head")
+    randomize(model, head="head", std=0.05)
+    run = {"model": "visadapt_procvit_tiny", "pretrained": "default", "seed": 0}  # what train/vtab.py records
+    adapter = visadapt.save_adapter(model, tmp_path / "lora.safetensors", metadata={TRAIN_METADATA: json.dumps(run)})
+    out = tmp_path / "peft"
+    assert main(["export", "--format", "peft", str(adapter), "--to", str(out)]) == 0
+    assert f"PeftModel.from_pretrained(base_model, '{out}')" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "visadapt_procvit_tiny" and config["r"] == 8  # q + v on qkv
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(images)
+        got = PeftModel.from_pretrained(base, str(out)).eval()(images)
+    assert (got - expected).abs().max().item() <= TOL
+    assert main(["export", "--format", "diffusers", str(adapter), "--to", str(tmp_path / "d")]) == 2
+    assert "a diffusers LoRA file is for a diffusers UNet; this model is timm" in capsys.readouterr().err

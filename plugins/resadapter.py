@@ -168,10 +168,11 @@ class ResolutionNorm(nn.Module):
             raise ValueError("a ResolutionNorm can merge only into a group norm with an affine (affine=True)")
         weight = inject.adapter_weight(self) if self.blends_with_weight else 1.0
         self._saved_affine = (norm.weight.detach().clone(), norm.bias.detach().clone())
-        # affine parameters enter the output linearly, so the weighted mix of outputs is the mix of affines
-        # (weight 1.0 unless blending: then this copies the adapter's affine exactly)
+        # affine parameters enter the output linearly, so the weighted mix of outputs is the mix of affines;
+        # unblended (the default), the adapter's affine is copied as it is
         for base, own in ((norm.weight, self.weight), (norm.bias, self.bias)):
-            base.copy_((weight * own.float() + (1.0 - weight) * base.float()).to(base.dtype))
+            mixed = own.float() if weight == 1.0 else weight * own.float() + (1.0 - weight) * base.float()
+            base.copy_(mixed.to(base.dtype))
         self.merged = True
 
     @torch.no_grad()

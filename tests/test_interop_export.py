@@ -350,3 +350,30 @@ def test_cli_export_peft_of_a_timm_qv_lora_with_head_recorded_by_a_train_script(
     assert (got - expected).abs().max().item() <= TOL
     assert main(["export", "--format", "diffusers", str(adapter), "--to", str(tmp_path / "d")]) == 2
     assert "a diffusers LoRA file is for a diffusers UNet; this model is timm" in capsys.readouterr().err
+
+
+def test_target_modules_and_patterns_are_exact_even_when_a_path_is_the_suffix_of_another_modules_path():
+    """PEFT's list form of target_modules also matches ``<anything>.<target>``, and its pattern keys match any
+    dotted suffix; a model holding ``fc`` and ``inner.fc`` (visadapt's families have no such pair, so the config
+    is built for a plain module) gets one full-match regex and anchored pattern keys, which PEFT's own
+    ``get_peft_model`` applies to ``fc`` alone."""
+    from peft import get_peft_model
+
+    from visadapt.interop_export import ExactLora, lora_config
+
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.inner = torch.nn.Sequential()
+            self.inner.fc = torch.nn.Linear(8, 8)
+            self.other = torch.nn.Linear(8, 8)
+
+    loras = {"fc": ExactLora("fc", torch.zeros(2, 8), torch.zeros(8, 2), 4.0, 2.0),
+             "other": ExactLora("other", torch.zeros(3, 8), torch.zeros(8, 3), 4.0, 4 / 3)}
+    config = lora_config(Nested(), loras)
+    assert config.target_modules == "^(?:fc|other)$" and config.rank_pattern == {r"^other": 3}
+    wrapped = get_peft_model(Nested(), config)
+    adapted = {name.removeprefix("base_model.model."): module.r["default"]
+               for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"fc": 2, "other": 3}  # inner.fc untouched

@@ -177,6 +177,8 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: 
             up[start:stop, column:column + module.rank] = block if scale == common else block * (scale / common)
             column += module.rank
         exported[path] = ExactLora(path, down, up, _alpha_for(common, rank, use_rslora), common)
+    if not exported:
+        raise ExportError(f"adapter {adapter_name!r} holds no LoRA module: there is nothing to export")
     return exported
 
 
@@ -204,9 +206,11 @@ def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, use_rslora: bo
     ranks = collections.Counter(lora.rank for lora in loras.values())
     alphas = collections.Counter(lora.alpha for lora in loras.values())
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    names = [name for name, _ in model.named_modules()]
-    # PEFT's list form matches `name == target or name.endswith("." + target)`: exact only without such suffixes
-    ambiguous = any(name != path and name.endswith("." + path) for path in loras for name in names)
+    # PEFT's list form matches `name == target or name.endswith("." + target)`: exact only when no target is a
+    # proper dotted suffix of some module's path
+    proper_suffixes = {".".join(parts[i:]) for parts in (name.split(".") for name, _ in model.named_modules())
+                       for i in range(1, len(parts))}
+    ambiguous = any(path in proper_suffixes for path in loras)
     targets: Any = ("^(?:" + "|".join(re.escape(p) for p in loras) + ")$") if ambiguous else sorted(loras)
     return LoraConfig(
         r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets, lora_dropout=dropout,

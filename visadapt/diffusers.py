@@ -420,7 +420,8 @@ class VisadaptLoaderMixin:
                              weights: float | Sequence[float] | None = None) -> None:
         """Set the runtime weight of each named adapter (``set_adapters``-style): ``weights`` is one number for
         all, one per name, or None for 1.0. Adapters not named keep their weights (unlike diffusers'
-        ``set_adapters``, this does not switch the others off: set their weight to 0 for that)."""
+        ``set_adapters``, this does not switch the others off: set their weight to 0 for that; a ResAdapter keeps
+        its norms at weight 0, as the official loader does: :func:`visadapt.set_active_adapters` switches it off)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if weights is None:
             weights = [1.0] * len(names)

@@ -56,7 +56,7 @@ from torch import nn
 
 from visadapt import api, formats, io
 from visadapt.attention import xformers_usable as _xformers_usable
-from visadapt.peft_compat import peft_adapter_names
+from visadapt.peft_compat import check_name_free_of_peft, peft_adapter_names
 from visadapt.sites import UnsupportedModelError, fingerprint, model_family
 
 logger = logging.getLogger(__name__)
@@ -382,6 +382,8 @@ class VisadaptLoaderMixin:
         if adapter_name in taken:
             raise ValueError(f"a visadapt adapter named {adapter_name!r} is already loaded on this pipeline; "
                              f"unload it (pipe.unload_visadapt({adapter_name!r})) or pass another adapter_name")
+        for module in candidates.values():  # one namespace with diffusers' own LoRAs (visadapt.peft_compat)
+            check_name_free_of_peft(module, adapter_name)
 
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, Mapping):

@@ -205,9 +205,14 @@ def free_default_name(model: nn.Module, start: int = 0) -> str:
 # ----------------------------------------------------------------------------------- wrappers on PEFT/diffusers
 
 
-def visadapt_module_paths(model: nn.Module) -> list[str]:
-    """Every module path (as ``model.named_modules()`` spells it) under a ``visadapt_adapters`` container."""
-    return [path for path, _ in model.named_modules() if re.search(rf"(^|\.){_ADAPTERS_ATTR}(\.|$)", path)]
+def visadapt_module_paths(model: nn.Module, outside_peft_layers: bool = False) -> list[str]:
+    """Every module path (as ``model.named_modules()`` spells it) under a ``visadapt_adapters`` container; with
+    ``outside_peft_layers``, only those not inside a PEFT tuner layer (PEFT's injection never looks there)."""
+    pattern = re.compile(rf"(^|\.){_ADAPTERS_ATTR}(\.|$)")
+    peft_prefixes = tuple(f"{path}." for path, m in model.named_modules() if is_peft_layer(m)) \
+        if outside_peft_layers else ()
+    return [path for path, _ in model.named_modules()
+            if pattern.search(path) and not (peft_prefixes and path.startswith(peft_prefixes))]
 
 
 def _with_visadapt_excluded(config, paths: list[str]):
@@ -229,8 +234,11 @@ def _wrap_inject_adapter(tuner_cls) -> None:
     @functools.wraps(original)
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         _refuse_visadapt_name(model, adapter_name, f"PEFT cannot add adapter {adapter_name!r}")
-        paths = visadapt_module_paths(model)
         config = self.peft_config[adapter_name]
+        # matching by target_modules (a state_dict, as diffusers passes, names its modules exactly); PEFT skips
+        # what lies inside its existing tuner layers, and warns about exclusions that matched nothing
+        by_config = kwargs.get("state_dict") is None and len(args) < 3
+        paths = visadapt_module_paths(model, outside_peft_layers=True) if by_config else []
         if not paths or not hasattr(config, "exclude_modules"):
             return original(self, model, adapter_name, *args, **kwargs)
         # PEFT's first injection freezes every parameter it does not own; visadapt's keep their own flags

@@ -335,6 +335,16 @@ def test_resadapter_after_a_fused_lcm_lora_and_fusing_in_reverse_order_is_exact(
     unfused = every_tensor(pipe)
     pipe.load_visadapt(str(files["target_modules"]), adapter_name="vis")
     vis_and_lcm = generate(pipe)
+    # the other nesting, in reverse order: diffusers' fuse/unfuse round trip inside visadapt's leaves rounding,
+    # which visadapt's exact copy removes: every tensor is back bit for bit, with no warning
+    before_fuse = every_tensor(pipe)
+    pipe.fuse_visadapt()
+    pipe.fuse_lora()
+    pipe.unfuse_lora()
+    with caplog.at_level(logging.WARNING, logger="visadapt.inject"):
+        pipe.unfuse_visadapt()
+    assert not [r for r in caplog.records if r.name == "visadapt.inject"]
+    assert_same_tensors(before_fuse, every_tensor(pipe))
     pipe.fuse_visadapt()
     pipe.fuse_lora()
     with caplog.at_level(logging.WARNING, logger="visadapt.inject"):
@@ -441,6 +451,10 @@ def test_timm_peft_model_and_visadapt_act_together_and_unload_either(caplog):
     with torch.no_grad():
         peft_out = peft_model(x)
     reference = dense_reference(vit, peft_model, vis_alone, x)
+    peft_round_trip = copy.deepcopy(peft_model)  # what PEFT's own merge + unmerge leave (rounding, k rows)
+    peft_round_trip.merge_adapter()
+    peft_round_trip.unmerge_adapter()
+    peft_round_trip = vit_state(peft_round_trip)
     visadapt.attach(peft_model, "lora", rank=4, targets=("q", "v", "fc1"), adapter_name="vis")
     inject.load_adapter_state(peft_model.get_base_model(), inject.adapter_state(vis_alone, "vis"), "vis")
     assert all(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" in n)  # PEFT's stay trainable
@@ -452,11 +466,28 @@ def test_timm_peft_model_and_visadapt_act_together_and_unload_either(caplog):
     qkv = peft_model.get_base_model().blocks[0].attn.qkv
     assert isinstance(qkv, BaseTunerLayer) and inject.ADAPTERS_ATTR in qkv.get_base_layer()._modules
 
-    # merged and unmerged visadapt give the same output under PEFT
-    visadapt.merge(peft_model)
+    # merged and unmerged visadapt give the same output under PEFT; PEFT's merge/unmerge nested inside visadapt's:
+    # the rows visadapt adapts (q, v of qkv; fc1) come back bit for bit, the k rows as PEFT alone leaves them
+    nested = copy.deepcopy(peft_model)
+    before_merge = vit_state(nested)
+    visadapt.merge(nested)
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(x), both, atol=1e-5, rtol=0)
-    visadapt.unmerge(peft_model)
+        torch.testing.assert_close(nested(x), both, atol=1e-5, rtol=0)
+    nested.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(nested(x), both, atol=1e-5, rtol=0)
+    nested.unmerge_adapter()
+    visadapt.unmerge(nested)
+    after = vit_state(nested)
+    assert sorted(after) == sorted(before_merge)
+    dim = vit.embed_dim
+    for key, tensor in after.items():
+        if key.endswith("attn.qkv.base_layer.weight"):
+            assert torch.equal(tensor[:dim], before_merge[key][:dim]) and torch.equal(tensor[2 * dim:],
+                                                                                     before_merge[key][2 * dim:])
+            assert torch.equal(tensor[dim:2 * dim], peft_round_trip[key][dim:2 * dim])
+        else:
+            assert torch.equal(tensor, before_merge[key]), key
 
     # PEFT's unload keeps visadapt acting, and detach then restores every tensor bit for bit
     unloaded = peft_model.unload()

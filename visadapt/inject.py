@@ -38,7 +38,7 @@ from visadapt.load_report import (
     LoadReport,
     adapter_key_site,
 )
-from visadapt.peft_compat import canonical_path, resolve
+from visadapt.peft_compat import canonical_path, peft_merge_state, resolve
 from visadapt.sites import Site
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,10 @@ _TAP_VALUE_ATTR = "_visadapt_branch_input"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # merge order of every merged delta module (a process-wide counter): unmerge needs to know what was stacked later
 _MERGE_ORDER_ATTR = "_visadapt_merge_order"
-# hash of the weight rows a merge wrote: unmerge restores its exact copy only if nobody (PEFT's fuse) wrote since
+# hash of the weight rows a merge wrote, and the PEFT merge state of the layer then: unmerge restores its exact
+# copy only when nobody wrote since, or PEFT is back in the same state (a fuse/unfuse round trip left rounding)
 _MERGED_HASH_ATTR = "_visadapt_merged_rows_hash"
+_MERGED_PEFT_ATTR = "_visadapt_merged_peft_state"
 _merge_counter = itertools.count()
 
 
@@ -383,6 +385,7 @@ def _merge_one(model: nn.Module, item: Attached) -> None:
     else:
         item.module.merge_into(item.base_weight.data, item.module.site_rows)
         item.module.__dict__[_MERGED_HASH_ATTR] = _rows_hash(_rows(item.base_weight.data, item.module.site_rows))
+        item.module.__dict__[_MERGED_PEFT_ATTR] = peft_merge_state(model, item.host_path)
     item.module.__dict__[_MERGE_ORDER_ATTR] = next(_merge_counter)
 
 
@@ -392,12 +395,17 @@ def _unmerge_one(model: nn.Module, item: Attached) -> None:
         module.unmerge_from_host(resolve(model, item.host_path))
     else:
         merged_hash = module.__dict__.pop(_MERGED_HASH_ATTR, None)
+        peft_then = module.__dict__.pop(_MERGED_PEFT_ATTR, None)
         target = _rows(item.base_weight.data, module.site_rows)
+        peft_now = peft_merge_state(model, item.host_path)
         if (merged_hash is not None and hasattr(module, "delta_weight") and getattr(module, "merged", False)
-                and _rows_hash(target) != merged_hash):
-            # Someone wrote into the weight after this merge: PEFT's fuse_lora / merge_and_unload (or its unfuse)
-            # fold into the same base_layer.weight. Putting back the copy taken at merge time would erase what
-            # they wrote, so take off this delta instead, as PEFT's own unmerge does (fp32; exact to rounding).
+                and _rows_hash(target) != merged_hash
+                and not (peft_now is not None and peft_now == (peft_then or (peft_now[0], frozenset())))):
+            # Someone wrote into the weight after this merge: PEFT's fuse_lora / merge_and_unload fold into the
+            # same base_layer.weight. Unless the same PEFT layer is back in the merge state it had then (a fuse
+            # and unfuse in between leave only rounding, which the exact copy removes), putting back the copy
+            # taken at merge time would erase what PEFT wrote or re-add what it took off: take off this delta
+            # instead, as PEFT's own unmerge does (fp32; exact up to rounding).
             logger.warning("visadapt: %s was changed after adapter %r merged into it (PEFT fuse/unfuse?); "
                            "unmerging by subtracting its delta, which is exact only up to rounding. Unfuse in "
                            "reverse order of fusing to restore weights bit for bit", item.host_path,

@@ -112,13 +112,16 @@ def named_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     if _tuner_layer_class() is None:
         yield from model.named_modules()
         return
-    peft_owned: list[str] = []  # paths of tuner layers: their children other than base_layer are PEFT's own
+    # named_modules walks depth first, so the tuner layers enclosing a path form a stack; only what lies under a
+    # tuner layer's base_layer is the model's, its other children (lora_A, lora_B, ...) are PEFT's own
+    enclosing: list[str] = []
     for path, module in model.named_modules():
-        if is_peft_layer(module):
-            peft_owned.append(path)
+        while enclosing and not path.startswith(enclosing[-1] + "."):
+            enclosing.pop()
+        if enclosing and path[len(enclosing[-1]) + 1:].split(".", 1)[0] != "base_layer":
             continue
-        owner = next((p for p in reversed(peft_owned) if path.startswith(p + ".")), None)
-        if owner is not None and not path[len(owner) + 1:].startswith("base_layer"):
+        if is_peft_layer(module):
+            enclosing.append(path)
             continue
         yield canonical_path(model, path), module
 
@@ -133,6 +136,32 @@ def peft_owned_parameters(model: nn.Module) -> set[int]:
             base_params = {id(p) for p in base_layer(module).parameters()}
             owned.update(id(p) for p in module.parameters() if id(p) not in base_params)
     return owned
+
+
+def peft_merge_state(model: nn.Module, path: str) -> tuple[int, frozenset[str]] | None:
+    """``(id of the outermost PEFT tuner layer at canonical path, the adapters PEFT has merged there)``, or None
+    when no tuner layer wraps the layer at ``path``. :func:`visadapt.inject.unmerge` compares it with the state at
+    merge time to tell PEFT fuse/unfuse round trips (only rounding left behind) from a PEFT merge still in place."""
+    if _tuner_layer_class() is None:
+        return None
+    module = model
+    for segment in path.split(".") if path else ():
+        child = module._modules.get(segment)
+        while child is None and is_peft_layer(module):
+            module = module.base_layer
+            child = module._modules.get(segment)
+        if child is None:
+            return None
+        module = child
+    if not is_peft_layer(module):
+        return None
+    outer, merged = module, set()
+    while is_peft_layer(module):
+        merged.update(getattr(module, "merged_adapters", ()))
+        module = getattr(module, "base_layer", module)
+        if module is outer:
+            break
+    return id(outer), frozenset(merged)
 
 
 def unwrap_peft_model(model: nn.Module) -> nn.Module:

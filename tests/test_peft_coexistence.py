@@ -627,3 +627,46 @@ def test_canonical_paths_drop_only_peft_wrapper_segments():
     assert layers["blocks.0.attn.qkv"] is vit.blocks[0].attn.qkv.base_layer
     assert "blocks.0.attn.base_layer" in layers and "blocks.0.attn.qkv.base_layer" not in layers
     assert not any("lora_" in path for path in layers)
+
+
+# ------------------------------------------------------------------------------------------------- open_clip
+
+
+def test_open_clip_mlp_sites_coexist_and_weight_deltas_under_peft_attention_are_refused():
+    """open_clip's q/k/v are row slices of nn.MultiheadAttention.in_proj_weight, which visadapt adapts by a weight
+    delta; PEFT's MultiheadAttention LoRA swaps that weight at every call. The two cannot share it: refused both
+    ways before anything changes. Linear layers (the MLP) coexist like timm's."""
+    torch.manual_seed(0)
+    clip = tm.clip().eval()
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    peft_model = get_peft_model(clip, LoraConfig(r=2, target_modules=["attn"], init_lora_weights=False))
+    wrapped_state = vit_state(clip)
+    # PEFT's MultiheadAttention LoRA merges and unmerges at every call, leaving rounding in the weights: the
+    # reference is the same calls without visadapt
+    peft_alone = copy.deepcopy(peft_model)
+    with torch.no_grad():
+        for _ in range(2):
+            peft_alone.get_base_model().encode_image(image)
+    expected = vit_state(peft_alone.unload())
+    with pytest.raises(ValueError, match=r"resblocks\.0\.attn:q is a weight of an attention layer PEFT has wrapped"):
+        visadapt.attach(peft_model, "lora", rank=2, targets=("q", "v"), adapter_name="vis")
+    assert vit_state(clip).keys() == wrapped_state.keys() and not visadapt.api.records(clip)
+    visadapt.attach(peft_model, "lora", rank=2, targets=("fc1",), adapter_name="vis")
+    randomise_visadapt(clip, 4)
+    with torch.no_grad():
+        both = clip.encode_image(image)
+        visadapt.set_active_adapters(clip, [])
+        peft_only = clip.encode_image(image)
+        visadapt.set_active_adapters(clip, None)
+    assert (both - peft_only).abs().max() > 1e-4
+    bare = peft_model.unload()
+    visadapt.detach(bare)
+    assert sorted(vit_state(bare)) == sorted(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in vit_state(bare).items())
+
+    visadapt.attach(bare, "lora", rank=2, targets=("q", "v"), adapter_name="vis")
+    before = vit_state(bare)
+    with pytest.raises(ValueError, match=r"PEFT would wrap visual\.transformer\.resblocks\.0\.attn"):
+        get_peft_model(bare, LoraConfig(r=2, target_modules=["attn"]))
+    assert not any(isinstance(m, BaseTunerLayer) for m in bare.modules())
+    assert vit_state(bare).keys() == before.keys()

@@ -119,6 +119,11 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
         if not hasattr(module, "delta_weight"):
             raise TypeError(f"site {site.name} takes weight deltas (LoRA-type modules) only, "
                             f"not {type(module).__name__}")
+        if site.peft_wrapped:
+            raise ValueError(f"site {site.name} is a weight of an attention layer PEFT has wrapped (its LoRA for "
+                             f"nn.MultiheadAttention swaps {site.param} at every call, which visadapt's weight delta "
+                             f"cannot share); attach visadapt to the MLP layers (fc1, fc2) there, or unload the PEFT "
+                             f"adapter first (peft_model.unload())")
         if getattr(module, "dropout", None) is not None and not isinstance(module.dropout, nn.Identity):
             raise ValueError(f"site {site.name} is a weight read directly by its layer ({site.param}); a LoRA "
                              f"there cannot apply dropout to the layer input: set dropout=0")

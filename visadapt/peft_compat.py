@@ -255,6 +255,32 @@ def _with_visadapt_excluded(config, paths: list[str]):
     return old
 
 
+def _refuse_weight_delta_targets(model: nn.Module, config, state_dict) -> None:
+    """Refuse a PEFT injection that would wrap a layer (or the attention around it) whose weight carries a visadapt
+    weight delta (a parametrization, e.g. open_clip's ``in_proj_weight``): PEFT's MultiheadAttention LoRA swaps
+    those weights at every call, which fails on a parametrized weight only at the first forward."""
+    from visadapt.inject import WeightDelta
+
+    held = {path for path, module in model.named_modules()
+            if any(isinstance(p, WeightDelta) for plist in getattr(module, "parametrizations", {}).values()
+                   for p in plist)}
+    if not held:
+        return
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targeted = None
+    if state_dict is not None:  # PEFT's own reading of which modules a state dict targets
+        prefix = PEFT_TYPE_TO_PREFIX_MAPPING[config.peft_type]
+        targeted = {key.rsplit("." + prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
+    for path in sorted(held | {path.rpartition(".")[0] for path in held}):
+        if path in targeted if targeted is not None else bool(check_target_module_exists(config, path)):
+            raise ValueError(
+                f"PEFT would wrap {path}, whose weights carry a visadapt adapter as a weight delta (PEFT's LoRA for "
+                f"nn.MultiheadAttention swaps those weights at every call, which the delta cannot share): target "
+                f"other modules (exclude_modules={path!r}), or detach the visadapt adapter first")
+
+
 def _wrap_inject_adapter(tuner_cls) -> None:
     original = tuner_cls.inject_adapter
     if getattr(original, _WRAPPED_ATTR, False):
@@ -266,7 +292,9 @@ def _wrap_inject_adapter(tuner_cls) -> None:
         config = self.peft_config[adapter_name]
         # matching by target_modules (a state_dict, as diffusers passes, names its modules exactly); PEFT skips
         # what lies inside its existing tuner layers, and warns about exclusions that matched nothing
-        by_config = kwargs.get("state_dict") is None and len(args) < 3
+        state_dict = kwargs.get("state_dict", args[2] if len(args) > 2 else None)
+        by_config = state_dict is None
+        _refuse_weight_delta_targets(model, config, state_dict)
         paths = visadapt_module_paths(model, outside_peft_layers=True) if by_config else []
         if not paths or not hasattr(config, "exclude_modules"):
             return original(self, model, adapter_name, *args, **kwargs)

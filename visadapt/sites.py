@@ -53,7 +53,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from visadapt.peft_compat import base_layer, named_layers
+from visadapt.peft_compat import base_layer, is_peft_layer, named_layers
 
 FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet", "timm_resnet")
 
@@ -110,6 +110,9 @@ class Site:
     rows: tuple[int, int] | None = None  # q/k/v: the output rows of the fused projection
     tap: str | None = None  # parallel: attribute name, on the host, of the module whose input feeds the adapter
     param: str | None = None  # weight: the parameter of the host that receives the delta
+    #: weight: a PEFT tuner layer wraps the attention holding this weight (PEFT's MultiheadAttention LoRA swaps
+    #: its weights at every call, which a parametrization cannot share; :func:`visadapt.inject.insert` refuses)
+    peft_wrapped: bool = False
 
     @property
     def name(self) -> str:
@@ -179,15 +182,17 @@ def _transformer_block_sites(
     if layout.get("qkv_param"):
         # Attention that reads a fused weight directly (nn.MultiheadAttention): weight deltas only.
         attn = get("attn")
+        wrapped = is_peft_layer(block.get_submodule(layout["attn"]))
         qkv_out = getattr(attn, layout["qkv_param"]).shape[0]
         per = qkv_out // 3
-        out.append(Site(sub("attn"), "qkv", index, dim, qkv_out, attn, "weight", tower, param=layout["qkv_param"]))
+        out.append(Site(sub("attn"), "qkv", index, dim, qkv_out, attn, "weight", tower, param=layout["qkv_param"],
+                        peft_wrapped=wrapped))
         for i, kind in enumerate("qkv"):
             out.append(Site(sub("attn"), kind, index, dim, per, attn, "weight", tower,
-                            rows=(i * per, (i + 1) * per), param=layout["qkv_param"]))
+                            rows=(i * per, (i + 1) * per), param=layout["qkv_param"], peft_wrapped=wrapped))
         proj = get("proj")
         out.append(Site(sub("proj"), "proj", index, proj.in_features, proj.out_features, proj, "weight", tower,
-                        param="weight"))
+                        param="weight", peft_wrapped=wrapped or is_peft_layer(block.get_submodule(layout["proj"]))))
     else:
         qkv = get("qkv")
         per = qkv.out_features // 3

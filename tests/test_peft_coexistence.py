@@ -507,6 +507,9 @@ def test_timm_peft_model_and_visadapt_act_together_and_unload_either(caplog):
         visadapt.set_active_adapters(peft_only, [])
         peft_out = peft_model(x)
         visadapt.set_active_adapters(peft_only, None)
+        both = peft_model(x)
+        # merge_and_unload folds PEFT's LoRA only: visadapt's, unmerged, still acts on the layers PEFT gives back
+        torch.testing.assert_close(copy.deepcopy(peft_model).merge_and_unload()(x), both, atol=1e-5, rtol=0)
     visadapt.merge(peft_model)
     merged_model = peft_model.merge_and_unload()
     with caplog.at_level(logging.WARNING, logger="visadapt.inject"):

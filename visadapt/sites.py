@@ -468,7 +468,8 @@ def module_sites(model: nn.Module, patterns: Sequence[str]) -> list[Site]:
     A module that is also a site of the family (e.g. a UNet ``to_q``, an open_clip ``out_proj`` read as a
     weight) gets that site, kind and attachment included; any other ``nn.Linear`` or ungrouped ``nn.Conv2d``
     gets a ``linear`` site of kind ``module``. Raises ``ValueError`` naming every pattern that matches no
-    such layer, so a misspelt target never adapts nothing silently.
+    such layer, so a misspelt target never adapts nothing silently. Paths are canonical: a layer PEFT has wrapped
+    matches under its own path (never ``...to_q.base_layer``) and its site is the real layer under the wrapper.
     """
     family = model_family(model)
     known: dict[str, Site] = {}

@@ -432,7 +432,7 @@ def test_alongside_diffusers_load_lora_weights(pipe, lora_a, tmp_path, base_imag
     x = torch.randn(1, 5, to_q.in_features)
     base = to_q.base_layer
     peft_delta = to_q.lora_B["peft_lora"](to_q.lora_A["peft_lora"](x)) * to_q.scaling["peft_lora"]
-    vis_delta = getattr(to_q, inject.ADAPTERS_ATTR)["vis"]["to_q"](x)  # hooked onto PEFT's wrapper
+    vis_delta = getattr(base, inject.ADAPTERS_ATTR)["vis"]["to_q"](x)  # hooked onto the layer PEFT wraps
     with torch.no_grad():
         torch.testing.assert_close(to_q(x), nn.functional.linear(x, base.weight, base.bias) + peft_delta + vis_delta)
 

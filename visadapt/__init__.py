@@ -55,3 +55,7 @@ __all__ = [
 from visadapt import diffusers as _diffusers_loader
 
 _diffusers_loader.install()
+# PEFT's inject_adapter and diffusers' load_lora_adapter / add_adapter refuse names visadapt uses (on import)
+from visadapt import peft_compat as _peft_compat
+
+_peft_compat.install()

@@ -1,4 +1,11 @@
-"""The user-facing calls: ``attach``, ``detach``, ``merge``, ``unmerge``, ``trainable_parameters``, ``summary``."""
+"""The user-facing calls: ``attach``, ``detach``, ``merge``, ``unmerge``, ``trainable_parameters``, ``summary``.
+
+Each takes the model itself or a ``peft.PeftModel`` wrapping it (``get_peft_model(vit, LoraConfig(...))``): visadapt
+then works on the model PEFT wraps (``get_base_model()``), on the real layers under PEFT's wrappers
+(:mod:`visadapt.peft_compat`), so both libraries' adapters act. PEFT's ``unload()`` keeps visadapt's adapters (they
+sit on the layers PEFT puts back); ``merge_and_unload()`` folds PEFT's only. Adapter names are one namespace: a name
+PEFT uses on the model is refused here, and PEFT/diffusers refuse one visadapt uses.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +17,12 @@ from torch import nn
 
 from visadapt import inject
 from visadapt.load_report import LoadReport
+from visadapt.peft_compat import (
+    canonical_path,
+    check_name_free_of_peft,
+    peft_owned_parameters,
+    unwrap_peft_model,
+)
 from visadapt.plugin import AdapterConfig, AdapterPlugin
 from visadapt.registry import get_plugin
 from visadapt.sites import model_family
@@ -47,7 +60,7 @@ def get_record(model: nn.Module, adapter_name: str) -> AttachedAdapter:
 def load_report(model: nn.Module, adapter_name: str = "default") -> LoadReport | None:
     """What the load that filled ``adapter_name`` matched, missed and skipped, per site (None for an adapter
     attached and trained here rather than loaded). ``print(visadapt.load_report(model))`` shows it."""
-    return get_record(model, adapter_name).load_report
+    return get_record(unwrap_peft_model(model), adapter_name).load_report
 
 
 def _resolve_plugin(plugin: str | type[AdapterPlugin] | AdapterPlugin) -> AdapterPlugin:
@@ -92,7 +105,12 @@ def attach(
     ``head`` when given (e.g. ``head="head"`` for a timm classifier); that head is saved with the adapter.
     The model's train/eval mode is kept, and new modules take the device and dtype of the model.
     Returns the resolved config.
+
+    ``model`` may be a ``peft.PeftModel``: the adapter goes on the model it wraps, at the real layers under PEFT's
+    wrappers, and PEFT's own adapter parameters keep their ``requires_grad``. An ``adapter_name`` PEFT already
+    uses on the model is refused (one namespace for both libraries).
     """
+    model = unwrap_peft_model(model)
     plugin_obj = _resolve_plugin(plugin)
     family = model_family(model)
     if family not in plugin_obj.families:
@@ -102,6 +120,7 @@ def attach(
     if adapter_name in records(model):
         raise ValueError(f"an adapter named {adapter_name!r} is already attached; detach it or pass another "
                          f"adapter_name")
+    check_name_free_of_peft(model, adapter_name)
     if head is not None:
         try:
             model.get_submodule(head)
@@ -111,7 +130,9 @@ def attach(
     cfg = build_config(plugin_obj, config, overrides)
 
     if _GRAD_FLAGS_ATTR not in model.__dict__:  # before attaching: parametrizations rename weights
-        model.__dict__[_GRAD_FLAGS_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
+        # canonical names: the flags find their parameter again after PEFT wrapped or unwrapped its layer
+        model.__dict__[_GRAD_FLAGS_ATTR] = {canonical_path(model, n): p.requires_grad
+                                            for n, p in model.named_parameters()}
     was_training = model.training
     try:
         plugin_obj.attach(model, cfg, adapter_name)
@@ -133,16 +154,20 @@ def attach(
 
 def _set_trainable(model: nn.Module) -> None:
     heads = tuple(f"{r.head}." for r in records(model).values() if r.head)
+    peft_owned = peft_owned_parameters(model)  # PEFT's adapters are PEFT's to freeze or train
     for name, param in model.named_parameters():
-        param.requires_grad_(inject.ADAPTERS_ATTR in name or name.startswith(heads))
+        if id(param) not in peft_owned:
+            param.requires_grad_(inject.ADAPTERS_ATTR in name or name.startswith(heads))
 
 
 def detach(model: nn.Module, adapter_name: str | None = None) -> None:
     """Remove one adapter (all when ``adapter_name`` is None), restoring the base model exactly.
 
     Merged adapters are unmerged first. When the last adapter goes, parameters get back the
-    ``requires_grad`` flags they had before the first :func:`attach`.
+    ``requires_grad`` flags they had before the first :func:`attach` (PEFT's adapter parameters keep theirs).
+    ``model`` may be a ``peft.PeftModel`` (see :func:`attach`).
     """
+    model = unwrap_peft_model(model)
     names = [adapter_name] if adapter_name is not None else list(records(model))
     for name in names:
         get_record(model, name)
@@ -153,8 +178,10 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> None:
         _set_trainable(model)
     else:
         flags = model.__dict__.pop(_GRAD_FLAGS_ATTR, {})
+        peft_owned = peft_owned_parameters(model)
         for name, param in model.named_parameters():
-            param.requires_grad_(flags.get(name, param.requires_grad))
+            if id(param) not in peft_owned:
+                param.requires_grad_(flags.get(canonical_path(model, name), param.requires_grad))
 
 
 def _names(model: nn.Module, adapter_name: str | None) -> list[str]:
@@ -178,7 +205,12 @@ def merge(model: nn.Module, adapter_name: str | None = None, probe: Any = None) 
     after merging, in its current mode and without gradients. Then the largest absolute output difference the
     merge caused is returned (and logged): rounding in a bf16/fp16 model shows here, in the unit of the outputs.
     Without a probe, returns None.
+
+    ``model`` may be a ``peft.PeftModel`` (see :func:`attach`); the deltas go into the base layers' weights, where
+    PEFT's ``merge_adapter`` / diffusers' ``fuse_lora`` also write: unmerge in reverse order of merging to get the
+    weights back bit for bit (out of order, :func:`unmerge` subtracts instead and warns).
     """
+    model = unwrap_peft_model(model)
     for name in _names(model, adapter_name):
         plugin = get_record(model, name).plugin
         if not plugin.mergeable:
@@ -224,6 +256,7 @@ def set_weight(model: nn.Module, adapter_name: str, weight: float) -> None:
     anything between or beyond interpolates or extrapolates its deltas (see
     :func:`visadapt.inject.set_adapter_weight`). Unmerge a merged adapter first; merging folds the weighted
     delta, so merged and unmerged outputs stay equal."""
+    model = unwrap_peft_model(model)
     get_record(model, adapter_name)
     inject.set_adapter_weight(model, adapter_name, weight)
 
@@ -233,6 +266,7 @@ def set_active_adapters(model: nn.Module, adapter_names: str | list[str] | tuple
     stay attached, trainable and saveable but are skipped by the hooks, so they cost no time. Used to train one
     adapter per task on a shared frozen backbone. A merged adapter cannot be switched off (unmerge it first);
     held modules a plugin calls itself (heads) are the plugin's to call or not."""
+    model = unwrap_peft_model(model)
     every = list(records(model))
     if adapter_names is None:
         wanted = set(every)
@@ -249,19 +283,23 @@ def set_active_adapters(model: nn.Module, adapter_names: str | list[str] | tuple
 
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the attached adapters that run (all, unless :func:`set_active_adapters` switched some off)."""
+    model = unwrap_peft_model(model)
     return [name for name in records(model)
             if not inject.attached(model, name) or any(inject.is_active(i.module) for i in inject.attached(model, name))]
 
 
 def get_weight(model: nn.Module, adapter_name: str) -> float:
     """The runtime weight of ``adapter_name`` (1.0 unless :func:`set_weight` changed it)."""
+    model = unwrap_peft_model(model)
     get_record(model, adapter_name)
     items = inject.attached(model, adapter_name)
     return inject.adapter_weight(items[0].module) if items else 1.0
 
 
 def unmerge(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Undo :func:`merge`, in reverse order of adapters, restoring base weights bit for bit."""
+    """Undo :func:`merge`, in reverse order of adapters, restoring base weights bit for bit (``model`` may be a
+    ``peft.PeftModel``)."""
+    model = unwrap_peft_model(model)
     for name in reversed(_names(model, adapter_name)):
         plugin = get_record(model, name).plugin
         if plugin.mergeable:
@@ -305,7 +343,9 @@ def stored_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tenso
 
 
 def summary(model: nn.Module) -> Summary:
-    """Trainable / total parameter counts and the stored size of each attached adapter."""
+    """Trainable / total parameter counts and the stored size of each attached adapter (``model`` may be a
+    ``peft.PeftModel``: its PEFT parameters are counted in the totals)."""
+    model = unwrap_peft_model(model)
     per: dict[str, dict[str, Any]] = {}
     for name, record in records(model).items():
         tensors = stored_tensors(model, name)

@@ -24,10 +24,12 @@ fingerprint of the model it was trained on (family, depth and width, :func:`visa
 one component with that fingerprint receives it; an adapter for another architecture (an SDXL adapter on an SD1.5
 pipeline) is refused with both architectures named.
 
-diffusers' own LoRA adapters (``pipe.load_lora_weights``, PEFT backend) and visadapt adapters work side by side:
-visadapt never replaces modules, it hooks the layers in place (PEFT's wrappers included), so loading, fusing or
-unloading one kind leaves the other as it was. Fuse and unfuse in reverse order across the two kinds (visadapt's
-unfuse puts back the exact weights it overwrote, which would drop a diffusers LoRA fused after it).
+diffusers' own LoRA adapters (``pipe.load_lora_weights``, PEFT backend) and visadapt adapters work side by side, in
+either load order: visadapt never replaces modules, it hooks the real layers in place, under PEFT's wrappers
+(:mod:`visadapt.peft_compat`), so loading, fusing, deleting or unloading one kind leaves the other as it was.
+Adapter names are one namespace across the two. Fuse and unfuse in reverse order across the two kinds to get the
+weights back bit for bit (visadapt's unfuse puts back the exact weights it overwrote; when a diffusers LoRA was
+fused after it, it subtracts its delta instead, exact only to rounding, and warns).
 
 ``pipe.enable_xformers_memory_efficient_attention()`` is wrapped: it first probes whether xformers kernels really
 run on the pipeline's device (:func:`xformers_usable`) and, when they do not (xformers absent, no CUDA, or a wheel
@@ -54,6 +56,7 @@ from torch import nn
 
 from visadapt import api, formats, io
 from visadapt.attention import xformers_usable as _xformers_usable
+from visadapt.peft_compat import check_name_free_of_peft, peft_adapter_names
 from visadapt.sites import UnsupportedModelError, fingerprint, model_family
 
 logger = logging.getLogger(__name__)
@@ -260,8 +263,10 @@ def _owners(pipe, adapter_names: str | Sequence[str] | None) -> list[tuple[str, 
 
 
 def _default_adapter_name(pipe) -> str:
-    # as diffusers' get_adapter_name: default_<number of adapters already there>, skipping names in use
+    # as diffusers' get_adapter_name: default_<number of adapters already there>, skipping names in use, also
+    # those of diffusers' own LoRAs (one namespace: visadapt.peft_compat)
     taken = {name for names in _loaded(pipe).values() for name in names}
+    taken |= {name for module in _adaptable_components(pipe).values() for name in peft_adapter_names(module)}
     index = len(taken)
     while f"default_{index}" in taken:
         index += 1
@@ -378,6 +383,8 @@ class VisadaptLoaderMixin:
         if adapter_name in taken:
             raise ValueError(f"a visadapt adapter named {adapter_name!r} is already loaded on this pipeline; "
                              f"unload it (pipe.unload_visadapt({adapter_name!r})) or pass another adapter_name")
+        for module in candidates.values():  # one namespace with diffusers' own LoRAs (visadapt.peft_compat)
+            check_name_free_of_peft(module, adapter_name)
 
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, Mapping):

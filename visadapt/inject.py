@@ -12,11 +12,16 @@ change (``blocks.0.attn.qkv.weight`` stays ``blocks.0.attn.qkv.weight``). Each a
 
 Layers whose weight is read directly instead of called (``nn.MultiheadAttention.in_proj_weight``) get a
 :mod:`torch.nn.utils.parametrize` parametrization instead, ``W -> W + delta``, holding the same dict.
+
+Under a PEFT wrapper the host is the wrapper's ``base_layer`` (:mod:`visadapt.peft_compat`), and every path this
+module reports or writes (``Attached.host_path``, the keys of :func:`adapter_state`) is canonical: without PEFT's
+``.base_layer`` segments, so it is the same whether PEFT wraps the layer or not.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import re
 from typing import NamedTuple
@@ -33,7 +38,10 @@ from visadapt.load_report import (
     LoadReport,
     adapter_key_site,
 )
+from visadapt.peft_compat import canonical_path, peft_merge_state, resolve
 from visadapt.sites import Site
+
+logger = logging.getLogger(__name__)
 
 ADAPTERS_ATTR = "visadapt_adapters"
 _HOOKS_ATTR = "_visadapt_hook_handles"
@@ -43,6 +51,10 @@ _TAP_VALUE_ATTR = "_visadapt_branch_input"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # merge order of every merged delta module (a process-wide counter): unmerge needs to know what was stacked later
 _MERGE_ORDER_ATTR = "_visadapt_merge_order"
+# hash of the weight rows a merge wrote, and the PEFT merge state of the layer then: unmerge restores its exact
+# copy only when nobody wrote since, or PEFT is back in the same state (a fuse/unfuse round trip left rounding)
+_MERGED_HASH_ATTR = "_visadapt_merged_rows_hash"
+_MERGED_PEFT_ATTR = "_visadapt_merged_peft_state"
 _merge_counter = itertools.count()
 
 
@@ -107,6 +119,11 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
         if not hasattr(module, "delta_weight"):
             raise TypeError(f"site {site.name} takes weight deltas (LoRA-type modules) only, "
                             f"not {type(module).__name__}")
+        if site.peft_wrapped:
+            raise ValueError(f"site {site.name} is a weight of an attention layer PEFT has wrapped (its LoRA for "
+                             f"nn.MultiheadAttention swaps {site.param} at every call, which visadapt's weight delta "
+                             f"cannot share); attach visadapt to the MLP layers (fc1, fc2) there, or unload the PEFT "
+                             f"adapter first (peft_model.unload())")
         if getattr(module, "dropout", None) is not None and not isinstance(module.dropout, nn.Identity):
             raise ValueError(f"site {site.name} is a weight read directly by its layer ({site.param}); a LoRA "
                              f"there cannot apply dropout to the layer input: set dropout=0")
@@ -194,7 +211,7 @@ def sync_hooks(owner: nn.Module) -> None:
 
 def _sync_hosts(model: nn.Module, items: list) -> None:
     for path in dict.fromkeys(item.host_path for item in items):
-        sync_hooks(model.get_submodule(path))
+        sync_hooks(resolve(model, path))
 
 
 def is_active(module: nn.Module) -> bool:
@@ -316,7 +333,8 @@ class Attached:
 
 
 def attached(model: nn.Module, adapter_name: str | None = None) -> list[Attached]:
-    """Every attached delta module (of one adapter when ``adapter_name`` is given), in model order."""
+    """Every attached delta module (of one adapter when ``adapter_name`` is given), in model order; ``host_path``
+    is canonical (:func:`visadapt.peft_compat.canonical_path`: no PEFT ``.base_layer`` segment)."""
     found = []
     for path, owner in model.named_modules():
         store = owner._modules.get(ADAPTERS_ATTR)
@@ -325,9 +343,9 @@ def attached(model: nn.Module, adapter_name: str | None = None) -> list[Attached
         if isinstance(owner, WeightDelta):
             # path is "<host>.parametrizations.<param>.<i>"; the base tensor is the list's .original
             plist = model.get_submodule(path.rsplit(".", 1)[0])
-            base, host_path = plist.original, path.split(".parametrizations.")[0]
+            base, host_path = plist.original, canonical_path(model, path.split(".parametrizations.")[0])
         else:
-            base, host_path = getattr(owner, "weight", None), path
+            base, host_path = getattr(owner, "weight", None), canonical_path(model, path)
         for name, per_name in store.items():
             if adapter_name is not None and name != adapter_name:
                 continue
@@ -356,20 +374,58 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def _rows(weight: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return weight if rows is None else weight[rows[0]:rows[1]]
+
+
+def _rows_hash(rows: torch.Tensor) -> object:
+    # torch.hash_tensor (torch >= 2.9) xors the elements' 64-bit patterns: one pass, nothing kept; before it,
+    # two float64 sums (plain and position-weighted) tell a weight PEFT has fused into from the one merged here
+    if hasattr(torch, "hash_tensor"):
+        return int(torch.hash_tensor(rows.detach()).item())
+    flat = rows.detach().reshape(-1).double()
+    return (flat.sum().item(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype)).sum().item())
+
+
 def _merge_one(model: nn.Module, item: Attached) -> None:
     if hasattr(item.module, "merge_into_host"):  # needs more of its host than the weight (a norm's bias)
-        item.module.merge_into_host(model.get_submodule(item.host_path))
+        item.module.merge_into_host(resolve(model, item.host_path))
     else:
         item.module.merge_into(item.base_weight.data, item.module.site_rows)
+        item.module.__dict__[_MERGED_HASH_ATTR] = _rows_hash(_rows(item.base_weight.data, item.module.site_rows))
+        item.module.__dict__[_MERGED_PEFT_ATTR] = peft_merge_state(model, item.host_path)
     item.module.__dict__[_MERGE_ORDER_ATTR] = next(_merge_counter)
 
 
 def _unmerge_one(model: nn.Module, item: Attached) -> None:
-    if hasattr(item.module, "unmerge_from_host"):
-        item.module.unmerge_from_host(model.get_submodule(item.host_path))
+    module = item.module
+    if hasattr(module, "unmerge_from_host"):
+        module.unmerge_from_host(resolve(model, item.host_path))
     else:
-        item.module.unmerge_from(item.base_weight.data, item.module.site_rows)
-    item.module.__dict__.pop(_MERGE_ORDER_ATTR, None)
+        merged_hash = module.__dict__.pop(_MERGED_HASH_ATTR, None)
+        peft_then = module.__dict__.pop(_MERGED_PEFT_ATTR, None)
+        target = _rows(item.base_weight.data, module.site_rows)
+        peft_now = peft_merge_state(model, item.host_path)
+        if (merged_hash is not None and hasattr(module, "delta_weight") and getattr(module, "merged", False)
+                and _rows_hash(target) != merged_hash
+                and not (peft_now is not None and peft_now == (peft_then or (peft_now[0], frozenset())))):
+            # Someone wrote into the weight after this merge: PEFT's fuse_lora / merge_and_unload fold into the
+            # same base_layer.weight. Unless the same PEFT layer is back in the merge state it had then (a fuse
+            # and unfuse in between leave only rounding, which the exact copy removes), putting back the copy
+            # taken at merge time would erase what PEFT wrote or re-add what it took off: take off this delta
+            # instead, as PEFT's own unmerge does (fp32; exact up to rounding).
+            logger.warning("visadapt: %s was changed after adapter %r merged into it (PEFT fuse/unfuse?); "
+                           "unmerging by subtracting its delta, which is exact only up to rounding. Unfuse in "
+                           "reverse order of fusing to restore weights bit for bit", item.host_path,
+                           item.adapter_name)
+            with torch.no_grad():
+                delta = module.delta_weight(torch.float32) * adapter_weight(module)
+                target.copy_((target.float() - delta).to(target.dtype))
+            module._unmerged_rows = None
+            module.merged = False
+        else:
+            module.unmerge_from(item.base_weight.data, module.site_rows)
+    module.__dict__.pop(_MERGE_ORDER_ATTR, None)
 
 
 def _merge_order(item: Attached) -> int:
@@ -463,6 +519,8 @@ def adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor
     for key, tensor in model.state_dict(keep_vars=False).items():
         match = _KEY_RE.search(key)
         if match and match.group(2) == adapter_name:
+            key = canonical_path(model, key)  # the same key with or without a PEFT wrapper around the host
+            match = _KEY_RE.search(key)
             state[key[: match.start()] + f"{match.group(1)}{ADAPTERS_ATTR}." + key[match.end():]] = tensor
     return state
 
@@ -487,7 +545,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter
     expected = adapter_state(model, adapter_name)
     fits = report.compare(state, expected, skip=skip)
     report.enforce(strict)
-    targets = model.state_dict(keep_vars=True)
+    targets = {canonical_path(model, key): tensor for key, tensor in model.state_dict(keep_vars=True).items()
+               if ADAPTERS_ATTR in key}
     with torch.no_grad():
         for key in fits:
             targets[_named_key(key, adapter_name)].copy_(state[key])
@@ -503,7 +562,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter
 def quantized_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, QuantizedLinear]]:
     """``(weight key as in adapter_state, layer)`` for every quantised matrix of the adapter, in model order."""
     marker = f"{ADAPTERS_ATTR}.{adapter_name}."
-    return [(_unnamed(f"{path}.weight", adapter_name), module) for path, module in model.named_modules()
+    return [(_unnamed(f"{canonical_path(model, path)}.weight", adapter_name), module)
+            for path, module in model.named_modules()
             if isinstance(module, QuantizedLinear) and marker in path]
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.load_report import AdapterLoadError, LoadReport
+from visadapt.peft_compat import unwrap_peft_model
 from visadapt.registry import get_plugin
 from visadapt.sites import fingerprint
 
@@ -61,6 +62,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """
     from visadapt import __version__
 
+    model = unwrap_peft_model(model)  # a peft.PeftModel: the model it wraps, where visadapt's adapters are
     record = api.get_record(model, adapter_name)
     path = Path(path)
     if path.is_dir():
@@ -241,6 +243,7 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
     the base model, the site widths, the head. ``source`` names the tensors in messages.
     """
     path = source
+    model = unwrap_peft_model(model)  # a peft.PeftModel: the adapter goes on the model it wraps
     _check_visadapt_metadata(path, meta)
     if meta.get("tensors_sha256") and tensors_digest(tensors) != meta["tensors_sha256"]:
         raise AdapterFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")

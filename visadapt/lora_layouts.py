@@ -263,8 +263,13 @@ def fitting_loras(model: nn.Module, loras: Mapping[str, LoraWeights], report: Lo
     """The LoRAs of ``loras`` whose module exists in ``model`` as a Linear / Conv2d of a fitting shape (``down``
     ``(r, in[, kh, kw])`` against the weight's input side, ``up`` ``(out, r[, 1, 1])`` against its output side);
     every module is recorded in ``report`` by its file keys: matched, unexpected (no such module, or not a layer
-    LoRA applies to) or a shape mismatch naming both shapes."""
-    modules = dict(model.named_modules())
+    LoRA applies to) or a shape mismatch naming both shapes.
+
+    Paths are canonical (:func:`visadapt.peft_compat.named_layers`): a layer PEFT has wrapped (``pipe.load_lora_weights``
+    before, adapters left by ``delete_adapters``) is found under its own path as the real layer under the wrapper."""
+    from visadapt.peft_compat import named_layers
+
+    modules = dict(named_layers(model))
     fits = {}
     for path, weights in loras.items():
         keys = weights.keys or (f"{path}.lora_down", f"{path}.lora_up")

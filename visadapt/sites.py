@@ -31,6 +31,10 @@ its residual block counted over all stages; the stem belongs to block 0.
 :func:`module_sites` offers any ``nn.Linear`` / ungrouped ``nn.Conv2d`` by its module path (PEFT's
 ``target_modules``), for LoRA files that name their modules rather than site kinds.
 
+A layer PEFT has wrapped (``pipe.load_lora_weights``, ``get_peft_model``) is offered as the real layer under the
+wrapper (its ``base_layer``), at the path it had before PEFT wrapped it (:mod:`visadapt.peft_compat`): visadapt's
+adapters then survive PEFT unloading its own, and their paths are the same with or without PEFT.
+
 Each :class:`Site` says *how* an adapter attaches there (see :mod:`visadapt.inject`):
 ``output`` (add ``f(y)`` to the host's output ``y``), ``input`` (replace the host's input ``x`` by
 ``x + f(x)``), ``parallel`` (add ``f(x_branch)`` to the block output, ``x_branch`` being the input of
@@ -48,6 +52,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from visadapt.peft_compat import base_layer, is_peft_layer, named_layers
 
 FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet", "timm_resnet")
 
@@ -104,6 +110,9 @@ class Site:
     rows: tuple[int, int] | None = None  # q/k/v: the output rows of the fused projection
     tap: str | None = None  # parallel: attribute name, on the host, of the module whose input feeds the adapter
     param: str | None = None  # weight: the parameter of the host that receives the delta
+    #: weight: a PEFT tuner layer wraps the attention holding this weight (PEFT's MultiheadAttention LoRA swaps
+    #: its weights at every call, which a parametrization cannot share; :func:`visadapt.inject.insert` refuses)
+    peft_wrapped: bool = False
 
     @property
     def name(self) -> str:
@@ -152,7 +161,7 @@ def _transformer_block_sites(
     out: list[Site] = []
 
     def get(name: str) -> nn.Module:
-        return block.get_submodule(layout[name])
+        return base_layer(block.get_submodule(layout[name]))  # the real layer, also under a PEFT wrapper
 
     def sub(name: str) -> str:
         return f"{path}.{layout[name]}"
@@ -173,15 +182,17 @@ def _transformer_block_sites(
     if layout.get("qkv_param"):
         # Attention that reads a fused weight directly (nn.MultiheadAttention): weight deltas only.
         attn = get("attn")
+        wrapped = is_peft_layer(block.get_submodule(layout["attn"]))
         qkv_out = getattr(attn, layout["qkv_param"]).shape[0]
         per = qkv_out // 3
-        out.append(Site(sub("attn"), "qkv", index, dim, qkv_out, attn, "weight", tower, param=layout["qkv_param"]))
+        out.append(Site(sub("attn"), "qkv", index, dim, qkv_out, attn, "weight", tower, param=layout["qkv_param"],
+                        peft_wrapped=wrapped))
         for i, kind in enumerate("qkv"):
             out.append(Site(sub("attn"), kind, index, dim, per, attn, "weight", tower,
-                            rows=(i * per, (i + 1) * per), param=layout["qkv_param"]))
+                            rows=(i * per, (i + 1) * per), param=layout["qkv_param"], peft_wrapped=wrapped))
         proj = get("proj")
         out.append(Site(sub("proj"), "proj", index, proj.in_features, proj.out_features, proj, "weight", tower,
-                        param="weight"))
+                        param="weight", peft_wrapped=wrapped or is_peft_layer(block.get_submodule(layout["proj"]))))
     else:
         qkv = get("qkv")
         per = qkv.out_features // 3
@@ -232,7 +243,7 @@ def _timm_vit_sites(model: nn.Module) -> list[Site]:
     for i, block in enumerate(model.blocks):
         _check_block(block, _TIMM_VIT_LAYOUT, "timm_vit")
         sites += _transformer_block_sites(block, f"blocks.{i}", i, None, _TIMM_VIT_LAYOUT)
-    head = getattr(model, "head", None)
+    head = base_layer(getattr(model, "head", None))
     if isinstance(head, nn.Linear):
         # A module here *replaces* the classifier (e.g. a quantised head): how="replace".
         sites.append(Site("head", "head", len(model.blocks), head.in_features, head.out_features, head, "replace"))
@@ -289,11 +300,12 @@ def _open_clip_sites(model: nn.Module) -> list[Site]:
 def _unet_sites(model: nn.Module) -> list[Site]:
     sites: list[Site] = []
     resnet_index = attn_index = 0
-    for path, module in model.named_modules():
+    # canonical paths, PEFT's own modules skipped; every layer read below is unwrapped to PEFT's base layer
+    for path, module in named_layers(model):
         cls = type(module).__name__
         if cls == "ResnetBlock2D":
             for kind in ("conv1", "conv2"):
-                conv = getattr(module, kind)
+                conv = base_layer(getattr(module, kind))
                 sites.append(Site(f"{path}.{kind}", kind, resnet_index, conv.in_channels, conv.out_channels,
                                   conv, "linear"))
             for norm_name in ("norm1", "norm2"):
@@ -302,18 +314,19 @@ def _unet_sites(model: nn.Module) -> list[Site]:
                     sites.append(Site(f"{path}.{norm_name}", "norm", resnet_index, norm.num_channels,
                                       norm.num_channels, norm, "replace"))
             resnet_index += 1
-        elif cls in ("Downsample2D", "Upsample2D") and isinstance(getattr(module, "conv", None), nn.Conv2d):
+        elif cls in ("Downsample2D", "Upsample2D") and isinstance(base_layer(getattr(module, "conv", None)),
+                                                                  nn.Conv2d):
             # the block's resolution change; numbered with the ResNet block before it, so depth is unchanged
             kind = "downsample" if cls == "Downsample2D" else "upsample"
-            conv = module.conv
+            conv = base_layer(module.conv)
             sites.append(Site(f"{path}.conv", kind, max(resnet_index - 1, 0), conv.in_channels, conv.out_channels,
                               conv, "linear"))
         elif cls == "Attention" and hasattr(module, "to_q"):
             for kind in ("to_q", "to_k", "to_v"):
-                lin = getattr(module, kind)
+                lin = base_layer(getattr(module, kind))
                 sites.append(Site(f"{path}.{kind}", kind, attn_index, lin.in_features, lin.out_features, lin,
                                   "linear"))
-            out = module.to_out[0]
+            out = base_layer(module.to_out[0])
             sites.append(Site(f"{path}.to_out.0", "to_out", attn_index, out.in_features, out.out_features, out,
                               "linear"))
             attn_index += 1
@@ -324,6 +337,7 @@ def _unet_sites(model: nn.Module) -> list[Site]:
 
 
 def _conv_site(path: str, kind: str, index: int, conv: nn.Module) -> Site:
+    conv = base_layer(conv)
     if not isinstance(conv, nn.Conv2d):
         raise UnsupportedModelError(f"timm_resnet: {path} is a {type(conv).__name__}, not an nn.Conv2d; visadapt "
                                     f"supports ResNets whose stem and block convolutions are plain Conv2d layers")
@@ -331,6 +345,7 @@ def _conv_site(path: str, kind: str, index: int, conv: nn.Module) -> Site:
 
 
 def _bn_site(path: str, index: int, norm: nn.Module) -> list[Site]:
+    norm = base_layer(norm)
     # exactly BatchNorm2d: subclasses such as timm's BatchNormAct2d fold an activation into forward, which a
     # module replacing the output would drop
     if type(norm) is nn.BatchNorm2d and norm.affine:
@@ -340,10 +355,10 @@ def _bn_site(path: str, index: int, norm: nn.Module) -> list[Site]:
 
 def _timm_resnet_sites(model: nn.Module) -> list[Site]:
     sites: list[Site] = []
-    stem = model.conv1
+    stem = base_layer(model.conv1)
     if isinstance(stem, nn.Sequential):  # deep stems ("resnet50d"): three convolutions, all stem sites
         for name, layer in stem.named_children():
-            if isinstance(layer, nn.Conv2d):
+            if isinstance(base_layer(layer), nn.Conv2d):
                 sites.append(_conv_site(f"conv1.{name}", "stem", 0, layer))
             else:
                 sites += _bn_site(f"conv1.{name}", 0, layer)
@@ -363,12 +378,12 @@ def _timm_resnet_sites(model: nn.Module) -> list[Site]:
             shortcut = getattr(block, "downsample", None)
             if isinstance(shortcut, nn.Sequential):
                 for name, layer in shortcut.named_children():
-                    if isinstance(layer, nn.Conv2d):
+                    if isinstance(base_layer(layer), nn.Conv2d):
                         sites.append(_conv_site(f"{path}.downsample.{name}", "downsample", index, layer))
                     else:
                         sites += _bn_site(f"{path}.downsample.{name}", index, layer)
             index += 1
-    head = getattr(model, "fc", None)
+    head = base_layer(getattr(model, "fc", None))
     if isinstance(head, nn.Linear):
         sites.append(Site("fc", "head", index, head.in_features, head.out_features, head, "replace"))
     return sites
@@ -453,7 +468,8 @@ def module_sites(model: nn.Module, patterns: Sequence[str]) -> list[Site]:
     A module that is also a site of the family (e.g. a UNet ``to_q``, an open_clip ``out_proj`` read as a
     weight) gets that site, kind and attachment included; any other ``nn.Linear`` or ungrouped ``nn.Conv2d``
     gets a ``linear`` site of kind ``module``. Raises ``ValueError`` naming every pattern that matches no
-    such layer, so a misspelt target never adapts nothing silently.
+    such layer, so a misspelt target never adapts nothing silently. Paths are canonical: a layer PEFT has wrapped
+    matches under its own path (never ``...to_q.base_layer``) and its site is the real layer under the wrapper.
     """
     family = model_family(model)
     known: dict[str, Site] = {}
@@ -462,7 +478,8 @@ def module_sites(model: nn.Module, patterns: Sequence[str]) -> list[Site]:
         if site.rows is None and site.how in ("linear", "weight"):
             known.setdefault(site.path, site)
     sites, unmatched = [], []
-    layers = [(path, m) for path, m in model.named_modules()
+    # canonical paths of the real layers: a layer PEFT wrapped is offered (and matched) as it was before
+    layers = [(path, m) for path, m in named_layers(model)
               if isinstance(m, (nn.Linear, nn.Conv2d)) and "visadapt_" not in path]
     chosen: dict[str, Site] = {}
     for pattern in patterns:

@@ -421,3 +421,33 @@ def test_peft_in_memory_state_dict_needs_its_config(tmp_path):
                             metadata={"adapter_config": (folder / "adapter_config.json").read_text()})
     theirs = PeftModel.from_pretrained(copy.deepcopy(vit), folder).eval()
     assert (vit_output(model) - vit_output(theirs)).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- rsLoRA
+
+
+def test_rslora_scaling_is_shared_by_forward_merge_and_the_batched_path():
+    from visadapt.layers import add_lora_deltas
+
+    torch.manual_seed(0)
+    lora = LoRA(16, 24, rank=4, alpha=6.0, rslora=True)
+    torch.nn.init.normal_(lora.B.weight, std=0.3)
+    assert lora.scaling == pytest.approx(6.0 / 2.0) and LoRA(16, 24, 4, 6.0).scaling == pytest.approx(1.5)
+    x = torch.randn(3, 16)
+    expected = (x @ lora.A.weight.t() @ lora.B.weight.t()) * 3.0
+    torch.testing.assert_close(lora(x), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x @ lora.delta_weight().t(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(add_lora_deltas(torch.zeros(3, 24), x, [lora]), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(add_lora_deltas(torch.zeros(3, 24), x, [lora, lora]), 2 * expected, atol=1e-5, rtol=0)
+
+    vit = tiny_models.vit().eval()
+    base = vit_output(vit)
+    visadapt.attach(vit, "lora", rank=4, alpha=8.0, targets=("qkv", "fc1"), use_rslora=True)
+    with torch.no_grad():
+        for name, param in vit.named_parameters():
+            if "visadapt_adapters" in name:
+                param.normal_(std=0.2)
+    unmerged = vit_output(vit)
+    assert (unmerged - base).abs().max() > 1e-3
+    visadapt.merge(vit)
+    torch.testing.assert_close(vit_output(vit), unmerged, atol=1e-5, rtol=0)

@@ -1,30 +1,40 @@
-"""LoRA files in the layouts users meet, read into one form, attached as visadapt ``lora`` adapters, and written
-back in the layout diffusers' ``pipe.load_lora_weights`` reads.
+"""LoRA files in the layouts users meet, read as their producer reads them, attached as visadapt ``lora`` adapters,
+and written back in the layout diffusers' ``pipe.load_lora_weights`` reads.
 
-Layouts read by :func:`read_lora_state` (the module path is the diffusers UNet's, e.g.
+The ``diffusers_lora`` format (:class:`DiffusersLoraFormat`, :func:`attach_lora_state`) reads a LoRA file the way
+``pipe.load_lora_weights`` does, through diffusers' and PEFT's own functions (:func:`read_diffusers_lora`): kohya
+keys through ``_maybe_map_sgm_blocks_to_diffusers`` (SDXL ``input_blocks`` / ``middle_block`` / ``output_blocks``
+names, given the UNet's config) and ``_convert_non_diffusers_lora_to_diffusers``; older names through
+``convert_unet_state_dict_to_peft``; the config from the file's ``lora_adapter_metadata`` header (what
+``save_lora_weights(..., unet_lora_adapter_metadata=LoraConfig(...).to_dict())`` writes) or, without one, from
+diffusers' ``get_peft_kwargs`` (ranks, kohya ``.alpha`` tensors); each module's rank and alpha through PEFT's
+``get_pattern_key`` (regex keys, first match wins); ``use_rslora`` kept. The visadapt config then holds explicit full
+module paths. Layouts (the module path is the diffusers UNet's, e.g.
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``):
 
 ==========================  ==========================================================================================
-PEFT / diffusers            ``[unet.]<path>.lora_A[.<name>].weight``, ``[unet.]<path>.lora_B[.<name>].weight``, optional
-                            ``[unet.]<path>.alpha``; ``base_model.model.`` (PEFT ``save_pretrained``) is stripped too
+PEFT / diffusers            ``[unet.]<path>.lora_A.weight``, ``[unet.]<path>.lora_B.weight``; visadapt also reads
+                            ``[unet.]<path>.alpha`` scalars (diffusers refuses such keys)
 older diffusers             ``[unet.]<path>.lora.down.weight`` / ``.lora.up.weight`` (LoRA-compatible layers) and
                             ``<path>.lora_linear_layer.down.weight`` / ``.up.weight``
 diffusers attn-procs        ``<attention path>.processor.to_q_lora.down.weight`` / ``.up.weight`` (also ``to_k``,
                             ``to_v``, ``to_out`` -> ``to_out.0``), as ``unet.save_attn_procs`` wrote them
-kohya (sd-scripts)          ``lora_unet_<path with _ for .>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
-                            e.g. ResAdapter's released ``lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight``
-                            (diffusers naming; SDXL files in the original ``input_blocks_*`` naming are refused:
-                            convert them with diffusers first)
+kohya (sd-scripts)          ``lora_unet_<path with _ for .>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, in
+                            diffusers naming (SD 1.x, ResAdapter's release) or SDXL's original naming
+                            (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``)
 ==========================  ==========================================================================================
 
-Text-encoder entries (``text_encoder.`` / ``text_encoder_2.`` prefixes, kohya ``lora_te_`` / ``lora_te1_`` /
-``lora_te2_``) are returned separately in :attr:`LoraStateDict.text_encoder`; visadapt adapts the UNet, so
-:func:`attach_lora_state` refuses them with the fix rather than dropping them.
+PEFT ``save_pretrained`` folders (``adapter_config.json``) are the ``peft`` format (:mod:`visadapt.peft_format`).
+Refused with the reason: DoRA (``dora_scale``, ``lora_magnitude_vector``, ``use_dora``), LoRA biases and the other
+options :func:`visadapt.peft_format.check_lora_config` lists. Text-encoder entries (``text_encoder.`` /
+``text_encoder_2.``, kohya ``lora_te*_``) are reported, not dropped: visadapt adapts the UNet.
 
-Scaling: the delta of one module is ``(alpha / rank) * up @ down``. A file without an alpha for a module means
-``alpha = rank`` (scale 1), as in diffusers and kohya. Conv LoRA has a ``down`` convolution with the base's kernel
-(``(r, in, kh, kw)``, same stride and padding) and a 1x1 ``up`` (``(out, r, 1, 1)``), exactly
-:class:`visadapt.layers.LoRA` on a ``Conv2d``.
+:func:`read_lora_state` is the older hand-written key table, kept for layouts with more to them than a LoRA
+(ResAdapter's release, whose kohya names it resolves exactly against the model).
+
+Scaling: the delta of one module is ``(alpha / rank) * up @ down`` (``alpha / sqrt(rank)`` with rsLoRA). Conv LoRA
+has a ``down`` convolution with the base's kernel (``(r, in, kh, kw)``, same stride and padding) and a 1x1 ``up``
+(``(out, r, 1, 1)``), exactly :class:`visadapt.layers.LoRA` on a ``Conv2d``.
 """
 from __future__ import annotations
 

@@ -433,6 +433,9 @@ def read_diffusers_lora(unet: nn.Module, state: Mapping[str, torch.Tensor], *,
     # the UNet's part as diffusers' load_lora_adapter(prefix="unet") sees it, in lora_A / lora_B naming
     unet_keys = {new.removeprefix("unet."): original for new, original in origin.items()}
     peft_keys = convert_state_dict(convert_unet_state_dict_to_peft(unet_keys), _LINEAR_LAYER_TO_PEFT)
+    for original in sorted(set(unet_keys.values()) - set(peft_keys.values())):  # two namings of one tensor
+        report.add(original.rpartition(".")[0], original, UNEXPECTED,
+                   "names the same LoRA tensor as another key of the file (two layouts mixed)")
     pairs: dict[str, dict[str, str]] = {}
     for key, original in peft_keys.items():
         match = _PEFT_KEY.match(key)
@@ -445,7 +448,12 @@ def read_diffusers_lora(unet: nn.Module, state: Mapping[str, torch.Tensor], *,
                                       f"visadapt's LoRA does not have: load this file with pipe.load_lora_weights")
             report.add(key.rpartition(".")[0], original, UNEXPECTED, "fits no LoRA layout visadapt reads")
             continue
-        pairs.setdefault(match.group("path"), {})[match.group("role")] = key
+        roles = pairs.setdefault(match.group("path"), {})
+        if match.group("role") in roles:  # two layouts naming the same tensor: keep the first, report the other
+            report.add(match.group("path"), original, UNEXPECTED,
+                       f"repeats lora_{match.group('role')} of this module (also in {peft_keys[roles[match.group('role')]]!r})")
+            continue
+        roles[match.group("role")] = key
     unet_alphas = {k.removeprefix("unet."): v for k, v in network_alphas.items() if k.startswith("unet.")}
     loras: dict[str, LoraWeights] = {}
     rank_dict: dict[str, int] = {}

@@ -180,6 +180,13 @@ def test_kohya_alpha_differs_from_rank(base_pipe, tmp_path):
     assert visadapt.api.get_record(ours.unet, "ours").config.alpha == 2.0
     report = visadapt.load_report(ours.unet, "ours")
     assert report.ok and set(report.matched) == set(state)  # every key, the alphas included, is accounted for
+    # alphas that differ per module: diffusers' get_peft_kwargs keeps the most common one as the default and the
+    # others as patterns (its attention-processor alpha names match no module, so those take the default)
+    for i, key in enumerate(sorted(k for k in state if k.endswith(".alpha"))):
+        state[key] = torch.tensor([2.0, 2.0, 6.0, 1.0][i % 4])
+    save_file(state, tmp_path / "kohya" / "pytorch_lora_weights.safetensors")
+    ours = assert_same_as_diffusers(base_pipe, tmp_path / "kohya")
+    assert visadapt.api.get_record(ours.unet, "ours").config.alpha_pattern  # not one alpha for all
 
 
 def tiny_sdxl_unet():

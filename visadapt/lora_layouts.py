@@ -399,9 +399,8 @@ def read_diffusers_lora(unet: nn.Module, state: Mapping[str, torch.Tensor], *,
     """
     from diffusers.utils.peft_utils import _create_lora_config
     from diffusers.utils.state_dict_utils import convert_state_dict, convert_unet_state_dict_to_peft
-    from peft.utils.other import get_pattern_key
 
-    from visadapt.peft_format import check_lora_config
+    from visadapt.peft_format import check_lora_config, resolve_rank_alpha, warn_unused_patterns
 
     source = report.source
     for key, value in state.items():
@@ -501,10 +500,10 @@ def read_diffusers_lora(unet: nn.Module, state: Mapping[str, torch.Tensor], *,
     # diffusers passes the state dict to PEFT, which then targets exactly the file's modules: the config's
     # target-selecting fields do not apply
     check_lora_config(config, f"{source} (lora_adapter_metadata)", targets_from_state=True)
+    warn_unused_patterns(config, loras, source)
     fitting = {}
     for path, weights in loras.items():
-        rank = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), config.lora_alpha)
+        rank, alpha = resolve_rank_alpha(config, path)
         if rank != weights.rank:
             for key in weights.keys:
                 report.add(path, key, MISMATCHED, f"the file's config gives this module rank {rank}, its tensors "

@@ -41,7 +41,8 @@ has sites for (timm ViT with ``target_modules=["qkv"]``, diffusers UNets, ...).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -58,6 +59,8 @@ from visadapt.lora_layouts import (
     load_lora_weights_into,
     lora_config_for,
 )
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,6 +98,31 @@ def check_lora_config(config, source: str, *, targets_from_state: bool = False) 
     if targets is None or targets == "all-linear" or (not isinstance(targets, str) and "all-linear" in targets):
         raise LoraLayoutError(f"{source}: PEFT option target_modules={targets!r} is resolved by PEFT from "
                               f"transformers model types; name the modules (e.g. [\"qkv\"]) in {CONFIG_NAME}")
+
+
+def resolve_rank_alpha(config, path: str) -> tuple[int, float]:
+    r"""``(rank, alpha)`` PEFT gives module ``path`` under ``config``: ``LoraModel._create_and_replace``'s lookup
+    with PEFT's ``get_pattern_key`` (pattern keys are regexes matched as ``(.*\.)?(key)$``, the first wins)."""
+    from peft.utils.other import get_pattern_key
+
+    rank = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), config.lora_alpha)
+    return int(rank), float(alpha)
+
+
+def warn_unused_patterns(config, paths: Iterable[str], source: str) -> None:
+    """Log the ``rank_pattern`` / ``alpha_pattern`` keys that match none of ``paths`` (PEFT warns and ignores them
+    too; diffusers' kohya attention alphas end up here)."""
+    from peft.utils.other import get_pattern_key
+
+    paths = list(paths)
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, field) or {}
+        used = {get_pattern_key(list(pattern), path) for path in paths}
+        unused = [key for key in pattern if key not in used]
+        if unused:
+            logger.warning("%s: %s keys %s match no adapted module and are ignored, as PEFT ignores them",
+                           source, field, unused)
 
 
 def read_peft_config(raw: Mapping | str | bytes, source: str):
@@ -156,8 +184,6 @@ def load_peft_state(model: nn.Module, config, state: Mapping[str, torch.Tensor],
     tensors) and load it; return the :class:`~visadapt.plugins.lora.LoRAConfig`. Every key lands in a
     :class:`~visadapt.load_report.LoadReport` (on the record); ``strict`` raises on anything that does not fit,
     leaving ``model`` exactly as it was."""
-    from peft.utils.other import get_pattern_key
-
     report = LoadReport(source, f"adapter {adapter_name!r}")
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -186,14 +212,14 @@ def load_peft_state(model: nn.Module, config, state: Mapping[str, torch.Tensor],
                            "" if key not in present else "its partner tensor is missing")
             continue
         down, up = state[keys[0]], state[keys[1]]
-        rank = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), config.lora_alpha)
+        rank, alpha = resolve_rank_alpha(config, path)
         if down.dim() < 2 or up.dim() < 2 or down.shape[0] != rank or up.shape[1] != rank:
             for key in keys:
                 report.add(path, key, MISMATCHED, f"config rank {rank} vs tensors lora_A {tuple(down.shape)} / "
                                                   f"lora_B {tuple(up.shape)}")
             continue
         loras[path] = LoraWeights(down, up, float(alpha), keys)
+    warn_unused_patterns(config, paths, source)
     fits = fitting_loras(model, loras, report)
 
     head = None

@@ -485,8 +485,10 @@ def read_diffusers_lora(unet: nn.Module, state: Mapping[str, torch.Tensor], *,
         return DiffusersLora({}, False, None)
     unet_metadata = None
     if metadata is not None:
-        unet_metadata = {k.removeprefix("unet."): v for k, v in metadata.items() if k.startswith("unet.")}
-        if unet_alphas:
+        # a header describing only other components (text encoders) says nothing about the UNet's LoRA; diffusers
+        # would build LoraConfig() from it and fail on the missing target_modules
+        unet_metadata = {k.removeprefix("unet."): v for k, v in metadata.items() if k.startswith("unet.")} or None
+        if unet_metadata and unet_alphas:
             raise LoraLayoutError(f"{source} has both lora_adapter_metadata and alpha tensors; diffusers refuses "
                                   f"such a file too ('Both network_alphas and metadata cannot be specified')")
     elif not unet_alphas and default_alpha is not None:

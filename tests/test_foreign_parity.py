@@ -125,6 +125,12 @@ def test_diffusers_metadata_alpha_differs_from_rank(base_pipe, tmp_path):
     ours = assert_same_as_diffusers(base_pipe, folder)
     config = visadapt.api.get_record(ours.unet, "ours").config
     assert (config.rank, config.alpha, config.use_rslora) == (4, 8.0, False)
+    # the check: the image after 2 DDIM steps, load_lora_weights vs load_visadapt
+    theirs = copy.deepcopy(base_pipe)
+    theirs.load_lora_weights(folder)
+    images = [p("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images for p in (theirs, ours)]
+    assert abs(images[0] - images[1]).max() <= 1e-5
     # without the header (the old behaviour) the scale would be 1 instead of 2: the test can tell them apart
     plain = copy.deepcopy(base_pipe)
     plain.load_visadapt(state)
@@ -458,3 +464,12 @@ def test_rslora_scaling_is_shared_by_forward_merge_and_the_batched_path():
     assert (unmerged - base).abs().max() > 1e-3
     visadapt.merge(vit)
     torch.testing.assert_close(vit_output(vit), unmerged, atol=1e-5, rtol=0)
+
+
+def test_every_peft_lora_config_field_has_a_decision():
+    import dataclasses
+
+    from visadapt import peft_format
+
+    undecided = [f.name for f in dataclasses.fields(LoraConfig) if f"``{f.name}``" not in peft_format.__doc__]
+    assert not undecided, f"PEFT LoraConfig fields without a decision in visadapt.peft_format: {undecided}"

@@ -23,10 +23,10 @@ ignored, with the reason       ``task_type``, ``auto_mapping``, ``base_model_nam
                                ``megatron_core``, ``qalora_group_size``, ``runtime_config`` (only read together
                                with an option refused below or at training time)
 refused, naming option/file    ``peft_type`` other than LORA; ``use_dora``; ``lora_bias``; ``bias`` other than
-                               "none"; ``fan_in_fan_out=True``; ``target_parameters``; ``megatron_config``;
+                               "none"; ``fan_in_fan_out`` True; ``target_parameters``; ``megatron_config``;
                                ``layer_replication``; ``trainable_token_indices``; ``alora_invocation_tokens``;
                                ``use_qalora``; ``use_bdlora``; ``velora_config``; ``arrow_config``; ``kasa_config``;
-                               ``monteclora_config``; ``ensure_weight_tying=True``; ``init_lora_weights`` "pissa*",
+                               ``monteclora_config``; ``ensure_weight_tying`` True; ``init_lora_weights`` "pissa*",
                                "olora", "corda", "loftq", "eva", "lora_ga" (these change the *base* weights);
                                ``target_modules`` None or "all-linear" (PEFT resolves them from transformers model
                                types only); ``modules_to_save`` matching several modules; fields this PEFT does not

@@ -3,14 +3,17 @@
 Targets are site kinds (:mod:`visadapt.sites`): ``q``, ``k``, ``v`` are row slices of a fused ``qkv``
 projection (timm) or of ``nn.MultiheadAttention.in_proj_weight`` (open_clip); on diffusers UNets the same
 names map to ``to_q``/``to_k``/``to_v``/``to_out``, and ``conv1``/``conv2`` adapt ResNet convolutions.
-``scaling = alpha / rank`` in both the unmerged forward and the merge (:class:`visadapt.layers.LoRA`).
+``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``) in both the unmerged forward and the merge
+(:class:`visadapt.layers.LoRA`).
 ``bits < 32`` trains ``A`` and ``B`` through the shared k-bit quantiser (linear layers only) and stores them
 packed, as the 1-bit adapters do; merging then folds the quantised product into the base weight.
 
 As in PEFT, ``target_modules`` names host modules by path instead of site kinds (what LoRA files in the
 diffusers/PEFT or kohya layouts do, see :mod:`visadapt.lora_layouts`), and ``rank_pattern`` /
 ``alpha_pattern`` give some modules a rank / alpha of their own; a pattern key matches a module whose path
-equals it or ends with ``"." + key``, the longest matching key winning.
+equals it or ends with ``"." + key``, the longest matching key winning. (PEFT's own pattern keys are regular
+expressions, first match winning; the foreign loaders of :mod:`visadapt.lora_layouts` and
+:mod:`visadapt.peft_format` resolve them against the model and store explicit full paths here.)
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class LoRAConfig(AdapterConfig):
         "help": "{module path or dotted suffix: rank} for modules whose rank differs from rank (PEFT)"})
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={
         "help": "{module path or dotted suffix: alpha} for modules whose alpha differs from alpha (PEFT)"})
+    use_rslora: bool = config_field(False, "rank-stabilised LoRA (PEFT use_rslora): scale by alpha / sqrt(rank) "
+                                           "instead of alpha / rank")
 
     def validate(self) -> None:
         check_positive_int("rank", self.rank)
@@ -97,4 +102,5 @@ class LoRAPlugin(AdapterPlugin):
             conv = site.host if isinstance(site.host, nn.Conv2d) else None
             rank, alpha = config.rank_alpha(site.path)
             insert(site, adapter_name, LoRA(site.in_features, site.out_features, rank, alpha,
-                                            config.dropout, conv=conv, bits=config.bits))
+                                            config.dropout, conv=conv, bits=config.bits,
+                                            rslora=config.use_rslora))

@@ -217,7 +217,7 @@ def merge_experts(model: nn.Module, experts: Sequence[str], method: str = "avera
     base = api.get_record(model, experts[0]).config.to_dict()
     fields = {f.name for f in dataclasses.fields(LoRAConfig)}
     config = {k: v for k, v in base.items() if k in fields}
-    config.update(rank=merged_rank, alpha=float(merged_rank), dropout=0.0, bits=32)
+    config.update(rank=merged_rank, alpha=float(merged_rank), dropout=0.0, bits=32, use_rslora=False)
     for key in ("rank_pattern", "alpha_pattern"):  # one rank for every site of the merged adapter
         if key in config:
             config[key] = {}

@@ -224,7 +224,8 @@ def test_diffusers_lora_format_loads_a_file_and_saves_to_visadapt(tmp_path):
     assert "pytorch_lora_weights.safetensors" in formats.known_file_names()
     config = found.load(pipe.unet, files, None, "community")
     assert set(config.target_modules) == {TO_Q, DOWNSAMPLE}
-    assert config.rank_alpha(TO_Q) == (4, 4.0) and config.rank_alpha(DOWNSAMPLE) == (4, 2.0)
+    # as diffusers' get_peft_kwargs: when a file's alphas all agree, that alpha is every module's (to_q included)
+    assert config.rank_alpha(TO_Q) == (4, 2.0) and config.rank_alpha(DOWNSAMPLE) == (4, 2.0)
     adapted = generate(pipe)
     assert abs(adapted - base).max() > 1e-3
 
@@ -235,3 +236,13 @@ def test_diffusers_lora_format_loads_a_file_and_saves_to_visadapt(tmp_path):
     assert generate(pipe) == pytest.approx(adapted, abs=1e-6)
     # a folder without any LoRA file is no diffusers_lora checkpoint
     assert not formats.get_format("diffusers_lora").detect({"notes.txt": tmp_path / "notes.txt"}, None)
+
+
+def test_two_layouts_naming_one_tensor_are_reported_not_silently_overwritten():
+    unet = create_tiny_sd_pipeline().unet
+    q_down, q_up = random_pair(32, 32, 4)
+    state = {f"unet.{TO_Q}.lora_A.weight": q_down, f"unet.{TO_Q}.lora_B.weight": q_up,
+             f"unet.{TO_Q}.lora.down.weight": q_down * 2}
+    with pytest.raises(LoraLayoutError, match=rf"unet.{TO_Q}.lora(_A|.down).weight  names the same LoRA tensor"):
+        attach_lora_state(unet, state, "x")
+    assert not visadapt.api.records(unet)

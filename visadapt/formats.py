@@ -8,6 +8,13 @@ adapter, so ``save_adapter`` afterwards writes the one visadapt file format.
 
 ``visadapt.diffusers``' ``pipe.load_visadapt`` reads visadapt files itself and asks these formats about
 anything else; plugins register their formats at import (``plugins/resadapter.py``, ``plugins/selma.py``).
+Built in: ``diffusers_lora`` (:mod:`visadapt.lora_layouts`: diffusers / kohya / older LoRA files, read with
+diffusers' converters and their ``lora_adapter_metadata`` header) and ``peft`` (:mod:`visadapt.peft_format`:
+``adapter_config.json`` + ``adapter_model.safetensors`` folders).
+
+In-memory state dicts: a format's :meth:`~CheckpointFormat.load` may take ``metadata=``, what the file's header
+(or, for ``peft``, its ``adapter_config.json``) would have said; call it through :func:`load_checkpoint`, which
+refuses metadata a format cannot read instead of dropping it.
 """
 from __future__ import annotations
 
@@ -46,7 +53,11 @@ class CheckpointFormat(abc.ABC):
         checkpoint and load its tensors; return the adapter's config. Every key goes into a
         :class:`~visadapt.load_report.LoadReport`, kept on the adapter's record (``record.load_report``) and
         enforced by its rule: ``strict`` raises with the report on anything that does not fit, leaving ``model``
-        exactly as it was; ``strict=False`` loads what fits and prints the rest; nothing fitting always raises."""
+        exactly as it was; ``strict=False`` loads what fits and prints the rest; nothing fitting always raises.
+
+        Formats that read header metadata accept ``metadata=`` (a ``{str: str}`` mapping, or None) for an
+        in-memory ``state``: ``diffusers_lora`` reads ``{"lora_adapter_metadata": "<json>"}``, ``peft``
+        ``{"adapter_config": "<adapter_config.json text>"}``. Use :func:`load_checkpoint` to pass it."""
 
 
 def register_format(name: str):
@@ -66,7 +77,8 @@ def register_format(name: str):
 
 def _discover() -> None:
     # the plugins that define formats register them at import; the LoRA layouts module registers its own
-    import visadapt.lora_layouts  # noqa: F401
+    import visadapt.lora_layouts
+    import visadapt.peft_format  # noqa: F401
     from visadapt.registry import _discover as discover_plugins
 
     discover_plugins()
@@ -101,3 +113,18 @@ def known_file_names() -> list[str]:
     for cls in _FORMATS.values():
         names.update(dict.fromkeys(cls.file_names))
     return list(names)
+
+
+def load_checkpoint(fmt: CheckpointFormat, model: nn.Module, files: Mapping[str, Path],
+                    state: Mapping[str, torch.Tensor] | None, adapter_name: str, strict: bool = True,
+                    metadata: Mapping[str, str] | None = None) -> AdapterConfig:
+    """``fmt.load(...)``, passing ``metadata`` (the header of an in-memory ``state``) only to formats that take
+    it; metadata given to a format that cannot read it raises rather than being dropped."""
+    import inspect
+
+    if metadata is None:
+        return fmt.load(model, files, state, adapter_name, strict=strict)
+    if "metadata" not in inspect.signature(fmt.load).parameters:
+        raise TypeError(f"checkpoint format {fmt.name!r} reads no metadata; metadata= cannot be honoured for it "
+                        f"(drop it, or save the adapter with visadapt.save_adapter)")
+    return fmt.load(model, files, state, adapter_name, strict=strict, metadata=metadata)

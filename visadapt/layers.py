@@ -87,8 +87,9 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
 class LoRA(nn.Module):
     """Low-rank delta ``scaling * B(A(dropout(x)))`` for an ``nn.Linear`` or ``nn.Conv2d`` base layer.
 
-    ``scaling = alpha / rank`` is the single source of the factor: :meth:`forward` and
-    :meth:`delta_weight` (hence merging) both use it, so merged and unmerged outputs agree.
+    ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora=True``: rank-stabilised LoRA, Kalajdzievski
+    2023, PEFT's ``use_rslora``) is the single source of the factor: :meth:`forward`, :meth:`delta_weight` (hence
+    merging) and the batched :func:`add_lora_deltas` all use it, so merged and unmerged outputs agree.
     With ``bits < 32`` (linear bases only) ``A`` and ``B`` are :class:`QuantizedLinear`, trained through the
     k-bit quantiser and stored packed; ``B`` then starts near zero (truncated normal, std 1e-3) because an
     all-zero matrix has no spread to standardise.
@@ -110,12 +111,14 @@ class LoRA(nn.Module):
         dropout: float = 0.0,
         conv: nn.Conv2d | None = None,
         bits: int = 32,
+        rslora: bool = False,
     ) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
         self.rank = rank
         self.alpha = alpha
+        self.rslora = rslora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if conv is not None:
             if conv.groups != 1:
@@ -143,7 +146,7 @@ class LoRA(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(self.dropout(x))) * self.scaling
@@ -184,7 +187,7 @@ class LoRA(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return f"rank={self.rank}, alpha={self.alpha}{', rslora=True' if self.rslora else ''}, merged={self.merged}"
 
 
 def batchable_lora(module: nn.Module) -> bool:

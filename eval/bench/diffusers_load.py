@@ -1,4 +1,5 @@
-"""``pipe.load_visadapt`` vs diffusers' ``pipe.load_lora_weights`` (PEFT backend) for the same LoRA, and the
+"""``pipe.load_visadapt`` vs diffusers' ``pipe.load_lora_weights`` (PEFT backend) for the same LoRA (as a visadapt
+file, and the *same* diffusers-format folder read by both loaders), and the
 pipeline step time of the base pipeline, a visadapt LoRA unfused and fused (and diffusers' LoRA unfused, for
 reference), measured in one run on one machine, printed as ratios.
 
@@ -105,6 +106,7 @@ def main() -> None:
 
         # ---- load time: a fresh copy of the pipeline per trial (copying is not timed), the two loaders in turn
         loads = {"visadapt": lambda p: p.load_visadapt(visadapt_file),
+                 "visadapt_diffusers_file": lambda p: p.load_visadapt(peft_folder, adapter_name="lora"),
                  "peft": lambda p: p.load_lora_weights(peft_folder, adapter_name="lora")}
         load_samples: dict[str, list[float]] = {name: [] for name in loads}
         for _ in range(args.load_repeats):
@@ -113,19 +115,24 @@ def main() -> None:
                 start = time.perf_counter()
                 load(pipe)
                 load_samples[name].append(time.perf_counter() - start)
-        t_visadapt, t_peft = (min(load_samples[name]) for name in ("visadapt", "peft"))
+        t_visadapt, t_same_file, t_peft = (min(load_samples[name])
+                                           for name in ("visadapt", "visadapt_diffusers_file", "peft"))
 
         # ---- same weights: both loaded pipelines give the same UNet output
         vis_pipe, peft_pipe = copy.deepcopy(base), copy.deepcopy(base)
         vis_pipe.load_visadapt(visadapt_file)
         peft_pipe.load_lora_weights(peft_folder, adapter_name="lora")
+        same_file_pipe = copy.deepcopy(base)
+        same_file_pipe.load_visadapt(peft_folder)
         latent = torch.randn(1, 4, args.size // 2, args.size // 2, generator=torch.Generator().manual_seed(0))
         context = torch.randn(1, 77, TEXT_CONFIG["hidden_size"], generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             out_vis = vis_pipe.unet(latent, 10, context).sample
             out_peft = peft_pipe.unet(latent, 10, context).sample
+            out_same_file = same_file_pipe.unet(latent, 10, context).sample
             out_base = base.unet(latent, 10, context).sample
         same = (out_vis - out_peft).abs().max().item()
+        same_file = (out_same_file - out_peft).abs().max().item()
         effect = (out_vis - out_base).abs().max().item()
 
     # ---- step time: the pipelines take turns, so load from other processes hits all of them alike
@@ -150,10 +157,13 @@ def main() -> None:
     steps = {name: min(values) for name, values in samples.items()}  # best of N: least disturbed
 
     print()
-    print(f"{'load (best of ' + str(args.load_repeats) + ')':<34}{'seconds':>10}{'ratio':>10}")
-    print(f"{'pipe.load_visadapt':<34}{t_visadapt:>10.4f}{1.0:>10.2f}")
-    print(f"{'pipe.load_lora_weights (PEFT)':<34}{t_peft:>10.4f}{t_peft / t_visadapt:>10.2f}")
-    print(f"same weights: max |UNet out visadapt - PEFT| = {same:.2e} (LoRA effect on the output: {effect:.2e})")
+    print(f"{'load (best of ' + str(args.load_repeats) + ')':<40}{'seconds':>10}{'ratio':>10}")
+    print(f"{'pipe.load_visadapt (visadapt file)':<40}{t_visadapt:>10.4f}{1.0:>10.2f}")
+    print(f"{'pipe.load_visadapt (diffusers folder)':<40}{t_same_file:>10.4f}{t_same_file / t_visadapt:>10.2f}")
+    print(f"{'pipe.load_lora_weights (same folder)':<40}{t_peft:>10.4f}{t_peft / t_visadapt:>10.2f}")
+    print(f"same diffusers folder: load_visadapt / load_lora_weights = {t_same_file / t_peft:.2f}x (target <= 1.0x)")
+    print(f"same weights: max |UNet out visadapt - PEFT| = {same:.2e}, diffusers folder read by visadapt - PEFT = "
+          f"{same_file:.2e} (LoRA effect on the output: {effect:.2e})")
     print()
     print(f"{'pipeline step (best of ' + str(args.step_repeats) + ')':<34}{'seconds':>10}{'vs base':>10}")
     for name, value in steps.items():

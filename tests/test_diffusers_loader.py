@@ -146,8 +146,7 @@ class UnmergeableLoRA(visadapt.get_plugin("lora")):
 def test_methods_installed_on_every_pipeline(pipe):
     from diffusers import DiffusionPipeline
 
-    for name in ("load_visadapt", "set_visadapt_weights", "fuse_visadapt", "unfuse_visadapt", "unload_visadapt",
-                 "list_visadapt", "save_visadapt"):
+    for name in loader._MIXIN_METHODS:
         assert getattr(DiffusionPipeline, name) is getattr(loader.VisadaptLoaderMixin, name)
     assert pipe.list_visadapt() == {}
 
@@ -245,7 +244,7 @@ def test_two_adapters_at_once(pipe, lora_a, lora_b, base_image):
     pipe.set_visadapt_weights("default_1", 0.0)
     assert torch.equal(generate(pipe), only_a)
     pipe.set_visadapt_weights("default_1", 1.0)
-    pipe.fuse_visadapt(["default_0"])
+    pipe.fuse_visadapt(adapter_names=["default_0"])
     torch.testing.assert_close(generate(pipe), both, atol=1e-5, rtol=1e-4)
     pipe.unload_visadapt("default_0")  # the fused one: unfused, then removed
     assert pipe.list_visadapt() == {"unet": ["default_1"]}
@@ -369,8 +368,8 @@ def test_missing_file_pickle_and_bad_arguments(pipe, lora_a, tmp_path):
     torch.save({"w": torch.zeros(2)}, pickled)
     with pytest.raises(io.AdapterFileError, match="pickle.*only reads safetensors"):
         pipe.load_visadapt(pickled)
-    with pytest.raises(TypeError, match="unexpected keyword argument.*low_cpu_mem_usage"):
-        pipe.load_visadapt(lora_a, low_cpu_mem_usage=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*low_cpu_memory"):
+        pipe.load_visadapt(lora_a, low_cpu_memory=True)
     with pytest.raises(ValueError, match="adaptable component.*unet"):
         pipe.load_visadapt(lora_a, component="vae")
     pipe.load_visadapt(lora_a, adapter_name="a")
@@ -382,7 +381,7 @@ def test_missing_file_pickle_and_bad_arguments(pipe, lora_a, tmp_path):
 def test_unknown_adapter_names(pipe, lora_a):
     pipe.load_visadapt(lora_a, adapter_name="a")
     for call in (lambda: pipe.set_visadapt_weights("b", 0.5), lambda: pipe.unload_visadapt("b"),
-                 lambda: pipe.fuse_visadapt(["a", "b"]), lambda: pipe.save_visadapt("b", "x.safetensors")):
+                 lambda: pipe.fuse_visadapt(adapter_names=["a", "b"]), lambda: pipe.save_visadapt("b", "x.safetensors")):
         with pytest.raises(KeyError, match=r"no visadapt adapter named 'b'.*loaded: 'a'"):
             call()
     assert pipe.list_visadapt() == {"unet": ["a"]}
@@ -398,7 +397,7 @@ def test_fusing_a_non_mergeable_adapter_raises_with_its_reason(pipe, lora_a, tmp
     with pytest.raises(ValueError, match="'u' \\(test_unmergeable_lora\\) cannot be fused: test plugin"):
         pipe.fuse_visadapt()
     assert_same_tensors(before, every_tensor(pipe))  # nothing fused, "a" included
-    pipe.fuse_visadapt("a")
+    pipe.fuse_visadapt(adapter_names="a")
 
 
 # ------------------------------------------------------------------------------- with diffusers' own LoRAs

@@ -235,13 +235,15 @@ def _load_visadapt_file(pipe, path: Path, candidates: dict[str, nn.Module], adap
 
 
 def _load_foreign(pipe, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None,
-                  candidates: dict[str, nn.Module], adapter_name: str, what: str, strict: bool = True) -> str:
-    """Hand ``files`` / ``state`` to the registered format that recognises them, on the first component it fits."""
+                  candidates: dict[str, nn.Module], adapter_name: str, what: str, strict: bool = True,
+                  metadata: Mapping[str, str] | None = None) -> str:
+    """Hand ``files`` / ``state`` (with the ``metadata`` of an in-memory state dict) to the registered format that
+    recognises them, on the first component it fits."""
     fmt, files, state = hub.find_foreign_format(files, state, what)
     errors = []
     for component, module in candidates.items():
         try:
-            fmt.load(module, files, state, adapter_name, strict=strict)
+            hub.load_foreign(fmt, module, files, state, adapter_name, strict=strict, metadata=metadata)
         except Exception as err:  # the format left the component as it was; try the next one
             if len(candidates) == 1:
                 raise
@@ -273,7 +275,7 @@ def _load_source(pipe, source: Any, candidates: dict[str, nn.Module], adapter_na
         if metadata is not None and metadata.get("format") == io.FORMAT:
             return _load_visadapt_state(pipe, source, metadata, candidates, adapter_name, strict)
         return _load_foreign(pipe, {}, source, candidates, adapter_name,
-                             f"the state dict given ({len(source)} tensors)", strict)
+                             f"the state dict given ({len(source)} tensors)", strict, metadata)
     if isinstance(source, (str, os.PathLike)):
         if metadata is not None:
             raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")

@@ -229,6 +229,21 @@ def find_foreign_format(files: Mapping[str, Path], state: Mapping | None, what: 
     return fmt, files, state
 
 
+def load_foreign(fmt: formats.CheckpointFormat, model: nn.Module, files: Mapping[str, Path], state: Mapping | None,
+                 adapter_name: str, *, strict: bool = True, metadata: Mapping[str, str] | None = None):
+    """``fmt.load(...)``; ``metadata`` (the header an in-memory foreign state dict came with: diffusers'
+    ``lora_adapter_metadata``, PEFT's ``adapter_config``) goes through :func:`visadapt.formats.load_checkpoint`,
+    which refuses it for a format that cannot read it: a scale in the metadata is never dropped."""
+    if metadata is None:
+        return fmt.load(model, files, state, adapter_name, strict=strict)
+    load_checkpoint = getattr(formats, "load_checkpoint", None)  # added with the formats that read metadata
+    if load_checkpoint is None:
+        raise TypeError(f"metadata= for a state dict in the {fmt.name} layout: no registered format here reads "
+                        f"foreign metadata, and loading without it could load at a guessed scale; save the adapter "
+                        f"as a file or folder and load that")
+    return load_checkpoint(fmt, model, files, state, adapter_name, strict=strict, metadata=metadata)
+
+
 # ------------------------------------------------------------------------------------------- model cards
 
 

@@ -239,7 +239,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
       ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download`` as on the hub; the HF
       cache and ``HF_HUB_OFFLINE`` are respected);
     * an in-memory state dict ``{key: tensor}``: with ``metadata`` the header of a visadapt file, checked like
-      a file (format, checksum, base model, site widths); without it, a layout a registered format recognises.
+      a file (format, checksum, base model, site widths); otherwise a layout a registered format recognises,
+      with ``metadata`` the header that layout's file would carry, when it has one (its format reads it).
 
     The classifier head trained with the adapter (stored in the same file) is restored too. When the model's
     head has another class count the load fails naming both counts, unless ``replace_head=True``: then a Linear
@@ -264,12 +265,12 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             meta = {str(k): str(v) for k, v in metadata.items()}
             return load_adapter_tensors(model, tensors, meta, adapter_name, source=what, replace_head=replace_head,
                                         strict=strict)
-        if metadata is not None:
+        if metadata is not None and metadata.get("format") is not None:
             raise AdapterFileError(f"metadata= for {what} is not a visadapt header (format={metadata.get('format')!r}"
                                    f", expected {FORMAT!r}); pass the metadata read_adapter_file returned with the "
-                                   f"tensors, or no metadata for a foreign layout")
+                                   f"tensors, or the foreign layout's own header (no format entry)")
         fmt, files, state = hub.find_foreign_format({}, tensors, what)
-        return _load_foreign(model, fmt, files, state, adapter_name, what, replace_head, strict)
+        return _load_foreign(model, fmt, files, state, adapter_name, what, replace_head, strict, metadata)
     if metadata is not None:
         raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")
     hub_kwargs = {"subfolder": subfolder, "revision": revision, "cache_dir": cache_dir,
@@ -286,7 +287,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
 
 
 def _load_foreign(model: nn.Module, fmt, files, state, adapter_name: str, what: str, replace_head: bool,
-                  strict: bool):
+                  strict: bool, metadata: Mapping[str, str] | None = None):
     """Hand a foreign layout to its format (whose contract leaves ``model`` as it was on failure)."""
     if replace_head:
         raise TypeError(f"replace_head=True swaps in the classifier head a visadapt file stores; {what} is in the "
@@ -294,7 +295,9 @@ def _load_foreign(model: nn.Module, fmt, files, state, adapter_name: str, what: 
     if adapter_name in api.records(model):
         raise ValueError(f"an adapter named {adapter_name!r} is already attached; detach it or pass another "
                          f"adapter_name")
-    return fmt.load(model, files, state, adapter_name, strict=strict)
+    from visadapt import hub
+
+    return hub.load_foreign(fmt, model, files, state, adapter_name, strict=strict, metadata=metadata)
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],

@@ -263,7 +263,8 @@ def test_state_dict_with_its_metadata(tmp_path):
         visadapt.load_adapter(other, broken, metadata=meta)
     with pytest.raises(io.AdapterFileError, match="not a visadapt header"):
         visadapt.load_adapter(other, tensors, metadata={"format": "pt"})
-    with pytest.raises(io.AdapterFileError, match="no visadapt metadata.*registered formats: .*diffusers_lora"):
+    with pytest.raises(io.AdapterFileError, match=r"the state dict given \(1 tensors\) has no visadapt metadata.*"
+                                                r"registered formats: .*diffusers_lora"):
         visadapt.load_adapter(other, {"some.weight": torch.zeros(2)})
     with pytest.raises(TypeError, match="files carry their own metadata"):
         visadapt.load_adapter(other, tmp_path / "a.safetensors", metadata=meta)

@@ -207,25 +207,25 @@ def resolve(source: str | os.PathLike, weight_name: str | None = None,
 
 def find_foreign_format(files: Mapping[str, Path], state: Mapping | None, what: str
                         ) -> tuple[formats.CheckpointFormat, Mapping[str, Path], Mapping | None]:
-    """The registered format for ``files`` / ``state`` and what to hand it. A single file no format knows by
-    name (a LoRA renamed after its skill) is read and offered to the formats as tensors: detection by content,
-    as for an in-memory state dict. Raises naming ``what`` when nothing recognises it."""
+    """The registered format for ``files`` / ``state`` and what to hand it. A single ``.safetensors`` file no
+    format knows by name (a LoRA renamed after its skill) is offered to each format under the weight-file names
+    it reads, so detection goes by its header and the format's messages name the real path. Raises naming
+    ``what`` when nothing recognises it."""
     fmt = formats.find_format(files, state)
     if fmt is None and state is None and len(files) == 1:
         (path,) = files.values()
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(path))
-            fmt = formats.find_format({}, tensors)
-            if fmt is not None:
-                return fmt, {}, tensors
+        for name in formats.known_file_names():
+            if name.endswith(".safetensors") and name != path.name and path.suffix == ".safetensors":
+                alias = {name: path}
+                fmt = formats.find_format(alias)
+                if fmt is not None:
+                    return fmt, alias, None
     if fmt is None:
         known = ", ".join(formats.list_formats()) or "none"
         raise io.AdapterFileError(
-            f"{what} is neither a visadapt adapter (no visadapt metadata) nor a layout any registered checkpoint "
-            f"format recognises (registered formats: {known}); save it with visadapt.save_adapter, or pass the "
-            f"visadapt header as metadata= for an in-memory state dict")
+            f"{what} has no visadapt metadata, and no registered checkpoint format recognises its layout "
+            f"(registered formats: {known}); save it with visadapt.save_adapter, or pass the visadapt header as "
+            f"metadata= for an in-memory state dict")
     return fmt, files, state
 
 

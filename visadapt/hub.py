@@ -205,6 +205,32 @@ def resolve(source: str | os.PathLike, weight_name: str | None = None,
     return hub_files(str(source), weight_name, hub_kwargs)
 
 
+class _SafetensorsTensors(Mapping):
+    """The tensors of a safetensors file as a read-only mapping: keys from the header, each tensor read when it is
+    asked for (format detection looks at keys only)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), framework="pt") as handle:
+            self._keys = list(handle.keys())
+
+    def __getitem__(self, key: str):
+        from safetensors import safe_open
+
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def find_foreign_format(files: Mapping[str, Path], state: Mapping | None, what: str
                         ) -> tuple[formats.CheckpointFormat, Mapping[str, Path], Mapping | None]:
     """The registered format for ``files`` / ``state`` and what to hand it. A single ``.safetensors`` file no
@@ -214,12 +240,17 @@ def find_foreign_format(files: Mapping[str, Path], state: Mapping | None, what: 
     fmt = formats.find_format(files, state)
     if fmt is None and state is None and len(files) == 1:
         (path,) = files.values()
-        for name in formats.known_file_names():
-            if name.endswith(".safetensors") and name != path.name and path.suffix == ".safetensors":
-                alias = {name: path}
-                fmt = formats.find_format(alias)
-                if fmt is not None:
-                    return fmt, alias, None
+        if path.suffix == ".safetensors":
+            # detection by content first (a format that goes by file names alone must not claim any file)...
+            lazy = _SafetensorsTensors(path)
+            fmt = formats.find_format({}, lazy)
+            if fmt is not None:
+                # ...then, where the format also accepts the file under one of its own names, hand it the file,
+                # so its messages name the path
+                for name in type(fmt).file_names:
+                    if name.endswith(".safetensors") and type(fmt).detect({name: path}, None):
+                        return fmt, {name: path}, None
+                return fmt, {}, lazy
     if fmt is None:
         known = ", ".join(formats.list_formats()) or "none"
         raise io.AdapterFileError(

@@ -339,6 +339,60 @@ def _copy_adapter_tensors(module: nn.Module, source: str, target: str) -> None:
                 tensor.copy_(new_state[key])
 
 
+def _hotswap(pipe, adapter_name: str | None, load, init, component: str | None) -> str:
+    """``load_visadapt(..., hotswap=True)``: load the new adapter under a scratch name next to the old one,
+    check it has the same layout, copy its tensors into the old adapter's modules, drop the scratch one."""
+    loaded = _loaded(pipe)
+    if adapter_name is None or not any(adapter_name in names for names in loaded.values()):
+        have = ", ".join(repr(n) for names in loaded.values() for n in names) or "none"
+        raise ValueError(f"hotswap=True replaces the weights of an adapter already loaded, by name: pass "
+                         f"adapter_name= one of the loaded visadapt adapters ({have}), or hotswap=False to "
+                         f"load a new one")
+    ((owner, module, _),) = _owners(pipe, [adapter_name])
+    if component is not None and component != owner:
+        raise VisadaptPipelineError(f"hotswap=True: adapter {adapter_name!r} is on component {owner!r}, not "
+                                    f"component={component!r}")
+    if adapter_name in module.__dict__.get(_FUSED_ATTR, {}):
+        raise ValueError(f"adapter {adapter_name!r} is fused into the base weights; pipe.unfuse_visadapt() "
+                         f"before hotswapping it")
+    scratch = f"{adapter_name}__hotswap"
+    while scratch in api.records(module):
+        scratch += "_"
+    with init():
+        load({owner: module}, scratch)
+    try:
+        differences = _hotswap_differences(module, adapter_name, scratch)
+        if differences:
+            raise VisadaptPipelineError(
+                f"hotswap=True: the new adapter does not fit adapter {adapter_name!r} in place (a compiled "
+                f"model would need recompiling):\n  " + "\n  ".join(differences[:12])
+                + ("\n  ..." if len(differences) > 12 else "")
+                + f"\nLoad it under another adapter_name, or unload {adapter_name!r} first")
+        _copy_adapter_tensors(module, scratch, adapter_name)
+        old, new = api.get_record(module, adapter_name), api.get_record(module, scratch)
+        old.load_report, old.metadata = new.load_report, new.metadata
+    finally:
+        api.detach(module, scratch)
+    return owner
+
+
+def _fuse_components(pipe, components: str | Sequence[str] | None, method: str) -> dict[str, nn.Module]:
+    """The components a fuse/unfuse call means: all adaptable ones for None, else the named ones (checked)."""
+    adaptable = _adaptable_components(pipe)
+    if components is None:
+        return adaptable
+    names = [components] if isinstance(components, str) else list(components)
+    loaded = {n for names_ in _loaded(pipe).values() for n in names_}
+    if any(name in loaded and name not in adaptable for name in names):
+        raise TypeError(f"{method}(components={names!r}): these are adapter names; diffusers' order is "
+                        f"{method}(components, ...): pass adapter_names={names!r}")
+    unknown = [name for name in names if name not in adaptable]
+    if unknown:
+        raise ValueError(f"{method}: {', '.join(map(repr, unknown))} is not a component of "
+                         f"{type(pipe).__name__} visadapt adapts; adaptable: {', '.join(adaptable) or 'none'}")
+    return {name: adaptable[name] for name in names}
+
+
 class VisadaptLoaderMixin:
     """The methods ``import visadapt`` adds to :class:`diffusers.DiffusionPipeline` (see the module docstring)."""
 
@@ -400,7 +454,7 @@ class VisadaptLoaderMixin:
         init = _skipping_random_init if low_cpu_mem_usage else contextlib.nullcontext
 
         if hotswap:
-            component = self._hotswap_visadapt(adapter_name, load, init, kwargs.get("component"))
+            component = _hotswap(self, adapter_name, load, init, kwargs.get("component"))
         else:
             candidates = _pick_components(self, kwargs.get("component"))
             if adapter_name is None:
@@ -417,7 +471,7 @@ class VisadaptLoaderMixin:
             if disabled is not None:  # loaded while the pipeline's adapters are disabled: it waits like them
                 api.set_active_adapters(module, [n for n in api.active_adapters(module) if n != adapter_name])
                 disabled.append(adapter_name)
-            weight = 1.0 if weight is None else weight
+            weight = None if weight == 1.0 else weight  # a new adapter runs at 1.0 already
         if weight is not None:
             module = _adaptable_components(self)[component]
             try:
@@ -431,42 +485,6 @@ class VisadaptLoaderMixin:
             return adapter_name, {"component": component, "plugin": record.plugin.name,
                                   "config": record.config.to_dict(), **record.metadata}
         return adapter_name
-
-    def _hotswap_visadapt(self, adapter_name: str | None, load, init, component: str | None) -> str:
-        """``load_visadapt(..., hotswap=True)``: load the new adapter under a scratch name next to the old one,
-        check it has the same layout, copy its tensors into the old adapter's modules, drop the scratch one."""
-        loaded = _loaded(self)
-        if adapter_name is None or not any(adapter_name in names for names in loaded.values()):
-            have = ", ".join(repr(n) for names in loaded.values() for n in names) or "none"
-            raise ValueError(f"hotswap=True replaces the weights of an adapter already loaded, by name: pass "
-                             f"adapter_name= one of the loaded visadapt adapters ({have}), or hotswap=False to "
-                             f"load a new one")
-        ((owner, module, _),) = _owners(self, [adapter_name])
-        if component is not None and component != owner:
-            raise VisadaptPipelineError(f"hotswap=True: adapter {adapter_name!r} is on component {owner!r}, not "
-                                        f"component={component!r}")
-        if adapter_name in module.__dict__.get(_FUSED_ATTR, {}):
-            raise ValueError(f"adapter {adapter_name!r} is fused into the base weights; pipe.unfuse_visadapt() "
-                             f"before hotswapping it")
-        scratch = f"{adapter_name}__hotswap"
-        while scratch in api.records(module):
-            scratch += "_"
-        with init():
-            load({owner: module}, scratch)
-        try:
-            differences = _hotswap_differences(module, adapter_name, scratch)
-            if differences:
-                raise VisadaptPipelineError(
-                    f"hotswap=True: the new adapter does not fit adapter {adapter_name!r} in place (a compiled "
-                    f"model would need recompiling):\n  " + "\n  ".join(differences[:12])
-                    + ("\n  ..." if len(differences) > 12 else "")
-                    + f"\nLoad it under another adapter_name, or unload {adapter_name!r} first")
-            _copy_adapter_tensors(module, scratch, adapter_name)
-            old, new = api.get_record(module, adapter_name), api.get_record(module, scratch)
-            old.load_report, old.metadata = new.load_report, new.metadata
-        finally:
-            api.detach(module, scratch)
-        return owner
 
     def list_visadapt(self) -> dict[str, list[str]]:
         """``{component name: [adapter names in load order]}``, e.g. ``{"unet": ["default_0", "style"]}``;
@@ -566,7 +584,7 @@ class VisadaptLoaderMixin:
         kept, so :meth:`unfuse_visadapt` restores them bit for bit. Adapters whose method cannot be folded (a
         non-linear module) raise, naming the reason, before anything is fused.
         """
-        modules = self._fuse_components(components, "fuse_visadapt")
+        modules = _fuse_components(self, components, "fuse_visadapt")
         if adapter_names is None:
             owners = [(comp, module, name) for comp, module in modules.items()
                       for name in (module.__dict__.get(_DISABLED_ATTR) is None and api.active_adapters(module) or [])]
@@ -612,7 +630,7 @@ class VisadaptLoaderMixin:
                         adapter_names: str | Sequence[str] | None = None) -> None:
         """diffusers' ``unfuse_lora``: undo :meth:`fuse_visadapt` on ``components`` (all by default), for the
         named adapters or all of them, restoring the base weights bit for bit and the adapters' weights."""
-        modules = self._fuse_components(components, "unfuse_visadapt")
+        modules = _fuse_components(self, components, "unfuse_visadapt")
         owners = [owner for owner in _owners(self, adapter_names) if owner[0] in modules]
         for _, module, name in reversed(owners):
             fused = module.__dict__.get(_FUSED_ATTR, {})
@@ -620,21 +638,6 @@ class VisadaptLoaderMixin:
                 continue
             api.unmerge(module, name)
             api.set_weight(module, name, fused.pop(name))
-
-    def _fuse_components(self, components: str | Sequence[str] | None, method: str) -> dict[str, nn.Module]:
-        adaptable = _adaptable_components(self)
-        if components is None:
-            return adaptable
-        names = [components] if isinstance(components, str) else list(components)
-        loaded = {n for names_ in _loaded(self).values() for n in names_}
-        if any(name in loaded and name not in adaptable for name in names):
-            raise TypeError(f"{method}(components={names!r}): these are adapter names; diffusers' order is "
-                            f"{method}(components, ...): pass adapter_names={names!r}")
-        unknown = [name for name in names if name not in adaptable]
-        if unknown:
-            raise ValueError(f"{method}: {', '.join(map(repr, unknown))} is not a component of "
-                             f"{type(self).__name__} visadapt adapts; adaptable: {', '.join(adaptable) or 'none'}")
-        return {name: adaptable[name] for name in names}
 
     def unload_visadapt(self, adapter_name: str | Sequence[str] | None = None) -> None:
         """Remove visadapt adapters (the named ones, or all: diffusers' ``unload_lora_weights``), unfusing them
@@ -702,9 +705,9 @@ def xformers_usable(device: str | torch.device = "cuda", dtype: torch.dtype | No
 
 #: the pipeline methods visadapt wraps, as diffusers defined them (filled by :func:`install_methods`)
 _ORIGINAL_METHODS: dict[str, Any] = {}
-_MIXIN_METHODS = ("load_visadapt", "_hotswap_visadapt", "list_visadapt", "get_list_visadapt", "get_active_visadapt",
+_MIXIN_METHODS = ("load_visadapt", "list_visadapt", "get_list_visadapt", "get_active_visadapt",
                   "set_visadapt_adapters", "set_visadapt_weights", "disable_visadapt", "enable_visadapt",
-                  "fuse_visadapt", "unfuse_visadapt", "_fuse_components", "unload_visadapt", "delete_visadapt",
+                  "fuse_visadapt", "unfuse_visadapt", "unload_visadapt", "delete_visadapt",
                   "save_visadapt")
 _WRAPPED_METHODS = ("enable_xformers_memory_efficient_attention",)
 

@@ -152,10 +152,10 @@ def test_foreign_safetensors_file_is_named_as_such(tmp_path):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(2, 32)}, str(path))
     with pytest.raises(AdapterFileError, match="weights.safetensors has no visadapt metadata, and no registered"):
         visadapt.load_adapter(tm.vit(), path)
-    # a LoRA layout (here broken: lora_A without lora_B) goes to the format that reads it, which names the file
+    # a LoRA layout (here unloadable alone) goes to the format that reads it, whose report names the file
     path = tmp_path / "peft.safetensors"
     save_file({"base_model.model.blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 32)}, str(path))
-    with pytest.raises(AdapterLoadError, match=r"peft.safetensors[\s\S]*needs both down \(lora_A\) and up"):
+    with pytest.raises(AdapterLoadError, match=r"peft\.safetensors into adapter 'default': 0 of 1 tensors matched"):
         visadapt.load_adapter(tm.vit(), path)
 
 

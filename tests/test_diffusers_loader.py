@@ -653,8 +653,13 @@ def test_disable_enable_set_adapters_get_active(pipe, lora_a, lora_b, base_image
     assert torch.equal(generate(pipe), base_image)
     pipe.enable_visadapt()
     assert torch.equal(generate(pipe), only_a)  # back to the chosen set, not to all
-    pipe.set_visadapt_adapters(["a", "b"], [1.0, 1.0])
+    pipe.set_visadapt_adapters(["a", "b"], [1.0, {"unet": 1.0, "text_encoder": 0.3}])  # diffusers' dict form
     assert torch.equal(generate(pipe), both)
+    with pytest.raises(ValueError, match="names 'transformer', not a component"):
+        pipe.set_visadapt_adapters(["a", "b"], {"transformer": 0.5})
+    with pytest.raises(TypeError, match="per-block"):
+        pipe.set_visadapt_adapters("a", {"unet": {"down": 0.5}})
+    assert pipe.get_active_visadapt() == ["a", "b"] and visadapt.get_weight(pipe.unet, "a") == 1.0
 
     pipe.fuse_visadapt(adapter_names="a")
     with pytest.raises(ValueError, match="'a' on unet are fused.*unfuse_visadapt"):

@@ -526,15 +526,16 @@ class VisadaptLoaderMixin:
                 _set_active(module, wanted)
 
     def set_visadapt_weights(self, adapter_names: str | Sequence[str],
-                             weights: float | Sequence[float] | None = None) -> None:
+                             weights: float | Mapping[str, float] | Sequence[float | Mapping[str, float]] | None
+                             = None) -> None:
         """Set the runtime weight of each named adapter: ``weights`` is one number for all, one per name, or None
-        for 1.0. Adapters not named keep their weights and stay active (use :meth:`set_visadapt_adapters`, like
-        diffusers' ``set_adapters``, to run only the named ones)."""
+        for 1.0; as in diffusers' ``set_adapters``, a weight may be a dict by component (``{"unet": 0.5}``: the
+        entry for the adapter's component, 1.0 when it has none; diffusers' per-block UNet dicts are refused).
+        Adapters not named keep their weights and stay active (use :meth:`set_visadapt_adapters`, like
+        diffusers' ``set_adapters``, to run only the named ones). Nothing changes when any weight is refused."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if weights is None:
-            weights = [1.0] * len(names)
-        elif isinstance(weights, (int, float)):
-            weights = [float(weights)] * len(names)
+        if weights is None or isinstance(weights, (int, float, Mapping)):
+            weights = [1.0 if weights is None else weights] * len(names)
         else:
             weights = list(weights)
             if len(weights) != len(names):
@@ -546,8 +547,21 @@ class VisadaptLoaderMixin:
         if fused:
             raise ValueError(f"adapter {fused[0]!r} is fused into the base weights; pipe.unfuse_visadapt() before "
                              f"changing its weight")
+        resolved = {}
+        for component, _, name in owners:
+            weight = by_name[name]
+            if isinstance(weight, Mapping):
+                unknown = sorted(set(weight) - set(self.components))
+                if unknown:
+                    raise ValueError(f"weight of adapter {name!r} names {', '.join(map(repr, unknown))}, not a "
+                                     f"component of {type(self).__name__}; its adapter is on {component!r}")
+                weight = weight.get(component, 1.0)
+                if isinstance(weight, Mapping):
+                    raise TypeError(f"weight of adapter {name!r} for {component!r} is a dict (diffusers' per-block "
+                                     f"UNet scales); a visadapt adapter takes one number per component")
+            resolved[name] = weight
         for _, module, name in owners:
-            api.set_weight(module, name, by_name[name])
+            api.set_weight(module, name, resolved[name])
 
     def disable_visadapt(self) -> None:
         """diffusers' ``disable_lora`` for visadapt adapters: every component runs as the base model (bit for

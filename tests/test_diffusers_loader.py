@@ -762,3 +762,26 @@ def test_diffusers_safe_fusing_refuses_a_nan_lora_too(pipe, tmp_path):
     pipe.load_lora_weights(state, adapter_name="broken")
     with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
         pipe.fuse_lora(components=["unet"], safe_fusing=True)
+
+
+def test_hotswap_under_torch_compile_needs_no_recompilation(pipe, lora_a, tmp_path):
+    """The point of hotswap in diffusers: a compiled UNet takes the new adapter without recompiling. Here dynamo
+    (eager backend: tracing and guards, no code generation) must neither recompile nor keep the old weights."""
+    import torch._dynamo
+
+    lora_c = lora_file(tmp_path / "c.safetensors", pipe.unet, seed=7)
+    reference = copy.deepcopy(pipe)
+    reference.load_visadapt(lora_c, adapter_name="x")
+    expected = generate(reference)
+
+    torch._dynamo.reset()
+    pipe.load_visadapt(lora_a, adapter_name="x")
+    pipe.unet.forward = torch.compile(pipe.unet.forward, backend="eager")
+    try:
+        before = generate(pipe)
+        assert (before - expected).abs().max() > 1e-3
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            pipe.load_visadapt(lora_c, adapter_name="x", hotswap=True)
+            assert torch.equal(generate(pipe), expected)
+    finally:
+        torch._dynamo.reset()

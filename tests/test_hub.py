@@ -126,6 +126,8 @@ def test_card_names_the_training_run_and_base_model_and_the_file_keeps_the_run(t
     folder = visadapt.save_pretrained(reloaded, tmp_path / "repo")  # the run came with the file it was loaded from
     card = ModelCard.load(folder / "README.md")
     assert card.data.base_model == "timm/vit_tiny_patch16_224.augreg_in21k"
+    assert ("timm.create_model('hf-hub:timm/vit_tiny_patch16_224.augreg_in21k', pretrained=True, num_classes=5)"
+            in card.text)
     assert "## Training run" in card.text and "| task | cifar100 |" in card.text
     assert "## Metrics" not in card.text  # none known
     assert json.loads(io.read_adapter_metadata(folder / "adapter.safetensors")[io.TRAIN_METADATA]) == run

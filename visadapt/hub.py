@@ -335,6 +335,12 @@ def model_card(model: nn.Module, adapter_name: str, meta: Mapping[str, str], *,
     if family.startswith("diffusers"):
         usage = (f"import visadapt\n# pipe = diffusers.StableDiffusionPipeline.from_pretrained(...)\n"
                  f"pipe.load_visadapt({source!r}, adapter_name={adapter_name!r})")
+    elif family.startswith("timm") and base_model:
+        head = meta.get("head")
+        weight = model.get_submodule(head).state_dict().get("weight") if head else None
+        classes = f", num_classes={weight.shape[0]}" if weight is not None and weight.dim() == 2 else ""
+        usage = (f"import timm, visadapt\nmodel = timm.create_model({'hf-hub:' + base_model!r}, pretrained=True"
+                 f"{classes})\nvisadapt.load_adapter(model, {source!r})")
     else:
         usage = f"import visadapt\n# model = the base model below\nvisadapt.load_adapter(model, {source!r})"
     sections = [

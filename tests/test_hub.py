@@ -263,8 +263,6 @@ def test_state_dict_with_its_metadata(tmp_path):
     broken[key] = broken[key] + 1
     with pytest.raises(io.AdapterFileError, match=r"the state dict given \(\d+ tensors\) is corrupted"):
         visadapt.load_adapter(other, broken, metadata=meta)
-    with pytest.raises(io.AdapterFileError, match="not a visadapt header"):
-        visadapt.load_adapter(other, tensors, metadata={"format": "pt"})
     with pytest.raises(io.AdapterFileError, match=r"the state dict given \(1 tensors\) has no visadapt metadata.*"
                                                 r"registered formats: .*diffusers_lora"):
         visadapt.load_adapter(other, {"some.weight": torch.zeros(2)})
@@ -311,6 +309,46 @@ def test_foreign_lora_folder_renamed_file_and_state_dict_match_diffusers_own_loa
         visadapt.load_adapter(copy.deepcopy(unet), folder, replace_head=True)
 
 
+def test_state_dict_with_a_foreign_header_is_read_at_its_scale_or_refused(tmp_path):
+    """A diffusers LoRA file's tensors plus its header (``lora_adapter_metadata``: alpha 8 for rank 4) given in
+    memory: loaded at the producer's scale, as diffusers' own ``load_lora_adapter`` loads the file, where a format
+    reads that header (``visadapt.formats.load_checkpoint``); refused, never loaded at a guessed scale, where none
+    does."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from visadapt import formats
+
+    unet = base("diffusers_unet")
+    donor = copy.deepcopy(unet)
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    donor.add_adapter(config)
+    folder = tmp_path / "lora"
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(donor),
+                                              unet_lora_adapter_metadata=config.to_dict())
+    path = folder / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    assert "lora_adapter_metadata" in header
+
+    fresh = copy.deepcopy(unet)
+    if not hasattr(formats, "load_checkpoint"):
+        before = every_tensor(fresh)
+        with pytest.raises(TypeError, match="no registered format here reads foreign metadata"):
+            visadapt.load_adapter(fresh, tensors, metadata=header)
+        assert_untouched(fresh, before)
+        return
+    reference = copy.deepcopy(unet)
+    reference.load_lora_adapter(str(folder), weight_name=path.name, prefix="unet", adapter_name="ref")
+    visadapt.load_adapter(fresh, tensors, "lora", metadata=header)
+    torch.testing.assert_close(output(fresh, "diffusers_unet"), output(reference, "diffusers_unet"), atol=1e-5,
+                               rtol=0)
+
+
 def test_peft_folder_on_a_timm_vit_matches_peft(tmp_path):
     """A PEFT folder (adapter_config.json + adapter_model.safetensors) loads on a timm ViT through the registered
     format that reads it (visadapt.formats), by folder as by hub id, with PEFT's own outputs."""
@@ -330,9 +368,15 @@ def test_peft_folder_on_a_timm_vit_matches_peft(tmp_path):
         pytest.skip("no registered visadapt.formats format reads PEFT's adapter_config.json in this checkout")
     expected = output(PeftModel.from_pretrained(copy.deepcopy(vit), folder), "timm_vit")
 
-    fresh = copy.deepcopy(vit)
-    visadapt.load_adapter(fresh, folder, "peft")
-    torch.testing.assert_close(output(fresh, "timm_vit"), expected, atol=1e-5, rtol=0)
+    cache = tmp_path / "hf_cache"
+    fake_hub_cache(cache, "visadapt-test/vit-peft", files)
+    for source, kwargs in ((folder, {}), (folder, {"weight_name": "adapter_model.safetensors"}),
+                           ("visadapt-test/vit-peft", {"cache_dir": cache, "local_files_only": True}),
+                           ("visadapt-test/vit-peft", {"cache_dir": cache, "local_files_only": True,
+                                                       "weight_name": "adapter_model.safetensors"})):
+        fresh = copy.deepcopy(vit)
+        visadapt.load_adapter(fresh, source, "peft", **kwargs)  # the config comes along with a picked weight file
+        torch.testing.assert_close(output(fresh, "timm_vit"), expected, atol=1e-5, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------- push_to_hub

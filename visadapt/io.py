@@ -265,10 +265,6 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             meta = {str(k): str(v) for k, v in metadata.items()}
             return load_adapter_tensors(model, tensors, meta, adapter_name, source=what, replace_head=replace_head,
                                         strict=strict)
-        if metadata is not None and metadata.get("format") is not None:
-            raise AdapterFileError(f"metadata= for {what} is not a visadapt header (format={metadata.get('format')!r}"
-                                   f", expected {FORMAT!r}); pass the metadata read_adapter_file returned with the "
-                                   f"tensors, or the foreign layout's own header (no format entry)")
         fmt, files, state = hub.find_foreign_format({}, tensors, what)
         return _load_foreign(model, fmt, files, state, adapter_name, what, replace_head, strict, metadata)
     if metadata is not None:

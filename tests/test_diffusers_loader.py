@@ -279,6 +279,10 @@ def test_state_dict_and_folder_of_a_registered_format(pipe, lora_a, tmp_path):
     pipe.load_visadapt(plain_state(lora_qv), adapter_name="from_dict")
     assert torch.equal(generate(pipe), reference)
     pipe.unload_visadapt()
+    # a header given with foreign tensors reaches the format, or the load is refused: never silently dropped
+    with pytest.raises(TypeError, match="metadata"):
+        pipe.load_visadapt(plain_state(lora_qv), metadata={"lora_adapter_metadata": "{}"})
+    assert pipe.list_visadapt() == {}
 
     folder = tmp_path / "plain"
     folder.mkdir()

@@ -430,7 +430,9 @@ class VisadaptLoaderMixin:
             return_lora_metadata: return ``(adapter_name, metadata)``: the component, plugin, config and file
                 metadata of the adapter as loaded (diffusers' ``lora_state_dict`` returns the file's LoRA
                 metadata the same way).
-            metadata: the visadapt header metadata of an in-memory state dict.
+            metadata: the header of an in-memory state dict: a visadapt file's header (checked like the file), or
+                the header a foreign layout's file carries (diffusers' ``lora_adapter_metadata``), given to the
+                format that reads it (``visadapt.formats.load_checkpoint``) and refused where none does.
             component: the pipeline component to load into (``"unet"``); found from the adapter by default.
             strict: ``True`` (default): every key must land, else the error shows the load report (matched,
                 missing, unexpected keys and shape mismatches per site). ``False``: load what fits and print the

@@ -587,7 +587,7 @@ def test_low_cpu_mem_usage_skips_random_init_and_loads_the_same(pipe, lora_a, mo
     assert torch.nn.init.kaiming_uniform_ is original  # the initialisers are put back afterwards
 
 
-def test_hotswap_replaces_weights_in_place(pipe, lora_a, tmp_path):
+def test_hotswap_replaces_weights_in_place(pipe, lora_a, tmp_path, base_image):
     lora_c = lora_file(tmp_path / "c.safetensors", pipe.unet, seed=7)  # same plugin, config and sites as lora_a
     pipe.load_visadapt(lora_c, adapter_name="c", weight=0.5)
     c_at_half = generate(pipe)
@@ -603,6 +603,14 @@ def test_hotswap_replaces_weights_in_place(pipe, lora_a, tmp_path):
     assert all(param is dict(pipe.unet.named_parameters())[name] for name, param in params.items())
     assert pipe.list_visadapt() == {"unet": ["x"]}
     assert visadapt.get_weight(pipe.unet, "x") == 0.5  # kept: a compiled graph reads it
+    assert torch.equal(generate(pipe), c_at_half)
+
+    # a disabled adapter stays disabled; low_cpu_mem_usage and weight= combine with hotswap
+    pipe.disable_visadapt()
+    pipe.load_visadapt(lora_a, adapter_name="x", hotswap=True, low_cpu_mem_usage=True)
+    assert torch.equal(generate(pipe), base_image)
+    pipe.enable_visadapt()
+    pipe.load_visadapt(lora_c, adapter_name="x", hotswap=True, weight=0.5)
     assert torch.equal(generate(pipe), c_at_half)
 
 

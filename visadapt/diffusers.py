@@ -412,8 +412,9 @@ class VisadaptLoaderMixin:
                 recompiled). The new file must have the same plugin, config, sites and tensor shapes; otherwise
                 the error lists what differs and nothing changes. The adapter keeps its runtime weight and its
                 active/disabled state unless ``weight`` is given.
-            weight: runtime weight (:func:`visadapt.set_weight`): 0 is the base model, 1 (the default for a new
-                adapter) the adapter as trained.
+            weight: runtime weight (:func:`visadapt.set_weight`): 0 is the base model (ResAdapter: the weight
+                scales its LoRA only, as the official loader's; its norms stay), 1 (the default for a new adapter)
+                the adapter as trained.
             weight_name: the file to read inside a folder or hub repo.
             subfolder, cache_dir, revision, local_files_only, token, force_download: as in diffusers'
                 ``load_lora_weights`` (hub downloads through ``huggingface_hub.hf_hub_download``).
@@ -534,7 +535,9 @@ class VisadaptLoaderMixin:
         for 1.0; as in diffusers' ``set_adapters``, a weight may be a dict by component (``{"unet": 0.5}``: the
         entry for the adapter's component, 1.0 when it has none; diffusers' per-block UNet dicts are refused).
         Adapters not named keep their weights and stay active (use :meth:`set_visadapt_adapters`, like
-        diffusers' ``set_adapters``, to run only the named ones). Nothing changes when any weight is refused."""
+        diffusers' ``set_adapters``, to run only the named ones). Nothing changes when any weight is refused.
+        A ResAdapter keeps its norms at weight 0, as the official loader does; :meth:`disable_visadapt` or
+        :meth:`set_visadapt_adapters` switch it off entirely."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if weights is None or isinstance(weights, (int, float, Mapping)):
             weights = [1.0 if weights is None else weights] * len(names)

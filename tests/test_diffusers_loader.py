@@ -797,3 +797,21 @@ def test_hotswap_under_torch_compile_needs_no_recompilation(pipe, lora_a, tmp_pa
             assert torch.equal(generate(pipe), expected)
     finally:
         torch._dynamo.reset()
+
+
+def test_disable_switches_a_resadapter_off_entirely(pipe, tmp_path, base_image):
+    """Unlike weight 0 (which keeps a ResAdapter's norms, as the official loader does), disabling gives the base
+    pipeline bit for bit, norms included."""
+    unet = copy.deepcopy(pipe.unet)
+    visadapt.attach(unet, "resadapter")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(unet):
+            param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    pipe.load_visadapt(visadapt.save_adapter(unet, tmp_path / "resadapter.safetensors"), adapter_name="res")
+    adapted = generate(pipe)
+    assert (adapted - base_image).abs().max() > 1e-3
+    pipe.disable_visadapt()
+    assert torch.equal(generate(pipe), base_image)
+    pipe.enable_visadapt()
+    assert torch.equal(generate(pipe), adapted)

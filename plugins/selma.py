@@ -53,7 +53,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -286,36 +285,10 @@ def merge_expert_files(model: nn.Module, paths: Sequence[str | os.PathLike], out
 
 
 def load_expert(model: nn.Module, path: str | os.PathLike, adapter_name: str, strict: bool = True):
-    """Attach the expert in ``path`` as ``adapter_name``: a visadapt adapter file, or a file/folder in a layout a
-    registered checkpoint format recognises (:func:`visadapt.formats.find_format`). ``strict`` as in
-    :func:`visadapt.load_adapter` (the report is on the adapter's record). Returns its config."""
-    from visadapt.formats import find_format, known_file_names
-    from visadapt.io import FORMAT, load_adapter, read_safetensors_metadata
+    """Attach the expert in ``path`` as ``adapter_name``: a visadapt adapter file, or a file/folder (or hub repo
+    id) in a layout a registered checkpoint format recognises, LoRA files renamed after their skill included.
+    Resolved exactly as :func:`visadapt.load_adapter` resolves its sources (:mod:`visadapt.hub`); ``strict``
+    as there (the report is on the adapter's record). Returns its config."""
+    from visadapt.io import load_adapter
 
-    path = Path(path)
-    if path.is_file() and read_safetensors_metadata(path).get("format") == FORMAT:
-        return load_adapter(model, path, adapter_name, strict=strict)
-    if path.is_dir():
-        files = {p.name: p for p in path.iterdir() if p.is_file()}
-        if (path / "adapter.safetensors").is_file() and \
-                read_safetensors_metadata(path / "adapter.safetensors").get("format") == FORMAT:
-            return load_adapter(model, path / "adapter.safetensors", adapter_name, strict=strict)
-    elif path.is_file():
-        files = {path.name: path}
-    else:
-        raise FileNotFoundError(f"expert {str(path)!r} does not exist; give a visadapt adapter file, or a LoRA "
-                                f"file/folder in the diffusers/PEFT layout")
-    fmt = find_format(files)
-    if fmt is None and path.is_file() and path.suffix == ".safetensors":
-        # a LoRA file under a name no format lists (an expert renamed by its skill): read its keys directly
-        from safetensors.torch import load_file
-
-        from visadapt.lora_layouts import attach_lora_state, looks_like_lora
-
-        state = load_file(str(path))
-        if looks_like_lora(state):
-            return attach_lora_state(model, state, adapter_name, strict=strict, source=str(path))
-    if fmt is None:
-        raise ValueError(f"expert {path} is neither a visadapt adapter file nor a layout a registered checkpoint "
-                         f"format recognises (file names looked for: {', '.join(known_file_names()) or 'none'})")
-    return fmt.load(model, files, None, adapter_name, strict=strict)
+    return load_adapter(model, path, adapter_name, strict=strict)

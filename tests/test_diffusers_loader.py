@@ -70,7 +70,9 @@ def every_tensor(pipe) -> dict[str, torch.Tensor]:
 
 def assert_same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
     assert sorted(before) == sorted(after)
-    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    # NaN == NaN here (a broken adapter's own NaN tensors are unchanged, not different)
+    changed = [key for key in before if not (torch.equal(before[key], after[key]) or (
+        before[key].is_floating_point() and torch.allclose(before[key], after[key], rtol=0, atol=0, equal_nan=True)))]
     assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
 
 
@@ -146,8 +148,7 @@ class UnmergeableLoRA(visadapt.get_plugin("lora")):
 def test_methods_installed_on_every_pipeline(pipe):
     from diffusers import DiffusionPipeline
 
-    for name in ("load_visadapt", "set_visadapt_weights", "fuse_visadapt", "unfuse_visadapt", "unload_visadapt",
-                 "list_visadapt", "save_visadapt"):
+    for name in loader._MIXIN_METHODS:
         assert getattr(DiffusionPipeline, name) is getattr(loader.VisadaptLoaderMixin, name)
     assert pipe.list_visadapt() == {}
 
@@ -245,7 +246,7 @@ def test_two_adapters_at_once(pipe, lora_a, lora_b, base_image):
     pipe.set_visadapt_weights("default_1", 0.0)
     assert torch.equal(generate(pipe), only_a)
     pipe.set_visadapt_weights("default_1", 1.0)
-    pipe.fuse_visadapt(["default_0"])
+    pipe.fuse_visadapt(adapter_names=["default_0"])
     torch.testing.assert_close(generate(pipe), both, atol=1e-5, rtol=1e-4)
     pipe.unload_visadapt("default_0")  # the fused one: unfused, then removed
     assert pipe.list_visadapt() == {"unet": ["default_1"]}
@@ -278,6 +279,10 @@ def test_state_dict_and_folder_of_a_registered_format(pipe, lora_a, tmp_path):
     pipe.load_visadapt(plain_state(lora_qv), adapter_name="from_dict")
     assert torch.equal(generate(pipe), reference)
     pipe.unload_visadapt()
+    # a header given with foreign tensors reaches the format, or the load is refused: never silently dropped
+    with pytest.raises(TypeError, match="metadata"):
+        pipe.load_visadapt(plain_state(lora_qv), metadata={"lora_adapter_metadata": "{}"})
+    assert pipe.list_visadapt() == {}
 
     folder = tmp_path / "plain"
     folder.mkdir()
@@ -369,8 +374,8 @@ def test_missing_file_pickle_and_bad_arguments(pipe, lora_a, tmp_path):
     torch.save({"w": torch.zeros(2)}, pickled)
     with pytest.raises(io.AdapterFileError, match="pickle.*only reads safetensors"):
         pipe.load_visadapt(pickled)
-    with pytest.raises(TypeError, match="unexpected keyword argument.*low_cpu_mem_usage"):
-        pipe.load_visadapt(lora_a, low_cpu_mem_usage=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*low_cpu_memory"):
+        pipe.load_visadapt(lora_a, low_cpu_memory=True)
     with pytest.raises(ValueError, match="adaptable component.*unet"):
         pipe.load_visadapt(lora_a, component="vae")
     pipe.load_visadapt(lora_a, adapter_name="a")
@@ -382,7 +387,7 @@ def test_missing_file_pickle_and_bad_arguments(pipe, lora_a, tmp_path):
 def test_unknown_adapter_names(pipe, lora_a):
     pipe.load_visadapt(lora_a, adapter_name="a")
     for call in (lambda: pipe.set_visadapt_weights("b", 0.5), lambda: pipe.unload_visadapt("b"),
-                 lambda: pipe.fuse_visadapt(["a", "b"]), lambda: pipe.save_visadapt("b", "x.safetensors")):
+                 lambda: pipe.fuse_visadapt(adapter_names=["a", "b"]), lambda: pipe.save_visadapt("b", "x.safetensors")):
         with pytest.raises(KeyError, match=r"no visadapt adapter named 'b'.*loaded: 'a'"):
             call()
     assert pipe.list_visadapt() == {"unet": ["a"]}
@@ -398,7 +403,7 @@ def test_fusing_a_non_mergeable_adapter_raises_with_its_reason(pipe, lora_a, tmp
     with pytest.raises(ValueError, match="'u' \\(test_unmergeable_lora\\) cannot be fused: test plugin"):
         pipe.fuse_visadapt()
     assert_same_tensors(before, every_tensor(pipe))  # nothing fused, "a" included
-    pipe.fuse_visadapt("a")
+    pipe.fuse_visadapt(adapter_names="a")
 
 
 # ------------------------------------------------------------------------------- with diffusers' own LoRAs
@@ -497,3 +502,316 @@ def test_xformers_probe_runs_a_kernel_and_is_cached(monkeypatch):
     monkeypatch.setattr(loader, "_XFORMERS_PROBES", {})
     expected = "diffusers runs xformers attention on CUDA only; this pipeline is on cpu"
     assert loader.xformers_usable("cpu") == (False, expected)
+
+
+# --------------------------------------------------------------------- diffusers' loader keywords and verbs
+
+
+def _diffusers_load_keywords() -> set[str]:
+    """Every keyword ``load_lora_weights`` takes in the installed diffusers: its named parameters and what it and
+    the ``lora_state_dict`` it forwards to pop from ``**kwargs`` (read from their source, so a keyword diffusers
+    adds shows up here)."""
+    import inspect
+    import re
+
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
+
+    named = set(inspect.signature(Mixin.load_lora_weights).parameters) - {"self", "kwargs",
+                                                                         "pretrained_model_name_or_path_or_dict"}
+    popped = set()
+    for method in (Mixin.load_lora_weights, Mixin.lora_state_dict):
+        popped |= set(re.findall(r'kwargs\.pop\("(\w+)"', inspect.getsource(method)))
+    return named | popped
+
+
+def test_every_load_lora_weights_keyword_is_accepted_or_refused_by_name(pipe, lora_a, tmp_path):
+    keywords = _diffusers_load_keywords()
+    assert {"hotswap", "low_cpu_mem_usage", "proxies", "use_safetensors", "unet_config"} <= keywords
+    handled = {"adapter_name", "hotswap", *loader._LOAD_KWARGS}
+    assert keywords <= handled, f"load_visadapt does not handle {sorted(keywords - handled)}"
+
+    before = every_tensor(pipe)
+    # refused, each naming itself and the fix, the pipeline untouched
+    refusals = [
+        ({"use_safetensors": False}, ValueError, r"use_safetensors=False asks for pickled.*unpickling can run"),
+        ({"unet_config": {**pipe.unet.config, "cross_attention_dim": 768}}, ValueError,
+         r"unet_config= differs from this pipeline's UNet config \(in cross_attention_dim\)"),
+        ({"low_cpu_mem_usage": True, "strict": False}, ValueError, r"low_cpu_mem_usage=True .*strict=False"),
+    ]
+    for kwargs, error, pattern in refusals:
+        with pytest.raises(error, match=pattern):
+            pipe.load_visadapt(lora_a, **kwargs)
+        assert pipe.list_visadapt() == {}
+    assert_same_tensors(before, every_tensor(pipe))
+
+    # accepted: a local path needs no proxy; safetensors only; the pipeline's own UNet config
+    name, metadata = pipe.load_visadapt(lora_a, adapter_name="a", proxies={"https": "http://proxy:3128"},
+                                        use_safetensors=True, unet_config=pipe.unet.config, force_download=False,
+                                        return_lora_metadata=True)
+    assert name == "a"
+    assert metadata["component"] == "unet" and metadata["plugin"] == "lora" and metadata["config"]["rank"] == 4
+
+
+def test_proxies_for_a_hub_download_are_refused_where_huggingface_hub_ignores_them(pipe, tmp_path):
+    import inspect
+
+    from huggingface_hub import hf_hub_download
+
+    if "proxies" in inspect.signature(hf_hub_download).parameters:
+        pytest.skip("this huggingface_hub takes per-call proxies: they are passed on")
+    with pytest.raises(TypeError, match="ignores per-call proxies; set the HTTPS_PROXY"):
+        pipe.load_visadapt("visadapt-test/tiny-lora", proxies={"https": "http://proxy:3128"}, cache_dir=tmp_path,
+                           local_files_only=True)
+    assert pipe.list_visadapt() == {}
+
+
+def test_low_cpu_mem_usage_skips_random_init_and_loads_the_same(pipe, lora_a, monkeypatch):
+    calls = []
+    original = torch.nn.init.kaiming_uniform_
+
+    def counting_kaiming(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counting_kaiming)
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    assert calls  # a plain load draws each LoRA A at random, then overwrites it with the file's
+    normal_tensors, normal_image = every_tensor(pipe), generate(pipe)
+    pipe.unload_visadapt()
+
+    calls.clear()
+    pipe.load_visadapt(lora_a, adapter_name="a", low_cpu_mem_usage=True)
+    assert calls == []  # not drawn at all
+    assert_same_tensors(normal_tensors, every_tensor(pipe))
+    assert torch.equal(generate(pipe), normal_image)
+    assert torch.nn.init.kaiming_uniform_ is original  # the initialisers are put back afterwards
+
+
+def test_hotswap_replaces_weights_in_place(pipe, lora_a, tmp_path, base_image):
+    lora_c = lora_file(tmp_path / "c.safetensors", pipe.unet, seed=7)  # same plugin, config and sites as lora_a
+    pipe.load_visadapt(lora_c, adapter_name="c", weight=0.5)
+    c_at_half = generate(pipe)
+    pipe.unload_visadapt()
+
+    pipe.load_visadapt(lora_a, adapter_name="x")
+    pipe.set_visadapt_weights("x", 0.5)
+    modules = {(i.host_path, i.kind): i.module for i in inject.attached(pipe.unet, "x")}
+    params = {name: param for name, param in pipe.unet.named_parameters() if "x" in name.split(".")}
+    assert (generate(pipe) - c_at_half).abs().max() > 1e-3  # lora_a's output, not lora_c's yet
+    assert pipe.load_visadapt(lora_c, adapter_name="x", hotswap=True) == "x"
+    assert {(i.host_path, i.kind): i.module for i in inject.attached(pipe.unet, "x")} == modules  # same objects
+    assert all(param is dict(pipe.unet.named_parameters())[name] for name, param in params.items())
+    assert pipe.list_visadapt() == {"unet": ["x"]}
+    assert visadapt.get_weight(pipe.unet, "x") == 0.5  # kept: a compiled graph reads it
+    assert torch.equal(generate(pipe), c_at_half)
+
+    # a disabled adapter stays disabled; low_cpu_mem_usage and weight= combine with hotswap
+    pipe.disable_visadapt()
+    pipe.load_visadapt(lora_a, adapter_name="x", hotswap=True, low_cpu_mem_usage=True)
+    assert torch.equal(generate(pipe), base_image)
+    pipe.enable_visadapt()
+    pipe.load_visadapt(lora_c, adapter_name="x", hotswap=True, weight=0.5)
+    assert torch.equal(generate(pipe), c_at_half)
+
+
+def test_hotswap_refuses_what_does_not_fit_and_changes_nothing(pipe, lora_a, lora_b, tmp_path):
+    pipe.load_visadapt(lora_a, adapter_name="x")
+    before, image = every_tensor(pipe), generate(pipe)
+    rank_2 = lora_file(tmp_path / "rank2.safetensors", pipe.unet, seed=3, rank=2)
+    cases = [
+        (lambda: pipe.load_visadapt(lora_b, adapter_name="x", hotswap=True), loader.VisadaptPipelineError,
+         (r"does not fit adapter 'x' in place[\s\S]*config targets: loaded \('q', 'v', 'conv2'\), new \('k', "
+         r"'to_out', 'conv1'\)[\s\S]*only in the loaded adapter")),
+        (lambda: pipe.load_visadapt(rank_2, adapter_name="x", hotswap=True), loader.VisadaptPipelineError,
+         r"config rank: loaded 4, new 2[\s\S]*site .*\(4, 32\).*\(2, 32\)"),
+        (lambda: pipe.load_visadapt(lora_a, adapter_name="nope", hotswap=True), ValueError,
+         r"hotswap=True replaces the weights of an adapter already loaded.*\('x'\)"),
+        (lambda: pipe.load_visadapt(lora_a, hotswap=True), ValueError, r"pass adapter_name="),
+        (lambda: pipe.load_visadapt(tmp_path / "missing.safetensors", adapter_name="x", hotswap=True),
+         io.AdapterFileError, "does not exist"),
+    ]
+    for call, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            call()
+        assert pipe.list_visadapt() == {"unet": ["x"]}  # no scratch adapter left behind
+        assert_same_tensors(before, every_tensor(pipe))
+    assert torch.equal(generate(pipe), image)
+
+
+def test_diffusers_own_hotswap_refuses_an_unknown_name_too(pipe, tmp_path):
+    peft_folder = _peft_lora_folder(pipe, tmp_path / "peft")
+    with pytest.raises(ValueError, match="no existing adapter by that name"):
+        pipe.load_lora_weights(peft_folder, adapter_name="nope", hotswap=True)
+
+
+def test_disable_enable_set_adapters_get_active(pipe, lora_a, lora_b, base_image):
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    only_a = generate(pipe)
+    pipe.load_visadapt(lora_b, adapter_name="b")
+    both = generate(pipe)
+    assert pipe.get_active_visadapt() == ["a", "b"]
+    assert pipe.get_list_visadapt() == pipe.list_visadapt() == {"unet": ["a", "b"]}
+
+    pipe.disable_visadapt()
+    assert torch.equal(generate(pipe), base_image)  # the base pipeline exactly
+    assert pipe.get_active_visadapt() == ["a", "b"]  # as diffusers: disabling does not change the choice
+    pipe.enable_visadapt()
+    assert torch.equal(generate(pipe), both)
+
+    pipe.set_visadapt_adapters("a")  # diffusers' set_adapters: only the named run
+    assert pipe.get_active_visadapt() == ["a"]
+    assert torch.equal(generate(pipe), only_a)
+    pipe.disable_visadapt()
+    assert torch.equal(generate(pipe), base_image)
+    pipe.enable_visadapt()
+    assert torch.equal(generate(pipe), only_a)  # back to the chosen set, not to all
+    pipe.set_visadapt_adapters(["a", "b"], [1.0, {"unet": 1.0, "text_encoder": 0.3}])  # diffusers' dict form
+    assert torch.equal(generate(pipe), both)
+    with pytest.raises(ValueError, match="names 'transformer', not a component"):
+        pipe.set_visadapt_adapters(["a", "b"], {"transformer": 0.5})
+    with pytest.raises(TypeError, match="per-block"):
+        pipe.set_visadapt_adapters("a", {"unet": {"down": 0.5}})
+    assert pipe.get_active_visadapt() == ["a", "b"] and visadapt.get_weight(pipe.unet, "a") == 1.0
+
+    pipe.fuse_visadapt(adapter_names="a")
+    with pytest.raises(ValueError, match="'a' on unet are fused.*unfuse_visadapt"):
+        pipe.disable_visadapt()
+    with pytest.raises(ValueError, match="'a' on unet are fused"):
+        pipe.set_visadapt_adapters("b")
+    pipe.unfuse_visadapt()
+
+
+def test_disable_matches_diffusers_disable_lora_semantics(pipe, lora_a, tmp_path, base_image):
+    """Each library's disable switches off its own adapters only: both off gives the base image exactly."""
+    peft_folder = _peft_lora_folder(pipe, tmp_path / "peft")
+    pipe.load_lora_weights(peft_folder, adapter_name="peft_lora")
+    only_peft = generate(pipe)
+    pipe.load_visadapt(lora_a, adapter_name="vis")
+    both = generate(pipe)
+    pipe.disable_visadapt()
+    assert torch.equal(generate(pipe), only_peft)
+    pipe.disable_lora()
+    assert torch.equal(generate(pipe), base_image)
+    pipe.enable_visadapt()
+    only_vis = generate(pipe)
+    assert (only_vis - base_image).abs().max() > 1e-3
+    pipe.enable_lora()
+    assert torch.equal(generate(pipe), both)
+
+
+def test_loaded_while_disabled_waits_like_the_others(pipe, lora_a, lora_b, base_image):
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    pipe.disable_visadapt()
+    pipe.load_visadapt(lora_b, adapter_name="b")
+    assert torch.equal(generate(pipe), base_image)
+    pipe.enable_visadapt()
+    assert pipe.get_active_visadapt() == ["a", "b"]
+
+
+def test_delete_visadapt(pipe, lora_a, lora_b):
+    pipe.load_visadapt(lora_b, adapter_name="b")
+    only_b = generate(pipe)
+    pipe.unload_visadapt()
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    pipe.load_visadapt(lora_b, adapter_name="b")
+    with pytest.raises(KeyError, match="no visadapt adapter named 'c'"):
+        pipe.delete_visadapt(["a", "c"])
+    assert pipe.list_visadapt() == {"unet": ["a", "b"]}  # nothing deleted
+    pipe.fuse_visadapt(adapter_names="a")
+    pipe.delete_visadapt("a")  # fused: unfused first
+    assert pipe.list_visadapt() == {"unet": ["b"]}
+    assert torch.equal(generate(pipe), only_b)
+
+
+def test_fuse_components_and_argument_order(pipe, lora_a):
+    pipe.load_visadapt(lora_a, adapter_name="a")
+    unfused = generate(pipe)
+    with pytest.raises(ValueError, match="'vae' is not a component .*visadapt adapts; adaptable: unet"):
+        pipe.fuse_visadapt(components=["vae"])
+    with pytest.raises(TypeError, match=r"these are adapter names; diffusers' order .*adapter_names=\['a'\]"):
+        pipe.fuse_visadapt(["a"])
+    pipe.fuse_visadapt(components=["unet"], lora_scale=1.0)
+    torch.testing.assert_close(generate(pipe), unfused, atol=1e-5, rtol=1e-4)
+    pipe.unfuse_visadapt(components=["unet"])
+    assert torch.equal(generate(pipe), unfused)
+
+
+def _nan_lora_file(path: Path, unet: nn.Module) -> Path:
+    """A visadapt LoRA whose first B matrix holds a NaN: fusing it gives a NaN weight."""
+    good = lora_file(path.with_name("good_for_nan.safetensors"), unet, seed=11)
+    tensors, meta = visadapt.read_adapter_file(good)
+    key = next(k for k in sorted(tensors) if k.endswith("B.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    meta = {**meta, "tensors_sha256": io.tensors_digest(tensors)}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_safe_fusing_refuses_nan_and_leaves_the_pipeline_unfused(pipe, lora_a, tmp_path):
+    nan_lora = _nan_lora_file(tmp_path / "nan.safetensors", pipe.unet)
+    pipe.load_visadapt(lora_a, adapter_name="good")
+    pipe.load_visadapt(nan_lora, adapter_name="broken")
+    before = every_tensor(pipe)
+    with pytest.raises(ValueError, match=r"safe_fusing=True: fusing adapter 'broken' gives NaN/inf in .*nothing"):
+        pipe.fuse_visadapt(safe_fusing=True)
+    assert_same_tensors(before, every_tensor(pipe))  # "good", fused before "broken", was unfused again
+    pipe.set_visadapt_weights("good", 0.5)  # not fused: its weight can change
+    pipe.set_visadapt_weights("good", 1.0)
+    pipe.fuse_visadapt(safe_fusing=True, adapter_names="good")  # a healthy adapter fuses
+    pipe.unfuse_visadapt()
+    pipe.fuse_visadapt(adapter_names="broken")  # without safe_fusing the NaN goes in, as in diffusers
+    weight = pipe.unet.get_submodule(next(i.host_path for i in inject.attached(pipe.unet, "broken"))).weight
+    assert not torch.isfinite(weight).all()
+
+
+def test_diffusers_safe_fusing_refuses_a_nan_lora_too(pipe, tmp_path):
+    """The owner's semantics: ``fuse_lora(safe_fusing=True)`` raises on a LoRA that fuses to NaN."""
+    peft_folder = _peft_lora_folder(pipe, tmp_path / "peft")
+    state = load_file(str(peft_folder / "pytorch_lora_weights.safetensors"))
+    key = next(k for k in sorted(state) if "lora_B" in k)
+    state[key][0, 0] = float("nan")
+    pipe.load_lora_weights(state, adapter_name="broken")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        pipe.fuse_lora(components=["unet"], safe_fusing=True)
+
+
+def test_hotswap_under_torch_compile_needs_no_recompilation(pipe, lora_a, tmp_path):
+    """The point of hotswap in diffusers: a compiled UNet takes the new adapter without recompiling. Here dynamo
+    (eager backend: tracing and guards, no code generation) must neither recompile nor keep the old weights."""
+    import torch._dynamo
+
+    lora_c = lora_file(tmp_path / "c.safetensors", pipe.unet, seed=7)
+    reference = copy.deepcopy(pipe)
+    reference.load_visadapt(lora_c, adapter_name="x")
+    expected = generate(reference)
+
+    torch._dynamo.reset()
+    pipe.load_visadapt(lora_a, adapter_name="x")
+    pipe.unet.forward = torch.compile(pipe.unet.forward, backend="eager")
+    try:
+        before = generate(pipe)
+        assert (before - expected).abs().max() > 1e-3
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            pipe.load_visadapt(lora_c, adapter_name="x", hotswap=True)
+            assert torch.equal(generate(pipe), expected)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_disable_switches_a_resadapter_off_entirely(pipe, tmp_path, base_image):
+    """Unlike weight 0 (which keeps a ResAdapter's norms, as the official loader does), disabling gives the base
+    pipeline bit for bit, norms included."""
+    unet = copy.deepcopy(pipe.unet)
+    visadapt.attach(unet, "resadapter")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(unet):
+            param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    pipe.load_visadapt(visadapt.save_adapter(unet, tmp_path / "resadapter.safetensors"), adapter_name="res")
+    adapted = generate(pipe)
+    assert (adapted - base_image).abs().max() > 1e-3
+    pipe.disable_visadapt()
+    assert torch.equal(generate(pipe), base_image)
+    pipe.enable_visadapt()
+    assert torch.equal(generate(pipe), adapted)

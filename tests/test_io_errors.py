@@ -12,6 +12,7 @@ from torch import nn
 import visadapt
 from visadapt import inject
 from visadapt.io import AdapterFileError
+from visadapt.load_report import AdapterLoadError
 from visadapt.registry import UnknownPluginError
 from visadapt.sites import UnsupportedModelError
 
@@ -147,9 +148,14 @@ def test_pickle_files_are_refused_without_unpickling(tmp_path):
 
 
 def test_foreign_safetensors_file_is_named_as_such(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(2, 32)}, str(path))
+    with pytest.raises(AdapterFileError, match="weights.safetensors has no visadapt metadata, and no registered"):
+        visadapt.load_adapter(tm.vit(), path)
+    # a LoRA layout (here unloadable alone) goes to the format that reads it, whose report names the file
     path = tmp_path / "peft.safetensors"
     save_file({"base_model.model.blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 32)}, str(path))
-    with pytest.raises(AdapterFileError, match="without visadapt metadata"):
+    with pytest.raises(AdapterLoadError, match=r"peft\.safetensors into adapter 'default': 0 of 1 tensors matched"):
         visadapt.load_adapter(tm.vit(), path)
 
 

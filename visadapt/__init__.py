@@ -4,6 +4,8 @@
 >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
 >>> visadapt.attach(model, "lora", rank=4, head="head")
 >>> visadapt.save_adapter(model, "lora.safetensors")
+>>> visadapt.save_pretrained(model, "my-lora")           # adapter.safetensors + model card README.md
+>>> visadapt.load_adapter(fresh_model, "my-lora")         # a file, a folder, a hub repo id or a state dict
 """
 from visadapt.api import (
     active_adapters,
@@ -18,6 +20,7 @@ from visadapt.api import (
     trainable_parameters,
     unmerge,
 )
+from visadapt.hub import push_to_hub, save_pretrained
 from visadapt.io import load_adapter, read_adapter_file, save_adapter
 from visadapt.plugin import AdapterConfig, AdapterPlugin, config_field
 from visadapt.registry import get_plugin, list_plugins, register_plugin
@@ -41,9 +44,11 @@ __all__ = [
     "load_report",
     "merge",
     "model_family",
+    "push_to_hub",
     "read_adapter_file",
     "register_plugin",
     "save_adapter",
+    "save_pretrained",
     "set_active_adapters",
     "set_weight",
     "summary",

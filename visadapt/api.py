@@ -42,6 +42,8 @@ class AttachedAdapter:
     head: str | None
     #: what the load that filled the adapter matched, missed and skipped (None when attached untrained)
     load_report: LoadReport | None = None
+    #: header entries of the file it was loaded from beyond the format's own (``visadapt.train``)
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def records(model: nn.Module) -> dict[str, AttachedAdapter]:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,10 +39,18 @@ from visadapt.sites import fingerprint
 
 FORMAT = "visadapt"
 FORMAT_VERSION = "1"
+#: the header entries the format itself writes; save_adapter's ``metadata`` may not use them
+RESERVED_METADATA = ("format", "format_version", "plugin", "config", "adapter_name", "base_model", "site_widths",
+                     "head", "tensors_sha256", "visadapt_version")
 
 
 class AdapterFileError(ValueError):
     """The file is missing, not safetensors, not a visadapt adapter, truncated or corrupted."""
+
+
+class AdapterNotFoundError(AdapterFileError, FileNotFoundError):
+    """The file, folder, file in a folder or hub repo named as an adapter source does not exist (or is not in the
+    local cache offline); also a ``FileNotFoundError``, so ``except FileNotFoundError`` catches it."""
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -214,9 +223,26 @@ def _replace_linear_head(model: nn.Module, head: str, head_state: dict[str, torc
     return old
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                 adapter_name: str = "default", *, weight_name: str | None = None, subfolder: str | None = None,
+                 revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 local_files_only: bool | None = None, token: str | bool | None = None,
+                 force_download: bool | None = None, metadata: Mapping[str, str] | None = None,
                  replace_head: bool = False, strict: bool = True):
-    """Attach the plugin recorded in the file with its saved config, then load its tensors.
+    """Attach the adapter in ``source`` to ``model`` and load its tensors; returns the attached config.
+
+    ``source`` is any of (resolved by :func:`visadapt.hub.resolve`, the same rules as ``pipe.load_visadapt``):
+
+    * a visadapt ``.safetensors`` file: the plugin recorded in it is attached with its saved config;
+    * a folder holding ``adapter.safetensors`` (what :func:`visadapt.save_pretrained` writes), or the files of a
+      registered foreign format (:mod:`visadapt.formats`: a PEFT folder, a diffusers LoRA, ...), or one
+      ``.safetensors`` file; ``weight_name`` picks a file in it, ``subfolder`` a folder inside it;
+    * a hub repo id (``"org/name"``) with the same content, fetched through ``huggingface_hub`` (``revision``,
+      ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download`` as on the hub; the HF
+      cache and ``HF_HUB_OFFLINE`` are respected);
+    * an in-memory state dict ``{key: tensor}``: with ``metadata`` the header of a visadapt file, checked like
+      a file (format, checksum, base model, site widths); otherwise a layout a registered format recognises,
+      with ``metadata`` the header that layout's file would carry, when it has one (its format reads it).
 
     The classifier head trained with the adapter (stored in the same file) is restored too. When the model's
     head has another class count the load fails naming both counts, unless ``replace_head=True``: then a Linear
@@ -225,13 +251,51 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     Every tensor is accounted for in a :class:`~visadapt.load_report.LoadReport` (kept on the adapter's record:
     :func:`visadapt.load_report`). ``strict`` (default): anything missing, unexpected or misshapen raises with
-    the report and the model is left exactly as it was. ``strict=False``: what fits is loaded and the rest is
-    printed; nothing fitting at all still raises. A file made for another architecture (family, depth, width)
-    is refused either way. Returns the attached config.
+    the report. ``strict=False``: what fits is loaded and the rest is printed; nothing fitting at all still
+    raises. A file made for another architecture (family, depth, width) is refused either way. Every failure
+    (missing file, folder without an adapter, hub id not cached offline, corrupt file, unknown layout) is one
+    error naming the input and the fix, and leaves ``model`` exactly as it was.
     """
-    tensors, meta = read_adapter_file(path)
-    return load_adapter_tensors(model, tensors, meta, adapter_name, source=str(path), replace_head=replace_head,
-                                strict=strict)
+    from visadapt import hub
+
+    if isinstance(source, Mapping):
+        if weight_name is not None or subfolder is not None:
+            raise TypeError("weight_name / subfolder pick a file in a folder or hub repo; a state dict was given")
+        tensors = {str(key): value for key, value in source.items()}
+        what = f"the state dict given ({len(tensors)} tensors)"
+        if metadata is not None and metadata.get("format") == FORMAT:
+            meta = {str(k): str(v) for k, v in metadata.items()}
+            return load_adapter_tensors(model, tensors, meta, adapter_name, source=what, replace_head=replace_head,
+                                        strict=strict)
+        fmt, files, state = hub.find_foreign_format({}, tensors, what)
+        return _load_foreign(model, fmt, files, state, adapter_name, what, replace_head, strict, metadata)
+    if metadata is not None:
+        raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")
+    hub_kwargs = {"subfolder": subfolder, "revision": revision, "cache_dir": cache_dir,
+                  "local_files_only": local_files_only, "token": token, "force_download": force_download}
+    kind, files = hub.resolve(source, weight_name, hub_kwargs)
+    if kind == "visadapt":
+        (path,) = files.values()
+        tensors, meta = read_adapter_file(path)
+        return load_adapter_tensors(model, tensors, meta, adapter_name, source=str(path), replace_head=replace_head,
+                                    strict=strict)
+    what = ", ".join(str(p) for p in files.values())
+    fmt, files, state = hub.find_foreign_format(files, None, what)
+    return _load_foreign(model, fmt, files, state, adapter_name, what, replace_head, strict)
+
+
+def _load_foreign(model: nn.Module, fmt, files, state, adapter_name: str, what: str, replace_head: bool,
+                  strict: bool, metadata: Mapping[str, str] | None = None):
+    """Hand a foreign layout to its format (whose contract leaves ``model`` as it was on failure)."""
+    if replace_head:
+        raise TypeError(f"replace_head=True swaps in the classifier head a visadapt file stores; {what} is in the "
+                        f"{fmt.name} layout: drop replace_head")
+    if adapter_name in api.records(model):
+        raise ValueError(f"an adapter named {adapter_name!r} is already attached; detach it or pass another "
+                         f"adapter_name")
+    from visadapt import hub
+
+    return hub.load_foreign(fmt, model, files, state, adapter_name, strict=strict, metadata=metadata)
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],
@@ -300,7 +364,11 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
         if replaced is not None:
             _put_back(model, head, replaced)
         raise
-    api.get_record(model, adapter_name).load_report = report
+    record = api.get_record(model, adapter_name)
+    record.load_report = report
+    # what the file says beyond the format (the training run under ``visadapt.train``) stays with the adapter,
+    # so save_pretrained's card and file keep it
+    record.metadata = {k: v for k, v in meta.items() if k not in RESERVED_METADATA}
     return config
 
 

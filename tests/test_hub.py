@@ -319,7 +319,6 @@ def test_state_dict_with_a_foreign_header_is_read_at_its_scale_or_refused(tmp_pa
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
-    from visadapt import formats
 
     unet = base("diffusers_unet")
     donor = copy.deepcopy(unet)

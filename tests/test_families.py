@@ -343,3 +343,48 @@ def test_head_travels_with_the_adapter_and_another_class_count_needs_replace_hea
     assert other.head.out_features == 5
     with torch.no_grad():
         assert torch.equal(other(x), trained(x))
+
+
+def test_detach_gives_back_the_head_a_load_wrote_or_replaced(tmp_path):
+    """The README's first snippet: load_adapter then detach is the original model, bit for bit, although the file
+    wrote its trained head into the model's head (or, with replace_head=True, swapped the head module)."""
+    torch.manual_seed(0)
+    trained = tm.vit(num_classes=5).eval()
+    visadapt.attach(trained, "lora", {"rank": 4}, head="head")
+    randomize_adapters(trained)
+    with torch.no_grad():
+        trained.head.weight.add_(1.0)
+    path = visadapt.save_adapter(trained, tmp_path / "a.safetensors")
+
+    fresh = tm.vit(num_classes=5).eval()
+    before = clone_state(fresh)
+    visadapt.load_adapter(fresh, path)
+    assert not torch.equal(fresh.head.weight, before["head.weight"])  # the file's head is in place
+    visadapt.detach(fresh)
+    assert clone_state(fresh).keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in clone_state(fresh).items())
+
+    other = tm.vit(num_classes=7).eval()
+    own_head = other.head
+    visadapt.load_adapter(other, path, replace_head=True)
+    assert other.head is not own_head and other.head.out_features == 5
+    visadapt.detach(other)
+    assert other.head is own_head  # the model's own module, not a copy
+
+
+def test_two_adapters_with_heads_detached_in_any_order_give_the_head_back(tmp_path):
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        trained = tm.vit(num_classes=5).eval()
+        visadapt.attach(trained, "lora", {"rank": 4}, head="head")
+        randomize_adapters(trained)
+        with torch.no_grad():
+            trained.head.weight.add_(seed)
+        paths.append(visadapt.save_adapter(trained, tmp_path / f"{seed}.safetensors"))
+    fresh = tm.vit(num_classes=5).eval()
+    before = clone_state(fresh)
+    visadapt.load_adapter(fresh, paths[0], "one")
+    visadapt.load_adapter(fresh, paths[1], "two")
+    visadapt.detach(fresh)  # all at once: last loaded first
+    assert all(torch.equal(v, before[k]) for k, v in clone_state(fresh).items())

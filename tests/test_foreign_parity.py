@@ -335,6 +335,9 @@ def test_peft_vit_folder_with_patterns_rslora_and_head_gives_peft_outputs(tmp_pa
     again = copy.deepcopy(vit)
     visadapt.load_adapter(again, saved)
     assert torch.equal(vit_output(again), vit_output(ours))
+    # detach gives back the model's own head, which the PEFT folder's modules_to_save overwrote
+    visadapt.detach(ours)
+    assert all(torch.equal(value, vit.state_dict()[key]) for key, value in ours.state_dict().items())
 
 
 def test_peft_vit_regex_target_exclude_and_layers_to_transform(tmp_path):

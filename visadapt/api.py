@@ -44,6 +44,9 @@ class AttachedAdapter:
     load_report: LoadReport | None = None
     #: header entries of the file it was loaded from beyond the format's own (``visadapt.train``)
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the head as it was before a load wrote into it (:func:`write_head`: its tensors; a ``replace_head`` load:
+    #: the module it swapped out), put back by :func:`detach`; None when no load touched the head
+    head_before: dict[str, torch.Tensor] | nn.Module | None = None
 
 
 def records(model: nn.Module) -> dict[str, AttachedAdapter]:
@@ -173,7 +176,8 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> None:
     names = [adapter_name] if adapter_name is not None else list(records(model))
     for name in names:
         get_record(model, name)
-    for name in names:
+    for name in reversed(names):  # last loaded first: each head goes back to what the load before it left
+        _restore_head(model, records(model)[name])
         inject.remove(model, name)
         del records(model)[name]
     if records(model):
@@ -184,6 +188,36 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> None:
         for name, param in model.named_parameters():
             if id(param) not in peft_owned:
                 param.requires_grad_(flags.get(canonical_path(model, name), param.requires_grad))
+
+
+def write_head(model: nn.Module, adapter_name: str, head_state: dict[str, torch.Tensor]) -> None:
+    """Copy ``head_state`` (keys relative to the head module: ``weight``, ``bias``) into the head of adapter
+    ``adapter_name``, keeping the values it overwrites so that :func:`detach` gives the model back bit for bit.
+    Every loader that writes a head (visadapt files, PEFT ``modules_to_save``) goes through here."""
+    record = get_record(model, adapter_name)
+    targets = model.get_submodule(record.head).state_dict(keep_vars=True)
+    unknown = sorted(set(head_state) - set(targets))
+    if unknown:
+        raise KeyError(f"head {record.head!r} has no tensor {', '.join(unknown)}")
+    if record.head_before is None:
+        record.head_before = {key: value.detach().clone() for key, value in targets.items()}
+    with torch.no_grad():
+        for key, value in head_state.items():
+            targets[key].copy_(value)
+
+
+def _restore_head(model: nn.Module, record: AttachedAdapter) -> None:
+    if record.head_before is None:
+        return
+    if isinstance(record.head_before, nn.Module):  # a replace_head load swapped the module: swap it back
+        parent, _, leaf = record.head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, record.head_before)
+    else:
+        targets = model.get_submodule(record.head).state_dict(keep_vars=True)
+        with torch.no_grad():
+            for key, value in record.head_before.items():
+                targets[key].copy_(value)
+    record.head_before = None
 
 
 def _names(model: nn.Module, adapter_name: str | None) -> list[str]:

@@ -328,6 +328,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
         if replaced is not None:
             _put_back(model, head, replaced)
         raise
+    if replaced is not None:  # detach (also on a failure below) swaps the model's own head back in
+        api.get_record(model, adapter_name).head_before = replaced
     report = LoadReport(str(path), f"adapter {adapter_name!r}")
     try:
         saved_widths = json.loads(meta.get("site_widths", "{}"))
@@ -355,14 +357,9 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
                 raise AdapterLoadError(f"{err}\n{classes}", report) from err
             raise
         if head_fits:
-            targets = model.get_submodule(head).state_dict(keep_vars=True)
-            with torch.no_grad():
-                for key in head_fits:
-                    targets[key[len(head) + 1:]].copy_(tensors[key])
+            api.write_head(model, adapter_name, {key[len(head) + 1:]: tensors[key] for key in head_fits})
     except Exception:
         api.detach(model, adapter_name)
-        if replaced is not None:
-            _put_back(model, head, replaced)
         raise
     record = api.get_record(model, adapter_name)
     record.load_report = report

@@ -261,16 +261,12 @@ def load_peft_state(model: nn.Module, config, state: Mapping[str, torch.Tensor],
         api.attach(model, "lora", config_out, adapter_name=adapter_name, head=head)
     except ValueError as err:
         raise LoraLayoutError(f"{source}: the adapter does not fit this model: {err}", report) from err
-    head_module = modules[head] if head else None
-    before = {k: v.detach().clone() for k, v in head_module.state_dict().items()} if head_module is not None else {}
     try:
         load_lora_weights_into(model, fits, adapter_name)
-        if head_module is not None:
-            head_module.load_state_dict(head_state, strict=False)
+        if head:
+            api.write_head(model, adapter_name, head_state)  # detach (also on a failure here) puts it back
     except Exception:
         api.detach(model, adapter_name)
-        if head_module is not None:
-            head_module.load_state_dict(before)
         raise
     api.get_record(model, adapter_name).load_report = report
     return config_out

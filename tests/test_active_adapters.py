@@ -86,3 +86,24 @@ def test_merged_layers_are_called_without_hooks():
     visadapt.set_active_adapters(model, None)
     visadapt.detach(model)
     assert not qkv._forward_hooks and not qkv._forward_pre_hooks
+
+
+def test_a_weight_set_after_torch_compile_is_not_ignored():
+    """A fresh adapter runs at weight 1; setting its weight only after compiling must still take effect (dynamo
+    guards a key that exists in a module's __dict__, not the absence of one)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = tm.vit().eval()
+    visadapt.attach(model, "lora", rank=4)
+    randomize(model, "default", 3)
+    eager = copy.deepcopy(model)
+    visadapt.set_weight(eager, "default", 0.5)
+    (x,), _ = tm.example_input("timm_vit", model)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(x)  # compiled while the weight is still the default
+        visadapt.set_weight(model, "default", 0.5)
+        assert torch.equal(compiled(x), eager(x))
+        visadapt.set_active_adapters(model, [])
+        assert torch.equal(compiled(x), model(x))

@@ -115,6 +115,10 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
     module.site_rows = site.rows
     module.site_tap = site.tap
     module.site_widths = (site.in_features, site.out_features)
+    # The runtime weight and on/off switch live in the module's __dict__ from the start: torch.compile guards a
+    # key that exists, but not the absence of one, so a weight first set after compiling would be ignored.
+    module.__dict__.setdefault("adapter_weight", 1.0)
+    module.__dict__.setdefault("adapter_inactive", False)
     if site.how == "weight":
         if not hasattr(module, "delta_weight"):
             raise TypeError(f"site {site.name} takes weight deltas (LoRA-type modules) only, "

@@ -246,3 +246,34 @@ def test_two_layouts_naming_one_tensor_are_reported_not_silently_overwritten():
     with pytest.raises(LoraLayoutError, match=rf"unet.{TO_Q}.lora(_A|.down).weight  names the same LoRA tensor"):
         attach_lora_state(unet, state, "x")
     assert not visadapt.api.records(unet)
+
+
+@pytest.mark.parametrize("layout", ["diffusers_old", "no_unet_prefix"])
+def test_older_layouts_load_like_diffusers_own_loader(layout):
+    """The older diffusers names (``unet.<path>.lora.down.weight``) against ``pipe.load_lora_weights``, and keys
+    without the ``unet.`` prefix against ``unet.load_lora_adapter(prefix=None)`` (``load_lora_weights`` itself skips
+    such keys with a warning and loads nothing): the same UNet output. (The attn-procs and ``lora_linear_layer``
+    names are no longer read by diffusers 0.42 at all; test_every_layout_reads_to_the_same_modules_and_applies_the_formula
+    checks them against the formula of the diffusers versions that wrote them.)"""
+    import copy
+
+    pipe = create_tiny_sd_pipeline()
+    unet = pipe.unet
+    state = {}
+    for seed, path in enumerate((TO_Q, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0", CONV1)):
+        host = unet.get_submodule(path)
+        kernel = host.kernel_size[0] if isinstance(host, torch.nn.Conv2d) else None
+        out_f, in_f = host.weight.shape[:2]
+        down, up = random_pair(out_f, in_f, 4, kernel=kernel, seed=seed)
+        prefix = "unet." if layout == "diffusers_old" else ""
+        state[f"{prefix}{path}.lora.down.weight"] = down * 3
+        state[f"{prefix}{path}.lora.up.weight"] = up * 3
+    theirs, ours = copy.deepcopy(pipe), copy.deepcopy(pipe)
+    if layout == "diffusers_old":
+        theirs.load_lora_weights(dict(state), adapter_name="theirs")
+    else:
+        theirs.unet.load_lora_adapter(dict(state), prefix=None, adapter_name="theirs")
+    ours.load_visadapt(dict(state), adapter_name="ours")
+    base = run_unet(unet)
+    assert (run_unet(theirs.unet) - base).abs().max() > 1e-3  # the owner loaded something
+    assert (run_unet(ours.unet) - run_unet(theirs.unet)).abs().max().item() <= 1e-5

@@ -165,7 +165,8 @@ class CallPlan(NamedTuple):
     attachment order). ``lora``: the :class:`~visadapt.layers.LoRA` modules at ``linear`` sites, run batched by
     :func:`visadapt.layers.add_lora_deltas` when all of them qualify at call time
     (:func:`~visadapt.layers.batchable_lora`: a plugin may swap a LoRA's factors, as MoSA does); ``linear``: the
-    other modules at ``linear`` sites."""
+    other modules at ``linear`` sites; ``replace_blends``: for each ``replace`` module, whether its runtime weight
+    blends it with the base output (:func:`blends_with_weight`, decided here once rather than on every call)."""
 
     input: tuple[nn.Module, ...]
     parallel: tuple[nn.Module, ...]
@@ -173,6 +174,7 @@ class CallPlan(NamedTuple):
     linear: tuple[nn.Module, ...]
     output: tuple[nn.Module, ...]
     replace: tuple[nn.Module, ...]
+    replace_blends: tuple[bool, ...]
 
 
 def call_plan(owner: nn.Module) -> CallPlan | None:
@@ -181,7 +183,7 @@ def call_plan(owner: nn.Module) -> CallPlan | None:
 
 
 def _build_plan(store: nn.ModuleDict | None) -> CallPlan | None:
-    groups: dict[str, list[nn.Module]] = {field: [] for field in CallPlan._fields}
+    groups: dict[str, list[nn.Module]] = {field: [] for field in CallPlan._fields if field != "replace_blends"}
     for per_name in store.values() if store is not None else ():
         for module in per_name.values():
             if _runs_in_hooks(module):
@@ -189,7 +191,8 @@ def _build_plan(store: nn.ModuleDict | None) -> CallPlan | None:
                 groups["lora" if how == "linear" and type(module) is LoRA else how].append(module)
     if not any(groups.values()):
         return None
-    return CallPlan(**{field: tuple(modules) for field, modules in groups.items()})
+    return CallPlan(**{field: tuple(modules) for field, modules in groups.items()},
+                    replace_blends=tuple(map(blends_with_weight, groups["replace"])))
 
 
 def sync_hooks(owner: nn.Module) -> None:
@@ -244,6 +247,23 @@ def adapter_weight(module: nn.Module) -> float:
     return module.__dict__.get("adapter_weight", 1.0)
 
 
+def blends_with_weight(module: nn.Module) -> bool:
+    """Whether a module at a ``replace`` site is blended with its host's output by its runtime weight
+    (``w * new + (1 - w) * base``): True unless the module sets ``blends_with_weight = False``, which makes it the
+    adapter's at every weight. Fixed when the module is built: the hooks read it once, into the
+    :class:`CallPlan`."""
+    return getattr(module, "blends_with_weight", True)
+
+
+def replace_weight(module: nn.Module, blends: bool | None = None) -> float:
+    """The share ``w`` of a ``replace`` module's output in ``w * new + (1 - w) * base``: its runtime weight when
+    it blends (``blends``: the :class:`CallPlan`'s decision; None decides it from the module), else 1.0. The
+    hooks and a module merging itself into its host (``merge_into_host``) both use it, so the two agree."""
+    if blends is None:
+        blends = blends_with_weight(module)
+    return adapter_weight(module) if blends else 1.0
+
+
 def _weighted(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     weight = adapter_weight(module)
     return delta if weight == 1.0 else delta * weight
@@ -254,8 +274,9 @@ def set_adapter_weight(model: nn.Module, adapter_name: str, weight: float) -> No
 
     Additive deltas become ``weight * f(x)``; a module that replaces its host's output (a trainable norm, a
     quantised head) gives ``weight * new + (1 - weight) * base``, so 0 is the base model and 1 the adapter,
-    unless it sets ``blends_with_weight = False``: then it is the adapter's at every weight (ResAdapter's norms,
-    whose official loader scales only the LoRA: there 0 is the base model plus the adapter's norms).
+    unless it sets ``blends_with_weight = False`` (:func:`blends_with_weight`, :func:`replace_weight`): then it is
+    the adapter's at every weight (ResAdapter's norms, whose official loader scales only the LoRA: there 0 is the
+    base model plus the adapter's norms).
     Merging folds the weighted delta. A merged adapter must be unmerged before its weight changes, and
     adapters holding a module of their own (a head the plugin calls) have no weight to set.
     """
@@ -317,9 +338,9 @@ def _post_hook(host: nn.Module, args: tuple, output):
             output = add_rows(output, _weighted(module, module(x)), module.site_rows, dim=channel_dim)
     for module in plan.output:
         output = output + _weighted(module, module(output))
-    for module in plan.replace:  # at most one (checked in insert)
+    for module, blends in zip(plan.replace, plan.replace_blends):  # at most one (checked in insert)
         # a module may be the adapter's at every weight (ResAdapter's norms, as the official code loads them)
-        weight = adapter_weight(module) if getattr(module, "blends_with_weight", True) else 1.0
+        weight = replace_weight(module, blends)
         replaced = module(args[0])
         output = replaced if weight == 1.0 else weight * replaced + (1.0 - weight) * output
     return output

@@ -51,8 +51,9 @@ _TAP_VALUE_ATTR = "_visadapt_branch_input"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # merge order of every merged delta module (a process-wide counter): unmerge needs to know what was stacked later
 _MERGE_ORDER_ATTR = "_visadapt_merge_order"
-# hash of the weight rows a merge wrote, and the PEFT merge state of the layer then: unmerge restores its exact
-# copy only when nobody wrote since, or PEFT is back in the same state (a fuse/unfuse round trip left rounding)
+# hash of the weight rows a merge wrote, and the PEFT merge state of the layer then (both taken only where a PEFT
+# layer wraps the host, the one writer besides visadapt): unmerge restores its exact copy only when nobody wrote
+# since, or PEFT is back in the same state (a fuse/unfuse round trip left rounding)
 _MERGED_HASH_ATTR = "_visadapt_merged_rows_hash"
 _MERGED_PEFT_ATTR = "_visadapt_merged_peft_state"
 _merge_counter = itertools.count()
@@ -417,8 +418,10 @@ def _merge_one(model: nn.Module, item: Attached) -> None:
         item.module.merge_into_host(resolve(model, item.host_path))
     else:
         item.module.merge_into(item.base_weight.data, item.module.site_rows)
-        item.module.__dict__[_MERGED_HASH_ATTR] = _rows_hash(_rows(item.base_weight.data, item.module.site_rows))
-        item.module.__dict__[_MERGED_PEFT_ATTR] = peft_merge_state(model, item.host_path)
+        peft_state = peft_merge_state(model, item.host_path)
+        if peft_state is not None:  # PEFT could fold into this weight too: remember what this merge left there
+            item.module.__dict__[_MERGED_HASH_ATTR] = _rows_hash(_rows(item.base_weight.data, item.module.site_rows))
+            item.module.__dict__[_MERGED_PEFT_ATTR] = peft_state
     item.module.__dict__[_MERGE_ORDER_ATTR] = next(_merge_counter)
 
 
@@ -431,14 +434,18 @@ def _unmerge_one(model: nn.Module, item: Attached) -> None:
         peft_then = module.__dict__.pop(_MERGED_PEFT_ATTR, None)
         target = _rows(item.base_weight.data, module.site_rows)
         peft_now = peft_merge_state(model, item.host_path)
-        if (merged_hash is not None and hasattr(module, "delta_weight") and getattr(module, "merged", False)
-                and _rows_hash(target) != merged_hash
-                and not (peft_now is not None and peft_now == (peft_then or (peft_now[0], frozenset())))):
-            # Someone wrote into the weight after this merge: PEFT's fuse_lora / merge_and_unload fold into the
-            # same base_layer.weight. Unless the same PEFT layer is back in the merge state it had then (a fuse
-            # and unfuse in between leave only rounding, which the exact copy removes), putting back the copy
-            # taken at merge time would erase what PEFT wrote or re-add what it took off: take off this delta
-            # instead, as PEFT's own unmerge does (fp32; exact up to rounding).
+        if merged_hash is None:
+            # no PEFT layer wrapped the host at merge time (nothing hashed then): PEFT can have written into the
+            # weight only by wrapping it since and merging there now
+            peft_wrote = peft_now is not None and bool(peft_now[1])
+        else:
+            peft_wrote = _rows_hash(target) != merged_hash and peft_now != peft_then
+        if peft_wrote and hasattr(module, "delta_weight") and getattr(module, "merged", False):
+            # PEFT wrote into the weight after this merge: its fuse_lora / merge_and_unload fold into the same
+            # base_layer.weight. Unless the same PEFT layer is back in the merge state it had then (a fuse and
+            # unfuse in between leave only rounding, which the exact copy removes), putting back the copy taken
+            # at merge time would erase what PEFT wrote or re-add what it took off: take off this delta instead,
+            # as PEFT's own unmerge does (fp32; exact up to rounding).
             logger.warning("visadapt: %s was changed after adapter %r merged into it (PEFT fuse/unfuse?); "
                            "unmerging by subtracting its delta, which is exact only up to rounding. Unfuse in "
                            "reverse order of fusing to restore weights bit for bit", item.host_path,

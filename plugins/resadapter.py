@@ -140,9 +140,10 @@ class ResolutionNorm(nn.Module):
     are. ``merge_into_host`` writes the affine into the base norm and keeps the original, which
     ``unmerge_from_host`` puts back bit for bit.
 
-    ``blends_with_weight`` (read by :func:`visadapt.inject.set_adapter_weight`'s hook): False (default, the
-    official semantics) keeps this affine at every runtime weight; True gives ``w * adapted + (1 - w) * base``,
-    unmerged and merged alike.
+    ``blends_with_weight`` (fixed at construction; the hooks read it once through
+    :func:`visadapt.inject.blends_with_weight`): False (default, the official semantics) keeps this affine at
+    every runtime weight; True gives ``w * adapted + (1 - w) * base``, unmerged and merged alike (both through
+    :func:`visadapt.inject.replace_weight`).
     """
 
     def __init__(self, norm: nn.GroupNorm, blends_with_weight: bool = False) -> None:
@@ -166,7 +167,7 @@ class ResolutionNorm(nn.Module):
             return
         if not norm.affine:
             raise ValueError("a ResolutionNorm can merge only into a group norm with an affine (affine=True)")
-        weight = inject.adapter_weight(self) if self.blends_with_weight else 1.0
+        weight = inject.replace_weight(self)  # the hooks' rule, so merged and unmerged outputs agree
         self._saved_affine = (norm.weight.detach().clone(), norm.bias.detach().clone())
         # affine parameters enter the output linearly, so the weighted mix of outputs is the mix of affines;
         # unblended (the default), the adapter's affine is copied as it is

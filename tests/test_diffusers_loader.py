@@ -15,65 +15,15 @@ from torch import nn
 
 import visadapt
 from tests import tiny_models as tm
+from tests.pipeline_helpers import assert_same_tensors, every_tensor, generate
 from visadapt import diffusers as loader
 from visadapt import inject, io
-from visadapt.backbones import create_tiny_sd_pipeline
 from visadapt.formats import CheckpointFormat, register_format
 
-PROMPT = "a red cube on a table"
+pytestmark = pytest.mark.usefixtures("_one_thread")  # fixtures (base_pipe, pipe, base_image): tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny pipeline gains nothing from threads, and on a shared 2-core machine spinning OpenMP workers
-    # made these tests 50x slower; restored for the other test modules afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_pipe(_one_thread):
-    pipe = create_tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    generate(pipe)  # the first calls of a process are slow (kernel set-up); pay it once
-    return pipe
-
-
-@pytest.fixture()
-def pipe(base_pipe):
-    return copy.deepcopy(base_pipe)
-
-
-@pytest.fixture(scope="module")
-def base_image(base_pipe):
-    return generate(base_pipe)
-
-
-def generate(pipe) -> torch.Tensor:
-    """A 32x32 image (1, 3, 32, 32) from 2 DDIM steps with a fixed seed."""
-    with torch.no_grad():
-        return pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
-
-
-def every_tensor(pipe) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of every torch component of the pipeline, cloned."""
-    return {f"{name}.{key}": value.detach().clone()
-            for name, module in pipe.components.items() if isinstance(module, nn.Module)
-            for key, value in module.state_dict().items()}
-
-
-def assert_same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-    assert sorted(before) == sorted(after)
-    # NaN == NaN here (a broken adapter's own NaN tensors are unchanged, not different)
-    changed = [key for key in before if not (torch.equal(before[key], after[key]) or (
-        before[key].is_floating_point() and torch.allclose(before[key], after[key], rtol=0, atol=0, equal_nan=True)))]
-    assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
 
 
 def lora_file(path: Path, unet: nn.Module, seed: int, rank: int = 4, targets=("q", "v", "conv2")) -> Path:

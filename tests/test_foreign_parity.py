@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 import visadapt
 from tests import tiny_models
+from tests.pipeline_helpers import assert_untouched as assert_unchanged
+from tests.pipeline_helpers import every_tensor as unet_tensors
 from visadapt import formats
-from visadapt.backbones import create_tiny_sd_pipeline
 from visadapt.io import AdapterFileError
 from visadapt.layers import LoRA
 from visadapt.lora_layouts import LoraLayoutError
@@ -30,25 +31,16 @@ LORA_MODULES = (f"{ATTN}.attn1.to_q", f"{ATTN}.attn1.to_k", f"{ATTN}.attn1.to_v"
                 f"{ATTN}.attn2.to_q", f"{ATTN}.attn2.to_v", f"{ATTN}.ff.net.0.proj",
                 "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1")
 
+pytestmark = pytest.mark.usefixtures("_one_thread")  # fixtures (base_pipe): tests/conftest.py
+
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the tiny models' ops are far too small to split: on a shared CPU, threads only wait for each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    logging.getLogger("diffusers").setLevel(logging.WARNING)
-
-
-@pytest.fixture(scope="module")
-def base_pipe(_one_thread):
+def _diffusers_errors_only():
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": these files are UNet-only
-    pipe = create_tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    yield
+    logging.getLogger("diffusers").setLevel(logging.WARNING)
 
 
 def unet_output(unet) -> torch.Tensor:
@@ -104,16 +96,6 @@ def assert_same_as_diffusers(base_pipe, folder, expect_lora_effect=True):
         assert (out_theirs - unet_output(base_pipe.unet)).abs().max() > 1e-3  # the LoRA does something
     assert (out_ours - out_theirs).abs().max().item() <= 1e-5
     return ours
-
-
-def unet_tensors(unet) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
-
-
-def assert_unchanged(model, before: dict[str, torch.Tensor]):
-    after = model.state_dict()
-    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
-    assert not visadapt.api.records(model)
 
 
 # ---------------------------------------------------------------------------------------------- diffusers files

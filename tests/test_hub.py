@@ -17,19 +17,13 @@ from torch import nn
 
 import visadapt
 from tests import tiny_models as tm
+from tests.pipeline_helpers import assert_untouched, every_tensor
 from visadapt import hub, inject, io
 
 COMMIT_MAIN = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_V1 = "89abcdef0123456789abcdef0123456789abcdef"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads; on a shared 2-core machine spinning OpenMP workers slows them a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
 
 
 def randomise(model: nn.Module, adapter_name: str = "default", seed: int = 0) -> None:
@@ -46,17 +40,6 @@ def output(model: nn.Module, family: str) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return tm.output_tensor(model(*args, **kwargs))
-
-
-def every_tensor(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-
-def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    assert visadapt.api.records(model) == {}
-    after = every_tensor(model)
-    assert sorted(after) == sorted(before)
-    assert all(torch.equal(before[key], after[key]) for key in before)
 
 
 def base(family: str) -> nn.Module:

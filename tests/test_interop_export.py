@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import visadapt
-from visadapt.backbones import create_tiny_sd_pipeline
+from tests.pipeline_helpers import generate_np as generate
 from visadapt.export import ExportError
 from visadapt.interop_export import export_diffusers, export_peft, export_resadapter
 from visadapt.layers import LoRA
@@ -20,23 +20,7 @@ from visadapt.sites import find_sites
 
 TOL = 1e-5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_pipe():
-    return create_tiny_sd_pipeline()
-
-
-@pytest.fixture
-def pipe(base_pipe):
-    return copy.deepcopy(base_pipe)
+pytestmark = pytest.mark.usefixtures("_one_thread")  # fixtures (base_pipe, pipe): tests/conftest.py
 
 
 def randomize(model, head=None, std=0.1, seed=0):
@@ -46,12 +30,6 @@ def randomize(model, head=None, std=0.1, seed=0):
         for name, param in model.named_parameters():
             if "visadapt_adapters" in name or (head and name.startswith(f"{head}.")):
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
-def generate(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images
 
 
 def unet_out(unet, seed=3):

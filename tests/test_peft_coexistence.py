@@ -18,14 +18,16 @@ from torch import nn
 
 import visadapt
 from tests import tiny_models as tm
+from tests.pipeline_helpers import assert_same_tensors, every_tensor, generate
+from tests.pipeline_helpers import every_tensor as vit_state
 from visadapt import inject, io, peft_compat
-from visadapt.backbones import create_tiny_sd_pipeline
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-PROMPT = "a red cube on a table"
+pytestmark = pytest.mark.usefixtures("_one_thread")  # fixtures: tests/conftest.py
+
 #: the diffusers LoRA loaded next to visadapt (an LCM-LoRA stand-in): attention projections and the down/upsampler
 #: convolutions ("conv"), so it shares layers with every visadapt adapter below, ResAdapter's LoRA included
 LCM_TARGETS = ["to_q", "to_k", "conv"]
@@ -34,53 +36,7 @@ SHARED = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 SHARED_CONV = "down_blocks.0.downsamplers.0.conv"
 
 
-# ------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the tiny pipeline gains nothing from threads; on a shared CPU spinning OpenMP workers is much slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_pipe(_one_thread):
-    pipe = create_tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    generate(pipe)  # first calls of a process are slow; pay it once
-    return pipe
-
-
-@pytest.fixture()
-def pipe(base_pipe):
-    return copy.deepcopy(base_pipe)
-
-
-@pytest.fixture(scope="module")
-def base_image(base_pipe):
-    return generate(base_pipe)
-
-
-def generate(pipe) -> torch.Tensor:
-    """A 32x32 image (1, 3, 32, 32) from 2 DDIM steps with a fixed seed."""
-    with torch.no_grad():
-        return pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
-
-
-def every_tensor(pipe) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": value.detach().clone()
-            for name, module in pipe.components.items() if isinstance(module, nn.Module)
-            for key, value in module.state_dict().items()}
-
-
-def assert_same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-    assert sorted(before) == sorted(after)
-    changed = [key for key in before if not torch.equal(before[key], after[key])]
-    assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
+# ------------------------------------------------------------------------------------------------- helpers
 
 
 def randomise_visadapt(model: nn.Module, seed: int) -> None:
@@ -413,10 +369,6 @@ def test_add_adapter_with_short_target_names_skips_visadapt_modules(pipe, files)
 
 def vit_input() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def vit_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def dense_reference(vit: nn.Module, peft_model, vis_model: nn.Module, x: torch.Tensor) -> torch.Tensor:

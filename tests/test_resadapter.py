@@ -11,6 +11,9 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 import visadapt
+from tests import pipeline_helpers
+from tests.pipeline_helpers import every_tensor as snapshot
+from tests.pipeline_helpers import generate_np as generate
 from visadapt import formats
 from visadapt.backbones import create_tiny_sd_pipeline
 from visadapt.lora_layouts import LoraLayoutError
@@ -30,31 +33,12 @@ SDXL_UNET = {
     "projection_class_embeddings_input_dim": 2816,
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tiny pipeline's ops are far too small to split: on a shared CPU, threads only wait for each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generate(pipe, height=32, width=32, steps=2):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe("a red circle on a blue square", height=height, width=width, num_inference_steps=steps,
-                guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0)).images
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
 
 
 def assert_same_tensors(module, saved):
-    now = module.state_dict()
-    assert set(now) == set(saved)
-    for key, tensor in saved.items():
-        assert torch.equal(now[key], tensor), key
+    """``module``'s tensors are ``saved`` (a :func:`snapshot`) bit for bit."""
+    pipeline_helpers.assert_same_tensors(saved, snapshot(module))
 
 
 def official_files(unet, seed=0):

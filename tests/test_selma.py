@@ -21,15 +21,7 @@ from visadapt.plugins.selma import (
 
 SKILLS = ("counting", "color")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared machine extra threads
-    oversubscribe the cores (a 2-step generation went from 0.2 s to 7 s under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
 
 
 def randomise(model, name, seed):

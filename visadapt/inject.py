@@ -51,8 +51,9 @@ _TAP_VALUE_ATTR = "_visadapt_branch_input"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # merge order of every merged delta module (a process-wide counter): unmerge needs to know what was stacked later
 _MERGE_ORDER_ATTR = "_visadapt_merge_order"
-# hash of the weight rows a merge wrote, and the PEFT merge state of the layer then: unmerge restores its exact
-# copy only when nobody wrote since, or PEFT is back in the same state (a fuse/unfuse round trip left rounding)
+# hash of the weight rows a merge wrote, and the PEFT merge state of the layer then (both taken only where a PEFT
+# layer wraps the host, the one writer besides visadapt): unmerge restores its exact copy only when nobody wrote
+# since, or PEFT is back in the same state (a fuse/unfuse round trip left rounding)
 _MERGED_HASH_ATTR = "_visadapt_merged_rows_hash"
 _MERGED_PEFT_ATTR = "_visadapt_merged_peft_state"
 _merge_counter = itertools.count()
@@ -165,7 +166,8 @@ class CallPlan(NamedTuple):
     attachment order). ``lora``: the :class:`~visadapt.layers.LoRA` modules at ``linear`` sites, run batched by
     :func:`visadapt.layers.add_lora_deltas` when all of them qualify at call time
     (:func:`~visadapt.layers.batchable_lora`: a plugin may swap a LoRA's factors, as MoSA does); ``linear``: the
-    other modules at ``linear`` sites."""
+    other modules at ``linear`` sites; ``replace_blends``: for each ``replace`` module, whether its runtime weight
+    blends it with the base output (:func:`blends_with_weight`, decided here once rather than on every call)."""
 
     input: tuple[nn.Module, ...]
     parallel: tuple[nn.Module, ...]
@@ -173,6 +175,7 @@ class CallPlan(NamedTuple):
     linear: tuple[nn.Module, ...]
     output: tuple[nn.Module, ...]
     replace: tuple[nn.Module, ...]
+    replace_blends: tuple[bool, ...]
 
 
 def call_plan(owner: nn.Module) -> CallPlan | None:
@@ -181,7 +184,7 @@ def call_plan(owner: nn.Module) -> CallPlan | None:
 
 
 def _build_plan(store: nn.ModuleDict | None) -> CallPlan | None:
-    groups: dict[str, list[nn.Module]] = {field: [] for field in CallPlan._fields}
+    groups: dict[str, list[nn.Module]] = {field: [] for field in CallPlan._fields if field != "replace_blends"}
     for per_name in store.values() if store is not None else ():
         for module in per_name.values():
             if _runs_in_hooks(module):
@@ -189,7 +192,8 @@ def _build_plan(store: nn.ModuleDict | None) -> CallPlan | None:
                 groups["lora" if how == "linear" and type(module) is LoRA else how].append(module)
     if not any(groups.values()):
         return None
-    return CallPlan(**{field: tuple(modules) for field, modules in groups.items()})
+    return CallPlan(**{field: tuple(modules) for field, modules in groups.items()},
+                    replace_blends=tuple(map(blends_with_weight, groups["replace"])))
 
 
 def sync_hooks(owner: nn.Module) -> None:
@@ -244,6 +248,23 @@ def adapter_weight(module: nn.Module) -> float:
     return module.__dict__.get("adapter_weight", 1.0)
 
 
+def blends_with_weight(module: nn.Module) -> bool:
+    """Whether a module at a ``replace`` site is blended with its host's output by its runtime weight
+    (``w * new + (1 - w) * base``): True unless the module sets ``blends_with_weight = False``, which makes it the
+    adapter's at every weight. Fixed when the module is built: the hooks read it once, into the
+    :class:`CallPlan`."""
+    return getattr(module, "blends_with_weight", True)
+
+
+def replace_weight(module: nn.Module, blends: bool | None = None) -> float:
+    """The share ``w`` of a ``replace`` module's output in ``w * new + (1 - w) * base``: its runtime weight when
+    it blends (``blends``: the :class:`CallPlan`'s decision; None decides it from the module), else 1.0. The
+    hooks and a module merging itself into its host (``merge_into_host``) both use it, so the two agree."""
+    if blends is None:
+        blends = blends_with_weight(module)
+    return adapter_weight(module) if blends else 1.0
+
+
 def _weighted(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     weight = adapter_weight(module)
     return delta if weight == 1.0 else delta * weight
@@ -254,8 +275,9 @@ def set_adapter_weight(model: nn.Module, adapter_name: str, weight: float) -> No
 
     Additive deltas become ``weight * f(x)``; a module that replaces its host's output (a trainable norm, a
     quantised head) gives ``weight * new + (1 - weight) * base``, so 0 is the base model and 1 the adapter,
-    unless it sets ``blends_with_weight = False``: then it is the adapter's at every weight (ResAdapter's norms,
-    whose official loader scales only the LoRA: there 0 is the base model plus the adapter's norms).
+    unless it sets ``blends_with_weight = False`` (:func:`blends_with_weight`, :func:`replace_weight`): then it is
+    the adapter's at every weight (ResAdapter's norms, whose official loader scales only the LoRA: there 0 is the
+    base model plus the adapter's norms).
     Merging folds the weighted delta. A merged adapter must be unmerged before its weight changes, and
     adapters holding a module of their own (a head the plugin calls) have no weight to set.
     """
@@ -317,9 +339,9 @@ def _post_hook(host: nn.Module, args: tuple, output):
             output = add_rows(output, _weighted(module, module(x)), module.site_rows, dim=channel_dim)
     for module in plan.output:
         output = output + _weighted(module, module(output))
-    for module in plan.replace:  # at most one (checked in insert)
+    for module, blends in zip(plan.replace, plan.replace_blends):  # at most one (checked in insert)
         # a module may be the adapter's at every weight (ResAdapter's norms, as the official code loads them)
-        weight = adapter_weight(module) if getattr(module, "blends_with_weight", True) else 1.0
+        weight = replace_weight(module, blends)
         replaced = module(args[0])
         output = replaced if weight == 1.0 else weight * replaced + (1.0 - weight) * output
     return output
@@ -396,8 +418,10 @@ def _merge_one(model: nn.Module, item: Attached) -> None:
         item.module.merge_into_host(resolve(model, item.host_path))
     else:
         item.module.merge_into(item.base_weight.data, item.module.site_rows)
-        item.module.__dict__[_MERGED_HASH_ATTR] = _rows_hash(_rows(item.base_weight.data, item.module.site_rows))
-        item.module.__dict__[_MERGED_PEFT_ATTR] = peft_merge_state(model, item.host_path)
+        peft_state = peft_merge_state(model, item.host_path)
+        if peft_state is not None:  # PEFT could fold into this weight too: remember what this merge left there
+            item.module.__dict__[_MERGED_HASH_ATTR] = _rows_hash(_rows(item.base_weight.data, item.module.site_rows))
+            item.module.__dict__[_MERGED_PEFT_ATTR] = peft_state
     item.module.__dict__[_MERGE_ORDER_ATTR] = next(_merge_counter)
 
 
@@ -410,14 +434,18 @@ def _unmerge_one(model: nn.Module, item: Attached) -> None:
         peft_then = module.__dict__.pop(_MERGED_PEFT_ATTR, None)
         target = _rows(item.base_weight.data, module.site_rows)
         peft_now = peft_merge_state(model, item.host_path)
-        if (merged_hash is not None and hasattr(module, "delta_weight") and getattr(module, "merged", False)
-                and _rows_hash(target) != merged_hash
-                and not (peft_now is not None and peft_now == (peft_then or (peft_now[0], frozenset())))):
-            # Someone wrote into the weight after this merge: PEFT's fuse_lora / merge_and_unload fold into the
-            # same base_layer.weight. Unless the same PEFT layer is back in the merge state it had then (a fuse
-            # and unfuse in between leave only rounding, which the exact copy removes), putting back the copy
-            # taken at merge time would erase what PEFT wrote or re-add what it took off: take off this delta
-            # instead, as PEFT's own unmerge does (fp32; exact up to rounding).
+        if merged_hash is None:
+            # no PEFT layer wrapped the host at merge time (nothing hashed then): PEFT can have written into the
+            # weight only by wrapping it since and merging there now
+            peft_wrote = peft_now is not None and bool(peft_now[1])
+        else:
+            peft_wrote = _rows_hash(target) != merged_hash and peft_now != peft_then
+        if peft_wrote and hasattr(module, "delta_weight") and getattr(module, "merged", False):
+            # PEFT wrote into the weight after this merge: its fuse_lora / merge_and_unload fold into the same
+            # base_layer.weight. Unless the same PEFT layer is back in the merge state it had then (a fuse and
+            # unfuse in between leave only rounding, which the exact copy removes), putting back the copy taken
+            # at merge time would erase what PEFT wrote or re-add what it took off: take off this delta instead,
+            # as PEFT's own unmerge does (fp32; exact up to rounding).
             logger.warning("visadapt: %s was changed after adapter %r merged into it (PEFT fuse/unfuse?); "
                            "unmerging by subtracting its delta, which is exact only up to rounding. Unfuse in "
                            "reverse order of fusing to restore weights bit for bit", item.host_path,

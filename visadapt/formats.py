@@ -122,6 +122,9 @@ def load_checkpoint(fmt: CheckpointFormat, model: nn.Module, files: Mapping[str,
     it; metadata given to a format that cannot read it raises rather than being dropped."""
     import inspect
 
+    from visadapt.peft_compat import unwrap_peft_model
+
+    model = unwrap_peft_model(model)  # a peft.PeftModel: the model it wraps, whose module paths the files name
     if metadata is None:
         return fmt.load(model, files, state, adapter_name, strict=strict)
     if "metadata" not in inspect.signature(fmt.load).parameters:

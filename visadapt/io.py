@@ -258,6 +258,9 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     """
     from visadapt import hub
 
+    # a peft.PeftModel: every format sees the model it wraps (whose paths its files name), and the adapter goes
+    # there, where api.records(model) finds it
+    model = unwrap_peft_model(model)
     if isinstance(source, Mapping):
         if weight_name is not None or subfolder is not None:
             raise TypeError("weight_name / subfolder pick a file in a folder or hub repo; a state dict was given")

@@ -376,6 +376,12 @@ def _hotswap(pipe, adapter_name: str | None, load, init, component: str | None) 
         _copy_adapter_tensors(module, scratch, adapter_name)
         old, new = api.get_record(module, adapter_name), api.get_record(module, scratch)
         old.load_report, old.metadata = new.load_report, new.metadata
+        # the scratch load wrote the new file's head (api.write_head) and kept the head it overwrote; detaching
+        # the scratch would put that back and drop the new head. The head from before any load stays with the
+        # adapter that keeps running, for its own detach.
+        if old.head_before is None:
+            old.head_before = new.head_before
+        new.head_before = None
     finally:
         api.detach(module, scratch)
     return owner

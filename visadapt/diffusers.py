@@ -54,11 +54,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.abc
 import json
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -755,35 +753,14 @@ def install_methods(pipeline_cls: type) -> None:
         setattr(pipeline_cls, name, getattr(VisadaptLoaderMixin, name))
 
 
-class _InstallOnImport(importlib.abc.MetaPathFinder):
-    """Adds the methods to ``DiffusionPipeline`` right after diffusers defines it (one shot)."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _PIPELINE_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        for finder in sys.meta_path:  # whoever would have found it (site-packages, an editable install, ...)
-            find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if find else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            loader_exec(module)
-            install_methods(module.DiffusionPipeline)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 def install() -> None:
     """Make every ``DiffusionPipeline`` have the visadapt methods: now when diffusers' pipelines are imported,
-    otherwise as soon as they are (importing them here would add seconds to every ``import visadapt``)."""
-    module = sys.modules.get(_PIPELINE_MODULE)
-    if module is not None and hasattr(module, "DiffusionPipeline"):
-        install_methods(module.DiffusionPipeline)
-    elif not any(isinstance(finder, _InstallOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _InstallOnImport())
+    otherwise as soon as they are (importing them here would add seconds to every ``import visadapt``); the import
+    hook is :func:`visadapt.peft_compat.on_import`, shared with the PEFT wrappers."""
+    from visadapt.peft_compat import on_import
+
+    def install_on(module) -> None:
+        if hasattr(module, "DiffusionPipeline"):
+            install_methods(module.DiffusionPipeline)
+
+    on_import(_PIPELINE_MODULE, install_on)

@@ -31,7 +31,8 @@ import functools
 import importlib.abc
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 from torch import nn
 
@@ -350,15 +351,17 @@ _TARGETS = {
 
 
 class _WrapOnImport(importlib.abc.MetaPathFinder):
-    """Wraps PEFT's / diffusers' entry points right after their module is executed (once per module)."""
+    """Runs a callback on a module right after it is executed (once per module): PEFT's / diffusers' entry points
+    here, diffusers' ``DiffusionPipeline`` methods (:func:`visadapt.diffusers.install`). One finder serves every
+    callback registered with :func:`on_import`."""
 
-    def __init__(self, pending: set[str]) -> None:
-        self.pending = pending
+    def __init__(self) -> None:
+        self.pending: dict[str, Callable[[ModuleType], None]] = {}
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in self.pending:
             return None
-        self.pending.discard(fullname)
+        callback = self.pending.pop(fullname)
         if not self.pending:
             sys.meta_path.remove(self)
         for finder in sys.meta_path:  # whoever would have found it (site-packages, an editable install, ...)
@@ -374,22 +377,29 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             loader_exec(module)
-            _TARGETS[fullname](module)
+            callback(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+def on_import(module_name: str, callback: Callable[[ModuleType], None]) -> None:
+    """``callback(module)`` now when ``module_name`` is imported already, otherwise right after it is (importing
+    it here would charge seconds to every ``import visadapt``). A second registration for a module still pending
+    replaces the first."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        callback(module)
+        return
+    finder = next((f for f in sys.meta_path if isinstance(f, _WrapOnImport)), None)
+    if finder is None:
+        finder = _WrapOnImport()
+        sys.meta_path.insert(0, finder)
+    finder.pending[module_name] = callback
+
+
 def install() -> None:
     """Wrap PEFT's ``BaseTuner.inject_adapter`` and diffusers' ``PeftAdapterMixin.load_lora_adapter`` /
-    ``add_adapter``: now for the modules already imported, the others as soon as they are (importing them here
-    would charge seconds to every ``import visadapt``)."""
-    pending = set()
+    ``add_adapter``: now for the modules already imported, the others as soon as they are (:func:`on_import`)."""
     for name, wrap in _TARGETS.items():
-        module = sys.modules.get(name)
-        if module is not None:
-            wrap(module)
-        else:
-            pending.add(name)
-    if pending and not any(isinstance(finder, _WrapOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _WrapOnImport(pending))
+        on_import(name, wrap)

@@ -94,6 +94,12 @@ def resolve(model: nn.Module, path: str) -> nn.Module:
     """The real module at canonical ``path`` (the inverse of :func:`canonical_path`): each segment is looked up
     through any PEFT wrapper in the way, and the module found is unwrapped. Raises ``AttributeError`` like
     ``nn.Module.get_submodule`` when there is no such module."""
+    return base_layer(_lookup(model, path))
+
+
+def _lookup(model: nn.Module, path: str) -> nn.Module:
+    """The module at canonical ``path``, each segment looked up through any PEFT wrapper in the way; the module
+    found is returned as it is (possibly a tuner layer). Raises ``AttributeError`` naming the missing segment."""
     module = model
     for segment in path.split(".") if path else ():
         child = module._modules.get(segment)
@@ -103,7 +109,7 @@ def resolve(model: nn.Module, path: str) -> nn.Module:
         if child is None:
             raise AttributeError(f"{type(module).__name__} has no submodule {segment!r} (looking up {path!r})")
         module = child
-    return base_layer(module)
+    return module
 
 
 def named_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -145,15 +151,10 @@ def peft_merge_state(model: nn.Module, path: str) -> tuple[int, frozenset[str]] 
     merge time to tell PEFT fuse/unfuse round trips (only rounding left behind) from a PEFT merge still in place."""
     if _tuner_layer_class() is None:
         return None
-    module = model
-    for segment in path.split(".") if path else ():
-        child = module._modules.get(segment)
-        while child is None and is_peft_layer(module):
-            module = module.base_layer
-            child = module._modules.get(segment)
-        if child is None:
-            return None
-        module = child
+    try:
+        module = _lookup(model, path)
+    except AttributeError:
+        return None
     if not is_peft_layer(module):
         return None
     outer, merged = module, set()

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visadapt import api, inject
-from visadapt.formats import CheckpointFormat, register_format
+from visadapt.formats import CheckpointFormat, refuse_metadata, register_format
 from visadapt.load_report import MISSING, UNEXPECTED, AdapterLoadError, LoadReport
 from visadapt.lora_layouts import (
     LoraLayoutError,
@@ -265,7 +265,8 @@ class ResAdapterFormat(CheckpointFormat):
         except (OSError, ValueError, RuntimeError):  # not safetensors: not this format
             return False
 
-    def load(self, model, files, state, adapter_name, strict=True):
+    def load(self, model, files, state, adapter_name, strict=True, metadata=None):
+        refuse_metadata(self, metadata)  # the official files carry no scale or config in their headers
         if state is not None:
             lora_state, norm_state = split_official_state(state)
             where = "the state dict"

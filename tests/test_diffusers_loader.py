@@ -18,7 +18,7 @@ from tests import tiny_models as tm
 from visadapt import diffusers as loader
 from visadapt import inject, io
 from visadapt.backbones import create_tiny_sd_pipeline
-from visadapt.formats import CheckpointFormat, register_format
+from visadapt.formats import CheckpointFormat, refuse_metadata, register_format
 
 PROMPT = "a red cube on a table"
 
@@ -115,7 +115,8 @@ class PlainLoRAFormat(CheckpointFormat):
             return bool(state) and all(key.startswith(PLAIN_PREFIX) for key in state)
         return PLAIN_FILE in files
 
-    def load(self, model, files, state, adapter_name, strict=True):
+    def load(self, model, files, state, adapter_name, strict=True, metadata=None):
+        refuse_metadata(self, metadata)
         state = dict(state) if state is not None else load_file(str(files[PLAIN_FILE]))
         tensors = {key[len(PLAIN_PREFIX):]: value for key, value in state.items()}
         rank = next(t.shape[0] for k, t in tensors.items() if k.endswith(".A.weight"))

@@ -206,8 +206,9 @@ def resolve(source: str | os.PathLike, weight_name: str | None = None,
 
 
 class _SafetensorsTensors(Mapping):
-    """The tensors of a safetensors file as a read-only mapping: keys from the header, each tensor read when it is
-    asked for (format detection looks at keys only)."""
+    """The tensors of a safetensors file as a read-only mapping: keys from the header (format detection looks at
+    keys only); the first tensor asked for loads the whole file once (a format that claimed the file reads all of
+    it), so a format's per-key reads do not reopen it."""
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
@@ -215,14 +216,16 @@ class _SafetensorsTensors(Mapping):
         self.path = path
         with safe_open(str(path), framework="pt") as handle:
             self._keys = list(handle.keys())
+        self._tensors: dict | None = None
 
     def __getitem__(self, key: str):
-        from safetensors import safe_open
-
         if key not in self._keys:
             raise KeyError(key)
-        with safe_open(str(self.path), framework="pt") as handle:
-            return handle.get_tensor(key)
+        if self._tensors is None:
+            from safetensors.torch import load_file
+
+            self._tensors = load_file(str(self.path))
+        return self._tensors[key]
 
     def __iter__(self):
         return iter(self._keys)

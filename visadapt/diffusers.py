@@ -24,8 +24,8 @@ lora_scale, safe_fusing, adapter_names)``, ``unfuse_lora(components)``, ``get_li
 ``lora_state_dict`` take in diffusers 0.42 (``weight_name``, ``subfolder``, ``cache_dir``, ``revision``,
 ``local_files_only``, ``token``, ``force_download``, ``proxies``, ``hotswap``, ``low_cpu_mem_usage``,
 ``use_safetensors``, ``unet_config``, ``return_lora_metadata``), honouring each or refusing it with the reason,
-so a diffusers user needs no new vocabulary. Sources are resolved by :mod:`visadapt.hub`, exactly as
-:func:`visadapt.load_adapter` resolves them for timm and open_clip models. Unlike diffusers, nothing is loaded "successfully" with keys left over: a visadapt file loads
+so a diffusers user needs no new vocabulary. Sources are read by :func:`visadapt.hub.read_source`, exactly as
+:func:`visadapt.load_adapter` reads them for timm and open_clip models. Unlike diffusers, nothing is loaded "successfully" with keys left over: a visadapt file loads
 strictly (:func:`visadapt.io.load_adapter`), and a foreign layout is handed to the registered
 :mod:`visadapt.formats` converter that recognises it, which must report every key that did not fit.
 
@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visadapt import api, hub, inject, io
+from visadapt import api, formats, hub, inject, io
 from visadapt.attention import xformers_usable as _xformers_usable
 from visadapt.peft_compat import check_name_free_of_peft, peft_adapter_names
 from visadapt.sites import UnsupportedModelError, fingerprint, model_family
@@ -207,89 +207,62 @@ def _check_diffusers_kwargs(pipe, kwargs: Mapping[str, Any], strict: bool) -> No
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _load_visadapt_file(pipe, path: Path, candidates: dict[str, nn.Module], adapter_name: str,
-                        strict: bool = True, contents: tuple[dict, dict] | None = None) -> str:
-    """Attach the adapter of visadapt file ``path`` (or of ``contents``: its tensors and metadata already in
-    memory, ``path`` then only names them) to the one candidate component its base model matches."""
-    meta = contents[1] if contents is not None else io.read_adapter_metadata(path)
+def _load_visadapt(pipe, found: hub.AdapterSource, candidates: dict[str, nn.Module], adapter_name: str,
+                   strict: bool = True) -> str:
+    """Attach the visadapt adapter ``found`` (its tensors and header, read once by :func:`visadapt.hub.read_source`)
+    to the one candidate component its base model matches."""
+    meta = found.meta
     fits = {}
     for name, module in candidates.items():
         try:
-            io.check_base_model(module, meta, path)
+            io.check_base_model(module, meta, found.what)
         except io.AdapterFileError:
             continue
         fits[name] = module
     if not fits:
         saved = io._describe(json.loads(meta["base_model"]))
         raise io.AdapterFileError(
-            f"adapter file {path} ({meta.get('plugin')}) was trained for {saved}; no component of this "
+            f"adapter file {found.what} ({meta.get('plugin')}) was trained for {saved}; no component of this "
             f"{type(pipe).__name__} has that architecture: {_component_summary(pipe)}. An adapter only loads on "
             f"the base model it was trained for (an SDXL adapter does not fit an SD1.5 pipeline): use the adapter "
             f"trained for this pipeline's base model")
     if len(fits) > 1:
-        raise VisadaptPipelineError(f"adapter file {path} fits several components ({', '.join(fits)}); pass "
+        raise VisadaptPipelineError(f"adapter file {found.what} fits several components ({', '.join(fits)}); pass "
                                     f"component='<name>' to choose")
     (component, module), = fits.items()
-    if contents is None:
-        io.load_adapter(module, path, adapter_name, strict=strict)
-    else:
-        io.load_adapter_tensors(module, contents[0], contents[1], adapter_name, source=str(path), strict=strict)
+    io.load_adapter_tensors(module, found.tensors, meta, adapter_name, source=found.what, strict=strict)
     return component
 
 
-def _load_foreign(pipe, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None,
-                  candidates: dict[str, nn.Module], adapter_name: str, what: str, strict: bool = True,
-                  metadata: Mapping[str, str] | None = None) -> str:
-    """Hand ``files`` / ``state`` (with the ``metadata`` of an in-memory state dict) to the registered format that
-    recognises them, on the first component it fits."""
-    fmt, files, state = hub.find_foreign_format(files, state, what)
+def _load_foreign(pipe, found: hub.AdapterSource, candidates: dict[str, nn.Module], adapter_name: str,
+                  strict: bool = True) -> str:
+    """Hand the foreign layout ``found`` (with the ``metadata`` of an in-memory state dict) to its format, on the
+    first component it fits."""
     errors = []
     for component, module in candidates.items():
         try:
-            hub.load_foreign(fmt, module, files, state, adapter_name, strict=strict, metadata=metadata)
+            formats.load_checkpoint(found.fmt, module, found.files, found.state, adapter_name, strict=strict,
+                                    metadata=found.metadata)
         except Exception as err:  # the format left the component as it was; try the next one
             if len(candidates) == 1:
                 raise
             errors.append(f"{component}: {err}")
             continue
         return component
-    raise io.AdapterFileError(f"{what} ({fmt.name} format) fits no component of {type(pipe).__name__}:\n  "
-                              + "\n  ".join(errors))
-
-
-def _load_visadapt_state(pipe, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                         candidates: dict[str, nn.Module], adapter_name: str, strict: bool = True) -> str:
-    """An in-memory visadapt adapter (tensors plus the header metadata of its file), checked like a file:
-    checksum, base model, site widths (:func:`visadapt.io.load_adapter_tensors`)."""
-    tensors = {str(key): value for key, value in state.items()}
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    return _load_visadapt_file(pipe, Path(f"the state dict given ({len(tensors)} tensors)"), candidates, adapter_name,
-                               strict=strict, contents=(tensors, meta))
+    raise io.AdapterFileError(f"{found.what} ({found.fmt.name} format) fits no component of {type(pipe).__name__}:"
+                              f"\n  " + "\n  ".join(errors))
 
 
 def _load_source(pipe, source: Any, candidates: dict[str, nn.Module], adapter_name: str, *,
                  weight_name: str | None, metadata: Mapping[str, str] | None, strict: bool,
                  hub_kwargs: dict[str, Any]) -> str:
-    """Attach ``source`` (path, hub id or state dict) as ``adapter_name`` to one of ``candidates``; returns the
-    component's name. Every loader below leaves the pipeline as it was when it raises."""
-    if isinstance(source, Mapping):
-        if weight_name is not None:
-            raise TypeError("weight_name picks a file in a folder or hub repo; a state dict was given")
-        if metadata is not None and metadata.get("format") == io.FORMAT:
-            return _load_visadapt_state(pipe, source, metadata, candidates, adapter_name, strict)
-        return _load_foreign(pipe, {}, source, candidates, adapter_name,
-                             f"the state dict given ({len(source)} tensors)", strict, metadata)
-    if isinstance(source, (str, os.PathLike)):
-        if metadata is not None:
-            raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")
-        kind, files = hub.resolve(source, weight_name, hub_kwargs)
-        if kind == "visadapt":
-            (path,) = files.values()
-            return _load_visadapt_file(pipe, path, candidates, adapter_name, strict)
-        what = ", ".join(str(p) for p in files.values())
-        return _load_foreign(pipe, files, None, candidates, adapter_name, what, strict)
-    raise TypeError(f"load_visadapt takes a file or folder path, a hub repo id or a state dict, not "
-                    f"{type(source).__name__}")
+    """Attach ``source`` (path, hub id or state dict: :func:`visadapt.hub.read_source`, as
+    :func:`visadapt.load_adapter` reads it) as ``adapter_name`` to one of ``candidates``; returns the component's
+    name. Every loader below leaves the pipeline as it was when it raises."""
+    found = hub.read_source(source, weight_name=weight_name, metadata=metadata, hub_kwargs=hub_kwargs)
+    if found.is_visadapt:
+        return _load_visadapt(pipe, found, candidates, adapter_name, strict)
+    return _load_foreign(pipe, found, candidates, adapter_name, strict)
 
 
 @contextlib.contextmanager
@@ -414,7 +387,7 @@ class VisadaptLoaderMixin:
                 ``adapter.safetensors`` or the files of a registered format (``visadapt.formats``); a hub repo id
                 with the same content; or a state dict ``{key: tensor}`` that a registered format recognises
                 (or, with ``metadata=`` the header of a visadapt file, a visadapt adapter). Resolved by
-                :func:`visadapt.hub.resolve`, as :func:`visadapt.load_adapter` does.
+                :func:`visadapt.hub.read_source`, as :func:`visadapt.load_adapter` does.
             adapter_name: name to load it under; default ``default_<n>`` as diffusers does.
             hotswap: as in ``load_lora_weights``: replace the tensors of the already-loaded adapter
                 ``adapter_name`` in place (same module objects, so a ``torch.compile``'d UNet is not

@@ -66,7 +66,7 @@ from torch import nn
 
 from visadapt import api, formats, hub, inject, io
 from visadapt.attention import xformers_usable as _xformers_usable
-from visadapt.peft_compat import check_name_free_of_peft, peft_adapter_names
+from visadapt.peft_compat import check_name_free_of_peft, free_default_name
 from visadapt.sites import UnsupportedModelError, fingerprint, model_family
 
 logger = logging.getLogger(__name__)
@@ -153,20 +153,14 @@ def _owners(pipe, adapter_names: str | Sequence[str] | None) -> list[tuple[str, 
             if name in names]
 
 
-def _default_adapter_name(pipe) -> str:
-    # as diffusers' get_adapter_name: default_<number of adapters already there>, skipping names in use, also
-    # those of diffusers' own LoRAs (one namespace: visadapt.peft_compat)
-    taken = {name for names in _loaded(pipe).values() for name in names}
-    taken |= {name for module in _adaptable_components(pipe).values() for name in peft_adapter_names(module)}
-    index = len(taken)
-    while f"default_{index}" in taken:
-        index += 1
-    return f"default_{index}"
-
-
-def _set_active(module: nn.Module, names: Sequence[str]) -> None:
-    """Run exactly ``names`` among the component's visadapt adapters (:func:`visadapt.set_active_adapters`)."""
-    api.set_active_adapters(module, list(names))
+def _refuse_switching_off_fused(modules: Mapping[str, nn.Module], keeping: Sequence[str] = ()) -> None:
+    """Raise when a call would switch off fused adapters (all but ``keeping``) of ``modules`` (by component):
+    they are in the base weights."""
+    for component, module in modules.items():
+        fused = sorted(set(module.__dict__.get(_FUSED_ATTR, {})) - set(keeping))
+        if fused:
+            raise ValueError(f"adapter(s) {', '.join(map(repr, fused))} on {component} are fused into the base "
+                             f"weights and cannot be switched off; pipe.unfuse_visadapt() first")
 
 
 def _non_finite_fused_tensor(module: nn.Module, adapter_name: str) -> str | None:
@@ -443,7 +437,9 @@ class VisadaptLoaderMixin:
         else:
             candidates = _pick_components(self, kwargs.get("component"))
             if adapter_name is None:
-                adapter_name = _default_adapter_name(self)
+                # as diffusers' get_adapter_name: default_<number of adapters there>, skipping names in use by
+                # either library on any adaptable component (one namespace: visadapt.peft_compat)
+                adapter_name = free_default_name(*_adaptable_components(self).values())
             taken = {name for names in _loaded(self).values() for name in names}
             if adapter_name in taken:
                 raise ValueError(f"a visadapt adapter named {adapter_name!r} is already loaded on this pipeline; "
@@ -479,9 +475,7 @@ class VisadaptLoaderMixin:
         is ``get_list_adapters``; :meth:`get_list_visadapt` is the same method."""
         return _loaded(self)
 
-    def get_list_visadapt(self) -> dict[str, list[str]]:
-        """diffusers' ``get_list_adapters`` for visadapt adapters: :meth:`list_visadapt`."""
-        return _loaded(self)
+    get_list_visadapt = list_visadapt  # diffusers' name: get_list_adapters
 
     def get_active_visadapt(self) -> list[str]:
         """The names of the active visadapt adapters (diffusers' ``get_active_adapters``), in load order: all
@@ -499,18 +493,14 @@ class VisadaptLoaderMixin:
         """diffusers' ``set_adapters``: ONLY the named adapters run, each at its weight (one number for all, one
         per name, or None for 1.0); the others stay loaded but are switched off until named again."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for component, module in _adaptable_components(self).items():
-            fused = sorted(set(module.__dict__.get(_FUSED_ATTR, {})) - set(names))
-            if fused:
-                raise ValueError(f"adapter(s) {', '.join(map(repr, fused))} on {component} are fused into the base "
-                                 f"weights and cannot be switched off; pipe.unfuse_visadapt() first")
+        _refuse_switching_off_fused(_adaptable_components(self), keeping=names)
         self.set_visadapt_weights(names, adapter_weights)
         for module in _adaptable_components(self).values():
             wanted = [name for name in api.records(module) if name in names]
             if module.__dict__.get(_DISABLED_ATTR) is not None:
                 module.__dict__[_DISABLED_ATTR] = wanted
             else:
-                _set_active(module, wanted)
+                api.set_active_adapters(module, wanted)
 
     def set_visadapt_weights(self, adapter_names: str | Sequence[str],
                              weights: float | Mapping[str, float] | Sequence[float | Mapping[str, float]] | None
@@ -558,22 +548,18 @@ class VisadaptLoaderMixin:
         their weights and the choice of :meth:`set_visadapt_adapters`. diffusers' own LoRAs are not touched.
         Fused adapters are in the base weights: unfuse them first."""
         modules = _adaptable_components(self)
-        for name, module in modules.items():
-            fused = sorted(module.__dict__.get(_FUSED_ATTR, {}))
-            if fused:
-                raise ValueError(f"adapter(s) {', '.join(map(repr, fused))} on {name} are fused into the base "
-                                 f"weights and cannot be switched off; pipe.unfuse_visadapt() first")
+        _refuse_switching_off_fused(modules)
         for module in modules.values():
             if api.records(module) and module.__dict__.get(_DISABLED_ATTR) is None:
                 module.__dict__[_DISABLED_ATTR] = api.active_adapters(module)
-                _set_active(module, [])
+                api.set_active_adapters(module, [])
 
     def enable_visadapt(self) -> None:
         """Undo :meth:`disable_visadapt` (diffusers' ``enable_lora``): the adapters that were active run again."""
         for module in _adaptable_components(self).values():
             disabled = module.__dict__.pop(_DISABLED_ATTR, None)
             if disabled is not None:
-                _set_active(module, [name for name in disabled if name in api.records(module)])
+                api.set_active_adapters(module, [name for name in disabled if name in api.records(module)])
 
     def fuse_visadapt(self, components: str | Sequence[str] | None = None, lora_scale: float = 1.0,
                       safe_fusing: bool = False, adapter_names: str | Sequence[str] | None = None) -> None:

@@ -224,10 +224,12 @@ def _refuse_visadapt_name(model: nn.Module, adapter_name: str, what: str) -> Non
             f"one first (pipe.unload_visadapt({adapter_name!r}) or visadapt.detach(model, {adapter_name!r}))")
 
 
-def free_default_name(model: nn.Module, start: int = 0) -> str:
-    """``default_<n>`` (diffusers' naming) with the smallest ``n >= start`` neither library uses on ``model``."""
-    taken = peft_adapter_names(model) | visadapt_adapter_names(model)
-    index = start
+def free_default_name(*models: nn.Module, start: int | None = None) -> str:
+    """``default_<n>`` (diffusers' naming) with the smallest ``n >= start`` neither library uses on any of
+    ``models`` (a pipeline's components); ``start`` defaults to the number of adapter names in use there, as
+    diffusers' ``get_adapter_name`` counts its own."""
+    taken = set().union(*(peft_adapter_names(model) | visadapt_adapter_names(model) for model in models))
+    index = len(taken) if start is None else start
     while f"default_{index}" in taken:
         index += 1
     return f"default_{index}"
@@ -329,7 +331,7 @@ def _wrap_diffusers_mixin(mixin) -> None:
             # diffusers would name it default_<n> counting its own adapters only; skip visadapt's names too
             from diffusers.utils.peft_utils import get_adapter_name
 
-            kwargs["adapter_name"] = free_default_name(self, int(get_adapter_name(self).rsplit("_", 1)[1]))
+            kwargs["adapter_name"] = free_default_name(self, start=int(get_adapter_name(self).rsplit("_", 1)[1]))
         elif name is not None and not kwargs.get("hotswap"):
             # refused here, before diffusers touches the model (its own clean-up assumes a started injection)
             _refuse_visadapt_name(self, name, f"load_lora_adapter(adapter_name={name!r})")

@@ -176,8 +176,8 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a visadapt adapter file, after checking it is whole and uncorrupted."""
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of any safetensors file, from one open (no visadapt checks)."""
     path = _check_is_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -185,6 +185,13 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
         raise _open_error(path, err) from err
+    return tensors, meta
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a visadapt adapter file, after checking it is whole and uncorrupted."""
+    tensors, meta = read_safetensors(path)
+    path = Path(path)
     _check_visadapt_metadata(path, meta)
     if tensors_digest(tensors) != meta.get("tensors_sha256"):
         raise AdapterFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")

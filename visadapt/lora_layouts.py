@@ -730,18 +730,15 @@ class DiffusersLoraFormat(CheckpointFormat):
 
     def load(self, model, files, state, adapter_name, strict=True, metadata=None):
         if state is None:
-            from safetensors.torch import load_file
-
-            from visadapt.io import read_safetensors_metadata
+            from visadapt.io import read_safetensors
 
             path = self._lora_file(files)
             if path is None:
                 raise FileNotFoundError(f"no LoRA file among {sorted(files)}; expected {self.file_names[0]} or one "
                                         f".safetensors file")
-            header = read_safetensors_metadata(path)
+            tensors, header = read_safetensors(path)  # header and tensors from one open
             parsed = lora_adapter_metadata(header, str(path))
-            return attach_lora_state(model, load_file(str(path)), adapter_name, strict=strict, source=str(path),
-                                     metadata=parsed)
+            return attach_lora_state(model, tensors, adapter_name, strict=strict, source=str(path), metadata=parsed)
         source = f"the state dict given ({len(state)} tensors)"
         return attach_lora_state(model, state, adapter_name, strict=strict, source=source,
                                  metadata=lora_adapter_metadata(metadata, source))

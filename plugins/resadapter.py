@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visadapt import api, inject
-from visadapt.formats import CheckpointFormat, register_format
+from visadapt.formats import CheckpointFormat, refuse_metadata, register_format
 from visadapt.load_report import MISSING, UNEXPECTED, AdapterLoadError, LoadReport
 from visadapt.lora_layouts import (
     LoraLayoutError,
@@ -71,6 +71,7 @@ from visadapt.lora_layouts import (
     read_lora_state,
     report_text_encoder,
 )
+from visadapt.peft_compat import named_layers, unwrap_peft_model
 from visadapt.plugin import (
     AdapterConfig,
     AdapterPlugin,
@@ -265,7 +266,8 @@ class ResAdapterFormat(CheckpointFormat):
         except (OSError, ValueError, RuntimeError):  # not safetensors: not this format
             return False
 
-    def load(self, model, files, state, adapter_name, strict=True):
+    def load(self, model, files, state, adapter_name, strict=True, metadata=None):
+        refuse_metadata(self, metadata)  # the official files carry no scale or config in their headers
         if state is not None:
             lora_state, norm_state = split_official_state(state)
             where = "the state dict"
@@ -295,7 +297,10 @@ def load_official(unet: nn.Module, lora_state: Mapping[str, torch.Tensor], norm_
     writes one visadapt file.
     """
     report = LoadReport(source, f"adapter {adapter_name!r}")
-    loras = read_lora_state(lora_state, module_names=[name for name, _ in unet.named_modules()], report=report)
+    unet = unwrap_peft_model(unet)  # a peft.PeftModel around the UNet: the adapter goes on the UNet
+    # canonical paths (peft_compat.named_layers): a conv an LCM-LoRA wrapped is named as itself, PEFT's own modules
+    # are not the UNet's
+    loras = read_lora_state(lora_state, module_names=[name for name, _ in named_layers(unet)], report=report)
     report_text_encoder(loras, report, "a ResAdapter LoRA adapts the UNet only")
     for key in sorted(k for k in norm_state if not _NORM_KEY.match(k)):
         report.add(key.rpartition(".")[0] or key, key, UNEXPECTED,

@@ -18,7 +18,7 @@ from tests import tiny_models as tm
 from tests.pipeline_helpers import assert_same_tensors, every_tensor, generate
 from visadapt import diffusers as loader
 from visadapt import inject, io
-from visadapt.formats import CheckpointFormat, register_format
+from visadapt.formats import CheckpointFormat, refuse_metadata, register_format
 
 pytestmark = pytest.mark.usefixtures("_one_thread")  # fixtures (base_pipe, pipe, base_image): tests/conftest.py
 
@@ -65,7 +65,8 @@ class PlainLoRAFormat(CheckpointFormat):
             return bool(state) and all(key.startswith(PLAIN_PREFIX) for key in state)
         return PLAIN_FILE in files
 
-    def load(self, model, files, state, adapter_name, strict=True):
+    def load(self, model, files, state, adapter_name, strict=True, metadata=None):
+        refuse_metadata(self, metadata)
         state = dict(state) if state is not None else load_file(str(files[PLAIN_FILE]))
         tensors = {key[len(PLAIN_PREFIX):]: value for key, value in state.items()}
         rank = next(t.shape[0] for k, t in tensors.items() if k.endswith(".A.weight"))
@@ -765,3 +766,36 @@ def test_disable_switches_a_resadapter_off_entirely(pipe, tmp_path, base_image):
     assert torch.equal(generate(pipe), base_image)
     pipe.enable_visadapt()
     assert torch.equal(generate(pipe), adapted)
+
+
+def head_lora_file(path: Path, unet: nn.Module, seed: int) -> Path:
+    """A visadapt LoRA file stored with a head (the UNet's ``conv_out``), both changed from the base at random."""
+    unet = copy.deepcopy(unet)
+    visadapt.attach(unet, "lora", rank=4, alpha=4.0, targets=("q", "v"), head="conv_out")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if inject.ADAPTERS_ATTR in name or name.startswith("conv_out."):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return visadapt.save_adapter(unet, path)
+
+
+def test_hotswap_takes_the_new_files_head_and_unload_restores_the_base_head(pipe, tmp_path):
+    """A hotswap writes the new file's head too (not only its adapter tensors), and unloading afterwards gives
+    back the head the pipeline had before the first load."""
+    first = head_lora_file(tmp_path / "first.safetensors", pipe.unet, seed=1)
+    second = head_lora_file(tmp_path / "second.safetensors", pipe.unet, seed=2)
+    reference = copy.deepcopy(pipe)
+    reference.load_visadapt(second, adapter_name="x")
+    expected = generate(reference)
+    before = every_tensor(pipe)
+
+    pipe.load_visadapt(first, adapter_name="x")
+    assert (generate(pipe) - expected).abs().max() > 1e-3
+    pipe.load_visadapt(second, adapter_name="x", hotswap=True)
+    saved = load_file(str(second))
+    head = pipe.unet.conv_out.state_dict()
+    assert all(torch.equal(head[key], saved[f"conv_out.{key}"]) for key in ("weight", "bias"))
+    assert torch.equal(generate(pipe), expected)
+    pipe.unload_visadapt()
+    assert_same_tensors(before, every_tensor(pipe))

@@ -625,3 +625,74 @@ def test_open_clip_mlp_sites_coexist_and_weight_deltas_under_peft_attention_are_
         get_peft_model(bare, LoraConfig(r=2, target_modules=["attn"]))
     assert not any(isinstance(m, BaseTunerLayer) for m in bare.modules())
     assert vit_state(bare).keys() == before.keys()
+
+
+# ------------------------------------------------------------------- foreign formats on models PEFT has touched
+
+
+def peft_folder(tmp_path: Path) -> Path:
+    """A PEFT LoRA on every qkv (rank 4, alpha 8, random B), written by ``PeftModel.save_pretrained``."""
+    donor = get_peft_model(seeded_vit(), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"],
+                                                    init_lora_weights=False))
+    donor.save_pretrained(tmp_path / "peft_lora")
+    return tmp_path / "peft_lora"
+
+
+@pytest.mark.parametrize("wrapping", ["peft_model", "inject_adapter_in_model"])
+def test_a_peft_folder_loads_on_a_model_peft_has_wrapped(tmp_path, wrapping):
+    """A PEFT folder through visadapt.load_adapter on a ``PeftModel`` (keys must not gain its
+    ``base_model.model.`` prefix twice) and on a plain model whose qkv PEFT wrapped (the target is the real Linear
+    under the wrapper, not the wrapper or PEFT's own lora_A/lora_B): the output is PEFT's own load of the folder
+    (PEFT's adapter here is zero-initialised, so it adds nothing)."""
+    from peft import PeftModel, inject_adapter_in_model
+
+    folder = peft_folder(tmp_path)
+    x = vit_input()
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(seeded_vit(), folder).eval()(x)
+    other = LoraConfig(r=2, target_modules=["qkv", "proj"])
+    if wrapping == "peft_model":
+        target = get_peft_model(seeded_vit(), other, adapter_name="first")
+        plain = target.get_base_model()
+    else:
+        target = plain = inject_adapter_in_model(other, seeded_vit(), adapter_name="first")
+    assert isinstance(plain.blocks[0].attn.qkv, BaseTunerLayer)
+    visadapt.load_adapter(target, folder, "vis")
+    report = visadapt.load_report(plain, "vis")
+    assert not report.missing and not report.unexpected and not report.mismatched
+    assert sorted(report.matched) == sorted(f"base_model.model.blocks.{i}.attn.qkv.lora_{ab}.weight"
+                                            for i in range(len(plain.blocks)) for ab in "AB")
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), expected, atol=1e-5, rtol=0)
+
+
+def unet_output(unet: nn.Module) -> torch.Tensor:
+    """One UNet call (batch 1 at the config's sample size, timestep 10, fixed random text states)."""
+    config = unet.config
+    generator = torch.Generator().manual_seed(4)
+    sample = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    text = torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(sample, 10, encoder_hidden_states=text).sample
+
+
+@pytest.mark.parametrize("loader", ["load_adapter", "load_official"])
+def test_official_resadapter_loads_on_a_peft_model_around_the_unet(base_pipe, files, loader):
+    """ResAdapter's two files on a ``PeftModel`` wrapping the UNet (its LoRA on the ResAdapter convs too,
+    zero-initialised): the same UNet output as the load on the bare UNet, adapter on the wrapped UNet."""
+    from visadapt.plugins.resadapter import load_official
+
+    folder = files["resadapter"]
+    plain = copy.deepcopy(base_pipe.unet)
+    visadapt.load_adapter(plain, folder, "res")
+    expected = unet_output(plain)
+    wrapped = get_peft_model(copy.deepcopy(base_pipe.unet), LoraConfig(r=2, target_modules=LCM_TARGETS),
+                             adapter_name="lcm")
+    if loader == "load_adapter":
+        visadapt.load_adapter(wrapped, folder, "res")
+    else:
+        load_official(wrapped, load_file(str(folder / "pytorch_lora_weights.safetensors")),
+                      load_file(str(folder / "diffusion_pytorch_model.safetensors")), "res")
+    unet = wrapped.get_base_model()
+    assert visadapt.load_report(unet, "res").ok
+    torch.testing.assert_close(unet_output(unet), expected, atol=1e-5, rtol=0)

@@ -24,8 +24,8 @@ lora_scale, safe_fusing, adapter_names)``, ``unfuse_lora(components)``, ``get_li
 ``lora_state_dict`` take in diffusers 0.42 (``weight_name``, ``subfolder``, ``cache_dir``, ``revision``,
 ``local_files_only``, ``token``, ``force_download``, ``proxies``, ``hotswap``, ``low_cpu_mem_usage``,
 ``use_safetensors``, ``unet_config``, ``return_lora_metadata``), honouring each or refusing it with the reason,
-so a diffusers user needs no new vocabulary. Sources are resolved by :mod:`visadapt.hub`, exactly as
-:func:`visadapt.load_adapter` resolves them for timm and open_clip models. Unlike diffusers, nothing is loaded "successfully" with keys left over: a visadapt file loads
+so a diffusers user needs no new vocabulary. Sources are read by :func:`visadapt.hub.read_source`, exactly as
+:func:`visadapt.load_adapter` reads them for timm and open_clip models. Unlike diffusers, nothing is loaded "successfully" with keys left over: a visadapt file loads
 strictly (:func:`visadapt.io.load_adapter`), and a foreign layout is handed to the registered
 :mod:`visadapt.formats` converter that recognises it, which must report every key that did not fit.
 
@@ -54,11 +54,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.abc
 import json
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,9 +64,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from visadapt import api, hub, inject, io
+from visadapt import api, formats, hub, inject, io
 from visadapt.attention import xformers_usable as _xformers_usable
-from visadapt.peft_compat import check_name_free_of_peft, peft_adapter_names
+from visadapt.peft_compat import check_name_free_of_peft, free_default_name
 from visadapt.sites import UnsupportedModelError, fingerprint, model_family
 
 logger = logging.getLogger(__name__)
@@ -155,20 +153,14 @@ def _owners(pipe, adapter_names: str | Sequence[str] | None) -> list[tuple[str, 
             if name in names]
 
 
-def _default_adapter_name(pipe) -> str:
-    # as diffusers' get_adapter_name: default_<number of adapters already there>, skipping names in use, also
-    # those of diffusers' own LoRAs (one namespace: visadapt.peft_compat)
-    taken = {name for names in _loaded(pipe).values() for name in names}
-    taken |= {name for module in _adaptable_components(pipe).values() for name in peft_adapter_names(module)}
-    index = len(taken)
-    while f"default_{index}" in taken:
-        index += 1
-    return f"default_{index}"
-
-
-def _set_active(module: nn.Module, names: Sequence[str]) -> None:
-    """Run exactly ``names`` among the component's visadapt adapters (:func:`visadapt.set_active_adapters`)."""
-    api.set_active_adapters(module, list(names))
+def _refuse_switching_off_fused(modules: Mapping[str, nn.Module], keeping: Sequence[str] = ()) -> None:
+    """Raise when a call would switch off fused adapters (all but ``keeping``) of ``modules`` (by component):
+    they are in the base weights."""
+    for component, module in modules.items():
+        fused = sorted(set(module.__dict__.get(_FUSED_ATTR, {})) - set(keeping))
+        if fused:
+            raise ValueError(f"adapter(s) {', '.join(map(repr, fused))} on {component} are fused into the base "
+                             f"weights and cannot be switched off; pipe.unfuse_visadapt() first")
 
 
 def _non_finite_fused_tensor(module: nn.Module, adapter_name: str) -> str | None:
@@ -209,89 +201,62 @@ def _check_diffusers_kwargs(pipe, kwargs: Mapping[str, Any], strict: bool) -> No
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _load_visadapt_file(pipe, path: Path, candidates: dict[str, nn.Module], adapter_name: str,
-                        strict: bool = True, contents: tuple[dict, dict] | None = None) -> str:
-    """Attach the adapter of visadapt file ``path`` (or of ``contents``: its tensors and metadata already in
-    memory, ``path`` then only names them) to the one candidate component its base model matches."""
-    meta = contents[1] if contents is not None else io.read_adapter_metadata(path)
+def _load_visadapt(pipe, found: hub.AdapterSource, candidates: dict[str, nn.Module], adapter_name: str,
+                   strict: bool = True) -> str:
+    """Attach the visadapt adapter ``found`` (its tensors and header, read once by :func:`visadapt.hub.read_source`)
+    to the one candidate component its base model matches."""
+    meta = found.meta
     fits = {}
     for name, module in candidates.items():
         try:
-            io.check_base_model(module, meta, path)
+            io.check_base_model(module, meta, found.what)
         except io.AdapterFileError:
             continue
         fits[name] = module
     if not fits:
         saved = io._describe(json.loads(meta["base_model"]))
         raise io.AdapterFileError(
-            f"adapter file {path} ({meta.get('plugin')}) was trained for {saved}; no component of this "
+            f"adapter file {found.what} ({meta.get('plugin')}) was trained for {saved}; no component of this "
             f"{type(pipe).__name__} has that architecture: {_component_summary(pipe)}. An adapter only loads on "
             f"the base model it was trained for (an SDXL adapter does not fit an SD1.5 pipeline): use the adapter "
             f"trained for this pipeline's base model")
     if len(fits) > 1:
-        raise VisadaptPipelineError(f"adapter file {path} fits several components ({', '.join(fits)}); pass "
+        raise VisadaptPipelineError(f"adapter file {found.what} fits several components ({', '.join(fits)}); pass "
                                     f"component='<name>' to choose")
     (component, module), = fits.items()
-    if contents is None:
-        io.load_adapter(module, path, adapter_name, strict=strict)
-    else:
-        io.load_adapter_tensors(module, contents[0], contents[1], adapter_name, source=str(path), strict=strict)
+    io.load_adapter_tensors(module, found.tensors, meta, adapter_name, source=found.what, strict=strict)
     return component
 
 
-def _load_foreign(pipe, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None,
-                  candidates: dict[str, nn.Module], adapter_name: str, what: str, strict: bool = True,
-                  metadata: Mapping[str, str] | None = None) -> str:
-    """Hand ``files`` / ``state`` (with the ``metadata`` of an in-memory state dict) to the registered format that
-    recognises them, on the first component it fits."""
-    fmt, files, state = hub.find_foreign_format(files, state, what)
+def _load_foreign(pipe, found: hub.AdapterSource, candidates: dict[str, nn.Module], adapter_name: str,
+                  strict: bool = True) -> str:
+    """Hand the foreign layout ``found`` (with the ``metadata`` of an in-memory state dict) to its format, on the
+    first component it fits."""
     errors = []
     for component, module in candidates.items():
         try:
-            hub.load_foreign(fmt, module, files, state, adapter_name, strict=strict, metadata=metadata)
+            formats.load_checkpoint(found.fmt, module, found.files, found.state, adapter_name, strict=strict,
+                                    metadata=found.metadata)
         except Exception as err:  # the format left the component as it was; try the next one
             if len(candidates) == 1:
                 raise
             errors.append(f"{component}: {err}")
             continue
         return component
-    raise io.AdapterFileError(f"{what} ({fmt.name} format) fits no component of {type(pipe).__name__}:\n  "
-                              + "\n  ".join(errors))
-
-
-def _load_visadapt_state(pipe, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                         candidates: dict[str, nn.Module], adapter_name: str, strict: bool = True) -> str:
-    """An in-memory visadapt adapter (tensors plus the header metadata of its file), checked like a file:
-    checksum, base model, site widths (:func:`visadapt.io.load_adapter_tensors`)."""
-    tensors = {str(key): value for key, value in state.items()}
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    return _load_visadapt_file(pipe, Path(f"the state dict given ({len(tensors)} tensors)"), candidates, adapter_name,
-                               strict=strict, contents=(tensors, meta))
+    raise io.AdapterFileError(f"{found.what} ({found.fmt.name} format) fits no component of {type(pipe).__name__}:"
+                              f"\n  " + "\n  ".join(errors))
 
 
 def _load_source(pipe, source: Any, candidates: dict[str, nn.Module], adapter_name: str, *,
                  weight_name: str | None, metadata: Mapping[str, str] | None, strict: bool,
                  hub_kwargs: dict[str, Any]) -> str:
-    """Attach ``source`` (path, hub id or state dict) as ``adapter_name`` to one of ``candidates``; returns the
-    component's name. Every loader below leaves the pipeline as it was when it raises."""
-    if isinstance(source, Mapping):
-        if weight_name is not None:
-            raise TypeError("weight_name picks a file in a folder or hub repo; a state dict was given")
-        if metadata is not None and metadata.get("format") == io.FORMAT:
-            return _load_visadapt_state(pipe, source, metadata, candidates, adapter_name, strict)
-        return _load_foreign(pipe, {}, source, candidates, adapter_name,
-                             f"the state dict given ({len(source)} tensors)", strict, metadata)
-    if isinstance(source, (str, os.PathLike)):
-        if metadata is not None:
-            raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")
-        kind, files = hub.resolve(source, weight_name, hub_kwargs)
-        if kind == "visadapt":
-            (path,) = files.values()
-            return _load_visadapt_file(pipe, path, candidates, adapter_name, strict)
-        what = ", ".join(str(p) for p in files.values())
-        return _load_foreign(pipe, files, None, candidates, adapter_name, what, strict)
-    raise TypeError(f"load_visadapt takes a file or folder path, a hub repo id or a state dict, not "
-                    f"{type(source).__name__}")
+    """Attach ``source`` (path, hub id or state dict: :func:`visadapt.hub.read_source`, as
+    :func:`visadapt.load_adapter` reads it) as ``adapter_name`` to one of ``candidates``; returns the component's
+    name. Every loader below leaves the pipeline as it was when it raises."""
+    found = hub.read_source(source, weight_name=weight_name, metadata=metadata, hub_kwargs=hub_kwargs)
+    if found.is_visadapt:
+        return _load_visadapt(pipe, found, candidates, adapter_name, strict)
+    return _load_foreign(pipe, found, candidates, adapter_name, strict)
 
 
 @contextlib.contextmanager
@@ -376,6 +341,12 @@ def _hotswap(pipe, adapter_name: str | None, load, init, component: str | None) 
         _copy_adapter_tensors(module, scratch, adapter_name)
         old, new = api.get_record(module, adapter_name), api.get_record(module, scratch)
         old.load_report, old.metadata = new.load_report, new.metadata
+        # the scratch load wrote the new file's head (api.write_head) and kept the head it overwrote; detaching
+        # the scratch would put that back and drop the new head. The head from before any load stays with the
+        # adapter that keeps running, for its own detach.
+        if old.head_before is None:
+            old.head_before = new.head_before
+        new.head_before = None
     finally:
         api.detach(module, scratch)
     return owner
@@ -410,7 +381,7 @@ class VisadaptLoaderMixin:
                 ``adapter.safetensors`` or the files of a registered format (``visadapt.formats``); a hub repo id
                 with the same content; or a state dict ``{key: tensor}`` that a registered format recognises
                 (or, with ``metadata=`` the header of a visadapt file, a visadapt adapter). Resolved by
-                :func:`visadapt.hub.resolve`, as :func:`visadapt.load_adapter` does.
+                :func:`visadapt.hub.read_source`, as :func:`visadapt.load_adapter` does.
             adapter_name: name to load it under; default ``default_<n>`` as diffusers does.
             hotswap: as in ``load_lora_weights``: replace the tensors of the already-loaded adapter
                 ``adapter_name`` in place (same module objects, so a ``torch.compile``'d UNet is not
@@ -466,7 +437,9 @@ class VisadaptLoaderMixin:
         else:
             candidates = _pick_components(self, kwargs.get("component"))
             if adapter_name is None:
-                adapter_name = _default_adapter_name(self)
+                # as diffusers' get_adapter_name: default_<number of adapters there>, skipping names in use by
+                # either library on any adaptable component (one namespace: visadapt.peft_compat)
+                adapter_name = free_default_name(*_adaptable_components(self).values())
             taken = {name for names in _loaded(self).values() for name in names}
             if adapter_name in taken:
                 raise ValueError(f"a visadapt adapter named {adapter_name!r} is already loaded on this pipeline; "
@@ -502,9 +475,7 @@ class VisadaptLoaderMixin:
         is ``get_list_adapters``; :meth:`get_list_visadapt` is the same method."""
         return _loaded(self)
 
-    def get_list_visadapt(self) -> dict[str, list[str]]:
-        """diffusers' ``get_list_adapters`` for visadapt adapters: :meth:`list_visadapt`."""
-        return _loaded(self)
+    get_list_visadapt = list_visadapt  # diffusers' name: get_list_adapters
 
     def get_active_visadapt(self) -> list[str]:
         """The names of the active visadapt adapters (diffusers' ``get_active_adapters``), in load order: all
@@ -522,18 +493,14 @@ class VisadaptLoaderMixin:
         """diffusers' ``set_adapters``: ONLY the named adapters run, each at its weight (one number for all, one
         per name, or None for 1.0); the others stay loaded but are switched off until named again."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for component, module in _adaptable_components(self).items():
-            fused = sorted(set(module.__dict__.get(_FUSED_ATTR, {})) - set(names))
-            if fused:
-                raise ValueError(f"adapter(s) {', '.join(map(repr, fused))} on {component} are fused into the base "
-                                 f"weights and cannot be switched off; pipe.unfuse_visadapt() first")
+        _refuse_switching_off_fused(_adaptable_components(self), keeping=names)
         self.set_visadapt_weights(names, adapter_weights)
         for module in _adaptable_components(self).values():
             wanted = [name for name in api.records(module) if name in names]
             if module.__dict__.get(_DISABLED_ATTR) is not None:
                 module.__dict__[_DISABLED_ATTR] = wanted
             else:
-                _set_active(module, wanted)
+                api.set_active_adapters(module, wanted)
 
     def set_visadapt_weights(self, adapter_names: str | Sequence[str],
                              weights: float | Mapping[str, float] | Sequence[float | Mapping[str, float]] | None
@@ -581,22 +548,18 @@ class VisadaptLoaderMixin:
         their weights and the choice of :meth:`set_visadapt_adapters`. diffusers' own LoRAs are not touched.
         Fused adapters are in the base weights: unfuse them first."""
         modules = _adaptable_components(self)
-        for name, module in modules.items():
-            fused = sorted(module.__dict__.get(_FUSED_ATTR, {}))
-            if fused:
-                raise ValueError(f"adapter(s) {', '.join(map(repr, fused))} on {name} are fused into the base "
-                                 f"weights and cannot be switched off; pipe.unfuse_visadapt() first")
+        _refuse_switching_off_fused(modules)
         for module in modules.values():
             if api.records(module) and module.__dict__.get(_DISABLED_ATTR) is None:
                 module.__dict__[_DISABLED_ATTR] = api.active_adapters(module)
-                _set_active(module, [])
+                api.set_active_adapters(module, [])
 
     def enable_visadapt(self) -> None:
         """Undo :meth:`disable_visadapt` (diffusers' ``enable_lora``): the adapters that were active run again."""
         for module in _adaptable_components(self).values():
             disabled = module.__dict__.pop(_DISABLED_ATTR, None)
             if disabled is not None:
-                _set_active(module, [name for name in disabled if name in api.records(module)])
+                api.set_active_adapters(module, [name for name in disabled if name in api.records(module)])
 
     def fuse_visadapt(self, components: str | Sequence[str] | None = None, lora_scale: float = 1.0,
                       safe_fusing: bool = False, adapter_names: str | Sequence[str] | None = None) -> None:
@@ -749,35 +712,14 @@ def install_methods(pipeline_cls: type) -> None:
         setattr(pipeline_cls, name, getattr(VisadaptLoaderMixin, name))
 
 
-class _InstallOnImport(importlib.abc.MetaPathFinder):
-    """Adds the methods to ``DiffusionPipeline`` right after diffusers defines it (one shot)."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _PIPELINE_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        for finder in sys.meta_path:  # whoever would have found it (site-packages, an editable install, ...)
-            find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if find else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            loader_exec(module)
-            install_methods(module.DiffusionPipeline)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 def install() -> None:
     """Make every ``DiffusionPipeline`` have the visadapt methods: now when diffusers' pipelines are imported,
-    otherwise as soon as they are (importing them here would add seconds to every ``import visadapt``)."""
-    module = sys.modules.get(_PIPELINE_MODULE)
-    if module is not None and hasattr(module, "DiffusionPipeline"):
-        install_methods(module.DiffusionPipeline)
-    elif not any(isinstance(finder, _InstallOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _InstallOnImport())
+    otherwise as soon as they are (importing them here would add seconds to every ``import visadapt``); the import
+    hook is :func:`visadapt.peft_compat.on_import`, shared with the PEFT wrappers."""
+    from visadapt.peft_compat import on_import
+
+    def install_on(module) -> None:
+        if hasattr(module, "DiffusionPipeline"):
+            install_methods(module.DiffusionPipeline)
+
+    on_import(_PIPELINE_MODULE, install_on)

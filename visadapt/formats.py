@@ -12,9 +12,9 @@ Built in: ``diffusers_lora`` (:mod:`visadapt.lora_layouts`: diffusers / kohya / 
 diffusers' converters and their ``lora_adapter_metadata`` header) and ``peft`` (:mod:`visadapt.peft_format`:
 ``adapter_config.json`` + ``adapter_model.safetensors`` folders).
 
-In-memory state dicts: a format's :meth:`~CheckpointFormat.load` may take ``metadata=``, what the file's header
-(or, for ``peft``, its ``adapter_config.json``) would have said; call it through :func:`load_checkpoint`, which
-refuses metadata a format cannot read instead of dropping it.
+In-memory state dicts: a format's :meth:`~CheckpointFormat.load` takes ``metadata=``, what the file's header
+(or, for ``peft``, its ``adapter_config.json``) would have said; a format that cannot read it refuses it
+(:func:`refuse_metadata`) instead of dropping it. Loaders call :func:`load_checkpoint`.
 """
 from __future__ import annotations
 
@@ -48,16 +48,25 @@ class CheckpointFormat(abc.ABC):
 
     @abc.abstractmethod
     def load(self, model: nn.Module, files: Mapping[str, Path], state: Mapping[str, torch.Tensor] | None,
-             adapter_name: str, strict: bool = True) -> AdapterConfig:
+             adapter_name: str, strict: bool = True, metadata: Mapping[str, str] | None = None) -> AdapterConfig:
         """Attach to ``model`` (a diffusers UNet, ...) the visadapt adapter ``adapter_name`` equivalent to the
         checkpoint and load its tensors; return the adapter's config. Every key goes into a
         :class:`~visadapt.load_report.LoadReport`, kept on the adapter's record (``record.load_report``) and
         enforced by its rule: ``strict`` raises with the report on anything that does not fit, leaving ``model``
         exactly as it was; ``strict=False`` loads what fits and prints the rest; nothing fitting always raises.
 
-        Formats that read header metadata accept ``metadata=`` (a ``{str: str}`` mapping, or None) for an
-        in-memory ``state``: ``diffusers_lora`` reads ``{"lora_adapter_metadata": "<json>"}``, ``peft``
-        ``{"adapter_config": "<adapter_config.json text>"}``. Use :func:`load_checkpoint` to pass it."""
+        ``metadata`` (a ``{str: str}`` mapping, or None): what the file's header would say, for an in-memory
+        ``state``: ``diffusers_lora`` reads ``{"lora_adapter_metadata": "<json>"}``, ``peft``
+        ``{"adapter_config": "<adapter_config.json text>"}``. A format that reads no metadata refuses any that
+        is given (:func:`refuse_metadata`) rather than dropping it: a scale in it would be lost."""
+
+
+def refuse_metadata(fmt: CheckpointFormat, metadata: Mapping[str, str] | None) -> None:
+    """Raise ``TypeError`` when ``metadata`` is given to ``fmt``, a format that reads none (its ``load`` calls
+    this first), so a header's scale is never silently dropped."""
+    if metadata is not None:
+        raise TypeError(f"checkpoint format {fmt.name!r} reads no metadata; metadata= cannot be honoured for it "
+                        f"(drop it, or save the adapter with visadapt.save_adapter)")
 
 
 def register_format(name: str):
@@ -118,13 +127,9 @@ def known_file_names() -> list[str]:
 def load_checkpoint(fmt: CheckpointFormat, model: nn.Module, files: Mapping[str, Path],
                     state: Mapping[str, torch.Tensor] | None, adapter_name: str, strict: bool = True,
                     metadata: Mapping[str, str] | None = None) -> AdapterConfig:
-    """``fmt.load(...)``, passing ``metadata`` (the header of an in-memory ``state``) only to formats that take
-    it; metadata given to a format that cannot read it raises rather than being dropped."""
-    import inspect
+    """``fmt.load(...)`` on ``model`` (the model a ``peft.PeftModel`` wraps, when given one); ``metadata`` (the
+    header of an in-memory ``state``) is refused by a format that cannot read it rather than dropped."""
+    from visadapt.peft_compat import unwrap_peft_model
 
-    if metadata is None:
-        return fmt.load(model, files, state, adapter_name, strict=strict)
-    if "metadata" not in inspect.signature(fmt.load).parameters:
-        raise TypeError(f"checkpoint format {fmt.name!r} reads no metadata; metadata= cannot be honoured for it "
-                        f"(drop it, or save the adapter with visadapt.save_adapter)")
+    model = unwrap_peft_model(model)  # a peft.PeftModel: the model it wraps, whose module paths the files name
     return fmt.load(model, files, state, adapter_name, strict=strict, metadata=metadata)

@@ -10,8 +10,9 @@ One resolution for every loader (``visadapt.load_adapter``, ``pipe.load_visadapt
   ``force_download`` mean what they mean everywhere on the hub.
 
 :func:`resolve` answers ``(kind, files)``: kind ``"visadapt"`` (one visadapt file) or ``"foreign"`` (files for a
-format to recognise). Reading them is the caller's business; every failure here is one
-:class:`~visadapt.io.AdapterFileError` naming the input and the fix.
+format to recognise); every failure here is one :class:`~visadapt.io.AdapterFileError` naming the input and the fix.
+:func:`read_source` is what the loaders call: it resolves a path or repo id, or takes a state dict, and answers an
+:class:`AdapterSource`: a visadapt adapter read once (tensors and header) or a foreign layout with its format.
 
 :func:`save_pretrained` writes a folder any of these loaders reads back (``adapter.safetensors`` plus a model card
 ``README.md`` made with huggingface_hub's :class:`~huggingface_hub.ModelCard`), and :func:`push_to_hub` uploads
@@ -19,6 +20,7 @@ that folder to a hub repo.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -206,8 +208,9 @@ def resolve(source: str | os.PathLike, weight_name: str | None = None,
 
 
 class _SafetensorsTensors(Mapping):
-    """The tensors of a safetensors file as a read-only mapping: keys from the header, each tensor read when it is
-    asked for (format detection looks at keys only)."""
+    """The tensors of a safetensors file as a read-only mapping: keys from the header (format detection looks at
+    keys only); the first tensor asked for loads the whole file once (a format that claimed the file reads all of
+    it), so a format's per-key reads do not reopen it."""
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
@@ -215,14 +218,16 @@ class _SafetensorsTensors(Mapping):
         self.path = path
         with safe_open(str(path), framework="pt") as handle:
             self._keys = list(handle.keys())
+        self._tensors: dict | None = None
 
     def __getitem__(self, key: str):
-        from safetensors import safe_open
-
         if key not in self._keys:
             raise KeyError(key)
-        with safe_open(str(self.path), framework="pt") as handle:
-            return handle.get_tensor(key)
+        if self._tensors is None:
+            from safetensors.torch import load_file
+
+            self._tensors = load_file(str(self.path))
+        return self._tensors[key]
 
     def __iter__(self):
         return iter(self._keys)
@@ -260,14 +265,55 @@ def find_foreign_format(files: Mapping[str, Path], state: Mapping | None, what: 
     return fmt, files, state
 
 
-def load_foreign(fmt: formats.CheckpointFormat, model: nn.Module, files: Mapping[str, Path], state: Mapping | None,
-                 adapter_name: str, *, strict: bool = True, metadata: Mapping[str, str] | None = None):
-    """``fmt.load(...)``; ``metadata`` (the header an in-memory foreign state dict came with: diffusers'
-    ``lora_adapter_metadata``, PEFT's ``adapter_config``) goes through :func:`visadapt.formats.load_checkpoint`,
-    which refuses it for a format that cannot read it: a scale in the metadata is never dropped."""
-    if metadata is None:
-        return fmt.load(model, files, state, adapter_name, strict=strict)
-    return formats.load_checkpoint(fmt, model, files, state, adapter_name, strict=strict, metadata=metadata)
+@dataclasses.dataclass
+class AdapterSource:
+    """An adapter source as :func:`read_source` found it: a visadapt adapter (``tensors`` and its header
+    ``meta``, read and checked once) or a foreign layout (``fmt`` with the ``files`` / ``state`` to hand it and the
+    ``metadata`` an in-memory state dict came with). ``what`` names the input in messages."""
+
+    what: str
+    tensors: dict[str, Any] | None = None
+    meta: dict[str, str] | None = None
+    fmt: formats.CheckpointFormat | None = None
+    files: Mapping[str, Path] = dataclasses.field(default_factory=dict)
+    state: Mapping | None = None
+    metadata: Mapping[str, str] | None = None
+
+    @property
+    def is_visadapt(self) -> bool:
+        return self.tensors is not None
+
+
+def read_source(source: Any, *, weight_name: str | None = None, metadata: Mapping[str, str] | None = None,
+                hub_kwargs: Mapping[str, Any] | None = None) -> AdapterSource:
+    """The one source dispatch of every loader (``visadapt.load_adapter``, ``pipe.load_visadapt``): a file,
+    folder or hub repo id (:func:`resolve`; a visadapt file is read here, once, with its checksum checked), or an
+    in-memory state dict, which with ``metadata`` holding a visadapt header is a visadapt adapter and otherwise
+    goes, with that ``metadata``, to the registered format that recognises its keys. Raises ``TypeError`` for
+    arguments that do not apply to the kind of source given."""
+    hub_kwargs = dict(hub_kwargs or {})
+    if isinstance(source, Mapping):
+        if weight_name is not None or hub_kwargs.get("subfolder") is not None:
+            raise TypeError("weight_name / subfolder pick a file in a folder or hub repo; a state dict was given")
+        tensors = {str(key): value for key, value in source.items()}
+        what = f"the state dict given ({len(tensors)} tensors)"
+        if metadata is not None and metadata.get("format") == io.FORMAT:
+            return AdapterSource(what, tensors=tensors, meta={str(k): str(v) for k, v in metadata.items()})
+        fmt, files, state = find_foreign_format({}, tensors, what)
+        return AdapterSource(what, fmt=fmt, files=files, state=state, metadata=metadata)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"an adapter source is a file or folder path, a hub repo id or a state dict, not "
+                        f"{type(source).__name__}")
+    if metadata is not None:
+        raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")
+    kind, files = resolve(source, weight_name, hub_kwargs)
+    if kind == "visadapt":
+        (path,) = files.values()
+        tensors, meta = io.read_adapter_file(path)
+        return AdapterSource(str(path), tensors=tensors, meta=meta)
+    what = ", ".join(str(p) for p in files.values())
+    fmt, files, state = find_foreign_format(files, None, what)
+    return AdapterSource(what, fmt=fmt, files=files, state=state)
 
 
 # ------------------------------------------------------------------------------------------- model cards

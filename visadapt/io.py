@@ -176,8 +176,8 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a visadapt adapter file, after checking it is whole and uncorrupted."""
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of any safetensors file, from one open (no visadapt checks)."""
     path = _check_is_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -185,6 +185,13 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
         raise _open_error(path, err) from err
+    return tensors, meta
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a visadapt adapter file, after checking it is whole and uncorrupted."""
+    tensors, meta = read_safetensors(path)
+    path = Path(path)
     _check_visadapt_metadata(path, meta)
     if tensors_digest(tensors) != meta.get("tensors_sha256"):
         raise AdapterFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")
@@ -231,7 +238,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
                  replace_head: bool = False, strict: bool = True):
     """Attach the adapter in ``source`` to ``model`` and load its tensors; returns the attached config.
 
-    ``source`` is any of (resolved by :func:`visadapt.hub.resolve`, the same rules as ``pipe.load_visadapt``):
+    ``source`` is any of (read by :func:`visadapt.hub.read_source`, the same rules as ``pipe.load_visadapt``):
 
     * a visadapt ``.safetensors`` file: the plugin recorded in it is attached with its saved config;
     * a folder holding ``adapter.safetensors`` (what :func:`visadapt.save_pretrained` writes), or the files of a
@@ -258,44 +265,26 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     """
     from visadapt import hub
 
-    if isinstance(source, Mapping):
-        if weight_name is not None or subfolder is not None:
-            raise TypeError("weight_name / subfolder pick a file in a folder or hub repo; a state dict was given")
-        tensors = {str(key): value for key, value in source.items()}
-        what = f"the state dict given ({len(tensors)} tensors)"
-        if metadata is not None and metadata.get("format") == FORMAT:
-            meta = {str(k): str(v) for k, v in metadata.items()}
-            return load_adapter_tensors(model, tensors, meta, adapter_name, source=what, replace_head=replace_head,
-                                        strict=strict)
-        fmt, files, state = hub.find_foreign_format({}, tensors, what)
-        return _load_foreign(model, fmt, files, state, adapter_name, what, replace_head, strict, metadata)
-    if metadata is not None:
-        raise TypeError("metadata= describes an in-memory state dict; files carry their own metadata")
+    # a peft.PeftModel: every format sees the model it wraps (whose paths its files name), and the adapter goes
+    # there, where api.records(model) finds it
+    model = unwrap_peft_model(model)
     hub_kwargs = {"subfolder": subfolder, "revision": revision, "cache_dir": cache_dir,
                   "local_files_only": local_files_only, "token": token, "force_download": force_download}
-    kind, files = hub.resolve(source, weight_name, hub_kwargs)
-    if kind == "visadapt":
-        (path,) = files.values()
-        tensors, meta = read_adapter_file(path)
-        return load_adapter_tensors(model, tensors, meta, adapter_name, source=str(path), replace_head=replace_head,
-                                    strict=strict)
-    what = ", ".join(str(p) for p in files.values())
-    fmt, files, state = hub.find_foreign_format(files, None, what)
-    return _load_foreign(model, fmt, files, state, adapter_name, what, replace_head, strict)
-
-
-def _load_foreign(model: nn.Module, fmt, files, state, adapter_name: str, what: str, replace_head: bool,
-                  strict: bool, metadata: Mapping[str, str] | None = None):
-    """Hand a foreign layout to its format (whose contract leaves ``model`` as it was on failure)."""
+    found = hub.read_source(source, weight_name=weight_name, metadata=metadata, hub_kwargs=hub_kwargs)
+    if found.is_visadapt:
+        return load_adapter_tensors(model, found.tensors, found.meta, adapter_name, source=found.what,
+                                    replace_head=replace_head, strict=strict)
     if replace_head:
-        raise TypeError(f"replace_head=True swaps in the classifier head a visadapt file stores; {what} is in the "
-                        f"{fmt.name} layout: drop replace_head")
+        raise TypeError(f"replace_head=True swaps in the classifier head a visadapt file stores; {found.what} is in "
+                        f"the {found.fmt.name} layout: drop replace_head")
     if adapter_name in api.records(model):
         raise ValueError(f"an adapter named {adapter_name!r} is already attached; detach it or pass another "
                          f"adapter_name")
-    from visadapt import hub
+    from visadapt import formats
 
-    return hub.load_foreign(fmt, model, files, state, adapter_name, strict=strict, metadata=metadata)
+    # the format's contract leaves ``model`` as it was on failure
+    return formats.load_checkpoint(found.fmt, model, found.files, found.state, adapter_name, strict=strict,
+                                   metadata=found.metadata)
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],

@@ -314,12 +314,11 @@ _PEFT_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<role>A|B)\.weight$")
 @dataclasses.dataclass
 class DiffusersLora:
     """A LoRA state dict read as diffusers' ``load_lora_weights`` reads it: ``loras`` ``{UNet module path:
-    LoraWeights}`` with each module's alpha resolved as PEFT resolves it (``alpha`` is never None here),
-    ``use_rslora``, and ``lora_config``: the ``peft.LoraConfig`` diffusers would build (for messages)."""
+    LoraWeights}`` with each module's alpha resolved as PEFT resolves it (``alpha`` is never None here), and
+    ``use_rslora``."""
 
     loras: dict[str, LoraWeights]
     use_rslora: bool
-    lora_config: object
 
 
 def _convert_kohya(keys: list[str], state: Mapping[str, torch.Tensor], unet: nn.Module,
@@ -487,7 +486,7 @@ def read_diffusers_lora(unet: nn.Module, state: Mapping[str, torch.Tensor], *,
     for key in sorted(alpha_keys):
         report.add(key.removesuffix(".alpha"), key, UNEXPECTED, "an alpha without a LoRA of its module")
     if not loras:
-        return DiffusersLora({}, False, None)
+        return DiffusersLora({}, False)
     unet_metadata = None
     if metadata is not None:
         # a header describing only other components (text encoders) says nothing about the UNet's LoRA; diffusers
@@ -517,7 +516,7 @@ def read_diffusers_lora(unet: nn.Module, state: Mapping[str, torch.Tensor], *,
                                                   f"rank {weights.rank}")
             continue
         fitting[path] = dataclasses.replace(weights, alpha=float(alpha))
-    return DiffusersLora(fitting, bool(config.use_rslora), config)
+    return DiffusersLora(fitting, bool(config.use_rslora))
 
 
 def attach_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str, *,
@@ -731,18 +730,15 @@ class DiffusersLoraFormat(CheckpointFormat):
 
     def load(self, model, files, state, adapter_name, strict=True, metadata=None):
         if state is None:
-            from safetensors.torch import load_file
-
-            from visadapt.io import read_safetensors_metadata
+            from visadapt.io import read_safetensors
 
             path = self._lora_file(files)
             if path is None:
                 raise FileNotFoundError(f"no LoRA file among {sorted(files)}; expected {self.file_names[0]} or one "
                                         f".safetensors file")
-            header = read_safetensors_metadata(path)
+            tensors, header = read_safetensors(path)  # header and tensors from one open
             parsed = lora_adapter_metadata(header, str(path))
-            return attach_lora_state(model, load_file(str(path)), adapter_name, strict=strict, source=str(path),
-                                     metadata=parsed)
+            return attach_lora_state(model, tensors, adapter_name, strict=strict, source=str(path), metadata=parsed)
         source = f"the state dict given ({len(state)} tensors)"
         return attach_lora_state(model, state, adapter_name, strict=strict, source=source,
                                  metadata=lora_adapter_metadata(metadata, source))

@@ -31,7 +31,8 @@ import functools
 import importlib.abc
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 from torch import nn
 
@@ -93,6 +94,12 @@ def resolve(model: nn.Module, path: str) -> nn.Module:
     """The real module at canonical ``path`` (the inverse of :func:`canonical_path`): each segment is looked up
     through any PEFT wrapper in the way, and the module found is unwrapped. Raises ``AttributeError`` like
     ``nn.Module.get_submodule`` when there is no such module."""
+    return base_layer(_lookup(model, path))
+
+
+def _lookup(model: nn.Module, path: str) -> nn.Module:
+    """The module at canonical ``path``, each segment looked up through any PEFT wrapper in the way; the module
+    found is returned as it is (possibly a tuner layer). Raises ``AttributeError`` naming the missing segment."""
     module = model
     for segment in path.split(".") if path else ():
         child = module._modules.get(segment)
@@ -102,7 +109,7 @@ def resolve(model: nn.Module, path: str) -> nn.Module:
         if child is None:
             raise AttributeError(f"{type(module).__name__} has no submodule {segment!r} (looking up {path!r})")
         module = child
-    return base_layer(module)
+    return module
 
 
 def named_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -144,15 +151,10 @@ def peft_merge_state(model: nn.Module, path: str) -> tuple[int, frozenset[str]] 
     merge time to tell PEFT fuse/unfuse round trips (only rounding left behind) from a PEFT merge still in place."""
     if _tuner_layer_class() is None:
         return None
-    module = model
-    for segment in path.split(".") if path else ():
-        child = module._modules.get(segment)
-        while child is None and is_peft_layer(module):
-            module = module.base_layer
-            child = module._modules.get(segment)
-        if child is None:
-            return None
-        module = child
+    try:
+        module = _lookup(model, path)
+    except AttributeError:
+        return None
     if not is_peft_layer(module):
         return None
     outer, merged = module, set()
@@ -222,10 +224,12 @@ def _refuse_visadapt_name(model: nn.Module, adapter_name: str, what: str) -> Non
             f"one first (pipe.unload_visadapt({adapter_name!r}) or visadapt.detach(model, {adapter_name!r}))")
 
 
-def free_default_name(model: nn.Module, start: int = 0) -> str:
-    """``default_<n>`` (diffusers' naming) with the smallest ``n >= start`` neither library uses on ``model``."""
-    taken = peft_adapter_names(model) | visadapt_adapter_names(model)
-    index = start
+def free_default_name(*models: nn.Module, start: int | None = None) -> str:
+    """``default_<n>`` (diffusers' naming) with the smallest ``n >= start`` neither library uses on any of
+    ``models`` (a pipeline's components); ``start`` defaults to the number of adapter names in use there, as
+    diffusers' ``get_adapter_name`` counts its own."""
+    taken = set().union(*(peft_adapter_names(model) | visadapt_adapter_names(model) for model in models))
+    index = len(taken) if start is None else start
     while f"default_{index}" in taken:
         index += 1
     return f"default_{index}"
@@ -327,7 +331,7 @@ def _wrap_diffusers_mixin(mixin) -> None:
             # diffusers would name it default_<n> counting its own adapters only; skip visadapt's names too
             from diffusers.utils.peft_utils import get_adapter_name
 
-            kwargs["adapter_name"] = free_default_name(self, int(get_adapter_name(self).rsplit("_", 1)[1]))
+            kwargs["adapter_name"] = free_default_name(self, start=int(get_adapter_name(self).rsplit("_", 1)[1]))
         elif name is not None and not kwargs.get("hotswap"):
             # refused here, before diffusers touches the model (its own clean-up assumes a started injection)
             _refuse_visadapt_name(self, name, f"load_lora_adapter(adapter_name={name!r})")
@@ -350,15 +354,17 @@ _TARGETS = {
 
 
 class _WrapOnImport(importlib.abc.MetaPathFinder):
-    """Wraps PEFT's / diffusers' entry points right after their module is executed (once per module)."""
+    """Runs a callback on a module right after it is executed (once per module): PEFT's / diffusers' entry points
+    here, diffusers' ``DiffusionPipeline`` methods (:func:`visadapt.diffusers.install`). One finder serves every
+    callback registered with :func:`on_import`."""
 
-    def __init__(self, pending: set[str]) -> None:
-        self.pending = pending
+    def __init__(self) -> None:
+        self.pending: dict[str, Callable[[ModuleType], None]] = {}
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in self.pending:
             return None
-        self.pending.discard(fullname)
+        callback = self.pending.pop(fullname)
         if not self.pending:
             sys.meta_path.remove(self)
         for finder in sys.meta_path:  # whoever would have found it (site-packages, an editable install, ...)
@@ -374,22 +380,29 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             loader_exec(module)
-            _TARGETS[fullname](module)
+            callback(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+def on_import(module_name: str, callback: Callable[[ModuleType], None]) -> None:
+    """``callback(module)`` now when ``module_name`` is imported already, otherwise right after it is (importing
+    it here would charge seconds to every ``import visadapt``). A second registration for a module still pending
+    replaces the first."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        callback(module)
+        return
+    finder = next((f for f in sys.meta_path if isinstance(f, _WrapOnImport)), None)
+    if finder is None:
+        finder = _WrapOnImport()
+        sys.meta_path.insert(0, finder)
+    finder.pending[module_name] = callback
+
+
 def install() -> None:
     """Wrap PEFT's ``BaseTuner.inject_adapter`` and diffusers' ``PeftAdapterMixin.load_lora_adapter`` /
-    ``add_adapter``: now for the modules already imported, the others as soon as they are (importing them here
-    would charge seconds to every ``import visadapt``)."""
-    pending = set()
+    ``add_adapter``: now for the modules already imported, the others as soon as they are (:func:`on_import`)."""
     for name, wrap in _TARGETS.items():
-        module = sys.modules.get(name)
-        if module is not None:
-            wrap(module)
-        else:
-            pending.add(name)
-    if pending and not any(isinstance(finder, _WrapOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _WrapOnImport(pending))
+        on_import(name, wrap)

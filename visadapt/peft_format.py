@@ -59,6 +59,7 @@ from visadapt.lora_layouts import (
     load_lora_weights_into,
     lora_config_for,
 )
+from visadapt.peft_compat import named_layers, unwrap_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +164,20 @@ def read_peft_config(raw: Mapping | str | bytes, source: str):
 
 def target_paths(model: nn.Module, config) -> list[str]:
     """The module paths PEFT's ``inject_adapter`` would adapt in ``model`` for ``config`` (PEFT's own
-    ``check_target_module_exists``; visadapt's own submodules are skipped)."""
+    ``check_target_module_exists``; visadapt's own submodules are skipped). Paths are canonical
+    (:func:`visadapt.peft_compat.named_layers`): a layer PEFT has wrapped already counts once, as itself, and
+    PEFT's own ``lora_A`` / ``lora_B`` modules are not the model's."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    return [name for name, _ in model.named_modules()
+    return [name for name, _ in named_layers(model)
             if name and "visadapt_" not in name and check_target_module_exists(config, name)]
 
 
 def saved_module_paths(model: nn.Module, config) -> list[str]:
-    """The modules ``modules_to_save`` names, matched as PEFT's ``_set_trainable`` does (plain ``endswith``)."""
+    """The modules ``modules_to_save`` names, matched as PEFT's ``_set_trainable`` does (plain ``endswith``), by
+    canonical path (:func:`target_paths`)."""
     names = config.modules_to_save or []
-    return [key for key, _ in model.named_modules() if key and "visadapt_" not in key
+    return [key for key, _ in named_layers(model) if key and "visadapt_" not in key
             and any(key.endswith(name) for name in names)]
 
 
@@ -188,8 +192,9 @@ def load_peft_state(model: nn.Module, config, state: Mapping[str, torch.Tensor],
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise LoraLayoutError(f"{source}: value of {key!r} is a {type(value).__name__}, not a tensor")
+    model = unwrap_peft_model(model)  # a PeftModel: the keys' base_model.model. prefix is its wrapped model's
     remaining = dict(state)
-    modules = dict(model.named_modules())
+    modules = dict(named_layers(model))
     paths = target_paths(model, config)
     if not paths:
         raise LoraLayoutError(f"{source}: target_modules={config.target_modules!r} match no module of this "

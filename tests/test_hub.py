@@ -406,3 +406,19 @@ def test_resolve_refuses_unknown_hub_keywords_and_other_types():
         hub.resolve("org/name", hub_kwargs={"mirror": "x"})
     with pytest.raises(TypeError, match="not int"):
         hub.resolve(3)
+
+
+def test_a_source_that_is_neither_a_path_nor_a_repo_id_is_named(tmp_path, monkeypatch):
+    """A missing folder written with a trailing slash, or a string no hub accepts as a repo id, is one visadapt error
+    naming it (not huggingface_hub's validation traceback), before any download is tried; the model is untouched."""
+    from visadapt.io import AdapterNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    vit = base("timm_vit")
+    before = every_tensor(vit)
+    with pytest.raises(AdapterNotFoundError, match=r"'missing_dir/' does not exist"):
+        visadapt.load_adapter(vit, "missing_dir/")
+    with pytest.raises(AdapterNotFoundError, match=r"'bad--name' is neither an existing file or folder nor a valid "
+                                                   r"hub repo id"):
+        visadapt.load_adapter(vit, "bad--name", local_files_only=True)
+    assert_untouched(vit, before)

@@ -44,7 +44,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 def looks_like_path(value: str) -> bool:
     """A string that names a file or folder rather than a hub repo id (``org/name`` has one slash, no suffix)."""
-    if os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1:
+    if os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or value.endswith("/"):
         return True
     if os.sep != "/" and os.sep in value:
         return True
@@ -204,6 +204,15 @@ def resolve(source: str | os.PathLike, weight_name: str | None = None,
         return single_file(path)
     if isinstance(source, os.PathLike) or looks_like_path(str(source)):
         raise io.AdapterNotFoundError(f"adapter path {str(source)!r} does not exist (neither a file nor a folder)")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:  # huggingface_hub's own rule, checked before any download is attempted
+        validate_repo_id(str(source))
+    except HFValidationError as err:
+        raise io.AdapterNotFoundError(
+            f"adapter source {str(source)!r} is neither an existing file or folder nor a valid hub repo id ({err}); "
+            f"check the path, or give a repo id such as 'org/name'") from err
     return hub_files(str(source), weight_name, hub_kwargs)
 
 

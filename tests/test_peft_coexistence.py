@@ -696,3 +696,31 @@ def test_official_resadapter_loads_on_a_peft_model_around_the_unet(base_pipe, fi
     unet = wrapped.get_base_model()
     assert visadapt.load_report(unet, "res").ok
     torch.testing.assert_close(unet_output(unet), expected, atol=1e-5, rtol=0)
+
+
+def test_timm_visadapt_merged_before_peft_wraps_and_fuses_unmerges_its_own_delta_only(caplog):
+    """visadapt merges while no PEFT layer exists, then PEFT wraps the layer and fuses its LoRA into the same weight:
+    visadapt's unmerge must take off its own delta and keep PEFT's fold (not put back the weight from before PEFT)."""
+    torch.manual_seed(0)
+    vit = tm.vit().eval()
+    x = vit_input()
+    model = copy.deepcopy(vit)
+    visadapt.attach(model, "lora", rank=4, targets=("q", "v"), adapter_name="vis")
+    randomise_visadapt(model, 1)
+    visadapt.merge(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"], init_lora_weights=False))
+    peft_only = get_peft_model(copy.deepcopy(vit), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"],
+                                                              init_lora_weights=False))
+    peft_only.load_state_dict({k: v for k, v in peft_model.state_dict().items() if "lora_" in k}, strict=False)
+    with torch.no_grad():
+        both = peft_model(x)
+        assert (both - peft_only(x)).abs().max() > 1e-3  # visadapt's delta is in the weight
+    peft_model.merge_adapter()
+    with caplog.at_level(logging.WARNING, logger="visadapt.inject"):
+        visadapt.unmerge(peft_model)  # back to its hooks: the output is unchanged
+    assert any("changed after adapter 'vis' merged" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), both, atol=1e-5, rtol=0)
+    visadapt.detach(peft_model)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), peft_only(x), atol=1e-5, rtol=0)  # PEFT's fold survived

@@ -260,29 +260,35 @@ def test_cli_export_format_writes_the_folder_checked_by_the_owning_library(tmp_p
         assert "holds modules that are not LoRA" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config_says_rslora", [False, True], ids=["alpha_written_for_peft_formula", "use_rslora"])
-def test_rslora_scale_is_read_from_each_module_not_from_a_formula(monkeypatch, tmp_path, config_says_rslora):
-    """rsLoRA scales by alpha / sqrt(r). Simulated on the module (``LoRA.scaling``) so the test does not depend on
-    how the config spells it: the export must give PEFT the module's scale either way."""
-    import math
-
+@pytest.mark.parametrize("every_module_rslora", [False, True],
+                         ids=["mixed_modules_alpha_written_for_peft_formula", "use_rslora"])
+def test_rslora_scale_is_read_from_each_module_not_from_a_formula(tmp_path, every_module_rslora):
+    """rsLoRA scales by alpha / sqrt(r), attached for real (``use_rslora=True``). PEFT's ``use_rslora`` is one flag
+    per config: when every module is rsLoRA it is written with the user's alpha; when a plain LoRA sits beside
+    them (inserted on its own, so the adapter's config still says use_rslora) the export must read each module's
+    flag, write use_rslora=False and give every module the alpha whose alpha / r is its scale."""
     from peft import PeftModel
 
-    monkeypatch.setattr(LoRA, "scaling", property(lambda self: self.alpha / math.sqrt(self.rank)))
     model = tiny_models.vit().eval()
     base = copy.deepcopy(model)
-    visadapt.attach(model, "lora", rank=4, alpha=3.0, targets=("qkv", "fc1"), rank_pattern={"blocks.1.mlp.fc1": 2})
-    if config_says_rslora:
-        visadapt.api.get_record(model, "default").config.use_rslora = True
+    visadapt.attach(model, "lora", rank=4, alpha=3.0, use_rslora=True, targets=("qkv", "fc1"),
+                    rank_pattern={"blocks.1.mlp.fc1": 2})
+    assert all(item.module.rslora for item in visadapt.inject.attached(model))
+    if not every_module_rslora:
+        for site in find_sites(model, ["proj"]):  # plain LoRA: scale 3 / 4, alpha 3 kept
+            visadapt.inject.insert(site, "default", LoRA(site.in_features, site.out_features, 4, 3.0))
+    assert visadapt.api.get_record(model, "default").config.use_rslora  # the config says rsLoRA either way
     randomize(model)
     expected = vit_out(model)
+    assert (vit_out(base) - expected).abs().max().item() > 1e-2  # the adapter matters: the check can fail
     export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["use_rslora"] is config_says_rslora
-    if config_says_rslora:  # the user's alpha, PEFT applies sqrt itself
+    assert config["use_rslora"] is every_module_rslora
+    if every_module_rslora:  # the user's alpha, PEFT applies sqrt itself
         assert config["lora_alpha"] == 3.0 and not config["alpha_pattern"]
-    else:  # alpha = scale * r, so that PEFT's alpha / r is the module's alpha / sqrt(r)
+    else:  # alpha = scale * r for the rsLoRA modules, so that PEFT's alpha / r is the module's alpha / sqrt(r)
         assert config["lora_alpha"] == pytest.approx(3.0 * 2) and config["alpha_pattern"]
+        assert config["alpha_pattern"][r"^blocks\.0\.attn\.proj"] == 3.0
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     assert (vit_out(loaded) - expected).abs().max().item() <= TOL
 

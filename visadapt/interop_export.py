@@ -93,6 +93,7 @@ class ExactLora:
     up: torch.Tensor
     alpha: float
     scale: float  # the factor the product is multiplied by: alpha / rank (or alpha / sqrt(rank) with rslora)
+    rslora: bool = False  # the formula ``alpha`` is written for: PEFT's ``use_rslora``
 
     @property
     def rank(self) -> int:
@@ -121,13 +122,16 @@ def _alpha_for(scale: float, rank: int, use_rslora: bool) -> float:
     return scale * (math.sqrt(rank) if use_rslora else rank)
 
 
-def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: bool = False,
+def exact_loras(model: nn.Module, adapter_name: str = "default", *,
                 what_else: str = "save it with visadapt.save_adapter, or export the merged model "
                                  "(visadapt export --format dense)") -> dict[str, ExactLora]:
     """``{layer path: ExactLora}`` of ``adapter_name``: every LoRA of the adapter, slices of a fused layer joined
     into one block-structured LoRA of the layer (see the module docstring), each with the alpha that gives its
-    exact scale under ``use_rslora``. Raises :class:`~visadapt.export.ExportError` naming the modules that have no
-    exact LoRA form (``what_else`` ends the message with the alternative)."""
+    exact scale under PEFT's formula. The formula is read from the modules themselves (``LoRA.rslora``): rsLoRA
+    (``alpha / sqrt(r)``, ``ExactLora.rslora`` True) when every LoRA of the adapter is rsLoRA, else ``alpha / r``
+    for all (PEFT's ``use_rslora`` is one flag per config; an rsLoRA module then gets the alpha that gives its
+    scale under ``alpha / r``). Raises :class:`~visadapt.export.ExportError` naming the modules that have no exact
+    LoRA form (``what_else`` ends the message with the alternative)."""
     from visadapt.layers import LoRA
 
     record = api.get_record(model, adapter_name)
@@ -154,6 +158,7 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: 
     by_host: dict[str, list[LoRA]] = collections.defaultdict(list)
     for item in items:
         by_host[item.host_path].append(item.module)
+    use_rslora = bool(items) and all(item.module.rslora for item in items)
     exported = {}
     for path, modules in by_host.items():
         host = model.get_submodule(path)
@@ -162,7 +167,7 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: 
         if len(modules) == 1 and modules[0].site_rows is None:
             module = modules[0]
             exported[path] = ExactLora(path, module.A.weight.detach().clone(), module.B.weight.detach().clone(),
-                                       _plain_alpha(module, use_rslora), scales[0])
+                                       _plain_alpha(module, use_rslora), scales[0], use_rslora)
             continue
         rank = sum(m.rank for m in modules)
         common = scales[0] if all(s == scales[0] for s in scales) else 1.0
@@ -176,15 +181,15 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: 
             # fold the slice's own scale into its block when the slices' scales differ (common is then 1)
             up[start:stop, column:column + module.rank] = block if scale == common else block * (scale / common)
             column += module.rank
-        exported[path] = ExactLora(path, down, up, _alpha_for(common, rank, use_rslora), common)
+        exported[path] = ExactLora(path, down, up, _alpha_for(common, rank, use_rslora), common, use_rslora)
     if not exported:
         raise ExportError(f"adapter {adapter_name!r} holds no LoRA module: there is nothing to export")
     return exported
 
 
 def _plain_alpha(module, use_rslora: bool) -> float:
-    """The module's own alpha where PEFT's formula with it gives ``module.scaling`` (the common case keeps the
-    user's numbers), else the alpha that does."""
+    """The module's own alpha where PEFT's formula (``use_rslora`` or not) with it gives ``module.scaling`` (the
+    common case keeps the user's numbers), else the alpha that does."""
     own = float(module.alpha)
     formula = own / (math.sqrt(module.rank) if use_rslora else module.rank)
     return own if formula == float(module.scaling) else _alpha_for(float(module.scaling), module.rank, use_rslora)
@@ -195,13 +200,19 @@ def _pattern_key(path: str) -> str:
     return "^" + re.escape(path)
 
 
-def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, use_rslora: bool = False,
-                modules_to_save: list[str] | None = None, dropout: float = 0.0,
-                base_model_name_or_path: str | None = None):
+def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, modules_to_save: list[str] | None = None,
+                dropout: float = 0.0, base_model_name_or_path: str | None = None):
     """The ``peft.LoraConfig`` of ``loras``: the most common rank / alpha as ``r`` / ``lora_alpha``, the others in
     ``rank_pattern`` / ``alpha_pattern`` keyed by anchored, escaped full paths; ``target_modules`` the exact
-    paths (a list when no path is a dotted suffix of another module's path, else one full-match regex)."""
+    paths (a list when no path is a dotted suffix of another module's path, else one full-match regex);
+    ``use_rslora`` the formula the alphas are written for (``ExactLora.rslora``, one for all)."""
     from peft import LoraConfig
+
+    formulas = {lora.rslora for lora in loras.values()}
+    if len(formulas) != 1:
+        raise ExportError(f"the LoRAs given mix alphas written for alpha / r and for alpha / sqrt(r) "
+                          f"({len(loras)} LoRAs); PEFT's use_rslora is one flag: build them with exact_loras")
+    (use_rslora,) = formulas
 
     ranks = collections.Counter(lora.rank for lora in loras.values())
     alphas = collections.Counter(lora.alpha for lora in loras.values())
@@ -220,9 +231,8 @@ def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, use_rslora: bo
     )
 
 
-def _config_of(model: nn.Module, adapter_name: str) -> tuple[bool, float]:
-    config = api.get_record(model, adapter_name).config
-    return bool(getattr(config, "use_rslora", False)), float(getattr(config, "dropout", 0.0) or 0.0)
+def _dropout_of(model: nn.Module, adapter_name: str) -> float:
+    return float(getattr(api.get_record(model, adapter_name).config, "dropout", 0.0) or 0.0)
 
 
 def _warn_runtime_weight(model: nn.Module, adapter_name: str) -> None:
@@ -286,8 +296,7 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter_name: str |
 
     adapter_name = resolve_adapter_name(model, adapter_name)
     record = api.get_record(model, adapter_name)
-    use_rslora, dropout = _config_of(model, adapter_name)
-    loras = exact_loras(model, adapter_name, use_rslora=use_rslora)
+    loras = exact_loras(model, adapter_name)
     modules_to_save = None
     tensors = {}
     for path, lora in loras.items():
@@ -303,7 +312,7 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter_name: str |
         modules_to_save = [record.head]
         for key, tensor in model.get_submodule(record.head).state_dict().items():
             tensors[f"base_model.model.{record.head}.{key}"] = tensor.detach().clone().contiguous()
-    config = lora_config(model, loras, use_rslora=use_rslora, modules_to_save=modules_to_save, dropout=dropout,
+    config = lora_config(model, loras, modules_to_save=modules_to_save, dropout=_dropout_of(model, adapter_name),
                          base_model_name_or_path=base_model_name_or_path or _base_name(model))
     _warn_runtime_weight(model, adapter_name)
     with _StagedFolder(folder, (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME), overwrite) as staging:
@@ -324,13 +333,12 @@ def diffusers_lora_layers(unet: nn.Module, adapter_name: str | None = None) -> t
         raise ExportError(f"a diffusers LoRA file is for a diffusers UNet; this model is {family}: export it with "
                           f"--format peft (PeftModel.from_pretrained) instead")
     adapter_name = resolve_adapter_name(unet, adapter_name)
-    use_rslora, dropout = _config_of(unet, adapter_name)
-    loras = exact_loras(unet, adapter_name, use_rslora=use_rslora)
+    loras = exact_loras(unet, adapter_name)
     layers = {}
     for path, lora in loras.items():
         layers[f"{path}.lora_A.weight"] = lora.down.contiguous()
         layers[f"{path}.lora_B.weight"] = lora.up.contiguous()
-    return layers, lora_config(unet, loras, use_rslora=use_rslora, dropout=dropout)
+    return layers, lora_config(unet, loras, dropout=_dropout_of(unet, adapter_name))
 
 
 def export_diffusers(unet: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None, *,

@@ -383,3 +383,22 @@ def test_target_modules_and_patterns_are_exact_even_when_a_path_is_the_suffix_of
     adapted = {name.removeprefix("base_model.model."): module.r["default"]
                for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
     assert adapted == {"fc": 2, "other": 3}  # inner.fc untouched
+
+
+def test_exact_loras_read_the_layer_under_a_peft_wrapper_as_without_it():
+    """Host paths are canonical (no ``.base_layer``): with PEFT's own LoRA wrapping the same layers, the export
+    resolves the real layer under the wrapper and gives exactly what it gives without PEFT."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from visadapt.interop_export import exact_loras
+
+    model, _ = vit_with_qv_lora()
+    unwrapped = exact_loras(model, "default")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["qkv", "fc1"]), model, adapter_name="other")
+    assert hasattr(model.blocks[0].attn.qkv, "base_layer")  # PEFT wrapped the layer visadapt adapts
+    wrapped = exact_loras(model, "default")
+    assert sorted(wrapped) == sorted(unwrapped) and "blocks.0.attn.qkv" in wrapped
+    for path, lora in unwrapped.items():
+        other = wrapped[path]
+        assert torch.equal(other.down, lora.down) and torch.equal(other.up, lora.up)
+        assert (other.alpha, other.scale, other.rslora) == (lora.alpha, lora.scale, lora.rslora)

@@ -73,6 +73,7 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.export import ExportError
+from visadapt.peft_compat import resolve
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -161,8 +162,8 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *,
     use_rslora = bool(items) and all(item.module.rslora for item in items)
     exported = {}
     for path, modules in by_host.items():
-        host = model.get_submodule(path)
-        out_features = host.weight.shape[0]
+        # the real layer under any PEFT wrapper, as inject resolves a canonical host path
+        out_features = resolve(model, path).weight.shape[0]
         scales = [float(m.scaling) for m in modules]
         if len(modules) == 1 and modules[0].site_rows is None:
             module = modules[0]

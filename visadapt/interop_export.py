@@ -73,12 +73,19 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.export import ExportError
+from visadapt.lora_layouts import DiffusersLoraFormat
 from visadapt.peft_compat import resolve
+from visadapt.peft_format import CONFIG_NAME as PEFT_CONFIG_FILE
+from visadapt.peft_format import WEIGHTS_NAME as PEFT_WEIGHTS_FILE
+from visadapt.plugins.resadapter import LORA_FILES, NORM_FILES
 
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+# the file names written are the ones the loaders of these formats look for first
+DIFFUSERS_WEIGHTS_FILE = DiffusersLoraFormat.file_names[0]
+RESADAPTER_LORA_FILE, RESADAPTER_NORM_FILE = LORA_FILES[0], NORM_FILES[0]
 FORMATS = ("peft", "diffusers", "resadapter")
+#: the files each format's export may write (a folder's other files are never touched)
+FORMAT_FILES = {"peft": (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), "diffusers": (DIFFUSERS_WEIGHTS_FILE,),
+                "resadapter": (RESADAPTER_LORA_FILE, RESADAPTER_NORM_FILE)}
 
 
 @dataclass
@@ -292,7 +299,6 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter_name: str |
     ``base_model.model.<head>.<param>`` with ``modules_to_save=[head]`` (PEFT's ModulesToSaveWrapper saves its
     copy under the module's own name). Returns ``{"config": path, "weights": path}``.
     """
-    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save_file
 
     adapter_name = resolve_adapter_name(model, adapter_name)
@@ -316,11 +322,11 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter_name: str |
     config = lora_config(model, loras, modules_to_save=modules_to_save, dropout=_dropout_of(model, adapter_name),
                          base_model_name_or_path=base_model_name_or_path or _base_name(model))
     _warn_runtime_weight(model, adapter_name)
-    with _StagedFolder(folder, (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME), overwrite) as staging:
-        config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    with _StagedFolder(folder, FORMAT_FILES["peft"], overwrite) as staging:
+        config.save_pretrained(str(staging))  # writes PEFT's CONFIG_NAME, the name PeftFormat reads
+        save_file(tensors, str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
     folder = Path(folder)
-    return {"config": folder / CONFIG_NAME, "weights": folder / SAFETENSORS_WEIGHTS_NAME}
+    return {"config": folder / PEFT_CONFIG_FILE, "weights": folder / PEFT_WEIGHTS_FILE}
 
 
 def diffusers_lora_layers(unet: nn.Module, adapter_name: str | None = None) -> tuple[dict[str, torch.Tensor], Any]:
@@ -365,7 +371,7 @@ def export_resadapter(unet: nn.Module, folder: str | os.PathLike, adapter_name: 
                       overwrite: bool = False) -> dict[str, Path]:
     """Write a ``resadapter`` adapter in the official two-file layout
     (:func:`visadapt.plugins.resadapter.export_official`), loaded by the official code's calls."""
-    from visadapt.plugins.resadapter import LORA_FILES, NORM_FILES, export_official
+    from visadapt.plugins.resadapter import export_official
 
     adapter_name = resolve_adapter_name(unet, adapter_name)
     record = api.get_record(unet, adapter_name)
@@ -373,16 +379,14 @@ def export_resadapter(unet: nn.Module, folder: str | os.PathLike, adapter_name: 
         raise ExportError(f"adapter {adapter_name!r} is a {record.plugin.name} adapter; the ResAdapter layout holds "
                           f"resadapter adapters only: use --format diffusers or peft")
     _warn_runtime_weight(unet, adapter_name)
-    with _StagedFolder(folder, (LORA_FILES[0], NORM_FILES[0]), overwrite) as staging:
+    with _StagedFolder(folder, FORMAT_FILES["resadapter"], overwrite) as staging:
         written = export_official(unet, staging, adapter_name)
     if "norms" not in written:
-        (Path(folder) / NORM_FILES[0]).unlink(missing_ok=True)  # an earlier export's norms are not this adapter's
+        (Path(folder) / RESADAPTER_NORM_FILE).unlink(missing_ok=True)  # an earlier export's norms are not this adapter's
     return {role: Path(folder) / path.name for role, path in written.items()}
 
 
 EXPORTERS = {"peft": export_peft, "diffusers": export_diffusers, "resadapter": export_resadapter}
-FORMAT_FILES = {"peft": (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), "diffusers": (DIFFUSERS_WEIGHTS_FILE,),
-                "resadapter": ("pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors")}
 
 
 def export_adapter(model: nn.Module, folder: str | os.PathLike, format: str, adapter_name: str | None = None,
@@ -405,13 +409,11 @@ def _owner_loaded(base: nn.Module, folder: Path, format: str) -> nn.Module:
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from visadapt.plugins.resadapter import NORM_FILES
-
     # what pipe.load_lora_weights(folder) does for the UNet: diffusers' converters, then its PEFT injection
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(folder), return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, base, adapter_name="exported", metadata=metadata)
-    if format == "resadapter" and (folder / NORM_FILES[0]).is_file():
-        base.load_state_dict(load_file(str(folder / NORM_FILES[0])), strict=False)  # the official norm loading
+    if format == "resadapter" and (folder / RESADAPTER_NORM_FILE).is_file():
+        base.load_state_dict(load_file(str(folder / RESADAPTER_NORM_FILE)), strict=False)  # the official norm loading
     return base.eval()
 
 
@@ -485,8 +487,8 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
         with destination as final_staging:
             for name in report["files"]:
                 shutil.copy2(staging / name, final_staging / name)
-        if format == "resadapter" and "diffusion_pytorch_model.safetensors" not in report["files"]:
-            (to / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)
+        if format == "resadapter" and RESADAPTER_NORM_FILE not in report["files"]:
+            (to / RESADAPTER_NORM_FILE).unlink(missing_ok=True)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -496,7 +498,7 @@ LOADERS = {
     "peft": "PeftModel.from_pretrained(base_model, '{dir}')",
     "diffusers": "pipe.load_lora_weights('{dir}')",
     "resadapter": "pipe.load_lora_weights('{dir}', adapter_name='res_adapter'); "
-                  "pipe.unet.load_state_dict(load_file('{dir}/diffusion_pytorch_model.safetensors'), strict=False)",
+                  f"pipe.unet.load_state_dict(load_file('{{dir}}/{RESADAPTER_NORM_FILE}'), strict=False)",
 }
 
 

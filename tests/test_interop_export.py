@@ -402,3 +402,36 @@ def test_exact_loras_read_the_layer_under_a_peft_wrapper_as_without_it():
         other = wrapped[path]
         assert torch.equal(other.down, lora.down) and torch.equal(other.up, lora.up)
         assert (other.alpha, other.scale, other.rslora) == (lora.alpha, lora.scale, lora.rslora)
+
+
+def test_an_earlier_exports_norm_file_is_removed_by_every_resadapter_export(base_pipe, tmp_path):
+    """An adapter without norms (``norm=False``) writes the LoRA file only; a norm file left in the folder by an
+    earlier export would be loaded with it by the official code, so each way of exporting removes it (and leaves
+    no staging folder behind)."""
+    from visadapt.backbones import EMBEDDED_SD
+    from visadapt.diffusion import load_pipeline
+    from visadapt.interop_export import export_file
+    from visadapt.plugins.resadapter import export_official
+
+    with_norms, lora_only = copy.deepcopy(base_pipe.unet), load_pipeline(EMBEDDED_SD).unet
+    visadapt.attach(with_norms, "resadapter")
+    visadapt.attach(lora_only, "resadapter", norm=False)
+    adapter = visadapt.save_adapter(lora_only, tmp_path / "lora_only.safetensors")
+    exports = {"export_official": lambda folder: export_official(lora_only, folder),
+               "export_resadapter": lambda folder: export_resadapter(lora_only, folder, overwrite=True),
+               "export_file": lambda folder: export_file(adapter, "resadapter", folder, model=EMBEDDED_SD,
+                                                         overwrite=True)}
+    for name, export in exports.items():
+        folder = tmp_path / name
+        export_official(with_norms, folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["diffusion_pytorch_model.safetensors",
+                                                            "pytorch_lora_weights.safetensors"]
+        export(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["pytorch_lora_weights.safetensors"], name
+    folder = tmp_path / "export_official"
+    export_official(with_norms, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ExportError, match="already holds pytorch_lora_weights.safetensors, "
+                                          "diffusion_pytorch_model.safetensors; pass overwrite=True"):
+        export_official(lora_only, folder, overwrite=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # refused: nothing removed or replaced

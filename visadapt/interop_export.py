@@ -262,7 +262,10 @@ def _base_name(model: nn.Module) -> str | None:
 
 class _StagedFolder:
     """Write into a hidden folder inside ``folder`` and move the files into place only when all are written, so a
-    failed export leaves ``folder`` as it was. Files of the same names are replaced only with ``overwrite``."""
+    failed export leaves ``folder`` as it was. ``names``: every file the format may write; those already in
+    ``folder`` are replaced only with ``overwrite``, and those this export did not write (ResAdapter's norm file
+    for an adapter without norms) are removed on success: an earlier export's file would be loaded with the new
+    ones. This is the one place such a stale file is cleaned up."""
 
     def __init__(self, folder: str | os.PathLike, names: tuple[str, ...], overwrite: bool) -> None:
         self.folder = Path(folder)
@@ -282,8 +285,12 @@ class _StagedFolder:
     def __exit__(self, kind, value, traceback) -> None:
         try:
             if kind is None:
+                written = set()
                 for path in self.staging.iterdir():
                     os.replace(path, self.folder / path.name)
+                    written.add(path.name)
+                for name in set(self.names) - written:
+                    (self.folder / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -379,11 +386,7 @@ def export_resadapter(unet: nn.Module, folder: str | os.PathLike, adapter_name: 
         raise ExportError(f"adapter {adapter_name!r} is a {record.plugin.name} adapter; the ResAdapter layout holds "
                           f"resadapter adapters only: use --format diffusers or peft")
     _warn_runtime_weight(unet, adapter_name)
-    with _StagedFolder(folder, FORMAT_FILES["resadapter"], overwrite) as staging:
-        written = export_official(unet, staging, adapter_name)
-    if "norms" not in written:
-        (Path(folder) / RESADAPTER_NORM_FILE).unlink(missing_ok=True)  # an earlier export's norms are not this adapter's
-    return {role: Path(folder) / path.name for role, path in written.items()}
+    return export_official(unet, folder, adapter_name, overwrite=overwrite)
 
 
 EXPORTERS = {"peft": export_peft, "diffusers": export_diffusers, "resadapter": export_resadapter}
@@ -487,8 +490,6 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
         with destination as final_staging:
             for name in report["files"]:
                 shutil.copy2(staging / name, final_staging / name)
-        if format == "resadapter" and RESADAPTER_NORM_FILE not in report["files"]:
-            (to / RESADAPTER_NORM_FILE).unlink(missing_ok=True)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -340,13 +340,21 @@ def diffusers_lora_layers(unet: nn.Module, adapter_name: str | None = None) -> t
     """``(unet_lora_layers, LoraConfig)`` for ``save_lora_weights``: ``<path>.lora_A.weight`` /
     ``<path>.lora_B.weight`` per layer (diffusers adds the ``unet.`` prefix) and the config whose ``to_dict()``
     is the ``lora_adapter_metadata`` ``load_lora_weights`` builds its ``LoraConfig`` from."""
+    _require_diffusers_unet(unet)
+    return _diffusers_lora_layers(unet, resolve_adapter_name(unet, adapter_name))
+
+
+def _require_diffusers_unet(unet: nn.Module) -> None:
     from visadapt.sites import model_family
 
     family = model_family(unet)
     if not family.startswith("diffusers"):
         raise ExportError(f"a diffusers LoRA file is for a diffusers UNet; this model is {family}: export it with "
                           f"--format peft (PeftModel.from_pretrained) instead")
-    adapter_name = resolve_adapter_name(unet, adapter_name)
+
+
+def _diffusers_lora_layers(unet: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """:func:`diffusers_lora_layers` for an adapter name already resolved."""
     loras = exact_loras(unet, adapter_name)
     layers = {}
     for path, lora in loras.items():
@@ -363,8 +371,9 @@ def export_diffusers(unet: nn.Module, folder: str | os.PathLike, adapter_name: s
     weight 1), ranks, alphas and rsLoRA read from the metadata. Returns ``{"weights": path}``."""
     from diffusers import StableDiffusionPipeline
 
+    _require_diffusers_unet(unet)
     adapter_name = resolve_adapter_name(unet, adapter_name)
-    layers, config = diffusers_lora_layers(unet, adapter_name)
+    layers, config = _diffusers_lora_layers(unet, adapter_name)
     _warn_runtime_weight(unet, adapter_name)
     metadata = json.loads(json.dumps(config.to_dict(), default=list))  # sets (target_modules) as lists
     with _StagedFolder(folder, (DIFFUSERS_WEIGHTS_FILE,), overwrite) as staging:

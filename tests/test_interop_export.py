@@ -435,3 +435,36 @@ def test_an_earlier_exports_norm_file_is_removed_by_every_resadapter_export(base
                                           "diffusion_pytorch_model.safetensors; pass overwrite=True"):
         export_official(lora_only, folder, overwrite=False)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # refused: nothing removed or replaced
+
+
+def test_export_on_another_model_than_the_recorded_one_does_not_take_the_recorded_seed(tmp_path, monkeypatch):
+    """A file records the backbone and seed of its training run; the seed describes that backbone only. Both
+    exports (dense and --format) build the recorded backbone with the recorded seed, and a --model of another
+    spec from seed 0 (the --format export kept the recorded seed there)."""
+    from visadapt import export
+    from visadapt.backbones import EMBEDDED_SD
+    from visadapt.diffusion import load_pipeline
+    from visadapt.export import export_model
+    from visadapt.interop_export import export_file
+    from visadapt.io import TRAIN_METADATA
+
+    unet = load_pipeline(EMBEDDED_SD).unet
+    other = tmp_path / "unet"  # the same UNet as a folder: another --model spec
+    unet.save_pretrained(str(other))
+    visadapt.attach(unet, "lora", targets=("to_q",))
+    randomize(unet, std=0.05)
+    run = {"pipeline": EMBEDDED_SD, "seed": 7}  # as train/selma.py and train/resadapter.py record it
+    adapter = visadapt.save_adapter(unet, tmp_path / "lora.safetensors", metadata={TRAIN_METADATA: json.dumps(run)})
+    built = []
+    build = export.build_base_model
+
+    def recording_build(spec, pretrained="default", num_classes=0, seed=0):
+        built.append((spec, seed))
+        return build(spec, pretrained, num_classes=num_classes, seed=seed)
+
+    monkeypatch.setattr(export, "build_base_model", recording_build)
+    export_file(adapter, "diffusers", tmp_path / "recorded")
+    export_file(adapter, "diffusers", tmp_path / "other", model=str(other))
+    export_model(adapter, to=tmp_path / "dense_recorded")
+    export_model(adapter, str(other), to=tmp_path / "dense_other")
+    assert built == [(EMBEDDED_SD, 7), (str(other), 0), (EMBEDDED_SD, 7), (str(other), 0)]

@@ -447,39 +447,24 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
         DENSE_RTOL,
         ExportParityError,
         ModelOutputs,
-        build_base_model,
         compare,
         output_names,
         probe_inputs,
-        recorded_model_spec,
+        read_adapter_on_base,
         run_outputs,
     )
-    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata
 
     if format not in EXPORTERS:
         raise ExportError(f"--format {format!r}: choose dense, {', '.join(EXPORTERS)}")
     adapter, to = Path(adapter), Path(to)
     destination = _StagedFolder(to, FORMAT_FILES[format], overwrite)  # refuses a clash before any work
-    meta = read_adapter_metadata(adapter)
-    recorded, _recorded_pretrained, seed = recorded_model_spec(meta)
-    spec = model or recorded
-    if spec is None:
-        raise ExportError(f"{adapter} does not record its base model (no {TRAIN_METADATA!r} metadata naming it); "
-                          f"pass --model: a timm name, open_clip:NAME, or a diffusers UNet/pipeline folder")
-    head = meta.get("head") or None
-    num_classes = 0
-    if head:
-        from safetensors import safe_open
-
-        with safe_open(str(adapter), framework="pt") as handle:
-            if f"{head}.weight" in handle.keys():  # noqa: SIM118 - safe_open has no __contains__
-                shape = handle.get_slice(f"{head}.weight").get_shape()
-                num_classes = int(shape[0]) if len(shape) == 2 else 0
-    base, facts = build_base_model(spec, pretrained or "none", num_classes=num_classes, seed=seed)
+    source = read_adapter_on_base(adapter, model)  # the file's one read; its recorded seed only on its backbone
+    spec, num_classes = source.model_spec, source.num_classes
+    base, facts = source.build_base(pretrained or "none", num_classes)
     library = facts["library"]
     fresh = copy.deepcopy(base)
-    load_adapter(base, adapter)
-    base.eval()
+    source.load_into(base)
+    del source
     inputs = probe_inputs(base, library, probe_size)
     reference = run_outputs(ModelOutputs(base, library, list(inputs)), inputs)
     names = output_names(library, len(reference), num_classes)

@@ -468,3 +468,25 @@ def test_export_on_another_model_than_the_recorded_one_does_not_take_the_recorde
     export_model(adapter, to=tmp_path / "dense_recorded")
     export_model(adapter, str(other), to=tmp_path / "dense_other")
     assert built == [(EMBEDDED_SD, 7), (str(other), 0), (EMBEDDED_SD, 7), (str(other), 0)]
+
+
+def test_the_exported_peft_config_and_visadapts_own_config_share_defaults_and_patterns():
+    """One builder picks the most common rank / alpha (the first seen on a tie) and the patterns of the others,
+    for visadapt's config of a loaded LoRA and for the PEFT config an export writes (there keyed by anchored
+    regexes)."""
+    from visadapt.interop_export import ExactLora, lora_config
+    from visadapt.lora_layouts import lora_config_for
+
+    def exact(path, rank, alpha):
+        return ExactLora(path, torch.zeros(rank, 8), torch.zeros(8, rank), alpha, alpha / rank)
+
+    model = torch.nn.Sequential()
+    for name in ("fc", "other", "third"):
+        model.add_module(name, torch.nn.Linear(8, 8))
+    loras = {"fc": exact("fc", 2, 4.0), "other": exact("other", 3, 6.0), "third": exact("third", 3, 4.0)}
+    ours, peft = lora_config_for(loras), lora_config(model, loras)
+    assert (ours.rank, ours.alpha, ours.rank_pattern, ours.alpha_pattern) == (3, 4.0, {"fc": 2}, {"other": 6.0})
+    assert (peft.r, peft.lora_alpha, peft.rank_pattern, peft.alpha_pattern) == (3, 4.0, {"^fc": 2}, {"^other": 6.0})
+    tie = {"fc": exact("fc", 4, 8.0), "other": exact("other", 2, 2.0)}
+    ours, peft = lora_config_for(tie), lora_config(model, tie)
+    assert (ours.rank, ours.alpha, peft.r, peft.lora_alpha) == (4, 8.0, 4, 8.0)

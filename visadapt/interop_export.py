@@ -73,7 +73,7 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.export import ExportError
-from visadapt.lora_layouts import DiffusersLoraFormat
+from visadapt.lora_layouts import DiffusersLoraFormat, common_rank_alpha
 from visadapt.peft_compat import resolve
 from visadapt.peft_format import CONFIG_NAME as PEFT_CONFIG_FILE
 from visadapt.peft_format import WEIGHTS_NAME as PEFT_WEIGHTS_FILE
@@ -222,9 +222,7 @@ def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, modules_to_sav
                           f"({len(loras)} LoRAs); PEFT's use_rslora is one flag: build them with exact_loras")
     (use_rslora,) = formulas
 
-    ranks = collections.Counter(lora.rank for lora in loras.values())
-    alphas = collections.Counter(lora.alpha for lora in loras.values())
-    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    rank, alpha, rank_pattern, alpha_pattern = common_rank_alpha(loras)
     # PEFT's list form matches `name == target or name.endswith("." + target)`: exact only when no target is a
     # proper dotted suffix of some module's path
     proper_suffixes = {".".join(parts[i:]) for parts in (name.split(".") for name, _ in model.named_modules())
@@ -233,8 +231,8 @@ def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, modules_to_sav
     targets: Any = ("^(?:" + "|".join(re.escape(p) for p in loras) + ")$") if ambiguous else sorted(loras)
     return LoraConfig(
         r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets, lora_dropout=dropout,
-        rank_pattern={_pattern_key(p): lora.rank for p, lora in loras.items() if lora.rank != rank},
-        alpha_pattern={_pattern_key(p): lora.alpha for p, lora in loras.items() if lora.alpha != alpha},
+        rank_pattern={_pattern_key(p): r for p, r in rank_pattern.items()},
+        alpha_pattern={_pattern_key(p): a for p, a in alpha_pattern.items()},
         modules_to_save=modules_to_save, base_model_name_or_path=base_model_name_or_path, init_lora_weights=False,
     )
 

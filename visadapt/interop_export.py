@@ -437,9 +437,10 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
     ResAdapter) and compare its outputs with visadapt's on a seeded probe batch. Files are moved into ``to`` only
     when the check passes (else :class:`~visadapt.export.ExportParityError`).
 
-    ``model``: as for the dense export (default: the backbone the file records). ``pretrained``: base weights for
-    the check (default ``none``: random init, seeded; the check compares two loaders on the same base, so real
-    weights are not needed and nothing is downloaded). Returns a report dict.
+    ``model``: as for the dense export (default: the backbone the file records; the file's recorded seed seeds a
+    random init on that backbone only, :func:`visadapt.export.read_adapter_on_base`). ``pretrained``: base
+    weights for the check (default ``none``: random init, seeded; the check compares two loaders on the same base,
+    so real weights are not needed and nothing is downloaded). Returns a report dict.
     """
     from visadapt.export import (
         DENSE_RTOL,

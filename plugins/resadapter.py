@@ -381,10 +381,13 @@ def official_state(unet: nn.Module, adapter_name: str = "default") -> tuple[dict
     return lora, norms
 
 
-def export_official(unet: nn.Module, folder, adapter_name: str = "default") -> dict[str, Path]:
-    """Write ``adapter_name`` as the official release does, to ``folder`` (created; existing files of these two
-    names are replaced): ``pytorch_lora_weights.safetensors`` (kohya LoRA, :func:`official_state`) and, unless the
-    adapter has no norms (``norm=False``, the "-i" variants), ``diffusion_pytorch_model.safetensors``.
+def export_official(unet: nn.Module, folder, adapter_name: str = "default", *,
+                    overwrite: bool = True) -> dict[str, Path]:
+    """Write ``adapter_name`` as the official release does, to ``folder`` (created): ``pytorch_lora_weights.
+    safetensors`` (kohya LoRA, :func:`official_state`) and, unless the adapter has no norms (``norm=False``, the
+    "-i" variants), ``diffusion_pytorch_model.safetensors``. Existing files of these two names are replaced
+    (``overwrite=False`` refuses them), a norm file this adapter does not write is removed (it is an earlier
+    export's), and nothing in ``folder`` changes when writing fails (files are staged and moved in at the end).
 
     The official loading gives this adapter's outputs at weight ``w``::
 
@@ -397,14 +400,13 @@ def export_official(unet: nn.Module, folder, adapter_name: str = "default") -> d
     """
     from safetensors.torch import save_file
 
+    from visadapt.interop_export import _StagedFolder
+
     lora, norms = official_state(unet, adapter_name)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {"lora": folder / LORA_FILES[0]}
-    save_file({k: v.contiguous() for k, v in lora.items()}, str(written["lora"]), metadata={"format": "pt"})
-    if norms:
-        written["norms"] = folder / NORM_FILES[0]
-        save_file({k: v.contiguous() for k, v in norms.items()}, str(written["norms"]), metadata={"format": "pt"})
-    else:  # a norm file left from an earlier export would be loaded with this LoRA: it is not this adapter's
-        (folder / NORM_FILES[0]).unlink(missing_ok=True)
-    return written
+    roles = {"lora": (LORA_FILES[0], lora)} | ({"norms": (NORM_FILES[0], norms)} if norms else {})
+    # the staging folder removes a norm file of an earlier export when this adapter writes none
+    with _StagedFolder(folder, (LORA_FILES[0], NORM_FILES[0]), overwrite) as staging:
+        for name, tensors in roles.values():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / name), metadata={"format": "pt"})
+    return {role: folder / name for role, (name, _) in roles.items()}

@@ -238,29 +238,35 @@ def test_cli_export_format_writes_the_folder_checked_by_the_owning_library(tmp_p
         assert "holds modules that are not LoRA" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config_says_rslora", [False, True], ids=["alpha_written_for_peft_formula", "use_rslora"])
-def test_rslora_scale_is_read_from_each_module_not_from_a_formula(monkeypatch, tmp_path, config_says_rslora):
-    """rsLoRA scales by alpha / sqrt(r). Simulated on the module (``LoRA.scaling``) so the test does not depend on
-    how the config spells it: the export must give PEFT the module's scale either way."""
-    import math
-
+@pytest.mark.parametrize("every_module_rslora", [False, True],
+                         ids=["mixed_modules_alpha_written_for_peft_formula", "use_rslora"])
+def test_rslora_scale_is_read_from_each_module_not_from_a_formula(tmp_path, every_module_rslora):
+    """rsLoRA scales by alpha / sqrt(r), attached for real (``use_rslora=True``). PEFT's ``use_rslora`` is one flag
+    per config: when every module is rsLoRA it is written with the user's alpha; when a plain LoRA sits beside
+    them (inserted on its own, so the adapter's config still says use_rslora) the export must read each module's
+    flag, write use_rslora=False and give every module the alpha whose alpha / r is its scale."""
     from peft import PeftModel
 
-    monkeypatch.setattr(LoRA, "scaling", property(lambda self: self.alpha / math.sqrt(self.rank)))
     model = tiny_models.vit().eval()
     base = copy.deepcopy(model)
-    visadapt.attach(model, "lora", rank=4, alpha=3.0, targets=("qkv", "fc1"), rank_pattern={"blocks.1.mlp.fc1": 2})
-    if config_says_rslora:
-        visadapt.api.get_record(model, "default").config.use_rslora = True
+    visadapt.attach(model, "lora", rank=4, alpha=3.0, use_rslora=True, targets=("qkv", "fc1"),
+                    rank_pattern={"blocks.1.mlp.fc1": 2})
+    assert all(item.module.rslora for item in visadapt.inject.attached(model))
+    if not every_module_rslora:
+        for site in find_sites(model, ["proj"]):  # plain LoRA: scale 3 / 4, alpha 3 kept
+            visadapt.inject.insert(site, "default", LoRA(site.in_features, site.out_features, 4, 3.0))
+    assert visadapt.api.get_record(model, "default").config.use_rslora  # the config says rsLoRA either way
     randomize(model)
     expected = vit_out(model)
+    assert (vit_out(base) - expected).abs().max().item() > 1e-2  # the adapter matters: the check can fail
     export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["use_rslora"] is config_says_rslora
-    if config_says_rslora:  # the user's alpha, PEFT applies sqrt itself
+    assert config["use_rslora"] is every_module_rslora
+    if every_module_rslora:  # the user's alpha, PEFT applies sqrt itself
         assert config["lora_alpha"] == 3.0 and not config["alpha_pattern"]
-    else:  # alpha = scale * r, so that PEFT's alpha / r is the module's alpha / sqrt(r)
+    else:  # alpha = scale * r for the rsLoRA modules, so that PEFT's alpha / r is the module's alpha / sqrt(r)
         assert config["lora_alpha"] == pytest.approx(3.0 * 2) and config["alpha_pattern"]
+        assert config["alpha_pattern"][r"^blocks\.0\.attn\.proj"] == 3.0
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     assert (vit_out(loaded) - expected).abs().max().item() <= TOL
 
@@ -355,3 +361,110 @@ def test_target_modules_and_patterns_are_exact_even_when_a_path_is_the_suffix_of
     adapted = {name.removeprefix("base_model.model."): module.r["default"]
                for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
     assert adapted == {"fc": 2, "other": 3}  # inner.fc untouched
+
+
+def test_exact_loras_read_the_layer_under_a_peft_wrapper_as_without_it():
+    """Host paths are canonical (no ``.base_layer``): with PEFT's own LoRA wrapping the same layers, the export
+    resolves the real layer under the wrapper and gives exactly what it gives without PEFT."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from visadapt.interop_export import exact_loras
+
+    model, _ = vit_with_qv_lora()
+    unwrapped = exact_loras(model, "default")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["qkv", "fc1"]), model, adapter_name="other")
+    assert hasattr(model.blocks[0].attn.qkv, "base_layer")  # PEFT wrapped the layer visadapt adapts
+    wrapped = exact_loras(model, "default")
+    assert sorted(wrapped) == sorted(unwrapped) and "blocks.0.attn.qkv" in wrapped
+    for path, lora in unwrapped.items():
+        other = wrapped[path]
+        assert torch.equal(other.down, lora.down) and torch.equal(other.up, lora.up)
+        assert (other.alpha, other.scale, other.rslora) == (lora.alpha, lora.scale, lora.rslora)
+
+
+def test_an_earlier_exports_norm_file_is_removed_by_every_resadapter_export(base_pipe, tmp_path):
+    """An adapter without norms (``norm=False``) writes the LoRA file only; a norm file left in the folder by an
+    earlier export would be loaded with it by the official code, so each way of exporting removes it (and leaves
+    no staging folder behind)."""
+    from visadapt.backbones import EMBEDDED_SD
+    from visadapt.diffusion import load_pipeline
+    from visadapt.interop_export import export_file
+    from visadapt.plugins.resadapter import export_official
+
+    with_norms, lora_only = copy.deepcopy(base_pipe.unet), load_pipeline(EMBEDDED_SD).unet
+    visadapt.attach(with_norms, "resadapter")
+    visadapt.attach(lora_only, "resadapter", norm=False)
+    adapter = visadapt.save_adapter(lora_only, tmp_path / "lora_only.safetensors")
+    exports = {"export_official": lambda folder: export_official(lora_only, folder),
+               "export_resadapter": lambda folder: export_resadapter(lora_only, folder, overwrite=True),
+               "export_file": lambda folder: export_file(adapter, "resadapter", folder, model=EMBEDDED_SD,
+                                                         overwrite=True)}
+    for name, export in exports.items():
+        folder = tmp_path / name
+        export_official(with_norms, folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["diffusion_pytorch_model.safetensors",
+                                                            "pytorch_lora_weights.safetensors"]
+        export(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["pytorch_lora_weights.safetensors"], name
+    folder = tmp_path / "export_official"
+    export_official(with_norms, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ExportError, match="already holds pytorch_lora_weights.safetensors, "
+                                          "diffusion_pytorch_model.safetensors; pass overwrite=True"):
+        export_official(lora_only, folder, overwrite=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # refused: nothing removed or replaced
+
+
+def test_export_on_another_model_than_the_recorded_one_does_not_take_the_recorded_seed(tmp_path, monkeypatch):
+    """A file records the backbone and seed of its training run; the seed describes that backbone only. Both
+    exports (dense and --format) build the recorded backbone with the recorded seed, and a --model of another
+    spec from seed 0 (the --format export kept the recorded seed there)."""
+    from visadapt import export
+    from visadapt.backbones import EMBEDDED_SD
+    from visadapt.diffusion import load_pipeline
+    from visadapt.export import export_model
+    from visadapt.interop_export import export_file
+    from visadapt.io import TRAIN_METADATA
+
+    unet = load_pipeline(EMBEDDED_SD).unet
+    other = tmp_path / "unet"  # the same UNet as a folder: another --model spec
+    unet.save_pretrained(str(other))
+    visadapt.attach(unet, "lora", targets=("to_q",))
+    randomize(unet, std=0.05)
+    run = {"pipeline": EMBEDDED_SD, "seed": 7}  # as train/selma.py and train/resadapter.py record it
+    adapter = visadapt.save_adapter(unet, tmp_path / "lora.safetensors", metadata={TRAIN_METADATA: json.dumps(run)})
+    built = []
+    build = export.build_base_model
+
+    def recording_build(spec, pretrained="default", num_classes=0, seed=0):
+        built.append((spec, seed))
+        return build(spec, pretrained, num_classes=num_classes, seed=seed)
+
+    monkeypatch.setattr(export, "build_base_model", recording_build)
+    export_file(adapter, "diffusers", tmp_path / "recorded")
+    export_file(adapter, "diffusers", tmp_path / "other", model=str(other))
+    export_model(adapter, to=tmp_path / "dense_recorded")
+    export_model(adapter, str(other), to=tmp_path / "dense_other")
+    assert built == [(EMBEDDED_SD, 7), (str(other), 0), (EMBEDDED_SD, 7), (str(other), 0)]
+
+
+def test_the_exported_peft_config_and_visadapts_own_config_share_defaults_and_patterns():
+    """One builder picks the most common rank / alpha (the first seen on a tie) and the patterns of the others,
+    for visadapt's config of a loaded LoRA and for the PEFT config an export writes (there keyed by anchored
+    regexes)."""
+    from visadapt.interop_export import ExactLora, lora_config
+    from visadapt.lora_layouts import lora_config_for
+
+    def exact(path, rank, alpha):
+        return ExactLora(path, torch.zeros(rank, 8), torch.zeros(8, rank), alpha, alpha / rank)
+
+    model = torch.nn.Sequential()
+    for name in ("fc", "other", "third"):
+        model.add_module(name, torch.nn.Linear(8, 8))
+    loras = {"fc": exact("fc", 2, 4.0), "other": exact("other", 3, 6.0), "third": exact("third", 3, 4.0)}
+    ours, peft = lora_config_for(loras), lora_config(model, loras)
+    assert (ours.rank, ours.alpha, ours.rank_pattern, ours.alpha_pattern) == (3, 4.0, {"fc": 2}, {"other": 6.0})
+    assert (peft.r, peft.lora_alpha, peft.rank_pattern, peft.alpha_pattern) == (3, 4.0, {"^fc": 2}, {"^other": 6.0})
+    tie = {"fc": exact("fc", 4, 8.0), "other": exact("other", 2, 2.0)}
+    ours, peft = lora_config_for(tie), lora_config(model, tie)
+    assert (ours.rank, ours.alpha, peft.r, peft.lora_alpha) == (4, 8.0, 4, 8.0)

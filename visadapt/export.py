@@ -50,6 +50,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ import torch
 from torch import nn
 
 from visadapt import api, inject
-from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_file, write_json_atomic
+from visadapt.io import TRAIN_METADATA, load_adapter_tensors, read_adapter_file, write_json_atomic
 from visadapt.registry import get_plugin
 
 REPORT_FORMAT = "visadapt-export/1"
@@ -572,6 +573,58 @@ def _num_classes(tensors: dict[str, torch.Tensor], head: str | None) -> int:
     return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else 0
 
 
+@dataclass
+class AdapterOnBase:
+    """An adapter file read once (tensors and header, checksum checked) and the base model it is exported on:
+    what both exports (:func:`export_model`, :func:`visadapt.interop_export.export_file`) start from.
+
+    ``model_spec``: the ``--model`` given, else the backbone the file records. ``recorded_pretrained`` / ``seed``:
+    the weights and seed of the training run the file records, which describe the recorded backbone only: on
+    another ``--model`` they are None and 0."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+    model_spec: str
+    recorded_pretrained: str | None
+    seed: int
+
+    @property
+    def head(self) -> str | None:
+        return self.meta.get("head") or None
+
+    @property
+    def num_classes(self) -> int:
+        """The class count of the head stored in the file (a timm model is built with it), else 0."""
+        return _num_classes(self.tensors, self.head)
+
+    def build_base(self, pretrained: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+        """:func:`build_base_model` of ``model_spec``, random init seeded with ``seed``."""
+        return build_base_model(self.model_spec, pretrained, num_classes=num_classes, seed=self.seed)
+
+    def load_into(self, host: nn.Module) -> None:
+        """Load the adapter into ``host`` (as :func:`visadapt.load_adapter` loads the file, from the tensors read)
+        and put it in eval mode: dropout and MoSA's module sampling off, the outputs compared are the inference
+        ones."""
+        load_adapter_tensors(host, self.tensors, self.meta, source=str(self.path))
+        host.eval()
+
+
+def read_adapter_on_base(adapter: str | os.PathLike, model: str | None = None) -> AdapterOnBase:
+    """Read ``adapter`` (once) and decide its base model: ``model`` (a timm name, ``open_clip:NAME``, a diffusers
+    folder), else the one the file records (:func:`recorded_model_spec`). Raises :class:`ExportError` when neither
+    names one."""
+    adapter = Path(adapter)
+    tensors, meta = read_adapter_file(adapter)
+    recorded_model, recorded_pretrained, seed = recorded_model_spec(meta)
+    if model is None and recorded_model is None:
+        raise ExportError(f"{adapter} does not record its base model (no {TRAIN_METADATA!r} metadata naming it); "
+                          f"pass --model: a timm name, open_clip:NAME, or a diffusers UNet/pipeline folder")
+    if model is not None and model != recorded_model:  # another backbone: the recorded weights and seed are not its
+        recorded_pretrained, seed = None, 0
+    return AdapterOnBase(adapter, tensors, meta, model or recorded_model, recorded_pretrained, seed)
+
+
 def export_model(adapter: str | os.PathLike, model: str | None = None, *, to: str | os.PathLike,
                  pretrained: str | None = None, onnx: bool = False, probe_size: int = 2,
                  num_classes: int | None = None, tolerance: float = DENSE_RTOL, onnx_tolerance: float = ONNX_RTOL,
@@ -591,15 +644,9 @@ def export_model(adapter: str | os.PathLike, model: str | None = None, *, to: st
     if onnx:
         require_onnx()
     adapter = Path(adapter)
-    tensors, meta = read_adapter_file(adapter)
-    recorded_model, recorded_pretrained, seed = recorded_model_spec(meta)
-    if model is None and recorded_model is None:
-        raise ExportError(f"{adapter} does not record its base model (no {TRAIN_METADATA!r} metadata naming it); "
-                          f"pass --model: a timm name, open_clip:NAME, or a diffusers UNet/pipeline folder")
-    if model is not None and model != recorded_model:  # another backbone: the recorded weights and seed are not its
-        recorded_pretrained, seed = None, 0
-    model_spec = model or recorded_model
-    pretrained = pretrained or recorded_pretrained or "default"
+    source = read_adapter_on_base(adapter, model)
+    meta, model_spec = source.meta, source.model_spec
+    pretrained = pretrained or source.recorded_pretrained or "default"
     plugin = get_plugin(meta["plugin"])
     if not plugin.mergeable and not onnx:
         raise ExportError(f"plugin {plugin.name!r} ({adapter}) does not fold into base weights: "
@@ -607,15 +654,14 @@ def export_model(adapter: str | os.PathLike, model: str | None = None, *, to: st
                           f"pass --onnx to export the adapted graph (adapter modules included) instead")
     to = Path(to)
     _check_output_dir(to, overwrite)
-    head = meta.get("head") or None
+    head = source.head
     if num_classes is None:
-        num_classes = _num_classes(tensors, head)
-    del tensors
+        num_classes = source.num_classes
 
-    host, facts = build_base_model(model_spec, pretrained, num_classes=num_classes, seed=seed)
+    host, facts = source.build_base(pretrained, num_classes)
     library = facts["library"]
-    load_adapter(host, adapter)
-    host.eval()  # dropout and MoSA's module sampling off: the outputs compared are the inference ones
+    source.load_into(host)
+    del source  # the adapter's tensors are in host now
     inputs = probe_inputs(host, library, probe_size)
     names_in = list(inputs)
     reference = run_outputs(ModelOutputs(host, library, names_in), inputs)
@@ -763,5 +809,5 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ExportError", "ExportParityError", "ModelOutputs", "build_base_model", "compare", "export_model",
-           "format_report", "probe_inputs", "resolve_library"]
+__all__ = ["AdapterOnBase", "ExportError", "ExportParityError", "ModelOutputs", "build_base_model", "compare",
+           "export_model", "format_report", "probe_inputs", "read_adapter_on_base", "resolve_library"]

@@ -73,11 +73,19 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.export import ExportError
+from visadapt.lora_layouts import DiffusersLoraFormat, common_rank_alpha
+from visadapt.peft_compat import resolve
+from visadapt.peft_format import CONFIG_NAME as PEFT_CONFIG_FILE
+from visadapt.peft_format import WEIGHTS_NAME as PEFT_WEIGHTS_FILE
+from visadapt.plugins.resadapter import LORA_FILES, NORM_FILES
 
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+# the file names written are the ones the loaders of these formats look for first
+DIFFUSERS_WEIGHTS_FILE = DiffusersLoraFormat.file_names[0]
+RESADAPTER_LORA_FILE, RESADAPTER_NORM_FILE = LORA_FILES[0], NORM_FILES[0]
 FORMATS = ("peft", "diffusers", "resadapter")
+#: the files each format's export may write (a folder's other files are never touched)
+FORMAT_FILES = {"peft": (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), "diffusers": (DIFFUSERS_WEIGHTS_FILE,),
+                "resadapter": (RESADAPTER_LORA_FILE, RESADAPTER_NORM_FILE)}
 
 
 @dataclass
@@ -93,6 +101,7 @@ class ExactLora:
     up: torch.Tensor
     alpha: float
     scale: float  # the factor the product is multiplied by: alpha / rank (or alpha / sqrt(rank) with rslora)
+    rslora: bool = False  # the formula ``alpha`` is written for: PEFT's ``use_rslora``
 
     @property
     def rank(self) -> int:
@@ -121,13 +130,16 @@ def _alpha_for(scale: float, rank: int, use_rslora: bool) -> float:
     return scale * (math.sqrt(rank) if use_rslora else rank)
 
 
-def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: bool = False,
+def exact_loras(model: nn.Module, adapter_name: str = "default", *,
                 what_else: str = "save it with visadapt.save_adapter, or export the merged model "
                                  "(visadapt export --format dense)") -> dict[str, ExactLora]:
     """``{layer path: ExactLora}`` of ``adapter_name``: every LoRA of the adapter, slices of a fused layer joined
     into one block-structured LoRA of the layer (see the module docstring), each with the alpha that gives its
-    exact scale under ``use_rslora``. Raises :class:`~visadapt.export.ExportError` naming the modules that have no
-    exact LoRA form (``what_else`` ends the message with the alternative)."""
+    exact scale under PEFT's formula. The formula is read from the modules themselves (``LoRA.rslora``): rsLoRA
+    (``alpha / sqrt(r)``, ``ExactLora.rslora`` True) when every LoRA of the adapter is rsLoRA, else ``alpha / r``
+    for all (PEFT's ``use_rslora`` is one flag per config; an rsLoRA module then gets the alpha that gives its
+    scale under ``alpha / r``). Raises :class:`~visadapt.export.ExportError` naming the modules that have no exact
+    LoRA form (``what_else`` ends the message with the alternative)."""
     from visadapt.layers import LoRA
 
     record = api.get_record(model, adapter_name)
@@ -154,15 +166,16 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: 
     by_host: dict[str, list[LoRA]] = collections.defaultdict(list)
     for item in items:
         by_host[item.host_path].append(item.module)
+    use_rslora = bool(items) and all(item.module.rslora for item in items)
     exported = {}
     for path, modules in by_host.items():
-        host = model.get_submodule(path)
-        out_features = host.weight.shape[0]
+        # the real layer under any PEFT wrapper, as inject resolves a canonical host path
+        out_features = resolve(model, path).weight.shape[0]
         scales = [float(m.scaling) for m in modules]
         if len(modules) == 1 and modules[0].site_rows is None:
             module = modules[0]
             exported[path] = ExactLora(path, module.A.weight.detach().clone(), module.B.weight.detach().clone(),
-                                       _plain_alpha(module, use_rslora), scales[0])
+                                       _plain_alpha(module, use_rslora), scales[0], use_rslora)
             continue
         rank = sum(m.rank for m in modules)
         common = scales[0] if all(s == scales[0] for s in scales) else 1.0
@@ -176,15 +189,15 @@ def exact_loras(model: nn.Module, adapter_name: str = "default", *, use_rslora: 
             # fold the slice's own scale into its block when the slices' scales differ (common is then 1)
             up[start:stop, column:column + module.rank] = block if scale == common else block * (scale / common)
             column += module.rank
-        exported[path] = ExactLora(path, down, up, _alpha_for(common, rank, use_rslora), common)
+        exported[path] = ExactLora(path, down, up, _alpha_for(common, rank, use_rslora), common, use_rslora)
     if not exported:
         raise ExportError(f"adapter {adapter_name!r} holds no LoRA module: there is nothing to export")
     return exported
 
 
 def _plain_alpha(module, use_rslora: bool) -> float:
-    """The module's own alpha where PEFT's formula with it gives ``module.scaling`` (the common case keeps the
-    user's numbers), else the alpha that does."""
+    """The module's own alpha where PEFT's formula (``use_rslora`` or not) with it gives ``module.scaling`` (the
+    common case keeps the user's numbers), else the alpha that does."""
     own = float(module.alpha)
     formula = own / (math.sqrt(module.rank) if use_rslora else module.rank)
     return own if formula == float(module.scaling) else _alpha_for(float(module.scaling), module.rank, use_rslora)
@@ -195,17 +208,21 @@ def _pattern_key(path: str) -> str:
     return "^" + re.escape(path)
 
 
-def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, use_rslora: bool = False,
-                modules_to_save: list[str] | None = None, dropout: float = 0.0,
-                base_model_name_or_path: str | None = None):
+def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, modules_to_save: list[str] | None = None,
+                dropout: float = 0.0, base_model_name_or_path: str | None = None):
     """The ``peft.LoraConfig`` of ``loras``: the most common rank / alpha as ``r`` / ``lora_alpha``, the others in
     ``rank_pattern`` / ``alpha_pattern`` keyed by anchored, escaped full paths; ``target_modules`` the exact
-    paths (a list when no path is a dotted suffix of another module's path, else one full-match regex)."""
+    paths (a list when no path is a dotted suffix of another module's path, else one full-match regex);
+    ``use_rslora`` the formula the alphas are written for (``ExactLora.rslora``, one for all)."""
     from peft import LoraConfig
 
-    ranks = collections.Counter(lora.rank for lora in loras.values())
-    alphas = collections.Counter(lora.alpha for lora in loras.values())
-    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    formulas = {lora.rslora for lora in loras.values()}
+    if len(formulas) != 1:
+        raise ExportError(f"the LoRAs given mix alphas written for alpha / r and for alpha / sqrt(r) "
+                          f"({len(loras)} LoRAs); PEFT's use_rslora is one flag: build them with exact_loras")
+    (use_rslora,) = formulas
+
+    rank, alpha, rank_pattern, alpha_pattern = common_rank_alpha(loras)
     # PEFT's list form matches `name == target or name.endswith("." + target)`: exact only when no target is a
     # proper dotted suffix of some module's path
     proper_suffixes = {".".join(parts[i:]) for parts in (name.split(".") for name, _ in model.named_modules())
@@ -214,15 +231,14 @@ def lora_config(model: nn.Module, loras: dict[str, ExactLora], *, use_rslora: bo
     targets: Any = ("^(?:" + "|".join(re.escape(p) for p in loras) + ")$") if ambiguous else sorted(loras)
     return LoraConfig(
         r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets, lora_dropout=dropout,
-        rank_pattern={_pattern_key(p): lora.rank for p, lora in loras.items() if lora.rank != rank},
-        alpha_pattern={_pattern_key(p): lora.alpha for p, lora in loras.items() if lora.alpha != alpha},
+        rank_pattern={_pattern_key(p): r for p, r in rank_pattern.items()},
+        alpha_pattern={_pattern_key(p): a for p, a in alpha_pattern.items()},
         modules_to_save=modules_to_save, base_model_name_or_path=base_model_name_or_path, init_lora_weights=False,
     )
 
 
-def _config_of(model: nn.Module, adapter_name: str) -> tuple[bool, float]:
-    config = api.get_record(model, adapter_name).config
-    return bool(getattr(config, "use_rslora", False)), float(getattr(config, "dropout", 0.0) or 0.0)
+def _dropout_of(model: nn.Module, adapter_name: str) -> float:
+    return float(getattr(api.get_record(model, adapter_name).config, "dropout", 0.0) or 0.0)
 
 
 def _warn_runtime_weight(model: nn.Module, adapter_name: str) -> None:
@@ -244,7 +260,10 @@ def _base_name(model: nn.Module) -> str | None:
 
 class _StagedFolder:
     """Write into a hidden folder inside ``folder`` and move the files into place only when all are written, so a
-    failed export leaves ``folder`` as it was. Files of the same names are replaced only with ``overwrite``."""
+    failed export leaves ``folder`` as it was. ``names``: every file the format may write; those already in
+    ``folder`` are replaced only with ``overwrite``, and those this export did not write (ResAdapter's norm file
+    for an adapter without norms) are removed on success: an earlier export's file would be loaded with the new
+    ones. This is the one place such a stale file is cleaned up."""
 
     def __init__(self, folder: str | os.PathLike, names: tuple[str, ...], overwrite: bool) -> None:
         self.folder = Path(folder)
@@ -264,8 +283,12 @@ class _StagedFolder:
     def __exit__(self, kind, value, traceback) -> None:
         try:
             if kind is None:
+                written = set()
                 for path in self.staging.iterdir():
                     os.replace(path, self.folder / path.name)
+                    written.add(path.name)
+                for name in set(self.names) - written:
+                    (self.folder / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -281,13 +304,11 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter_name: str |
     ``base_model.model.<head>.<param>`` with ``modules_to_save=[head]`` (PEFT's ModulesToSaveWrapper saves its
     copy under the module's own name). Returns ``{"config": path, "weights": path}``.
     """
-    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save_file
 
     adapter_name = resolve_adapter_name(model, adapter_name)
     record = api.get_record(model, adapter_name)
-    use_rslora, dropout = _config_of(model, adapter_name)
-    loras = exact_loras(model, adapter_name, use_rslora=use_rslora)
+    loras = exact_loras(model, adapter_name)
     modules_to_save = None
     tensors = {}
     for path, lora in loras.items():
@@ -303,34 +324,41 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter_name: str |
         modules_to_save = [record.head]
         for key, tensor in model.get_submodule(record.head).state_dict().items():
             tensors[f"base_model.model.{record.head}.{key}"] = tensor.detach().clone().contiguous()
-    config = lora_config(model, loras, use_rslora=use_rslora, modules_to_save=modules_to_save, dropout=dropout,
+    config = lora_config(model, loras, modules_to_save=modules_to_save, dropout=_dropout_of(model, adapter_name),
                          base_model_name_or_path=base_model_name_or_path or _base_name(model))
     _warn_runtime_weight(model, adapter_name)
-    with _StagedFolder(folder, (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME), overwrite) as staging:
-        config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    with _StagedFolder(folder, FORMAT_FILES["peft"], overwrite) as staging:
+        config.save_pretrained(str(staging))  # writes PEFT's CONFIG_NAME, the name PeftFormat reads
+        save_file(tensors, str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
     folder = Path(folder)
-    return {"config": folder / CONFIG_NAME, "weights": folder / SAFETENSORS_WEIGHTS_NAME}
+    return {"config": folder / PEFT_CONFIG_FILE, "weights": folder / PEFT_WEIGHTS_FILE}
 
 
 def diffusers_lora_layers(unet: nn.Module, adapter_name: str | None = None) -> tuple[dict[str, torch.Tensor], Any]:
     """``(unet_lora_layers, LoraConfig)`` for ``save_lora_weights``: ``<path>.lora_A.weight`` /
     ``<path>.lora_B.weight`` per layer (diffusers adds the ``unet.`` prefix) and the config whose ``to_dict()``
     is the ``lora_adapter_metadata`` ``load_lora_weights`` builds its ``LoraConfig`` from."""
+    _require_diffusers_unet(unet)
+    return _diffusers_lora_layers(unet, resolve_adapter_name(unet, adapter_name))
+
+
+def _require_diffusers_unet(unet: nn.Module) -> None:
     from visadapt.sites import model_family
 
     family = model_family(unet)
     if not family.startswith("diffusers"):
         raise ExportError(f"a diffusers LoRA file is for a diffusers UNet; this model is {family}: export it with "
                           f"--format peft (PeftModel.from_pretrained) instead")
-    adapter_name = resolve_adapter_name(unet, adapter_name)
-    use_rslora, dropout = _config_of(unet, adapter_name)
-    loras = exact_loras(unet, adapter_name, use_rslora=use_rslora)
+
+
+def _diffusers_lora_layers(unet: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """:func:`diffusers_lora_layers` for an adapter name already resolved."""
+    loras = exact_loras(unet, adapter_name)
     layers = {}
     for path, lora in loras.items():
         layers[f"{path}.lora_A.weight"] = lora.down.contiguous()
         layers[f"{path}.lora_B.weight"] = lora.up.contiguous()
-    return layers, lora_config(unet, loras, use_rslora=use_rslora, dropout=dropout)
+    return layers, lora_config(unet, loras, dropout=_dropout_of(unet, adapter_name))
 
 
 def export_diffusers(unet: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None, *,
@@ -341,8 +369,9 @@ def export_diffusers(unet: nn.Module, folder: str | os.PathLike, adapter_name: s
     weight 1), ranks, alphas and rsLoRA read from the metadata. Returns ``{"weights": path}``."""
     from diffusers import StableDiffusionPipeline
 
+    _require_diffusers_unet(unet)
     adapter_name = resolve_adapter_name(unet, adapter_name)
-    layers, config = diffusers_lora_layers(unet, adapter_name)
+    layers, config = _diffusers_lora_layers(unet, adapter_name)
     _warn_runtime_weight(unet, adapter_name)
     metadata = json.loads(json.dumps(config.to_dict(), default=list))  # sets (target_modules) as lists
     with _StagedFolder(folder, (DIFFUSERS_WEIGHTS_FILE,), overwrite) as staging:
@@ -356,7 +385,7 @@ def export_resadapter(unet: nn.Module, folder: str | os.PathLike, adapter_name: 
                       overwrite: bool = False) -> dict[str, Path]:
     """Write a ``resadapter`` adapter in the official two-file layout
     (:func:`visadapt.plugins.resadapter.export_official`), loaded by the official code's calls."""
-    from visadapt.plugins.resadapter import LORA_FILES, NORM_FILES, export_official
+    from visadapt.plugins.resadapter import export_official
 
     adapter_name = resolve_adapter_name(unet, adapter_name)
     record = api.get_record(unet, adapter_name)
@@ -364,16 +393,10 @@ def export_resadapter(unet: nn.Module, folder: str | os.PathLike, adapter_name: 
         raise ExportError(f"adapter {adapter_name!r} is a {record.plugin.name} adapter; the ResAdapter layout holds "
                           f"resadapter adapters only: use --format diffusers or peft")
     _warn_runtime_weight(unet, adapter_name)
-    with _StagedFolder(folder, (LORA_FILES[0], NORM_FILES[0]), overwrite) as staging:
-        written = export_official(unet, staging, adapter_name)
-    if "norms" not in written:
-        (Path(folder) / NORM_FILES[0]).unlink(missing_ok=True)  # an earlier export's norms are not this adapter's
-    return {role: Path(folder) / path.name for role, path in written.items()}
+    return export_official(unet, folder, adapter_name, overwrite=overwrite)
 
 
 EXPORTERS = {"peft": export_peft, "diffusers": export_diffusers, "resadapter": export_resadapter}
-FORMAT_FILES = {"peft": (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), "diffusers": (DIFFUSERS_WEIGHTS_FILE,),
-                "resadapter": ("pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors")}
 
 
 def export_adapter(model: nn.Module, folder: str | os.PathLike, format: str, adapter_name: str | None = None,
@@ -396,13 +419,11 @@ def _owner_loaded(base: nn.Module, folder: Path, format: str) -> nn.Module:
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from visadapt.plugins.resadapter import NORM_FILES
-
     # what pipe.load_lora_weights(folder) does for the UNet: diffusers' converters, then its PEFT injection
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(folder), return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, base, adapter_name="exported", metadata=metadata)
-    if format == "resadapter" and (folder / NORM_FILES[0]).is_file():
-        base.load_state_dict(load_file(str(folder / NORM_FILES[0])), strict=False)  # the official norm loading
+    if format == "resadapter" and (folder / RESADAPTER_NORM_FILE).is_file():
+        base.load_state_dict(load_file(str(folder / RESADAPTER_NORM_FILE)), strict=False)  # the official norm loading
     return base.eval()
 
 
@@ -416,47 +437,33 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
     ResAdapter) and compare its outputs with visadapt's on a seeded probe batch. Files are moved into ``to`` only
     when the check passes (else :class:`~visadapt.export.ExportParityError`).
 
-    ``model``: as for the dense export (default: the backbone the file records). ``pretrained``: base weights for
-    the check (default ``none``: random init, seeded; the check compares two loaders on the same base, so real
-    weights are not needed and nothing is downloaded). Returns a report dict.
+    ``model``: as for the dense export (default: the backbone the file records; the file's recorded seed seeds a
+    random init on that backbone only, :func:`visadapt.export.read_adapter_on_base`). ``pretrained``: base
+    weights for the check (default ``none``: random init, seeded; the check compares two loaders on the same base,
+    so real weights are not needed and nothing is downloaded). Returns a report dict.
     """
     from visadapt.export import (
         DENSE_RTOL,
         ExportParityError,
         ModelOutputs,
-        build_base_model,
         compare,
         output_names,
         probe_inputs,
-        recorded_model_spec,
+        read_adapter_on_base,
         run_outputs,
     )
-    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata
 
     if format not in EXPORTERS:
         raise ExportError(f"--format {format!r}: choose dense, {', '.join(EXPORTERS)}")
     adapter, to = Path(adapter), Path(to)
     destination = _StagedFolder(to, FORMAT_FILES[format], overwrite)  # refuses a clash before any work
-    meta = read_adapter_metadata(adapter)
-    recorded, _recorded_pretrained, seed = recorded_model_spec(meta)
-    spec = model or recorded
-    if spec is None:
-        raise ExportError(f"{adapter} does not record its base model (no {TRAIN_METADATA!r} metadata naming it); "
-                          f"pass --model: a timm name, open_clip:NAME, or a diffusers UNet/pipeline folder")
-    head = meta.get("head") or None
-    num_classes = 0
-    if head:
-        from safetensors import safe_open
-
-        with safe_open(str(adapter), framework="pt") as handle:
-            if f"{head}.weight" in handle.keys():  # noqa: SIM118 - safe_open has no __contains__
-                shape = handle.get_slice(f"{head}.weight").get_shape()
-                num_classes = int(shape[0]) if len(shape) == 2 else 0
-    base, facts = build_base_model(spec, pretrained or "none", num_classes=num_classes, seed=seed)
+    source = read_adapter_on_base(adapter, model)  # the file's one read; its recorded seed only on its backbone
+    spec, num_classes = source.model_spec, source.num_classes
+    base, facts = source.build_base(pretrained or "none", num_classes)
     library = facts["library"]
     fresh = copy.deepcopy(base)
-    load_adapter(base, adapter)
-    base.eval()
+    source.load_into(base)
+    del source
     inputs = probe_inputs(base, library, probe_size)
     reference = run_outputs(ModelOutputs(base, library, list(inputs)), inputs)
     names = output_names(library, len(reference), num_classes)
@@ -476,8 +483,6 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
         with destination as final_staging:
             for name in report["files"]:
                 shutil.copy2(staging / name, final_staging / name)
-        if format == "resadapter" and "diffusion_pytorch_model.safetensors" not in report["files"]:
-            (to / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -487,7 +492,7 @@ LOADERS = {
     "peft": "PeftModel.from_pretrained(base_model, '{dir}')",
     "diffusers": "pipe.load_lora_weights('{dir}')",
     "resadapter": "pipe.load_lora_weights('{dir}', adapter_name='res_adapter'); "
-                  "pipe.unet.load_state_dict(load_file('{dir}/diffusion_pytorch_model.safetensors'), strict=False)",
+                  f"pipe.unet.load_state_dict(load_file('{{dir}}/{RESADAPTER_NORM_FILE}'), strict=False)",
 }
 
 

@@ -38,6 +38,7 @@ has a ``down`` convolution with the base's kernel (``(r, in, kh, kw)``, same str
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
@@ -562,22 +563,28 @@ def attach_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor], adapte
     return config
 
 
+def common_rank_alpha(loras: Mapping[str, LoraWeights]) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(rank, alpha, rank_pattern, alpha_pattern)`` of ``loras`` (``{module path: anything with rank and alpha}``,
+    alpha None meaning the rank): the most common rank and alpha (the first seen among equally common ones) and,
+    keyed by full module path, the ranks / alphas of the modules that differ from them. The one builder behind
+    :func:`lora_config_for` and the PEFT config an export writes (:func:`visadapt.interop_export.lora_config`)."""
+    ranks = {path: w.rank for path, w in loras.items()}
+    alphas = {path: float(w.alpha if w.alpha is not None else w.rank) for path, w in loras.items()}
+    rank = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return (rank, alpha, {path: r for path, r in ranks.items() if r != rank},
+            {path: a for path, a in alphas.items() if a != alpha})
+
+
 def lora_config_for(loras: Mapping[str, LoraWeights], *, use_rslora: bool = False):
     """The visadapt :class:`~visadapt.plugins.lora.LoRAConfig` of exactly ``loras`` (alphas resolved): explicit
     ``target_modules``, the most common rank and alpha as defaults and full module paths in ``rank_pattern`` /
     ``alpha_pattern`` for the others (a full path is the longest key matching it, so it always wins)."""
     from visadapt.plugins.lora import LoRAConfig
 
-    ranks = [w.rank for w in loras.values()]
-    rank = max(set(ranks), key=ranks.count)
-    alphas = {path: float(w.alpha if w.alpha is not None else w.rank) for path, w in loras.items()}
-    alpha_values = list(alphas.values())
-    common_alpha = max(set(alpha_values), key=alpha_values.count)
-    return LoRAConfig(
-        rank=rank, alpha=common_alpha, targets=("to_q",), target_modules=tuple(loras), use_rslora=use_rslora,
-        rank_pattern={path: w.rank for path, w in loras.items() if w.rank != rank},
-        alpha_pattern={path: a for path, a in alphas.items() if a != common_alpha},
-    )
+    rank, alpha, rank_pattern, alpha_pattern = common_rank_alpha(loras)
+    return LoRAConfig(rank=rank, alpha=alpha, targets=("to_q",), target_modules=tuple(loras), use_rslora=use_rslora,
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
 def lora_modules(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:

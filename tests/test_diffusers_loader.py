@@ -503,17 +503,33 @@ def test_every_load_lora_weights_keyword_is_accepted_or_refused_by_name(pipe, lo
     assert metadata["component"] == "unet" and metadata["plugin"] == "lora" and metadata["config"]["rank"] == 4
 
 
-def test_proxies_for_a_hub_download_are_refused_where_huggingface_hub_ignores_them(pipe, tmp_path):
+def test_proxies_for_a_hub_download_are_refused_where_huggingface_hub_ignores_them(pipe, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from visadapt import hub
+
+    proxies = {"https": "http://proxy:3128"}
+
+    def old_hub_download(repo_id, filename, *, cache_dir=None, local_files_only=False, proxies=None):
+        raise AssertionError("not called")
+
+    def new_hub_download(repo_id, filename, *, cache_dir=None, local_files_only=False):
+        raise AssertionError("not called")
+
+    # a huggingface_hub that still takes per-call proxies gets them; one that ignores them (>= 1.0) is refused
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", old_hub_download)
+    assert hub._download_kwargs({"proxies": proxies, "revision": None}) == {"proxies": proxies}
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", new_hub_download)
+    with pytest.raises(TypeError, match="ignores per-call proxies; set the HTTPS_PROXY"):
+        hub._download_kwargs({"proxies": proxies})
+    monkeypatch.undo()
+    # the installed one, end to end
     import inspect
 
-    from huggingface_hub import hf_hub_download
-
-    if "proxies" in inspect.signature(hf_hub_download).parameters:
-        pytest.skip("this huggingface_hub takes per-call proxies: they are passed on")
-    with pytest.raises(TypeError, match="ignores per-call proxies; set the HTTPS_PROXY"):
-        pipe.load_visadapt("visadapt-test/tiny-lora", proxies={"https": "http://proxy:3128"}, cache_dir=tmp_path,
-                           local_files_only=True)
-    assert pipe.list_visadapt() == {}
+    if "proxies" not in inspect.signature(huggingface_hub.hf_hub_download).parameters:
+        with pytest.raises(TypeError, match="ignores per-call proxies; set the HTTPS_PROXY"):
+            pipe.load_visadapt("visadapt-test/tiny-lora", proxies=proxies, cache_dir=tmp_path, local_files_only=True)
+        assert pipe.list_visadapt() == {}
 
 
 def test_low_cpu_mem_usage_skips_random_init_and_loads_the_same(pipe, lora_a, monkeypatch):

@@ -358,7 +358,11 @@ def checkpoint_problem(path: Path, num_processes: int = 1, *, needs_scaler: bool
     ``weights_only=True`` on torch >= 2.4). A missing RNG state file is not a problem here: :func:`fit` refuses it
     unless ``TrainConfig.allow_rng_reset``.
     """
-    from accelerate.utils import load as accelerate_load
+    try:
+        from accelerate.utils import load as accelerate_load  # what load_state reads these files with
+    except ImportError:  # Accelerate before its load(): its load_state unpickles these files in full anyway
+        def accelerate_load(file: str) -> Any:
+            return torch.load(file, map_location="cpu", weights_only=False)
 
     def readable(name: str, loader: Callable[[str], Any]) -> str | None:
         file = path / name

@@ -58,6 +58,7 @@ from visadapt.data.transforms import NORMALIZATION_CHOICES
 from visadapt.data.verify import verify_benchmark
 from visadapt.engine import (
     TEST_METRIC,
+    CheckpointError,
     TrainConfig,
     add_run_flags,
     finish_run_args,
@@ -528,8 +529,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
             task_args = plan.args_for(info.name, seed)
-            results[seed, info.name] = train_task(task_args, info, data_root, out, plan.plugin,
-                                                  seeded_config(plan, info.name, task_args.seed))
+            try:
+                results[seed, info.name] = train_task(task_args, info, data_root, out, plan.plugin,
+                                                      seeded_config(plan, info.name, task_args.seed))
+            except CheckpointError as err:  # no checkpoint to resume as asked: the message names folder and fix
+                print(f"error: {err}", file=sys.stderr)
+                return 2
 
     if state.is_main_process:
         tune = args.split == "tune"

@@ -17,6 +17,9 @@ Conventions that matter for reproducibility:
   after a restart; a mid-epoch resume skips exactly the batches already seen.
 * Checkpoints hold only the trainable tensors (adapter and head), the optimiser, scheduler and RNG states,
   never the frozen backbone: a checkpoint of a ViT-B adapter run is a few MB, not a few hundred.
+* A checkpoint is written into a hidden staging folder, fsynced and renamed into place whole, so a killed run
+  leaves complete checkpoints only; resume skips a damaged one (with a notice) for the newest complete one, and
+  refuses one without its RNG state unless ``--allow-rng-reset`` says to go on with other random draws.
 
 Speed (the run flags of :func:`add_run_flags`): timm attention runs PyTorch SDPA (``--attention``, see
 :mod:`visadapt.attention`), AdamW is the fused kernel on CUDA, ``--compile`` compiles the adapted model once
@@ -31,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SCALER_NAME, SCHEDULER_NAME
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -90,6 +95,7 @@ class TrainConfig:
     compile: bool = False               # torch.compile the adapted model once, for training and evaluation
     compile_backend: str | Callable = "inductor"  # torch.compile backend; tests pass "aot_eager" or a counter
     attention: str = "sdpa"             # timm attention path: sdpa | eager (reference code) | xformers
+    allow_rng_reset: bool = False       # resume a checkpoint lacking its RNG state (other random draws; warned)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every"):
@@ -292,10 +298,147 @@ def _training_loss(records: dict[str, api.AttachedAdapter], loss_fn: Callable) -
     return lambda model, images, labels: loss_fn(model(images), labels)
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (those with their progress file), oldest first."""
-    found = [p for p in root.glob("step_*") if (p / _PROGRESS).is_file()] if root.is_dir() else []
+# A checkpoint is written into a hidden staging folder next to the others and renamed into place once every
+# file in it is fsynced, so a name ``step_N`` only ever holds a whole checkpoint. Folders with this prefix are
+# leftovers of a run killed while writing; the next save or resume removes them.
+_STAGING_PREFIX = ".tmp-"
+_STEP_NAME = re.compile(r"step_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be resumed as asked (every one is broken, or one lacks its RNG state)."""
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Every ``step_N`` folder under ``root`` (complete or not), oldest first."""
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name)] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Checkpoints holding their progress file, oldest first (whether each is readable: :func:`checkpoint_problem`)."""
+    return [p for p in _step_dirs(root) if (p / _PROGRESS).is_file()]
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Delete the staging folders a killed checkpoint write left under ``root``; returns what was removed."""
+    stale = [p for p in root.glob(f"{_STAGING_PREFIX}*")] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
+
+
+def rng_state_files(num_processes: int) -> list[str]:
+    """The RNG state files Accelerate's ``save_state`` writes, one per process: ``random_states_<rank>.pkl``."""
+    return [f"{RNG_STATE_NAME}_{rank}.pkl" for rank in range(num_processes)]
+
+
+def _read_progress(path: Path) -> dict[str, Any]:
+    """``progress.json`` of a checkpoint, checked field by field (``ValueError`` naming what is wrong)."""
+    try:
+        progress = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{_PROGRESS} is not valid JSON, half-written or corrupt ({error})") from None
+    if not isinstance(progress, dict):
+        raise ValueError(f"{_PROGRESS} holds a JSON {type(progress).__name__}, not an object")  # noqa: TRY004
+    for key, kind in (("epoch", int), ("batch", int), ("step", int), ("history", list), ("best", list)):
+        if not isinstance(progress.get(key), kind) or isinstance(progress.get(key), bool):
+            raise ValueError(f"{_PROGRESS} field {key!r} is {repr(progress.get(key))[:60]}, not {kind.__name__}")  # noqa: TRY004
+    if len(progress["best"]) != 2:
+        raise ValueError(f"{_PROGRESS} field 'best' is {progress['best']!r}, not [score, epoch]")
+    return progress
+
+
+def checkpoint_problem(path: Path, num_processes: int = 1, *, needs_scaler: bool = False) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed (a phrase naming the file), or ``None`` if it can.
+
+    Reads every file a resume loads, with the loader that will load it: ``progress.json`` (JSON, fields and
+    types), ``trainable.safetensors`` and ``selected.safetensors`` (safetensors, which checks the data length the
+    header declares), the optimiser and scheduler states and each present RNG state file (Accelerate's ``load``,
+    ``weights_only=True`` on torch >= 2.4). A missing RNG state file is not a problem here: :func:`fit` refuses it
+    unless ``TrainConfig.allow_rng_reset``.
+    """
+    try:
+        from accelerate.utils import load as accelerate_load  # what load_state reads these files with
+    except ImportError:  # Accelerate before its load(): its load_state unpickles these files in full anyway
+        def accelerate_load(file: str) -> Any:
+            return torch.load(file, map_location="cpu", weights_only=False)
+
+    def readable(name: str, loader: Callable[[str], Any]) -> str | None:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            loader(str(file))
+        except Exception as error:  # noqa: BLE001 - each reader has its own: safetensors, unpickling, zip, EOF
+            return f"{name} is unreadable, truncated or corrupt ({type(error).__name__}: {str(error)[:120]})"
+        return None
+
+    try:
+        _read_progress(path / _PROGRESS)
+    except FileNotFoundError:
+        return f"{_PROGRESS} is missing"
+    except ValueError as error:
+        return str(error)
+    required = [(_TRAINABLE, load_file), (f"{OPTIMIZER_NAME}.bin", accelerate_load),
+                (f"{SCHEDULER_NAME}.bin", accelerate_load)]
+    if needs_scaler:
+        required.append((SCALER_NAME, accelerate_load))
+    if (path / _SELECTED).exists():
+        required.append((_SELECTED, load_file))
+    required += [(name, accelerate_load) for name in rng_state_files(num_processes) if (path / name).exists()]
+    for name, loader in required:
+        problem = readable(name, loader)
+        if problem:
+            return problem
+    return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_checkpoint(staging: Path, target: Path) -> None:
+    """Make the complete checkpoint ``staging`` appear as ``target`` in one rename, after fsyncing every file.
+
+    A folder already named ``target`` (a broken checkpoint left by an earlier attempt at the same step) is moved
+    aside first and deleted after, so that at every moment ``target`` is either absent or complete."""
+    for file in staging.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    _fsync(staging)
+    replaced = None
+    if target.exists():
+        replaced = target.with_name(f"{_STAGING_PREFIX}replaced-{target.name}")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(target, replaced)
+    os.replace(staging, target)
+    _fsync(target.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _choose_resume_checkpoint(root: Path, num_processes: int, *, needs_scaler: bool) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``root`` that :func:`checkpoint_problem` passes, and one notice per newer
+    broken one. ``(None, [])`` when there is no ``step_N`` folder at all (a fresh start); ``CheckpointError``
+    naming the folder and each checkpoint's problem when there are some and none is complete."""
+    notices, problems = [], []
+    for candidate in reversed(_step_dirs(root)):
+        problem = checkpoint_problem(candidate, num_processes, needs_scaler=needs_scaler)
+        if problem is None:
+            return candidate, notices
+        problems.append(f"{candidate.name}: {problem}")
+        notices.append(f"notice: skipping broken checkpoint {candidate}: {problem}; resuming from an older one "
+                       f"(the broken one is replaced or removed at the next checkpoint)")
+    if problems:
+        raise CheckpointError(f"no complete checkpoint to resume in {root} ({'; '.join(problems)}); delete those "
+                              f"folders to start this run over, or start with --overwrite")
+    return None, []
 
 
 def _prepare_attention(model: nn.Module, backend: str, accelerator: Accelerator) -> dict[str, int]:
@@ -403,8 +546,11 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     epoch)``, called at the start of every epoch (also a resumed one) before its first batch, e.g. to mine
     hard negatives with the current model.
     Checkpoints go to ``output_dir/checkpoints/step_N`` at each epoch end (and every
-    ``checkpoint_every_steps`` optimiser steps); ``resume=True`` continues from the newest complete one
-    (starting fresh when there is none). Plugins attached with :func:`visadapt.attach` get their
+    ``checkpoint_every_steps`` optimiser steps), each written aside, fsynced and renamed into place whole;
+    ``resume=True`` continues from the newest complete one (starting fresh when there is none). A broken newer
+    checkpoint (half-written ``progress.json``, truncated tensors, a missing file) is skipped with a notice naming
+    it and why; :class:`CheckpointError` when every one is broken, or when the chosen one lacks a process's RNG
+    state and ``config.allow_rng_reset`` is off. Plugins attached with :func:`visadapt.attach` get their
     ``on_step(model, step)`` hook before training and after every optimiser step, and a plugin that defines
     its own :meth:`~visadapt.plugin.AdapterPlugin.training_loss` computes the loss of each batch.
     ``batch_sampler`` replaces the default shuffled batches of ``config.batch_size`` (e.g.
@@ -485,7 +631,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     # Checkpoints carry the trainable tensors only; the frozen backbone is rebuilt from its own weights.
     def save_trainable(models, weights, directory):
         weights.clear()
-        save_file(_trainable_state(bare), os.path.join(directory, _TRAINABLE))
+        if accelerator.is_main_process:  # the trainable state is the same on every process: one writer
+            save_file(_trainable_state(bare), os.path.join(directory, _TRAINABLE))
 
     def load_trainable(models, directory):
         models.clear()
@@ -502,32 +649,82 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": (-1.0, 0)}
     resumed_from = None
     selected: dict[str, torch.Tensor] | None = None  # trainable state at the best evaluation (keep_best)
-    if resume and ckpt_root is not None and _checkpoints(ckpt_root):
-        latest = _checkpoints(ckpt_root)[-1]
-        accelerator.load_state(str(latest))
-        progress = json.loads((latest / _PROGRESS).read_text())
-        progress["best"] = tuple(progress["best"])
-        if keep_best and progress["best"][1] > 0:
-            if not (latest / _SELECTED).is_file():
-                raise RuntimeError(f"checkpoint {latest} holds no {_SELECTED} (it was written by a run that did not "
-                                   f"keep its best state, e.g. another --split); start a fresh output directory")
-            selected = load_file(str(latest / _SELECTED))
-        resumed_from = str(latest)
-        accelerator.print(f"{log_prefix}resuming from {latest} (epoch {progress['epoch'] + 1}, "
-                          f"batch {progress['batch']}, step {progress['step']})")
+    if resume and ckpt_root is not None:
+        # The main process picks the checkpoint and every process follows its choice (and its error).
+        decision = None
+        if accelerator.is_main_process:
+            remove_stale_staging(ckpt_root)
+            try:
+                chosen, notices = _choose_resume_checkpoint(ckpt_root, accelerator.num_processes,
+                                                            needs_scaler=accelerator.scaler is not None)
+                missing_rng = [name for name in rng_state_files(accelerator.num_processes)
+                               if chosen is not None and not (chosen / name).is_file()]
+                decision = (str(chosen) if chosen is not None else None, notices, missing_rng, None)
+            except CheckpointError as error:
+                decision = (None, [], [], str(error))
+        chosen, notices, missing_rng, error = broadcast_object_list([decision])[0]
+        if error is not None:
+            raise CheckpointError(error)
+        for notice in notices:
+            accelerator.print(f"{log_prefix}{notice}")
+        if chosen is not None:
+            latest = Path(chosen)
+            if missing_rng and not config.allow_rng_reset:
+                raise CheckpointError(
+                    f"checkpoint {latest} lacks {', '.join(missing_rng)} (the random number state of "
+                    f"{'that process' if len(missing_rng) == 1 else 'those processes'}): resumed without it, the run "
+                    f"would draw other dropout masks and stochastic adapter choices than the interrupted one did. "
+                    f"Pass --allow-rng-reset (TrainConfig.allow_rng_reset=True) to continue anyway, or delete "
+                    f"{latest} to resume from the checkpoint before it")
+            accelerator.load_state(str(latest))  # after checkpoint_problem read every file it loads
+            progress = _read_progress(latest / _PROGRESS)
+            progress["best"] = tuple(progress["best"])
+            if missing_rng:
+                # Seeded from (seed, step), the same on every process as seed_everything is: a second resume of
+                # the same checkpoint draws the same numbers again.
+                set_seed(config.seed * 100_003 + progress["step"])
+                accelerator.print(
+                    f"{log_prefix}warning: checkpoint {latest} lacks {', '.join(missing_rng)}; continuing with "
+                    f"the random state reseeded from (seed {config.seed}, step {progress['step']}) as "
+                    f"--allow-rng-reset asks. From here on the dropout masks, stochastic adapter choices (e.g. "
+                    f"MoSA's module draws) and random augmentations differ from the interrupted run's, so the final "
+                    f"adapter and metrics will not equal an uninterrupted run's; the data order (drawn from seed "
+                    f"and epoch) and every restored tensor are unchanged")
+            if keep_best and progress["best"][1] > 0:
+                if not (latest / _SELECTED).is_file():
+                    raise RuntimeError(f"checkpoint {latest} holds no {_SELECTED} (it was written by a run that did "
+                                       f"not keep its best state, e.g. another --split); start a fresh output "
+                                       f"directory")
+                selected = load_file(str(latest / _SELECTED))
+            resumed_from = str(latest)
+            accelerator.print(f"{log_prefix}resuming from {latest} (epoch {progress['epoch'] + 1}, "
+                              f"batch {progress['batch']}, step {progress['step']})")
 
     def checkpoint() -> None:
+        """Write ``step_N`` atomically: every process saves into a staging folder, the main process adds its
+        files, fsyncs them all and renames the folder into place, then prunes old checkpoints."""
         if ckpt_root is None:
             return
-        target = ckpt_root / f"step_{progress['step']:08d}"
-        accelerator.save_state(str(target))  # every process writes its own RNG state here
+        name = f"step_{progress['step']:08d}"
+        staging = ckpt_root / f"{_STAGING_PREFIX}{name}"
+        if accelerator.is_main_process:
+            remove_stale_staging(ckpt_root)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))  # every process writes its own RNG state here
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if selected is not None:
-                save_file(selected, str(target / _SELECTED))
-            (target / _PROGRESS).write_text(json.dumps(progress))  # written last: marks it complete
-            for old in _checkpoints(ckpt_root)[:-config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                save_file(selected, str(staging / _SELECTED))
+            (staging / _PROGRESS).write_text(json.dumps(progress))
+            _publish_checkpoint(staging, ckpt_root / name)
+            # Keep the newest complete ones; any other step folder (older, or a broken one from an earlier
+            # attempt) goes.
+            kept = [p for p in _step_dirs(ckpt_root) if int(p.name.split("_")[1]) <= progress["step"]
+                    and (p / _PROGRESS).is_file()][-config.keep_checkpoints:]
+            for old in _step_dirs(ckpt_root):
+                if old not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     records = api.records(bare)
@@ -638,11 +835,17 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "continue from the newest checkpoint",
                   overwrite_help: str = "discard an earlier run in --output-dir", progress: bool = True) -> None:
-    """The flags every ``train/`` script shares: ``--resume``, ``--overwrite``, (with ``progress``)
-    ``--no-progress``, and the speed flags ``--precision``, ``--compile``, ``--attention`` (pass them on with
-    :func:`run_options`); :func:`finish_run_args` checks them after parsing."""
+    """The flags every ``train/`` script shares: ``--resume``, ``--overwrite``, ``--allow-rng-reset``, (with
+    ``progress``) ``--no-progress``, and the speed flags ``--precision``, ``--compile``, ``--attention`` (pass
+    them and ``--allow-rng-reset`` on with :func:`run_options`); :func:`finish_run_args` checks them after
+    parsing."""
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    parser.add_argument("--allow-rng-reset", action="store_true",
+                        help="with --resume: continue from a checkpoint that lacks its random number state "
+                             "(random_states_<rank>.pkl), reseeded from seed and step. Dropout masks and stochastic "
+                             "adapter choices then differ from the interrupted run's; without this flag such a "
+                             "resume is refused")
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -658,9 +861,10 @@ def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "contin
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields the speed flags of :func:`add_run_flags` set:
+    """The :class:`TrainConfig` fields the speed flags and ``--allow-rng-reset`` of :func:`add_run_flags` set:
     ``TrainConfig(..., **run_options(args))``. The accelerator takes ``precision=args.precision`` too."""
-    return {"precision": args.precision, "compile": args.compile, "attention": args.attention}
+    return {"precision": args.precision, "compile": args.compile, "attention": args.attention,
+            "allow_rng_reset": args.allow_rng_reset}
 
 
 def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,

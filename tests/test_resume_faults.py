@@ -81,7 +81,10 @@ def _truncate(file: Path, fraction: float) -> None:
 
 
 def _resume(tiny_data: Path, out: Path, *extra: str) -> int:
-    return load_train_script("vtab").main(_args(tiny_data, out, "--resume", *extra))
+    """The exit code ``train/vtab.py --resume`` gives (its ``__main__`` runs ``main`` through ``run_script``)."""
+    from visadapt.engine import run_script
+
+    return run_script(lambda: load_train_script("vtab").main(_args(tiny_data, out, "--resume", *extra)))
 
 
 def _assert_same_as_reference(out: Path, reference: Path) -> None:

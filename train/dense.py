@@ -61,6 +61,7 @@ from visadapt.engine import (
     make_accelerator,
     prepare_output_dir,
     run_options,
+    run_script,
     seed_everything,
 )
 from visadapt.io import write_json_atomic
@@ -226,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

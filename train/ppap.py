@@ -54,6 +54,7 @@ from visadapt.engine import (
     make_accelerator,
     prepare_output_dir,
     run_options,
+    run_script,
     seed_everything,
 )
 from visadapt.io import TRAIN_METADATA, write_json_atomic
@@ -405,4 +406,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -44,6 +44,7 @@ from visadapt.engine import (
     make_accelerator,
     prepare_output_dir,
     run_options,
+    run_script,
     seed_everything,
 )
 from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
@@ -236,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

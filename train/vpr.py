@@ -49,6 +49,7 @@ from visadapt.engine import (
     make_accelerator,
     prepare_output_dir,
     run_options,
+    run_script,
     seed_everything,
 )
 from visadapt.eval.vpr import evaluate_places, extract_place_features
@@ -318,4 +319,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

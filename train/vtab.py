@@ -58,7 +58,6 @@ from visadapt.data.transforms import NORMALIZATION_CHOICES
 from visadapt.data.verify import verify_benchmark
 from visadapt.engine import (
     TEST_METRIC,
-    CheckpointError,
     TrainConfig,
     add_run_flags,
     finish_run_args,
@@ -67,6 +66,7 @@ from visadapt.engine import (
     precision_name,
     prepare_output_dir,
     run_options,
+    run_script,
     seed_everything,
     validation_selected,
 )
@@ -529,12 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
             task_args = plan.args_for(info.name, seed)
-            try:
-                results[seed, info.name] = train_task(task_args, info, data_root, out, plan.plugin,
-                                                      seeded_config(plan, info.name, task_args.seed))
-            except CheckpointError as err:  # no checkpoint to resume as asked: the message names folder and fix
-                print(f"error: {err}", file=sys.stderr)
-                return 2
+            results[seed, info.name] = train_task(task_args, info, data_root, out, plan.plugin,
+                                                  seeded_config(plan, info.name, task_args.seed))
 
     if state.is_main_process:
         tune = args.split == "tune"
@@ -554,4 +550,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -307,6 +308,16 @@ _STEP_NAME = re.compile(r"step_(\d+)")
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run can be resumed as asked (every one is broken, or one lacks its RNG state)."""
+
+
+def run_script(main: Callable[[], int]) -> int:
+    """The exit code of a ``train/`` script's ``main``: its own, or 2 with one ``error:`` line (the message names
+    the checkpoint folder and the fix) when resuming is impossible, instead of a traceback."""
+    try:
+        return main()
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _step_dirs(root: Path) -> list[Path]:

@@ -6,6 +6,7 @@ image), and that no partial file is left behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
@@ -197,3 +198,111 @@ def test_random_bytes_or_cut_images_never_raise_anything_but_dataset_error(tmp_p
         assert img.mode == "RGB" and img.width > 0
 
 
+
+
+# ------------------------------------------------------------------------------- embedded data generation
+
+TINY_SIZES = {"train800": 6, "val200": 3, "test": 4}
+
+
+def _folder_digest(root: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``root`` (reading each: a missing file raises)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _generate_and_read(args) -> dict[str, str]:
+    """One concurrent generator: wait for the others, generate, then read every listed image at once."""
+    root, barrier = args
+    from visadapt.data.procedural import generate_mini_vtab
+
+    barrier.wait()
+    generate_mini_vtab(root, seed=0, split_sizes=TINY_SIZES)
+    for task_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        vtab.load_split(root, "mini-vtab", task_dir.name, "train800val200")  # raises if any image is missing
+    return _folder_digest(Path(root))
+
+
+def test_concurrent_generators_all_succeed_and_see_identical_data(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    root = tmp_path / "cache" / "mini-vtab"
+    processes = 4
+    with context.Manager() as manager:
+        barrier = manager.Barrier(processes)
+        with context.Pool(processes) as pool:
+            digests = pool.map(_generate_and_read, [(str(root), barrier)] * processes)
+    assert all(d == digests[0] for d in digests) and len(digests[0]) > 7 * sum(TINY_SIZES.values())
+    # one copy, nothing left aside (the lock file is all that stays next to it)
+    assert sorted(p.name for p in root.parent.iterdir()) == [".mini-vtab.lock", "mini-vtab"]
+
+
+def test_killed_generation_leaves_no_partial_suite_and_the_next_one_cleans_up(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "mini"
+    code = ("import sys; from visadapt.data.procedural import generate_mini_vtab; "
+            "generate_mini_vtab(sys.argv[1], seed=0, split_sizes={'train800': 400, 'val200': 100, 'test': 100})")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)])
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".mini.gen-*.tmp/*/images/train800/*.png")):
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() != 0, "generation finished before it could be killed"
+    assert not root.exists()  # built aside: nothing half-written at the data root
+    assert list(tmp_path.glob(".mini.gen-*.tmp"))
+    from visadapt.data.procedural import generate_mini_vtab
+
+    generate_mini_vtab(root, seed=0, split_sizes=TINY_SIZES)
+    assert not list(tmp_path.glob(".mini.gen-*"))
+    assert verify_benchmark(root, "mini-vtab").ok
+
+
+def test_generation_into_a_folder_with_other_content_keeps_it_and_replaces_an_older_suite(tmp_path):
+    from visadapt.data.procedural import MANIFEST, generate_mini_vtab
+
+    root = tmp_path / "mixed"
+    (root / "mine").mkdir(parents=True)
+    (root / "mine" / "notes.txt").write_text("keep me")
+    generate_mini_vtab(root, seed=0, split_sizes={"train800": 3, "val200": 2, "test": 2})
+    generate_mini_vtab(root, seed=0, split_sizes=TINY_SIZES)  # other sizes: the suite is replaced
+    assert (root / "mine" / "notes.txt").read_text() == "keep me"
+    assert json.loads((root / MANIFEST).read_text())["split_sizes"] == TINY_SIZES
+    assert len((root / "digits" / "train800.txt").read_text().splitlines()) == TINY_SIZES["train800"]
+    assert verify_benchmark(root, "mini-vtab").ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mixed.lock", "mixed"]
+
+
+def test_two_main_jobs_started_together_generate_once_and_finish_with_the_same_numbers(tmp_path):
+    """The README's main job (embedded default data root, generated on first run), twice at once on one machine:
+    both succeed and report the same numbers. The suite is shrunk through SPLIT_SIZES so the test stays short;
+    the generation path (default data root under $VISADAPT_CACHE, lock, build aside, rename) is the real one."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).resolve().parents[1] / "train" / "vtab.py"
+    launcher = ("import runpy, sys; from visadapt.data import procedural; "
+                f"procedural.SPLIT_SIZES.update({TINY_SIZES!r}); sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = dict(os.environ, VISADAPT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONHASHSEED="0")
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    runs = [subprocess.Popen([sys.executable, "-c", launcher, str(script), "--task", "digits", "--epochs", "2",
+                              "--pretrained", "none", "--batch-size", "4", "--no-progress", "--output-dir",
+                              str(tmp_path / f"run{i}")], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    a, b = (json.loads((tmp_path / f"run{i}" / "digits" / "metrics.json").read_text()) for i in range(2))
+    assert a["accuracy_final"] == b["accuracy_final"] and a["history"] == b["history"]
+    ta, tb = (load_file(tmp_path / f"run{i}" / "digits" / "adapter.safetensors") for i in range(2))
+    assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
+    generated = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert len(generated) == 1 and generated[0].startswith("mini-vtab-v")

@@ -506,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         args.data_root = str(default_data_root(args.data_seed))
     data_root = Path(args.data_root)
     if benchmark == "mini-vtab":
-        with state.main_process_first():  # one process generates, the others then find it complete
+        # One rank generates while the others wait, then find it complete; independent runs sharing the folder
+        # are serialised by generate_mini_vtab's own lock (it builds aside and renames into place).
+        with state.main_process_first():
             generate_mini_vtab(data_root, seed=args.data_seed)
     run_name = plan.recipe.name if plan.recipe else plan.plugin.name
     output_dir = Path(args.output_dir or f"runs/{benchmark}-{run_name}")

@@ -21,6 +21,7 @@ from test_data import small_fgvc_table, write_fgvc_task, write_image, write_vtab
 from visadapt.data import DatasetError, fgvc, vtab
 from visadapt.data.cache import load_cached_split
 from visadapt.data.tasks import VTAB_TASKS
+from visadapt.data.transforms import vtab_transform
 from visadapt.data.verify import verify_benchmark
 
 # ------------------------------------------------------------------------------------- paths in split files
@@ -306,3 +307,81 @@ def test_two_main_jobs_started_together_generate_once_and_finish_with_the_same_n
     assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
     generated = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
     assert len(generated) == 1 and generated[0].startswith("mini-vtab-v")
+
+
+# ----------------------------------------------------------------------------- the cache deleted or cut in use
+
+
+def _cached_test_split(root: Path):
+    import torch
+
+    write_vtab_task(root, "dtd", {"train800": [0, 1, 2], "val200": [1, 0], "test": list(range(9))})
+    dataset = load_cached_split("vtab", root, "dtd", "test", input_size=8, workers=1)
+    expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return dataset, expected
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_cache_deleted_before_the_first_item_and_between_epochs_keeps_serving(tmp_path, context):
+    import torch
+    from torch.utils.data import DataLoader
+
+    write_vtab_task(tmp_path, "dtd", {"train800": [0, 1, 2], "val200": [1, 0], "test": list(range(9))})
+    dataset = load_cached_split("vtab", tmp_path, "dtd", "test", input_size=8, workers=1)
+    dataset.cache_path.unlink()  # before the first item is read
+    loader = DataLoader(dataset, batch_size=4, num_workers=2 if context == "fork" else 1,
+                        multiprocessing_context=context)
+    first = torch.cat([x for x, _ in loader])
+    assert first.shape == (9, 3, 8, 8)
+    plain = vtab.load_split(tmp_path, "vtab", "dtd", "test", vtab_transform(8))
+    assert torch.equal(dataset.device_transform(first), torch.stack([plain[i][0] for i in range(9)]))
+    if context == "fork":
+        rebuilt = load_cached_split("vtab", tmp_path, "dtd", "test", input_size=8, workers=1)
+        rebuilt.cache_path.unlink()  # between epochs: new workers start on a deleted file
+        assert torch.equal(torch.cat([x for x, _ in loader]), first)
+        assert torch.equal(torch.cat([x for x, _ in DataLoader(rebuilt, batch_size=4, num_workers=2)]), first)
+
+
+def test_cache_pickled_by_hand_and_deleted_says_so(tmp_path):
+    import pickle
+
+    dataset, _ = _cached_test_split(tmp_path)
+    clone = pickle.loads(pickle.dumps(dataset))
+    dataset.cache_path.unlink()
+    with pytest.raises(DatasetError) as info:
+        clone[0]
+    assert str(dataset.cache_path) in str(info.value) and "deleted" in str(info.value)
+
+
+def _read_after_truncation(root: str, keep: int, errors) -> None:
+    dataset, expected = _cached_test_split(Path(root))
+    os.truncate(dataset.cache_path, keep)  # another process cuts the file while it is in use
+    outcome = []
+    for i in range(len(dataset)):
+        try:
+            outcome.append(bool((dataset[i][0] == expected[i]).all()))
+        except DatasetError as err:
+            outcome.append(str(err))
+    errors.put(outcome)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(keep=st.integers(0, 9 * 3 * 8 * 8 + 200))
+def test_cache_truncated_while_in_use_gives_a_clear_error_not_sigbus(tmp_path_factory, keep):
+    """Run in a forked child: a mapped file cut short kills its reader with SIGBUS, which must not happen."""
+    import multiprocessing
+
+    root = tmp_path_factory.mktemp("cut")
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_read_after_truncation, args=(str(root), keep, results))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, f"the reader died with exit code {child.exitcode} (SIGBUS is -7)"
+    outcome = results.get(timeout=5)
+    item = 3 * 8 * 8
+    for i, result in enumerate(outcome):
+        if (i + 1) * item <= keep:
+            assert result is True  # bytes still there are served unchanged
+        else:
+            assert isinstance(result, str) and "cut short while in use" in result and ".vcache" in result

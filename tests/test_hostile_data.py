@@ -385,3 +385,17 @@ def test_cache_truncated_while_in_use_gives_a_clear_error_not_sigbus(tmp_path_fa
             assert result is True  # bytes still there are served unchanged
         else:
             assert isinstance(result, str) and "cut short while in use" in result and ".vcache" in result
+
+
+def _die_in_worker(samples, origins, spec):
+    os._exit(3)  # as a decoder crashing the process, or the OOM killer
+
+
+def test_a_decode_worker_dying_is_a_dataset_error_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("visadapt.data.cache._DECODE_CHUNK", 1)
+    monkeypatch.setattr("visadapt.data.cache._decode_rgb", _die_in_worker)  # inherited by the forked workers
+    write_vtab_task(tmp_path, "dtd")
+    with pytest.raises(DatasetError) as info:
+        load_cached_split("vtab", tmp_path, "dtd", "test", input_size=8, workers=2)
+    assert "dtd/test" in str(info.value) and "decode process died" in str(info.value)
+    assert not list((tmp_path / "dtd" / ".visadapt_cache").iterdir())

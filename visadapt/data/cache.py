@@ -35,6 +35,7 @@ of the key too, so two data roots never share a cache file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,6 +50,7 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -295,7 +297,12 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
     view = memoryview(out).cast("B")
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        if hasattr(os, "preadv"):  # straight into ``out``
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # macOS before 11: one extra copy
+            piece = os.pread(fd, len(view) - done, offset + done)
+            view[done:done + len(piece)] = piece
+            got = len(piece)
         if got == 0:
             break
         done += got
@@ -336,6 +343,21 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
 
 
+@contextlib.contextmanager
+def _worker_deaths_reported(source: ImageListDataset, workers: int):
+    """A decode worker that dies (killed, out of memory, a crash inside an image decoder) breaks the pool;
+    report that as a :class:`DatasetError` naming the split and how to find the image, not as
+    ``BrokenProcessPool``."""
+    try:
+        yield
+    except BrokenProcessPool as err:
+        raise DatasetError(
+            f"a decode process died while building the decoded-image cache of {source.name} ({len(source)} "
+            f"images, {workers} workers): it was killed, ran out of memory, or crashed inside an image decoder. "
+            "No cache was written. Run visadapt-data verify on the folder to find an unreadable image, or build "
+            "with one worker (cache_workers=1 / fewer --num-workers) to see the error in this process") from err
+
+
 def _chunks(n: int) -> list[tuple[int, int]]:
     return [(s, min(s + _DECODE_CHUNK, n)) for s in range(0, n, _DECODE_CHUNK)]
 
@@ -350,7 +372,7 @@ def _write_fixed(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers: 
         for s, e in chunks:
             _decode_into(str(tmp), s, source.samples[s:e], source.origins[s:e], spec)
         return
-    with _pool(workers) as pool:
+    with _worker_deaths_reported(source, workers), _pool(workers) as pool:
         futures = [pool.submit(_decode_into, str(tmp), s, source.samples[s:e], source.origins[s:e], spec)
                    for s, e in chunks]
         for future in futures:
@@ -371,7 +393,7 @@ def _write_ragged(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers:
             for s, e in chunks:
                 append(_decode_rgb(source.samples[s:e], source.origins[s:e], spec))
         else:
-            with _pool(workers) as pool:
+            with _worker_deaths_reported(source, workers), _pool(workers) as pool:
                 for images in pool.map(_decode_rgb, *zip(*[(source.samples[s:e], source.origins[s:e], spec)
                                                             for s, e in chunks])):
                     append(images)

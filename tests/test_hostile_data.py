@@ -399,3 +399,31 @@ def test_a_decode_worker_dying_is_a_dataset_error_and_leaves_no_file(tmp_path, m
         load_cached_split("vtab", tmp_path, "dtd", "test", input_size=8, workers=2)
     assert "dtd/test" in str(info.value) and "decode process died" in str(info.value)
     assert not list((tmp_path / "dtd" / ".visadapt_cache").iterdir())
+
+
+def _build_and_read(root: str, barrier, results) -> None:
+    import torch
+
+    barrier.wait()
+    dataset = load_cached_split("vtab", root, "dtd", "test", input_size=8, workers=2)
+    results.put((str(dataset.cache_path),
+                 torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy().tobytes()))
+
+
+def test_concurrent_cache_builders_end_with_one_valid_file_and_no_temporary(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr("visadapt.data.cache._DECODE_CHUNK", 2)  # each builder runs its own decode pool
+    write_vtab_task(tmp_path, "dtd", {"train800": [0, 1, 2], "val200": [1, 0], "test": list(range(9))})
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(3), context.Queue()
+    builders = [context.Process(target=_build_and_read, args=(str(tmp_path), barrier, results)) for _ in range(3)]
+    for builder in builders:
+        builder.start()
+    outcomes = [results.get(timeout=60) for _ in builders]
+    for builder in builders:
+        builder.join(60)
+        assert builder.exitcode == 0
+    assert len(set(outcomes)) == 1
+    folder = tmp_path / "dtd" / ".visadapt_cache"
+    assert [p.name for p in folder.iterdir()] == [Path(outcomes[0][0]).name]  # no .tmp left

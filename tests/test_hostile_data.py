@@ -427,3 +427,34 @@ def test_concurrent_cache_builders_end_with_one_valid_file_and_no_temporary(tmp_
     assert len(set(outcomes)) == 1
     folder = tmp_path / "dtd" / ".visadapt_cache"
     assert [p.name for p in folder.iterdir()] == [Path(outcomes[0][0]).name]  # no .tmp left
+
+
+def test_bomb_in_the_warning_range_is_refused_even_if_the_warning_filter_is_lost(tmp_path, monkeypatch):
+    """Another thread leaving catch_warnings can restore the filters under us; the size check still refuses."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(vtab.warnings, "simplefilter", lambda *args, **kwargs: None)
+    image, _ = _with_image(tmp_path / "data", _small_png(40))
+    dataset = vtab.load_split(tmp_path / "data", "vtab", "dtd", "train800")
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(DatasetError, match="decompression bomb") as info:
+        dataset[1]
+    assert str(image) in str(info.value)
+
+
+@settings(max_examples=30, deadline=None)
+@given(keys=st.lists(st.lists(_SEGMENT, min_size=1, max_size=5).map("/".join), min_size=1, max_size=4))
+def test_any_fgvc_key_is_confined_or_reported_with_its_file(keys):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "data"
+        image_dir = root / "cub" / "images"
+        image_dir.mkdir(parents=True)
+        split = root / "cub" / "train.json"
+        split.write_text(json.dumps({key: i for i, key in enumerate(keys)}, indent=1))
+        problems: list = []
+        good = fgvc.read_split_json(split, problems=problems, image_dir=image_dir, root=root)
+        top = os.path.normpath(root)
+        for key in good:
+            assert os.path.commonpath([top, os.path.normpath(image_dir / key)]) == top
+        assert all(file == split for file, _, _ in problems)
+        assert len(good) + len(problems) == len(set(keys))

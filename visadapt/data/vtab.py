@@ -107,10 +107,17 @@ def decode_rgb(path: Path, origin: str) -> Image.Image:
     warning would otherwise let a few-KB file allocate hundreds of MB per item.
     """
     try:
-        # catch_warnings: the filter applies to this decode only and is restored afterwards.
+        # catch_warnings: the filter applies to this decode only and is restored afterwards. It is process-wide
+        # state, so the size is also checked by hand below (threads decoding at once may restore each other's
+        # filters); the filter keeps PIL's own warning from being printed before our error.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as raw:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and raw.width * raw.height > limit:
+                    raise Image.DecompressionBombError(
+                        f"Image size ({raw.width * raw.height} pixels, {raw.width}x{raw.height}) exceeds limit "
+                        f"of {limit} pixels, could be decompression bomb DOS attack.")
                 # convert() forces the full decode, so truncated files fail here and not inside the transform.
                 img = raw.convert("RGB")
         if img.width < 1 or img.height < 1:

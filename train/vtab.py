@@ -293,7 +293,9 @@ def describe_images(datasets: dict[str, Any]) -> dict[str, dict]:
                     formats[(img.format or "unknown").lower()] += 1
                     widths.append(img.size[0])
                     heights.append(img.size[1])
-            except (OSError, SyntaxError, ValueError):
+            # Any failure to parse a header (a decompression bomb's DecompressionBombError included) is counted;
+            # the decode of that item then raises a DatasetError naming it.
+            except Exception:  # noqa: BLE001
                 formats["unreadable"] += 1
         described[split] = {"images": len(dataset.samples), "formats": dict(sorted(formats.items())),
                             "min_size": [min(widths), min(heights)] if widths else None,

@@ -88,23 +88,25 @@ class ImageListDataset(Dataset):
         )
 
 
-def _decode_failure(path: Path, err: BaseException) -> str:
+def _decode_failure(path: Path, err: BaseException, fix: str = "") -> str:
     """Why ``path`` could not be decoded, with the fix, for :class:`DatasetError` messages."""
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return (f"{err} PIL refuses images above PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels "
                 "(a small file that decodes to a huge image is a decompression bomb). Replace the file or remove "
-                "its line; if the image is genuinely this large, raise PIL.Image.MAX_IMAGE_PIXELS")
-    return (f"{type(err).__name__}: {err}. The file is corrupt, truncated or not an image; replace it or remove "
-            "its line from the split file")
+                "its entry; if the image is genuinely this large, raise PIL.Image.MAX_IMAGE_PIXELS")
+    return (f"{type(err).__name__}: {err}. The file is corrupt, truncated or not an image; "
+            f"{fix or 'replace it or remove its line from the split file'}")
 
 
-def decode_rgb(path: Path, origin: str) -> Image.Image:
-    """The image at ``path`` fully decoded and converted to RGB; every failure is a :class:`DatasetError` naming
-    ``path`` and ``origin`` (where it is listed, ``"<split file>:<line>"``).
+def decode_image(path: Path, where: str, mode: str | None = "RGB", fix: str = "") -> Image.Image:
+    """The image at ``path`` fully decoded (converted to ``mode``; ``None`` keeps the stored mode); every
+    failure is a :class:`DatasetError` naming ``path`` and ``where`` (e.g. ``"listed at <split file>:<line>"``),
+    with ``fix`` (how to replace the file) in the message.
 
-    PIL's ``DecompressionBombWarning`` (more than ``Image.MAX_IMAGE_PIXELS`` pixels) is an error here, as its
-    ``DecompressionBombError`` (twice that) is: a training set has no business holding such images, and the
-    warning would otherwise let a few-KB file allocate hundreds of MB per item.
+    Every image the data loaders read goes through here. PIL's ``DecompressionBombWarning`` (more than
+    ``Image.MAX_IMAGE_PIXELS`` pixels) is an error, as its ``DecompressionBombError`` (twice that) is: a
+    training set has no business holding such images, and the warning would let a few-KB file allocate
+    hundreds of MB per item.
     """
     try:
         # catch_warnings: the filter applies to this decode only and is restored afterwards. It is process-wide
@@ -118,15 +120,20 @@ def decode_rgb(path: Path, origin: str) -> Image.Image:
                     raise Image.DecompressionBombError(
                         f"Image size ({raw.width * raw.height} pixels, {raw.width}x{raw.height}) exceeds limit "
                         f"of {limit} pixels, could be decompression bomb DOS attack.")
-                # convert() forces the full decode, so truncated files fail here and not inside the transform.
-                img = raw.convert("RGB")
+                # convert() / copy() force the full decode, so truncated files fail here, not in a transform.
+                img = raw.convert(mode) if mode else raw.copy()
         if img.width < 1 or img.height < 1:
             raise ValueError(f"the image is {img.width}x{img.height} pixels")
     # Any exception out of PIL's decoders means the file is bad: they raise OSError, SyntaxError and ValueError,
     # but also EOFError, struct.error, IndexError, ... on crafted input. Only the file is read in this block.
     except Exception as err:
-        raise DatasetError(f"cannot read image {path} (listed at {origin}): {_decode_failure(path, err)}") from err
+        raise DatasetError(f"cannot read image {path} ({where}): {_decode_failure(path, err, fix)}") from err
     return img
+
+
+def decode_rgb(path: Path, origin: str) -> Image.Image:
+    """:func:`decode_image` of an image listed at ``origin`` (``"<split file>:<line>"``), as RGB."""
+    return decode_image(path, f"listed at {origin}")
 
 
 def confined_image_path(root: Path, base: Path, listed: str) -> Path:

@@ -458,3 +458,27 @@ def test_any_fgvc_key_is_confined_or_reported_with_its_file(keys):
             assert os.path.commonpath([top, os.path.normpath(image_dir / key)]) == top
         assert all(file == split for file, _, _ in problems)
         assert len(good) + len(problems) == len(set(keys))
+
+
+def test_places_and_ranking_loaders_refuse_a_bomb_naming_the_image(tmp_path):
+    """The other image loaders of visadapt.data go through the same decode (decode_image)."""
+    from test_places import E0, N0, utm_name, write_split
+
+    from visadapt.data.places import PlaceSplit
+    from visadapt.data.ranking import RankingTable
+
+    write_split(tmp_path / "places", "test", [(0, 0)], [(1, 1)])
+    bomb = tmp_path / "places" / "images/test/database" / utm_name(E0 + 50, N0, "bomb", "png")
+    bomb.write_bytes(_png_claiming(200_000, 200_000))
+    split = PlaceSplit(tmp_path / "places", "test")
+    with pytest.raises(DatasetError, match="decompression bomb") as info:
+        split.load_database(split.database_paths.index(bomb))
+    assert str(bomb) in str(info.value)
+
+    (tmp_path / "rank" / "images").mkdir(parents=True)
+    (tmp_path / "rank" / "images" / "a.png").write_bytes(_png_claiming(200_000, 200_000))
+    csv = tmp_path / "rank" / "train.csv"
+    csv.write_text("filepath\ttitle\tcname\tvalue\nimages/a.png\tRank it.\tcircle\t2\n")
+    with pytest.raises(DatasetError, match="decompression bomb") as info:
+        RankingTable(csv).load(0)
+    assert "a.png" in str(info.value) and f"row 2 of {csv}" in str(info.value)

@@ -482,3 +482,42 @@ def test_places_and_ranking_loaders_refuse_a_bomb_naming_the_image(tmp_path):
     with pytest.raises(DatasetError, match="decompression bomb") as info:
         RankingTable(csv).load(0)
     assert "a.png" in str(info.value) and f"row 2 of {csv}" in str(info.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab./\\ 09-\n\t\r\x00é\u2028")), max_size=80))
+def test_any_split_file_text_parses_or_raises_a_dataset_error_naming_the_file(text):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        task_dir = Path(folder) / "data" / "dtd"
+        task_dir.mkdir(parents=True)
+        list_file = task_dir / "test.txt"
+        list_file.write_text(text, encoding="utf-8")
+        try:
+            samples, origins = vtab.read_image_list(list_file, task_dir, VTAB_TASKS["dtd"])
+        except DatasetError as err:
+            assert str(list_file) in str(err)
+        else:
+            assert samples and len(samples) == len(origins)
+            assert all(0 <= label < VTAB_TASKS["dtd"].num_classes for _, label in samples)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spots=st.lists(st.tuples(st.integers(1, 400), st.integers(1, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 400)))
+def test_a_damaged_cache_file_is_rebuilt_never_served_or_raised(tmp_path_factory, spots, cut):
+    """Bytes flipped anywhere in the header/trailer/data or the file cut at any point: the next load warns,
+    rebuilds and serves the decode path's pixels."""
+    import torch
+
+    root = tmp_path_factory.mktemp("damaged")
+    dataset, expected = _cached_test_split(root)
+    raw = bytearray(dataset.cache_path.read_bytes())
+    for back, xor in spots:  # counted from the end: the header and trailer live there
+        raw[-min(back, len(raw))] ^= xor
+    if cut is not None:
+        raw = raw[:len(raw) - cut]
+    dataset.cache_path.write_bytes(bytes(raw))
+    again = load_cached_split("vtab", root, "dtd", "test", input_size=8, workers=1)
+    assert torch.equal(torch.stack([again[i][0] for i in range(len(again))]), expected)

@@ -521,3 +521,28 @@ def test_a_damaged_cache_file_is_rebuilt_never_served_or_raised(tmp_path_factory
     dataset.cache_path.write_bytes(bytes(raw))
     again = load_cached_split("vtab", root, "dtd", "test", input_size=8, workers=1)
     assert torch.equal(torch.stack([again[i][0] for i in range(len(again))]), expected)
+
+
+def test_every_rank_of_a_two_process_launch_finds_one_complete_generated_suite(tmp_path):
+    """`accelerate launch` with 2 CPU processes on a fresh default data root: the embedded suite is generated
+    once, both ranks train on it, and one copy is left (the suite is shrunk by a wrapper, as above)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "train" / "vtab.py"
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text("import runpy, sys\nfrom visadapt.data import procedural\n"
+                       f"procedural.SPLIT_SIZES.update({TINY_SIZES!r})\nsys.argv[0] = {str(script)!r}\n"
+                       f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    env = dict(os.environ, VISADAPT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
+               ACCELERATE_USE_CPU="true")
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    result = subprocess.run([*launch, str(wrapper), "--task", "cells", "--epochs", "1", "--pretrained", "none",
+                             "--batch-size", "4", "--no-progress", "--output-dir", str(tmp_path / "run")],
+                            env=env, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "cells" / "metrics.json").read_text())["num_processes"] == 2
+    generated = [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert len(generated) == 1 and verify_benchmark(generated[0], "mini-vtab").ok

@@ -294,7 +294,9 @@ def describe_images(datasets: dict[str, Any]) -> dict[str, dict]:
                     formats[(img.format or "unknown").lower()] += 1
                     widths.append(img.size[0])
                     heights.append(img.size[1])
-            except (OSError, SyntaxError, ValueError):
+            # Any failure to parse a header (a decompression bomb's DecompressionBombError included) is counted;
+            # the decode of that item then raises a DatasetError naming it.
+            except Exception:  # noqa: BLE001
                 formats["unreadable"] += 1
         described[split] = {"images": len(dataset.samples), "formats": dict(sorted(formats.items())),
                             "min_size": [min(widths), min(heights)] if widths else None,
@@ -507,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         args.data_root = str(default_data_root(args.data_seed))
     data_root = Path(args.data_root)
     if benchmark == "mini-vtab":
-        with state.main_process_first():  # one process generates, the others then find it complete
+        # One rank generates while the others wait, then find it complete; independent runs sharing the folder
+        # are serialised by generate_mini_vtab's own lock (it builds aside and renames into place).
+        with state.main_process_first():
             generate_mini_vtab(data_root, seed=args.data_seed)
     run_name = plan.recipe.name if plan.recipe else plan.plugin.name
     output_dir = Path(args.output_dir or f"runs/{benchmark}-{run_name}")

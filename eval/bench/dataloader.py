@@ -6,7 +6,7 @@ one split, moves every batch to the device and applies what training applies the
 
 * decode: ``ImageListDataset`` + ``vtab_transform`` (PIL decode, bicubic resize, ToTensor, Normalize in the
   workers), float32 batches to the device; one timed epoch (every epoch costs the same);
-* cache: ``CachedImageDataset`` (uint8 slices of the memory-mapped cache), uint8 batches to the device, then
+* cache: ``CachedImageDataset`` (uint8 items read from the cache file with pread), uint8 batches to the device, then
   its ``device_transform`` (/255, normalise) on the device; one untimed warm-up epoch, then ``--epochs``.
 
 It also times the cache build (decode once with ``--cache-workers`` processes, write, checksum) and a re-open

@@ -1,4 +1,4 @@
-"""Decoded-image cache: each split is decoded once into a memory-mapped uint8 file, then served from it.
+"""Decoded-image cache: each split is decoded once into a uint8 file, then served from it.
 
 VTAB-1k's protocol resizes without random augmentation, so the pixels a model sees are the same every epoch;
 decoding JPEGs every epoch (about 2,600 imgs/s on 16 cores) starves a GPU that trains at 3,000-4,000 imgs/s.
@@ -22,6 +22,10 @@ all of it is checked on open (CRC-32 runs at ~2.8 GB/s per core, ~140x faster th
 and the chunks are checked in parallel threads). A file that fails a check is reported with one warning line
 on the ``visadapt`` logger and rebuilt, never used.
 
+A dataset serves the file it checked through the descriptor it opened (``os.pread`` per item, no memory map):
+the file may be deleted or replaced while a run uses it, and a file cut short by another process is a
+:class:`DatasetError` naming it, never a SIGBUS (see :class:`CachedImageDataset`).
+
 The key is a SHA-256 over: the format version; the content of the split files (VTAB: the split's ``.txt``;
 FGVC: every split ``.json`` present, since together they define the class-id map); the PIL steps (their
 ``repr``: resize size, interpolation, crop); and each image's relative path, label, size and mtime (one
@@ -31,20 +35,22 @@ of the key too, so two data roots never share a cache file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import mmap
 import multiprocessing
 import os
+import stat
 import struct
 import time
 import uuid
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -156,11 +162,24 @@ class CachedImageDataset(Dataset):
     For ``fgvc-train`` caches ``H = W = input_size``: a random crop of the stored shorter-side resize, drawn
     as torchvision's ``RandomCrop.get_params`` draws it (``torch.randint`` for the row, then the column).
 
+    The dataset holds the cache file open (the descriptor the checks ran on) and reads each item with
+    ``os.pread``, never through a memory map:
+
+    * deleting or replacing the file while the dataset lives changes nothing: the open descriptor keeps the
+      checked file readable (POSIX), in this process and in DataLoader workers, which inherit it (fork) or
+      receive a duplicate of it (spawn / forkserver: multiprocessing passes descriptors to the child);
+    * a file cut short by another process gives a :class:`DatasetError` naming the file and the bytes that
+      are missing, where a mapped file would kill the process with SIGBUS.
+
+    What remains undetected after the open-time CRC check: bytes rewritten in place at the same size by
+    another process are served as they are now. A copy made by plain ``pickle`` (not by a multiprocessing
+    start) carries the path only and reopens it by name (checking its size), so it needs the file to exist.
+
     Attributes (besides those above): ``cache_path`` (the file), ``spec`` (:class:`CacheSpec`),
     ``device_transform``.
     """
 
-    def __init__(self, path: Path, header: dict, source: ImageListDataset, spec: CacheSpec,
+    def __init__(self, fd: int, path: Path, header: dict, source: ImageListDataset, spec: CacheSpec,
                  normalization=None):
         self.samples = source.samples
         self.targets = source.targets
@@ -171,36 +190,82 @@ class CachedImageDataset(Dataset):
         self.spec = spec
         self.device_transform = DeviceTransform(normalization, flip=spec.kind == "fgvc-train")
         self._data_bytes = int(header["data_bytes"])
+        self._file_bytes = int(header["file_bytes"])
         if spec.ragged:
             self._shapes = np.asarray(header["shapes"], dtype=np.int64).reshape(-1, 2)
-            sizes = 3 * self._shapes[:, 0] * self._shapes[:, 1]
-            self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         else:
-            self._item_shape = tuple(header["item_shape"])
-        self._data: np.ndarray | None = None
+            self._shapes = np.tile(np.asarray(header["item_shape"][1:], dtype=np.int64), (len(self.samples), 1))
+        sizes = 3 * self._shapes[:, 0] * self._shapes[:, 1]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._fd: int | None = fd
 
-    def _array(self) -> np.ndarray:
-        # Opened lazily so that each DataLoader worker maps the file itself (a pickled memmap would copy it).
-        if self._data is None:
-            flat = np.memmap(self.cache_path, dtype=np.uint8, mode="r", shape=(self._data_bytes,))
-            self._data = flat if self.spec.ragged else flat.reshape(len(self.samples), *self._item_shape)
-        return self._data
-
+    # The descriptor: inherited by forked workers as is; duplicated into spawned ones by multiprocessing.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_data"] = None
+        from multiprocessing import context, reduction
+
+        if self._fd is not None and context.get_spawning_popen() is not None:
+            state["_fd"] = reduction.DupFd(self._fd)  # the child gets the same open file, deleted or not
+        else:
+            state["_fd"] = None  # plain pickle: reopened by path on first use
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        handle = state.pop("_fd")
+        self.__dict__.update(state)
+        self._fd = handle.detach() if handle is not None else None
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            try:
+                fd = os.open(self.cache_path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise DatasetError(
+                    f"decoded-image cache {self.cache_path} of {self.name} was deleted, and this copy of the "
+                    "dataset was pickled without its open file (plain pickle, not a DataLoader worker start), "
+                    "so it can only reopen the file by name. Load the split again (build_datasets / "
+                    "load_cached_split rebuild a missing cache)") from None
+            if os.fstat(fd).st_size != self._file_bytes:
+                os.close(fd)
+                raise DatasetError(
+                    f"decoded-image cache {self.cache_path} of {self.name} is not the file this dataset was "
+                    f"opened on (size {os.path.getsize(self.cache_path)}, expected {self._file_bytes}); load "
+                    "the split again to check and rebuild it")
+            self._fd = fd
+        return self._fd
+
+    def _read(self, index: int) -> np.ndarray:
+        """The stored pixels of item ``index``: ``uint8 (3, h, w)``, read with one ``pread``."""
+        h, w = (int(v) for v in self._shapes[index])
+        offset, size = int(self._offsets[index]), 3 * h * w
+        out = np.empty(size, dtype=np.uint8)
+        got = _pread_into(self._descriptor(), out, offset)
+        if got != size:
+            end = os.fstat(self._descriptor()).st_size
+            raise DatasetError(
+                f"decoded-image cache {self.cache_path} was cut short while in use: item {index} of {self.name} "
+                f"needs bytes {offset}..{offset + size}, the file now ends at byte {end} (it was "
+                f"{self._file_bytes}). Another process truncated or overwrote it in place; load the split again "
+                "to rebuild the cache (or keep caches where other jobs do not write: --cache-dir)")
+        return out.reshape(3, h, w)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = self.targets[index]
-        data = self._array()
+        image = self._read(index)
         if not self.spec.ragged:
-            return torch.from_numpy(np.array(data[index])), label
-        h, w = (int(v) for v in self._shapes[index])
-        image = data[self._offsets[index]:self._offsets[index] + 3 * h * w].reshape(3, h, w)
+            return torch.from_numpy(image), label
+        h, w = image.shape[1:]
         size = self.spec.input_size
         if h < size or w < size:
             raise DatasetError(f"cached image {index} of {self.name} is {h}x{w}, smaller than the {size}px "
@@ -221,6 +286,27 @@ class CachedImageDataset(Dataset):
     def __repr__(self) -> str:
         return (f"CachedImageDataset({self.name!r}, {len(self)} images, {self.num_classes} classes, "
                 f"{self.cache_path})")
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
+    """Read ``out.nbytes`` bytes at ``offset`` into ``out``; returns how many were read (fewer at end of file).
+
+    ``pread`` does not move a shared file position, so DataLoader workers sharing one descriptor do not
+    interfere; it returns short at the end of a truncated file instead of faulting as a mapped page would.
+    """
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):  # straight into ``out``
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # macOS before 11: one extra copy
+            piece = os.pread(fd, len(view) - done, offset + done)
+            view[done:done + len(piece)] = piece
+            got = len(piece)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 # ------------------------------------------------------------------------------------------------- decode
@@ -257,6 +343,21 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
 
 
+@contextlib.contextmanager
+def _worker_deaths_reported(source: ImageListDataset, workers: int):
+    """A decode worker that dies (killed, out of memory, a crash inside an image decoder) breaks the pool;
+    report that as a :class:`DatasetError` naming the split and how to find the image, not as
+    ``BrokenProcessPool``."""
+    try:
+        yield
+    except BrokenProcessPool as err:
+        raise DatasetError(
+            f"a decode process died while building the decoded-image cache of {source.name} ({len(source)} "
+            f"images, {workers} workers): it was killed, ran out of memory, or crashed inside an image decoder. "
+            "No cache was written. Run visadapt-data verify on the folder to find an unreadable image, or build "
+            "with one worker (cache_workers=1 / fewer --num-workers) to see the error in this process") from err
+
+
 def _chunks(n: int) -> list[tuple[int, int]]:
     return [(s, min(s + _DECODE_CHUNK, n)) for s in range(0, n, _DECODE_CHUNK)]
 
@@ -271,7 +372,7 @@ def _write_fixed(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers: 
         for s, e in chunks:
             _decode_into(str(tmp), s, source.samples[s:e], source.origins[s:e], spec)
         return
-    with _pool(workers) as pool:
+    with _worker_deaths_reported(source, workers), _pool(workers) as pool:
         futures = [pool.submit(_decode_into, str(tmp), s, source.samples[s:e], source.origins[s:e], spec)
                    for s, e in chunks]
         for future in futures:
@@ -292,7 +393,7 @@ def _write_ragged(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers:
             for s, e in chunks:
                 append(_decode_rgb(source.samples[s:e], source.origins[s:e], spec))
         else:
-            with _pool(workers) as pool:
+            with _worker_deaths_reported(source, workers), _pool(workers) as pool:
                 for images in pool.map(_decode_rgb, *zip(*[(source.samples[s:e], source.origins[s:e], spec)
                                                             for s, e in chunks])):
                     append(images)
@@ -302,57 +403,71 @@ def _write_ragged(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers:
 # ------------------------------------------------------------------------------------------------ checksum
 
 
-def _chunk_crcs(f, data_bytes: int, threads: int) -> list[int]:
-    """CRC-32 of each ``CHUNK_BYTES`` piece of the first ``data_bytes`` bytes of the open file ``f`` (threads
-    in parallel: zlib releases the GIL on large buffers)."""
+def _chunk_crcs(fd: int, data_bytes: int, threads: int) -> list[int]:
+    """CRC-32 of each ``CHUNK_BYTES`` piece of the first ``data_bytes`` bytes of the open file ``fd`` (threads
+    in parallel: ``pread`` and zlib release the GIL). Read, not mapped: a file cut meanwhile by another
+    process gives :class:`_Corrupt`, not SIGBUS."""
     if data_bytes == 0:
         return []
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            starts = range(0, data_bytes, CHUNK_BYTES)
+    starts = range(0, data_bytes, CHUNK_BYTES)
 
-            def crc(start: int) -> int:
-                return zlib.crc32(view[start:min(start + CHUNK_BYTES, data_bytes)])
+    def crc(start: int) -> int:
+        piece = np.empty(min(start + CHUNK_BYTES, data_bytes) - start, dtype=np.uint8)
+        if _pread_into(fd, piece, start) != piece.nbytes:
+            raise _Corrupt(f"the file ends inside its data, before byte {start + piece.nbytes} (truncated)")
+        return zlib.crc32(piece)
 
-            with ThreadPoolExecutor(max(1, min(threads, len(starts)))) as pool:
-                return list(pool.map(crc, starts))
-        finally:
-            view.release()
+    with ThreadPoolExecutor(max(1, min(threads, len(starts)))) as pool:
+        return list(pool.map(crc, starts))
 
 
 # --------------------------------------------------------------------------------------------- open / build
 
 
-def _read_checked(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, threads: int) -> dict:
-    """The header of ``path`` once every check passed; raises :class:`_Corrupt` naming the failed one."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < _TRAILER.size:
-            raise _Corrupt(f"the file is {size} bytes, too short to hold a header (truncated)")
-        f.seek(size - _TRAILER.size)
-        header_len, magic = _TRAILER.unpack(f.read(_TRAILER.size))
-        if magic != _MAGIC:
-            raise _Corrupt("no header at the end of the file (truncated, or not written by visadapt)")
-        if header_len > size - _TRAILER.size:
-            raise _Corrupt(f"the header claims {header_len} bytes but the file has {size} (truncated)")
-        f.seek(size - _TRAILER.size - header_len)
-        try:
-            header = json.loads(f.read(header_len).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise _Corrupt(f"the header is not valid JSON ({err})") from None
-        if not isinstance(header, dict):
-            raise _Corrupt("the header is not a JSON object")
-        try:
-            _check_header(header, key, size - _TRAILER.size - header_len, source, spec)
-        except (KeyError, TypeError, ValueError) as err:
-            raise _Corrupt(f"the header is malformed ({type(err).__name__}: {err})") from None
-        crcs = _chunk_crcs(f, header["data_bytes"], threads)
+def _open_checked(path: Path, key: str, source: ImageListDataset, spec: CacheSpec,
+                  threads: int) -> tuple[int, dict]:
+    """``(open descriptor, header)`` of ``path`` once every check passed on that descriptor (so the file served
+    is the file checked, whatever happens to the name afterwards); raises :class:`_Corrupt` naming the failed
+    check, or ``FileNotFoundError`` if the file vanished."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = _check_open_file(fd, key, source, spec, threads)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, header
+
+
+def _check_open_file(fd: int, key: str, source: ImageListDataset, spec: CacheSpec, threads: int) -> dict:
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        raise _Corrupt("it is not a regular file")
+    size = status.st_size
+    if size < _TRAILER.size:
+        raise _Corrupt(f"the file is {size} bytes, too short to hold a header (truncated)")
+    header_len, magic = _TRAILER.unpack(os.pread(fd, _TRAILER.size, size - _TRAILER.size))
+    if magic != _MAGIC:
+        raise _Corrupt("no header at the end of the file (truncated, or not written by visadapt)")
+    if header_len > size - _TRAILER.size:
+        raise _Corrupt(f"the header claims {header_len} bytes but the file has {size} (truncated)")
+    raw = os.pread(fd, header_len, size - _TRAILER.size - header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise _Corrupt(f"the header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _Corrupt("the header is not a JSON object")
+    try:
+        _check_header(header, key, size - _TRAILER.size - header_len, source, spec)
+    except (KeyError, TypeError, ValueError) as err:
+        raise _Corrupt(f"the header is malformed ({type(err).__name__}: {err})") from None
+    crcs = _chunk_crcs(fd, header["data_bytes"], threads)
     bad = [i for i, (got, want) in enumerate(zip(crcs, header["crc32"])) if got != want]
     if bad or len(crcs) != len(header["crc32"]):
         first = bad[0] if bad else min(len(crcs), len(header["crc32"]))
         raise _Corrupt(f"checksum mismatch in {len(bad) or 1} of {len(crcs)} chunks (first at byte "
                        f"{first * CHUNK_BYTES}): the data was modified or damaged")
+    header["file_bytes"] = size
     return header
 
 
@@ -379,8 +494,9 @@ def _check_header(header: dict, key: str, data_bytes: int, source: ImageListData
         raise _Corrupt(f"{len(header['crc32'])} checksums for {data_bytes} bytes")
 
 
-def _build(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, workers: int) -> dict:
-    """Decode ``source`` into a temporary file, append the header, rename it to ``path``; return the header"""
+def _build(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, workers: int) -> tuple[int, dict]:
+    """Decode ``source`` into a temporary file, append the header, rename it to ``path``; return an open
+    read descriptor of the file built and its header."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     started = time.perf_counter()
     logger.info("decoded-image cache: decoding %s (%d images, %s %dpx) with %d worker(s) into %s",
@@ -392,26 +508,35 @@ def _build(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, work
             _write_fixed(tmp, source, spec, workers)
             layout = {"layout": "fixed", "item_shape": [3, spec.input_size, spec.input_size]}
         data_bytes = tmp.stat().st_size
-        with open(tmp, "rb") as f:
-            crcs = _chunk_crcs(f, data_bytes, workers)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            crcs = _chunk_crcs(fd, data_bytes, workers)
+        except BaseException:
+            os.close(fd)
+            raise
         header = {"format": FORMAT_VERSION, "key": key, "name": source.name, "kind": spec.kind,
                   "pixels": [repr(s) for s in spec.pixel_steps()], "count": len(source),
                   "data_bytes": data_bytes,
                   **layout, "labels": source.targets, "chunk_bytes": CHUNK_BYTES,
                   "crc32": crcs}
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        with open(tmp, "ab") as f:
-            f.write(blob)
-            f.write(_TRAILER.pack(len(blob), _MAGIC))
-        # Atomic: readers see no file or a complete one. A racing builder's identical file may replace ours;
-        # a reader that has ours open keeps its inode.
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "ab") as f:
+                f.write(blob)
+                f.write(_TRAILER.pack(len(blob), _MAGIC))
+            # Atomic: readers see no file or a complete one. A racing builder's identical file may replace
+            # ours; our descriptor keeps serving ours.
+            os.replace(tmp, path)
+        except BaseException:
+            os.close(fd)
+            raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    header["file_bytes"] = os.fstat(fd).st_size
     logger.info("decoded-image cache: %s built in %.1f s (%.1f MiB)", path.name,
                 time.perf_counter() - started, data_bytes / 2**20)
-    return header
+    return fd, header
 
 
 def _remove_stale(folder: Path, prefix: str, keep: Path) -> None:
@@ -518,13 +643,14 @@ def load_cached_split(benchmark: str, data_root: str | os.PathLike, task: str, s
     prefix = f"{split_tag}.{spec.kind}{input_size}"
     path = folder / f"{prefix}.{key[:16]}{SUFFIX}"
 
-    if path.is_file():
-        try:
-            header = _read_checked(path, key, source, spec, workers)
-            return CachedImageDataset(path, header, source, spec, normalization)
-        except _Corrupt as err:
-            logger.warning("decoded-image cache %s is corrupt: %s; rebuilding it", path, err)
+    try:
+        fd, header = _open_checked(path, key, source, spec, workers)
+        return CachedImageDataset(fd, path, header, source, spec, normalization)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not built yet, or removed meanwhile (by a racing process's stale-file cleanup, or by hand)
+    except _Corrupt as err:
+        logger.warning("decoded-image cache %s is corrupt: %s; rebuilding it", path, err)
     _ensure_writable(folder, default_location)
-    header = _build(path, key, source, spec, workers)
+    fd, header = _build(path, key, source, spec, workers)
     _remove_stale(folder, prefix, keep=path)
-    return CachedImageDataset(path, header, source, spec, normalization)
+    return CachedImageDataset(fd, path, header, source, spec, normalization)

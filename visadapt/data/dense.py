@@ -88,12 +88,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
 from visadapt.data.errors import DatasetError
 from visadapt.data.procedural import _polygon, _regular, _star, default_data_root
 from visadapt.data.transforms import resolve_normalization
+from visadapt.data.vtab import decode_image
 
 DENSE_TASKS = ("semseg", "human_parts", "sal", "normals")
 IGNORE_INDEX = 255
@@ -880,12 +880,8 @@ class PascalContextMultiTask(Dataset):
         return len(self.ids)
 
     def _read_png(self, path: Path, mode: str | None = None) -> np.ndarray:
-        try:
-            with Image.open(path) as raw:
-                return np.array(raw.convert(mode) if mode else raw)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DatasetError(f"cannot read {path} ({err}); the file is corrupt or not a PNG. Replace it from "
-                               f"{PASCAL_MT_URL}") from err
+        return np.array(decode_image(path, f"a label map of {self.split_file}", mode,
+                                     fix=f"replace it from {PASCAL_MT_URL}"))
 
     def _read_mat(self, path: Path) -> dict:
         try:
@@ -941,12 +937,8 @@ class PascalContextMultiTask(Dataset):
     def raw_sample(self, index: int) -> dict[str, torch.Tensor]:
         """Item ``index`` at its own resolution, before the transform (image float in [0, 1])."""
         files = self.files[index]
-        try:
-            with Image.open(files["image"]) as raw:
-                image = np.array(raw.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DatasetError(f"cannot read image {files['image']} (id {self.ids[index]!r} of {self.split_file}): "
-                               f"{err}. The file is corrupt or truncated; replace it from {PASCAL_MT_URL}") from err
+        image = np.array(decode_image(files["image"], f"id {self.ids[index]!r} of {self.split_file}",
+                                      fix=f"replace it from {PASCAL_MT_URL}"))
         shape = image.shape[:2]
         sample = {"image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255)}
         maps: dict[str, np.ndarray] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from visadapt.data.errors import DatasetError
 from visadapt.data.tasks import resolve_task
-from visadapt.data.vtab import ImageListDataset, find_task_dir
+from visadapt.data.vtab import ImageListDataset, confined_image_path, find_task_dir
 
 SPLITS = ("train", "val", "test")
 # Image directory relative to the dataset folder, keyed by canonical task name ("" = the folder itself).
@@ -42,8 +42,12 @@ def _key_line(text: str, key: str) -> int | None:
     return None
 
 
-def read_split_json(path: Path, problems: list[tuple[Path, int | None, str]] | None = None) -> dict[str, int]:
+def read_split_json(path: Path, problems: list[tuple[Path, int | None, str]] | None = None,
+                    image_dir: Path | None = None, root: Path | None = None) -> dict[str, int]:
     """``{relative image path: raw class id}`` from one split file, with every key and value checked.
+
+    ``image_dir``, ``root``: the folder the keys are relative to and the data root; when both are given, a key
+    leading outside ``root`` is a defect (:func:`visadapt.data.vtab.confined_image_path`).
 
     ``problems``: ``None`` raises :class:`DatasetError` at the first defect (what the loader wants). A list
     collects every defect as ``(path, line number or None, message)`` and drops the bad entries instead, so
@@ -80,9 +84,23 @@ def read_split_json(path: Path, problems: list[tuple[Path, int | None, str]] | N
         elif not key.strip():
             where = None if problems is None else _key_line(text, key)
             bad(where, f"empty image path (key {key!r}) with class id {value}. {_FIX}", sep=": ")
+        elif (escape := _escape(root, image_dir, key)) is not None:
+            bad(_key_line(text, key), f"image path {key!r} {escape}; keys are paths relative to {image_dir} "
+                                      "that stay inside the data root. Fix the key or remove the entry", sep=": ")
         else:
             good[key] = value
     return good
+
+
+def _escape(root: Path | None, image_dir: Path | None, key: str) -> str | None:
+    """Why ``key`` leads outside the data root ``root`` (``None`` if it does not, or nothing to check against)."""
+    if root is None or image_dir is None:
+        return None
+    try:
+        confined_image_path(root, image_dir, key)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def class_id_map(tables: Sequence[dict[str, int]]) -> dict[int, int]:
@@ -118,7 +136,8 @@ def load_split(root: str | os.PathLike, task: str, splits: str | Sequence[str],
                 f"expected the VPT layout {task_dir}/{{{','.join(SPLITS)}}}.json, each "
                 f"{{\"<image path relative to {task_dir / IMAGE_DIRS[info.name]}>\": <class id>}}. {_FIX}"
             )
-    tables = {s: read_split_json(f) for s, f in files.items() if f.is_file()}
+    image_dir = task_dir / IMAGE_DIRS[info.name]
+    tables = {s: read_split_json(f, image_dir=image_dir, root=Path(root)) for s, f in files.items() if f.is_file()}
     remap = class_id_map(list(tables.values()))
     if len(remap) != info.num_classes:
         raise DatasetError(
@@ -126,7 +145,6 @@ def load_split(root: str | os.PathLike, task: str, splits: str | Sequence[str],
             f"{info.name!r} has {info.num_classes} classes; the files belong to another dataset or are "
             f"incomplete. {_FIX}"
         )
-    image_dir = task_dir / IMAGE_DIRS[info.name]
     samples: list[tuple[Path, int]] = []
     origins: list[str] = []
     for split in wanted:

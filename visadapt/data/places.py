@@ -60,6 +60,7 @@ from visadapt.data.procedural import (
     default_data_root,
 )
 from visadapt.data.transforms import pil_to_tensor
+from visadapt.data.vtab import decode_image
 
 PLACE_SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -192,13 +193,7 @@ class PlaceSplit:
         return out
 
     def _load(self, path: Path, kind: str, index: int) -> torch.Tensor:
-        try:
-            with Image.open(path) as raw:
-                # convert() forces the full decode, so truncated files fail here and not inside the transform.
-                img = raw.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DatasetError(f"cannot read {kind} image {index} of split {self.split!r}: {path}: {err}. The file "
-                               "is corrupt, truncated or not an image; replace or remove it") from err
+        img = decode_image(path, f"{kind} image {index} of split {self.split!r}", fix="replace or remove it")
         return self.transform(img) if self.transform is not None else pil_to_tensor(img)
 
     def load_database(self, index: int) -> torch.Tensor:

@@ -462,6 +462,65 @@ def default_data_root(seed: int = 0) -> Path:
 MANIFEST = "mini_vtab.json"
 
 
+def _complete(root: Path, wanted: dict, explicit_sizes: bool) -> bool:
+    """Whether ``root`` holds a complete mini-VTAB as ``wanted`` (its manifest is written last, so it exists only
+    in a complete folder). Without explicit sizes, any complete folder of this seed and generator version is
+    reused."""
+    try:
+        found = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):  # absent, unreadable or a broken manifest: not complete
+        return False
+    if not isinstance(found, dict):
+        return False
+    return found == wanted or (not explicit_sizes and {**found, "split_sizes": wanted["split_sizes"]} == wanted)
+
+
+def _write_suite(folder: Path, seed: int, sizes: dict[str, int], wanted: dict) -> None:
+    """Render every task into ``folder`` (fresh, private to this call); the manifest is written last."""
+    for task_index, (task, info) in enumerate(MINI_VTAB_TASKS.items()):
+        task_dir = folder / task
+        lines: dict[str, list[str]] = {}
+        for split_index, (split, count) in enumerate(sizes.items()):
+            (task_dir / "images" / split).mkdir(parents=True)
+            labels = _balanced_labels(info.num_classes, count, np.random.default_rng([seed, task_index, split_index]))
+            lines[split] = []
+            for i, label in enumerate(labels):
+                rng = np.random.default_rng([seed, task_index, split_index, i, 1])
+                rel = f"images/{split}/{i:06d}.png"
+                Image.fromarray(render_task_image(task, int(label), rng)).save(task_dir / rel, compress_level=1)
+                lines[split].append(f"{rel} {int(label)}\n")
+        lines["train800val200"] = lines.get("train800", []) + lines.get("val200", [])
+        for split, rows in lines.items():
+            (task_dir / f"{split}.txt").write_text("".join(rows))
+    (folder / MANIFEST).write_text(json.dumps(wanted, indent=1))
+
+
+def _install(built: Path, root: Path) -> None:
+    """Put the complete suite ``built`` at ``root``. Called with the generation lock held.
+
+    ``root`` absent or empty: one ``rename`` (atomic: ``root`` appears complete). ``root`` holding other things
+    (a folder the user also keeps other data in, or an older suite): only what the generator owns is replaced --
+    the manifest is removed first (lock-free readers then see an incomplete folder and wait for the lock), each
+    task folder is swapped in by rename, and the manifest comes last. Nothing else in ``root`` is touched.
+    """
+    try:
+        os.rename(built, root)  # POSIX replaces an empty directory; fails on a non-empty one
+        return
+    except OSError:
+        if not root.is_dir():
+            raise
+    (root / MANIFEST).unlink(missing_ok=True)
+    trash = built.with_name(built.name + ".old")
+    trash.mkdir()
+    for task in MINI_VTAB_TASKS:
+        if (root / task).exists() or (root / task).is_symlink():
+            os.rename(root / task, trash / task)
+        os.rename(built / task, root / task)
+    os.replace(built / MANIFEST, root / MANIFEST)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(built, ignore_errors=True)
+
+
 def generate_mini_vtab(root: str | os.PathLike | None = None, seed: int = 0,
                        split_sizes: dict[str, int] | None = None) -> Path:
     """Write the mini-VTAB suite to ``root`` in the NOAH VTAB-1k layout and return ``root``.
@@ -471,38 +530,34 @@ def generate_mini_vtab(root: str | os.PathLike | None = None, seed: int = 0,
     same union NOAH's dump re-writes as copies). Labels are balanced per split. An existing complete folder
     (recognised by the ``mini_vtab.json`` manifest written last) is reused when it has the same seed, and
     the same sizes when ``split_sizes`` is given.
-    Each task is written to a temporary folder and renamed into place, so an interrupted run leaves no
-    half-written task behind.
+
+    Safe under concurrency (any number of processes on one machine, every rank of a multi-process launch):
+    generation holds a lock file next to ``root`` (``.<root name>.lock``, ``filelock``) and re-checks for a
+    complete folder once it has it, so one process generates and the others wait, then reuse its folder. The
+    suite is built aside in ``.<root name>.gen-<pid>-<random>.tmp`` beside ``root`` and then renamed into place
+    (see :func:`_install`), so a killed run leaves no half-written suite at ``root``; its temporary folder is
+    removed by the next generation.
     """
+    from filelock import FileLock  # a dependency of torch and huggingface_hub
+
     root = Path(root) if root is not None else default_data_root(seed)
     sizes = dict(SPLIT_SIZES if split_sizes is None else split_sizes)
     wanted = {"generator_version": GENERATOR_VERSION, "seed": seed, "split_sizes": sizes,
               "tasks": list(MINI_VTAB_TASKS)}
-    manifest = root / MANIFEST
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        # Without explicit sizes, any complete folder of this seed and generator version is reused.
-        if found == wanted or (split_sizes is None and {**found, "split_sizes": sizes} == wanted):
+    if _complete(root, wanted, split_sizes is not None):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.lock"):
+        if _complete(root, wanted, split_sizes is not None):  # another process generated it while we waited
             return root
-    root.mkdir(parents=True, exist_ok=True)
-    for task_index, (task, info) in enumerate(MINI_VTAB_TASKS.items()):
-        tmp = root / f".{task}.{uuid.uuid4().hex[:8]}.tmp"
-        lines: dict[str, list[str]] = {}
-        for split_index, (split, count) in enumerate(sizes.items()):
-            (tmp / "images" / split).mkdir(parents=True)
-            labels = _balanced_labels(info.num_classes, count, np.random.default_rng([seed, task_index, split_index]))
-            lines[split] = []
-            for i, label in enumerate(labels):
-                rng = np.random.default_rng([seed, task_index, split_index, i, 1])
-                rel = f"images/{split}/{i:06d}.png"
-                Image.fromarray(render_task_image(task, int(label), rng)).save(tmp / rel, compress_level=1)
-                lines[split].append(f"{rel} {int(label)}\n")
-        lines["train800val200"] = lines.get("train800", []) + lines.get("val200", [])
-        for split, rows in lines.items():
-            (tmp / f"{split}.txt").write_text("".join(rows))
-        final = root / task
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    manifest.write_text(json.dumps(wanted, indent=1))
+        # Leftovers of a killed generation (only a lock holder writes these, and we hold the lock).
+        for leftover in root.parent.glob(f".{root.name}.gen-*.tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        built = root.parent / f".{root.name}.gen-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            built.mkdir()
+            _write_suite(built, seed, sizes, wanted)
+            _install(built, root)
+        finally:
+            shutil.rmtree(built, ignore_errors=True)
     return root

@@ -39,6 +39,7 @@ from visadapt.data.errors import DatasetError
 from visadapt.data.generated import write_generated
 from visadapt.data.procedural import _background, _finish, _object
 from visadapt.data.transforms import pil_to_tensor
+from visadapt.data.vtab import decode_image
 
 REQUIRED_COLUMNS = ("filepath", "title", "cname", "value")
 WEIGHT_COLUMN = "sample_weights_by_class"
@@ -128,12 +129,8 @@ class RankingTable:
 
     def load(self, index: int) -> torch.Tensor:
         path = self.rows[index].path
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                return self.transform(img) if self.transform is not None else pil_to_tensor(img)
-        except OSError as err:
-            raise DatasetError(f"cannot read image {path} (row {index + 2} of {self.csv_path}): {err}") from err
+        img = decode_image(path, f"row {index + 2} of {self.csv_path}", fix="replace it or remove its row")
+        return self.transform(img) if self.transform is not None else pil_to_tensor(img)
 
 
 class RankingLists(Dataset):

@@ -8,7 +8,8 @@ On disk, as written by NOAH's ``data/vtab-source/get_vtab1k.py`` and by
         train800.txt  val200.txt  train800val200.txt  test.txt
 
 Every line of a split file is ``<relative image path> <integer label>``, the path relative to
-``<root>/<task>/``. Task folders are found under any of the task's names (``cifar`` or ``cifar100``, ...),
+``<root>/<task>/``. A listed path must stay inside the data root (:func:`confined_image_path`): an absolute
+path or one whose ``..`` climbs out of ``<root>`` is an error naming the split file and line. Task folders are found under any of the task's names (``cifar`` or ``cifar100``, ...),
 because the repositories that dump VTAB-1k disagree on them.
 
 :class:`ImageListDataset` is also the dataset type of the FGVC loader (:mod:`visadapt.data.fgvc`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,15 +65,7 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as raw:
-                # convert() forces the full decode, so truncated files fail here and not inside the transform.
-                img = raw.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DatasetError(
-                f"cannot read image {path} (listed at {self.origins[index]}): {err}. The file is corrupt, "
-                "truncated or not an image; replace it or remove its line from the split file"
-            ) from err
+        img = decode_rgb(path, self.origins[index])
         if self.transform is not None:
             img = self.transform(img)
         return img, label
@@ -92,6 +86,74 @@ class ImageListDataset(Dataset):
         raise DatasetError(
             f"{len(missing)} of {len(self)} images listed for {self.name} do not exist:\n{shown}{more}\n{fix}"
         )
+
+
+def _decode_failure(path: Path, err: BaseException, fix: str = "") -> str:
+    """Why ``path`` could not be decoded, with the fix, for :class:`DatasetError` messages."""
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (f"{err} PIL refuses images above PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels "
+                "(a small file that decodes to a huge image is a decompression bomb). Replace the file or remove "
+                "its entry; if the image is genuinely this large, raise PIL.Image.MAX_IMAGE_PIXELS")
+    return (f"{type(err).__name__}: {err}. The file is corrupt, truncated or not an image; "
+            f"{fix or 'replace it or remove its line from the split file'}")
+
+
+def decode_image(path: Path, where: str, mode: str | None = "RGB", fix: str = "") -> Image.Image:
+    """The image at ``path`` fully decoded (converted to ``mode``; ``None`` keeps the stored mode); every
+    failure is a :class:`DatasetError` naming ``path`` and ``where`` (e.g. ``"listed at <split file>:<line>"``),
+    with ``fix`` (how to replace the file) in the message.
+
+    Every image the data loaders read goes through here. PIL's ``DecompressionBombWarning`` (more than
+    ``Image.MAX_IMAGE_PIXELS`` pixels) is an error, as its ``DecompressionBombError`` (twice that) is: a
+    training set has no business holding such images, and the warning would let a few-KB file allocate
+    hundreds of MB per item.
+    """
+    try:
+        # catch_warnings: the filter applies to this decode only and is restored afterwards. It is process-wide
+        # state, so the size is also checked by hand below (threads decoding at once may restore each other's
+        # filters); the filter keeps PIL's own warning from being printed before our error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as raw:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and raw.width * raw.height > limit:
+                    raise Image.DecompressionBombError(
+                        f"Image size ({raw.width * raw.height} pixels, {raw.width}x{raw.height}) exceeds limit "
+                        f"of {limit} pixels, could be decompression bomb DOS attack.")
+                # convert() / copy() force the full decode, so truncated files fail here, not in a transform.
+                img = raw.convert(mode) if mode else raw.copy()
+        if img.width < 1 or img.height < 1:
+            raise ValueError(f"the image is {img.width}x{img.height} pixels")
+    # Any exception out of PIL's decoders means the file is bad: they raise OSError, SyntaxError and ValueError,
+    # but also EOFError, struct.error, IndexError, ... on crafted input. Only the file is read in this block.
+    except Exception as err:
+        raise DatasetError(f"cannot read image {path} ({where}): {_decode_failure(path, err, fix)}") from err
+    return img
+
+
+def decode_rgb(path: Path, origin: str) -> Image.Image:
+    """:func:`decode_image` of an image listed at ``origin`` (``"<split file>:<line>"``), as RGB."""
+    return decode_image(path, f"listed at {origin}")
+
+
+def confined_image_path(root: Path, base: Path, listed: str) -> Path:
+    """``base / listed`` if that stays inside the data root ``root``, else :class:`ValueError` saying why.
+
+    The rule is lexical (``..`` is resolved by name, as the OS would resolve it without symlinks): an absolute
+    path, a path with a NUL byte or one whose ``..`` components climb above ``root`` is refused. Symlinks
+    inside the data root are followed, not checked: they are placed by whoever owns the folder (a dataset
+    linked in from another disk; a ``huggingface_hub`` snapshot, whose files all link into its ``blobs/``
+    folder outside the snapshot), whereas a split file is text that travels with a download.
+    """
+    if "\x00" in listed:
+        raise ValueError("contains a NUL byte")
+    if os.path.isabs(listed):
+        raise ValueError("is an absolute path")
+    top = os.path.normpath(os.path.abspath(root))
+    candidate = os.path.normpath(os.path.join(os.path.abspath(base), listed))
+    if os.path.commonpath([top, candidate]) != top:
+        raise ValueError(f"climbs out of the data root {root} (to {candidate})")
+    return base / listed
 
 
 def find_task_dir(root: str | os.PathLike, info: TaskInfo) -> Path:
@@ -136,11 +198,12 @@ def _layout_fix(benchmark: str, task_dir: Path) -> str:
 
 def read_image_list(list_file: Path, base: Path, info: TaskInfo,
                     problems: list[tuple[Path, int | None, str]] | None = None,
-                    ) -> tuple[list[tuple[Path, int]], list[str]]:
+                    root: Path | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
     """Parse one split file into ``(samples, origins)``; paths are joined to ``base``.
 
     Each non-blank line is split on its LAST whitespace, so image paths may contain spaces. Labels must be
-    integers in ``[0, info.num_classes)``.
+    integers in ``[0, info.num_classes)``. Paths must stay inside ``root`` (the data root; default
+    ``base.parent``, the folder holding the task folder), see :func:`confined_image_path`.
 
     ``problems``: ``None`` raises :class:`DatasetError` at the first bad line (what the loaders want). A list
     collects every defect as ``(list_file, line number or None, message)`` and skips the bad lines instead,
@@ -151,6 +214,7 @@ def read_image_list(list_file: Path, base: Path, info: TaskInfo,
             raise DatasetError(f"{list_file}:{lineno}: {message}" if lineno else f"{list_file} {message}")
         problems.append((list_file, lineno, message))
 
+    root = base.parent if root is None else root
     samples: list[tuple[Path, int]] = []
     origins: list[str] = []
     try:
@@ -174,7 +238,13 @@ def read_image_list(list_file: Path, base: Path, info: TaskInfo,
                         f"({info.num_classes} classes); the file belongs to another task or its labels are not "
                         "0-based")
             continue
-        samples.append((base / parts[0], label))
+        try:
+            path = confined_image_path(root, base, parts[0])
+        except ValueError as err:
+            bad(lineno, f"image path {parts[0]!r} {err}; a split file may only list paths relative to the task "
+                        f"folder {base} that stay inside the data root. Fix the line or remove it")
+            continue
+        samples.append((path, label))
         origins.append(f"{list_file}:{lineno}")
     if not samples and not any(p[0] == list_file and p[1] for p in problems or ()):
         bad(None, "lists no images; every line should be '<relative image path> <integer label>'. "
@@ -211,7 +281,7 @@ def load_split(root: str | os.PathLike, benchmark: str, task: str, split_name: s
             f"the NOAH VTAB-1k layout {task_dir}/{{{','.join(SPLITS)}}}.txt with lines "
             f"'<relative image path> <integer label>'. {_layout_fix(benchmark, task_dir)}"
         )
-    samples, origins = read_image_list(list_file, task_dir, info)
+    samples, origins = read_image_list(list_file, task_dir, info, root=Path(root))
     dataset = ImageListDataset(samples, info.num_classes, origins, transform, name=f"{info.name}/{split_name}")
     dataset.check_files(_layout_fix(benchmark, task_dir))
     return dataset

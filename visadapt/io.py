@@ -22,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from visadapt import api, inject
@@ -62,12 +64,99 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def canonical_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` and ``metadata`` as bytes that depend on their contents alone.
+
+    safetensors keeps the metadata in a Rust ``HashMap`` and writes it in a per-process random order, so the same
+    adapter saved by two processes gave two different files. No library writes a canonical header, so this one
+    re-emits safetensors' own header JSON with the metadata keys sorted (the tensor entries keep safetensors' order,
+    which follows the data layout, and the data section is safetensors' own, byte for byte).
+    """
+    raw = save(tensors, metadata=metadata)
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to keep the data 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + raw[8 + header_len:]
+
+
+# Temporary files of save_adapter: ``.<name>.<host>-<pid>-<random>.tmp`` next to the target, so that a later save
+# can tell which ones a killed writer on this machine left behind.
+_TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+
+
+def _process_is_gone(pid: int) -> bool:
+    if os.name != "posix":
+        return False  # no cheap liveness test: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    return False
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers of ``path`` killed mid-save on this machine left next to it (their
+    process is gone); files of live writers and of other machines sharing the folder are kept. Returns those
+    deleted."""
+    path = Path(path)
+    removed = []
+    host = _host_tag()
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TMP_PATTERN.match(entry.name)
+        if (match and match["name"] == path.name and match["host"] == host
+                and _process_is_gone(int(match["pid"]))):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except FileNotFoundError:  # another saver cleaned it first
+                pass
+    return removed
+
+
+def write_file_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The file is created with the process's umask like any other output (safetensors' own writer creates 0600
+    files). A crash mid-write leaves at most a hidden temporary file, which the next save to ``path`` deletes."""
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if os.name == "posix":  # the rename itself survives a power loss once the folder is synced
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  metadata: dict[str, str] | None = None) -> Path:
     """Write adapter ``adapter_name`` of ``model`` (and its head) to ONE safetensors file, atomically.
 
     The file appears under its final name only once it is complete: a crash mid-write leaves at most a
-    hidden temporary file, never a truncated adapter. Returns the path written.
+    hidden temporary file, never a truncated adapter, and the next save to the same path deletes it. The bytes
+    depend only on the tensors and the metadata (:func:`canonical_safetensors_bytes`): the same adapter saved twice,
+    by any process, gives the same file. Returns the path written.
     """
     from visadapt import __version__
 
@@ -94,15 +183,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             raise ValueError(f"metadata key {key!r} is reserved by the visadapt format; choose another name")
         meta[key] = str(value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_file_atomic(path, canonical_safetensors_bytes(tensors, meta))
     return path
 
 

@@ -7,18 +7,25 @@ Property tests use ``hypothesis`` with few, bounded examples (tiny models from `
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
+import pytest
 import tiny_models as tm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import visadapt
 from visadapt import inject, io
+from visadapt.load_report import AdapterLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +111,262 @@ def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_deletes(tmp_pa
     visadapt.save_adapter(lora_vit(), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other_host.name, mine.name, "a.safetensors"])
     io.read_adapter_file(path)
+
+
+# ------------------------------------------------------------------------------------------ crafted headers
+
+CLEAN_ERRORS = (io.AdapterFileError, AdapterLoadError)
+
+
+@pytest.fixture(scope="module")
+def legit_file(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header of a real LoRA file (rank 2, head 'head') for the tiny ViT."""
+    path = visadapt.save_adapter(lora_vit(), tmp_path_factory.mktemp("legit") / "a.safetensors")
+    return io.read_adapter_file(path)
+
+
+def write_crafted(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """What an attacker writes: any header, with a checksum that matches its tensors (anyone can compute it)."""
+    meta = dict(meta)
+    if "tensors_sha256" in meta:
+        meta["tensors_sha256"] = io.tensors_digest(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def every_tensor(model) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict(keep_vars=True).items()}
+
+
+def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before), "the model's tensors were added or removed"
+    changed = [key for key, value in before.items() if not torch.equal(after[key], value)]
+    assert not changed, f"tensors changed: {changed[:5]}"
+    assert not visadapt.api.records(model) and not inject.attached(model)
+
+
+def edited(meta: dict[str, str], field: str, change) -> dict[str, str]:
+    """``meta`` with JSON field ``field`` passed through ``change`` (a function of the parsed object)."""
+    meta = dict(meta)
+    meta[field] = json.dumps(change(json.loads(meta[field])))
+    return meta
+
+
+def _without(meta, field):
+    return {k: v for k, v in meta.items() if k != field}
+
+
+HEADER_CASES = {
+    # case: (how the header is changed, the field the error names, what it says)
+    "missing plugin": (lambda m: _without(m, "plugin"), "plugin", "is missing"),
+    "missing config": (lambda m: _without(m, "config"), "config", "is missing"),
+    "missing base_model": (lambda m: _without(m, "base_model"), "base_model", "is missing"),
+    "base_model null": (lambda m: {**m, "base_model": "null"}, "base_model", "is a JSON NoneType"),
+    "config a JSON list": (lambda m: {**m, "config": "[1, 2]"}, "config", "is a JSON list"),
+    "site_widths not JSON": (lambda m: {**m, "site_widths": "{blocks"}, "site_widths", "is not JSON"),
+    "alpha 'x'": (lambda m: edited(m, "config", lambda c: {**c, "alpha": "x"}), "config",
+                  "sets alpha='x'; expected alpha of type float"),
+    "targets 123": (lambda m: edited(m, "config", lambda c: {**c, "targets": 123}), "config",
+                    "sets targets=123; expected targets of type tuple"),
+    "rank 1e8": (lambda m: edited(m, "config", lambda c: {**c, "rank": 1e8}), "config",
+                 "sets rank=100000000.0; expected rank of type int"),
+    "unknown plugin": (lambda m: {**m, "plugin": "lroa"}, "plugin", "no visadapt plugin named 'lroa'"),
+    "towers not an object": (lambda m: edited(m, "base_model", lambda b: {**b, "towers": [1]}), "base_model",
+                             "expected a JSON object"),
+    "site width not integers": (lambda m: edited(m, "site_widths", lambda w: {k: ["a", 1] for k in w}),
+                                "site_widths", "to ['a', 1]"),
+    "head not the classifier": (lambda m: {**m, "head": "blocks.1.mlp.fc2"}, "head",
+                                ("names 'blocks.1.mlp.fc2', which is not this model's classifier; expected one "
+                                 "of 'head'")),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_each_crafted_header_is_a_clear_error_naming_the_file_and_field(case, legit_file, tmp_path):
+    tensors, meta = legit_file
+    change, field, says = HEADER_CASES[case]
+    path = write_crafted(tmp_path / "crafted.safetensors", tensors, change(meta))
+    model = tm.vit().eval()
+    before = every_tensor(model)
+    with pytest.raises(io.AdapterFileError) as info:
+        visadapt.load_adapter(model, path)
+    message = str(info.value)
+    assert str(path) in message and f"'{field}'" in message and says in message, message
+    assert_unchanged(model, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.safetensors"]
+
+
+def test_a_huge_rank_in_the_header_is_refused_before_anything_is_allocated(legit_file, tmp_path, monkeypatch):
+    """rank 3,000,000 on a 4.5 KB file: the adapter it asks for (384 MB a tensor) is never built on the model; only
+    the meta-device dry run sees it."""
+    tensors, meta = legit_file
+    path = write_crafted(tmp_path / "huge.safetensors", tensors,
+                         edited(meta, "config", lambda c: {**c, "rank": 3_000_000}))
+    assert path.stat().st_size < 8_000
+    attached_to = []
+    real_attach = visadapt.api.attach
+
+    def spy(model, *args, **kwargs):
+        attached_to.append(model)
+        config = real_attach(model, *args, **kwargs)
+        built = [p for item in inject.attached(model, kwargs.get("adapter_name", "default"))
+                 for p in item.module.parameters()]
+        assert all(p.is_meta for p in built), "a header-sized adapter was allocated"
+        return config
+
+    monkeypatch.setattr(visadapt.api, "attach", spy)
+    model = tm.vit().eval()
+    before = every_tensor(model)
+    with pytest.raises(io.AdapterFileError, match=r"header field 'config' does not match the file's tensors.*"
+                                                  r"\(3000000, 32\), file \(2, 32\)"):
+        visadapt.load_adapter(model, path)
+    assert attached_to and all(m is not model for m in attached_to)
+    assert_unchanged(model, before)
+
+
+def test_a_config_that_builds_more_than_the_file_stores_is_refused_also_when_not_strict(legit_file, tmp_path):
+    tensors, meta = legit_file
+    path = write_crafted(tmp_path / "big.safetensors", tensors,
+                         edited(meta, "config", lambda c: {**c, "rank": 64}))
+    model = tm.vit().eval()
+    before = every_tensor(model)
+    with pytest.raises(io.AdapterFileError, match="holds 16,384 elements in 8 tensors, the file stores 512 in 8"):
+        visadapt.load_adapter(model, path, strict=False)
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------- heads
+
+
+def test_a_head_inside_the_backbone_is_refused_and_the_classifier_is_restored_by_detach(legit_file, tmp_path):
+    tensors, meta = legit_file
+    model = tm.vit().eval()
+    before = every_tensor(model)
+    # the attack of the issue: head = blocks.1.mlp.fc2 with tensors of exactly that layer's shapes
+    fc2 = {f"blocks.1.mlp.fc2.{k}": torch.full_like(v, 7.0) for k, v in model.blocks[1].mlp.fc2.state_dict().items()}
+    adapter = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+    path = write_crafted(tmp_path / "fc2.safetensors", {**adapter, **fc2}, {**meta, "head": "blocks.1.mlp.fc2"})
+    with pytest.raises(io.AdapterFileError, match="header field 'head' names 'blocks.1.mlp.fc2'.*expected one of 'head'"):
+        visadapt.load_adapter(model, path)
+    assert_unchanged(model, before)
+    # the classifier is allowed; detach gives back the model's own head bit for bit
+    legit = write_crafted(tmp_path / "legit.safetensors", tensors, meta)
+    visadapt.load_adapter(model, legit)
+    assert torch.equal(model.head.weight, tensors["head.weight"])
+    visadapt.detach(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("make, allowed", [(tm.vit, ["head"]), (tm.swin, ["head.fc", "head"]), (tm.clip, []),
+                                           (tm.unet, [])])
+def test_the_heads_a_file_may_name_are_the_classifier_only(make, allowed):
+    assert visadapt.api.classifier_paths(make()) == allowed
+
+
+# --------------------------------------------------------------------------------------- property-based
+
+FIELDS = sorted(io.RESERVED_METADATA)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                         max_size=3),
+                           max_leaves=8)
+header_texts = st.one_of(json_values.map(json.dumps), st.text(max_size=40),
+                         st.sampled_from(["", "null", "{", "[]", '{"a": 1}', "\x1b[31mred", "1e400", "-1"]))
+
+
+@st.composite
+def mutated_headers(draw, meta: dict[str, str]) -> dict[str, str]:
+    meta = dict(meta)
+    for _ in range(draw(st.integers(1, 3))):
+        field = draw(st.sampled_from([*FIELDS, "extra"]))
+        how = draw(st.sampled_from(["drop", "replace", "truncate", "config-field", "swap"]))
+        if how == "drop":
+            meta.pop(field, None)
+        elif how == "replace":
+            meta[field] = draw(header_texts)
+        elif how == "truncate" and field in meta:
+            meta[field] = meta[field][:draw(st.integers(0, max(len(meta[field]) - 1, 0)))]
+        elif how == "swap" and field in meta:
+            meta[field] = meta[draw(st.sampled_from([f for f in FIELDS if f in meta] or [field]))]
+        elif how == "config-field":
+            try:
+                config = json.loads(meta.get("config", "{}"))
+            except ValueError:
+                continue
+            if isinstance(config, dict):
+                key = draw(st.sampled_from([*config, "rank", "alpha", "targets", "path_pattern", "blocks", "x"]))
+                config[key] = draw(json_values | st.integers(-5, 10**7))
+                meta["config"] = json.dumps(config)
+    return meta
+
+
+def assert_clean_refusal_or_load(model, path: Path, before: dict[str, torch.Tensor]) -> None:
+    """Either the load succeeds (then detach restores the model) or it fails with a clear error naming the file
+    and leaves every tensor of the model as it was."""
+    try:
+        visadapt.load_adapter(model, path)
+    except CLEAN_ERRORS as err:
+        assert str(path) in str(err), str(err)
+    else:
+        visadapt.detach(model)
+    assert_unchanged(model, before)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing written, nothing left behind
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_mutated_headers_give_a_clear_error_or_a_clean_load(legit_file, data):
+    tensors, meta = legit_file
+    crafted = data.draw(mutated_headers(meta))
+    model = tm.vit().eval()
+    before = every_tensor(model)
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_crafted(Path(folder) / "crafted.safetensors", tensors, crafted)
+        assert_clean_refusal_or_load(model, path, before)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cut=st.floats(0.0, 1.0, exclude_max=True), flip=st.one_of(st.none(), st.integers(0, 10**6)))
+def test_truncated_or_garbled_files_give_a_clear_error(legit_file, cut, flip):
+    tensors, meta = legit_file
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_crafted(Path(folder) / "a.safetensors", tensors, meta)
+        data = bytearray(path.read_bytes())
+        if flip is None:
+            data = data[:int(cut * len(data))]
+        else:  # one byte changed anywhere: header JSON, lengths or tensor bytes
+            data[flip % len(data)] ^= 0x5A
+        path.write_bytes(bytes(data))
+        model = tm.vit().eval()
+        before = every_tensor(model)
+        if flip is None:
+            with pytest.raises(CLEAN_ERRORS) as info:
+                visadapt.load_adapter(model, path)
+            assert str(path) in str(info.value)
+            assert_unchanged(model, before)
+        else:  # a changed byte in a free-text field (adapter_name, visadapt_version) still loads
+            assert_clean_refusal_or_load(model, path, before)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_crafted_heads_write_only_into_the_classifier(legit_file, data):
+    tensors, meta = legit_file
+    model = tm.vit().eval()
+    before = every_tensor(model)
+    names = [name for name, module in model.named_modules() if name and list(module.parameters(recurse=False))]
+    head = data.draw(st.sampled_from(names))
+    stored = {f"{head}.{k}": torch.randn(v.shape) for k, v in model.get_submodule(head).state_dict().items()}
+    adapter = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_crafted(Path(folder) / "head.safetensors", {**adapter, **stored}, {**meta, "head": head})
+        if head == "head":
+            visadapt.load_adapter(model, path)
+            changed = [k for k, v in before.items() if not torch.equal(model.state_dict()[k], v)]
+            assert changed == ["head.weight", "head.bias"]
+            visadapt.detach(model)
+        else:
+            with pytest.raises(io.AdapterFileError, match=f"header field 'head' names '{head}'"):
+                visadapt.load_adapter(model, path)
+    assert_unchanged(model, before)

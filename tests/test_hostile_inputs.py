@@ -370,3 +370,26 @@ def test_crafted_heads_write_only_into_the_classifier(legit_file, data):
             with pytest.raises(io.AdapterFileError, match=f"header field 'head' names '{head}'"):
                 visadapt.load_adapter(model, path)
     assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_prints_control_characters_from_a_header_escaped(legit_file, tmp_path, capsys):
+    from visadapt.cli import main
+
+    tensors, meta = legit_file
+    evil = "\x1b[2J\x1b[31mpwned\u202e"
+    crafted = {**meta, "adapter_name": evil, "visadapt_version": evil,
+               "config": json.dumps({**json.loads(meta["config"]), "path_pattern": evil})}
+    renamed = {k.replace("blocks.0.", f"blocks.0.{evil}") if "blocks.0." in k else k: v for k, v in tensors.items()}
+    path = write_crafted(tmp_path / "evil.safetensors", renamed, crafted)
+    assert main(["inspect", str(path), "--keys"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    # adapter_name, visadapt_version and 4 tensor keys (the config is printed as JSON, which escapes it itself)
+    assert out.count("\\x1b[2J\\x1b[31mpwned\\u202e") == 2 + 4
+    bad = write_crafted(tmp_path / f"bad{evil}.safetensors", tensors, {**meta, "plugin": evil})
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "header field 'plugin'" in err

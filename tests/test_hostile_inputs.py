@@ -393,3 +393,43 @@ def test_inspect_prints_control_characters_from_a_header_escaped(legit_file, tmp
     assert main(["inspect", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "header field 'plugin'" in err
+
+
+# ------------------------------------------------------------------------------------- every plugin alike
+
+INFLATED = [  # plugin, model, attach config, the config field that sizes its tensors
+    ("adapter", tm.vit, {}, "bottleneck"),
+    ("bitadapter", tm.vit, {"dim": 4}, "dim"),
+    ("lora", tm.clip, {}, "rank"),
+    ("lora", tm.unet, {}, "rank"),
+    ("mosa", tm.swin, {"keep_modules": True}, "dim"),
+    ("polyhistor", tm.swin, {"tasks": ("a", "b")}, "hidden_dim"),
+    ("ppap", tm.vit, {}, "rank"),
+    ("ranking_clip", tm.clip, {}, "prompt_tokens"),
+    ("resadapter", tm.unet, {}, "rank"),
+    ("selavpr", tm.vit, {}, "local_dim"),
+    ("selma", tm.unet, {}, "rank"),
+]
+
+
+@pytest.mark.parametrize("plugin, make, config, field", INFLATED, ids=[f"{p}-{f}" for p, _, _, f in INFLATED])
+def test_every_plugin_refuses_a_config_that_its_tensors_do_not_match(plugin, make, config, field, tmp_path):
+    """The shapes a config implies come from the plugin's own attach on a meta-device copy, so the check holds for
+    every plugin: a file whose sizing field was raised is refused before the adapter is built, and the file as
+    saved loads."""
+    torch.manual_seed(0)
+    model = make()
+    visadapt.attach(model, plugin, **config)
+    path = visadapt.save_adapter(model, tmp_path / "a.safetensors")
+    tensors, meta = io.read_adapter_file(path)
+    crafted = write_crafted(tmp_path / "crafted.safetensors", tensors,
+                            edited(meta, "config", lambda c: {**c, field: c[field] * 64}))
+    fresh = make()
+    before = every_tensor(fresh)
+    with pytest.raises(io.AdapterFileError, match="header field '(config|site_widths)'"):
+        visadapt.load_adapter(fresh, crafted)
+    assert_unchanged(fresh, before)
+    visadapt.load_adapter(fresh, path)
+    stored = visadapt.api.stored_tensors(model, "default")  # the stored form (1-bit adapters load dequantised)
+    assert {k: v for k, v in visadapt.api.stored_tensors(fresh, "default").items()}.keys() == stored.keys()
+    assert all(torch.equal(v, stored[k]) for k, v in visadapt.api.stored_tensors(fresh, "default").items())

@@ -627,7 +627,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
     if strict and saved_widths and saved_widths != here_widths:
         diff = [f"{k}: file {saved_widths.get(k)} vs model {here_widths.get(k)}"
                 for k in sorted(set(saved_widths) | set(here_widths)) if saved_widths.get(k) != here_widths.get(k)]
-        raise AdapterFileError(f"adapter file {path} does not fit this model's sites:\n  " + "\n  ".join(diff[:10])
+        raise AdapterFileError(f"adapter file {path} does not fit this model's sites (header field 'site_widths' "
+                               f"against the sites its config builds here):\n  " + "\n  ".join(diff[:10])
                                + "\n(pass strict=False to load the sites that fit)")
     _check_tensors_fit_config(path, expected, adapter_tensors, strict)
     replaced = None

@@ -480,7 +480,9 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     Every tensor is accounted for in a :class:`~visadapt.load_report.LoadReport` (kept on the adapter's record:
     :func:`visadapt.load_report`). ``strict`` (default): anything missing, unexpected or misshapen raises with
     the report. ``strict=False``: what fits is loaded and the rest is printed; nothing fitting at all still
-    raises. A file made for another architecture (family, depth, width) is refused either way. Every failure
+    raises. A file made for another architecture (family, depth, width) is refused either way, and so is a header
+    that is malformed in any field, whose ``head`` is not the model's classifier, or whose config builds more
+    tensor elements than the file stores (checked on a meta-device copy, before anything is allocated). Every failure
     (missing file, folder without an adapter, hub id not cached offline, corrupt file, unknown layout) is one
     error naming the input and the fix, and leaves ``model`` exactly as it was.
     """

@@ -10,12 +10,16 @@ Header metadata (all strings):
 ``adapter_name``   the name it was saved under (informational; load under any name)
 ``base_model``     JSON fingerprint of the base model: family, name, depth and width per tower
 ``site_widths``    JSON ``{host path: [in, out]}`` of every host the adapter touches
-``head``           path of the classifier head stored alongside, or ``""``
+``head``           path of the classifier head stored alongside (only the model's classifier may be named:
+                   :func:`visadapt.api.classifier_paths`), or ``""``
 ``tensors_sha256`` digest of names, dtypes, shapes and bytes of all tensors: corruption is caught on load
 ``visadapt_version``
 =================  =================================================================================
 
-Only safetensors is ever read: no pickle, so a file cannot run code.
+Only safetensors is ever read: no pickle, so a file cannot run code. Headers are untrusted: every field is checked
+(:func:`check_header`, :func:`parse_header`) and the tensors the config implies are compared with the stored ones
+(:func:`expected_adapter_state`) before anything is attached. Files are written with their metadata keys sorted
+(:func:`canonical_safetensors_bytes`): the same adapter gives the same bytes in any process.
 """
 from __future__ import annotations
 

@@ -176,6 +176,7 @@ HEADER_CASES = {
                              "expected a JSON object"),
     "site width not integers": (lambda m: edited(m, "site_widths", lambda w: {k: ["a", 1] for k in w}),
                                 "site_widths", "to ['a', 1]"),
+    "training run not JSON": (lambda m: {**m, "visadapt.train": '{"task": '}, "visadapt.train", "is not JSON"),
     "head not the classifier": (lambda m: {**m, "head": "blocks.1.mlp.fc2"}, "head",
                                 ("names 'blocks.1.mlp.fc2', which is not this model's classifier; expected one "
                                  "of 'head'")),
@@ -195,6 +196,14 @@ def test_each_crafted_header_is_a_clear_error_naming_the_file_and_field(case, le
     assert str(path) in message and f"'{field}'" in message and says in message, message
     assert_unchanged(model, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.safetensors"]
+    if case in READER_CASES:  # what inspect, export and visadapt-eval read first is checked the same way
+        with pytest.raises(io.AdapterFileError) as info:
+            io.read_adapter_metadata(path)
+        assert str(path) in str(info.value) and f"header field '{field}'" in str(info.value) and says in str(info.value)
+
+
+READER_CASES = ("missing plugin", "missing config", "missing base_model", "base_model null", "config a JSON list",
+                "site_widths not JSON", "towers not an object", "site width not integers", "training run not JSON")
 
 
 def test_a_huge_rank_in_the_header_is_refused_before_anything_is_allocated(legit_file, tmp_path, monkeypatch):

@@ -318,6 +318,8 @@ def check_header(path, meta: Mapping[str, str]) -> AdapterHeader:
     for key, value in widths.items():
         if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= 0 for v in value)):
             raise _header_error(path, "site_widths", f"maps {_shown(key)} to {_shown(value)}", widths_shape)
+    if TRAIN_METADATA in meta:  # optional; its readers (visadapt-eval, export) index it as an object
+        _json_object(path, meta, TRAIN_METADATA, "a JSON object describing the training run")
     head = meta["head"]
     if head and not head.isprintable():
         raise _header_error(path, "head", f"is {_shown(head)}", "a module path or an empty string")

@@ -149,7 +149,10 @@ class SparseModulesLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, num_modules: int, mask_seed: int, draw_seed: int, draw_key: int,
-                 bits: int = 32) -> None:
+                 bits: int = 32, starts_at_zero: bool | None = None) -> None:
+        """``starts_at_zero``: whether ``base`` is zero-initialised (MoSA's up-projection), for a ``base`` on the
+        meta device, whose values cannot be read: a load's dry run builds the adapter there to learn the tensor
+        shapes a file must hold (:func:`visadapt.io.expected_adapter_state`). Real tensors decide by their values."""
         super().__init__()
         self.bits = bits  # eval mode and storage use the merged weight at this width (post-training)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -157,8 +160,14 @@ class SparseModulesLinear(nn.Module):
         initial = base.weight.detach().clone()
         self.weight_modules = nn.Parameter(initial.clone())
         # Only a non-zero start needs a frozen copy: module i keeps it outside its own mask.
-        self.register_buffer("initial", initial if bool(initial.any()) else None)
-        self.register_buffer("owner", partition_elements(initial.shape, num_modules, mask_seed).to(initial.device))
+        if initial.is_meta:  # shapes only, nothing allocated: the same buffers a real base would give
+            if starts_at_zero is None:
+                raise ValueError("a SparseModulesLinear over a meta-device layer needs starts_at_zero")
+            self.register_buffer("initial", None if starts_at_zero else initial)
+            self.register_buffer("owner", torch.empty(initial.shape, dtype=torch.uint8, device="meta"))
+        else:
+            self.register_buffer("initial", initial if bool(initial.any()) else None)
+            self.register_buffer("owner", partition_elements(initial.shape, num_modules, mask_seed).to(initial.device))
         self.bias_modules = (nn.Parameter(base.bias.detach().expand(num_modules, -1).clone())
                              if base.bias is not None else None)
         self.draw_seed, self.draw_key = draw_seed, draw_key
@@ -380,7 +389,8 @@ class MoSAPlugin(AdapterPlugin):
                 if role in config.split:
                     setattr(module, child, SparseModulesLinear(
                         layer, config.num_modules, mask_seed=stable_hash(config.seed, matrix), draw_seed=config.seed,
-                        draw_key=_draw_key(towers.index(site.tower), site.block, role), bits=config.bits))
+                        draw_key=_draw_key(towers.index(site.tower), site.block, role), bits=config.bits,
+                        starts_at_zero=role == "up"))  # BottleneckAdapter.up and LoRA.B start at zero
                     matrix += 1
                 elif config.bits != 32:  # a shared layer: full precision in training, k bits in eval and storage
                     setattr(module, child, _plain_copy(layer.weight.detach(), layer.bias, config.bits))

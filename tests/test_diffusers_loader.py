@@ -796,22 +796,21 @@ def head_lora_file(path: Path, unet: nn.Module, seed: int) -> Path:
     return visadapt.save_adapter(unet, path)
 
 
-def test_hotswap_takes_the_new_files_head_and_unload_restores_the_base_head(pipe, tmp_path):
-    """A hotswap writes the new file's head too (not only its adapter tensors), and unloading afterwards gives
-    back the head the pipeline had before the first load."""
-    first = head_lora_file(tmp_path / "first.safetensors", pipe.unet, seed=1)
-    second = head_lora_file(tmp_path / "second.safetensors", pipe.unet, seed=2)
-    reference = copy.deepcopy(pipe)
-    reference.load_visadapt(second, adapter_name="x")
-    expected = generate(reference)
+def test_a_file_whose_head_is_conv_out_is_refused_and_the_pipeline_stays_as_it_was(pipe, tmp_path):
+    """A UNet has no classifier: a file naming its image output ``conv_out`` as head is refused, by a load and a
+    hotswap alike, before anything is attached or written (conv_out used to be overwritten and stay so)."""
+    plain = lora_file(tmp_path / "plain.safetensors", pipe.unet, seed=1, targets=("q", "v"))
+    crafted = head_lora_file(tmp_path / "crafted.safetensors", pipe.unet, seed=2)
     before = every_tensor(pipe)
-
-    pipe.load_visadapt(first, adapter_name="x")
-    assert (generate(pipe) - expected).abs().max() > 1e-3
-    pipe.load_visadapt(second, adapter_name="x", hotswap=True)
-    saved = load_file(str(second))
-    head = pipe.unet.conv_out.state_dict()
-    assert all(torch.equal(head[key], saved[f"conv_out.{key}"]) for key in ("weight", "bias"))
-    assert torch.equal(generate(pipe), expected)
+    with pytest.raises(io.AdapterFileError, match="header field 'head' names 'conv_out', which is not this model's "
+                                                  "classifier; expected '' "):
+        pipe.load_visadapt(crafted, adapter_name="x")
+    assert pipe.list_visadapt() == {}
+    assert_same_tensors(before, every_tensor(pipe))
+    pipe.load_visadapt(plain, adapter_name="x")
+    loaded = every_tensor(pipe)
+    with pytest.raises(io.AdapterFileError, match="header field 'head' names 'conv_out'"):
+        pipe.load_visadapt(crafted, adapter_name="x", hotswap=True)
+    assert_same_tensors(loaded, every_tensor(pipe))
     pipe.unload_visadapt()
     assert_same_tensors(before, every_tensor(pipe))

@@ -198,12 +198,10 @@ def test_interrupted_save_leaves_no_file_and_keeps_the_previous_one(tmp_path, mo
     model, path = saved_vit_lora(tmp_path)
     previous = path.read_bytes()
 
-    def write_half_then_fail(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"\x00" * 100)
+    def fail_after_writing(fd):  # the temporary file is written, its flush to disk fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(visadapt.io, "save_file", write_half_then_fail)
+    monkeypatch.setattr(visadapt.io.os, "fsync", fail_after_writing)
     with pytest.raises(OSError, match="disk full"):
         visadapt.save_adapter(model, path)
     with pytest.raises(OSError, match="disk full"):

@@ -173,7 +173,9 @@ class HardNegativeMiner:
             return
         path = self.output_dir / MINING_FILE.format(epoch=epoch)
         if path.is_file():
-            mined = torch.load(path)
+            # tensors only: weights_only refuses any pickled object that is not a tensor or plain container
+            # (the default before torch 2.6 would run whatever code a planted file carries)
+            mined = torch.load(path, weights_only=True)
             self.triplets.set_mined(mined["positive"], mined["negatives"])
             return
         positive, negatives = self.mine(self.accelerator.unwrap_model(model), epoch)

@@ -157,6 +157,57 @@ def attach(
     return cfg
 
 
+#: open_clip's projection heads that are modules (the native towers keep theirs as plain parameters, ``proj`` /
+#: ``text_projection``, which no file head can name): a timm vision tower's ``head``, a Hugging Face text tower's
+#: ``proj``, a ``text_projection`` built as ``nn.Linear``; as paths in a CLIP model and in a bare tower
+_OPEN_CLIP_HEADS = ("visual.head", "visual.proj", "text.proj", "text_projection", "text.text_projection", "head",
+                    "proj")
+
+
+def classifier_paths(model: nn.Module) -> list[str]:
+    """Module paths of ``model``'s classifier: the only module, besides the adapter's own, that an adapter file
+    may write into (``head`` in its header).
+
+    timm: the module ``get_classifier()`` returns and the paths ``pretrained_cfg["classifier"]`` names (``head``,
+    ``head.fc``, a distilled model's ``head_dist``); open_clip: its projection heads where they are modules
+    (:data:`_OPEN_CLIP_HEADS`); diffusers UNets: none (their ``conv_out`` is the image output, frozen like the
+    rest). ``model`` may be a ``peft.PeftModel``.
+    """
+    model = unwrap_peft_model(model)
+    family = model_family(model)
+    paths: list[str] = []
+    if family.startswith("timm"):
+        get_classifier = getattr(model, "get_classifier", None)
+        classifier = get_classifier() if callable(get_classifier) else None
+        named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+        found = [name for name, module in model.named_modules() if module is classifier and name]
+        found += [named] if isinstance(named, str) else [str(name) for name in named]
+        for path in found:
+            paths.append(path)
+            # a module holding the classifier and no other tensor (Swin's ``head`` around ``head.fc``) is the
+            # classifier too; one with more (a final norm) is not
+            try:
+                own = {id(t) for t in (*model.get_submodule(path).parameters(), *model.get_submodule(path).buffers())}
+            except AttributeError:
+                continue
+            parts = path.split(".")
+            for depth in range(len(parts) - 1, 0, -1):
+                parent = model.get_submodule(".".join(parts[:depth]))
+                if {id(t) for t in (*parent.parameters(), *parent.buffers())} != own:
+                    break
+                paths.append(".".join(parts[:depth]))
+    elif family == "open_clip":
+        paths += list(_OPEN_CLIP_HEADS)
+    present = []
+    for path in dict.fromkeys(paths):
+        try:
+            if isinstance(model.get_submodule(path), nn.Module):
+                present.append(path)
+        except AttributeError:
+            continue
+    return present
+
+
 def _set_trainable(model: nn.Module) -> None:
     heads = tuple(f"{r.head}." for r in records(model).values() if r.head)
     peft_owned = peft_owned_parameters(model)  # PEFT's adapters are PEFT's to freeze or train

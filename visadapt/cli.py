@@ -21,23 +21,30 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from visadapt.io import read_adapter_file
+def printable(text: object) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\u202e``, ``\\n``): what a file's header
+    says reaches the terminal as text, never as escape sequences that move the cursor, recolour or hide lines."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
 
-    tensors, meta = read_adapter_file(args.file)
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from visadapt.io import check_header, read_adapter_file
+
+    tensors, meta = read_adapter_file(args.file)  # the header is checked whole (check_header) before use
+    header = check_header(args.file, meta)
     params = sum(t.numel() for t in tensors.values())
     data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    print(f"file:          {args.file} ({Path(args.file).stat().st_size:,} bytes on disk)")
+    print(printable(f"file:          {args.file} ({Path(args.file).stat().st_size:,} bytes on disk)"))
     for key in ("plugin", "adapter_name", "head", "format_version", "visadapt_version"):
-        print(f"{key + ':':<15}{meta.get(key) or '-'}")
-    print(f"{'base model:':<15}{meta.get('base_model')}")
-    print(f"{'config:':<15}{json.dumps(json.loads(meta['config']), indent=None)}")
+        print(f"{key + ':':<15}{printable(meta.get(key) or '-')}")
+    print(f"{'base model:':<15}{printable(json.dumps(header.base_model, sort_keys=True))}")
+    print(f"{'config:':<15}{printable(json.dumps(header.config, indent=None))}")
     print(f"{'tensors:':<15}{len(tensors)}")
     print(f"{'parameters:':<15}{params:,}")
     print(f"{'tensor bytes:':<15}{data_bytes:,}")
     if args.keys:
         for key, tensor in sorted(tensors.items()):
-            print(f"  {key}  {tuple(tensor.shape)}  {str(tensor.dtype).replace('torch.', '')}")
+            print(printable(f"  {key}  {tuple(tensor.shape)}  {str(tensor.dtype).replace('torch.', '')}"))
     return 0
 
 
@@ -153,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
-        print(f"visadapt {args.command}: error: {err}", file=sys.stderr)
+        # messages quote file names and header values: escaped, like everything inspect prints
+        message = f"visadapt {args.command}: error: {err}"
+        print("\n".join(printable(line) for line in message.split("\n")), file=sys.stderr)
         return 2
     except BrokenPipeError:  # `visadapt sites ... | head`: the reader left, which is not an error
         sys.stderr.close()

@@ -206,6 +206,7 @@ def _load_visadapt(pipe, found: hub.AdapterSource, candidates: dict[str, nn.Modu
     """Attach the visadapt adapter ``found`` (its tensors and header, read once by :func:`visadapt.hub.read_source`)
     to the one candidate component its base model matches."""
     meta = found.meta
+    io.check_header(found.what, meta)  # every field present and typed before any is read here
     fits = {}
     for name, module in candidates.items():
         try:

@@ -458,3 +458,16 @@ def test_every_peft_lora_config_field_has_a_decision():
 
     undecided = [f.name for f in dataclasses.fields(LoraConfig) if f"``{f.name}``" not in peft_format.__doc__]
     assert not undecided, f"PEFT LoraConfig fields without a decision in visadapt.peft_format: {undecided}"
+
+
+def test_peft_modules_to_save_may_only_name_the_classifier(tmp_path):
+    """A PEFT folder writes into the LoRA's layers and, through modules_to_save, the classifier only: the rule every
+    visadapt file follows (issue 23); a folder saving a backbone module is refused, model unchanged."""
+    vit, folder = peft_vit_folder(tmp_path, r=4, lora_alpha=8, target_modules=["qkv"],
+                                  modules_to_save=["blocks.1.mlp.fc2"])
+    fresh = copy.deepcopy(vit)
+    before = unet_tensors(fresh)
+    with pytest.raises(LoraLayoutError,
+                       match=r"modules_to_save=.*'blocks.1.mlp.fc2'.*not this model's classifier \(head\)"):
+        visadapt.load_adapter(fresh, folder)
+    assert_unchanged(fresh, before)

@@ -12,8 +12,9 @@ PEFT ``LoraConfig`` is decided:
 honoured                       ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``
                                (scale ``alpha / sqrt(r)``), ``target_modules`` (list or regex string),
                                ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
-                               ``modules_to_save`` (one module: it becomes the adapter's stored head and its saved
-                               tensors are copied into the model's module, as PEFT's ``ModulesToSaveWrapper`` does)
+                               ``modules_to_save`` (one module, the model's classifier: it becomes the adapter's
+                               stored head and its saved tensors are copied into the model's module, as PEFT's
+                               ``ModulesToSaveWrapper`` does)
 ignored, with the reason       ``task_type``, ``auto_mapping``, ``base_model_name_or_path``, ``revision``,
                                ``peft_version`` (descriptive; they select no weights); ``inference_mode`` (training
                                flag); ``lora_dropout`` (identity at inference; visadapt keeps it at 0 so training
@@ -29,7 +30,8 @@ refused, naming option/file    ``peft_type`` other than LORA; ``use_dora``; ``lo
                                ``monteclora_config``; ``ensure_weight_tying`` True; ``init_lora_weights`` "pissa*",
                                "olora", "corda", "loftq", "eva", "lora_ga" (these change the *base* weights);
                                ``target_modules`` None or "all-linear" (PEFT resolves them from transformers model
-                               types only); ``modules_to_save`` matching several modules; fields this PEFT does not
+                               types only); ``modules_to_save`` matching several modules, or a module that is not
+                               the classifier (:func:`visadapt.api.classifier_paths`); fields this PEFT does not
                                know, unless null/false
 =============================  ===========================================================================
 
@@ -233,6 +235,13 @@ def load_peft_state(model: nn.Module, config, state: Mapping[str, torch.Tensor],
     if len(saved) > 1:
         raise LoraLayoutError(f"{source}: modules_to_save={config.modules_to_save!r} matches {len(saved)} modules "
                               f"({', '.join(saved[:5])}); visadapt stores one head per adapter")
+    allowed = api.classifier_paths(model)
+    if saved and saved[0] not in allowed:
+        # the rule every visadapt file follows: a file writes into the adapter's modules and the classifier only
+        raise LoraLayoutError(f"{source}: modules_to_save={config.modules_to_save!r} names {saved[0]!r}, which is not "
+                              f"this model's classifier ({', '.join(allowed) or 'it has none a file may write'}); "
+                              f"visadapt lets an adapter file replace the classifier only: load this folder with "
+                              f"PeftModel.from_pretrained")
     if saved:
         head = saved[0]
         expected = modules[head].state_dict()

@@ -442,3 +442,31 @@ def test_every_plugin_refuses_a_config_that_its_tensors_do_not_match(plugin, mak
     stored = visadapt.api.stored_tensors(model, "default")  # the stored form (1-bit adapters load dequantised)
     assert {k: v for k, v in visadapt.api.stored_tensors(fresh, "default").items()}.keys() == stored.keys()
     assert all(torch.equal(v, stored[k]) for k, v in visadapt.api.stored_tensors(fresh, "default").items())
+
+
+def test_concurrent_json_writers_leave_a_whole_file_and_no_temporary(tmp_path):
+    """Two writers of one JSON file (two runs updating a metrics file) each write aside under their own temporary
+    name and rename: readers see one whole file, and nothing is left next to it."""
+    import json
+    import threading
+
+    from visadapt.io import write_json_atomic
+
+    target = tmp_path / "metrics.json"
+    errors = []
+
+    def writer(value):
+        try:
+            for step in range(50):
+                write_json_atomic(target, {"writer": value, "step": step, "pad": "x" * 4096})
+        except Exception as err:  # noqa: BLE001 (any failure of a writer fails the test)
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert json.loads(target.read_text())["step"] == 49
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

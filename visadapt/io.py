@@ -199,11 +199,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as JSON so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    """Write ``payload`` as JSON so that readers see the old file or the whole new one, never a part
+    (:func:`write_file_atomic`: each writer has a temporary file of its own, so concurrent writers of one file
+    cannot hand each other a half-written one)."""
+    write_file_atomic(Path(path), json.dumps(payload, indent=1).encode())
 
 
 def site_widths(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:

@@ -257,12 +257,17 @@ def write_head(model: nn.Module, adapter_name: str, head_state: dict[str, torch.
             targets[key].copy_(value)
 
 
+def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` (dotted) in ``model``, in place of what is there."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 def _restore_head(model: nn.Module, record: AttachedAdapter) -> None:
     if record.head_before is None:
         return
     if isinstance(record.head_before, nn.Module):  # a replace_head load swapped the module: swap it back
-        parent, _, leaf = record.head.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, record.head_before)
+        replace_submodule(model, record.head, record.head_before)
     else:
         targets = model.get_submodule(record.head).state_dict(keep_vars=True)
         with torch.no_grad():

@@ -451,8 +451,7 @@ def _replace_linear_head(model: nn.Module, head: str, head_state: dict[str, torc
     new.train(old.training)
     for param, old_param in zip(new.parameters(), old.parameters(), strict=False):
         param.requires_grad_(old_param.requires_grad)
-    parent, _, leaf = head.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    api.replace_submodule(model, head, new)
     return old
 
 
@@ -647,7 +646,7 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
         api.attach(model, plugin, config, adapter_name=adapter_name, head=head)
     except Exception:
         if replaced is not None:
-            _put_back(model, head, replaced)
+            api.replace_submodule(model, head, replaced)
         raise
     if replaced is not None:  # detach (also on a failure below) swaps the model's own head back in
         api.get_record(model, adapter_name).head_before = replaced
@@ -681,8 +680,3 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
     # so save_pretrained's card and file keep it
     record.metadata = {k: v for k, v in meta.items() if k not in RESERVED_METADATA}
     return config
-
-
-def _put_back(model: nn.Module, head: str, module: nn.Module) -> None:
-    parent, _, leaf = head.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)

@@ -7,7 +7,6 @@ SelaVPR paper does (one row per method and stage, R@1/R@5/R@10 per dataset, then
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -148,25 +147,25 @@ def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split:
     from visadapt.data import resolve_normalization
     from visadapt.data.places import PlaceSplit
     from visadapt.data.transforms import vtab_transform
-    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata
+    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata, training_run
     from visadapt.plugins.selavpr import PlaceRecognitionModel
 
     meta = read_adapter_metadata(path)
-    if TRAIN_METADATA not in meta:
+    run = training_run(path, meta)
+    if not run.present:
         raise ValueError(f"{path} has no {TRAIN_METADATA!r} metadata (not written by train/vpr.py), so the backbone "
                          f"it belongs to is unknown")
-    run = json.loads(meta[TRAIN_METADATA])
-    if run.get("benchmark") != "vpr":
-        raise ValueError(f"{path} was trained on {run.get('benchmark')!r}, not for place recognition; evaluate it "
-                         f"with --benchmark {run.get('benchmark')}")
-    size = int(run["input_size"])
-    backbone = create_backbone(run["model"], run.get("pretrained", "default"), num_classes=0,
-                               img_size=size)
+    benchmark = run.text("benchmark")
+    if benchmark != "vpr":
+        raise ValueError(f"{path} was trained on {benchmark!r}, not for place recognition; evaluate it "
+                         f"with --benchmark {benchmark}")
+    size = run.input_size(required=True)
+    backbone = create_backbone(run.text("model", required=True), run.weights(), num_classes=0, img_size=size)
     load_adapter(backbone, path)
     model = PlaceRecognitionModel(backbone)
-    transform = vtab_transform(size, resolve_normalization(run.get("normalize", "model"), backbone))
+    transform = vtab_transform(size, resolve_normalization(run.text("normalize", "model"), backbone))
     place_split = PlaceSplit(data_root, split, transform)
-    k = rerank_k or int(run.get("rerank_k", 100))
+    k = rerank_k or run.integer("rerank_k", 100, minimum=1, maximum=100_000)
     result = evaluate_places(model, place_split, rerank_k=k, batch_size=batch_size, **kwargs)
     return {"benchmark": "vpr", "dataset": Path(data_root).name, "test": {Path(data_root).name: result},
             "trainable_params": summary(backbone).trainable_params}

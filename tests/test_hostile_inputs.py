@@ -234,6 +234,38 @@ def test_a_huge_rank_in_the_header_is_refused_before_anything_is_allocated(legit
     assert_unchanged(model, before)
 
 
+def test_a_model_holding_an_uncopyable_attribute_still_gets_the_shape_check(legit_file, tmp_path):
+    """A lock on the model cannot be deep-copied: the tensor-free copy shares it, the huge rank is still refused
+    without touching the model, and the legitimate file still loads."""
+    import threading
+
+    tensors, meta = legit_file
+    huge = write_crafted(tmp_path / "huge.safetensors", tensors,
+                         edited(meta, "config", lambda c: {**c, "rank": 3_000_000}))
+    model = tm.vit().eval()
+    model.blocks[0].lock = threading.Lock()
+    before = every_tensor(model)
+    with pytest.raises(io.AdapterFileError, match="does not match the file's tensors"):
+        visadapt.load_adapter(model, huge)
+    assert_unchanged(model, before)
+    visadapt.load_adapter(model, write_crafted(tmp_path / "ok.safetensors", tensors, meta))
+    assert model.blocks[0].lock is not None and inject.attached(model, "default")
+
+
+def test_a_model_that_refuses_to_be_copied_gets_one_clear_error(legit_file, tmp_path):
+    class Uncopyable(torch.nn.Identity):
+        def __deepcopy__(self, memo):
+            raise TypeError("no copies of me")
+
+    tensors, meta = legit_file
+    model = tm.vit().eval()
+    model.blocks[0].ls1 = Uncopyable()
+    before = every_tensor(model)
+    with pytest.raises(AdapterLoadError, match=r"cannot be copied \(TypeError: no copies of me"):
+        visadapt.load_adapter(model, write_crafted(tmp_path / "ok.safetensors", tensors, meta))
+    assert_unchanged(model, before) and not inject.attached(model, "default")
+
+
 def test_a_config_that_builds_more_than_the_file_stores_is_refused_also_when_not_strict(legit_file, tmp_path):
     tensors, meta = legit_file
     path = write_crafted(tmp_path / "big.safetensors", tensors,
@@ -470,3 +502,60 @@ def test_concurrent_json_writers_leave_a_whole_file_and_no_temporary(tmp_path):
     assert not errors
     assert json.loads(target.read_text())["step"] == 49
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+# --------------------------------------------------------------------------- the recorded training run
+
+
+GOOD_RUN = {"benchmark": "vtab", "task": "cifar", "model": "visadapt_procvit_tiny", "pretrained": "none",
+            "seed": 0, "input_size": 32}
+CRAFTED_RUNS = {
+    "benchmark missing": ({k: v for k, v in GOOD_RUN.items() if k != "benchmark"}, "benchmark"),
+    "model a number": ({**GOOD_RUN, "model": 123}, "model"),
+    "model with an escape": ({**GOOD_RUN, "model": "vit\x1b[2J"}, "model"),
+    "seed a string": ({**GOOD_RUN, "seed": "x"}, "seed"),
+    "seed negative": ({**GOOD_RUN, "seed": -1}, "seed"),
+    "input_size huge": ({**GOOD_RUN, "input_size": 10**9}, "input_size"),
+    "input_size a float": ({**GOOD_RUN, "input_size": 32.5}, "input_size"),
+    "pretrained a list": ({**GOOD_RUN, "pretrained": ["a"]}, "pretrained"),
+    "precision an object": ({**GOOD_RUN, "precision": {"a": 1}}, "precision"),
+}
+
+
+def file_with_run(tmp_path: Path, run) -> Path:
+    return visadapt.save_adapter(lora_vit(), tmp_path / "run.safetensors",
+                                 metadata={io.TRAIN_METADATA: json.dumps(run)})
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_RUNS))
+def test_a_crafted_training_record_is_refused_by_name_before_anything_is_built(case, tmp_path, monkeypatch):
+    from visadapt import engine
+
+    run, field = CRAFTED_RUNS[case]
+    path = file_with_run(tmp_path, run)
+    built = []
+    monkeypatch.setattr("visadapt.backbones.create_backbone", lambda *a, **k: built.append(a))
+    with pytest.raises(io.AdapterFileError) as err:
+        engine.evaluate_adapter_file(path, tmp_path)
+    assert str(path) in str(err.value) and f"visadapt.train.{field}" in str(err.value)
+    assert "\x1b" not in str(err.value) and not built
+
+
+@pytest.mark.parametrize("case", ["model a number", "seed a string", "pretrained a list"])
+def test_export_reads_the_recorded_base_model_through_the_same_checks(case, tmp_path):
+    from visadapt.export import read_adapter_on_base
+
+    run, field = CRAFTED_RUNS[case]
+    path = file_with_run(tmp_path, run)
+    with pytest.raises(io.AdapterFileError, match=rf"visadapt\.train\.{field}"):
+        read_adapter_on_base(path)
+
+
+def test_vpr_evaluation_refuses_a_crafted_input_size_before_building_a_backbone(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from eval.vpr import evaluate_vpr_adapter_file
+
+    path = file_with_run(tmp_path, {**GOOD_RUN, "benchmark": "vpr", "input_size": 10**7})
+    monkeypatch.setattr("visadapt.backbones.create_backbone", lambda *a, **k: pytest.fail("built a backbone"))
+    with pytest.raises(io.AdapterFileError, match=r"visadapt\.train\.input_size.*from 1 to 8192"):
+        evaluate_vpr_adapter_file(path, tmp_path)

@@ -925,30 +925,35 @@ def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike 
     from visadapt.data import build_datasets, resolve_normalization
     from visadapt.data.procedural import generate_mini_vtab
     from visadapt.data.tasks import resolve_task
-    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata
+    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata, training_run
 
     meta = read_adapter_metadata(path)  # the header only: load_adapter below reads and checks the tensors
-    if TRAIN_METADATA not in meta:
+    run = training_run(path, meta)
+    if not run.present:
         raise ValueError(f"{path} has no {TRAIN_METADATA!r} metadata (it was not written by a visadapt train/ "
                          f"script), so the backbone and task it belongs to are unknown")
-    run = json.loads(meta[TRAIN_METADATA])
-    benchmark = benchmark or run["benchmark"]
-    info = resolve_task(benchmark, task or run["task"])
+    # Every recorded field is read (and checked) before anything is built from it.
+    benchmark = benchmark or run.text("benchmark", required=True)
+    info = resolve_task(benchmark, task or run.text("task", required=True))
+    model_name, weights, seed = run.text("model", required=True), run.weights(), run.integer("seed", 0)
+    data_seed, recorded_size = run.integer("data_seed", 0), run.input_size()
+    normalize = normalize or run.text("normalize", "model")
+    precision = precision or run.text("precision", "auto")
     if data_root is None:
         if benchmark != "mini-vtab":
             raise ValueError(f"evaluating {path} on {benchmark} needs --data-root (the folder with the task "
                              f"directories)")
-        data_root = generate_mini_vtab(seed=run.get("data_seed", 0))  # its default folder for that seed
+        data_root = generate_mini_vtab(seed=data_seed)  # its default folder for that seed
     # Seeded as in training, so a run on a randomly initialised backbone ("none") gets the same backbone back.
-    seed_everything(int(run.get("seed", 0)))
-    model = create_backbone(run["model"], run.get("pretrained", "default"), num_classes=info.num_classes)
+    seed_everything(seed)
+    model = create_backbone(model_name, weights, num_classes=info.num_classes)
     load_adapter(model, path)
-    normalization = resolve_normalization(normalize or run.get("normalize", "model"), model)
-    input_size = int(run.get("input_size") or model.pretrained_cfg["input_size"][-1])
+    normalization = resolve_normalization(normalize, model)
+    input_size = recorded_size or model.pretrained_cfg["input_size"][-1]
     _, eval_dataset = build_datasets(benchmark, data_root, info.name, protocol=protocol, input_size=input_size,
                                      normalization=normalization)
     # The precision the run evaluated at (files written before it was recorded: auto, as they were trained).
-    accelerator = make_accelerator(None, precision=precision or run.get("precision", "auto"))
+    accelerator = make_accelerator(None, precision=precision)
     loader = DataLoader(eval_dataset, batch_size=_eval_batch_size(batch_size, accelerator), shuffle=False)
     model, loader = accelerator.prepare(model, loader)
     _prepare_attention(accelerator.unwrap_model(model), "sdpa", accelerator)

@@ -58,7 +58,13 @@ import torch
 from torch import nn
 
 from visadapt import api, inject
-from visadapt.io import TRAIN_METADATA, load_adapter_tensors, read_adapter_file, write_json_atomic
+from visadapt.io import (
+    TRAIN_METADATA,
+    load_adapter_tensors,
+    read_adapter_file,
+    training_run,
+    write_json_atomic,
+)
 from visadapt.registry import get_plugin
 
 REPORT_FORMAT = "visadapt-export/1"
@@ -107,21 +113,22 @@ def resolve_library(spec: str) -> str:
     return "timm"
 
 
-def recorded_model_spec(meta: dict[str, str]) -> tuple[str | None, str | None, int]:
+def recorded_model_spec(meta: dict[str, str], path: str | os.PathLike = "the adapter file"
+                        ) -> tuple[str | None, str | None, int]:
     """``(model spec, pretrained, seed)`` an adapter file records: the backbone a ``train/`` script wrote under the
     ``visadapt.train`` metadata key, else the published name in the base model's fingerprint (timm), else None."""
-    fingerprint = json.loads(meta.get("base_model") or "{}")
-    family = fingerprint.get("family", "")
-    run = json.loads(meta[TRAIN_METADATA]) if TRAIN_METADATA in meta else {}
-    seed = int(run.get("seed", 0))
-    if family.startswith("diffusers") and run.get("pipeline"):
-        return str(run["pipeline"]), run.get("pretrained"), seed
-    if run.get("model"):
-        name = str(run["model"])
+    fingerprint = json.loads(meta.get("base_model") or "{}")  # checked by io.check_header when the file was read
+    family = fingerprint.get("family", "") if isinstance(fingerprint, dict) else ""
+    run = training_run(path, meta)
+    seed = run.integer("seed", 0)
+    if family.startswith("diffusers") and run.text("pipeline"):
+        return run.text("pipeline"), run.weights(None), seed
+    if run.text("model"):
+        name = run.text("model")
         spec = f"open_clip:{name}" if family == "open_clip" and not name.startswith("open_clip:") else name
-        return spec, run.get("pretrained"), seed
-    if family.startswith("timm") and fingerprint.get("name"):
-        return str(fingerprint["name"]), None, seed
+        return spec, run.weights(None), seed
+    if family.startswith("timm") and isinstance(fingerprint.get("name"), str):
+        return fingerprint["name"], None, seed
     return None, None, seed
 
 
@@ -616,7 +623,7 @@ def read_adapter_on_base(adapter: str | os.PathLike, model: str | None = None) -
     names one."""
     adapter = Path(adapter)
     tensors, meta = read_adapter_file(adapter)
-    recorded_model, recorded_pretrained, seed = recorded_model_spec(meta)
+    recorded_model, recorded_pretrained, seed = recorded_model_spec(meta, adapter)
     if model is None and recorded_model is None:
         raise ExportError(f"{adapter} does not record its base model (no {TRAIN_METADATA!r} metadata naming it); "
                           f"pass --model: a timm name, open_clip:NAME, or a diffusers UNet/pipeline folder")

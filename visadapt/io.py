@@ -215,6 +215,65 @@ def site_widths(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
 TRAIN_METADATA = "visadapt.train"
 
 
+class TrainingRun:
+    """The ``visadapt.train`` entry of an adapter file (what a ``train/`` script recorded about its run), read as
+    untrusted input: every getter checks the field's type and range and raises :class:`AdapterFileError` naming
+    the file, ``visadapt.train.<field>`` and what was expected. A file without the entry reads as an empty run.
+    """
+
+    def __init__(self, path, meta: Mapping[str, str]):
+        self.path = path
+        self.present = TRAIN_METADATA in meta
+        self._values = (_json_object(path, meta, TRAIN_METADATA, "a JSON object describing the training run")
+                        if self.present else {})
+
+    def _error(self, field: str, problem: str, expected: str) -> AdapterFileError:
+        return _header_error(self.path, f"{TRAIN_METADATA}.{field}", problem, expected)
+
+    def _get(self, field: str, required: bool) -> Any:
+        value = self._values.get(field)
+        if value is None and required:
+            raise self._error(field, "is missing", "the value the train/ script records; this file was not "
+                              "written by a complete visadapt train/ run, so name it on the command line")
+        return value
+
+    def text(self, field: str, default: str | None = None, *, required: bool = False) -> str | None:
+        """A printable string field (a name, a benchmark, a precision)."""
+        value = self._get(field, required)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.isprintable() or len(value) > 4096:
+            raise self._error(field, f"is {_shown(value)}", "a printable string")
+        return value
+
+    def integer(self, field: str, default: int | None = None, *, required: bool = False, minimum: int = 0,
+                maximum: int = 2**32 - 1) -> int | None:
+        """An integer field within ``[minimum, maximum]`` (a crafted ``input_size`` cannot size a huge model)."""
+        value = self._get(field, required)
+        if value is None:
+            return default
+        if not _is_int(value) or not minimum <= value <= maximum:
+            raise self._error(field, f"is {_shown(value)}", f"an integer from {minimum} to {maximum}")
+        return value
+
+    def input_size(self, *, required: bool = False) -> int | None:
+        """The image side the run trained at, or None when it used the model's own (at most 8192 pixels, so a
+        crafted value cannot make the evaluator build a model with a huge position embedding)."""
+        return self.integer("input_size", required=required, minimum=1, maximum=8192)
+
+    def weights(self, default: str | None = "default") -> str | None:
+        """``pretrained``: a weights name, a path, or ``"none"``."""
+        value = self._values.get("pretrained", default)
+        if value is not None and (not isinstance(value, str) or not value.isprintable()):
+            raise self._error("pretrained", f"is {_shown(value)}", "a weights name, a path, or \"none\"")
+        return value
+
+
+def training_run(path, meta: Mapping[str, str]) -> TrainingRun:
+    """The checked ``visadapt.train`` entry of the header ``meta`` read from ``path``."""
+    return TrainingRun(path, meta)
+
+
 def _check_is_safetensors(path: str | os.PathLike) -> Path:
     """``path`` as a Path once its first bytes look like safetensors; pickles are refused unopened."""
     path = Path(path)
@@ -317,7 +376,7 @@ def check_header(path, meta: Mapping[str, str]) -> AdapterHeader:
     for key, value in widths.items():
         if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= 0 for v in value)):
             raise _header_error(path, "site_widths", f"maps {_shown(key)} to {_shown(value)}", widths_shape)
-    if TRAIN_METADATA in meta:  # optional; its readers (visadapt-eval, export) index it as an object
+    if TRAIN_METADATA in meta:  # optional; its readers go through TrainingRun's typed getters
         _json_object(path, meta, TRAIN_METADATA, "a JSON object describing the training run")
     head = meta["head"]
     if head and not head.isprintable():
@@ -514,6 +573,10 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
                                    metadata=found.metadata)
 
 
+class ModelNotCopyableError(AdapterLoadError):
+    """The model cannot be deep-copied, so a file's shapes cannot be checked on a tensor-free copy of it."""
+
+
 def _meta_skeleton(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose every tensor is on the meta device: modules, hooks and attached adapters alike,
     no tensor memory. Parameters and buffers, and tensors a module keeps as plain attributes (at most two
@@ -548,7 +611,27 @@ def _meta_skeleton(model: nn.Module) -> nn.Module:
         for name, value in vars(module).items():
             if name not in ("_parameters", "_buffers", "_modules"):
                 visit(value, 3)  # e.g. the adapter records (their saved head) and split layers kept aside
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, dict(memo))
+    except Exception as first_error:  # noqa: BLE001 - any copy failure gets the fallback below, then a clear error
+        # An attribute that cannot be copied (a lock, an open file, a C handle) is shared with ``model`` instead:
+        # the skeleton needs the module tree and the tensor shapes, not those objects. Only the failing values are
+        # shared, so the adapter records attach writes into are still the skeleton's own.
+        for module in model.modules():
+            for name, value in vars(module).items():
+                if name not in ("_parameters", "_buffers", "_modules") and id(value) not in memo:
+                    try:
+                        copy.deepcopy(value, dict(memo))
+                    except Exception:  # noqa: BLE001
+                        memo[id(value)] = value
+        try:
+            return copy.deepcopy(model, memo)
+        except Exception as error:
+            raise ModelNotCopyableError(
+                f"visadapt checks an adapter file's shapes on a tensor-free copy of the model before loading it, "
+                f"and this {type(model).__name__} cannot be copied ({type(first_error).__name__}: "
+                f"{str(first_error)[:120]}; then {type(error).__name__}); make the model copyable with "
+                f"copy.deepcopy (a module that defines __deepcopy__ must return a copy)") from error
 
 
 def expected_adapter_state(model: nn.Module, plugin: AdapterPlugin, config: AdapterConfig,
@@ -626,6 +709,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], met
                          f"adapter_name")
     try:
         expected, here_widths = expected_adapter_state(model, plugin, config, adapter_name)
+    except ModelNotCopyableError:  # the model, not the file, is the problem
+        raise
     except Exception as err:  # only the meta copy saw it: whatever the plugin raised, the file's config does not
         # build on this model, and the model is untouched
         raise AdapterFileError(f"adapter file {path}: header field 'config' does not fit this model: {err}") from err

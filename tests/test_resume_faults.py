@@ -123,6 +123,20 @@ def test_a_truncated_file_makes_the_checkpoint_skipped_with_a_notice_naming_it(r
         assert len(notices) == 1 and newest.name in notices[0] and name in notices[0]
 
 
+def test_an_unreadable_progress_file_is_a_broken_checkpoint_not_a_traceback(reference, tmp_path):
+    """``progress.json`` that cannot be read at all (here a folder in its place: ``IsADirectoryError``) makes its
+    checkpoint skipped like a corrupt one; before, the ``OSError`` escaped from the choice (a traceback, and under
+    a multi-process launch the other ranks were left in the broadcast of the choice)."""
+    newest, previous = _checkpoints(reference)[-1], _checkpoints(reference)[-2]
+    root = _run_with([previous, newest], tmp_path)
+    (root / newest.name / "progress.json").unlink()
+    (root / newest.name / "progress.json").mkdir()
+    problem = checkpoint_problem(root / newest.name)
+    assert problem is not None and problem.startswith("progress.json is unreadable (IsADirectoryError")
+    chosen, notices = _choose_resume_checkpoint(root, 1, needs_scaler=False)
+    assert chosen == root / previous.name and len(notices) == 1 and newest.name in notices[0]
+
+
 @pytest.mark.parametrize("name", ["progress.json", "trainable.safetensors"])
 def test_resume_skips_a_damaged_newest_checkpoint_and_ends_as_the_uninterrupted_run(tiny_data, reference, tmp_path,
                                                                                    capsys, name):

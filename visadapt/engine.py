@@ -312,12 +312,41 @@ class CheckpointError(RuntimeError):
 
 def run_script(main: Callable[[], int]) -> int:
     """The exit code of a ``train/`` script's ``main``: its own, or 2 with one ``error:`` line (the message names
-    the checkpoint folder and the fix) when resuming is impossible, instead of a traceback."""
+    the checkpoint folder and the fix) when resuming is impossible, instead of a traceback.
+
+    Under a multi-process launch every rank raises the same :class:`CheckpointError` at the same point (:func:`fit`
+    broadcasts the main process's decision), so only the main process prints the line and every rank returns 2.
+    The process group is then torn down, as ``Accelerator.end_training`` does after a finished run: a rank that
+    exits with gloo's threads still running is aborted by the C++ runtime ("terminate called without an active
+    exception", SIGABRT) instead of exiting with its code.
+    """
     try:
-        return main()
+        code = main()
     except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if _is_main_process():
+            print(f"error: {err}", file=sys.stderr)
+        code = 2
+    _end_process_group()
+    return code
+
+
+def _is_main_process() -> bool:
+    """Whether this is the main process of the launch: Accelerate's answer once a ``PartialState`` exists (it is
+    never created here, which would join a process group), else ``RANK`` as launchers set it."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        return PartialState().is_main_process
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _end_process_group() -> None:
+    """Destroy the default process group if this process joined one (Accelerate's teardown, which leaves the group of
+    a notebook fork launch alone)."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state and torch.distributed.is_available() and torch.distributed.is_initialized():
+        PartialState().destroy_process_group()
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -389,6 +418,8 @@ def checkpoint_problem(path: Path, num_processes: int = 1, *, needs_scaler: bool
         _read_progress(path / _PROGRESS)
     except FileNotFoundError:
         return f"{_PROGRESS} is missing"
+    except OSError as error:  # a folder in its place, no read permission, an I/O error
+        return f"{_PROGRESS} is unreadable ({type(error).__name__}: {str(error)[:120]})"
     except ValueError as error:
         return str(error)
     required = [(_TRAINABLE, load_file), (f"{OPTIMIZER_NAME}.bin", accelerate_load),
@@ -661,11 +692,17 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     resumed_from = None
     selected: dict[str, torch.Tensor] | None = None  # trainable state at the best evaluation (keep_best)
     if resume and ckpt_root is not None:
-        # The main process picks the checkpoint and every process follows its choice (and its error).
-        decision = None
+        # The main process decides (which checkpoint, which notices, which RNG files are missing, or the error) and
+        # broadcasts the decision; every process follows it. Letting each rank read the files itself could split
+        # the ranks: a file can change or appear between two ranks' reads (a checkpoint published, a staging
+        # folder removed, a network file system's cache), and ranks that chose differently would load different
+        # states or wait in different collectives. One reader also reads the files once, not once per rank.
+        # Whatever the main process meets while deciding reaches the others through the broadcast, so none is
+        # left waiting in it.
+        decision, failure = None, None
         if accelerator.is_main_process:
-            remove_stale_staging(ckpt_root)
             try:
+                remove_stale_staging(ckpt_root)
                 chosen, notices = _choose_resume_checkpoint(ckpt_root, accelerator.num_processes,
                                                             needs_scaler=accelerator.scaler is not None)
                 missing_rng = [name for name in rng_state_files(accelerator.num_processes)
@@ -673,7 +710,14 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                 decision = (str(chosen) if chosen is not None else None, notices, missing_rng, None)
             except CheckpointError as error:
                 decision = (None, [], [], str(error))
+            except Exception as error:  # noqa: BLE001 - re-raised below, once the other ranks know
+                failure = error
+                told = (f"the main process failed while choosing the checkpoint to resume in {ckpt_root} "
+                        f"({type(error).__name__}: {error}); its traceback says where")
+                decision = (None, [], [], told)
         chosen, notices, missing_rng, error = broadcast_object_list([decision])[0]
+        if failure is not None:
+            raise failure
         if error is not None:
             raise CheckpointError(error)
         for notice in notices:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -167,3 +168,30 @@ def test_no_complete_checkpoint_is_one_error_line_and_exit_2_on_every_rank(tiny_
     assert f"no complete checkpoint to resume in {root}" in errors[0]
     assert f"{newest.name}: progress.json is unreadable" in errors[0] and "not valid JSON" in errors[0]
     assert "Traceback" not in stderr and not (tmp_path / TASK / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------- resumes that continue
+
+
+def test_sigkill_after_the_first_checkpoint_then_a_two_process_resume_ends_as_the_uninterrupted_run(
+        tiny_data, reference, tmp_path):
+    """Both ranks SIGKILLed as soon as the first checkpoint is complete (``step_00000001`` appears only by the
+    rename that publishes a whole checkpoint), then ``accelerate launch ... --resume``: the adapter file has the
+    uninterrupted run's bytes and the metrics agree (mid-epoch resume: each rank skips its shard of the batches
+    already seen and restores its own RNG state)."""
+    ranks = _start_ranks(_args(tiny_data, tmp_path), tmp_path / "logs")
+    first = tmp_path / TASK / "checkpoints" / "step_00000001"
+    deadline = time.time() + LAUNCH_TIMEOUT_S
+    while time.time() < deadline and all(proc.poll() is None for proc in ranks) and not first.is_dir():
+        time.sleep(0.001)
+    for proc in ranks:
+        proc.send_signal(signal.SIGKILL)
+    assert [proc.wait() for proc in ranks] == [-signal.SIGKILL] * 2, "a rank ended before it could be killed"
+    assert first.is_dir() and not (tmp_path / TASK / "metrics.json").exists()
+    root = tmp_path / TASK / "checkpoints"
+    assert all(checkpoint_problem(folder, 2) is None for folder in root.glob("step_*"))
+    result = _accelerate_launch(_args(tiny_data, tmp_path, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_lines(result.stdout, "resuming from")) == 1
+    _assert_same_as_reference(tmp_path, reference)
+    _assert_nothing_partial(root)

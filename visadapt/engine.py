@@ -386,7 +386,37 @@ def _read_progress(path: Path) -> dict[str, Any]:
             raise ValueError(f"{_PROGRESS} field {key!r} is {repr(progress.get(key))[:60]}, not {kind.__name__}")  # noqa: TRY004
     if len(progress["best"]) != 2:
         raise ValueError(f"{_PROGRESS} field 'best' is {progress['best']!r}, not [score, epoch]")
+
+    def real(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    # the epoch's running loss of a mid-epoch checkpoint (absent in older ones: a fresh epoch then)
+    if "loss_sums" in progress and not (isinstance(progress["loss_sums"], list)
+                                        and all(real(value) for value in progress["loss_sums"])):
+        raise ValueError(f"{_PROGRESS} field 'loss_sums' is {repr(progress['loss_sums'])[:60]}, not a list of "
+                         f"numbers (one per process)")
+    if "loss_sum" in progress and not real(progress["loss_sum"]):
+        raise ValueError(f"{_PROGRESS} field 'loss_sum' is {repr(progress['loss_sum'])[:60]}, not a number")
+    count = progress.get("loss_count", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{_PROGRESS} field 'loss_count' is {repr(count)[:60]}, not a count")
     return progress
+
+
+def _resumed_loss_sum(progress: Mapping[str, Any], rank: int, num_processes: int) -> float:
+    """This process's summed batch losses of the current epoch up to the checkpoint in ``progress``.
+
+    A checkpoint keeps every process's own sum (``loss_sums``): the epoch's train loss is their mean at the
+    epoch end, so each rank must get its own back for a resumed run to report the uninterrupted run's loss.
+    Resumed with another process count, every process takes their mean, which keeps that epoch mean (up to
+    rounding). Checkpoints written before ``loss_sums`` hold one ``loss_sum`` (the main process's own).
+    """
+    sums = progress.get("loss_sums")
+    if sums is None:
+        return float(progress.get("loss_sum", 0.0))
+    if not sums:
+        return 0.0
+    return float(sums[rank]) if len(sums) == num_processes else sum(sums) / len(sums)
 
 
 def checkpoint_problem(path: Path, num_processes: int = 1, *, needs_scaler: bool = False) -> str | None:
@@ -809,7 +839,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False,
                        desc=f"{log_prefix}epoch {epoch + 1}/{config.epochs}")
         # Carried in the checkpoint so that a mid-epoch resume reports the whole epoch's mean loss.
-        loss_sum = torch.tensor(progress.get("loss_sum", 0.0), device=accelerator.device)
+        loss_sum = torch.tensor(_resumed_loss_sum(progress, accelerator.process_index, accelerator.num_processes),
+                                device=accelerator.device)
         loss_count = progress.get("loss_count", 0)
         for images, labels in loader:
             if train_transform is not None:
@@ -833,7 +864,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                     record.plugin.on_step(bare, progress["step"])
                 if (config.checkpoint_every_steps and progress["step"] % config.checkpoint_every_steps == 0
                         and progress["batch"] < batches_per_epoch):
-                    progress["loss_sum"], progress["loss_count"] = loss_sum.item(), loss_count
+                    # every process's own sum (a collective: all ranks checkpoint at the same step)
+                    progress["loss_sums"] = accelerator.gather(loss_sum.reshape(1)).tolist()
+                    progress["loss_count"] = loss_count
+                    progress.pop("loss_sum", None)
                     checkpoint()
         if bar is not None:
             bar.close()
@@ -860,7 +894,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         accelerator.print(f"{log_prefix}epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}"
                           + (f"  {metric} {entry[metric]:.2f}" if metric in entry else ""))
         progress["history"].append(entry)
-        progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+        progress.update(epoch=epoch + 1, batch=0, loss_sums=[], loss_count=0)
+        progress.pop("loss_sum", None)
         checkpoint()
 
     for hook in hooks:

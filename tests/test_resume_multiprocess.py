@@ -173,6 +173,23 @@ def test_no_complete_checkpoint_is_one_error_line_and_exit_2_on_every_rank(tiny_
 # ------------------------------------------------------------------------------------- resumes that continue
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_with_one_notice_for_the_launch(tiny_data, reference, tmp_path):
+    """The newest checkpoint's trainable.safetensors cut in half: both ranks resume from the one before, the
+    launch prints one notice (not one per rank), and the run ends with the uninterrupted run's bytes (each rank
+    gets its own running loss of the epoch back from the checkpoint it falls back to)."""
+    previous, newest = _checkpoints(reference)[3], _checkpoints(reference)[4]  # mid-epoch 2: batch 1, batch 2
+    root = _run_with([previous, newest], tmp_path)
+    damaged = root / newest.name / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+    ranks = _launch_ranks(_args(tiny_data, tmp_path, "--resume"), tmp_path / "logs")
+    assert [code for code, _, _ in ranks] == [0, 0], [err[-2000:] for _, _, err in ranks]
+    notices = _lines("".join(stdout + err for _, stdout, err in ranks), "skipping broken checkpoint")
+    assert len(notices) == 1 and newest.name in notices[0] and "trainable.safetensors" in notices[0]
+    assert json.loads((tmp_path / TASK / "metrics.json").read_text())["resumed_from"].endswith(previous.name)
+    _assert_same_as_reference(tmp_path, reference)
+    _assert_nothing_partial(root)
+
+
 def test_sigkill_after_the_first_checkpoint_then_a_two_process_resume_ends_as_the_uninterrupted_run(
         tiny_data, reference, tmp_path):
     """Both ranks SIGKILLed as soon as the first checkpoint is complete (``step_00000001`` appears only by the

@@ -653,6 +653,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     start_time = time.time()
 
     # A private generator keeps DataLoader start-up from consuming the global RNG, which resume restores.
+    sampler = None
     if batch_sampler is not None:
         _check_divisible(getattr(batch_sampler, "batch_size", config.batch_size), accelerator,
                          "batch_sampler.batch_size")
@@ -828,9 +829,12 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         # Through the prepared loader: Accelerate re-sets the sampler's epoch from its own counter on
         # every pass, which after a resume would not be the true epoch.
         loader.set_epoch(epoch)
-        if batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
-            # Accelerate's wrappers (resume skipping, process sharding) do not always pass set_epoch on.
-            batch_sampler.set_epoch(epoch)
+        # And directly: Accelerate's wrappers do not always pass set_epoch on. Under several processes the
+        # resume-skipping wrapper sits on the process shard, one level deeper than DataLoaderShard.set_epoch
+        # looks, so a mid-epoch resume after the first epoch would replay epoch 0's order.
+        for own in (sampler, batch_sampler):
+            if own is not None and hasattr(own, "set_epoch"):
+                own.set_epoch(epoch)
         if before_epoch is not None:
             before_epoch(model, epoch)
             model.train()

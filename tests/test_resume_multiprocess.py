@@ -170,6 +170,47 @@ def test_no_complete_checkpoint_is_one_error_line_and_exit_2_on_every_rank(tiny_
     assert "Traceback" not in stderr and not (tmp_path / TASK / "metrics.json").exists()
 
 
+def test_a_missing_rank_1_rng_state_is_refused_in_one_line_by_accelerate_launch(tiny_data, reference, tmp_path):
+    """``random_states_1.pkl`` missing, ``random_states_0.pkl`` present: the launch is refused with one
+    ``error:`` line naming rank 1's file and the flag; the failed rank exits with 2 (not an abort at exit)."""
+    root = _run_with([_checkpoints(reference)[3]], tmp_path)
+    (root / _checkpoints(reference)[3].name / "random_states_1.pkl").unlink()
+    result = _accelerate_launch(_args(tiny_data, tmp_path, "--resume"))
+    assert result.returncode != 0
+    errors = _lines(result.stderr, "error:")
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "random_states_1.pkl" in errors[0] and "random_states_0.pkl" not in errors[0]
+    assert "--allow-rng-reset" in errors[0]
+    # torchrun's summary: the first rank to leave did so with 2; a rank that aborted would show SIGABRT (-6)
+    assert "exitcode: 2)" in result.stderr and "SIGABRT" not in result.stderr and "terminate called" not in \
+        result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / TASK / "metrics.json").exists()
+
+
+def test_allow_rng_reset_reseeds_every_rank_alike(tiny_data, reference, tmp_path):
+    """With ``--allow-rng-reset`` a checkpoint lacking only rank 1's RNG state resumes with one warning naming
+    that file, and ends exactly as one lacking both files: every rank is reseeded from (seed, step), rank 0's
+    surviving state included, so the ranks keep identical random streams as ``seed_everything`` gave them. The
+    adapter then differs from the uninterrupted run's (dropout 0.1 draws other masks), as the warning says."""
+    checkpoint = _checkpoints(reference)[3]
+    results = {}
+    for missing in (("random_states_1.pkl",), ("random_states_0.pkl", "random_states_1.pkl")):
+        out = tmp_path / str(len(missing))
+        root = _run_with([checkpoint], out)
+        for name in missing:
+            (root / checkpoint.name / name).unlink()
+        ranks = _launch_ranks(_args(tiny_data, out, "--resume", "--allow-rng-reset"), out / "logs")
+        assert [code for code, _, _ in ranks] == [0, 0], [err[-2000:] for _, _, err in ranks]
+        warnings = _lines("".join(stdout for _, stdout, _ in ranks), "warning:")
+        assert len(warnings) == 1 and all(name in warnings[0] for name in missing)
+        assert f"step {checkpoint.name.split('_')[1].lstrip('0')}" in warnings[0]
+        results[missing] = (out / TASK / "adapter.safetensors").read_bytes()
+        _assert_nothing_partial(root)
+    only_rank_1, both = results.values()
+    assert only_rank_1 == both
+    assert only_rank_1 != (reference / "adapter.safetensors").read_bytes()
+
+
 # ------------------------------------------------------------------------------------- resumes that continue
 
 

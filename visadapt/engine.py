@@ -767,7 +767,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             progress["best"] = tuple(progress["best"])
             if missing_rng:
                 # Seeded from (seed, step), the same on every process as seed_everything is: a second resume of
-                # the same checkpoint draws the same numbers again.
+                # the same checkpoint draws the same numbers again. Every process is reseeded, also one whose own
+                # file was there (random_states_0.pkl when only rank 1's is missing): seed_everything gave all
+                # ranks one stream, and reseeding only the ranks without a file would split them (a plugin
+                # drawing from the global generator would then pick different modules per rank).
                 set_seed(config.seed * 100_003 + progress["step"])
                 accelerator.print(
                     f"{log_prefix}warning: checkpoint {latest} lacks {', '.join(missing_rng)}; continuing with "

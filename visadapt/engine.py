@@ -19,7 +19,9 @@ Conventions that matter for reproducibility:
   never the frozen backbone: a checkpoint of a ViT-B adapter run is a few MB, not a few hundred.
 * A checkpoint is written into a hidden staging folder, fsynced and renamed into place whole, so a killed run
   leaves complete checkpoints only; resume skips a damaged one (with a notice) for the newest complete one, and
-  refuses one without its RNG state unless ``--allow-rng-reset`` says to go on with other random draws.
+  refuses one without its RNG state unless ``--allow-rng-reset`` says to go on with other random draws. Under
+  several processes the main process makes that choice and every rank follows it: one notice, or one ``error:``
+  line and exit code 2 on every rank (:func:`run_script`); each rank gets its own RNG state and running loss back.
 
 Speed (the run flags of :func:`add_run_flags`): timm attention runs PyTorch SDPA (``--attention``, see
 :mod:`visadapt.attention`), AdamW is the fused kernel on CUDA, ``--compile`` compiles the adapted model once

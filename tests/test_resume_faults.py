@@ -123,6 +123,41 @@ def test_a_truncated_file_makes_the_checkpoint_skipped_with_a_notice_naming_it(r
         assert len(notices) == 1 and newest.name in notices[0] and name in notices[0]
 
 
+def test_an_unreadable_progress_file_is_a_broken_checkpoint_not_a_traceback(reference, tmp_path):
+    """``progress.json`` that cannot be read at all (here a folder in its place: ``IsADirectoryError``) makes its
+    checkpoint skipped like a corrupt one; before, the ``OSError`` escaped from the choice (a traceback, and under
+    a multi-process launch the other ranks were left in the broadcast of the choice)."""
+    newest, previous = _checkpoints(reference)[-1], _checkpoints(reference)[-2]
+    root = _run_with([previous, newest], tmp_path)
+    (root / newest.name / "progress.json").unlink()
+    (root / newest.name / "progress.json").mkdir()
+    problem = checkpoint_problem(root / newest.name)
+    assert problem is not None and problem.startswith("progress.json is unreadable (IsADirectoryError")
+    chosen, notices = _choose_resume_checkpoint(root, 1, needs_scaler=False)
+    assert chosen == root / previous.name and len(notices) == 1 and newest.name in notices[0]
+
+
+@pytest.mark.parametrize(("field", "value"), [("loss_sums", "x"), ("loss_sums", [1.0, "2"]),
+                                             ("loss_sums", [float("inf")]), ("loss_sum", None),
+                                             ("loss_count", -1), ("loss_count", True)])
+def test_a_crafted_running_loss_in_progress_json_is_a_broken_checkpoint(tmp_path, field, value):
+    """The epoch's running loss of a mid-epoch checkpoint (one sum per process) is checked like every other
+    progress field: a wrong type is a problem naming the field, never a raw error when the loop restores it."""
+    progress = {"epoch": 1, "batch": 1, "step": 4, "history": [], "best": [-1.0, 0], "loss_sums": [1.5, 2.5],
+                "loss_count": 1, field: value}
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    problem = checkpoint_problem(tmp_path)
+    assert problem is not None and problem.startswith(f"progress.json field {field!r}")
+
+
+def test_each_process_restores_its_own_running_loss_or_their_mean_under_another_process_count():
+    progress = {"loss_sums": [1.5, 2.5]}
+    assert [engine._resumed_loss_sum(progress, rank, 2) for rank in range(2)] == [1.5, 2.5]
+    assert [engine._resumed_loss_sum(progress, rank, 4) for rank in range(4)] == [2.0] * 4
+    assert engine._resumed_loss_sum({"loss_sums": []}, 1, 2) == 0.0
+    assert engine._resumed_loss_sum({"loss_sum": 3.0}, 0, 1) == 3.0  # written before per-process sums
+
+
 @pytest.mark.parametrize("name", ["progress.json", "trainable.safetensors"])
 def test_resume_skips_a_damaged_newest_checkpoint_and_ends_as_the_uninterrupted_run(tiny_data, reference, tmp_path,
                                                                                    capsys, name):

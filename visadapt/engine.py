@@ -19,7 +19,9 @@ Conventions that matter for reproducibility:
   never the frozen backbone: a checkpoint of a ViT-B adapter run is a few MB, not a few hundred.
 * A checkpoint is written into a hidden staging folder, fsynced and renamed into place whole, so a killed run
   leaves complete checkpoints only; resume skips a damaged one (with a notice) for the newest complete one, and
-  refuses one without its RNG state unless ``--allow-rng-reset`` says to go on with other random draws.
+  refuses one without its RNG state unless ``--allow-rng-reset`` says to go on with other random draws. Under
+  several processes the main process makes that choice and every rank follows it: one notice, or one ``error:``
+  line and exit code 2 on every rank (:func:`run_script`); each rank gets its own RNG state and running loss back.
 
 Speed (the run flags of :func:`add_run_flags`): timm attention runs PyTorch SDPA (``--attention``, see
 :mod:`visadapt.attention`), AdamW is the fused kernel on CUDA, ``--compile`` compiles the adapted model once
@@ -312,12 +314,41 @@ class CheckpointError(RuntimeError):
 
 def run_script(main: Callable[[], int]) -> int:
     """The exit code of a ``train/`` script's ``main``: its own, or 2 with one ``error:`` line (the message names
-    the checkpoint folder and the fix) when resuming is impossible, instead of a traceback."""
+    the checkpoint folder and the fix) when resuming is impossible, instead of a traceback.
+
+    Under a multi-process launch every rank raises the same :class:`CheckpointError` at the same point (:func:`fit`
+    broadcasts the main process's decision), so only the main process prints the line and every rank returns 2.
+    The process group is then torn down, as ``Accelerator.end_training`` does after a finished run: a rank that
+    exits with gloo's threads still running is aborted by the C++ runtime ("terminate called without an active
+    exception", SIGABRT) instead of exiting with its code.
+    """
     try:
-        return main()
+        code = main()
     except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if _is_main_process():
+            print(f"error: {err}", file=sys.stderr)
+        code = 2
+    _end_process_group()
+    return code
+
+
+def _is_main_process() -> bool:
+    """Whether this is the main process of the launch: Accelerate's answer once a ``PartialState`` exists (it is
+    never created here, which would join a process group), else ``RANK`` as launchers set it."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        return PartialState().is_main_process
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _end_process_group() -> None:
+    """Destroy the default process group if this process joined one (Accelerate's teardown, which leaves the group of
+    a notebook fork launch alone)."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state and torch.distributed.is_available() and torch.distributed.is_initialized():
+        PartialState().destroy_process_group()
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -357,7 +388,37 @@ def _read_progress(path: Path) -> dict[str, Any]:
             raise ValueError(f"{_PROGRESS} field {key!r} is {repr(progress.get(key))[:60]}, not {kind.__name__}")  # noqa: TRY004
     if len(progress["best"]) != 2:
         raise ValueError(f"{_PROGRESS} field 'best' is {progress['best']!r}, not [score, epoch]")
+
+    def real(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    # the epoch's running loss of a mid-epoch checkpoint (absent in older ones: a fresh epoch then)
+    if "loss_sums" in progress and not (isinstance(progress["loss_sums"], list)
+                                        and all(real(value) for value in progress["loss_sums"])):
+        raise ValueError(f"{_PROGRESS} field 'loss_sums' is {repr(progress['loss_sums'])[:60]}, not a list of "
+                         f"numbers (one per process)")
+    if "loss_sum" in progress and not real(progress["loss_sum"]):
+        raise ValueError(f"{_PROGRESS} field 'loss_sum' is {repr(progress['loss_sum'])[:60]}, not a number")
+    count = progress.get("loss_count", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{_PROGRESS} field 'loss_count' is {repr(count)[:60]}, not a count")
     return progress
+
+
+def _resumed_loss_sum(progress: Mapping[str, Any], rank: int, num_processes: int) -> float:
+    """This process's summed batch losses of the current epoch up to the checkpoint in ``progress``.
+
+    A checkpoint keeps every process's own sum (``loss_sums``): the epoch's train loss is their mean at the
+    epoch end, so each rank must get its own back for a resumed run to report the uninterrupted run's loss.
+    Resumed with another process count, every process takes their mean, which keeps that epoch mean (up to
+    rounding). Checkpoints written before ``loss_sums`` hold one ``loss_sum`` (the main process's own).
+    """
+    sums = progress.get("loss_sums")
+    if sums is None:
+        return float(progress.get("loss_sum", 0.0))
+    if not sums:
+        return 0.0
+    return float(sums[rank]) if len(sums) == num_processes else sum(sums) / len(sums)
 
 
 def checkpoint_problem(path: Path, num_processes: int = 1, *, needs_scaler: bool = False) -> str | None:
@@ -389,6 +450,8 @@ def checkpoint_problem(path: Path, num_processes: int = 1, *, needs_scaler: bool
         _read_progress(path / _PROGRESS)
     except FileNotFoundError:
         return f"{_PROGRESS} is missing"
+    except OSError as error:  # a folder in its place, no read permission, an I/O error
+        return f"{_PROGRESS} is unreadable ({type(error).__name__}: {str(error)[:120]})"
     except ValueError as error:
         return str(error)
     required = [(_TRAINABLE, load_file), (f"{OPTIMIZER_NAME}.bin", accelerate_load),
@@ -592,6 +655,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     start_time = time.time()
 
     # A private generator keeps DataLoader start-up from consuming the global RNG, which resume restores.
+    sampler = None
     if batch_sampler is not None:
         _check_divisible(getattr(batch_sampler, "batch_size", config.batch_size), accelerator,
                          "batch_sampler.batch_size")
@@ -661,11 +725,17 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     resumed_from = None
     selected: dict[str, torch.Tensor] | None = None  # trainable state at the best evaluation (keep_best)
     if resume and ckpt_root is not None:
-        # The main process picks the checkpoint and every process follows its choice (and its error).
-        decision = None
+        # The main process decides (which checkpoint, which notices, which RNG files are missing, or the error) and
+        # broadcasts the decision; every process follows it. Letting each rank read the files itself could split
+        # the ranks: a file can change or appear between two ranks' reads (a checkpoint published, a staging
+        # folder removed, a network file system's cache), and ranks that chose differently would load different
+        # states or wait in different collectives. One reader also reads the files once, not once per rank.
+        # Whatever the main process meets while deciding reaches the others through the broadcast, so none is
+        # left waiting in it.
+        decision, failure = None, None
         if accelerator.is_main_process:
-            remove_stale_staging(ckpt_root)
             try:
+                remove_stale_staging(ckpt_root)
                 chosen, notices = _choose_resume_checkpoint(ckpt_root, accelerator.num_processes,
                                                             needs_scaler=accelerator.scaler is not None)
                 missing_rng = [name for name in rng_state_files(accelerator.num_processes)
@@ -673,7 +743,14 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                 decision = (str(chosen) if chosen is not None else None, notices, missing_rng, None)
             except CheckpointError as error:
                 decision = (None, [], [], str(error))
+            except Exception as error:  # noqa: BLE001 - re-raised below, once the other ranks know
+                failure = error
+                told = (f"the main process failed while choosing the checkpoint to resume in {ckpt_root} "
+                        f"({type(error).__name__}: {error}); its traceback says where")
+                decision = (None, [], [], told)
         chosen, notices, missing_rng, error = broadcast_object_list([decision])[0]
+        if failure is not None:
+            raise failure
         if error is not None:
             raise CheckpointError(error)
         for notice in notices:
@@ -692,7 +769,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             progress["best"] = tuple(progress["best"])
             if missing_rng:
                 # Seeded from (seed, step), the same on every process as seed_everything is: a second resume of
-                # the same checkpoint draws the same numbers again.
+                # the same checkpoint draws the same numbers again. Every process is reseeded, also one whose own
+                # file was there (random_states_0.pkl when only rank 1's is missing): seed_everything gave all
+                # ranks one stream, and reseeding only the ranks without a file would split them (a plugin
+                # drawing from the global generator would then pick different modules per rank).
                 set_seed(config.seed * 100_003 + progress["step"])
                 accelerator.print(
                     f"{log_prefix}warning: checkpoint {latest} lacks {', '.join(missing_rng)}; continuing with "
@@ -754,9 +834,12 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         # Through the prepared loader: Accelerate re-sets the sampler's epoch from its own counter on
         # every pass, which after a resume would not be the true epoch.
         loader.set_epoch(epoch)
-        if batch_sampler is not None and hasattr(batch_sampler, "set_epoch"):
-            # Accelerate's wrappers (resume skipping, process sharding) do not always pass set_epoch on.
-            batch_sampler.set_epoch(epoch)
+        # And directly: Accelerate's wrappers do not always pass set_epoch on. Under several processes the
+        # resume-skipping wrapper sits on the process shard, one level deeper than DataLoaderShard.set_epoch
+        # looks, so a mid-epoch resume after the first epoch would replay epoch 0's order.
+        for own in (sampler, batch_sampler):
+            if own is not None and hasattr(own, "set_epoch"):
+                own.set_epoch(epoch)
         if before_epoch is not None:
             before_epoch(model, epoch)
             model.train()
@@ -765,7 +848,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False,
                        desc=f"{log_prefix}epoch {epoch + 1}/{config.epochs}")
         # Carried in the checkpoint so that a mid-epoch resume reports the whole epoch's mean loss.
-        loss_sum = torch.tensor(progress.get("loss_sum", 0.0), device=accelerator.device)
+        loss_sum = torch.tensor(_resumed_loss_sum(progress, accelerator.process_index, accelerator.num_processes),
+                                device=accelerator.device)
         loss_count = progress.get("loss_count", 0)
         for images, labels in loader:
             if train_transform is not None:
@@ -789,7 +873,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                     record.plugin.on_step(bare, progress["step"])
                 if (config.checkpoint_every_steps and progress["step"] % config.checkpoint_every_steps == 0
                         and progress["batch"] < batches_per_epoch):
-                    progress["loss_sum"], progress["loss_count"] = loss_sum.item(), loss_count
+                    # every process's own sum (a collective: all ranks checkpoint at the same step)
+                    progress["loss_sums"] = accelerator.gather(loss_sum.reshape(1)).tolist()
+                    progress["loss_count"] = loss_count
+                    progress.pop("loss_sum", None)
                     checkpoint()
         if bar is not None:
             bar.close()
@@ -816,7 +903,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         accelerator.print(f"{log_prefix}epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}"
                           + (f"  {metric} {entry[metric]:.2f}" if metric in entry else ""))
         progress["history"].append(entry)
-        progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+        progress.update(epoch=epoch + 1, batch=0, loss_sums=[], loss_count=0)
+        progress.pop("loss_sum", None)
         checkpoint()
 
     for hook in hooks:

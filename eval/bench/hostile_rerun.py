@@ -13,11 +13,14 @@ Every case is run in this process (kills and concurrent writers in child process
   and after, and every file opened for writing is recorded by an audit hook), an unrestricted unpickle (audit event
   ``pickle.find_class``) during a load, code run from a file, terminal control characters printed.
 
-Prints one row per category and exits 1 when any case is not clean. ``--quick`` runs a reduced set (a few cases of
-every category, no subprocess training) for the test suite.
+Prints one row per category (cases, each verdict, seconds) and exits 1 when any case is not clean. ``--quick`` runs
+a reduced set for the test suite: a few cases of every category but three, trained in this process; the full mode
+adds two processes saving one adapter (canonical bytes), real SIGKILLs at random steps with a resume in a new
+process (``--kills``), and crafted ``visadapt.train`` records through ``visadapt-eval`` and ``visadapt export``.
 
-    python eval/bench/hostile_rerun.py            # the full rerun (about 200 cases)
-    python eval/bench/hostile_rerun.py --quick    # under 30 s
+    python eval/bench/hostile_rerun.py            # the full rerun (about 300 cases, 1.5-3 min on 2 CPU cores)
+    python eval/bench/hostile_rerun.py --quick    # about 80 cases, under 30 s
+    HOSTILE_VERBOSE=1 python eval/bench/hostile_rerun.py   # a line per case, clean ones too
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[2]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no case may reach the network (a crafted record naming hub weights)
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models.py: the tiny timm / open_clip / diffusers builders
 
 import tiny_models as tm
@@ -246,8 +250,10 @@ class Rerun:
             return self.record(category, name, "silent", f"accepted without error (returned {str(value)[:100]})")
         problem = accept(value) if accept is not None else None
         problem = problem or (f"tensors changed: {changed[:4]}" if changed else None) or last
-        if problem:  # "SECURITY: ..." from an accept check: a write into a frozen weight, a path out of the root
-            return self.record(category, name, "security" if problem.startswith("SECURITY") else "silent", problem)
+        if problem:  # "SECURITY: ..." from an accept check: a write into a frozen weight, a path out of the root;
+            # "RAW: ..." an error reported without naming its input (a CLI's exit code and message)
+            verdict = {"SECURITY": "security", "RAW": "raw"}.get(problem.split(":")[0], "silent")
+            return self.record(category, name, verdict, problem)
         return self.record(category, name, "clean", "accepted, result checked")
 
     def table(self) -> str:
@@ -1312,6 +1318,67 @@ class ResumeCases:
                             may_write=(case,), accept=lambda problem: problem)
 
 
+class TrainRecordCases:
+    """The ``visadapt.train`` header entry: checked to be a JSON object on load, then read key by key by
+    ``engine.evaluate_adapter_file`` (``visadapt-eval --data-root``) and ``export.recorded_model_spec`` (``visadapt
+    export``). Full mode only: the closing note of the previous session lists these readers as still open."""
+
+    def __init__(self, rerun: Rerun, adapters: AdapterCases, data_root: Path):
+        self.rerun, self.adapters, self.data_root = rerun, adapters, data_root
+
+    RECORDS: ClassVar[dict[str, dict]] = {
+        "{}": {},
+        "benchmark 5": {"benchmark": 5, "task": "orientation", "model": "vit_tiny_patch16_224", "pretrained": "none"},
+        "no model": {"benchmark": "mini-vtab", "task": "orientation"},
+        "task a list": {"benchmark": "mini-vtab", "task": ["a"], "model": "vit_tiny_patch16_224", "pretrained": "none"},
+        "seed 'x'": {"benchmark": "mini-vtab", "task": "orientation", "model": "vit_tiny_patch16_224", "seed": "x",
+                     "pretrained": "none"},
+        "model an object": {"benchmark": "mini-vtab", "task": "orientation", "model": {"a": 1}, "pretrained": "none"},
+        "input_size 'big'": {"benchmark": "mini-vtab", "task": "orientation", "model": "vit_tiny_patch16_224",
+                             "pretrained": "none", "input_size": "big"},
+    }
+
+    def run(self) -> None:
+        from visadapt import export
+        from visadapt.cli import main as visadapt_main
+        from visadapt.eval.cli import main as eval_main
+
+        for name, record in self.RECORDS.items():
+            folder = self.rerun.folder()
+            path = write_crafted(folder / "adapter.safetensors", self.adapters.tensors,
+                                 {**self.adapters.meta, io.TRAIN_METADATA: json.dumps(record)})
+            self.rerun.case("training record", f"evaluate_adapter_file, {name}",
+                            lambda p=path: engine.evaluate_adapter_file(p, data_root=self.data_root),
+                            names=(str(path),))
+            self.rerun.case("training record", f"recorded_model_spec, {name}",
+                            lambda p=path: export.recorded_model_spec(io.read_adapter_file(p)[1]),
+                            names=(str(path),), accept=lambda spec: None if spec[0] is None or isinstance(
+                                spec[0], str) and isinstance(spec[2], int) else f"returned {spec}")
+
+            def cli(main, argv):
+                out, err = pyio.StringIO(), pyio.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = main(argv)
+                return code, err.getvalue()
+
+            def one_error_line(value, path=path):
+                code, err = value
+                if code == 0:
+                    return None
+                lines = [line for line in err.splitlines() if "error" in line]
+                return None if lines and str(path) in lines[-1] and "Traceback" not in err else \
+                    f"RAW: exit {code} without one error line naming the file: {err[-300:]!r}"
+
+            self.rerun.case("training record", f"visadapt-eval CLI, {name}",
+                            lambda p=path: cli(eval_main, ["--benchmark", "mini-vtab", "--data-root",
+                                                           str(self.data_root), "--adapters", str(p)]),
+                            names=(str(path),), accept=one_error_line)
+            self.rerun.case("training record", f"visadapt export CLI, {name}",
+                            lambda p=path, f=folder: cli(visadapt_main, ["export", str(p), "--to", str(f / "out"),
+                                                                      "--pretrained", "none"]),
+                            names=(str(path),), accept=one_error_line, may_write=(folder / "out",))
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -1350,6 +1417,7 @@ def main(argv: list[str] | None = None) -> int:
         resume.real_resumes()
         if not args.quick:
             resume.kills(args.kills)
+            TrainRecordCases(rerun, adapters, resume.data).run()
     print(rerun.table())
     print(f"{len(rerun.results)} cases in {time.time() - started:.1f} s ({'quick' if args.quick else 'full'} mode)")
     return 0 if all(r.verdict == "clean" for r in rerun.results) else 1

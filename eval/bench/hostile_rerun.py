@@ -1116,6 +1116,22 @@ class ResumeCases:
     """``train/vtab.py`` on a tiny mini-VTAB folder: damaged checkpoints, a missing RNG state, killed runs."""
 
     TASK = "orientation"
+    UMASK = 0o027
+
+    def run_permissions(self) -> None:
+        """Every file a training run writes (adapter, metrics, each checkpoint's files) has the umask's mode."""
+        wanted = 0o666 & ~self.UMASK
+
+        def modes():
+            return {str(p.relative_to(self.reference)): p.stat().st_mode & 0o777
+                    for p in sorted(self.reference.rglob("*")) if p.is_file()}
+
+        def accept(found):
+            wrong = sorted({f"{Path(k).name}: {oct(v)}" for k, v in found.items() if v != wanted})
+            return f"files not {oct(wanted)} under umask {self.UMASK:03o}: {wrong}" if wrong else None
+
+        self.rerun.case("permissions", f"a training run's {len(modes())} files under umask {self.UMASK:03o}", modes,
+                        accept=accept)
 
     def __init__(self, rerun: Rerun):
         from visadapt.data.procedural import generate_mini_vtab
@@ -1125,11 +1141,15 @@ class ResumeCases:
                                        split_sizes={"train800": 16, "val200": 8, "test": 20})
         self.epochs = "1" if rerun.quick else "3"
         self.reference = rerun.work / "reference"
-        if rerun.quick:  # in this process: no subprocess start-up
-            code = self.resume(self.reference, resume=False)
-        else:  # a subprocess, like the killed runs it is compared with
-            code = subprocess.run([sys.executable, str(ROOT / "train" / "vtab.py"), *self.args(self.reference)],
-                                  check=False, env=self.env(), capture_output=True).returncode
+        old = os.umask(self.UMASK)  # the run's files must follow it (see run_permissions)
+        try:
+            if rerun.quick:  # in this process: no subprocess start-up
+                code = self.resume(self.reference, resume=False)
+            else:  # a subprocess, like the killed runs it is compared with
+                code = subprocess.run([sys.executable, str(ROOT / "train" / "vtab.py"), *self.args(self.reference)],
+                                      check=False, env=self.env(), capture_output=True).returncode
+        finally:
+            os.umask(old)
         assert code == 0, "the reference run failed"
         self.checkpoints = sorted((self.reference / self.TASK / "checkpoints").glob("step_*"))
 
@@ -1413,6 +1433,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             writes.canonical_bytes()
         resume = ResumeCases(rerun)
+        resume.run_permissions()
         resume.checkpoint_files()
         resume.real_resumes()
         if not args.quick:

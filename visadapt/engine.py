@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SCALER_NAME, SCHEDULER_NAME
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -468,6 +469,13 @@ def checkpoint_problem(path: Path, num_processes: int = 1, *, needs_scaler: bool
     return None
 
 
+def _write_checkpoint_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Write ``tensors`` as a safetensors file into a staging checkpoint folder (fsynced and renamed whole later),
+    created with the umask like the checkpoint's other files: safetensors' ``save_file`` creates 0600 files."""
+    with open(path, "wb") as handle:
+        handle.write(safetensors_bytes(tensors))
+
+
 def _fsync(path: Path) -> None:
     """Flush ``path`` (a file or a folder's entries) to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -707,7 +715,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     def save_trainable(models, weights, directory):
         weights.clear()
         if accelerator.is_main_process:  # the trainable state is the same on every process: one writer
-            save_file(_trainable_state(bare), os.path.join(directory, _TRAINABLE))
+            _write_checkpoint_tensors(_trainable_state(bare), os.path.join(directory, _TRAINABLE))
 
     def load_trainable(models, directory):
         models.clear()
@@ -806,7 +814,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if selected is not None:
-                save_file(selected, str(staging / _SELECTED))
+                _write_checkpoint_tensors(selected, str(staging / _SELECTED))
             (staging / _PROGRESS).write_text(json.dumps(progress))
             _publish_checkpoint(staging, ckpt_root / name)
             # Keep the newest complete ones; any other step folder (older, or a broken one from an earlier

@@ -300,9 +300,15 @@ def _check_visadapt_metadata(path: Path, meta: dict[str, str]) -> None:
             f"{path} is a safetensors file without visadapt metadata (format={meta.get('format')!r}); "
             f"it was not written by visadapt.save_adapter"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(f"{path} has visadapt format version {meta.get('format_version')!r}; this visadapt "
-                               f"reads version {FORMAT_VERSION}: upgrade visadapt")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        # only a larger integer is a newer format; anything else (missing, null, a list) is a damaged header, for
+        # which "upgrade visadapt" would be the wrong fix
+        newer = isinstance(version, str) and version.isascii() and version.isdigit() and len(version) < 10 \
+            and int(version) > int(FORMAT_VERSION)
+        raise AdapterFileError(f"adapter file {path}: header field 'format_version' is {_shown(version)}; this "
+                               f"visadapt reads version {FORMAT_VERSION}"
+                               + (": upgrade visadapt" if newer else ": the header is damaged or not visadapt's"))
 
 
 #: the header entries a visadapt file must have, each a string (JSON where noted in the module docstring)

@@ -113,9 +113,8 @@ def resolve_library(spec: str) -> str:
     return "timm"
 
 
-def recorded_model_spec(meta: dict[str, str], path: str | os.PathLike = "the adapter file"
-                        ) -> tuple[str | None, str | None, int]:
-    """``(model spec, pretrained, seed)`` an adapter file records: the backbone a ``train/`` script wrote under the
+def recorded_model_spec(meta: dict[str, str], path: str | os.PathLike) -> tuple[str | None, str | None, int]:
+    """``(model spec, pretrained, seed)`` the adapter file ``path`` (header ``meta``) records: the backbone a ``train/`` script wrote under the
     ``visadapt.train`` metadata key, else the published name in the base model's fingerprint (timm), else None."""
     fingerprint = json.loads(meta.get("base_model") or "{}")  # checked by io.check_header when the file was read
     family = fingerprint.get("family", "") if isinstance(fingerprint, dict) else ""

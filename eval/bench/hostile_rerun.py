@@ -1371,7 +1371,7 @@ class TrainRecordCases:
                             lambda p=path: engine.evaluate_adapter_file(p, data_root=self.data_root),
                             names=(str(path),))
             self.rerun.case("training record", f"recorded_model_spec, {name}",
-                            lambda p=path: export.recorded_model_spec(io.read_adapter_file(p)[1]),
+                            lambda p=path: export.recorded_model_spec(io.read_adapter_file(p)[1], p),
                             names=(str(path),), accept=lambda spec: None if spec[0] is None or isinstance(
                                 spec[0], str) and isinstance(spec[2], int) else f"returned {spec}")
 

@@ -546,3 +546,77 @@ def test_every_rank_of_a_two_process_launch_finds_one_complete_generated_suite(t
     assert json.loads((tmp_path / "run" / "cells" / "metrics.json").read_text())["num_processes"] == 2
     generated = [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
     assert len(generated) == 1 and verify_benchmark(generated[0], "mini-vtab").ok
+
+
+# ---------------------------------------------------------------------------------- bounds on split files
+
+
+def _split_error(root: Path, problems: bool = False) -> str:
+    """The message a load of dtd/train800 fails with (or verify's report of the split file)."""
+    if problems:
+        report = verify_benchmark(root, "vtab", tasks=["dtd"], check_images=False)
+        return "\n".join(p.message for p in report.problems if p.file.endswith("train800.txt"))
+    with pytest.raises(DatasetError) as info:
+        vtab.load_split(root, "vtab", "dtd", "train800")
+    return str(info.value)
+
+
+def test_a_split_file_above_the_byte_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    with open(list_file, "r+b") as f:  # sparse: 1 GiB + 1 of zeros costs no disk
+        f.truncate(vtab.MAX_SPLIT_FILE_BYTES + 1)
+    # Read, its first "line" (zeros, no newline) would hit the line bound: the byte bound proves it was not.
+    message = _split_error(root)
+    assert str(list_file) in message and str(vtab.MAX_SPLIT_FILE_BYTES) in message
+    assert "MAX_SPLIT_FILE_BYTES" in message
+    assert "MAX_SPLIT_FILE_BYTES" in _split_error(root, problems=True)
+
+
+def test_a_line_above_the_line_bound_is_refused_without_reading_the_rest(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    good = list_file.read_text()
+    list_file.write_text(good + "x" * (vtab.MAX_SPLIT_LINE_BYTES + 10) + " 1\n")
+    message = _split_error(root)
+    assert f"{list_file}:4:" in message and str(vtab.MAX_SPLIT_LINE_BYTES) in message
+    assert "MAX_SPLIT_LINE_BYTES" in _split_error(root, problems=True)
+
+
+def test_a_split_file_above_the_line_count_bound_is_refused(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    monkeypatch.setattr(vtab, "MAX_SPLIT_LINES", 2)
+    assert list_file.read_text().count("\n") == 3
+    message = _split_error(root)
+    assert str(list_file) in message and "more than 2 lines" in message and "MAX_SPLIT_LINES" in message
+
+
+def test_lines_are_numbered_as_splitlines_numbers_them(tmp_path):
+    """Streaming keeps the numbering of ``str.splitlines`` ("\\r", "\\r\\n", "\\u2028" all end a line)."""
+    task_dir = tmp_path / "data" / "dtd"
+    task_dir.mkdir(parents=True)
+    list_file = task_dir / "test.txt"
+    text = "a.jpg 1\r\nb.jpg 2\rc.jpg 3\u2028d.jpg 4\n\ne.jpg 5"
+    list_file.write_bytes(text.encode("utf-8"))
+    _, origins = vtab.read_image_list(list_file, task_dir, VTAB_TASKS["dtd"])
+    want = [f"{list_file}:{i}" for i, line in enumerate(text.splitlines(), start=1) if line]
+    assert origins == want
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_only_a_regular_file_is_read_as_a_split_file(tmp_path, kind):
+    """A FIFO (would block the reader forever), /dev/zero behind a symlink (never ends) or a directory under a
+    split file's name: refused at once, naming the file, by the loader and by verify."""
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    list_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(list_file)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", list_file)
+    else:
+        list_file.mkdir()
+    message = _split_error(root)
+    assert str(list_file) in message and "not a regular file" in message
+    assert "not a regular file" in _split_error(root, problems=True)

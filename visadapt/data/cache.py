@@ -568,7 +568,12 @@ def _ensure_writable(folder: Path, default_location: bool) -> None:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of a split file, streamed (the loaders bound its size, but need not hold it whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _images_digest(source: ImageListDataset, task_dir: Path, absolute: bool) -> str:

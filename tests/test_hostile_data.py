@@ -620,3 +620,33 @@ def test_only_a_regular_file_is_read_as_a_split_file(tmp_path, kind):
     message = _split_error(root)
     assert str(list_file) in message and "not a regular file" in message
     assert "not a regular file" in _split_error(root, problems=True)
+
+
+# ------------------------------------------------------------------------- the cache rewritten in place
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cache_rewritten_in_place_after_the_open_check_is_an_error_never_wrong_pixels(tmp_path, workers):
+    """Another process rewrites one item's bytes at the same size after the open-time check: reading that item
+    (in this process, or in forked DataLoader workers) raises naming the file and the fix; the others serve."""
+    from torch.utils.data import DataLoader
+
+    dataset, expected = _cached_test_split(tmp_path)
+    item = 3 * 8 * 8
+    with open(dataset.cache_path, "r+b") as f:  # same size, item 4's pixels inverted
+        f.seek(4 * item)
+        original = f.read(item)
+        f.seek(4 * item)
+        f.write(bytes(255 - b for b in original))
+    assert os.path.getsize(dataset.cache_path) == dataset._file_bytes
+    for i in (0, 3, 5, 8):
+        assert (dataset[i][0] == expected[i]).all()
+    if workers:
+        with pytest.raises(DatasetError) as info:
+            list(DataLoader(dataset, batch_size=3, num_workers=workers))
+    else:
+        with pytest.raises(DatasetError) as info:
+            dataset[4]
+    message = str(info.value)
+    assert str(dataset.cache_path) in message and "item 4" in message and "modified" in message
+    assert "Delete the file" in message

@@ -650,3 +650,32 @@ def test_cache_rewritten_in_place_after_the_open_check_is_an_error_never_wrong_p
     message = str(info.value)
     assert str(dataset.cache_path) in message and "item 4" in message and "modified" in message
     assert "Delete the file" in message
+
+
+def test_cache_reads_without_os_pread_use_the_seek_fallback_and_serve_the_same_pixels(tmp_path, monkeypatch):
+    """Windows has no os.pread: with it (and preadv) removed, a cache is built, checked on open (in threads,
+    sharing one descriptor) and read in this process and in forked DataLoader workers (each its own
+    descriptor), giving the pixels the pread path gives; a rewritten item is still caught."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from visadapt.data import cache
+
+    _, expected = _cached_test_split(tmp_path / "pread")  # built and read with pread
+    monkeypatch.delattr(os, "pread")
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.setattr(cache, "CHUNK_BYTES", 2 * 3 * 8 * 8)  # several runs: the open check reads in threads
+    _, again = _cached_test_split(tmp_path / "seek")  # built, checked and read without pread
+    assert torch.equal(again, expected)
+    reopened = load_cached_split("vtab", tmp_path / "seek", "dtd", "test", input_size=8, workers=4)
+    assert torch.equal(torch.stack([reopened[i][0] for i in range(9)]), expected)
+    for _ in range(2):  # workers sharing an inherited descriptor would race on its position
+        served = torch.cat([x for x, _ in DataLoader(reopened, batch_size=1, num_workers=2)])
+        assert torch.equal(served, expected)
+    with open(reopened.cache_path, "r+b") as f:  # item 0's byte 5 inverted, in place
+        f.seek(5)
+        flipped = bytes([255 - f.read(1)[0]])
+        f.seek(5)
+        f.write(flipped)
+    with pytest.raises(DatasetError, match="modified while in use"):
+        reopened[0]

@@ -23,7 +23,8 @@ images are checked in parallel threads). A file that fails a check is reported w
 ``visadapt`` logger and rebuilt, never used. Each item's CRC-32 is checked again every time it is read, so
 bytes rewritten in place by another process after the open are an error, never wrong pixels.
 
-A dataset serves the file it checked through the descriptor it opened (``os.pread`` per item, no memory map):
+A dataset serves the file it checked through the descriptor it opened (``os.pread`` per item, no memory map;
+where ``os.pread`` is missing, as on Windows, ``lseek`` + ``read`` under a lock, one descriptor per process):
 the file may be deleted or replaced while a run uses it, and a file cut short or rewritten in place by another
 process is a :class:`DatasetError` naming it, never a SIGBUS or wrong pixels (see :class:`CachedImageDataset`).
 
@@ -45,6 +46,7 @@ import multiprocessing
 import os
 import stat
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -203,13 +205,15 @@ class CachedImageDataset(Dataset):
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self._item_crcs = np.asarray(header["item_crc32"], dtype=np.uint32)
         self._fd: int | None = fd
+        self._fd_pid = os.getpid()  # the process the descriptor's file position belongs to (seek fallback)
 
     # The descriptor: inherited by forked workers as is; duplicated into spawned ones by multiprocessing.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         from multiprocessing import context, reduction
 
-        if self._fd is not None and context.get_spawning_popen() is not None:
+        # Without pread a descriptor's position is shared with the child: it reopens by name instead.
+        if self._fd is not None and context.get_spawning_popen() is not None and hasattr(os, "pread"):
             state["_fd"] = reduction.DupFd(self._fd)  # the child gets the same open file, deleted or not
         else:
             state["_fd"] = None  # plain pickle: reopened by path on first use
@@ -229,9 +233,13 @@ class CachedImageDataset(Dataset):
                 pass
 
     def _descriptor(self) -> int:
+        if self._fd is not None and not hasattr(os, "pread") and self._fd_pid != os.getpid():
+            # Seek fallback in a forked child: the inherited descriptor shares its file position with the
+            # parent and the other workers, so this process reads through a descriptor of its own.
+            self._fd = None
         if self._fd is None:
             try:
-                fd = os.open(self.cache_path, os.O_RDONLY)
+                fd = os.open(self.cache_path, _READ_FLAGS)
             except FileNotFoundError:
                 raise DatasetError(
                     f"decoded-image cache {self.cache_path} of {self.name} was deleted, and this copy of the "
@@ -244,7 +252,7 @@ class CachedImageDataset(Dataset):
                     f"decoded-image cache {self.cache_path} of {self.name} is not the file this dataset was "
                     f"opened on (size {os.path.getsize(self.cache_path)}, expected {self._file_bytes}); load "
                     "the split again to check and rebuild it")
-            self._fd = fd
+            self._fd, self._fd_pid = fd, os.getpid()
         return self._fd
 
     def _read(self, index: int) -> np.ndarray:
@@ -308,6 +316,8 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
     interfere; it returns short at the end of a truncated file instead of faulting as a mapped page would.
     """
     view = memoryview(out).cast("B")
+    if not hasattr(os, "pread"):  # Windows
+        return _seek_read_into(fd, view, offset)
     done = 0
     while done < len(view):
         if hasattr(os, "preadv"):  # straight into ``out``
@@ -320,6 +330,33 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
             break
         done += got
     return done
+
+
+# Where os.pread is missing (Windows), reads are lseek + readinto under this lock: a descriptor's position is
+# shared by the threads of a process (the open-time check reads in threads). Processes never share one: a
+# dataset reopens its file by name in each process there (CachedImageDataset._descriptor / __getstate__).
+_SEEK_READ_LOCK = threading.Lock()
+# O_BINARY: Windows opens descriptors in text mode otherwise (CRLF translation, Ctrl-Z as end of file).
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+
+
+def _seek_read_into(fd: int, view: memoryview, offset: int) -> int:
+    """:func:`_pread_into` without ``os.pread``: ``lseek`` then ``readinto`` while holding the lock."""
+    done = 0
+    with _SEEK_READ_LOCK, open(fd, "rb", buffering=0, closefd=False) as f:
+        f.seek(offset)
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                break
+            done += got
+    return done
+
+
+def _pread_bytes(fd: int, size: int, offset: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` (fewer at end of file), by :func:`_pread_into`."""
+    out = np.empty(size, dtype=np.uint8)
+    return out[:_pread_into(fd, out, offset)].tobytes()
 
 
 # ------------------------------------------------------------------------------------------------- decode
@@ -463,7 +500,7 @@ def _open_checked(path: Path, key: str, source: ImageListDataset, spec: CacheSpe
     """``(open descriptor, header)`` of ``path`` once every check passed on that descriptor (so the file served
     is the file checked, whatever happens to the name afterwards); raises :class:`_Corrupt` naming the failed
     check, or ``FileNotFoundError`` if the file vanished."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, _READ_FLAGS)
     try:
         header = _check_open_file(fd, key, source, spec, threads)
     except BaseException:
@@ -479,12 +516,12 @@ def _check_open_file(fd: int, key: str, source: ImageListDataset, spec: CacheSpe
     size = status.st_size
     if size < _TRAILER.size:
         raise _Corrupt(f"the file is {size} bytes, too short to hold a header (truncated)")
-    header_len, magic = _TRAILER.unpack(os.pread(fd, _TRAILER.size, size - _TRAILER.size))
+    header_len, magic = _TRAILER.unpack(_pread_bytes(fd, _TRAILER.size, size - _TRAILER.size))
     if magic != _MAGIC:
         raise _Corrupt("no header at the end of the file (truncated, or not written by visadapt)")
     if header_len > size - _TRAILER.size:
         raise _Corrupt(f"the header claims {header_len} bytes but the file has {size} (truncated)")
-    raw = os.pread(fd, header_len, size - _TRAILER.size - header_len)
+    raw = _pread_bytes(fd, header_len, size - _TRAILER.size - header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
@@ -544,7 +581,7 @@ def _build(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, work
             _write_fixed(tmp, source, spec, workers)
             layout = {"layout": "fixed", "item_shape": [3, spec.input_size, spec.input_size]}
         data_bytes = tmp.stat().st_size
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, _READ_FLAGS)
         try:
             crcs = _item_crcs(fd, *_item_layout(layout.get("shapes"), len(source), spec), workers)
         except BaseException:

@@ -679,3 +679,46 @@ def test_cache_reads_without_os_pread_use_the_seek_fallback_and_serve_the_same_p
         f.write(flipped)
     with pytest.raises(DatasetError, match="modified while in use"):
         reopened[0]
+
+
+def _flock_fails_as_on_nfs_without_lockd(monkeypatch) -> None:
+    """flock(2) on NFS without a reachable lockd fails with ENOLCK ("No locks available"); filelock raises it."""
+    import errno
+
+    from filelock._native import _unix
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(_unix, "lock_fd_nonblocking", no_locks)
+
+
+def test_generation_on_a_filesystem_without_locks_falls_back_to_a_soft_lock(tmp_path, monkeypatch, caplog):
+    from visadapt.data.procedural import generate_mini_vtab
+
+    _flock_fails_as_on_nfs_without_lockd(monkeypatch)
+    root = tmp_path / "nfs" / "mini"
+    with caplog.at_level("WARNING", logger="visadapt"):
+        assert generate_mini_vtab(root, seed=0, split_sizes=TINY_SIZES) == root
+    assert "does not support file locks" in caplog.text and str(root.parent) in caplog.text
+    vtab.load_split(root, "mini-vtab", "digits", "train800val200")
+    assert not (root.parent / ".mini.lock.soft").exists()  # released
+
+
+def test_generation_where_no_lock_works_is_one_clear_error_naming_folder_and_fix(tmp_path, monkeypatch):
+    import filelock
+
+    from visadapt.data.procedural import generate_mini_vtab
+
+    _flock_fails_as_on_nfs_without_lockd(monkeypatch)
+
+    def no_marker(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(filelock.SoftFileLock, "acquire", no_marker)
+    root = tmp_path / "nfs" / "mini"
+    with pytest.raises(DatasetError) as info:
+        generate_mini_vtab(root, seed=0, split_sizes=TINY_SIZES)
+    message = str(info.value)
+    assert str(root.parent) in message and "VISADAPT_CACHE" in message and "No locks available" in message
+    assert not root.exists()

@@ -286,7 +286,7 @@ def _wrong_labels(path):
     (_truncate, "no header at the end of the file"),
     (_drop_magic, "no header at the end of the file"),
     (_garble_header, "the header is not valid JSON"),
-    (_flip_data_bytes, "checksum mismatch in 1 of 1 chunks"),
+    (_flip_data_bytes, "checksum mismatch in 1 of"),
     (_cut_data, "bytes of data, the header expects"),
     (_wrong_count, "the header counts 8 images, the split lists 7"),
     (_wrong_labels, "labels in the header differ"),

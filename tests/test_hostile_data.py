@@ -546,3 +546,179 @@ def test_every_rank_of_a_two_process_launch_finds_one_complete_generated_suite(t
     assert json.loads((tmp_path / "run" / "cells" / "metrics.json").read_text())["num_processes"] == 2
     generated = [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
     assert len(generated) == 1 and verify_benchmark(generated[0], "mini-vtab").ok
+
+
+# ---------------------------------------------------------------------------------- bounds on split files
+
+
+def _split_error(root: Path, problems: bool = False) -> str:
+    """The message a load of dtd/train800 fails with (or verify's report of the split file)."""
+    if problems:
+        report = verify_benchmark(root, "vtab", tasks=["dtd"], check_images=False)
+        return "\n".join(p.message for p in report.problems if p.file.endswith("train800.txt"))
+    with pytest.raises(DatasetError) as info:
+        vtab.load_split(root, "vtab", "dtd", "train800")
+    return str(info.value)
+
+
+def test_a_split_file_above_the_byte_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    with open(list_file, "r+b") as f:  # sparse: 1 GiB + 1 of zeros costs no disk
+        f.truncate(vtab.MAX_SPLIT_FILE_BYTES + 1)
+    # Read, its first "line" (zeros, no newline) would hit the line bound: the byte bound proves it was not.
+    message = _split_error(root)
+    assert str(list_file) in message and str(vtab.MAX_SPLIT_FILE_BYTES) in message
+    assert "MAX_SPLIT_FILE_BYTES" in message
+    assert "MAX_SPLIT_FILE_BYTES" in _split_error(root, problems=True)
+
+
+def test_a_line_above_the_line_bound_is_refused_without_reading_the_rest(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    good = list_file.read_text()
+    list_file.write_text(good + "x" * (vtab.MAX_SPLIT_LINE_BYTES + 10) + " 1\n")
+    message = _split_error(root)
+    assert f"{list_file}:4:" in message and str(vtab.MAX_SPLIT_LINE_BYTES) in message
+    assert "MAX_SPLIT_LINE_BYTES" in _split_error(root, problems=True)
+
+
+def test_a_split_file_above_the_line_count_bound_is_refused(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    monkeypatch.setattr(vtab, "MAX_SPLIT_LINES", 2)
+    assert list_file.read_text().count("\n") == 3
+    message = _split_error(root)
+    assert str(list_file) in message and "more than 2 lines" in message and "MAX_SPLIT_LINES" in message
+
+
+def test_lines_are_numbered_as_splitlines_numbers_them(tmp_path):
+    """Streaming keeps the numbering of ``str.splitlines`` ("\\r", "\\r\\n", "\\u2028" all end a line)."""
+    task_dir = tmp_path / "data" / "dtd"
+    task_dir.mkdir(parents=True)
+    list_file = task_dir / "test.txt"
+    text = "a.jpg 1\r\nb.jpg 2\rc.jpg 3\u2028d.jpg 4\n\ne.jpg 5"
+    list_file.write_bytes(text.encode("utf-8"))
+    _, origins = vtab.read_image_list(list_file, task_dir, VTAB_TASKS["dtd"])
+    want = [f"{list_file}:{i}" for i, line in enumerate(text.splitlines(), start=1) if line]
+    assert origins == want
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_only_a_regular_file_is_read_as_a_split_file(tmp_path, kind):
+    """A FIFO (would block the reader forever), /dev/zero behind a symlink (never ends) or a directory under a
+    split file's name: refused at once, naming the file, by the loader and by verify."""
+    root = tmp_path / "data"
+    list_file = write_vtab_task(root, "dtd") / "train800.txt"
+    list_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(list_file)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", list_file)
+    else:
+        list_file.mkdir()
+    message = _split_error(root)
+    assert str(list_file) in message and "not a regular file" in message
+    assert "not a regular file" in _split_error(root, problems=True)
+
+
+# ------------------------------------------------------------------------- the cache rewritten in place
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cache_rewritten_in_place_after_the_open_check_is_an_error_never_wrong_pixels(tmp_path, workers):
+    """Another process rewrites one item's bytes at the same size after the open-time check: reading that item
+    (in this process, or in forked DataLoader workers) raises naming the file and the fix; the others serve."""
+    from torch.utils.data import DataLoader
+
+    dataset, expected = _cached_test_split(tmp_path)
+    item = 3 * 8 * 8
+    with open(dataset.cache_path, "r+b") as f:  # same size, item 4's pixels inverted
+        f.seek(4 * item)
+        original = f.read(item)
+        f.seek(4 * item)
+        f.write(bytes(255 - b for b in original))
+    assert os.path.getsize(dataset.cache_path) == dataset._file_bytes
+    for i in (0, 3, 5, 8):
+        assert (dataset[i][0] == expected[i]).all()
+    if workers:
+        with pytest.raises(DatasetError) as info:
+            list(DataLoader(dataset, batch_size=3, num_workers=workers))
+    else:
+        with pytest.raises(DatasetError) as info:
+            dataset[4]
+    message = str(info.value)
+    assert str(dataset.cache_path) in message and "item 4" in message and "modified" in message
+    assert "Delete the file" in message
+
+
+def test_cache_reads_without_os_pread_use_the_seek_fallback_and_serve_the_same_pixels(tmp_path, monkeypatch):
+    """Windows has no os.pread: with it (and preadv) removed, a cache is built, checked on open (in threads,
+    sharing one descriptor) and read in this process and in forked DataLoader workers (each its own
+    descriptor), giving the pixels the pread path gives; a rewritten item is still caught."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from visadapt.data import cache
+
+    _, expected = _cached_test_split(tmp_path / "pread")  # built and read with pread
+    monkeypatch.delattr(os, "pread")
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.setattr(cache, "CHUNK_BYTES", 2 * 3 * 8 * 8)  # several runs: the open check reads in threads
+    _, again = _cached_test_split(tmp_path / "seek")  # built, checked and read without pread
+    assert torch.equal(again, expected)
+    reopened = load_cached_split("vtab", tmp_path / "seek", "dtd", "test", input_size=8, workers=4)
+    assert torch.equal(torch.stack([reopened[i][0] for i in range(9)]), expected)
+    for _ in range(2):  # workers sharing an inherited descriptor would race on its position
+        served = torch.cat([x for x, _ in DataLoader(reopened, batch_size=1, num_workers=2)])
+        assert torch.equal(served, expected)
+    with open(reopened.cache_path, "r+b") as f:  # item 0's byte 5 inverted, in place
+        f.seek(5)
+        flipped = bytes([255 - f.read(1)[0]])
+        f.seek(5)
+        f.write(flipped)
+    with pytest.raises(DatasetError, match="modified while in use"):
+        reopened[0]
+
+
+def _flock_fails_as_on_nfs_without_lockd(monkeypatch) -> None:
+    """flock(2) on NFS without a reachable lockd fails with ENOLCK ("No locks available"); filelock raises it."""
+    import errno
+
+    from filelock._native import _unix
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(_unix, "lock_fd_nonblocking", no_locks)
+
+
+def test_generation_on_a_filesystem_without_locks_falls_back_to_a_soft_lock(tmp_path, monkeypatch, caplog):
+    from visadapt.data.procedural import generate_mini_vtab
+
+    _flock_fails_as_on_nfs_without_lockd(monkeypatch)
+    root = tmp_path / "nfs" / "mini"
+    with caplog.at_level("WARNING", logger="visadapt"):
+        assert generate_mini_vtab(root, seed=0, split_sizes=TINY_SIZES) == root
+    assert "does not support file locks" in caplog.text and str(root.parent) in caplog.text
+    vtab.load_split(root, "mini-vtab", "digits", "train800val200")
+    assert not (root.parent / ".mini.lock.soft").exists()  # released
+
+
+def test_generation_where_no_lock_works_is_one_clear_error_naming_folder_and_fix(tmp_path, monkeypatch):
+    import filelock
+
+    from visadapt.data.procedural import generate_mini_vtab
+
+    _flock_fails_as_on_nfs_without_lockd(monkeypatch)
+
+    def no_marker(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(filelock.SoftFileLock, "acquire", no_marker)
+    root = tmp_path / "nfs" / "mini"
+    with pytest.raises(DatasetError) as info:
+        generate_mini_vtab(root, seed=0, split_sizes=TINY_SIZES)
+    message = str(info.value)
+    assert str(root.parent) in message and "VISADAPT_CACHE" in message and "No locks available" in message
+    assert not root.exists()

@@ -1,14 +1,66 @@
 """Writing a generated dataset folder once, atomically, recognised again by its manifest."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from visadapt.data.errors import DatasetError
+
+logger = logging.getLogger("visadapt")
+
+# flock errors of a filesystem without (working) lock support: NFS without lockd gives ENOLCK ("No locks
+# available"); filelock itself falls back to a soft lock on ENOSYS only, and raises the others.
+_NO_LOCK_SUPPORT = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+# How long a generation waits for another one's soft lock before giving up with a message (a generation takes
+# seconds to a few minutes; a soft lock of a holder that died on another host is never released by itself).
+SOFT_LOCK_WAIT_SECONDS = 1800.0
+
+
+@contextlib.contextmanager
+def generation_lock(lock_path: Path, fix: str) -> Iterator[None]:
+    """Hold ``filelock.FileLock(lock_path)`` (flock) for a generation; on a filesystem without lock support
+    (NFS without lockd: ``ENOLCK``) fall back to ``filelock.SoftFileLock`` on ``<lock_path>.soft`` with a warning.
+
+    The soft lock is a marker file: a holder that died on this host is detected by its PID and taken over;
+    one left by another host is waited on for at most ``SOFT_LOCK_WAIT_SECONDS``. Failing that, or if the
+    folder cannot hold a marker either, :class:`DatasetError` names the folder and ``fix`` (how to put the
+    data on a local disk).
+    """
+    from filelock import FileLock, SoftFileLock, Timeout  # a dependency of torch and huggingface_hub
+
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire()
+    except OSError as err:
+        if err.errno not in _NO_LOCK_SUPPORT:
+            raise
+        logger.warning("the filesystem of %s does not support file locks (%s); generating under a soft lock "
+                       "(%s.soft) instead", lock_path.parent, err.strerror or err, lock_path.name)
+        soft = SoftFileLock(f"{lock_path}.soft", timeout=SOFT_LOCK_WAIT_SECONDS)
+        try:
+            soft.acquire()
+        except (OSError, Timeout) as soft_err:
+            why = (f"waited {SOFT_LOCK_WAIT_SECONDS:.0f} s for {lock_path}.soft (a generation on another host, or "
+                   "one that died there: delete the file if no generation runs)") if isinstance(soft_err, Timeout)                 else f"a soft lock failed too ({soft_err})"
+            raise DatasetError(f"cannot lock {lock_path.parent} to generate data there: the filesystem does not "
+                               f"support file locks ({err.strerror or err}; NFS without lockd?) and {why}. "
+                               f"{fix}") from soft_err
+        try:
+            yield
+        finally:
+            soft.release()
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def manifest_parameters(root: Path, manifest: str) -> dict | None:

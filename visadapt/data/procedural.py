@@ -533,12 +533,14 @@ def generate_mini_vtab(root: str | os.PathLike | None = None, seed: int = 0,
 
     Safe under concurrency (any number of processes on one machine, every rank of a multi-process launch):
     generation holds a lock file next to ``root`` (``.<root name>.lock``, ``filelock``) and re-checks for a
-    complete folder once it has it, so one process generates and the others wait, then reuse its folder. The
+    complete folder once it has it, so one process generates and the others wait, then reuse its folder (on a
+    filesystem without lock support, NFS without lockd, a soft lock file instead: see
+    :func:`visadapt.data.generated.generation_lock`). The
     suite is built aside in ``.<root name>.gen-<pid>-<random>.tmp`` beside ``root`` and then renamed into place
     (see :func:`_install`), so a killed run leaves no half-written suite at ``root``; its temporary folder is
     removed by the next generation.
     """
-    from filelock import FileLock  # a dependency of torch and huggingface_hub
+    from visadapt.data.generated import generation_lock
 
     root = Path(root) if root is not None else default_data_root(seed)
     sizes = dict(SPLIT_SIZES if split_sizes is None else split_sizes)
@@ -547,7 +549,9 @@ def generate_mini_vtab(root: str | os.PathLike | None = None, seed: int = 0,
     if _complete(root, wanted, split_sizes is not None):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(root.parent / f".{root.name}.lock"):
+    fix = ("Put the generated data on a local disk: set VISADAPT_CACHE to a local folder (or pass a local "
+           "data root)")
+    with generation_lock(root.parent / f".{root.name}.lock", fix):
         if _complete(root, wanted, split_sizes is not None):  # another process generated it while we waited
             return root
         # Leftovers of a killed generation (only a lock holder writes these, and we hold the lock).

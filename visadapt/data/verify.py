@@ -116,7 +116,7 @@ class VerifyReport:
 
 
 def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _sha256_stream(path)  # a split file may be up to vtab.MAX_SPLIT_FILE_BYTES: not read whole
 
 
 def _image_problem(path: Path) -> str | None:
@@ -176,7 +176,7 @@ def _read_image_list_task(benchmark: str, root: Path, task_dir: Path, info: Task
     files: dict[str, Path] = {}
     for split in vtab.SPLITS:
         list_file = task_dir / f"{split}.txt"
-        if not list_file.is_file():
+        if not list_file.exists():  # a FIFO or device under the name: read_image_list reports it as such
             found = sorted(p.name for p in task_dir.glob("*.txt"))
             problems.append(Problem(str(list_file), None, (
                 f"split file does not exist (found: {', '.join(found) or 'no .txt files'}); expected "
@@ -186,6 +186,8 @@ def _read_image_list_task(benchmark: str, root: Path, task_dir: Path, info: Task
         raw: list = []
         samples, origins = vtab.read_image_list(list_file, task_dir, info, problems=raw, root=task_dir.parent)
         problems.extend(Problem(str(f), line, msg) for f, line, msg in raw)
+        if not samples and raw:  # refused or unusable as a whole (reported above): nothing to hash or count
+            continue
         files[split] = list_file
         splits[split] = [_Entry(path, label, list_file, _line_of(origin))
                          for (path, label), origin in zip(samples, origins)]

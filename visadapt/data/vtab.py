@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,12 @@ IMAGE_LIST_BENCHMARKS = ("vtab", "mini-vtab")
 # How many missing images a report lists before summarising the rest as a count.
 _MISSING_SHOWN = 5
 _LABEL = re.compile(r"[+-]?\d+")
+# Bounds on a split file, checked before and while it is read (a split file is untrusted text: a crafted or
+# broken one must not make the loader read gigabytes into memory). VTAB-1k's largest split lists ~26 k lines of
+# ~40 bytes; these allow a 10-million-image split with paths of ~100 bytes, and any real path (PATH_MAX is 4096).
+MAX_SPLIT_FILE_BYTES = 2**30
+MAX_SPLIT_LINES = 10_000_000
+MAX_SPLIT_LINE_BYTES = 64 * 2**10
 
 
 class ImageListDataset(Dataset):
@@ -196,6 +203,69 @@ def _layout_fix(benchmark: str, task_dir: Path) -> str:
             f"image paths in a split file are relative to {task_dir}")
 
 
+class _SplitFileRefused(Exception):
+    """A split file that is not read (to the end): not a regular file, over a bound, or not UTF-8."""
+
+    def __init__(self, lineno: int | None, message: str):
+        super().__init__(message)
+        self.lineno = lineno
+
+
+def _split_file_lines(list_file: Path):
+    """Yield ``(line number, line)`` of ``list_file``, as ``str.splitlines`` numbers them, streamed.
+
+    Refused (:class:`_SplitFileRefused`) before anything is read: a path that is not a regular file (a FIFO would
+    block the reader forever, ``/dev/zero`` never ends) and a file above ``MAX_SPLIT_FILE_BYTES``. Refused while
+    reading: a line above ``MAX_SPLIT_LINE_BYTES`` (read at most that far), more than ``MAX_SPLIT_LINES`` lines
+    or ``MAX_SPLIT_FILE_BYTES`` bytes (a file growing while read), invalid UTF-8.
+    """
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; it does nothing on a regular file.
+    try:
+        fd = os.open(list_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise _SplitFileRefused(None, f"cannot be opened ({err.strerror or err}); a split file must be a "
+                                      "readable text file") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SPLIT_FILE_BYTES:
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _SplitFileRefused(None, "is not a regular file (a directory, FIFO, socket or device, possibly "
+                                          "behind a symlink); a split file must be a text file. Replace it")
+        raise _SplitFileRefused(None, f"is {info.st_size} bytes, above the bound of {MAX_SPLIT_FILE_BYTES} bytes "
+                                      "for a split file (visadapt.data.vtab.MAX_SPLIT_FILE_BYTES); it was not "
+                                      "read. The file is damaged or not a split file: re-create it")
+    with os.fdopen(fd, "rb") as f:
+        lineno = 0
+        read = 0
+        while True:
+            raw = f.readline(MAX_SPLIT_LINE_BYTES + 1)
+            if not raw:
+                return
+            read += len(raw)
+            if len(raw) > MAX_SPLIT_LINE_BYTES:
+                raise _SplitFileRefused(lineno + 1, f"line longer than {MAX_SPLIT_LINE_BYTES} bytes, the bound for "
+                                                    "a split-file line (visadapt.data.vtab.MAX_SPLIT_LINE_BYTES); "
+                                                    "the file was not read further. Re-create the split file")
+            if read > MAX_SPLIT_FILE_BYTES:
+                raise _SplitFileRefused(None, f"grew past the bound of {MAX_SPLIT_FILE_BYTES} bytes while being "
+                                              "read (visadapt.data.vtab.MAX_SPLIT_FILE_BYTES); another process is "
+                                              "writing it. Re-create the split file")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _SplitFileRefused(lineno + 1, f"is not a UTF-8 text file ({err}); a split file holds lines "
+                                                    "'<relative image path> <integer label>'") from None
+            # Split on b"\n" first, then as str.splitlines does ("\r", "\u2028", ...): the same line numbers as
+            # splitlines() over the whole text ("\r\n" never straddles two pieces, as "\n" ends a piece).
+            for line in text.splitlines():
+                lineno += 1
+                if lineno > MAX_SPLIT_LINES:
+                    raise _SplitFileRefused(None, f"has more than {MAX_SPLIT_LINES} lines, the bound for a split "
+                                                  "file (visadapt.data.vtab.MAX_SPLIT_LINES); it was not read "
+                                                  "further. The file is damaged or not a split file: re-create it")
+                yield lineno, line
+
+
 def read_image_list(list_file: Path, base: Path, info: TaskInfo,
                     problems: list[tuple[Path, int | None, str]] | None = None,
                     root: Path | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -203,11 +273,14 @@ def read_image_list(list_file: Path, base: Path, info: TaskInfo,
 
     Each non-blank line is split on its LAST whitespace, so image paths may contain spaces. Labels must be
     integers in ``[0, info.num_classes)``. Paths must stay inside ``root`` (the data root; default
-    ``base.parent``, the folder holding the task folder), see :func:`confined_image_path`.
+    ``base.parent``, the folder holding the task folder), see :func:`confined_image_path`. The file is streamed
+    line by line and must be a regular file within ``MAX_SPLIT_FILE_BYTES`` bytes, ``MAX_SPLIT_LINES`` lines of
+    at most ``MAX_SPLIT_LINE_BYTES`` bytes each (checked before and while reading, never after reading it all).
 
     ``problems``: ``None`` raises :class:`DatasetError` at the first bad line (what the loaders want). A list
     collects every defect as ``(list_file, line number or None, message)`` and skips the bad lines instead,
-    so that ``visadapt-data verify`` reports them all in one run.
+    so that ``visadapt-data verify`` reports them all in one run. A file refused as a whole (not a regular file,
+    over a bound, not UTF-8) is one defect, and none of its lines are returned.
     """
     def bad(lineno: int | None, message: str) -> None:
         if problems is None:
@@ -218,34 +291,32 @@ def read_image_list(list_file: Path, base: Path, info: TaskInfo,
     samples: list[tuple[Path, int]] = []
     origins: list[str] = []
     try:
-        text = list_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        bad(None, f"is not a UTF-8 text file ({err}); a split file holds lines "
-                  "'<relative image path> <integer label>'")
-        return samples, origins
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped:
-            continue
-        parts = stripped.rsplit(None, 1)
-        if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
-            bad(lineno, f"malformed line {line!r}; expected "
-                        "'<relative image path> <integer label>' (e.g. 'images/test/000000.jpg 3')")
-            continue
-        label = int(parts[1])
-        if not 0 <= label < info.num_classes:
-            bad(lineno, f"label {label} is outside [0, {info.num_classes}) for task {info.name!r} "
-                        f"({info.num_classes} classes); the file belongs to another task or its labels are not "
-                        "0-based")
-            continue
-        try:
-            path = confined_image_path(root, base, parts[0])
-        except ValueError as err:
-            bad(lineno, f"image path {parts[0]!r} {err}; a split file may only list paths relative to the task "
-                        f"folder {base} that stay inside the data root. Fix the line or remove it")
-            continue
-        samples.append((path, label))
-        origins.append(f"{list_file}:{lineno}")
+        for lineno, line in _split_file_lines(list_file):
+            stripped = line.strip()
+            if not stripped:
+                continue
+            parts = stripped.rsplit(None, 1)
+            if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+                bad(lineno, f"malformed line {line!r}; expected "
+                            "'<relative image path> <integer label>' (e.g. 'images/test/000000.jpg 3')")
+                continue
+            label = int(parts[1])
+            if not 0 <= label < info.num_classes:
+                bad(lineno, f"label {label} is outside [0, {info.num_classes}) for task {info.name!r} "
+                            f"({info.num_classes} classes); the file belongs to another task or its labels are "
+                            "not 0-based")
+                continue
+            try:
+                path = confined_image_path(root, base, parts[0])
+            except ValueError as err:
+                bad(lineno, f"image path {parts[0]!r} {err}; a split file may only list paths relative to the "
+                            f"task folder {base} that stay inside the data root. Fix the line or remove it")
+                continue
+            samples.append((path, label))
+            origins.append(f"{list_file}:{lineno}")
+    except _SplitFileRefused as err:
+        bad(err.lineno, str(err))
+        return [], []
     if not samples and not any(p[0] == list_file and p[1] for p in problems or ()):
         bad(None, "lists no images; every line should be '<relative image path> <integer label>'. "
                   "Re-create the split file")
@@ -274,7 +345,8 @@ def load_split(root: str | os.PathLike, benchmark: str, task: str, split_name: s
     info = resolve_task(benchmark, task)
     task_dir = find_task_dir(root, info)
     list_file = task_dir / f"{split_name}.txt"
-    if not list_file.is_file():
+    # exists(), not is_file(): a FIFO or device under the name is reported as such by read_image_list.
+    if not list_file.exists():
         found = sorted(p.name for p in task_dir.glob("*.txt"))
         raise DatasetError(
             f"split file {list_file} does not exist (found: {', '.join(found) or 'no .txt files'}); expected "

@@ -381,10 +381,11 @@ def test_cache_truncated_while_in_use_gives_a_clear_error_not_sigbus(tmp_path_fa
     outcome = results.get(timeout=5)
     item = 3 * 8 * 8
     for i, result in enumerate(outcome):
-        if (i + 1) * item <= keep:
-            assert result is True  # bytes still there are served unchanged
+        assert isinstance(result, str) and ".vcache" in result
+        if (i + 1) * item <= keep:  # bytes still there: the file changed since its check, so none is served
+            assert "modified while in use" in result
         else:
-            assert isinstance(result, str) and "cut short while in use" in result and ".vcache" in result
+            assert "cut short while in use" in result
 
 
 def _die_in_worker(samples, origins, spec):
@@ -627,11 +628,14 @@ def test_only_a_regular_file_is_read_as_a_split_file(tmp_path, kind):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cache_rewritten_in_place_after_the_open_check_is_an_error_never_wrong_pixels(tmp_path, workers):
-    """Another process rewrites one item's bytes at the same size after the open-time check: reading that item
-    (in this process, or in forked DataLoader workers) raises naming the file and the fix; the others serve."""
+    """Another process rewrites one item's bytes at the same size after the open-time check: from then on no
+    item is served (in this process, or in forked DataLoader workers): the read raises naming the file, the item
+    and the fix, and never returns the changed pixels. Items read before the write were the checked bytes."""
     from torch.utils.data import DataLoader
 
     dataset, expected = _cached_test_split(tmp_path)
+    for i in (0, 3, 5, 8):
+        assert (dataset[i][0] == expected[i]).all()
     item = 3 * 8 * 8
     with open(dataset.cache_path, "r+b") as f:  # same size, item 4's pixels inverted
         f.seek(4 * item)
@@ -639,16 +643,16 @@ def test_cache_rewritten_in_place_after_the_open_check_is_an_error_never_wrong_p
         f.seek(4 * item)
         f.write(bytes(255 - b for b in original))
     assert os.path.getsize(dataset.cache_path) == dataset._file_bytes
-    for i in (0, 3, 5, 8):
-        assert (dataset[i][0] == expected[i]).all()
     if workers:
         with pytest.raises(DatasetError) as info:
             list(DataLoader(dataset, batch_size=3, num_workers=workers))
+        first = 0  # the first item a worker reads
     else:
-        with pytest.raises(DatasetError) as info:
-            dataset[4]
+        for first in (4, 0):
+            with pytest.raises(DatasetError) as info:
+                dataset[first]
     message = str(info.value)
-    assert str(dataset.cache_path) in message and "item 4" in message and "modified" in message
+    assert str(dataset.cache_path) in message and f"item {first} " in message and "modified" in message
     assert "Delete the file" in message
 
 

@@ -173,13 +173,16 @@ class CachedImageDataset(Dataset):
       receive a duplicate of it (spawn / forkserver: multiprocessing passes descriptors to the child);
     * a file cut short by another process gives a :class:`DatasetError` naming the file and the bytes that
       are missing, where a mapped file would kill the process with SIGBUS;
-    * bytes rewritten in place by another process (same size) are caught on read: each item's CRC-32 (from
-      the header checked on open) is verified over the very bytes returned, so an altered item is a
-      :class:`DatasetError` naming the file and the item, never wrong pixels. The cost is one ``zlib.crc32``
-      per item (about 37 us for a 224 px image on one core; see the measurement in the commit that added it).
+    * bytes rewritten in place by another process (same size) are caught on read: every item's CRC-32 is
+      checked on open, and each read is followed by one ``fstat`` of the descriptor whose size and modification
+      time must still be those the check saw, so a write after (or racing) the check is a :class:`DatasetError`
+      naming the file and the item, never wrong pixels. One ``fstat`` per item costs about a microsecond; a CRC
+      per read cost 37 us for a 224 px image and 40-60% of the uint8 loader throughput. Not caught: a writer
+      that sets the modification time back (``os.utime``) on purpose, and, on kernels older than Linux 6.13
+      (no fine-grained timestamps after a ``stat``), a write within a clock tick of the open check.
 
     A copy made by plain ``pickle`` (not by a multiprocessing start) carries the path only and reopens it by
-    name (checking its size; the per-item CRCs still hold), so it needs the file to exist.
+    name (checking its size and modification time), so it needs the file to exist.
 
     Attributes (besides those above): ``cache_path`` (the file), ``spec`` (:class:`CacheSpec`),
     ``device_transform``.
@@ -203,7 +206,7 @@ class CachedImageDataset(Dataset):
             self._shapes = np.tile(np.asarray(header["item_shape"][1:], dtype=np.int64), (len(self.samples), 1))
         sizes = 3 * self._shapes[:, 0] * self._shapes[:, 1]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self._item_crcs = np.asarray(header["item_crc32"], dtype=np.uint32)
+        self._content_stamp = tuple(header["content_stamp"])
         self._fd: int | None = fd
         self._fd_pid = os.getpid()  # the process the descriptor's file position belongs to (seek fallback)
 
@@ -246,12 +249,12 @@ class CachedImageDataset(Dataset):
                     "dataset was pickled without its open file (plain pickle, not a DataLoader worker start), "
                     "so it can only reopen the file by name. Load the split again (build_datasets / "
                     "load_cached_split rebuild a missing cache)") from None
-            if os.fstat(fd).st_size != self._file_bytes:
+            if _content_stamp(os.fstat(fd)) != self._content_stamp:
                 os.close(fd)
                 raise DatasetError(
                     f"decoded-image cache {self.cache_path} of {self.name} is not the file this dataset was "
-                    f"opened on (size {os.path.getsize(self.cache_path)}, expected {self._file_bytes}); load "
-                    "the split again to check and rebuild it")
+                    f"opened on (size or modification time changed; size {os.path.getsize(self.cache_path)}, "
+                    f"expected {self._file_bytes}); load the split again to check and rebuild it")
             self._fd, self._fd_pid = fd, os.getpid()
         return self._fd
 
@@ -268,14 +271,15 @@ class CachedImageDataset(Dataset):
                 f"needs bytes {offset}..{offset + size}, the file now ends at byte {end} (it was "
                 f"{self._file_bytes}). Another process truncated or overwrote it in place; load the split again "
                 "to rebuild the cache (or keep caches where other jobs do not write: --cache-dir)")
-        # Checked on the bytes returned (not on the file), so a rewrite racing this read cannot slip through.
-        if zlib.crc32(out) != int(self._item_crcs[index]):
+        # Checked after the read: a write racing it has stamped the file already (the kernel updates the
+        # modification time before copying the new bytes in).
+        if _content_stamp(os.fstat(self._descriptor())) != self._content_stamp:
             raise DatasetError(
                 f"decoded-image cache {self.cache_path} was modified while in use: item {index} of {self.name} "
-                f"(bytes {offset}..{offset + size}) no longer matches the CRC-32 recorded when the file was "
-                "checked on open. Another process rewrote the file in place. Delete the file (or load the split "
-                "again, which checks and rebuilds it), and keep caches where other jobs do not write "
-                "(--cache-dir)")
+                f"(bytes {offset}..{offset + size}) may no longer be the bytes checked on open: the file's "
+                "size or modification time changed since. Another process wrote to the file in place. Delete "
+                "the file (or load the split again, which checks and rebuilds it), and keep caches where other "
+                "jobs do not write (--cache-dir)")
         return out.reshape(3, h, w)
 
     def __len__(self) -> int:
@@ -538,8 +542,16 @@ def _check_open_file(fd: int, key: str, source: ImageListDataset, spec: CacheSpe
     if bad:
         raise _Corrupt(f"checksum mismatch in {len(bad)} of {len(crcs)} images (first: image {bad[0]}, at byte "
                        f"{int(offsets[bad[0]])}): the data was modified or damaged")
-    header["file_bytes"] = size
+    if _content_stamp(os.fstat(fd)) != _content_stamp(status):
+        raise _Corrupt("another process wrote to the file while it was being checked")
+    header["file_bytes"], header["content_stamp"] = size, _content_stamp(status)
     return header
+
+
+def _content_stamp(status: os.stat_result) -> tuple[int, int]:
+    """``(size, mtime in ns)``: what any write to the file's bytes changes (the kernel stamps the modification
+    time before it copies the data in). Deleting or renaming the file leaves it as it is, unlike ``st_ctime``."""
+    return status.st_size, status.st_mtime_ns
 
 
 def _check_header(header: dict, key: str, data_bytes: int, source: ImageListDataset, spec: CacheSpec) -> None:
@@ -605,7 +617,8 @@ def _build(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, work
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    header["file_bytes"] = os.fstat(fd).st_size
+    status = os.fstat(fd)  # our private temporary file until the rename: nobody else wrote to it
+    header["file_bytes"], header["content_stamp"] = status.st_size, _content_stamp(status)
     logger.info("decoded-image cache: %s built in %.1f s (%.1f MiB)", path.name,
                 time.perf_counter() - started, data_bytes / 2**20)
     return fd, header

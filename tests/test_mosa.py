@@ -241,6 +241,34 @@ def test_houlsby_on_the_residual_stream_detaches_to_the_exact_model():
         assert torch.equal(model(x), before)
 
 
+@pytest.mark.parametrize("family", ["swin", "open_clip"])
+def test_houlsby_sits_on_the_residual_stream_on_swin_and_open_clip(family):
+    """The same placement on the other families: ``h' = h + f(h)`` after the attention's residual add, the MLP
+    branch and its skip both reading ``h'``, and ``g`` on the block output (block forwards written out here)."""
+    torch.manual_seed(0)
+    model = tiny_models.swin() if family == "swin" else tiny_models.clip()
+    visadapt.attach(model, "mosa", style="houlsby", dim=4, blocks=(0,))
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+    model.eval()
+    f, g = (item.module for item in visadapt.inject.attached(model))
+    with torch.no_grad():
+        if family == "swin":
+            block = model.layers[0].blocks[0]
+            x = torch.randn(2, 8, 8, 16)
+            h = x + block.drop_path1(block._attn(block.norm1(x)))
+            h = (h + f(h)).reshape(2, -1, 16)
+            o = (h + block.drop_path2(block.mlp(block.norm2(h)))).reshape(2, 8, 8, 16)
+        else:
+            block = model.visual.transformer.resblocks[0]
+            x = torch.randn(2, 17, 32)
+            h = x + block.ls_1(block.attention(block.ln_1(x)))
+            h = h + f(h)
+            o = h + block.ls_2(block.mlp(block.ln_2(h)))
+        assert (block(x) - (o + g(o))).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("style", ["adaptformer", "pfeiffer", "houlsby"])
 def test_each_style_computes_the_official_block_forward(style, train):

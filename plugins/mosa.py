@@ -66,13 +66,17 @@ the attention's residual add and ``m = MLP(LN2(h))`` the MLP branch output:
 24 keep PyTorch's 1e-5). ``layer_norm``, ``dropout``, ``scale`` and ``activation`` left at None take these per-style
 values; biases are on and ``Down`` keeps ``nn.Linear``'s Kaiming-uniform start, ``Up`` starts at zero, as
 official. A timm ViT with LayerScale or drop path applies them where timm does (the official ViT has neither).
-On Swin, visadapt places the styles as on ViT; the official Swin code (``swin_mosa.py``) differs: it has only an
-AdaptFormer-like adapter inside the MLP, fed the MLP's already normalised input with no ``adapter_norm`` and added to
-the MLP output before drop path (visadapt's ``mlp_branch`` site with ``layer_norm=False``).
+On timm Swin the official code (``swin_mosa.py``) has one adapter, inside the MLP (``MoSAMlp``): fed the MLP's
+input (already ``LN2``-normalised, no ``adapter_norm``) and added, times ``s``, to the MLP output, before drop path:
+``out = h + DropPath(MLP(LN2(h)) + s * Up(Dropout(GELU(Down(LN2(h))))))``. ``style="adaptformer"`` on Swin does
+that by default (site ``mlp_branch``, no LayerNorm); ``swin_placement="as_vit"`` is a visadapt variant (its only
+behaviour before issue 24, and what files saved then keep) with the ViT placement and LayerNorm above. The
+official Swin code has no Houlsby or Pfeiffer; visadapt places them as on ViT.
 
-**Files written before issue 24** carry none of ``draw``, ``houlsby_placement`` and ``layer_norm_eps`` in their
-header; :meth:`MoSAConfig.from_header` reads them with the values of that time (``per_block``, ``branch``,
-1e-5, and ``dropout=None`` as 0.1 for every style), so they load, run and continue training exactly as before.
+**Files written before issue 24** carry none of ``draw``, ``houlsby_placement``, ``swin_placement`` and
+``layer_norm_eps`` in their header; :meth:`MoSAConfig.from_header` reads them with the values of that time
+(``per_block``, ``branch``, ``as_vit``, 1e-5, and ``dropout=None`` as 0.1 for every style), so they load, run and
+continue training exactly as before.
 
 **k bits.** ``bits < 32`` stores the merged adapter at k bits with the shared quantiser of the 1-bit adapters:
 post-training quantisation of the merged weights. The modules train at full precision; eval mode (so the
@@ -108,7 +112,7 @@ from visadapt.plugin import (
 )
 from visadapt.plugins.adapter import DEFAULT_SCALE, STYLE_SITES
 from visadapt.registry import register_plugin
-from visadapt.sites import find_sites
+from visadapt.sites import find_sites, model_family
 
 #: the official activation per adapter style (vit_mosa.py): AdaptFormer GELU, Pfeiffer ReLU, Houlsby SiLU
 STYLE_ACTIVATION = {"adaptformer": "gelu", "pfeiffer": "relu", "houlsby": "silu"}
@@ -120,7 +124,9 @@ STYLE_DROPOUT = {"adaptformer": 0.1, "pfeiffer": 0.0, "houlsby": 0.0}
 HOULSBY_SITES = {"residual_stream": ("attn_residual", "block_out"), "branch": ("attn_out", "mlp_out")}
 DRAWS = ("per_site", "per_block")
 #: the values a header written before these fields existed stands for (visadapt before issue 24)
-FIELDS_BEFORE_ISSUE_24 = {"draw": "per_block", "houlsby_placement": "branch", "layer_norm_eps": 1e-5}
+FIELDS_BEFORE_ISSUE_24 = {"draw": "per_block", "houlsby_placement": "branch", "swin_placement": "as_vit",
+                          "layer_norm_eps": 1e-5}
+SWIN_PLACEMENTS = ("inside_mlp", "as_vit")
 #: which child of the shared block each split role names
 ROLE_CHILD = {"adapter": {"down": "down", "up": "up"}, "lora": {"down": "A", "up": "B"}}
 #: prefix of the module (training) state in a file saved with keep_modules=True
@@ -342,12 +348,16 @@ class MoSAConfig(AdapterConfig):
     dropout: float | None = config_field(None, "dropout inside the adapter; None = official (adaptformer 0.1, "
                                                "pfeiffer 0, houlsby 0, lora 0)")
     layer_norm: bool | None = config_field(None, "adapter base: LayerNorm on the adapter input; None = official "
-                                                 "(adaptformer and pfeiffer yes, houlsby no)")
+                                                 "(adaptformer and pfeiffer yes, houlsby no; none inside the Swin MLP)")
     layer_norm_eps: float = config_field(1e-6, "eps of the adapter's LayerNorm (official 1e-6; files saved before "
                                                "this field existed used 1e-5)")
     houlsby_placement: str = config_field("residual_stream", "houlsby style: residual_stream (official: after each "
                                                              "residual add) or branch (inside each branch, before "
                                                              "its residual add: visadapt before issue 24)")
+    swin_placement: str = config_field("inside_mlp", "timm Swin, adaptformer style: inside_mlp (official "
+                                                     "swin_mosa.py: inside the MLP, fed its normalised input, no "
+                                                     "adapter LayerNorm) or as_vit (the ViT placement: visadapt "
+                                                     "before issue 24)")
     draw: str = config_field("per_site", "per_site (official: every adapter site draws its own modules) or "
                                          "per_block (the sites of a block share each role's draw: visadapt "
                                          "before issue 24)")
@@ -369,6 +379,7 @@ class MoSAConfig(AdapterConfig):
         check_choice("bits", self.bits, QUANT_BITS)
         check_choice("draw", self.draw, DRAWS)
         check_choice("houlsby_placement", self.houlsby_placement, HOULSBY_SITES)
+        check_choice("swin_placement", self.swin_placement, SWIN_PLACEMENTS)
         if self.activation is not None:
             check_choice("activation", self.activation, ACTIVATIONS)
         check_positive_int("dim", self.dim)
@@ -398,15 +409,24 @@ class MoSAConfig(AdapterConfig):
             return self.dropout
         return 0.0 if self.base == "lora" else STYLE_DROPOUT[self.style]
 
-    @property
-    def effective_layer_norm(self) -> bool:
-        return STYLE_LAYER_NORM[self.style] if self.layer_norm is None else self.layer_norm
+    def inside_swin_mlp(self, family: str) -> bool:
+        """Whether the adapters go inside the MLP as ``swin_mosa.py`` puts them (adaptformer style on timm Swin)."""
+        return (family == "timm_swin" and self.base == "adapter" and self.style == "adaptformer"
+                and self.swin_placement == "inside_mlp")
 
-    @property
-    def site_kinds(self) -> tuple[str, ...]:
-        """The site kinds the adapters attach to: per style (adapter base) or ``targets`` (lora base)."""
+    def effective_layer_norm(self, family: str) -> bool:
+        """``layer_norm``, or when None the official choice for the style (and, on Swin, the placement)."""
+        if self.layer_norm is not None:
+            return self.layer_norm
+        return False if self.inside_swin_mlp(family) else STYLE_LAYER_NORM[self.style]
+
+    def site_kinds(self, family: str) -> tuple[str, ...]:
+        """The site kinds the adapters attach to on a model of ``family``: per style (adapter base) or
+        ``targets`` (lora base)."""
         if self.base == "lora":
             return tuple(self.targets)
+        if self.inside_swin_mlp(family):
+            return ("mlp_branch",)
         return HOULSBY_SITES[self.houlsby_placement] if self.style == "houlsby" else STYLE_SITES[self.style]
 
     @classmethod
@@ -456,7 +476,8 @@ class MoSAPlugin(AdapterPlugin):
 
     def attach(self, model: nn.Module, config: MoSAConfig, adapter_name: str) -> None:
         _check_no_activation_checkpointing(model)
-        sites = find_sites(model, config.site_kinds, config.blocks, config.towers)
+        family = model_family(model)
+        sites = find_sites(model, config.site_kinds(family), config.blocks, config.towers)
         towers = list(dict.fromkeys(site.tower for site in sites))
         matrix = 0
         for site in sites:
@@ -464,7 +485,7 @@ class MoSAPlugin(AdapterPlugin):
                 module = BottleneckAdapter(
                     site.in_features, config.dim, site.out_features,
                     activation=config.activation or STYLE_ACTIVATION[config.style], dropout=config.effective_dropout,
-                    scale=config.effective_scale, layer_norm=config.effective_layer_norm, bias=config.bias)
+                    scale=config.effective_scale, layer_norm=config.effective_layer_norm(family), bias=config.bias)
                 if isinstance(module.norm, nn.LayerNorm):
                     module.norm.eps = config.layer_norm_eps  # the shared block keeps PyTorch's 1e-5 otherwise
             else:

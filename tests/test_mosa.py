@@ -270,6 +270,61 @@ def test_houlsby_sits_on_the_residual_stream_on_swin_and_open_clip(family):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_swin_adapter_sits_inside_the_mlp_as_official(train):
+    """``swin_mosa.py``'s ``MoSAMlp`` restated on a timm Swin block: the adapter reads the MLP's input (LN2 of the
+    stream, no adapter_norm), its output times 0.1 joins the MLP output before drop path; dropout 0.1 after GELU
+    (the generator reseeded for both, so drop path and dropout masks agree in training)."""
+    torch.manual_seed(0)
+    model = tiny_models.swin()
+    visadapt.attach(model, "mosa", split=("down", "up"), dim=4, blocks=(0,))
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+    (adapter,) = (item.module for item in visadapt.inject.attached(model))
+    block = model.layers[0].blocks[0]
+    x = torch.randn(2, 8, 8, 16)
+    model.train(train)
+    MoSAPlugin().on_step(model, 3)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ours = block(x)
+        torch.manual_seed(7)
+        h = (x + block.drop_path1(block._attn(block.norm1(x)))).reshape(2, -1, 16)
+        n = block.norm2(h)
+        m = type(block.mlp).forward(block.mlp, n)  # the MLP alone, without visadapt's hook
+        adpt = _official_adapter(adapter, n, F.gelu, False, train, dropout=0.1)
+        official = (h + block.drop_path2(adpt * 0.1 + m)).reshape(2, 8, 8, 16)
+    assert (ours - official).abs().max() <= 1e-5
+
+
+def test_a_swin_header_without_swin_placement_keeps_the_vit_placement(tmp_path):
+    """A Swin file saved before issue 24 (simulated: today's file with the old values, the new fields then
+    removed from its header) loads with the ViT placement and its LayerNorm, and gives the same outputs."""
+    torch.manual_seed(0)
+    model = tiny_models.swin()
+    old_values = {"draw": "per_block", "houlsby_placement": "branch", "swin_placement": "as_vit",
+                  "layer_norm_eps": 1e-5}
+    visadapt.attach(model, "mosa", dim=4, layer_norm=True, dropout=0.1, **old_values)
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    path = visadapt.save_adapter(model, tmp_path / "swin.safetensors")
+    tensors, meta = visadapt.io.read_safetensors(path)
+    config = {k: v for k, v in json.loads(meta["config"]).items() if k not in old_values}
+    meta["config"] = json.dumps(config | {"dropout": None, "layer_norm": True})
+    path.write_bytes(visadapt.io.canonical_safetensors_bytes(tensors, meta))
+    fresh = tiny_models.swin()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
+    visadapt.load_adapter(fresh, path)
+    assert visadapt.api.get_record(fresh, "default").config.swin_placement == "as_vit"
+    with torch.no_grad():
+        assert (fresh.eval()(x) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("style", ["adaptformer", "pfeiffer", "houlsby"])
 def test_each_style_computes_the_official_block_forward(style, train):
     """Placement, LayerNorm (eps 1e-6), activation, scale and dropout of each style against ``vit_mosa.py``'s
@@ -617,7 +672,7 @@ def test_swin_trains_merges_and_round_trips(tmp_path, style):
     torch.manual_seed(0)
     model = tiny_models.swin()
     config = visadapt.attach(model, "mosa", dim=4, head="head", style=style)
-    assert len(_sparse_layers(model)) == 3 * len(config.site_kinds)
+    assert len(_sparse_layers(model)) == 3 * len(config.site_kinds("timm_swin"))
     optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-2)
     model.train()
     for step in range(2):

@@ -11,12 +11,20 @@ official "MoSL") is trained as N sparse modules and used as one plain adapter:
   ``W`` with only ``M_i`` trainable. ``split=("up",)`` is the official VTAB-1k / FGVC recipe (the
   down-projection stays one dense, shared, fully trained layer); ``("down", "up")`` is the multi-task recipe.
   Biases are not split: as in the official code each module has its own full bias copy.
-* **Stochastic activation.** In training every forward pass draws, per block and per split role (down / up),
-  one module index for the whole batch. The index is a hash of ``(seed, block, role, step, call)``: every
-  process of a distributed run draws the same index at the same step with no communication, and a resumed
-  run draws what the uninterrupted run would have (the engine hands the step count over through
-  :meth:`MoSAPlugin.on_step`). Sites of one block share a role's index (the official MoSL uses one index
-  pair for q and v).
+* **Stochastic activation.** In training every forward pass draws, per adapter site and per split role
+  (down / up), one module index for the whole batch, uniform over the N modules. ``draw="per_site"`` (default)
+  is the official draw: each site draws its own indices, independently of the others, so MoSL's q and v
+  adapters (``vit_mosl.py``: a ``randint`` pair per target) and Houlsby's two adapters (``vit_mosa.py``: ``A, B``
+  for the attention-side adapter, ``C, D`` for the MLP-side one) choose their modules independently.
+  ``draw="per_block"`` is a visadapt variant (its only behaviour before issue 24, and what files saved then
+  keep): the sites of one block share each role's index, so q and v always use the same module number.
+  The official code takes its indices from Python's global ``random`` in forward order (per block: A, B, then
+  Houlsby's C, D; MoSL: A, B per target q, k, v, o; drawn even for a shared matrix), so its numbers depend on
+  everything else that consumes that generator and cannot be reproduced; visadapt keeps the distribution
+  (independent, uniform) but not the numbers: its index is a hash of ``(seed, block, site, role, step,
+  call)``, touching no global generator. Every process of a distributed run draws the same index at the same
+  step with no communication, and a resumed run draws what the uninterrupted run would have (the engine
+  hands the step count over through :meth:`MoSAPlugin.on_step`).
 * **Sparse update.** Module ``i`` changes only the elements of ``M_i``.
 * **Consistency.** With ``consistency_weight > 0`` (official: 1.0) each batch runs forward twice, the two
   passes drawing their own modules, and the loss adds ``weight * symKL(p1, p2)``, the R-Drop form
@@ -41,17 +49,50 @@ decay also shrinks each copy's elements *outside* its mask when the initial valu
 down-projection), so modules drift off their masks; here a module changes only its own elements, as the
 method describes.
 
+**Styles** (``base="adapter"``), each as ``vit_mosa.py`` places it, with ``h = x + Attn(LN1(x))`` the stream after
+the attention's residual add and ``m = MLP(LN2(h))`` the MLP branch output:
+
+* ``adaptformer`` (default): ``out = h + m + s * Up(Dropout(GELU(Down(LN_a(h)))))``, ``s = 0.1``, dropout 0.1.
+* ``pfeiffer``: ``out = h + m + Up(ReLU(Down(LN_a(m))))``: serial on the MLP branch output, own LayerNorm,
+  no scale (1.0), no dropout.
+* ``houlsby``: ``h' = h + Up(SiLU(Down(h)))``, ``o = h' + MLP(LN2(h'))``, ``out = o + Up'(SiLU(Down'(o)))``:
+  two adapters on the residual stream itself, after each residual add (sites ``attn_residual`` and
+  ``block_out``), with no LayerNorm, no scale and no dropout. ``houlsby_placement="branch"`` is a visadapt
+  variant (its only behaviour before issue 24, and what files saved then keep): the adapters sit inside the
+  branches before the residual adds, ``x + a + f(a)`` (sites ``attn_out`` and ``mlp_out``, as the plain
+  ``adapter`` plugin's Houlsby style and Houlsby et al. 2019).
+
+``LN_a`` is the adapter's own LayerNorm with the official eps 1e-6 (``layer_norm_eps``; files saved before issue
+24 keep PyTorch's 1e-5). ``layer_norm``, ``dropout``, ``scale`` and ``activation`` left at None take these per-style
+values; biases are on and ``Down`` keeps ``nn.Linear``'s Kaiming-uniform start, ``Up`` starts at zero, as
+official. A timm ViT with LayerScale or drop path applies them where timm does (the official ViT has neither).
+On timm Swin the official code (``swin_mosa.py``) has one adapter, inside the MLP (``MoSAMlp``): fed the MLP's
+input (already ``LN2``-normalised, no ``adapter_norm``) and added, times ``s``, to the MLP output, before drop path:
+``out = h + DropPath(MLP(LN2(h)) + s * Up(Dropout(GELU(Down(LN2(h))))))``. ``style="adaptformer"`` on Swin does
+that by default (site ``mlp_branch``, no LayerNorm); ``swin_placement="as_vit"`` is a visadapt variant (its only
+behaviour before issue 24, and what files saved then keep) with the ViT placement and LayerNorm above. The
+official Swin code has no Houlsby or Pfeiffer; visadapt places them as on ViT.
+
+**Files written before issue 24** carry none of ``draw``, ``houlsby_placement``, ``swin_placement`` and
+``layer_norm_eps`` in their header; :meth:`MoSAConfig.from_header` reads them with the values of that time
+(``per_block``, ``branch``, ``as_vit``, 1e-5, and ``dropout=None`` as 0.1 for every style), so they load, run and
+continue training exactly as before.
+
 **k bits.** ``bits < 32`` stores the merged adapter at k bits with the shared quantiser of the 1-bit adapters:
 post-training quantisation of the merged weights. The modules train at full precision; eval mode (so the
 accuracy measured during training) already computes with the k-bit merged weights, so what is evaluated is
 what the file holds.
 
-**The paper's "hierarchical sparse strategy"** for low-data settings is not implemented: neither the official
-code nor any text readable here defines it (see the project's issue notes).
+**Missing: the paper's "hierarchical sparse strategy"** for low-data settings. Only the paper's abstract is
+readable here, and it names the strategy without defining it; the official code has no switch for it (its only
+traces are a gradient-mask hook in ``trainer.py`` that nothing sets, and ``pruner.divide``'s unused ``row`` /
+``column`` modes). Rather than invent one, visadapt leaves it out until the paper's method text is available.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +112,21 @@ from visadapt.plugin import (
 )
 from visadapt.plugins.adapter import DEFAULT_SCALE, STYLE_SITES
 from visadapt.registry import register_plugin
-from visadapt.sites import find_sites
+from visadapt.sites import find_sites, model_family
 
 #: the official activation per adapter style (vit_mosa.py): AdaptFormer GELU, Pfeiffer ReLU, Houlsby SiLU
 STYLE_ACTIVATION = {"adaptformer": "gelu", "pfeiffer": "relu", "houlsby": "silu"}
+#: the official adapter LayerNorm per style (vit_mosa.py: ``adapter_norm`` for AdaptFormer and Pfeiffer only)
+STYLE_LAYER_NORM = {"adaptformer": True, "pfeiffer": True, "houlsby": False}
+#: the official adapter dropout per style (vit_mosa.py applies ADAPTER.DROPOUT 0.1 in AdaptFormer only)
+STYLE_DROPOUT = {"adaptformer": 0.1, "pfeiffer": 0.0, "houlsby": 0.0}
+#: where each style's adapters sit (site kinds of visadapt.sites); Houlsby per ``houlsby_placement``
+HOULSBY_SITES = {"residual_stream": ("attn_residual", "block_out"), "branch": ("attn_out", "mlp_out")}
+DRAWS = ("per_site", "per_block")
+#: the values a header written before these fields existed stands for (visadapt before issue 24)
+FIELDS_BEFORE_ISSUE_24 = {"draw": "per_block", "houlsby_placement": "branch", "swin_placement": "as_vit",
+                          "layer_norm_eps": 1e-5}
+SWIN_PLACEMENTS = ("inside_mlp", "as_vit")
 #: which child of the shared block each split role names
 ROLE_CHILD = {"adapter": {"down": "down", "up": "up"}, "lora": {"down": "A", "up": "B"}}
 #: prefix of the module (training) state in a file saved with keep_modules=True
@@ -282,7 +334,9 @@ def symmetric_kl(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 class MoSAConfig(AdapterConfig):
     base: str = config_field("adapter", "adapter (bottleneck, placed by style) or lora (MoSA on LoRA, the "
                                         "official MoSL)")
-    style: str = config_field("adaptformer", "adapter base: adaptformer (parallel to the MLP), houlsby, pfeiffer")
+    style: str = config_field("adaptformer", "adapter base: adaptformer (parallel to the MLP), houlsby (on the "
+                                             "residual stream after each residual add), pfeiffer (serial on the "
+                                             "MLP output)")
     dim: int = config_field(16, "bottleneck width (adapter) or rank (lora); official VTAB-1k 16, FGVC 64")
     num_modules: int = config_field(4, "N, the number of sparse modules each split matrix is divided into")
     split: tuple[str, ...] = config_field(("up",), "matrices split into modules: ('up',) = official VTAB/FGVC "
@@ -291,8 +345,22 @@ class MoSAConfig(AdapterConfig):
                                              "None = official: adaptformer 0.1, houlsby/pfeiffer 1.0, lora 1.0")
     activation: str | None = config_field(None, "adapter base: non-linearity; None = official per style "
                                                 "(adaptformer gelu, pfeiffer relu, houlsby silu)")
-    dropout: float | None = config_field(None, "dropout inside the adapter; None = official (adapter 0.1, lora 0)")
-    layer_norm: bool = config_field(True, "adapter base: LayerNorm on the adapter input (official)")
+    dropout: float | None = config_field(None, "dropout inside the adapter; None = official (adaptformer 0.1, "
+                                               "pfeiffer 0, houlsby 0, lora 0)")
+    layer_norm: bool | None = config_field(None, "adapter base: LayerNorm on the adapter input; None = official "
+                                                 "(adaptformer and pfeiffer yes, houlsby no; none inside the Swin MLP)")
+    layer_norm_eps: float = config_field(1e-6, "eps of the adapter's LayerNorm (official 1e-6; files saved before "
+                                               "this field existed used 1e-5)")
+    houlsby_placement: str = config_field("residual_stream", "houlsby style: residual_stream (official: after each "
+                                                             "residual add) or branch (inside each branch, before "
+                                                             "its residual add: visadapt before issue 24)")
+    swin_placement: str = config_field("inside_mlp", "timm Swin, adaptformer style: inside_mlp (official "
+                                                     "swin_mosa.py: inside the MLP, fed its normalised input, no "
+                                                     "adapter LayerNorm) or as_vit (the ViT placement: visadapt "
+                                                     "before issue 24)")
+    draw: str = config_field("per_site", "per_site (official: every adapter site draws its own modules) or "
+                                         "per_block (the sites of a block share each role's draw: visadapt "
+                                         "before issue 24)")
     bias: bool = config_field(True, "adapter base: biases in down and up (official)")
     targets: tuple[str, ...] = config_field(("q", "v"), "lora base: site kinds to adapt (official 'qv')")
     consistency_weight: float = config_field(1.0, "weight of the symmetric-KL term between two forward passes "
@@ -309,9 +377,13 @@ class MoSAConfig(AdapterConfig):
         check_choice("base", self.base, ROLE_CHILD)
         check_choice("style", self.style, STYLE_SITES)
         check_choice("bits", self.bits, QUANT_BITS)
+        check_choice("draw", self.draw, DRAWS)
+        check_choice("houlsby_placement", self.houlsby_placement, HOULSBY_SITES)
+        check_choice("swin_placement", self.swin_placement, SWIN_PLACEMENTS)
         if self.activation is not None:
             check_choice("activation", self.activation, ACTIVATIONS)
         check_positive_int("dim", self.dim)
+        check_positive("layer_norm_eps", self.layer_norm_eps)
         if not isinstance(self.num_modules, int) or not 2 <= self.num_modules <= 255:
             raise ValueError(f"config field num_modules={self.num_modules!r} is out of range: it must be an integer "
                              f"in [2, 255] (1 module is a plain adapter: use the adapter or lora plugin)")
@@ -335,11 +407,50 @@ class MoSAConfig(AdapterConfig):
     def effective_dropout(self) -> float:
         if self.dropout is not None:
             return self.dropout
-        return 0.0 if self.base == "lora" else 0.1
+        return 0.0 if self.base == "lora" else STYLE_DROPOUT[self.style]
+
+    def inside_swin_mlp(self, family: str) -> bool:
+        """Whether the adapters go inside the MLP as ``swin_mosa.py`` puts them (adaptformer style on timm Swin)."""
+        return (family == "timm_swin" and self.base == "adapter" and self.style == "adaptformer"
+                and self.swin_placement == "inside_mlp")
+
+    def effective_layer_norm(self, family: str) -> bool:
+        """``layer_norm``, or when None the official choice for the style (and, on Swin, the placement)."""
+        if self.layer_norm is not None:
+            return self.layer_norm
+        return False if self.inside_swin_mlp(family) else STYLE_LAYER_NORM[self.style]
+
+    def site_kinds(self, family: str) -> tuple[str, ...]:
+        """The site kinds the adapters attach to on a model of ``family``: per style (adapter base) or
+        ``targets`` (lora base)."""
+        if self.base == "lora":
+            return tuple(self.targets)
+        if self.inside_swin_mlp(family):
+            return ("mlp_branch",)
+        return HOULSBY_SITES[self.houlsby_placement] if self.style == "houlsby" else STYLE_SITES[self.style]
+
+    @classmethod
+    def from_header(cls, values: dict[str, Any]) -> MoSAConfig:
+        """The config of a saved file. A field the header lacks takes the value it had before it existed
+        (:data:`FIELDS_BEFORE_ISSUE_24`); a header with none of them predates the per-style dropout too, when
+        ``dropout=None`` meant 0.1 for every adapter style. Such a file loads, runs and trains as it did."""
+        values = dict(values)
+        predates = not any(key in values for key in FIELDS_BEFORE_ISSUE_24)
+        for key, old in FIELDS_BEFORE_ISSUE_24.items():
+            values.setdefault(key, old)
+        if predates and values.get("dropout") is None and values.get("base", "adapter") == "adapter":
+            values["dropout"] = 0.1
+        return cls.from_dict(values)
 
 
-def _draw_key(tower_index: int, block: int, role: str) -> int:
-    return stable_hash(tower_index, block, 0 if role == "down" else 1)
+def _draw_key(tower_index: int, block: int, role: str, site_kind: str | None) -> int:
+    """The key of a layer's draws: ``site_kind`` None gives one key per block and role (``draw="per_block"``,
+    the sites of a block then draw alike), a kind one key per site (``draw="per_site"``, as official)."""
+    key = stable_hash(tower_index, block, 0 if role == "down" else 1)
+    if site_kind is None:
+        return key  # the key of visadapt before issue 24: old files keep drawing what they drew
+    kind_code = int.from_bytes(hashlib.sha256(site_kind.encode()).digest()[:8], "little")  # stable across runs
+    return stable_hash(key, kind_code)
 
 
 def _check_no_activation_checkpointing(model: nn.Module) -> None:
@@ -365,10 +476,8 @@ class MoSAPlugin(AdapterPlugin):
 
     def attach(self, model: nn.Module, config: MoSAConfig, adapter_name: str) -> None:
         _check_no_activation_checkpointing(model)
-        if config.base == "adapter":
-            sites = find_sites(model, STYLE_SITES[config.style], config.blocks, config.towers)
-        else:
-            sites = find_sites(model, config.targets, config.blocks, config.towers)
+        family = model_family(model)
+        sites = find_sites(model, config.site_kinds(family), config.blocks, config.towers)
         towers = list(dict.fromkeys(site.tower for site in sites))
         matrix = 0
         for site in sites:
@@ -376,7 +485,9 @@ class MoSAPlugin(AdapterPlugin):
                 module = BottleneckAdapter(
                     site.in_features, config.dim, site.out_features,
                     activation=config.activation or STYLE_ACTIVATION[config.style], dropout=config.effective_dropout,
-                    scale=config.effective_scale, layer_norm=config.layer_norm, bias=config.bias)
+                    scale=config.effective_scale, layer_norm=config.effective_layer_norm(family), bias=config.bias)
+                if isinstance(module.norm, nn.LayerNorm):
+                    module.norm.eps = config.layer_norm_eps  # the shared block keeps PyTorch's 1e-5 otherwise
             else:
                 if site.how not in ("linear", "weight"):
                     raise ValueError(f"mosa with base='lora' adapts linear layers; site kind {site.kind!r} is an "
@@ -389,7 +500,8 @@ class MoSAPlugin(AdapterPlugin):
                 if role in config.split:
                     setattr(module, child, SparseModulesLinear(
                         layer, config.num_modules, mask_seed=stable_hash(config.seed, matrix), draw_seed=config.seed,
-                        draw_key=_draw_key(towers.index(site.tower), site.block, role), bits=config.bits,
+                        draw_key=_draw_key(towers.index(site.tower), site.block, role,
+                                           site.kind if config.draw == "per_site" else None), bits=config.bits,
                         starts_at_zero=role == "up"))  # BottleneckAdapter.up and LoRA.B start at zero
                     matrix += 1
                 elif config.bits != 32:  # a shared layer: full precision in training, k bits in eval and storage

@@ -2,7 +2,11 @@
 draws that agree across processes, and the model families it attaches to."""
 from __future__ import annotations
 
+import collections
 import copy
+import json
+import random
+from pathlib import Path
 
 import pytest
 import timm
@@ -22,6 +26,8 @@ from visadapt.plugins.mosa import (
     symmetric_kl,
 )
 
+# one intra-op thread: these tiny models' ops are too small to split, and a shared CPU made them 10-20x slower
+pytestmark = pytest.mark.usefixtures("_one_thread")
 
 def _vit(num_classes: int = 5, **kwargs):
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
@@ -111,15 +117,283 @@ def test_draws_are_a_pure_function_of_seed_block_role_step_and_call():
     assert tuple(layer.last_drawn for _, layer in _sparse_layers(a)) == seq_a[5]
 
 
-def test_lora_base_shares_a_blocks_draw_between_q_and_v():
-    model = _vit()
-    visadapt.attach(model, "mosa", base="lora", split=("down", "up"))
+def _draws_per_pass(model, passes: int) -> dict[str, list[int]]:
+    """The module index every split layer drew in each of ``passes`` training passes (one pass per step)."""
+    layers = _sparse_layers(model)
+    draws = {name: [] for name, _ in layers}
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # not from the global generator
     model.train()
+    with torch.no_grad():
+        for step in range(passes):
+            MoSAPlugin().on_step(model, step)
+            model(x)
+            for name, layer in layers:
+                draws[name].append(layer.last_drawn)
+    return draws
+
+
+@pytest.mark.parametrize("fields, site_a, site_b", [
+    ({"base": "lora"}, "blocks.0.attn.qkv.visadapt_adapters.default.q", "blocks.0.attn.qkv.visadapt_adapters.default.v"),
+    ({"style": "houlsby"}, "blocks.0.visadapt_adapters.default.attn_residual",
+     "blocks.0.visadapt_adapters.default.block_out"),
+])
+def test_the_sites_of_a_block_draw_their_modules_independently_as_official(fields, site_a, site_b):
+    """Official draws: ``vit_mosl.py`` calls ``A, B = randint(0, N-1), randint(0, N-1)`` once for q and again for
+    v; ``vit_mosa.py``'s Houlsby calls it for ``A, B`` (attention-side adapter) and ``C, D`` (MLP-side one). So
+    every (site, role) index is uniform over N and independent of the others: two sites use different modules
+    with probability (N - 1) / N, and every pair of indices occurs. visadapt's draws are hashes, so this fixed
+    seed gives a fixed sample; the bounds are 3.5 standard deviations of the official binomial draw. The draws
+    touch neither Python's nor torch's global generator (the official numbers, taken from Python's ``random``,
+    cannot be reproduced; the distribution is what visadapt keeps)."""
+    torch.manual_seed(0)
+    model = tiny_models.vit()
+    visadapt.attach(model, "mosa", split=("down", "up"), dim=4, blocks=(0,), **fields)
+    passes, n = 400, 4
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    draws = _draws_per_pass(model, passes)
+    assert random.getstate() == python_state and torch.equal(torch.get_rng_state(), torch_state)
+    child = {"adapter": ("down", "up"), "lora": ("A", "B")}[fields.get("base", "adapter")]
+    tolerance = 3.5 * ((n - 1) / n**2 / passes) ** 0.5
+    for role in child:
+        a, b = draws[f"{site_a}.{role}"], draws[f"{site_b}.{role}"]
+        differ = sum(i != j for i, j in zip(a, b)) / passes
+        assert abs(differ - (n - 1) / n) < tolerance, (role, differ)  # shared draws (per_block) give 0
+        pairs = collections.Counter(zip(a, b))
+        assert len(pairs) == n * n and min(pairs.values()) >= 0.4 * passes / n**2, (role, pairs)
+        for index_sequence in (a, b):  # uniform over the N modules
+            counts = collections.Counter(index_sequence)
+            assert sorted(counts) == list(range(n)) and min(counts.values()) >= 0.7 * passes / n, counts
+    # within a site, down and up are independent too (official A and B)
+    down, up = draws[f"{site_a}.{child[0]}"], draws[f"{site_a}.{child[1]}"]
+    assert abs(sum(i != j for i, j in zip(down, up)) / passes - (n - 1) / n) < tolerance
+
+
+def test_per_block_draw_is_the_named_shared_variant():
+    """``draw="per_block"`` (visadapt before issue 24): q and v of a block draw the same module number."""
+    torch.manual_seed(0)
+    model = tiny_models.vit()
+    visadapt.attach(model, "mosa", base="lora", split=("down", "up"), dim=4, draw="per_block")
+    draws = _draws_per_pass(model, 20)
+    for block in (0, 1):
+        prefix = f"blocks.{block}.attn.qkv.visadapt_adapters.default"
+        for role in ("A", "B"):
+            assert draws[f"{prefix}.q.{role}"] == draws[f"{prefix}.v.{role}"]
+            assert len(set(draws[f"{prefix}.q.{role}"])) > 1
+
+
+# ------------------------------------------------------------------ the official block forward (vit_mosa.py)
+
+
+def _projection(layer, train: bool):
+    """``(weight, bias)`` a projection computes with: a shared layer's own; a split layer's drawn module in
+    training, its merged weight in eval mode."""
+    if not isinstance(layer, SparseModulesLinear):
+        return layer.weight, layer.bias
+    if train:
+        return layer.module_weight(layer.last_drawn), layer.bias_modules[layer.last_drawn]
+    return layer.weight, layer.bias
+
+
+def _official_adapter(adapter, x, act, norm: bool, train: bool, dropout: float = 0.0):
+    """``up(dropout(act(down(adapter_norm(x)))))`` with ``adapter_norm = LayerNorm(hidden, eps=1e-6)`` where the
+    style has one (vit_mosa.py), from the adapter's own tensors."""
+    if norm:
+        x = F.layer_norm(x, x.shape[-1:], adapter.norm.weight, adapter.norm.bias, eps=1e-6)
+    hidden = act(F.linear(x, *_projection(adapter.down, train)))
+    hidden = F.dropout(hidden, p=dropout, training=train)
+    return F.linear(hidden, *_projection(adapter.up, train))
+
+
+def _official_block(block, adapters, style: str, x, train: bool):
+    """``MoSABlock.forward`` of ``vit_mosa.py`` restated, on a timm block (no LayerScale, no drop path)."""
+    attention = lambda t: block.attn(block.norm1(t))
+    mlp = lambda t: block.mlp(block.norm2(t))
+    if style == "adaptformer":
+        h = x + attention(x)
+        m = mlp(h)
+        adpt = _official_adapter(adapters["mlp"], h, F.gelu, True, train, dropout=0.1)
+        return (adpt * 0.1 + m) + h
+    if style == "pfeiffer":
+        h = x + attention(x)
+        m = mlp(h)
+        adpt = _official_adapter(adapters["mlp_out"], m, F.relu, True, train)  # adapter_norm(x): the FFN output
+        return (adpt + m) + h
+    h = x + attention(x)  # houlsby: on the stream after each residual add, no adapter_norm, no scale, no dropout
+    h = _official_adapter(adapters["attn_residual"], h, F.silu, False, train) + h
+    o = mlp(h) + h
+    return _official_adapter(adapters["block_out"], o, F.silu, False, train) + o
+
+
+def test_houlsby_on_the_residual_stream_detaches_to_the_exact_model():
+    """The attn_residual site hooks the attention branch's last module; detach removes that hook and the
+    model computes exactly what it did before."""
+    torch.manual_seed(0)
+    model = tiny_models.vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        visadapt.attach(model, "mosa", style="houlsby", dim=4)
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+        assert model.blocks[0].drop_path1._forward_hooks and not torch.equal(model(x), before)
+        visadapt.detach(model)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("family", ["swin", "open_clip"])
+def test_houlsby_sits_on_the_residual_stream_on_swin_and_open_clip(family):
+    """The same placement on the other families: ``h' = h + f(h)`` after the attention's residual add, the MLP
+    branch and its skip both reading ``h'``, and ``g`` on the block output (block forwards written out here)."""
+    torch.manual_seed(0)
+    model = tiny_models.swin() if family == "swin" else tiny_models.clip()
+    visadapt.attach(model, "mosa", style="houlsby", dim=4, blocks=(0,))
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+    model.eval()
+    f, g = (item.module for item in visadapt.inject.attached(model))
+    with torch.no_grad():
+        if family == "swin":
+            block = model.layers[0].blocks[0]
+            x = torch.randn(2, 8, 8, 16)
+            h = x + block.drop_path1(block._attn(block.norm1(x)))
+            h = (h + f(h)).reshape(2, -1, 16)
+            o = (h + block.drop_path2(block.mlp(block.norm2(h)))).reshape(2, 8, 8, 16)
+        else:
+            block = model.visual.transformer.resblocks[0]
+            x = torch.randn(2, 17, 32)
+            h = x + block.ls_1(block.attention(block.ln_1(x)))
+            h = h + f(h)
+            o = h + block.ls_2(block.mlp(block.ln_2(h)))
+        assert (block(x) - (o + g(o))).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_swin_adapter_sits_inside_the_mlp_as_official(train):
+    """``swin_mosa.py``'s ``MoSAMlp`` restated on a timm Swin block: the adapter reads the MLP's input (LN2 of the
+    stream, no adapter_norm), its output times 0.1 joins the MLP output before drop path; dropout 0.1 after GELU
+    (the generator reseeded for both, so drop path and dropout masks agree in training)."""
+    torch.manual_seed(0)
+    model = tiny_models.swin()
+    visadapt.attach(model, "mosa", split=("down", "up"), dim=4, blocks=(0,))
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+    (adapter,) = (item.module for item in visadapt.inject.attached(model))
+    block = model.layers[0].blocks[0]
+    x = torch.randn(2, 8, 8, 16)
+    model.train(train)
     MoSAPlugin().on_step(model, 3)
-    model(torch.randn(2, 3, 32, 32))
-    adapters = model.blocks[0].attn.qkv.visadapt_adapters.default
-    assert adapters.q.A.last_drawn == adapters.v.A.last_drawn
-    assert adapters.q.B.last_drawn == adapters.v.B.last_drawn
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ours = block(x)
+        torch.manual_seed(7)
+        h = (x + block.drop_path1(block._attn(block.norm1(x)))).reshape(2, -1, 16)
+        n = block.norm2(h)
+        m = type(block.mlp).forward(block.mlp, n)  # the MLP alone, without visadapt's hook
+        adpt = _official_adapter(adapter, n, F.gelu, False, train, dropout=0.1)
+        official = (h + block.drop_path2(adpt * 0.1 + m)).reshape(2, 8, 8, 16)
+    assert (ours - official).abs().max() <= 1e-5
+
+
+def test_a_swin_header_without_swin_placement_keeps_the_vit_placement(tmp_path):
+    """A Swin file saved before issue 24 (simulated: today's file with the old values, the new fields then
+    removed from its header) loads with the ViT placement and its LayerNorm, and gives the same outputs."""
+    torch.manual_seed(0)
+    model = tiny_models.swin()
+    old_values = {"draw": "per_block", "houlsby_placement": "branch", "swin_placement": "as_vit",
+                  "layer_norm_eps": 1e-5}
+    visadapt.attach(model, "mosa", dim=4, layer_norm=True, dropout=0.1, **old_values)
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    path = visadapt.save_adapter(model, tmp_path / "swin.safetensors")
+    tensors, meta = visadapt.io.read_safetensors(path)
+    config = {k: v for k, v in json.loads(meta["config"]).items() if k not in old_values}
+    meta["config"] = json.dumps(config | {"dropout": None, "layer_norm": True})
+    path.write_bytes(visadapt.io.canonical_safetensors_bytes(tensors, meta))
+    fresh = tiny_models.swin()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "visadapt_" not in k}, strict=False)
+    visadapt.load_adapter(fresh, path)
+    assert visadapt.api.get_record(fresh, "default").config.swin_placement == "as_vit"
+    with torch.no_grad():
+        assert (fresh.eval()(x) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("style", ["adaptformer", "pfeiffer", "houlsby"])
+def test_each_style_computes_the_official_block_forward(style, train):
+    """Placement, LayerNorm (eps 1e-6), activation, scale and dropout of each style against ``vit_mosa.py``'s
+    block forward written out by hand: eval mode with the merged modules, training with the drawn ones (the
+    same dropout mask in both: the generator is reseeded, and only AdaptFormer has a dropout)."""
+    torch.manual_seed(0)
+    model = tiny_models.vit()
+    visadapt.attach(model, "mosa", style=style, split=("down", "up"), dim=4, blocks=(0,))
+    block = model.blocks[0]
+    assert all(isinstance(block.get_submodule(m), nn.Identity) for m in ("ls1", "ls2", "drop_path1", "drop_path2"))
+    with torch.no_grad():
+        for param in visadapt.trainable_parameters(model):
+            param.normal_(std=0.3)
+    adapters = {item.kind: item.module for item in visadapt.inject.attached(model)}
+    x = torch.randn(2, 17, 32)
+    model.train(train)
+    MoSAPlugin().on_step(model, 3)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ours = block(x)
+        torch.manual_seed(7)
+        official = _official_block(block, adapters, style, x, train)
+    assert (ours - official).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------ files written before issue 24
+
+OLD_FILES = Path(__file__).parent / "fixtures" / "mosa_before_issue24"
+
+
+@pytest.mark.parametrize("name", ["houlsby", "pfeiffer", "adaptformer", "lora"])
+def test_files_written_before_issue_24_load_and_train_as_they_were(name):
+    """Files saved by visadapt before the official defaults (per-site draws, Houlsby on the residual stream,
+    per-style LayerNorm and dropout, LayerNorm eps 1e-6) have none of the new fields in their header: they load
+    with the behaviour of that time and give the outputs recorded when they were written (``generate.py`` there,
+    run once at commit bcf1cba): in eval mode, and for files with module state in a training pass too (the old
+    shared draws at step 7 and, for the adapter styles, the old dropout 0.1 with the generator seeded 5)."""
+    path = OLD_FILES / f"{name}.safetensors"
+    _, meta = visadapt.read_adapter_file(path)
+    assert not {"draw", "houlsby_placement", "layer_norm_eps"} & set(json.loads(meta["config"]))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = tiny_models.vit()
+    visadapt.load_adapter(model, path)
+    config = visadapt.api.get_record(model, "default").config
+    assert (config.draw, config.houlsby_placement, config.layer_norm_eps) == ("per_block", "branch", 1e-5)
+    with torch.no_grad():
+        expected = torch.tensor(json.loads(meta["expected_eval_logits"]))
+        assert (model.eval()(images) - expected).abs().max() <= 1e-6
+        if config.keep_modules:
+            model.train()
+            MoSAPlugin().on_step(model, 7)
+            torch.manual_seed(5)
+            expected = torch.tensor(json.loads(meta["expected_train_logits_step7_seed5"]))
+            assert (model(images) - expected).abs().max() <= 1e-6
+
+
+def test_a_new_file_records_the_new_fields_and_keeps_them(tmp_path):
+    """A file saved now names draw, houlsby_placement and layer_norm_eps, so it reloads with today's values and
+    not as an old file."""
+    torch.manual_seed(0)
+    model = tiny_models.vit()
+    visadapt.attach(model, "mosa", style="houlsby", dim=4, draw="per_site")
+    path = visadapt.save_adapter(model, tmp_path / "new.safetensors")
+    fresh = tiny_models.vit()
+    visadapt.load_adapter(fresh, path)
+    config = visadapt.api.get_record(fresh, "default").config
+    assert (config.draw, config.houlsby_placement, config.layer_norm_eps, config.effective_dropout) == (
+        "per_site", "residual_stream", 1e-6, 0.0)
 
 
 # ------------------------------------------------------------------------------- the N-copy reference
@@ -385,17 +659,20 @@ def test_activation_checkpointing_is_refused_with_the_fix():
 @pytest.mark.parametrize("field, value, message", [
     ("num_modules", 1, "num_modules"), ("split", ("left",), "split"), ("base", "prefix", "base"),
     ("bits", 3, "bits"), ("consistency_weight", -1.0, "consistency_weight"), ("activation", "swish", "activation"),
+    ("draw", "per_call", "draw"), ("houlsby_placement", "after", "houlsby_placement"),
+    ("layer_norm_eps", -1.0, "layer_norm_eps"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         visadapt.attach(_vit(), "mosa", **{field: value})
 
 
-def test_swin_trains_merges_and_round_trips(tmp_path):
+@pytest.mark.parametrize("style", ["adaptformer", "houlsby"])
+def test_swin_trains_merges_and_round_trips(tmp_path, style):
     torch.manual_seed(0)
     model = tiny_models.swin()
-    config = visadapt.attach(model, "mosa", dim=4, head="head")
-    assert len(_sparse_layers(model)) == 3
+    config = visadapt.attach(model, "mosa", dim=4, head="head", style=style)
+    assert len(_sparse_layers(model)) == 3 * len(config.site_kinds("timm_swin"))
     optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-2)
     model.train()
     for step in range(2):
@@ -416,11 +693,11 @@ def test_swin_trains_merges_and_round_trips(tmp_path):
         torch.testing.assert_close(fresh.eval()(x), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("base", ["adapter", "lora"])
-def test_open_clip_visual_tower(base, tmp_path):
+@pytest.mark.parametrize("base, style", [("adapter", "adaptformer"), ("adapter", "houlsby"), ("lora", "adaptformer")])
+def test_open_clip_visual_tower(base, style, tmp_path):
     torch.manual_seed(0)
     model = tiny_models.clip()
-    visadapt.attach(model, "mosa", base=base, dim=4, split=("down", "up"))
+    visadapt.attach(model, "mosa", base=base, style=style, dim=4, split=("down", "up"))
     assert _sparse_layers(model) and all(n.startswith("visual.") for n, _ in _sparse_layers(model))
     optimizer = torch.optim.AdamW(visadapt.trainable_parameters(model), lr=1e-2)
     images = torch.randn(2, 3, 32, 32)

@@ -48,6 +48,8 @@ _HOOKS_ATTR = "_visadapt_hook_handles"
 _PLAN_ATTR = "_visadapt_call_plan"
 _TAP_HOOK_ATTR = "_visadapt_tap_handle"
 _TAP_VALUE_ATTR = "_visadapt_branch_input"
+_RESIDUAL_HOOK_ATTR = "_visadapt_residual_handle"
+_RESIDUAL_VALUE_ATTR = "_visadapt_residual_stream"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # merge order of every merged delta module (a process-wide counter): unmerge needs to know what was stacked later
 _MERGE_ORDER_ATTR = "_visadapt_merge_order"
@@ -133,11 +135,11 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
             raise ValueError(f"site {site.name} is a weight read directly by its layer ({site.param}); a LoRA "
                              f"there cannot apply dropout to the layer input: set dropout=0")
         owner = _weight_delta_for(site.host, site.param)
-    elif site.how in ("output", "input", "parallel", "linear", "replace", "held"):
+    elif site.how in ("output", "input", "parallel", "residual", "linear", "replace", "held"):
         owner = site.host
     else:
         raise ValueError(f"site {site.name} is a {site.how!r} site; this adapter type attaches to "
-                         f"output/input/parallel/linear/weight sites only")
+                         f"output/input/parallel/residual/linear/weight sites only")
     existing = owner._modules.get(ADAPTERS_ATTR)
     if site.how == "replace" and existing is not None and any(
             m.site_how == "replace" for d in existing.values() for m in d.values()):
@@ -152,6 +154,10 @@ def insert(site: Site, adapter_name: str, module: nn.Module) -> None:
         tap = site.host.get_submodule(site.tap)
         if not hasattr(tap, _TAP_HOOK_ATTR):
             setattr(tap, _TAP_HOOK_ATTR, tap.register_forward_pre_hook(_tap_hook))
+    if site.how == "residual":
+        tap = site.host.get_submodule(site.tap)
+        if not hasattr(tap, _RESIDUAL_HOOK_ATTR):
+            setattr(tap, _RESIDUAL_HOOK_ATTR, tap.register_forward_hook(_residual_hook))
 
 
 def _runs_in_hooks(module: nn.Module) -> bool:
@@ -171,6 +177,7 @@ class CallPlan(NamedTuple):
 
     input: tuple[nn.Module, ...]
     parallel: tuple[nn.Module, ...]
+    residual: tuple[nn.Module, ...]
     lora: tuple[nn.Module, ...]
     linear: tuple[nn.Module, ...]
     output: tuple[nn.Module, ...]
@@ -304,9 +311,29 @@ def _tap_hook(tap: nn.Module, args: tuple) -> None:
     setattr(tap, _TAP_VALUE_ATTR, args[0])
 
 
+def _residual_hook(tap: nn.Module, args: tuple, output):
+    # ``tap`` ends the attention branch: the block computes ``x + output``. Returning ``d + f(x + d)`` instead
+    # makes that ``h + f(h)`` with ``h = x + d``, the stream after the residual add (its input ``x`` was handed
+    # over by the block's pre-hook, with the modules to apply in attachment order).
+    handed = tap.__dict__.pop(_RESIDUAL_VALUE_ATTR, None)
+    if handed is None:  # called outside its block's forward: nothing to add to
+        return None
+    stream, modules = handed
+    delta = output
+    for module in modules:
+        delta = delta + _weighted(module, module(stream + delta))
+    return delta
+
+
 def _pre_hook(host: nn.Module, args: tuple):
     plan = host.__dict__.get(_PLAN_ATTR)
-    if plan is None or not plan.input:
+    if plan is None:
+        return None
+    if plan.residual:
+        for tap_name in dict.fromkeys(module.site_tap for module in plan.residual):
+            host.get_submodule(tap_name).__dict__[_RESIDUAL_VALUE_ATTR] = (
+                args[0], tuple(m for m in plan.residual if m.site_tap == tap_name))
+    if not plan.input:
         return None
     x = args[0]
     for module in plan.input:
@@ -512,16 +539,20 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> None:
         store = owner._modules.get(ADAPTERS_ATTR)
         if store is None:
             continue
-        taps = {m.site_tap for per in store.values() for m in per.values() if m.site_how == "parallel"}
+        taps = {(m.site_how, m.site_tap) for per in store.values() for m in per.values()
+                if m.site_how in ("parallel", "residual")}
         for name in list(store):
             if adapter_name is None or name == adapter_name:
                 del store[name]
-        still_tapped = {m.site_tap for per in store.values() for m in per.values() if m.site_how == "parallel"}
-        for tap_name in taps - still_tapped:
+        still_tapped = {(m.site_how, m.site_tap) for per in store.values() for m in per.values()
+                        if m.site_how in ("parallel", "residual")}
+        for how, tap_name in taps - still_tapped:
             tap = owner.get_submodule(tap_name)
-            getattr(tap, _TAP_HOOK_ATTR).remove()
-            delattr(tap, _TAP_HOOK_ATTR)
-            tap.__dict__.pop(_TAP_VALUE_ATTR, None)
+            hook_attr, value_attr = ((_TAP_HOOK_ATTR, _TAP_VALUE_ATTR) if how == "parallel"
+                                     else (_RESIDUAL_HOOK_ATTR, _RESIDUAL_VALUE_ATTR))
+            getattr(tap, hook_attr).remove()
+            delattr(tap, hook_attr)
+            tap.__dict__.pop(value_attr, None)
         if len(store):
             sync_hooks(owner)
             continue

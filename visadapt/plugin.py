@@ -65,6 +65,14 @@ class AdapterConfig:
         return cls(**coerced)
 
     @classmethod
+    def from_header(cls, values: dict[str, Any]) -> AdapterConfig:
+        """The config a saved adapter file's header describes (:func:`visadapt.io.parse_header` calls this).
+
+        A plugin whose defaults changed overrides it so that a header written before a field existed keeps the
+        behaviour the file was trained with (the field's value then), rather than today's default."""
+        return cls.from_dict(values)
+
+    @classmethod
     def field_help(cls) -> list[tuple[str, Any, str]]:
         """``(name, default, help)`` for each field, for listings."""
         rows = []

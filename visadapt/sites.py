@@ -8,6 +8,8 @@ sites works on timm and open_clip alike:
 ``mlp``         parallel to the MLP branch, fed the block's residual stream (AdaptFormer)
 ``mlp_out``     serial, on the MLP branch output before the residual add (Houlsby, Pfeiffer)
 ``attn_branch`` serial on the attention output inside its branch, before LayerScale: ``LS(a + f(a))`` (SelaVPR)
+``attn_residual`` serial on the residual stream right after the attention's residual add: ``h + f(h)`` with
+                ``h = x + attention branch``, so the MLP branch and its skip both read ``h + f(h)`` (MoSA's Houlsby)
 ``mlp_branch``  parallel to the MLP inside its branch: fed the MLP's (normalised) input, added to the MLP's
                 output before LayerScale and the residual add (SelaVPR)
 ``block_out``   serial, on the block output
@@ -39,6 +41,8 @@ Each :class:`Site` says *how* an adapter attaches there (see :mod:`visadapt.inje
 ``output`` (add ``f(y)`` to the host's output ``y``), ``input`` (replace the host's input ``x`` by
 ``x + f(x)``), ``parallel`` (add ``f(x_branch)`` to the block output, ``x_branch`` being the input of
 the ``tap`` module), ``linear`` (add ``f(x)`` to a Linear/Conv host's output, optionally on a row slice),
+``residual`` (the ``tap`` child of the host block ends the attention branch; its output ``d`` becomes
+``d + f(x + d)``, ``x`` being the block's input, so the block's own residual add gives ``h + f(h)``),
 ``weight`` (add a weight delta to parameter ``param`` of the host, for layers whose weights are read
 directly rather than called, such as ``nn.MultiheadAttention``), ``replace`` (the module's output replaces the
 host's: a classifier head, a normalisation layer) and ``held`` (a module kept on the model that the plugin calls itself, such as a head over the patch tokens).
@@ -59,7 +63,8 @@ FAMILIES = ("timm_vit", "timm_swin", "open_clip", "diffusers_unet", "timm_resnet
 
 #: site kinds of transformer families, in the order they are listed
 TRANSFORMER_KINDS = (
-    "attn_out", "attn_branch", "mlp", "mlp_out", "mlp_branch", "block_out", "qkv", "q", "k", "v", "proj", "fc1", "fc2"
+    "attn_out", "attn_branch", "attn_residual", "mlp", "mlp_out", "mlp_branch", "block_out", "qkv", "q", "k", "v", "proj",
+    "fc1", "fc2"
 )
 # Whole-model sites after the blocks: the timm ViT classifier, which a module replaces (quantised heads).
 VIT_MODEL_KINDS = ("head",)
@@ -108,7 +113,9 @@ class Site:
     how: str
     tower: str | None = None
     rows: tuple[int, int] | None = None  # q/k/v: the output rows of the fused projection
-    tap: str | None = None  # parallel: attribute name, on the host, of the module whose input feeds the adapter
+    #: parallel: attribute name, on the host, of the module whose input feeds the adapter; residual: of the module
+    #: ending the attention branch, whose output the adapter's delta is added to
+    tap: str | None = None
     param: str | None = None  # weight: the parameter of the host that receives the delta
     #: weight: a PEFT tuner layer wraps the attention holding this weight (PEFT's MultiheadAttention LoRA swaps
     #: its weights at every call, which a parametrization cannot share; :func:`visadapt.inject.insert` refuses)
@@ -173,6 +180,9 @@ def _transformer_block_sites(
     # The LayerScale (Swin: drop_path) module's *input* is the raw attention output: adapting it there is
     # LS(a + f(a)), inside the branch, whatever the attention module returns.
     out.append(Site(sub("attn_out"), "attn_branch", index, dim, dim, get("attn_out"), "input", tower))
+    # The last module of the attention branch returns what the block adds to its input x: adding f(x + d) to
+    # that output d puts f on the stream after the residual add, with no access to the block's own code.
+    out.append(Site(path, "attn_residual", index, dim, dim, block, "residual", tower, tap=layout["attn_end"]))
     out.append(Site(path, "mlp", index, dim, dim, block, "parallel", tower, tap=layout["norm2"]))
     out.append(Site(sub("mlp_out"), "mlp_out", index, dim, dim, get("mlp_out"), mlp_out_how, tower))
     # The MLP module itself hosts a "linear"-style site: its output gains f(its input), inside the branch.
@@ -213,14 +223,14 @@ def _transformer_block_sites(
 
 
 _TIMM_VIT_LAYOUT = {
-    "norm1": "norm1", "norm2": "norm2", "attn_out": "ls1", "mlp_out": "ls2", "mlp": "mlp",
+    "norm1": "norm1", "norm2": "norm2", "attn_out": "ls1", "attn_end": "drop_path1", "mlp_out": "ls2", "mlp": "mlp",
     "qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
 }
 # Swin blocks have no LayerScale; the branch output is the input of drop_path, which is always called.
 _TIMM_SWIN_LAYOUT = dict(_TIMM_VIT_LAYOUT, attn_out="drop_path1", mlp_out="drop_path2",
                          attn_out_how="input", mlp_out_how="input")
 _OPEN_CLIP_LAYOUT = {
-    "norm1": "ln_1", "norm2": "ln_2", "attn_out": "ls_1", "mlp_out": "ls_2", "mlp": "mlp",
+    "norm1": "ln_1", "norm2": "ln_2", "attn_out": "ls_1", "attn_end": "ls_1", "mlp_out": "ls_2", "mlp": "mlp",
     "attn": "attn", "qkv_param": "in_proj_weight", "proj": "attn.out_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj",
 }
 

@@ -327,7 +327,7 @@ def test_head_bits_option_quantizes_the_head_at_another_width(tmp_path):
     model = _vit(num_classes=4)
     visadapt.attach(model, "bitadapter", dim=4, bits=1, quantize_head=True, head_bits=4)
     assert _quantized_head(model).bits == 4
-    _train_a_little(model)
+    _train_a_little(model, steps=1)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -348,7 +348,7 @@ def test_file_saved_before_head_bits_keeps_its_k_bit_head(tmp_path):
     torch.manual_seed(0)
     model = _vit(num_classes=4)
     visadapt.attach(model, "bitadapter", dim=4, bits=2, quantize_head=True, head_bits=2)
-    _train_a_little(model)
+    _train_a_little(model, steps=1)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -416,7 +416,7 @@ def test_codebook_start_zero_is_used_in_training_and_storage(tmp_path):
     visadapt.attach(model, "bitadapter", method="lora", dim=4, bits=8, codebook_start="zero", head="head")
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert layers and {m.codebook_start for m in layers} == {"zero"}
-    _train_a_little(model)
+    _train_a_little(model, steps=1)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)

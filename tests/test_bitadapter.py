@@ -444,6 +444,9 @@ def test_official_8_bit_checkpoint_converts_with_the_official_codebook(tmp_path)
     for layer, (codes, mean, std) in zip(layers[:-1], expected[:-1]):
         want = official_8bit[torch.tensor(codes)].reshape(layer.weight.shape) * std + mean
         torch.testing.assert_close(layer.weight.detach(), want, atol=1e-5, rtol=0)
+    (head_codes, head_mean, head_std), = head_expected
     assert layers[-1].bits == 1
+    want = _official_codebook(1)[0][torch.tensor(head_codes)].reshape(3, 48) * head_std + head_mean
+    torch.testing.assert_close(layers[-1].weight.detach(), want, atol=1e-6, rtol=0)
     config = json.loads(visadapt.read_adapter_file(tmp_path / "o.safetensors")[1]["config"])
     assert config["codebook_start"] == "zero" and config["head_bits"] == 1

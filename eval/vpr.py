@@ -148,7 +148,7 @@ def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split:
     from visadapt.data.places import PlaceSplit
     from visadapt.data.transforms import vtab_transform
     from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata, training_run
-    from visadapt.plugins.selavpr import PlaceRecognitionModel
+    from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel
 
     meta = read_adapter_metadata(path)
     run = training_run(path, meta)
@@ -160,7 +160,7 @@ def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split:
         raise ValueError(f"{path} was trained on {benchmark!r}, not for place recognition; evaluate it "
                          f"with --benchmark {benchmark}")
     size = run.input_size(required=True)
-    backbone = create_backbone(run.text("model", required=True), run.weights(), num_classes=0, img_size=size)
+    backbone = create_backbone(run.text("model", required=True), run.weights(), num_classes=0, **BACKBONE_ARGUMENTS)
     load_adapter(backbone, path)
     model = PlaceRecognitionModel(backbone)
     transform = vtab_transform(size, resolve_normalization(run.text("normalize", "model"), backbone))

@@ -74,7 +74,7 @@ behaviour before issue 24, and what files saved then keep) with the ViT placemen
 official Swin code has no Houlsby or Pfeiffer; visadapt places them as on ViT.
 
 **Files written before issue 24** carry none of ``draw``, ``houlsby_placement``, ``swin_placement`` and
-``layer_norm_eps`` in their header; :meth:`MoSAConfig.from_header` reads them with the values of that time
+``layer_norm_eps`` in their header; :meth:`MoSAConfig.saved_file_values` reads them with the values of that time
 (``per_block``, ``branch``, ``as_vit``, 1e-5, and ``dropout=None`` as 0.1 for every style), so they load, run and
 continue training exactly as before.
 
@@ -430,17 +430,16 @@ class MoSAConfig(AdapterConfig):
         return HOULSBY_SITES[self.houlsby_placement] if self.style == "houlsby" else STYLE_SITES[self.style]
 
     @classmethod
-    def from_header(cls, values: dict[str, Any]) -> MoSAConfig:
-        """The config of a saved file. A field the header lacks takes the value it had before it existed
+    def saved_file_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A saved file's config values. A field the header lacks takes the value it had before it existed
         (:data:`FIELDS_BEFORE_ISSUE_24`); a header with none of them predates the per-style dropout too, when
         ``dropout=None`` meant 0.1 for every adapter style. Such a file loads, runs and trains as it did."""
-        values = dict(values)
         predates = not any(key in values for key in FIELDS_BEFORE_ISSUE_24)
         for key, old in FIELDS_BEFORE_ISSUE_24.items():
             values.setdefault(key, old)
         if predates and values.get("dropout") is None and values.get("base", "adapter") == "adapter":
             values["dropout"] = 0.1
-        return cls.from_dict(values)
+        return values
 
 
 def _draw_key(tower_index: int, block: int, role: str, site_kind: str | None) -> int:

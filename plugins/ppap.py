@@ -3,8 +3,19 @@
 N experts (default 5) split the training timesteps ``[0, T)`` uniformly in timestep index; expert ``i`` covers
 ``[floor(i*T/N), floor((i+1)*T/N))`` and a timestep routes to the expert whose range holds it (``min(N-1,
 floor(t*N/T))`` when N divides T; :func:`expert_index`), on the train-scale ``t`` diffusers schedulers pass to
-their UNet. Each expert is a parameter-efficient copy of ONE frozen guidance
-model (a timm classifier), made of:
+their UNet.
+
+**Routing at the range boundaries** (``routing``): the official sampler (``MultiExpertWrapper`` in
+``guided_diffusion/multi_expert_helper.py``) picks the first expert ``i`` with ``b_i <= t <= b_{i+1}``,
+``b_i = int(i*T/N)``: an *inclusive* test, so a boundary timestep ``t = b_i`` (200, 400, 600, 800 for N = 5,
+T = 1000) goes to expert ``i - 1``, which was trained on ``[b_{i-1}, b_i)`` and never saw it. visadapt's default
+``routing="range"`` sends every timestep to the expert trained on it, a deliberate departure at exactly those
+N - 1 timesteps (every other ``t`` in ``[0, T)`` routes the same). ``routing="official"`` reproduces the
+inclusive test. Samplers that hit the boundaries: the official ADM ``ddim25`` respacing (stride 40: 0, 40, ...,
+960) and diffusers' DDIM / DDPM schedulers with 25 steps and ``steps_offset=0`` hit all four; with
+``steps_offset=1`` (961, 921, ..., 1) or ``timestep_spacing="trailing"`` none.
+
+Each expert is a parameter-efficient copy of ONE frozen guidance model (a timm classifier), made of:
 
 * LoRA (:class:`visadapt.layers.LoRA`) on the spec's layers: ViT/DeiT attention ``qkv`` and ``proj``; ResNet
   stem convolution and every block's ``conv1`` / ``conv2``. ``scaling = alpha / rank`` is applied in the
@@ -56,7 +67,14 @@ from torch import nn
 from visadapt import api, inject
 from visadapt.io import save_adapter
 from visadapt.layers import LoRA
-from visadapt.plugin import AdapterConfig, AdapterPlugin, check_positive, check_positive_int, config_field
+from visadapt.plugin import (
+    AdapterConfig,
+    AdapterPlugin,
+    check_choice,
+    check_positive,
+    check_positive_int,
+    config_field,
+)
 from visadapt.registry import register_plugin
 from visadapt.sites import Site, all_sites, find_sites, model_family
 
@@ -66,6 +84,9 @@ DEFAULT_TARGETS = {"timm_vit": ("qkv", "proj"), "timm_resnet": ("stem", "conv1",
 _VIT_BIAS_KINDS = ("qkv", "proj", "fc1", "fc2", "head")
 #: the metadata key :func:`save_experts` writes the expert ranges under
 RANGES_METADATA = "ppap.expert_ranges"
+#: ``range``: the expert trained on t (visadapt); ``official``: the official sampler's inclusive test, which sends
+#: each range boundary t = int(i*T/N), 0 < i < N, to the lower expert i - 1
+ROUTINGS = ("range", "official")
 
 
 # ------------------------------------------------------------------------------------------------ routing
@@ -86,28 +107,43 @@ def expert_ranges(num_experts: int, num_train_timesteps: int = 1000) -> list[tup
             for i in range(num_experts)]
 
 
-def expert_index(t: float | torch.Tensor, num_experts: int, num_train_timesteps: int = 1000):
-    """The expert whose training range (:func:`expert_ranges`) holds train-scale timestep ``t``.
+def expert_index(t: float | torch.Tensor, num_experts: int, num_train_timesteps: int = 1000,
+                 routing: str = "range"):
+    """The expert that guides at train-scale timestep ``t``.
 
-    When N divides T (the default 5 and 1000) this is ``min(N-1, floor(t*N/T))``. Otherwise that formula
-    disagrees with the integer ranges at their edges (N=3, T=1000: t=333 opens expert 1's range ``[333, 666)``
-    but ``floor(333*3/1000) = 0``), so the index is computed from the ranges themselves: the largest ``i`` with
-    ``floor(i*T/N) <= t``, i.e. ``ceil((t+1)*N/T) - 1``.
+    ``routing="range"`` (default): the expert whose training range (:func:`expert_ranges`) holds ``t``. When N
+    divides T (the default 5 and 1000) this is ``min(N-1, floor(t*N/T))``. Otherwise that formula disagrees with
+    the integer ranges at their edges (N=3, T=1000: t=333 opens expert 1's range ``[333, 666)`` but
+    ``floor(333*3/1000) = 0``), so the index is computed from the ranges themselves: the largest ``i`` with
+    ``floor(i*T/N) <= t``, i.e. ``ceil((t+1)*N/T) - 1``. Float timesteps (Euler-type schedulers) are floored first.
 
-    ``t`` is an int/float (returns an int) or a tensor of any shape (returns a LongTensor of that shape); float
-    timesteps (Euler-type schedulers) are floored first. Raises ``ValueError`` for ``t`` outside ``[0, T)``.
+    ``routing="official"``: the official sampler's rule, the first ``i`` with ``b_i <= t <= b_{i+1}``,
+    ``b_i = int(i*T/N)``, on ``t`` as given. It differs from ``"range"`` only at ``t = b_i`` for ``0 < i < N``
+    (200, 400, 600, 800 for N = 5, T = 1000), which it sends to expert ``i - 1``.
+
+    ``t`` is an int/float (returns an int) or a tensor of any shape (returns a LongTensor of that shape). Raises
+    ``ValueError`` for ``t`` outside ``[0, T)`` or an unknown ``routing``.
     """
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing={routing!r} is not one of {list(ROUTINGS)}: 'range' (the expert trained on t) or "
+                         f"'official' (the official sampler's inclusive test)")
     n, big_t = num_experts, num_train_timesteps
     if isinstance(t, torch.Tensor):
         tf = t.detach()
         if tf.numel() and (tf.min() < 0 or tf.max() >= big_t):
             raise ValueError(f"timesteps {t.tolist()} fall outside [0, {big_t}); pass train-scale "
                              f"timesteps (those in scheduler.timesteps)")
+        if routing == "official":
+            # b_1 .. b_N; the first i with t <= b_{i+1} is the number of those boundaries strictly below t
+            upper = torch.tensor([i * big_t // n for i in range(1, n + 1)], dtype=torch.float64, device=tf.device)
+            return torch.searchsorted(upper, tf.double().contiguous(), side="left")
         step = torch.floor(tf.double()).long()
         return torch.clamp(torch.div((step + 1) * n + big_t - 1, big_t, rounding_mode="floor") - 1, max=n - 1)
     if not 0 <= t < big_t:
         raise ValueError(f"timestep {t} falls outside [0, {big_t}); pass a train-scale timestep "
                          f"(one of scheduler.timesteps)")
+    if routing == "official":
+        return sum(1 for i in range(1, n + 1) if i * big_t // n < t)
     return min(n - 1, ((math.floor(t) + 1) * n + big_t - 1) // big_t - 1)
 
 
@@ -126,8 +162,11 @@ class PPAPConfig(AdapterConfig):
     train_biases: bool = config_field(True, "per-expert bias deltas on the adapted layers (ViT: also fc1, fc2, "
                                             "head)")
     train_norms: bool = config_field(True, "per-expert BatchNorm affine and running statistics (ResNets)")
+    routing: str = config_field("range", "expert of each timestep when guiding: range (the expert trained on t) or "
+                                         "official (inclusive test: t = 200/400/600/800 go to the lower expert)")
 
     def validate(self) -> None:
+        check_choice("routing", self.routing, ROUTINGS)
         check_positive_int("rank", self.rank)
         check_positive("alpha", self.alpha)
         expert_ranges(self.num_experts, self.num_train_timesteps)  # validates both
@@ -460,7 +499,7 @@ class guide:
             images = pipe(batch_size=2, num_inference_steps=25).images
 
     A forward hook on ``pipe.unet`` sees every call's noisy input x_t and train-scale timestep t, routes the
-    guidance model to the expert of t (:func:`expert_index`), takes ``g = d/dx_t sum_b log p(target_b | x_t)`` and
+    guidance model to the expert of t (:func:`expert_index` with the adapter's ``routing``), takes ``g = d/dx_t sum_b log p(target_b | x_t)`` and
     returns an adjusted model output, so the stock scheduler then takes the guided step (no scheduler is
     modified, and the pipeline code is unchanged):
 
@@ -497,6 +536,7 @@ class guide:
         preprocess: differentiable map from [-1, 1] images ``(B, 3, H, W)`` to the model's input (resize,
             normalisation); identity by default. Use the one the experts were trained with.
         adapter_name: which PPAP adapter, when several are attached.
+        routing: ``"range"`` or ``"official"`` (:func:`expert_index`); None: the adapter config's ``routing``.
 
     The model is put in eval mode and its routing restored on exit. The hook records the expert of each call in
     ``self.routed`` (list of ``(t, expert)``).
@@ -505,7 +545,7 @@ class guide:
     def __init__(self, pipe, guidance_model: nn.Module, target, scale: float = 7.5, kind: str = "class",
                  rescale: bool = False, naive: bool = False,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 adapter_name: str | None = None) -> None:
+                 adapter_name: str | None = None, routing: str | None = None) -> None:
         if kind not in ("class", "dense"):
             raise ValueError(f"kind={kind!r}: use 'class' (classifier, target = labels) or 'dense' (regressor, "
                              f"target = a map)")
@@ -523,10 +563,14 @@ class guide:
         self.form = _scheduler_kind(pipe.scheduler)
         self.adapter_name = None
         self.num_experts = self.num_train_timesteps = None
+        if routing is not None and routing not in ROUTINGS:
+            raise ValueError(f"routing={routing!r} is not one of {list(ROUTINGS)} (None: the adapter's own)")
+        self.routing = routing
         if not naive:
             self.adapter_name = _one_adapter(guidance_model, adapter_name)
             config = ppap_config(guidance_model, self.adapter_name)
             self.num_experts, self.num_train_timesteps = config.num_experts, config.num_train_timesteps
+            self.routing = routing or config.routing
             sched_t = pipe.scheduler.config.num_train_timesteps
             if sched_t != self.num_train_timesteps:
                 raise ValueError(f"the experts were made for T={self.num_train_timesteps} training timesteps; this "
@@ -587,7 +631,7 @@ class guide:
 
     def gradient(self, sample: torch.Tensor, t: float) -> torch.Tensor:
         """``g = d/dx_t sum_b log p(target_b | x_t)``, shaped like ``sample``, from the expert of ``t``."""
-        expert = None if self.naive else expert_index(t, self.num_experts, self.num_train_timesteps)
+        expert = None if self.naive else expert_index(t, self.num_experts, self.num_train_timesteps, self.routing)
         self.routed.append((t, expert))
         unique, copies = self._deduplicate(sample)
         with torch.enable_grad():

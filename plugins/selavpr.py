@@ -27,15 +27,39 @@ and works in chunks, so re-ranking 100 candidates of 3721 features each needs no
 
 Use :class:`PlaceRecognitionModel` (or :func:`place_features`) to get ``(global, local)`` from images; the
 adapter file holds the adapters and the place head, so ``load_adapter`` restores everything.
+
+**Position embeddings** (``pos_embed``). The official backbone (DINOv2's ``vision_transformer.py``, copied into
+SelaVPR's ``backbone/``) keeps the 37 x 37 embedding of its 518 px pre-training and interpolates it at every
+forward to the input's patch grid ``(h, w)`` (16 x 16 at 224 px): bicubic, no antialiasing, and a *scale factor*
+``((h + 0.1) / 37, (w + 0.1) / 37)`` rather than an output size (``interpolate_offset=0.1``, a "historical
+kludge" kept for compatibility), so the sampling points sit ``0.1`` cells off those of a size-based resize; a
+square input on the pre-training grid is used as is. timm instead resamples once, at load, for ``img_size``
+(bicubic *with* antialiasing, size-based). ``pos_embed="official"`` (the default) reproduces the official
+interpolation: a parameter-free :class:`OfficialPositionEmbedding` on the model's ``patch_embed`` adds the
+difference between the official embedding and the one timm adds, so the tokens get exactly the official one.
+``pos_embed="timm"`` keeps timm's. Files saved before the field existed were trained with timm's and load so.
+The official interpolation needs the embedding at its pre-training grid: create the backbone with
+:data:`BACKBONE_ARGUMENTS` (``dynamic_img_size=True``, no ``img_size``) as ``train/vpr.py`` and
+``eval/vpr.py`` do; timm's dynamic resampling is then, for ``pos_embed="timm"``, the very resize timm does at
+load for ``img_size`` (same function, same arguments). On a model created at another ``img_size`` timm has
+already resampled at load, and the official interpolation starts from that grid. Measured official vs timm
+(relative difference, ``python eval/bench/selavpr_pos_embed.py``) on the embedded backbone: identical at its
+native 32 px (8 x 8 grid, used as is by both, so the embedded recipe is unaffected); at 24 px (6 x 6) the
+embedding differs by 26%, the final patch tokens by 7.9% and the global descriptor by 3.3%; at 64 px (16 x 16)
+by 8.2%, 3.1% and 0.8%. For DINOv2 ViT-L/14 at 224 px (37 x 37 -> 16 x 16) the embedding differs by 4.6% on a
+smooth synthetic embedding (no pretrained weights here). One edge the official code has and this does not: an
+image whose sides differ in pixels but give the pre-training grid is still resampled there (by 0.1 / M cell).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from visadapt.inject import held_module, insert
@@ -43,15 +67,26 @@ from visadapt.layers import BottleneckAdapter
 from visadapt.plugin import (
     AdapterConfig,
     AdapterPlugin,
+    check_choice,
     check_dropout,
     check_positive,
     check_positive_int,
     config_field,
 )
 from visadapt.registry import register_plugin
-from visadapt.sites import find_sites, held_site, patch_token_map
+from visadapt.sites import find_sites, held_site, patch_embed_site, patch_token_map
 
 PLACE_HEAD = "place_head"
+#: ``official``: DINOv2's interpolation at every forward (bicubic, no antialias, scale factor (h + 0.1) / M);
+#: ``timm``: timm's resampling (bicubic, antialiased, to the grid size)
+POS_EMBEDS = ("official", "timm")
+#: the site kind of :class:`OfficialPositionEmbedding` (on the model's ``patch_embed``)
+POS_EMBED_SITE = "pos_embed"
+#: DINOv2's ``interpolate_offset``
+DINOV2_INTERPOLATE_OFFSET = 0.1
+#: ``timm.create_model`` arguments for a SelaVPR backbone: the position embedding stays at the grid of the
+#: pretrained weights and any input size is accepted (the embedding is interpolated per forward)
+BACKBONE_ARGUMENTS = {"dynamic_img_size": True}
 
 
 @dataclass
@@ -67,8 +102,18 @@ class SelaVPRConfig(AdapterConfig):
     gem_eps: float = config_field(1e-6, "GeM clamp: features below it are raised to it before the power")
     dropout: float = config_field(0.0, "dropout inside the adapters (official: none)")
     blocks: tuple[int, ...] | None = config_field(None, "indices of the blocks to adapt; None = all (official)")
+    pos_embed: str = config_field("official", "position embedding interpolation: official (DINOv2's, at every "
+                                              "forward: bicubic, no antialias, scale (h + 0.1) / M) or timm "
+                                              "(antialiased resize)")
+
+    @classmethod
+    def saved_file_values(cls, values: dict) -> dict:
+        # files written before pos_embed existed ran timm's position embedding
+        values.setdefault("pos_embed", "timm")
+        return values
 
     def validate(self) -> None:
+        check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
         if not 0.0 < self.ratio <= 4.0:
             raise ValueError(f"config field ratio={self.ratio!r} is out of range: it must be in (0, 4]")
         check_positive("parallel_scale", self.parallel_scale, allow_zero=True)
@@ -117,6 +162,65 @@ class PlaceHead(nn.Module):
         return global_desc, local
 
 
+def dinov2_position_embedding(patch_pos_embed: torch.Tensor, grid: tuple[int, int],
+                              offset: float = DINOV2_INTERPOLATE_OFFSET) -> torch.Tensor:
+    """The patch position embedding DINOv2's ``interpolate_pos_encoding`` gives for a ``grid = (h, w)`` of patches.
+
+    ``patch_pos_embed`` ``(1, M * M, D)``: the embedding of a square ``M x M`` pre-training grid (prefix tokens
+    removed). Returns ``(1, h * w, D)``: unchanged when ``(h, w) == (M, M)``, else bicubic, no antialiasing, with
+    ``scale_factor = ((h + offset) / M, (w + offset) / M)`` (computed in float32, returned in the input dtype).
+    """
+    tokens, dim = patch_pos_embed.shape[1:]
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"the official interpolation needs a square position-embedding grid; this one has {tokens} "
+                         f"patch positions; use pos_embed='timm'")
+    if tuple(grid) == (side, side):
+        return patch_pos_embed
+    square = patch_pos_embed.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, scale_factor=((grid[0] + offset) / side, (grid[1] + offset) / side),
+                            mode="bicubic", antialias=False)
+    if tuple(resized.shape[-2:]) != tuple(grid):  # cannot happen for offset < 1: floor(M * (h + offset) / M) = h
+        raise ValueError(f"interpolating a {side}x{side} grid with offset {offset} gave {tuple(resized.shape[-2:])}, "
+                         f"not {tuple(grid)}")
+    return resized.permute(0, 2, 3, 1).reshape(1, -1, dim).to(patch_pos_embed.dtype)
+
+
+class OfficialPositionEmbedding(nn.Module):
+    """Makes a timm ViT add DINOv2's interpolated position embedding (:func:`dinov2_position_embedding`) instead
+    of timm's. Sits on the output of ``patch_embed`` and adds ``official - timm`` for the current patch grid; the
+    model's own ``_pos_embed`` then adds timm's (resampled per forward with ``dynamic_img_size``, or as stored),
+    so the patch tokens carry exactly the official embedding. Prefix tokens (class, registers) get the same
+    embedding either way. No parameters: it reads the model's ``pos_embed`` at every call.
+
+    Input ``patch_tokens`` ``(B, h, w, D)`` (``dynamic_img_size``) or ``(B, h * w, D)`` at the model's own grid;
+    returns the correction broadcastable to it: ``(1, h, w, D)`` or ``(1, h * w, D)``, or a zero scalar when the
+    two embeddings coincide (a square input on the pre-training grid).
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        # the model itself, held outside the module tree (no cycle, nothing saved); deepcopy keeps the pairing
+        object.__setattr__(self, "_vit", vit)
+        grid = tuple(vit.patch_embed.grid_size)
+        if vit.pos_embed is None or grid[0] != grid[1]:
+            raise ValueError(f"config field pos_embed='official' needs a learnt position embedding on a square grid "
+                             f"(this model: {'none' if vit.pos_embed is None else grid}); use pos_embed='timm'")
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        vit = self._vit
+        source_grid = tuple(vit.patch_embed.grid_size)
+        grid = tuple(patch_tokens.shape[1:3]) if patch_tokens.dim() == 4 else source_grid
+        if grid == source_grid:
+            return patch_tokens.new_zeros(())
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        source = vit.pos_embed[:, prefix:]
+        official = dinov2_position_embedding(source, grid)
+        # what timm's _pos_embed adds (dynamic_img_size): its resample, with its own defaults
+        timm_added = resample_abs_pos_embed(source, new_size=list(grid), old_size=list(source_grid), num_prefix_tokens=0)
+        return (official - timm_added).reshape(1, *patch_tokens.shape[1:]).to(patch_tokens.dtype)
+
+
 @register_plugin("selavpr")
 class SelaVPRPlugin(AdapterPlugin):
     Config = SelaVPRConfig
@@ -136,6 +240,8 @@ class SelaVPRPlugin(AdapterPlugin):
                     activation="relu", dropout=config.dropout, scale=scale))
         insert(held_site(model, PLACE_HEAD, width, config.local_dim), adapter_name,
                PlaceHead(width, config.local_hidden, config.local_dim, config.gem_p, config.gem_eps))
+        if config.pos_embed == "official":
+            insert(patch_embed_site(model, POS_EMBED_SITE), adapter_name, OfficialPositionEmbedding(model))
 
 
 def place_head(model: nn.Module, adapter_name: str | None = None) -> PlaceHead:

@@ -300,3 +300,153 @@ def test_lora_plugin_refuses_k_bits_on_a_convolution():
 
     with pytest.raises(ValueError, match="convolution, use bits=32"):
         visadapt.attach(tiny_models.unet(), "lora", targets=("conv1",), bits=1)
+
+
+# ------------------------------------------------------------------ fidelity: the head's bits, the codebook start
+
+
+def _quantized_head(model):
+    return next(m for n, m in model.named_modules() if n.endswith("visadapt_adapters.default.head"))
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_quantized_head_is_one_bit_whatever_the_adapter_bits_as_official(bits):
+    """Official main.py: `vit.head = QLinear(768, C, 1)` for every --bit; the adapters use --bit."""
+    model = _vit(num_classes=4)
+    visadapt.attach(model, "bitadapter", dim=4, bits=bits, quantize_head=True)
+    head = _quantized_head(model)
+    assert isinstance(head, QuantizedLinear) and head.bits == 1 and head.bias is None
+    assert {m.bits for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m is not head} == {bits}
+    # the 1-bit head's forward is mean + 0.6745 * std * sign(w - mean) (official codebook {ppf(.25), ppf(.75)})
+    w = head.weight.detach()
+    want = w.mean() + 0.6745 * w.std() * torch.sign(w - w.mean())
+    torch.testing.assert_close(head.forward_weight().detach(), want, atol=1e-4, rtol=0)
+
+
+def test_head_bits_option_quantizes_the_head_at_another_width(tmp_path):
+    model = _vit(num_classes=4)
+    visadapt.attach(model, "bitadapter", dim=4, bits=1, quantize_head=True, head_bits=4)
+    assert _quantized_head(model).bits == 4
+    _train_a_little(model, steps=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    path = visadapt.save_adapter(model, tmp_path / "h4.safetensors")
+    fresh = _reloaded(model, path, 4)
+    assert _quantized_head(fresh).bits == 4
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    fp32 = _vit(num_classes=4)
+    visadapt.attach(fp32, "bitadapter", dim=4, quantize_head=True, head_bits=32)
+    assert type(_quantized_head(fp32)) is torch.nn.Linear
+
+
+def test_file_saved_before_head_bits_keeps_its_k_bit_head(tmp_path):
+    """A header without head_bits (or codebook_start) is an old file: its head was quantised at `bits`."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = _vit(num_classes=4)
+    visadapt.attach(model, "bitadapter", dim=4, bits=2, quantize_head=True, head_bits=2)
+    _train_a_little(model, steps=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    path = visadapt.save_adapter(model, tmp_path / "new.safetensors")
+    tensors, meta = visadapt.read_adapter_file(path)
+    config = json.loads(meta["config"])
+    del config["head_bits"], config["codebook_start"]
+    meta["config"] = json.dumps(config)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    fresh = _reloaded(model, tmp_path / "old.safetensors", 4)
+    assert _quantized_head(fresh).bits == 2
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    # the same header fields given by a user (not a file) get today's defaults: the official 1-bit head
+    assert visadapt.get_plugin("bitadapter")().Config.from_dict(config).head_bits == 1
+
+
+def _official_codebook(bit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Restatement of the official `QLinear.quantize(bit)` (binary_adapter/utils.py): codewords from ALL ZEROS,
+    500 rounds of (thresholds = midpoints; codeword = ppf of the cell's probability midpoint); the quantiser is
+    `sum_i delta_i * sign(z - t_i)`, t the thresholds of the last round, delta half the final gaps."""
+    values = torch.zeros(2 ** bit, dtype=torch.float64)
+    ranges = None
+    for _ in range(500):
+        ranges = (values[1:] + values[:-1]) / 2
+        pv = torch.cat([torch.zeros(1, dtype=torch.float64), torch.special.ndtr(ranges),
+                        torch.ones(1, dtype=torch.float64)])
+        values = torch.special.ndtri((pv[1:] + pv[:-1]) / 2)
+    value, pos = values.float(), ranges.float()
+    return value, pos, (value[1:] - value[:-1]) / 2
+
+
+def test_zero_start_codebook_reproduces_the_official_8_bit_quantiser():
+    from visadapt.layers import fake_quantize, normal_codebook
+
+    value, pos, delta = _official_codebook(8)
+    codes, thresholds = normal_codebook(8, start="zero")
+    torch.testing.assert_close(codes, value, atol=1e-6, rtol=0)
+    torch.testing.assert_close(thresholds, pos, atol=1e-6, rtol=0)
+    assert (value.abs() < 0.1).sum() > 150  # not converged, levels crowd at 0: the departure the default avoids
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    mean, std = w.mean(), w.std()
+    z = (w - mean) / (std + 1e-5)
+    official = (torch.sign(z.unsqueeze(-1) - pos) * delta).sum(-1) * std + mean
+    torch.testing.assert_close(fake_quantize(w, 8, start="zero")[0], official, atol=1e-5, rtol=0)
+    # the default (quantile start) differs at 8 bits and has a lower error on normal data
+    assert (fake_quantize(w, 8)[0] - official).abs().max() > 1e-3
+    z = torch.randn(200_000, generator=torch.Generator().manual_seed(2))
+    errors = {start: (fake_quantize(z, 8, start=start)[0] - z).square().mean().item() for start in ("quantile", "zero")}
+    assert errors["quantile"] * 5 < errors["zero"], errors
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_both_codebook_starts_agree_below_8_bits(bits):
+    from visadapt.layers import normal_codebook
+
+    value, *_ = _official_codebook(bits)
+    for start in ("quantile", "zero"):
+        torch.testing.assert_close(normal_codebook(bits, start=start)[0], value, atol=1e-6, rtol=0)
+
+
+def test_codebook_start_zero_is_used_in_training_and_storage(tmp_path):
+    torch.manual_seed(0)
+    model = _vit()
+    visadapt.attach(model, "bitadapter", method="lora", dim=4, bits=8, codebook_start="zero", head="head")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and {m.codebook_start for m in layers} == {"zero"}
+    _train_a_little(model, steps=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    fresh = _reloaded(model, visadapt.save_adapter(model, tmp_path / "z.safetensors"))
+    assert {m.codebook_start for m in fresh.modules() if isinstance(m, QuantizedLinear)} == {"zero"}
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+
+def test_official_8_bit_checkpoint_converts_with_the_official_codebook(tmp_path):
+    from visadapt.plugins.bitadapter import convert_official_checkpoint
+
+    shapes = _vit(num_classes=3)
+    visadapt.attach(shapes, "bitadapter", dim=4, bits=8, quantize_head=True)
+    blob, expected = _official_bytes(shapes, bits=8)
+    # _official_bytes wrote every matrix at 8 bits; the official head is 1 bit: swap its 3 x 48 codes for 1-bit ones
+    (tmp_path / "b.bin").write_bytes(blob[:-(3 * 48 + 8)])
+    head_blob, head_expected = _official_bytes(torch.nn.Sequential(QuantizedLinear(48, 3, 1)), bits=1, seed=1)
+    (tmp_path / "b.bin").write_bytes((tmp_path / "b.bin").read_bytes() + head_blob)
+    (tmp_path / "b.yaml").write_text("bit: 8\ndim: 4\nmethod: adaptformer-bihead\nnum_class: 3\nscale: 1\n")
+    model = _vit(num_classes=3)
+    convert_official_checkpoint(tmp_path / "b.bin", tmp_path / "b.yaml", model, tmp_path / "o.safetensors")
+    official_8bit = _official_codebook(8)[0]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer, (codes, mean, std) in zip(layers[:-1], expected[:-1]):
+        want = official_8bit[torch.tensor(codes)].reshape(layer.weight.shape) * std + mean
+        torch.testing.assert_close(layer.weight.detach(), want, atol=1e-5, rtol=0)
+    (head_codes, head_mean, head_std), = head_expected
+    assert layers[-1].bits == 1
+    want = _official_codebook(1)[0][torch.tensor(head_codes)].reshape(3, 48) * head_std + head_mean
+    torch.testing.assert_close(layers[-1].weight.detach(), want, atol=1e-6, rtol=0)
+    config = json.loads(visadapt.read_adapter_file(tmp_path / "o.safetensors")[1]["config"])
+    assert config["codebook_start"] == "zero" and config["head_bits"] == 1

@@ -78,6 +78,38 @@ def test_routing_boundaries():
         expert_index(torch.tensor([5, 1000]), 5)
 
 
+def _official_sampler_expert(t: int, n_experts: int, num_timesteps: int) -> int:
+    """Restatement of the official `MultiExpertWrapper.step_to_classifier_index` (riiid/PPAP,
+    guided_diffusion/multi_expert_helper.py): the first expert whose inclusive range [b_i, b_{i+1}] holds t."""
+    step_range = [int(i * num_timesteps / n_experts) for i in range(n_experts + 1)]
+    for i in range(len(step_range)):
+        if step_range[i] <= t <= step_range[i + 1]:
+            return i
+    raise AssertionError(f"t={t} is in no range")
+
+
+@pytest.mark.parametrize("n, big_t", [(5, 1000), (3, 1000), (7, 1000), (4, 50)])
+def test_official_routing_is_the_official_samplers_rule_at_every_timestep(n, big_t):
+    every_t = list(range(big_t))
+    official = [_official_sampler_expert(t, n, big_t) for t in every_t]
+    assert [expert_index(t, n, big_t, routing="official") for t in every_t] == official
+    assert expert_index(torch.tensor(every_t), n, big_t, routing="official").tolist() == official
+    # the two routings differ exactly at the inner range boundaries, where the official one picks the lower expert
+    ranged = expert_index(torch.tensor(every_t), n, big_t).tolist()
+    differ = [t for t in every_t if ranged[t] != official[t]]
+    assert differ == [lo for lo, _ in expert_ranges(n, big_t)[1:]]
+    assert all(official[t] == ranged[t] - 1 for t in differ)
+    if (n, big_t) == (5, 1000):
+        assert differ == [200, 400, 600, 800]
+
+
+def test_routing_option_is_validated_and_reaches_guidance():
+    with pytest.raises(ValueError, match="routing"):
+        expert_index(200, 5, routing="inclusive")
+    with pytest.raises(ValueError, match="routing"):
+        visadapt.attach(tiny_vit(), "ppap", routing="lower")
+
+
 # ------------------------------------------------------------------------------------------------- losses
 
 
@@ -300,10 +332,10 @@ def tiny_pixel_pipeline(kind: str, clip_sample: bool = False):
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=clip_sample))
 
 
-def guidance_classifier():
+def guidance_classifier(**config):
     torch.manual_seed(1)
     model = tiny_resnet()
-    visadapt.attach(model, "ppap", num_experts=5, rank=4)
+    visadapt.attach(model, "ppap", num_experts=5, rank=4, **config)
     randomize_experts(model, 0.2)
     return model.eval()
 
@@ -345,6 +377,24 @@ def test_ddim_guidance_equals_the_noise_prediction_formula():
     # naive guidance: the frozen classifier, experts off
     naive, _ = guided_eps(pipe, classifier, x, t, labels, 7.5, naive=True)
     assert torch.allclose(naive, eps - 7.5 * (1 - abar).sqrt() * grad_log_p(classifier, x, labels, None), atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["range", "official"])
+def test_guidance_routes_boundary_timesteps_by_the_chosen_rule(routing):
+    """DDIM with 25 steps and steps_offset=0 visits 0, 40, ..., 960: all four boundaries 200/400/600/800."""
+    pipe, classifier = tiny_pixel_pipeline("ddim"), guidance_classifier()
+    pipe.scheduler.set_timesteps(25)
+    assert {200, 400, 600, 800} <= set(pipe.scheduler.timesteps.tolist())
+    x, labels, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 3]), torch.tensor(400)
+    out, guidance = guided_eps(pipe, classifier, x, t, labels, 7.5, routing=routing)
+    expert = 1 if routing == "official" else 2  # the official sampler's inclusive test picks the lower expert
+    assert guidance.routed == [(400, expert)]
+    abar = pipe.scheduler.alphas_cumprod[400]
+    expected = unet_eps(pipe, x, t) - 7.5 * (1 - abar).sqrt() * grad_log_p(classifier, x, labels, expert)
+    assert torch.allclose(out, expected, atol=1e-6)
+    # an adapter configured with that routing guides that way without the argument
+    _, by_config = guided_eps(pipe, guidance_classifier(routing=routing), x, t, labels, 7.5)
+    assert by_config.routed == [(400, expert)]
 
 
 def test_ddpm_guidance_shifts_the_step_mean_by_scale_sigma2_grad():

@@ -2,6 +2,8 @@
 brute-force reference, both losses against hand-written ones, retrieval and Recall@K, save/load."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import tiny_models as tm
 import torch
@@ -24,7 +26,8 @@ def test_block_matches_the_papers_formula():
     model = tm.vit_dinov2().eval()
     visadapt.attach(model, "selavpr", blocks=(0,))
     randomized(model)
-    adapters = {item.kind: item.module for item in inject.attached(model) if item.kind != S.PLACE_HEAD}
+    adapters = {item.kind: item.module for item in inject.attached(model)
+                if item.kind not in (S.PLACE_HEAD, S.POS_EMBED_SITE)}
     assert set(adapters) == {"attn_branch", "mlp_branch"}
     assert adapters["mlp_branch"].scale == 0.2 and adapters["attn_branch"].scale == 1.0
     assert adapters["attn_branch"].down.out_features == round(0.5 * model.embed_dim)
@@ -190,3 +193,135 @@ def test_faiss_search_finds_the_same_neighbours_as_torch():
     assert torch.equal(S.global_knn(queries, database, 7, backend="faiss"), S.global_knn(queries, database, 7, chunk=9))
     with pytest.raises(ValueError, match="backend"):
         S.global_knn(queries, database, 7, backend="annoy")
+
+
+# --------------------------------------------------------------------------- position embeddings (official DINOv2)
+
+
+def official_interpolate_pos_encoding(pos_embed: torch.Tensor, npatch: int, w: int, h: int,
+                                      patch_size: int) -> torch.Tensor:
+    """Restatement of DINOv2's `DinoVisionTransformer.interpolate_pos_encoding` (SelaVPR backbone/
+    vision_transformer.py; interpolate_offset=0.1, interpolate_antialias=False). `pos_embed` (1, 1 + N, D) holds the
+    class entry then the M x M patches; `w`, `h` are the image's dims 2 and 3 (`B, nc, w, h = x.shape`)."""
+    n = pos_embed.shape[1] - 1
+    if npatch == n and w == h:
+        return pos_embed
+    pos_embed = pos_embed.float()
+    class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch_size, h // patch_size
+    m = int(math.sqrt(n))
+    assert n == m * m
+    sx, sy = float(w0 + 0.1) / m, float(h0 + 0.1) / m
+    patch_pos_embed = F.interpolate(patch_pos_embed.reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic",
+                                    antialias=False, scale_factor=(sx, sy))
+    assert (w0, h0) == patch_pos_embed.shape[-2:]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def _dinov2_vit(**kwargs):
+    """A tiny DINOv2-layout ViT (class entry in pos_embed, LayerScale) on an 8 x 8 pre-training grid, taking any
+    input size as SelaVPR's backbone does (dynamic_img_size, :data:`S.BACKBONE_ARGUMENTS`)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=32, patch_size=4, embed_dim=16,
+                              depth=1, num_heads=2, num_classes=0, **S.BACKBONE_ARGUMENTS, **kwargs)
+    with torch.no_grad():  # a smooth embedding, like a trained one (random init is white noise)
+        coords = torch.linspace(-1, 1, 8)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        freqs = torch.arange(1, 17).float()[:, None, None] / 4
+        smooth = torch.sin(freqs * xx + 0.5 * freqs * yy).flatten(1).T  # (64, 16)
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        model.pos_embed[:, prefix:] = smooth
+    return model.eval()
+
+
+def _tokens_entering_blocks(model, images):
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.forward_features(images)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("size", [(24, 24), (40, 40), (24, 40), (32, 32)])
+def test_official_position_embedding_is_dinov2s_interpolation(size):
+    model = _dinov2_vit()
+    images = torch.randn(2, 3, *size)
+    timm_tokens = _tokens_entering_blocks(model, images)
+    visadapt.attach(model, "selavpr", local_hidden=4, local_dim=4)  # pos_embed="official" is the default
+    tokens = _tokens_entering_blocks(model, images)
+    with torch.no_grad():
+        patches = type(model.patch_embed).forward(model.patch_embed, images).flatten(1, 2)  # without the hooks
+    expected_pos = official_interpolate_pos_encoding(model.pos_embed.detach(), patches.shape[1], *size, 4)
+    expected = torch.cat([model.cls_token.expand(2, -1, -1), patches], dim=1) + expected_pos
+    assert (tokens - expected).abs().max() <= 1e-5
+    if size != (32, 32):  # timm's antialiased, size-based resize differs; on the pre-training grid both are exact
+        assert (timm_tokens - expected).abs().max() > 1e-3
+    else:
+        assert torch.equal(tokens, timm_tokens)
+    visadapt.detach(model)
+    assert torch.equal(_tokens_entering_blocks(model, images), timm_tokens)
+
+
+def test_official_position_embedding_with_register_tokens():
+    """timm's DINOv2-with-registers layout: the class entry folded into cls_token, pos_embed covers patches only."""
+    model = _dinov2_vit(reg_tokens=4, no_embed_class=True)
+    images = torch.randn(1, 3, 24, 24)
+    visadapt.attach(model, "selavpr", local_hidden=4, local_dim=4)
+    tokens = _tokens_entering_blocks(model, images)
+    with torch.no_grad():
+        patches = type(model.patch_embed).forward(model.patch_embed, images).flatten(1, 2)  # without the hooks
+    with_class_entry = torch.cat([torch.zeros(1, 1, 16), model.pos_embed.detach()], dim=1)
+    expected_pos = official_interpolate_pos_encoding(with_class_entry, patches.shape[1], 24, 24, 4)[:, 1:]
+    assert (tokens[:, model.num_prefix_tokens:] - (patches + expected_pos)).abs().max() <= 1e-5
+
+
+def test_timm_option_is_timms_resample_at_load_and_old_files_keep_it(tmp_path):
+    from visadapt.backbones import EMBEDDED_MODEL, create_backbone
+
+    images = torch.randn(2, 3, 24, 24)
+    at_load = create_backbone(EMBEDDED_MODEL, "default", img_size=24).eval()  # timm resamples 8x8 -> 6x6 once
+    native = create_backbone(EMBEDDED_MODEL, "default", **S.BACKBONE_ARGUMENTS).eval()
+    visadapt.attach(at_load, "selavpr", pos_embed="timm")
+    visadapt.attach(native, "selavpr", pos_embed="timm")
+    randomized(at_load)
+    native.load_state_dict({k: v for k, v in at_load.state_dict().items() if "visadapt_" in k}, strict=False)
+    with torch.no_grad():
+        want = S.place_features(at_load, images)
+        got = S.place_features(native, images)
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got, want))
+    # a file saved before the field existed (no pos_embed in its header) was trained with timm's: it loads so
+    import json
+
+    from safetensors.torch import save_file
+    tensors, meta = visadapt.read_adapter_file(visadapt.save_adapter(native, tmp_path / "new.safetensors"))
+    config = json.loads(meta["config"])
+    del config["pos_embed"]
+    meta["config"] = json.dumps(config)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    fresh = create_backbone(EMBEDDED_MODEL, "default", **S.BACKBONE_ARGUMENTS).eval()
+    visadapt.load_adapter(fresh, tmp_path / "old.safetensors")
+    assert visadapt.api.get_record(fresh, "default").config.pos_embed == "timm"
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(S.place_features(fresh, images), got))
+
+
+def test_official_position_embedding_saves_and_loads(tmp_path):
+    model = _dinov2_vit()
+    visadapt.attach(model, "selavpr", local_hidden=4, local_dim=4)
+    randomized(model)
+    images = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        want = S.place_features(model, images)
+    path = visadapt.save_adapter(model, tmp_path / "official.safetensors")
+    fresh = _dinov2_vit()
+    visadapt.load_adapter(fresh, path)
+    assert visadapt.api.get_record(fresh, "default").config.pos_embed == "official"
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(S.place_features(fresh, images), want))
+    with pytest.raises(ValueError, match="pos_embed"):
+        visadapt.attach(_dinov2_vit(), "selavpr", pos_embed="bilinear")

@@ -55,7 +55,7 @@ from visadapt.engine import (
 from visadapt.eval.vpr import evaluate_places, extract_place_features
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
-from visadapt.plugins.selavpr import PlaceRecognitionModel, SelaVPRLoss
+from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
 
 # Every value can be overridden by its flag. "selavpr": the paper's (ViT-L/14 DINOv2 at 224, Adam lr 1e-5,
 # 4 tuples of 1 + 1 + 2 images, re-rank the top 100). "mini-places": sized for 2 CPU cores.
@@ -213,7 +213,8 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
                          **run_options(args))
     accelerator = make_accelerator(out, precision=args.precision)
     seed_everything(args.seed)
-    backbone = create_backbone(args.model, args.pretrained, num_classes=0, img_size=args.input_size)
+    # the pretrained grid, any input size: SelaVPR interpolates the position embedding per forward
+    backbone = create_backbone(args.model, args.pretrained, num_classes=0, **BACKBONE_ARGUMENTS)
     transform = vtab_transform(args.input_size, resolve_normalization(args.normalize, backbone))
     splits = {name: PlaceSplit(data_root, name, transform) for name in ("train", "val", "test")}
     triplets = TripletDataset(splits["train"], positive_radius_m=args.train_positive_radius,

@@ -66,11 +66,18 @@ class AdapterConfig:
 
     @classmethod
     def from_header(cls, values: dict[str, Any]) -> AdapterConfig:
-        """The config a saved adapter file's header describes (:func:`visadapt.io.parse_header` calls this).
+        """The config a saved adapter file's header describes (what :func:`visadapt.io.parse_header` builds).
 
-        A plugin whose defaults changed overrides it so that a header written before a field existed keeps the
-        behaviour the file was trained with (the field's value then), rather than today's default."""
-        return cls.from_dict(values)
+        A field added after a file was written is missing from its header, and that file must keep the
+        behaviour it was trained with even where the new default differs: :meth:`saved_file_values` fills
+        such fields first; then as :meth:`from_dict`."""
+        return cls.from_dict(cls.saved_file_values(dict(values)))
+
+    @classmethod
+    def saved_file_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (a saved header's config) with every field the file predates set to the value that
+        reproduces its old behaviour. Override when a new field's default is not the old behaviour."""
+        return values
 
     @classmethod
     def field_help(cls) -> list[tuple[str, Any, str]]:

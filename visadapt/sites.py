@@ -541,6 +541,16 @@ def held_site(model: nn.Module, kind: str, in_features: int, out_features: int) 
     return Site("", kind, -1, in_features, out_features, model, "held")
 
 
+def patch_embed_site(model: nn.Module, kind: str) -> Site:
+    """An output site on a timm ViT's ``patch_embed``: its module gets the patch tokens ``(B, h, w, D)``
+    (``dynamic_img_size``) or ``(B, h * w, D)`` before the position embedding is added, and its result is added to
+    them (SelaVPR's official position-embedding interpolation)."""
+    family = model_family(model)
+    if family != "timm_vit":
+        raise ValueError(f"the patch embedding site exists on timm ViTs; this model is {family}")
+    return Site("patch_embed", kind, -1, model.embed_dim, model.embed_dim, model.patch_embed, "output")
+
+
 def patch_token_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The final, normalised patch tokens of a timm ViT as a map ``(B, D, H/p, W/p)`` (prefix tokens such as
     the class and register tokens dropped) for images ``(B, 3, H, W)``; adapters attached at block sites

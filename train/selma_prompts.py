@@ -15,7 +15,7 @@ The procedure, as the official ``llm/prompt_generation.py`` (GitHub ``jialuli-lu
   built from the skill's rules and 3 examples drawn without replacement from the whole pool (seeds and prompts
   kept so far), numbered ``1.``-``3.``, asking for 20 more;
 * a reply is read line by line: the line holding ``"4. "`` gives the text after it, then ``"5. "``, and so on
-  (lines without the next number are skipped; a chat reply that numbers from 1 instead is read from ``"1. "``);
+  (lines without the next number are skipped);
 * each new prompt, in order, is scored with ROUGE-L F-measure (``rouge_score``, ``RougeScorer(["rougeL"],
   use_stemmer=False)``: lower-cased, every non-alphanumeric character a separator, no stemming) against every
   prompt in the pool, seeds included, and kept only if its highest score is not above 0.8 (``> 0.8`` drops,
@@ -27,9 +27,13 @@ The procedure, as the official ``llm/prompt_generation.py`` (GitHub ``jialuli-lu
 Departures, each named: the official prompt text is a triple-quoted string whose lines carry the source's
 indentation; here the same words are dedented (:data:`SKILLS`). Empty prompts (a bare ``"4. "`` line), which the
 official filter keeps (ROUGE-L of nothing is 0), are dropped, and surrounding whitespace is stripped. The
-official generator is OpenAI's ``gpt-3.5-turbo-instruct`` (a completion model); here it is any local
-``transformers`` causal LM (:class:`TransformersGenerator`; its chat template is applied when it has one) or any
-OpenAI-compatible endpoint (:class:`HTTPGenerator`, ``--api completions`` as official, or ``chat``).
+official examples are drawn with Python's unseeded global ``random``; here each round's draw is seeded from
+``(--seed, round)``, so that a run can be repeated and resumed. The official generator is OpenAI's
+``gpt-3.5-turbo-instruct`` (a completion model); here it is any local ``transformers`` causal LM
+(:class:`TransformersGenerator`; its chat template is applied when it has one) or any OpenAI-compatible endpoint
+(:class:`HTTPGenerator`, ``--api completions`` as official, or ``chat``). A chat reply (a chat template or
+``--api chat``) that numbers its list from 1 instead of continuing it is read from ``"1. "``. The official
+``"all"`` skill has rules but no seed examples in the script, so it is not offered.
 
 Resumable: the prompts of a round are appended to the output in one write, flushed and fsynced; a rerun reads
 the file back (the pool, and the next round from the last recorded one), drops a round that was cut short

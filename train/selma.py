@@ -6,8 +6,9 @@
 
 Each ``--skill NAME=FOLDER`` is an image-prompt folder (``FOLDER/metadata.jsonl`` with ``{"file_name", "text"}``
 per line, sub-folders such as ``shard_00000/`` included; see :mod:`visadapt.diffusion` and ``train/selma_data.py``,
-which writes such folders from a prompt list; ``train/selma_prompts.py`` writes that list with an LLM). One ``selma`` expert is trained per skill on the frozen pipeline
-(UNet, VAE and text encoder never change; each expert starts from the same base and seed), then ``--merge``
+which writes such folders from a prompt list; ``train/selma_prompts.py`` writes that list with an LLM). One
+``selma`` expert is trained per skill on the frozen pipeline (UNet, VAE and text encoder never change; each
+expert starts from the same base and seed), then ``--merge``
 writes one multi-skill ``lora`` adapter (:func:`visadapt.plugins.selma.merge_expert_files`).
 
 Outputs in ``--output-dir``: ``experts/<skill>.safetensors`` (visadapt ``selma`` adapters; per-skill checkpoints

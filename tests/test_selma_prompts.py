@@ -170,6 +170,8 @@ def test_an_interrupted_run_resumes_to_the_same_file(tmp_path):
     # other settings are refused, not mixed in; so is an edited file
     with pytest.raises(P.PromptGenerationError, match="threshold"):
         P.generate_prompts(SKILL, ScriptedGenerator(), out, num_prompts=9, threshold=0.7, requests_per_round=1)
+    with pytest.raises(P.PromptGenerationError, match="must end in .jsonl"):
+        P.generate_prompts(SKILL, ScriptedGenerator(), tmp_path / "prompts.json", num_prompts=1)
     out.write_bytes(b"not json\n" + reference)
     with pytest.raises(P.PromptGenerationError, match="resumed.jsonl:1"):
         P.generate_prompts(SKILL, ScriptedGenerator(), out, num_prompts=9, requests_per_round=1, progress=False)

@@ -511,6 +511,9 @@ def generate_prompts(skill: Skill, generator: Callable[[Sequence[str], int], lis
     if not 0.0 <= threshold <= 1.0:
         raise PromptGenerationError(f"threshold={threshold} must be in [0, 1] (a ROUGE-L F-measure)")
     output = Path(output)
+    if output.suffix != ".jsonl":  # train/selma_data.py reads JSON lines only from a .jsonl file
+        raise PromptGenerationError(f"--output {str(output)!r} must end in .jsonl, the prompt file "
+                                    f"train/selma_data.py reads")
     output.parent.mkdir(parents=True, exist_ok=True)
     describe = getattr(generator, "describe", None)
     settings = {"skill": dataclasses.asdict(skill), "generator": describe() if describe else type(generator).__qualname__,

@@ -10,9 +10,15 @@ recorded in its config. Facts from the official code (GitHub ``jialuli-luka/SELM
 * rank 128 with ``lora_alpha = rank`` (so the LoRA scaling is 1) and Gaussian init of ``A`` (``fine-tune/
   ft_sd_lora.sh`` and ``ft_sd_lora_sdxl.sh`` pass ``--rank 128``); visadapt keeps its Kaiming-uniform ``A`` and
   zero ``B``, which starts from the same point (a zero delta);
-* optimisation: AdamW, constant learning rate 3e-4 for SD v1.4/v2 (1e-4 for SDXL) with no warm-up, batch 16 x 4
-  gradient-accumulation steps (4 x 8 for SDXL), 5000 steps, resolution 512 (1024 for SDXL), random horizontal
-  flip, fp16 mixed precision, seed 42; :data:`RECIPE` holds these for ``train/selma.py``;
+* optimisation, read from the shell scripts at the repository's newest commit (``dc691fa``) and the defaults of
+  the diffusers training scripts they call: AdamW (betas 0.9/0.999, eps 1e-8, weight decay 1e-2), gradient
+  norm clipped at 1.0, learning rate 3e-4 held constant with no warm-up, random horizontal flip, fp16 mixed
+  precision, seed 42. SD v1.4 (``fine-tune/ft_sd_lora.sh``): batch 16 per device x 4 accumulation steps, 5,000
+  optimiser steps, resolution 512. SDXL (``fine-tune/ft_sd_lora_sdxl.sh``): batch 4 x 8, 10,000 steps,
+  resolution 1024 (the commit before the newest one had lr 1e-4 and 5,000 steps). The paper trains on one L40
+  GPU, where the per-device batch is the global batch. :data:`RECIPE` (SD) and :data:`RECIPE_SDXL` hold these;
+  ``train/selma.py --recipe selma`` runs :data:`RECIPE` (its trainer builds no SDXL conditioning, so
+  :data:`RECIPE_SDXL` is for an SDXL trainer of your own);
 * merging (``inference/img_gen_merge.py``): every expert is loaded with ``pipe.load_lora_weights`` and combined
   with ``pipe.set_adapters(names, adapter_weights=[w] * n)``, i.e. the merged model adds ``sum_i w_i * delta_i``
   where ``delta_i = scaling_i * B_i @ A_i`` is expert ``i``'s weight delta. The weight intended is the uniform
@@ -66,10 +72,17 @@ from visadapt.registry import register_plugin
 MERGE_METHODS = ("average", "ties", "dare")
 MERGE_METADATA = "selma.merge"
 
-#: the official recipe (``fine-tune/ft_sd_lora.sh``, SD v1.4); SDXL uses lr 1e-4, batch 4 x 8, resolution 1024
+#: the official SD v1.4 recipe (``fine-tune/ft_sd_lora.sh`` and the defaults of
+#: ``fine-tune/train_text_to_image_lora.py`` at the newest commit); ``batch_size`` is per device (the paper: one GPU)
 RECIPE = {"rank": 128, "alpha": 128.0, "targets": ("to_q", "to_k", "to_v", "to_out"), "lr": 3e-4,
           "lr_schedule": "constant", "warmup_steps": 0, "batch_size": 16, "grad_accum_steps": 4,
-          "max_steps": 5000, "resolution": 512, "random_flip": True, "seed": 42}
+          "max_steps": 5000, "checkpoint_every_steps": 500, "resolution": 512, "random_flip": True, "seed": 42,
+          "weight_decay": 1e-2, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "max_grad_norm": 1.0,
+          "mixed_precision": "fp16"}
+#: the official SDXL recipe (``fine-tune/ft_sd_lora_sdxl.sh`` at the newest commit, which raised lr from 1e-4 and
+#: steps from 5,000; optimiser defaults of ``fine-tune/train_text_to_image_lora_sdxl.py``)
+RECIPE_SDXL = {**RECIPE, "batch_size": 4, "grad_accum_steps": 8, "max_steps": 10000, "checkpoint_every_steps": 2000,
+               "resolution": 1024}
 
 
 @dataclass

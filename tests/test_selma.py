@@ -276,3 +276,69 @@ def test_experts_in_the_diffusers_peft_layout_merge_like_visadapt_files(unet, tm
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
         visadapt.detach(unet)
+
+
+def test_recipes_are_the_official_values():
+    from visadapt.plugins.selma import RECIPE, RECIPE_SDXL
+
+    # Restated from GitHub jialuli-luka/SELMA at its newest commit (dc691fa): fine-tune/ft_sd_lora.sh and
+    # fine-tune/ft_sd_lora_sdxl.sh (--learning_rate, --lr_scheduler, --lr_warmup_steps, --train_batch_size,
+    # --gradient_accumulation_steps, --max_train_steps, --checkpointing_steps, --resolution, --rank, --seed,
+    # --mixed_precision, --random_flip), and the argparse defaults of fine-tune/train_text_to_image_lora.py and
+    # train_text_to_image_lora_sdxl.py (--adam_beta1/2, --adam_epsilon, --adam_weight_decay, --max_grad_norm).
+    shared = {"rank": 128, "alpha": 128.0, "lr": 3e-4, "lr_schedule": "constant", "warmup_steps": 0, "seed": 42,
+              "random_flip": True, "mixed_precision": "fp16", "weight_decay": 1e-2, "adam_betas": (0.9, 0.999),
+              "adam_eps": 1e-8, "max_grad_norm": 1.0}
+    sd = {"batch_size": 16, "grad_accum_steps": 4, "max_steps": 5000, "checkpoint_every_steps": 500,
+          "resolution": 512}
+    sdxl = {"batch_size": 4, "grad_accum_steps": 8, "max_steps": 10000, "checkpoint_every_steps": 2000,
+            "resolution": 1024}  # the commit before dc691fa had lr 1e-4 and 5,000 steps
+    assert {k: RECIPE[k] for k in {**shared, **sd}} == {**shared, **sd}
+    assert {k: RECIPE_SDXL[k] for k in {**shared, **sdxl}} == {**shared, **sdxl}
+
+
+def test_train_script_runs_the_official_recipe(tmp_path):
+    from train_scripts import load_train_script
+
+    script = load_train_script("selma")
+    args = script.parse_args(["--pipeline", str(tmp_path), "--skill", f"a={tmp_path}"])
+    assert args.recipe == "selma"
+    assert (args.lr, args.lr_schedule, args.max_steps, args.batch_size, args.grad_accum_steps) == (
+        3e-4, "constant", 5000, 16, 4)
+    assert (args.weight_decay, args.max_grad_norm, args.rank, args.alpha, args.seed) == (1e-2, 1.0, 128, 128.0, 42)
+    assert args.epochs is None  # the step count decides, as official
+    # diffusers' train_text_to_image_lora.py: num_update_steps_per_epoch = ceil(len(loader) / accumulation),
+    # num_train_epochs = ceil(max_train_steps / num_update_steps_per_epoch); 1,000 images at 16 x 4 -> 313 epochs
+    assert script.epochs_for_steps(5000, 1000, 16, 4) == 313
+    assert script.epochs_for_steps(4, 10, 2, 2) == 2
+
+
+def test_constant_schedule_and_max_steps_stop_mid_epoch_as_official(tmp_path):
+    """diffusers' ``constant`` schedule keeps lr fixed; ``global_step >= max_train_steps`` ends training mid-epoch,
+    counting optimiser (gradient-accumulation) steps."""
+    from visadapt.engine import TrainConfig, fit, make_accelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    data = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.randint(0, 2, (10,)))
+    evaluations = []
+
+    def evaluator(model, accelerator):
+        evaluations.append(1)
+        return {"accuracy": 0.0}
+
+    # 10 items, batch 2 -> 5 batches, accumulation 2 -> 3 optimiser steps per epoch; 4 steps end in epoch 2
+    config = TrainConfig(epochs=2, lr=0.1, weight_decay=0.0, batch_size=2, grad_accum_steps=2, warmup_epochs=0,
+                         lr_schedule="constant", max_steps=4, progress=False)
+    result = fit(model, data, None, config, accelerator=make_accelerator(None, grad_accum_steps=2, log_with=None),
+                 output_dir=tmp_path, evaluator=evaluator)
+    assert [entry["lr"] for entry in result.history] == [0.1, 0.1]
+    assert len(evaluations) == 2
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000004"]
+    # resuming a finished run trains no further
+    before = [p.detach().clone() for p in model.parameters()]
+    fit(model, data, None, config, accelerator=make_accelerator(None, grad_accum_steps=2, log_with=None),
+        output_dir=tmp_path, resume=True, evaluator=evaluator)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")

@@ -6,8 +6,9 @@
 
 Each ``--skill NAME=FOLDER`` is an image-prompt folder (``FOLDER/metadata.jsonl`` with ``{"file_name", "text"}``
 per line, sub-folders such as ``shard_00000/`` included; see :mod:`visadapt.diffusion` and ``train/selma_data.py``,
-which writes such folders from a prompt list). One ``selma`` expert is trained per skill on the frozen pipeline
-(UNet, VAE and text encoder never change; each expert starts from the same base and seed), then ``--merge``
+which writes such folders from a prompt list; ``train/selma_prompts.py`` writes that list with an LLM). One
+``selma`` expert is trained per skill on the frozen pipeline (UNet, VAE and text encoder never change; each
+expert starts from the same base and seed), then ``--merge``
 writes one multi-skill ``lora`` adapter (:func:`visadapt.plugins.selma.merge_expert_files`).
 
 Outputs in ``--output-dir``: ``experts/<skill>.safetensors`` (visadapt ``selma`` adapters; per-skill checkpoints
@@ -16,11 +17,16 @@ denoising loss at fixed noise on up to ``--eval-items`` of its images, before an
 report). Load the result with ``pipe.load_visadapt(path)`` or ``visadapt.load_adapter(pipe.unet, path)``; for
 the unmerged alternative load every expert with its own ``adapter_name`` and set their weights.
 
-Recipes: ``selma`` is the official SD v1.4 one (``fine-tune/ft_sd_lora.sh``: rank 128 = alpha, lr 3e-4, global
-batch 16 x 4 accumulation, resolution 512, random flip, 5000 steps, seed 42). Deviations: visadapt's engine runs
-a cosine schedule (here with no warm-up) instead of the constant one, and counts epochs, not steps
-(``--epochs``). The official checkpoint choice (best DSG score every 1000 steps) needs a VQA model and is out of
-scope: the last epoch is kept. ``embedded`` is sized for 2 CPU cores: the tiny pipeline of
+Recipes: ``selma`` is the official SD v1.4 one (``fine-tune/ft_sd_lora.sh`` at the newest commit, see
+:data:`visadapt.plugins.selma.RECIPE`: rank 128 = alpha, AdamW with weight decay 1e-2 and gradient clipping at
+1.0, lr 3e-4 constant with no warm-up, batch 16 x 4 accumulation, resolution 512, random flip, 5,000 optimiser
+steps, seed 42). As in the official script, ``--max-steps`` decides the length: the epochs are
+``ceil(max_steps / optimiser steps per epoch)`` and the run stops at step ``max_steps``, mid-epoch if need be
+(``--epochs`` given as well stops at whichever comes first). The official checkpoint choice (best DSG score
+every 1000 steps) needs a VQA model and is out of scope: the last step is kept. The official LoRA draws ``A``
+from a Gaussian; visadapt's Kaiming-uniform ``A`` starts from the same zero delta. SDXL
+(:data:`~visadapt.plugins.selma.RECIPE_SDXL`) is not trainable here (the trainer builds no SDXL conditioning).
+``embedded`` is sized for 2 CPU cores: the tiny pipeline of
 :func:`visadapt.backbones.create_tiny_sd_pipeline` on two procedural skills, 32x32 images: ``counting`` ("three
 circles", 1-4 objects) and ``color`` ("a red square", one shape of a named colour).
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -51,6 +58,7 @@ from visadapt.diffusion import (
     load_pipeline,
 )
 from visadapt.engine import (
+    LR_SCHEDULES,
     TrainConfig,
     add_run_flags,
     finish_run_args,
@@ -67,10 +75,13 @@ from visadapt.plugins.selma import MERGE_METHODS, RECIPE, merge_expert_files
 
 RECIPES = {
     "selma": {"rank": RECIPE["rank"], "alpha": RECIPE["alpha"], "lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"],
-              "grad_accum_steps": RECIPE["grad_accum_steps"], "resolution": RECIPE["resolution"], "epochs": 10,
-              "random_flip": True, "seed": RECIPE["seed"]},
+              "grad_accum_steps": RECIPE["grad_accum_steps"], "resolution": RECIPE["resolution"], "epochs": None,
+              "max_steps": RECIPE["max_steps"], "lr_schedule": RECIPE["lr_schedule"],
+              "weight_decay": RECIPE["weight_decay"], "max_grad_norm": RECIPE["max_grad_norm"],
+              "random_flip": RECIPE["random_flip"], "seed": RECIPE["seed"]},
     "embedded": {"rank": 4, "alpha": 4.0, "lr": 1e-3, "batch_size": 4, "grad_accum_steps": 1, "resolution": 32,
-                 "epochs": 3, "random_flip": False, "seed": 0},
+                 "epochs": 3, "max_steps": 0, "lr_schedule": "cosine", "weight_decay": 0.0, "max_grad_norm": None,
+                 "random_flip": False, "seed": 0},
 }
 SKILL_DATA_VERSION = 1
 SKILL_MANIFEST = "selma_skills.json"
@@ -146,8 +157,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="default: embedded for the embedded pipeline, selma otherwise")
     for flag, kind in (("rank", int), ("alpha", float), ("lr", float), ("batch-size", int),
-                       ("grad-accum-steps", int), ("resolution", int), ("epochs", int), ("seed", int)):
+                       ("grad-accum-steps", int), ("resolution", int), ("epochs", int), ("seed", int),
+                       ("max-steps", int), ("weight-decay", float), ("max-grad-norm", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="learning rate after the (zero) warm-up; default: the recipe's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one selma config field (value parsed as YAML), e.g. targets=[to_q,to_v]")
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="merge the experts into one adapter")
@@ -164,6 +178,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.recipe = args.recipe or ("embedded" if args.pipeline == EMBEDDED_SD else "selma")
     finish_run_args(p, args, RECIPES[args.recipe])
+    if args.max_steps < 0 or (args.epochs is not None and args.epochs <= 0):
+        p.error("--max-steps must be >= 0 (0: --epochs decides) and --epochs positive")
+    if not args.max_steps and args.epochs is None:
+        p.error(f"recipe {args.recipe} counts optimiser steps: give --max-steps N (or --epochs N)")
     skills = {}
     for item in args.skill:
         name, sep, folder = item.partition("=")
@@ -178,6 +196,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def epochs_for_steps(max_steps: int, images: int, batch_size: int, grad_accum_steps: int) -> int:
+    """Epochs that hold ``max_steps`` optimiser steps, as the official (diffusers) script counts them:
+    ``ceil(max_steps / ceil(ceil(images / batch_size) / grad_accum_steps))``."""
+    steps_per_epoch = math.ceil(math.ceil(images / batch_size) / grad_accum_steps)
+    return math.ceil(max_steps / steps_per_epoch)
+
+
 def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, run: dict) -> dict:
     """Attach a fresh ``selma`` expert for ``skill``, fit it on ``folder``, save it, detach it; return its metrics."""
     seed_everything(args.seed)
@@ -189,8 +214,11 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
         evaluator = denoising_evaluator(held, batch_size=args.batch_size, seed=args.seed)
         model = TextToImageTrainer.from_pipeline(pipe)
         before = evaluator(model, accelerator)["denoising_loss"]
-        train_config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=0.0, batch_size=args.batch_size,
-                                   grad_accum_steps=args.grad_accum_steps, warmup_epochs=0, seed=args.seed,
+        epochs = args.epochs or epochs_for_steps(args.max_steps, len(data), args.batch_size, args.grad_accum_steps)
+        train_config = TrainConfig(epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                   batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
+                                   warmup_epochs=0, lr_schedule=args.lr_schedule, max_steps=args.max_steps,
+                                   max_grad_norm=args.max_grad_norm, seed=args.seed,
                                    progress=not args.no_progress, **run_options(args))
         result = fit(model, data, None, train_config, accelerator=accelerator, output_dir=out / "runs" / skill,
                      resume=args.resume, loss_fn=denoising_loss, evaluator=evaluator, metric="neg_denoising_loss",
@@ -240,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.pipeline)
     accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum_steps, precision=args.precision)
     run = {"benchmark": "selma", "pipeline": args.pipeline, "recipe": args.recipe, "seed": args.seed,
-           "resolution": args.resolution, "epochs": args.epochs, "lr": args.lr}
+           "resolution": args.resolution, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
+           "lr_schedule": args.lr_schedule}
     accelerator.init_trackers("selma", config={k: v for k, v in run.items()})
     experts = {skill: train_expert(args, pipe, skill, folder, out, accelerator, run)
                for skill, folder in args.skills.items()}

@@ -4,9 +4,9 @@
         --pipeline CompVis/stable-diffusion-v1-4 --output-dir data/selma --steps 50 --resolution 512
     python train/selma_data.py --prompts counting=prompts/counting.txt   # the embedded tiny pipeline, no download
 
-Writing the prompts (SELMA's LLM stage, with its diversity filtering) is out of scope: each skill's prompts come
-from a file, one prompt per line (``.txt``; blank lines skipped) or one JSON object per line with a ``"prompt"``
-or ``"text"`` field (``.jsonl``).
+Each skill's prompts come from a file, one prompt per line (``.txt``; blank lines skipped) or one JSON object per
+line with a ``"prompt"`` or ``"text"`` field (``.jsonl``): the output of ``train/selma_prompts.py`` (SELMA's LLM
+stage with its ROUGE-L diversity filter) is such a ``.jsonl`` file.
 
 Output, the layout :class:`visadapt.diffusion.ImagePromptFolder` and ``train/selma.py --skill NAME=FOLDER`` read::
 

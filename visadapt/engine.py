@@ -4,7 +4,8 @@ One :class:`accelerate.Accelerator` does the devices (one CPU, one GPU, several 
 and mixed precision: ``TrainConfig.precision`` / ``--precision`` (``auto``: the launch's ``--mixed_precision``
 when it set one, else bf16 on a CUDA device that has it, else fp32); trainable parameters and the optimiser
 state stay fp32 and the forward runs under autocast. :func:`fit` trains the trainable parameters of an
-adapted model with AdamW and a cosine schedule with linear warm-up, evaluates with ``gather_for_metrics``
+adapted model with AdamW and a cosine schedule with linear warm-up (``lr_schedule="constant"``: flat after it;
+``max_steps`` stops after that many optimiser steps), evaluates with ``gather_for_metrics``
 (exact under any number of processes: padded duplicates are dropped and the count is checked), and
 checkpoints so that a killed run resumed with ``resume=True`` ends with the same numbers as one that was
 never interrupted.
@@ -100,6 +101,8 @@ class TrainConfig:
     compile_backend: str | Callable = "inductor"  # torch.compile backend; tests pass "aot_eager" or a counter
     attention: str = "sdpa"             # timm attention path: sdpa | eager (reference code) | xformers
     allow_rng_reset: bool = False       # resume a checkpoint lacking its RNG state (other random draws; warned)
+    lr_schedule: str = "cosine"         # after the linear warm-up: cosine (to 0 at the end) | constant
+    max_steps: int = 0                  # stop after this many optimiser steps, mid-epoch too (0: all epochs)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every"):
@@ -113,6 +116,10 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+            raise ValueError(f"max_steps={self.max_steps!r} must be an integer >= 0 (0: run every epoch)")
 
 
 class EpochPermutation(Sampler[int]):
@@ -142,6 +149,17 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def constant_with_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """LR factor at optimiser step ``s``: linear from ~0 to 1 over ``warmup_steps``, then 1 (diffusers'
+    ``constant_with_warmup``; ``constant`` when ``warmup_steps`` is 0)."""
+    def factor(step: int) -> float:
+        return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    return factor
+
+
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def _initialized_precision() -> str | None:
@@ -687,12 +705,16 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
     total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     # The fused CUDA kernel updates every tensor in one launch; on CPU the default (foreach) path is kept, so
     # CPU runs stay bit-identical to earlier releases and across process counts.
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=accelerator.device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps))
+    schedule = (cosine_with_warmup(warmup_steps, total_steps) if config.lr_schedule == "cosine"
+                else constant_with_warmup(warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if eval_loader is None:
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         run_evaluation = evaluator
@@ -836,6 +858,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         tqdm = None
     model.train()
     for epoch in range(progress["epoch"], config.epochs):
+        if config.max_steps and progress["step"] >= config.max_steps:
+            break
         loader = train_loader
         if progress["batch"]:
             loader = accelerator.skip_first_batches(train_loader, progress["batch"])
@@ -879,6 +903,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                 progress["step"] += 1
                 for record in records.values():
                     record.plugin.on_step(bare, progress["step"])
+                if config.max_steps and progress["step"] >= config.max_steps:
+                    break  # as diffusers' --max_train_steps: the last epoch ends here, evaluated and checkpointed
                 if (config.checkpoint_every_steps and progress["step"] % config.checkpoint_every_steps == 0
                         and progress["batch"] < batches_per_epoch):
                     # every process's own sum (a collective: all ranks checkpoint at the same step)
@@ -890,7 +916,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             bar.close()
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
         entry: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        last_epoch = epoch + 1 == config.epochs or bool(config.max_steps and progress["step"] >= config.max_steps)
+        if (epoch + 1) % config.eval_every == 0 or last_epoch:
             metrics = run_evaluation(model, accelerator)
             model.train()
             if metric not in metrics:

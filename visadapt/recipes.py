@@ -151,7 +151,11 @@ def available_recipes(script: str | None = None) -> list[str]:
 
 
 def _shipped_benchmark(name: str) -> str:
-    data = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
+    """The ``benchmark`` of a shipped recipe, ``""`` when the file does not say (:func:`load_recipe` tells why)."""
+    try:
+        data = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
+    except yaml.YAMLError:
+        return ""
     return str(data.get("benchmark", "")) if isinstance(data, dict) else ""
 
 

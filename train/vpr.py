@@ -496,7 +496,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
                 "R@1_global": result["global"]["1"], "R@5_global": result["global"]["5"],
                 "samples": result["queries"]}
 
-    result = fit(model, triplets, None, config, accelerator=accelerator, output_dir=out, resume=args.resume,
+    result = fit(model, train_set, None, config, accelerator=accelerator, output_dir=out, resume=args.resume,
                  loss_fn=SelaVPRLoss(margin=args.margin, local_weight=args.local_weight,
                                      local_margin=args.local_margin), evaluator=evaluator,
                  metric="R@5", before_epoch=miner, log_prefix="[vpr] ")

@@ -366,3 +366,28 @@ def test_the_ranking_recipe_runs_on_the_embedded_data_and_a_run_can_start_from_i
     before, after = load_file(start), load_file(second / "adapter.safetensors")
     assert before.keys() == after.keys() and max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6
     assert json.loads((second / "metrics.json").read_text())["init_adapter"] == str(start)
+
+
+def test_vtab_starts_a_task_from_an_adapter_file_and_refuses_one_for_another_head(vtab, tiny_data, tmp_path,
+                                                                                  capsys):
+    """train/vtab.py --init-adapter: at a negligible rate the trained adapter (head included) is the file's; a
+    file whose head has another class count (digits: 10 classes, cells: another count) is refused before
+    training, naming the file."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    assert vtab.main(_args(tiny_data, first, "--adapter", "lora", "--task", "digits", "--epochs", "1",
+                           "--lr", "0.05")) == 0
+    start = first / "digits" / "adapter.safetensors"
+    second = tmp_path / "second"
+    assert vtab.main(_args(tiny_data, second, "--adapter", "lora", "--task", "digits", "--epochs", "1",
+                           "--lr", "1e-12", "--init-adapter", str(start))) == 0
+    before, after = load_file(start), load_file(second / "digits" / "adapter.safetensors")
+    assert before.keys() == after.keys() and max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6
+    assert any(".B." in k and before[k].abs().max() > 1e-3 for k in before)  # LoRA B starts at 0: not vacuous
+    assert _metrics(second, "digits")["init_adapter"] == str(start)
+    third = _args(tiny_data, tmp_path / "third", "--adapter", "lora", "--task", "cells", "--epochs", "1",
+                  "--init-adapter", str(start))
+    assert vtab.run_script(lambda: vtab.main(third)) == 2  # the script's entry point: one error line, exit 2
+    err = capsys.readouterr().err
+    assert f"error: --init-adapter {start}" in err and "the file's head 'head' has 10 classes, this model's 2" in err

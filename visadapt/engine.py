@@ -598,6 +598,11 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     its ``batch_size`` attribute must divide over the processes, its length must not change between epochs, and
     its ``set_epoch(epoch)`` is called before every epoch so that its order can depend on the epoch alone.
 
+    ``config.lr_schedule`` picks what follows the linear warm-up (cosine to 0, or constant), and
+    ``config.patience`` stops training once that many evaluations in a row have not beaten the best ``metric``
+    (SelaVPR's official early stopping on R@5); ``FitResult.stopped_early`` says it did, and a resumed run that
+    had stopped does not train further.
+
     The validation-selected protocol: ``eval_dataset`` is the validation split, ``test_dataset`` the test split
     (its top-1 accuracy is recorded as ``test_accuracy`` at every evaluation and never used to choose
     anything), and ``keep_best=True`` keeps the trainable state of the evaluation with the best ``metric`` (the

@@ -360,7 +360,9 @@ class RoundMiner:
     queries, then, as the official partial mining does, draws ONE pool of ``--mining-pool`` random database images
     for the whole round, extracts global descriptors of the round's queries, their candidate positives and that
     pool only, and gives each query its closest positive and its hardest negatives among the pool images farther
-    than the negative radius (``--mining semihard``: :func:`select_negatives`; ``random``: random ones of those).
+    than the negative radius (``--mining semihard``: :func:`select_negatives`). ``--mining random`` extracts
+    nothing: the geographically nearest positive and random pool images beyond the radius (the official random
+    mining still picks the positive in descriptor space).
 
     The choice of round ``r`` is written to ``<output-dir>/mined_epoch_<r>.pt`` so a resumed round trains on the
     tuples it had chosen. ``mined_at`` lists, per mining, how many training queries had been seen before it

@@ -6,8 +6,8 @@ A recipe names its source (paper and repository files), the benchmark (which say
 and its config, the training settings (each the name of a flag of that script with ``_`` for ``-``, typed per
 script: :data:`SCHEMAS`), ``per_task`` overrides where the source gives them (VTAB/FGVC only: the 1-bit adapters'
 per-task scale), what the source does not publish (``not_published``: what the recipe uses instead), where
-visadapt cannot follow it (``deviations``), official values that no flag sets because the script applies them
-itself (``fixed_by_code``), and for a second-stage recipe the run it starts from (``starts_from``: the script then
+visadapt cannot follow it (``deviations``), official values that no flag of the script sets, each said in words
+with its source (``fixed_by_code``), and for a second-stage recipe the run it starts from (``starts_from``: the script then
 requires ``--init-adapter``). :func:`load_recipe` refuses anything else, naming the file, the key and the known
 keys. ``train/vtab.py --recipe NAME`` (likewise ``train/vpr.py``, ``train/rank.py``) runs one.
 """
@@ -109,8 +109,8 @@ class Recipe(NamedTuple):
     ``settings`` maps flag names (``lr``, ``weight_decay`` ...) to values; ``per_task`` maps canonical task names
     of ``benchmark`` to their overrides (settings, and ``adapter_config`` fields under that key).
     ``not_published`` says, per value the source does not give, what the recipe uses instead; ``deviations``
-    lists where visadapt cannot follow the published setting; ``fixed_by_code`` names official values the script
-    applies without a flag; ``starts_from`` (second stages) says which run's adapter ``--init-adapter`` names.
+    lists where visadapt cannot follow the published setting; ``fixed_by_code`` names official values no flag of
+    the script sets; ``starts_from`` (second stages) says which run's adapter ``--init-adapter`` names.
     """
 
     name: str

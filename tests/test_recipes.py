@@ -1,6 +1,8 @@
-"""Paper recipes (assets/recipes/*.yaml) and train/vtab.py --recipe: every shipped file validates, one runs for
-an epoch on the embedded mini-VTAB, flags beat the recipe, per-task entries land in their task's metrics.json,
-and a bad recipe fails with a message naming the file, the key and the known keys."""
+"""Paper recipes (assets/recipes/*.yaml) and --recipe of train/vtab.py, train/vpr.py and train/rank.py: every
+shipped file validates for its script, the SelaVPR and ranking-CLIP files hold the official values, one runs for an
+epoch on the embedded mini-VTAB, flags beat the recipe, per-task entries land in their task's metrics.json, and a
+bad recipe fails with a message naming the file, the key and the known keys. (The smoke runs of selavpr-msls and
+selavpr-pitts30k are in test_vpr_train.py: official_protocol_run and the second-stage test.)"""
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +19,7 @@ import visadapt
 from visadapt.data.procedural import generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks
 from visadapt.data.verify import verify_benchmark
+from visadapt.recipes import SCHEMAS, load_recipe, script_of
 
 torch.set_num_threads(1)
 
@@ -44,14 +47,35 @@ def _metrics(out: Path, task: str) -> dict:
     return json.loads((out / task / "metrics.json").read_text())
 
 
+def _script(name: str) -> str:
+    return script_of(yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())["benchmark"])
+
+
+VTAB_SHIPPED = [name for name in SHIPPED if _script(name) == "vtab"]
+
+
 def test_the_required_recipes_are_shipped(vtab):
     assert vtab.available_recipes() == SHIPPED
     for name in ("bi-adaptformer-dim32-vtab", "bi-lora-dim32-vtab", "mosa-vtab", "mosa-fgvc",
-                 "adaptformer-vpetl-vtab", "lora-vpetl-vtab"):
+                 "adaptformer-vpetl-vtab", "lora-vpetl-vtab", "selavpr-msls", "selavpr-pitts30k", "ranking-clip"):
         assert name in SHIPPED
+    assert {name: _script(name) for name in ("selavpr-msls", "selavpr-pitts30k", "ranking-clip")} == {
+        "selavpr-msls": "vpr", "selavpr-pitts30k": "vpr", "ranking-clip": "rank"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_loads_for_its_script_and_only_there(name):
+    script = _script(name)
+    recipe = load_recipe(name, script)
+    assert recipe.name == name and recipe.source["paper"] and recipe.source["code"]
+    assert set(recipe.settings) <= set(SCHEMAS[script].settings)
+    visadapt.get_plugin(recipe.adapter)().Config.from_dict(recipe.adapter_config)
+    for other in set(SCHEMAS) - {script}:
+        with pytest.raises(ValueError, match=f"is run by {SCHEMAS[script].script}, not {SCHEMAS[other].script}"):
+            load_recipe(name, other)
+
+
+@pytest.mark.parametrize("name", VTAB_SHIPPED)
 def test_every_shipped_recipe_parses_and_validates(vtab, name):
     recipe = vtab.load_recipe(name)
     assert recipe.name == name and recipe.path.name == f"{name}.yaml"
@@ -217,3 +241,153 @@ def test_a_plugin_seed_follows_the_run_seed_unless_set(vtab):
     assert vtab.seeded_config(fixed, "digits", 3).seed == 5
     plain = vtab.plan_run(vtab.parse_args(["--adapter", "lora", "--task", "digits"]))
     assert vtab.seeded_config(plain, "digits", 3) is plain.adapter_configs["digits"]
+
+
+# ------------------------------------------------------------------ train/vpr.py and train/rank.py recipes
+
+def test_the_selavpr_recipes_hold_the_official_values():
+    """Lu-Feng/SelaVPR parser.py defaults and README commands: Adam lr 1e-5 with no scheduler, 4 tuples of
+    1 + 1 + 2 images, hardest 2 of 1,000 sampled negatives ('partial'), cache refreshed every 1,000 queries,
+    50 epochs, patience 3, margin 0.1, 224 x 224, positives within 10 m, soft positives within 25 m, re-rank 100;
+    30,000 queries per epoch on MSLS, 5,000 on Pitts30k (from the MSLS model)."""
+    official = {"lr": 1e-5, "lr_schedule": "constant", "warmup_epochs": 0.0, "weight_decay": 0.0, "batch_size": 4,
+                "negatives": 2, "mining": "partial", "mining_pool": 1000, "mining_refresh_every": 1000,
+                "epochs": 50, "patience": 3, "margin": 0.1, "input_size": 224, "train_positive_radius": 10.0,
+                "negative_radius": 25.0, "eval_radius": 25.0, "rerank_k": 100, "local_weight": 1.0,
+                "local_margin": 0.0, "normalize": "imagenet", "model": "vit_large_patch14_dinov2.lvd142m", "seed": 0}
+    msls, pitts = load_recipe("selavpr-msls", "vpr"), load_recipe("selavpr-pitts30k", "vpr")
+    for recipe, queries in ((msls, 30000), (pitts, 5000)):
+        assert {k: recipe.settings[k] for k in official} == official
+        assert recipe.settings["queries_per_epoch"] == queries and recipe.adapter == "selavpr"
+        assert recipe.adapter_config == {"ratio": 0.5, "parallel_scale": 0.2, "local_hidden": 256, "local_dim": 128}
+    assert not msls.starts_from and "selavpr-msls" in pitts.starts_from
+
+
+def test_the_ranking_recipe_holds_the_official_values():
+    """uynaes/RankingAwareCLIP README command and params.py / loss.py / model-config.json."""
+    recipe = load_recipe("ranking-clip", "rank")
+    assert recipe.settings == {
+        "model": "convnext_large_d_320", "pretrained": "laion2b_s29b_b131k_ft_soup", "epochs": 32, "lr": 5e-5,
+        "lr_schedule": "cosine", "warmup_epochs": 1.0, "weight_decay": 0.01, "list_size": 64, "negative_ratio": 0.2,
+        "pair_partners": None, "rank_weight": 1.0, "regression_weight": 0.2, "zero_weight": 0.0, "seed": 0}
+    assert recipe.adapter_config == {"num_layers": 2, "num_heads": 8, "mlp_ratio": 4.0, "prompt_tokens": 32,
+                                     "prompt_form": "scalar", "post_layers": 2, "dropout": 0.1,
+                                     "relational_tokens": 16}
+    betas = recipe.fixed_by_code["adamw betas and eps"]
+    assert "(0.9, 0.98) and eps 1e-6 for ViT towers" in betas and "(0.9, 0.999) and eps 1e-8" in betas
+    assert "'bn', 'ln', 'bias' or 'logit_scale'" in recipe.fixed_by_code["weight decay groups"]
+    assert {"lr", "epochs", "warmup", "list_size"} <= set(recipe.not_published)
+
+
+def _script_recipe(path: Path, script: str, **changes) -> Path:
+    base = {"vpr": "selavpr-msls", "rank": "ranking-clip"}[script]
+    data = yaml.safe_load((RECIPE_DIR / f"{base}.yaml").read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("script, key", [(script, key) for script in ("vpr", "rank")
+                                         for key in SCHEMAS[script].settings])
+def test_every_setting_of_the_vpr_and_rank_recipes_is_type_checked(tmp_path, script, key):
+    recipe = _script_recipe(tmp_path / "bad.yaml", script, **{key: True})  # a boolean is no setting's type
+    with pytest.raises(ValueError, match=rf"recipe {recipe}: {key} is True \(bool\); expected a"):
+        load_recipe(str(recipe), script)
+
+
+@pytest.mark.parametrize("script, change, message", [
+    ("vpr", {"mining": "hardest"}, "mining is 'hardest'; choose one of partial, semihard, random"),
+    ("vpr", {"lr_schedule": "step"}, "lr_schedule is 'step'; choose one of cosine, constant"),
+    ("vpr", {"queries_per_epoch": 0}, "queries_per_epoch is 0; expected a positive integer"),
+    ("vpr", {"list_size": 8}, "unknown key 'list_size'"),
+    ("vpr", {"per_task": {"a": {"lr": 1.0}}}, "unknown key 'per_task'"),
+    ("vpr", {"queries_per_epok": 5}, "unknown key 'queries_per_epok' (did you mean 'queries_per_epoch'?)"),
+    ("vpr", {"fixed_by_code": {"lr": "1e-5"}}, "fixed_by_code.lr is a setting of train/vpr.py"),
+    ("vpr", {"fixed_by_code": {"betas": [0.9, 0.98]}}, "fixed_by_code.betas must say in words"),
+    ("vpr", {"starts_from": 3}, "starts_from must be a str"),
+    ("vpr", {"adapter_config": {"ratioo": 0.5}}, "has no field 'ratioo'"),
+    ("vpr", {"benchmark": "msls"}, "benchmark 'msls' is not one of vpr"),
+    ("rank", {"benchmark": "vpr"}, "is run by train/vpr.py, not train/rank.py"),
+    ("rank", {"lr": "5e-5"}, "lr is '5e-5' (str); expected a float"),
+    ("rank", {"deviations": [3]}, "deviations must be a list of texts"),
+])
+def test_a_bad_vpr_or_rank_recipe_names_the_file_and_the_key(tmp_path, script, change, message):
+    recipe = _script_recipe(tmp_path / "bad.yaml", script, **change)
+    with pytest.raises(ValueError) as caught:
+        load_recipe(str(recipe), script)
+    assert str(recipe) in str(caught.value) and message in str(caught.value)
+
+
+def test_the_vpr_script_reports_a_bad_recipe_before_any_work(tmp_path, capsys):
+    recipe = _script_recipe(tmp_path / "bad.yaml", "vpr", mining_pol=10)
+    out = tmp_path / "run"
+    assert load_train_script("vpr").main(["--recipe", str(recipe), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"recipe {recipe}: unknown key 'mining_pol' (did you mean 'mining_pool'" in err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory) -> Path:
+    from visadapt.data.ranking import generate_mini_counting
+
+    return generate_mini_counting(tmp_path_factory.mktemp("counting") / "mini", seed=0,
+                                  sizes={"train": 32, "val": 16, "test": 16})
+
+
+def test_the_ranking_recipe_runs_on_the_embedded_data_and_a_run_can_start_from_its_adapter(counting, tmp_path):
+    """ranking-clip on mini-counting (its tiny CLIP instead of ConvNeXt-L-d, the recipe's optimisation and adapter
+    config), one short epoch; then train/rank.py --init-adapter at a negligible rate keeps that adapter (1e-6)."""
+    from safetensors.torch import load_file
+
+    import visadapt
+    from visadapt.backbones import EMBEDDED_CLIP, create_clip
+
+    rank = load_train_script("rank")
+    common = ["--recipe", "ranking-clip", "--data-root", str(counting), "--no-progress", "--epochs", "1",
+              "--list-size", "8", "--pair-partners", "2"]
+    first = tmp_path / "first"
+    assert rank.main([*common, "--output-dir", str(first)]) == 0
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["recipe"] == "ranking-clip" and metrics["model"] == EMBEDDED_CLIP and metrics["lr"] == 5e-5
+    assert metrics["recipe_sha256"] == hashlib.sha256((RECIPE_DIR / "ranking-clip.yaml").read_bytes()).hexdigest()
+    assert metrics["adapter_config"]["default"]["prompt_form"] == "scalar"
+    # a start that differs from any fresh adapter: the first run's adapter, every tensor redrawn
+    clip, _ = create_clip(EMBEDDED_CLIP, "none")
+    visadapt.load_adapter(clip, first / "adapter.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in clip.named_parameters():
+            if "visadapt_" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    start = tmp_path / "start.safetensors"
+    visadapt.save_adapter(clip, start)
+    second = tmp_path / "second"
+    assert rank.main([*common, "--output-dir", str(second), "--init-adapter", str(start), "--lr", "1e-12"]) == 0
+    before, after = load_file(start), load_file(second / "adapter.safetensors")
+    assert before.keys() == after.keys() and max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6
+    assert json.loads((second / "metrics.json").read_text())["init_adapter"] == str(start)
+
+
+def test_vtab_starts_a_task_from_an_adapter_file_and_refuses_one_for_another_head(vtab, tiny_data, tmp_path,
+                                                                                  capsys):
+    """train/vtab.py --init-adapter: at a negligible rate the trained adapter (head included) is the file's; a
+    file whose head has another class count (digits: 10 classes, cells: another count) is refused before
+    training, naming the file."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    assert vtab.main(_args(tiny_data, first, "--adapter", "lora", "--task", "digits", "--epochs", "1",
+                           "--lr", "0.05")) == 0
+    start = first / "digits" / "adapter.safetensors"
+    second = tmp_path / "second"
+    assert vtab.main(_args(tiny_data, second, "--adapter", "lora", "--task", "digits", "--epochs", "1",
+                           "--lr", "1e-12", "--init-adapter", str(start))) == 0
+    before, after = load_file(start), load_file(second / "digits" / "adapter.safetensors")
+    assert before.keys() == after.keys() and max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6
+    assert any(".B." in k and before[k].abs().max() > 1e-3 for k in before)  # LoRA B starts at 0: not vacuous
+    assert _metrics(second, "digits")["init_adapter"] == str(start)
+    third = _args(tiny_data, tmp_path / "third", "--adapter", "lora", "--task", "cells", "--epochs", "1",
+                  "--init-adapter", str(start))
+    assert vtab.run_script(lambda: vtab.main(third)) == 2  # the script's entry point: one error line, exit 2
+    err = capsys.readouterr().err
+    assert f"error: --init-adapter {start}" in err and "the file's head 'head' has 10 classes, this model's 2" in err

@@ -12,10 +12,10 @@ baseline. Outputs in ``--output-dir``: ``adapter.safetensors``, ``metrics.json``
 accuracy, overall and per category, for the adapter and zero-shot; val history; timings); the table:
 ``visadapt-eval --benchmark rank --adapters <output-dir>``.
 
-Recipes: ``ranking-clip`` follows the official command (AdamW, weight decay 0.01, lr 5e-5: the README's flag
-is garbled, 5e-5 is the spec's reading; loss 1.0 pairwise + 0.2 regression) on open_clip ViT-L-14 LAION-2B;
-the released checkpoints use ConvNeXt-L-d, whose timm tower gives no ViT patch tokens and is refused.
-``mini-counting`` is sized for 2 CPU cores: the tiny random-init CLIP of :func:`visadapt.backbones.create_clip`
+Recipes: ``ranking-clip`` (``assets/recipes/ranking-clip.yaml``, read by :mod:`visadapt.recipes`; ``--recipe``
+also takes another recipe file) follows the official command (AdamW, weight decay 0.01, lr 5e-5: the README's flag
+is garbled, 5e-5 is the spec's reading; loss 1.0 pairwise + 0.2 regression) on the released checkpoints'
+ConvNeXt-L-d (LAION-2B soup); the file names the official values no flag sets. ``mini-counting`` is sized for 2 CPU cores: the tiny random-init CLIP of :func:`visadapt.backbones.create_clip`
 (so zero-shot is chance by construction, like CLIP's 0.001 SRCC on COCO counting in the paper).
 """
 from __future__ import annotations
@@ -39,8 +39,10 @@ from visadapt.data.ranking import COUNTING_MANIFEST, RankingLists, RankingTable,
 from visadapt.engine import (
     TrainConfig,
     add_run_flags,
+    check_init_adapter,
     finish_run_args,
     fit,
+    init_adapter_from_file,
     make_accelerator,
     prepare_output_dir,
     run_options,
@@ -51,24 +53,28 @@ from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_sc
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
 from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer
+from visadapt.recipes import available_recipes, load_recipe
 
+# The embedded recipe; the published one is a recipe file (assets/recipes/ranking-clip.yaml).
 RECIPES = {
-    "ranking-clip": {"model": "ViT-L-14", "pretrained": "laion2b_s32b_b82k", "epochs": 10, "lr": 5e-5,
-                     "weight_decay": 0.01, "list_size": 64, "warmup_epochs": 1.0, "adapter_settings": {}},
     "mini-counting": {"model": EMBEDDED_CLIP, "pretrained": "none", "epochs": 30, "lr": 1e-3,
                       "weight_decay": 0.01, "list_size": 32, "warmup_epochs": 1.0,
                       # a 64-wide CLIP: 4 heads of 16 (official 8 heads on 768)
                       "adapter_settings": {"num_heads": 4}},
 }
 SPLITS = ("train", "val", "test")
+# Values of the settings a recipe file may leave out, when no flag gives them either.
+SETTING_DEFAULTS = {"negative_ratio": 0.2, "rank_weight": 1.0, "regression_weight": 0.2, "zero_weight": 0.0,
+                    "seed": 0, "pair_partners": None, "lr_schedule": "cosine"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train/rank.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                   help="default: mini-counting for the generated data (no --data-root, or a folder written by "
-                        "generate_mini_counting), ranking-clip otherwise")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE",
+                   help=f"a recipe file, or a name: shipped {', '.join(available_recipes('rank'))}, embedded "
+                        f"{', '.join(RECIPES)}. Default: mini-counting for the generated data (no --data-root, or a "
+                        f"folder written by generate_mini_counting), ranking-clip otherwise")
     p.add_argument("--data-root", default=None, help="folder with train.csv, val.csv, test.csv; default: the "
                                                      "generated mini-counting data")
     p.add_argument("--model", default=None, help="open_clip model name (default: the recipe's)")
@@ -79,26 +85,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, kind in (("epochs", int), ("lr", float), ("weight-decay", float), ("list-size", int),
                        ("warmup-epochs", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
-    p.add_argument("--negative-ratio", type=float, default=0.2, help="share of each list drawn from other "
-                                                                     "categories with target 0 (official 0.2)")
+    p.add_argument("--negative-ratio", type=float, default=None, help="share of each list drawn from other "
+                                                                      "categories with target 0 (official 0.2)")
     p.add_argument("--pair-partners", type=int, default=None,
                    help="train the pair branch on K random partners per image (linear in the list size) "
                         "instead of all N^2 ordered pairs (official)")
-    p.add_argument("--rank-weight", type=float, default=1.0, help="weight of the pairwise (RankNet) loss")
-    p.add_argument("--regression-weight", type=float, default=0.2, help="weight of log(1 + SmoothL1)")
-    p.add_argument("--zero-weight", type=float, default=0.0, help="weight of the zero-target BCE (official: off)")
+    p.add_argument("--rank-weight", type=float, default=None, help="weight of the pairwise (RankNet) loss (1)")
+    p.add_argument("--regression-weight", type=float, default=None, help="weight of log(1 + SmoothL1) (0.2)")
+    p.add_argument("--zero-weight", type=float, default=None, help="weight of the zero-target BCE (0; official: "
+                                                                    "off)")
     p.add_argument("--ordinal", action="store_true", help="targets are ordinal classes: also report accuracy "
                                                           "after rounding the scores")
     p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: the recipe's, else 0")
     p.add_argument("--data-seed", type=int, default=0, help="mini-counting only: seed of the generated data")
     p.add_argument("--output-dir", default=None, help="default: runs/rank-<dataset>")
-    add_run_flags(p)
+    add_run_flags(p, init_adapter=True)
     args = p.parse_args(argv)
+    embedded = args.data_root is None or (Path(args.data_root) / COUNTING_MANIFEST).is_file()
     if args.recipe is None:
-        embedded = args.data_root is None or (Path(args.data_root) / COUNTING_MANIFEST).is_file()
         args.recipe = "mini-counting" if embedded else "ranking-clip"
-    finish_run_args(p, args, RECIPES[args.recipe])
+    args.recipe_sha256 = None
+    if args.recipe in RECIPES:
+        values = RECIPES[args.recipe]
+    else:  # a recipe file; ValueError for a bad one (main reports it)
+        recipe = load_recipe(args.recipe, "rank")
+        args.recipe, args.recipe_sha256 = recipe.name, recipe.sha256
+        values = {**recipe.settings, "adapter_settings": recipe.adapter_config}
+        if embedded:  # a smoke run on the generated data: its tiny CLIP, the recipe's optimisation
+            values.update({k: RECIPES["mini-counting"][k] for k in ("model", "pretrained")})
+    finish_run_args(p, args, {**SETTING_DEFAULTS, **values})
     if args.list_size < 2:
         p.error(f"--list-size {args.list_size}: a ranking list needs at least 2 images")
     if args.pair_partners is not None and args.pair_partners < 1:
@@ -141,13 +157,16 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
                                  batch_size=args.eval_batch_size, ordinal=args.ordinal)
     visadapt.attach(clip, "ranking_clip", config_values(args.adapter_config, args.overrides,
                                                         base=args.adapter_settings))
+    if args.init_adapter:
+        init_adapter_from_file(clip, args.init_adapter)
     digest = tower_digest(clip)
     model = RankingModel(clip, pair_partners=args.pair_partners)
     counts = api.summary(clip)
     name = data_root.name
     run = {"benchmark": "rank", "dataset": name, "data_root": str(data_root), "model": args.model,
            "pretrained": args.pretrained, "recipe": args.recipe, "data_seed": args.data_seed, "seed": args.seed,
-           "adapter": "ranking_clip", "ordinal": args.ordinal}
+           "adapter": "ranking_clip", "ordinal": args.ordinal, "recipe_sha256": args.recipe_sha256,
+           "init_adapter": args.init_adapter, "lr_schedule": config.lr_schedule}
     accelerator.init_trackers("rank", config={**run, **{k: v for k, v in vars(config).items() if k != "progress"}})
     accelerator.print(f"[rank] ranking_clip on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(lists)} lists of {args.list_size} per epoch, "
@@ -202,10 +221,12 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        visadapt.get_plugin("ranking_clip")().Config.from_dict(
-            config_values(args.adapter_config, args.overrides, base=args.adapter_settings))
+        args = parse_args(argv)
+        settings = config_values(args.adapter_config, args.overrides, base=args.adapter_settings)
+        visadapt.get_plugin("ranking_clip")().Config.from_dict(settings)
+        if args.init_adapter:  # the header only: the file's plugin and config against this run's
+            check_init_adapter(args.init_adapter, "ranking_clip", settings)
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -58,7 +58,6 @@ from visadapt.diffusion import (
     load_pipeline,
 )
 from visadapt.engine import (
-    LR_SCHEDULES,
     TrainConfig,
     add_run_flags,
     finish_run_args,
@@ -160,8 +159,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("grad-accum-steps", int), ("resolution", int), ("epochs", int), ("seed", int),
                        ("max-steps", int), ("weight-decay", float), ("max-grad-norm", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
-                   help="learning rate after the (zero) warm-up; default: the recipe's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one selma config field (value parsed as YAML), e.g. targets=[to_q,to_v]")
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="merge the experts into one adapter")
@@ -217,7 +214,7 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
         epochs = args.epochs or epochs_for_steps(args.max_steps, len(data), args.batch_size, args.grad_accum_steps)
         train_config = TrainConfig(epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
                                    batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
-                                   warmup_epochs=0, lr_schedule=args.lr_schedule, max_steps=args.max_steps,
+                                   warmup_epochs=0, max_steps=args.max_steps,
                                    max_grad_norm=args.max_grad_norm, seed=args.seed,
                                    progress=not args.no_progress, **run_options(args))
         result = fit(model, data, None, train_config, accelerator=accelerator, output_dir=out / "runs" / skill,

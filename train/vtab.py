@@ -62,6 +62,7 @@ from visadapt.engine import (
     add_run_flags,
     finish_run_args,
     fit,
+    init_adapter_from_file,
     make_accelerator,
     precision_name,
     prepare_output_dir,
@@ -176,7 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="mini-vtab only: seed of the generated images")
     p.add_argument("--output-dir", default=None, help="default: runs/<benchmark>-<recipe or adapter>")
     add_run_flags(p, resume_help="continue from the newest checkpoint of each task; finished tasks are kept",
-                  overwrite_help="discard earlier results in --output-dir")
+                  overwrite_help="discard earlier results in --output-dir", init_adapter=True)
     args = finish_run_args(p, p.parse_args(argv))
     if args.cache is False and args.cache_dir is not None:
         p.error("--cache-dir says where to keep the decoded-image cache; it contradicts --no-cache")
@@ -374,6 +375,8 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
     # A plugin with its own classifier (a quantised head) replaces the model's, which then stays frozen.
     owns_head = plugin.replaces_head(adapter_config)
     visadapt.attach(model, plugin, adapter_config, head=None if owns_head else head)
+    if args.init_adapter:  # every task starts from the file (its head too: a task of another class count fails)
+        init_adapter_from_file(model, args.init_adapter)
     counts = api.summary(model)
     recipe = getattr(args, "recipe_record", None)
     run = {"benchmark": args.benchmark, "task": info.name, "model": args.model, "pretrained": args.pretrained,
@@ -451,7 +454,7 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
             "data_root": str(data_root),
             "data_manifest_sha256": data_report.manifest_sha256(), "data_problems": len(data_report.problems),
             "recipe": recipe["name"] if recipe else None, "recipe_sha256": recipe["sha256"] if recipe else None,
-            "recipe_details": recipe,
+            "recipe_details": recipe, "init_adapter": args.init_adapter,
         }
         write_json_atomic(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()

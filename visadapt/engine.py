@@ -4,8 +4,9 @@ One :class:`accelerate.Accelerator` does the devices (one CPU, one GPU, several 
 and mixed precision: ``TrainConfig.precision`` / ``--precision`` (``auto``: the launch's ``--mixed_precision``
 when it set one, else bf16 on a CUDA device that has it, else fp32); trainable parameters and the optimiser
 state stay fp32 and the forward runs under autocast. :func:`fit` trains the trainable parameters of an
-adapted model with AdamW and a cosine schedule with linear warm-up (``lr_schedule="constant"``: flat after it;
-``max_steps`` stops after that many optimiser steps), evaluates with ``gather_for_metrics``
+adapted model with AdamW and a linear warm-up followed by a cosine (default) or constant learning rate
+(``lr_schedule``, ``--lr-schedule``), optionally stopping after ``max_steps`` optimiser steps (mid-epoch too) or
+after ``patience`` evaluations without improvement, evaluates with ``gather_for_metrics``
 (exact under any number of processes: padded duplicates are dropped and the count is checked), and
 checkpoints so that a killed run resumed with ``resume=True`` ends with the same numbers as one that was
 never interrupted.
@@ -58,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from visadapt import api
 from visadapt.attention import BACKENDS as ATTENTION_BACKENDS
 from visadapt.attention import attention_report, set_attention
+from visadapt.io import AdapterFileError, parse_header, read_adapter_metadata
 
 CHECKPOINTS_DIR = "checkpoints"
 _PROGRESS = "progress.json"
@@ -68,6 +70,8 @@ _SELECTED = "selected.safetensors"
 TEST_METRIC = "test_accuracy"
 #: ``TrainConfig.precision`` choices; ``fp32`` is Accelerate's ``"no"``
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+#: ``TrainConfig.lr_schedule`` choices (``--lr-schedule``): what follows the linear warm-up
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def default_eval_batch_size() -> int:
@@ -101,8 +105,9 @@ class TrainConfig:
     compile_backend: str | Callable = "inductor"  # torch.compile backend; tests pass "aot_eager" or a counter
     attention: str = "sdpa"             # timm attention path: sdpa | eager (reference code) | xformers
     allow_rng_reset: bool = False       # resume a checkpoint lacking its RNG state (other random draws; warned)
-    lr_schedule: str = "cosine"         # after the linear warm-up: cosine (to 0 at the end) | constant
+    lr_schedule: str = "cosine"         # cosine | constant, each after the linear warm-up (see lr_factor)
     max_steps: int = 0                  # stop after this many optimiser steps, mid-epoch too (0: all epochs)
+    patience: int | None = None         # stop after this many evaluations without a better metric (None: never)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every"):
@@ -120,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
         if not isinstance(self.max_steps, int) or self.max_steps < 0:
             raise ValueError(f"max_steps={self.max_steps!r} must be an integer >= 0 (0: run every epoch)")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):
+            raise ValueError(f"patience={self.patience!r} must be a positive integer (or None: no early stopping)")
 
 
 class EpochPermutation(Sampler[int]):
@@ -151,15 +158,21 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
     return factor
 
 
-def constant_with_warmup(warmup_steps: int) -> Callable[[int], float]:
-    """LR factor at optimiser step ``s``: linear from ~0 to 1 over ``warmup_steps``, then 1 (diffusers'
-    ``constant_with_warmup``; ``constant`` when ``warmup_steps`` is 0)."""
-    def factor(step: int) -> float:
-        return (step + 1) / warmup_steps if step < warmup_steps else 1.0
-    return factor
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor at optimiser step ``s`` for ``TrainConfig.lr_schedule``: ``cosine`` (:func:`cosine_with_warmup`)
+    or ``constant`` (linear from ~0 to 1 over ``warmup_steps``, then 1: with no warm-up, the plain constant rate
+    of SelaVPR's official Adam)."""
+    if schedule == "cosine":
+        return cosine_with_warmup(warmup_steps, total_steps)
+    if schedule != "constant":
+        raise ValueError(f"lr schedule {schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
+    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
 
-LR_SCHEDULES = ("cosine", "constant")
+def evaluations_without_improvement(history: Sequence[Mapping[str, float]], metric: str, best_epoch: int) -> int:
+    """How many evaluations in ``history`` came after the best one (epoch ``best_epoch``; 0: none yet): the count
+    early stopping compares with ``TrainConfig.patience`` (the official SelaVPR ``not_improved_num``)."""
+    return sum(1 for entry in history if metric in entry and entry["epoch"] > best_epoch)
 
 
 def _initialized_precision() -> str | None:
@@ -333,7 +346,8 @@ class CheckpointError(RuntimeError):
 
 def run_script(main: Callable[[], int]) -> int:
     """The exit code of a ``train/`` script's ``main``: its own, or 2 with one ``error:`` line (the message names
-    the checkpoint folder and the fix) when resuming is impossible, instead of a traceback.
+    the checkpoint folder or file and the fix) when resuming is impossible or ``--init-adapter`` cannot start the
+    run, instead of a traceback.
 
     Under a multi-process launch every rank raises the same :class:`CheckpointError` at the same point (:func:`fit`
     broadcasts the main process's decision), so only the main process prints the line and every rank returns 2.
@@ -343,7 +357,7 @@ def run_script(main: Callable[[], int]) -> int:
     """
     try:
         code = main()
-    except CheckpointError as err:
+    except (CheckpointError, InitAdapterError) as err:
         if _is_main_process():
             print(f"error: {err}", file=sys.stderr)
         code = 2
@@ -628,6 +642,7 @@ class FitResult:
     precision: str = "fp32"
     compiled: bool = False
     attention: dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped_early: bool = False         # TrainConfig.patience ended the run before TrainConfig.epochs
 
 
 def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, config: TrainConfig, *,
@@ -657,6 +672,11 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     :class:`visadapt.diffusion.BucketBatchSampler`: one resolution per batch). Its batches are global batches,
     its ``batch_size`` attribute must divide over the processes, its length must not change between epochs, and
     its ``set_epoch(epoch)`` is called before every epoch so that its order can depend on the epoch alone.
+
+    ``config.lr_schedule`` picks what follows the linear warm-up (cosine to 0, or constant), and
+    ``config.patience`` stops training once that many evaluations in a row have not beaten the best ``metric``
+    (SelaVPR's official early stopping on R@5); ``FitResult.stopped_early`` says it did, and a resumed run that
+    had stopped does not train further.
 
     The validation-selected protocol: ``eval_dataset`` is the validation split, ``test_dataset`` the test split
     (its top-1 accuracy is recorded as ``test_accuracy`` at every evaluation and never used to choose
@@ -712,9 +732,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     # CPU runs stay bit-identical to earlier releases and across process counts.
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=accelerator.device.type == "cuda" or None)
-    schedule = (cosine_with_warmup(warmup_steps, total_steps) if config.lr_schedule == "cosine"
-                else constant_with_warmup(warmup_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.lr_schedule, warmup_steps, total_steps))
     if eval_loader is None:
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         run_evaluation = evaluator
@@ -857,8 +875,16 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     except ImportError:  # tqdm comes with huggingface_hub; the loop works without it anyway
         tqdm = None
     model.train()
+    stopped_early = False
     for epoch in range(progress["epoch"], config.epochs):
         if config.max_steps and progress["step"] >= config.max_steps:
+            break
+        # Checked before each epoch, so that a resumed run that had already stopped stays stopped.
+        if config.patience is not None and evaluations_without_improvement(
+                progress["history"], metric, progress["best"][1]) >= config.patience:
+            stopped_early = True
+            accelerator.print(f"{log_prefix}early stop: {config.patience} evaluations without a better {metric} "
+                              f"(best {progress['best'][0]:.2f} at epoch {progress['best'][1]})")
             break
         loader = train_loader
         if progress["batch"]:
@@ -964,15 +990,17 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                      eval_samples=eval_samples, history=history, wall_time_s=time.time() - start_time,
                      resumed_from=resumed_from, metric=metric, restored_best=keep_best and selected is not None,
                      precision=precision_name(accelerator.mixed_precision), compiled=config.compile,
-                     attention=attention, **test)
+                     attention=attention, stopped_early=stopped_early, **test)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "continue from the newest checkpoint",
-                  overwrite_help: str = "discard an earlier run in --output-dir", progress: bool = True) -> None:
+                  overwrite_help: str = "discard an earlier run in --output-dir", progress: bool = True,
+                  init_adapter: bool = False) -> None:
     """The flags every ``train/`` script shares: ``--resume``, ``--overwrite``, ``--allow-rng-reset``, (with
-    ``progress``) ``--no-progress``, and the speed flags ``--precision``, ``--compile``, ``--attention`` (pass
-    them and ``--allow-rng-reset`` on with :func:`run_options`); :func:`finish_run_args` checks them after
-    parsing."""
+    ``progress``) ``--no-progress``, ``--lr-schedule``, the speed flags ``--precision``, ``--compile``,
+    ``--attention`` (pass them, ``--lr-schedule`` and ``--allow-rng-reset`` on with :func:`run_options`), and (with
+    ``init_adapter``, for scripts that call :func:`init_adapter_from_file`) ``--init-adapter FILE``;
+    :func:`finish_run_args` checks them after parsing."""
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     parser.add_argument("--allow-rng-reset", action="store_true",
@@ -982,6 +1010,15 @@ def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "contin
                              "resume is refused")
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # None: the recipe's, else cosine (run_options)
+    parser.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                        help="learning rate after the linear warm-up: cosine (decays to 0 at the last step) or "
+                             "constant. Default: the recipe's, else cosine")
+    if init_adapter:
+        parser.add_argument("--init-adapter", default=None, metavar="FILE",
+                            help="start from the trained adapter in FILE (a visadapt .safetensors, e.g. the "
+                                 "adapter.safetensors of an earlier run) instead of a fresh one; it must hold this "
+                                 "run's plugin with this run's config, for this backbone (checked before training)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast precision (adapter weights and optimiser state stay fp32). auto: the "
                              "--mixed_precision of accelerate launch when it set one, else bf16 on a CUDA GPU that "
@@ -995,10 +1032,11 @@ def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "contin
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields the speed flags and ``--allow-rng-reset`` of :func:`add_run_flags` set:
+    """The :class:`TrainConfig` fields the speed flags, ``--lr-schedule`` and ``--allow-rng-reset`` of
+    :func:`add_run_flags` set:
     ``TrainConfig(..., **run_options(args))``. The accelerator takes ``precision=args.precision`` too."""
     return {"precision": args.precision, "compile": args.compile, "attention": args.attention,
-            "allow_rng_reset": args.allow_rng_reset}
+            "allow_rng_reset": args.allow_rng_reset, "lr_schedule": getattr(args, "lr_schedule", None) or "cosine"}
 
 
 def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -1011,6 +1049,70 @@ def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; choose one")
     return args
+
+
+class InitAdapterError(AdapterFileError):
+    """``--init-adapter FILE`` cannot start this run: the file is unreadable, or holds another plugin, another
+    config, or an adapter for another backbone. Raised before training starts; :func:`run_script` reports it."""
+
+
+def check_init_adapter(path: str | os.PathLike, plugin: str, config: Mapping[str, Any] | Any) -> None:
+    """Refuse ``--init-adapter path`` unless its header holds ``plugin`` with ``config`` (the run's plugin config, a
+    Config or its dict). Reads the header only, so a script calls it before building anything.
+
+    Why the configs must be equal: :func:`init_adapter_from_file` loads the file as :func:`visadapt.load_adapter`
+    does, i.e. with the file's config; a run whose recipe or ``--set`` asks for another one would otherwise train
+    something else than it records.
+    """
+    try:
+        _, file_plugin, file_config = parse_header(path, read_adapter_metadata(path))
+    except AdapterFileError as err:
+        raise InitAdapterError(f"--init-adapter {path}: {err}") from None
+    if file_plugin.name != plugin:
+        raise InitAdapterError(f"--init-adapter {path} holds a {file_plugin.name!r} adapter; this run trains "
+                               f"{plugin!r}: pass an adapter file of a {plugin!r} run (or --adapter "
+                               f"{file_plugin.name} where the script has that flag)")
+    wanted = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    wanted = file_plugin.Config.from_dict(wanted).to_dict()  # defaults filled in, as the file's are
+    have = file_config.to_dict()
+    differing = [f"{key}: file {have.get(key)!r}, run {wanted.get(key)!r}"
+                 for key in sorted(set(have) | set(wanted)) if have.get(key) != wanted.get(key)]
+    if differing:
+        fixes = " ".join(f"--set {key}={json.dumps(have.get(key))}" for key in sorted(set(have) | set(wanted))
+                         if have.get(key) != wanted.get(key))
+        raise InitAdapterError(f"--init-adapter {path}: its {plugin!r} config differs from this run's ("
+                               + "; ".join(differing) + f"); train with the file's config ({fixes}) or start "
+                               f"without --init-adapter")
+
+
+def init_adapter_from_file(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Replace the freshly attached adapter ``adapter_name`` of ``model`` by the trained one in ``path``.
+
+    The script attaches its adapter as usual, then calls this before training: the file must hold the same plugin
+    and config (:func:`check_init_adapter`), and it is loaded with :func:`visadapt.load_adapter` (base model
+    family, depth and width, site widths, tensor shapes and checksum, the classifier head it stores), so its
+    tensors, the head included, are where training starts. Any failure raises :class:`InitAdapterError` naming the
+    file and leaves the model as it was (the fresh adapter, every tensor equal).
+    """
+    from visadapt.io import load_adapter
+
+    record = api.get_record(model, adapter_name)
+    check_init_adapter(path, record.plugin.name, record.config)
+    # Kept to restore the fresh adapter if the load fails: its own tensors and those of the head it trains.
+    before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()
+              if "visadapt_" in name or (record.head and name.startswith(f"{record.head}."))}
+    # What trains: detach and attach reset it to the adapter (and head) alone, and a script may train more.
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
+    api.detach(model, adapter_name)
+    try:
+        load_adapter(model, path, adapter_name)
+    except Exception as err:
+        api.attach(model, record.plugin, record.config, adapter_name=adapter_name, head=record.head)
+        model.load_state_dict(before, strict=False)
+        raise InitAdapterError(f"--init-adapter {path}: {err}") from err
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(trains.get(name, param.requires_grad))
 
 
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, state) -> None:

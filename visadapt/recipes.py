@@ -1,10 +1,15 @@
-"""Published training recipes for VTAB-1k / FGVC (``assets/recipes/*.yaml``): reading and checking them.
+"""Published training recipes (``assets/recipes/*.yaml``) for ``train/vtab.py``, ``train/vpr.py`` and
+``train/rank.py``: reading and checking them, one reader for every script.
 
-A recipe names its source (paper and repository files), the benchmark, the plugin and its config, the training
-settings (each the name of a ``train/vtab.py`` flag with ``_`` for ``-``), ``per_task`` overrides where the
-source gives them (the 1-bit adapters' per-task scale), what the source does not publish (``not_published``:
-what the recipe uses instead) and where visadapt cannot follow it (``deviations``). :func:`load_recipe` refuses
-anything else, naming the file, the key and the known keys. ``train/vtab.py --recipe NAME`` runs one.
+A recipe names its source (paper and repository files), the benchmark (which says the script: ``vtab`` / ``fgvc``
+/ ``mini-vtab`` for ``train/vtab.py``, ``vpr`` for ``train/vpr.py``, ``rank`` for ``train/rank.py``), the plugin
+and its config, the training settings (each the name of a flag of that script with ``_`` for ``-``, typed per
+script: :data:`SCHEMAS`), ``per_task`` overrides where the source gives them (VTAB/FGVC only: the 1-bit adapters'
+per-task scale), what the source does not publish (``not_published``: what the recipe uses instead), where
+visadapt cannot follow it (``deviations``), official values that no flag of the script sets, each said in words
+with its source (``fixed_by_code``), and for a second-stage recipe the run it starts from (``starts_from``: the script then
+requires ``--init-adapter``). :func:`load_recipe` refuses anything else, naming the file, the key and the known
+keys. ``train/vtab.py --recipe NAME`` (likewise ``train/vpr.py``, ``train/rank.py``) runs one.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ COMMON_DEFAULTS = {"pretrained": "default", "normalize": "model", "input_size": 
 # ----------------------------------------------------------------------------------------------- recipes
 
 RECIPE_DIR = importlib.resources.files("visadapt.assets") / "recipes"
-# Recipe keys that set a flag of this script (the key is the flag's name with '_' for '-') and their types.
+# train/vtab.py: recipe keys that set a flag of the script (the key is the flag's name with '_' for '-'), their types.
 SETTING_TYPES: dict[str, type] = {
     "model": str, "pretrained": str, "normalize": str, "input_size": int, "epochs": int, "lr": float,
     "weight_decay": float, "batch_size": int, "warmup_epochs": float, "eval_every": int, "label_smoothing": float,
@@ -53,10 +58,49 @@ BACKBONE_SETTINGS = ("model", "pretrained", "input_size")
 # Keys that describe the recipe rather than set a flag. Values: what each must be.
 RECIPE_META = {
     "name": str, "description": str, "source": dict, "benchmark": str, "adapter": str, "adapter_config": dict,
-    "per_task": dict, "not_published": dict, "deviations": list, "eval_convention": str,
+    "per_task": dict, "not_published": dict, "deviations": list, "eval_convention": str, "dataset": str,
+    "starts_from": str, "fixed_by_code": dict,
 }
 RECIPE_REQUIRED = ("name", "source", "benchmark", "adapter")
 SOURCE_KEYS = ("paper", "code", "reported")
+
+
+class RecipeSchema(NamedTuple):
+    """What a recipe for one ``train/`` script may set: its ``settings`` (flag name with ``_`` -> type; ``float``
+    also takes an int), the fixed ``choices`` of some of them, the ones that may be ``null``, the benchmarks whose
+    recipes the script runs, and whether ``per_task`` entries exist for it."""
+
+    script: str
+    benchmarks: tuple[str, ...]
+    settings: dict[str, type]
+    choices: dict[str, tuple[str, ...]]
+    nullable: tuple[str, ...] = ()
+    per_task: bool = False
+
+
+_LR_SCHEDULES = ("cosine", "constant")  # visadapt.engine.LR_SCHEDULES (not imported: engine pulls in accelerate)
+SCHEMAS: dict[str, RecipeSchema] = {
+    "vtab": RecipeSchema("train/vtab.py", tuple(BENCHMARK_DEFAULTS), SETTING_TYPES,
+                         {"normalize": NORMALIZATION_CHOICES}, ("input_size",), per_task=True),
+    "vpr": RecipeSchema("train/vpr.py", ("vpr",), {
+        "model": str, "pretrained": str, "normalize": str, "input_size": int, "epochs": int, "lr": float,
+        "weight_decay": float, "batch_size": int, "warmup_epochs": float, "lr_schedule": str, "patience": int,
+        "queries_per_epoch": int, "mining_refresh_every": int, "negatives": int, "mining_pool": int,
+        "mining": str, "margin": float, "local_weight": float, "local_margin": float, "rerank_k": int,
+        "train_positive_radius": float, "negative_radius": float, "eval_radius": float, "seed": int,
+    }, {"normalize": NORMALIZATION_CHOICES, "mining": ("partial", "semihard", "random"),
+        "lr_schedule": _LR_SCHEDULES}, ("input_size", "patience", "queries_per_epoch", "mining_refresh_every")),
+    "rank": RecipeSchema("train/rank.py", ("rank",), {
+        "model": str, "pretrained": str, "epochs": int, "lr": float, "weight_decay": float, "list_size": int,
+        "warmup_epochs": float, "lr_schedule": str, "negative_ratio": float, "pair_partners": int,
+        "rank_weight": float, "regression_weight": float, "zero_weight": float, "seed": int,
+    }, {"lr_schedule": _LR_SCHEDULES}, ("pair_partners",)),
+}
+
+
+def script_of(benchmark: str) -> str | None:
+    """The key in :data:`SCHEMAS` of the script that runs recipes of ``benchmark`` (``None``: no script does)."""
+    return next((key for key, schema in SCHEMAS.items() if benchmark in schema.benchmarks), None)
 
 
 class Recipe(NamedTuple):
@@ -65,7 +109,8 @@ class Recipe(NamedTuple):
     ``settings`` maps flag names (``lr``, ``weight_decay`` ...) to values; ``per_task`` maps canonical task names
     of ``benchmark`` to their overrides (settings, and ``adapter_config`` fields under that key).
     ``not_published`` says, per value the source does not give, what the recipe uses instead; ``deviations``
-    lists where visadapt cannot follow the published setting.
+    lists where visadapt cannot follow the published setting; ``fixed_by_code`` names official values no flag of
+    the script sets; ``starts_from`` (second stages) says which run's adapter ``--init-adapter`` names.
     """
 
     name: str
@@ -81,6 +126,10 @@ class Recipe(NamedTuple):
     deviations: list[str]
     description: str = ""
     eval_convention: str = ""
+    dataset: str = ""
+    #: a second-stage recipe: the run whose adapter ``--init-adapter`` must name (empty: a first stage)
+    starts_from: str = ""
+    fixed_by_code: dict[str, str] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
 
     def adapter_values(self, task: str | None) -> dict[str, Any]:
         """The recipe's plugin config fields for ``task`` (canonical name; ``None``: no task overrides)."""
@@ -92,9 +141,22 @@ class Recipe(NamedTuple):
         return {**self.settings, **overrides}
 
 
-def available_recipes() -> list[str]:
-    """Names of the recipes shipped in ``assets/recipes`` (the file stems), sorted."""
-    return sorted(p.name[:-5] for p in RECIPE_DIR.iterdir() if p.name.endswith(".yaml"))
+def available_recipes(script: str | None = None) -> list[str]:
+    """Names of the recipes shipped in ``assets/recipes`` (the file stems), sorted; with ``script`` (a key of
+    :data:`SCHEMAS`) only those that script runs (read from each file's ``benchmark``)."""
+    names = sorted(p.name[:-5] for p in RECIPE_DIR.iterdir() if p.name.endswith(".yaml"))
+    if script is None:
+        return names
+    return [name for name in names if script_of(_shipped_benchmark(name)) == script]
+
+
+def _shipped_benchmark(name: str) -> str:
+    """The ``benchmark`` of a shipped recipe, ``""`` when the file does not say (:func:`load_recipe` tells why)."""
+    try:
+        data = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
+    except yaml.YAMLError:
+        return ""
+    return str(data.get("benchmark", "")) if isinstance(data, dict) else ""
 
 
 def _recipe_path(name_or_path: str) -> Path:
@@ -119,10 +181,12 @@ def _unknown(where: str, key: str, known) -> ValueError:
     return ValueError(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(known))}")
 
 
-def _checked_setting(where: str, key: str, value: Any) -> Any:
-    """``value`` for setting ``key``, type-checked: ints are accepted for floats, booleans for neither."""
-    kind = SETTING_TYPES[key]
-    if key == "input_size" and value is None:
+def _checked_setting(where: str, key: str, value: Any, schema: RecipeSchema | None = None) -> Any:
+    """``value`` for setting ``key`` of ``schema`` (default: train/vtab.py's), type-checked: ints are accepted for
+    floats, booleans for neither; a setting with choices must be one of them."""
+    schema = schema or SCHEMAS["vtab"]
+    kind = schema.settings[key]
+    if key in schema.nullable and value is None:
         return None
     fine = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else \
         (isinstance(value, kind) and not isinstance(value, bool))
@@ -130,8 +194,10 @@ def _checked_setting(where: str, key: str, value: Any) -> Any:
         example = "1.0e-3 (YAML reads 1e-3 without a dot as text)" if kind is float else kind.__name__
         raise ValueError(f"{where}: {key} is {value!r} ({type(value).__name__}); expected a {kind.__name__}, "
                          f"e.g. {example}")
-    if key == "normalize" and value not in NORMALIZATION_CHOICES:
-        raise ValueError(f"{where}: normalize is {value!r}; choose one of {', '.join(NORMALIZATION_CHOICES)}")
+    if key in schema.choices and value not in schema.choices[key]:
+        raise ValueError(f"{where}: {key} is {value!r}; choose one of {', '.join(schema.choices[key])}")
+    if kind is int and key not in ("seed",) and value <= 0:
+        raise ValueError(f"{where}: {key} is {value}; expected a positive integer")
     return float(value) if kind is float else value
 
 
@@ -142,13 +208,16 @@ def _check_adapter_config(where: str, plugin, values: dict) -> None:
         raise ValueError(f"{where}: adapter_config for plugin {plugin.name!r}: {err}") from None
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """Read and check a recipe: a name in ``assets/recipes`` (``bi-adaptformer-dim32-vtab``) or a YAML path.
+def load_recipe(name_or_path: str, script: str = "vtab") -> Recipe:
+    """Read and check a recipe for ``script`` (a key of :data:`SCHEMAS`: ``vtab``, ``vpr``, ``rank``): a name in
+    ``assets/recipes`` (``bi-adaptformer-dim32-vtab``, ``selavpr-msls``) or a YAML path.
 
-    Every key must be a known one (a flag of this script, or one of the descriptive keys), every task under
-    ``per_task`` a task of the recipe's benchmark, and the plugin config (global and per task) must build; any
-    other content is an error naming the file, the key and the known keys.
+    The recipe's benchmark must be one that script runs, every key a known one (a setting of that script, or one
+    of the descriptive keys), every setting of its type (and among its choices), every task under ``per_task`` a
+    task of the recipe's benchmark, and the plugin config (global and per task) must build; any other content is
+    an error naming the file, the key and the known keys.
     """
+    schema = SCHEMAS[script]
     path = _recipe_path(name_or_path)
     raw_bytes = path.read_bytes()
     try:
@@ -159,7 +228,15 @@ def load_recipe(name_or_path: str) -> Recipe:
         # ValueError, not TypeError: the file is bad input, reported like every other recipe defect
         raise ValueError(f"recipe {path}: expected a mapping of keys, got {type(data).__name__}")  # noqa: TRY004
     where = f"recipe {path}"
-    known = {**RECIPE_META, **SETTING_TYPES}
+    benchmark = data.get("benchmark")
+    owner = script_of(benchmark) if isinstance(benchmark, str) else None
+    if isinstance(benchmark, str) and owner is not None and owner != script:
+        raise ValueError(f"{where}: benchmark {benchmark!r} is run by {SCHEMAS[owner].script}, not "
+                         f"{schema.script}; run it there, or pick one of this script's recipes: "
+                         f"{', '.join(available_recipes(script)) or 'none shipped'}")
+    known = {**RECIPE_META, **schema.settings}
+    if not schema.per_task:
+        known.pop("per_task")
     for key in data:
         if key not in known:
             raise _unknown(where, key, known)
@@ -170,9 +247,9 @@ def load_recipe(name_or_path: str) -> Recipe:
     for key, kind in RECIPE_META.items():
         if key in data and not isinstance(data[key], kind):
             raise ValueError(f"{where}: {key} must be a {kind.__name__}, got {type(data[key]).__name__}")
-    benchmark = data["benchmark"]
-    if benchmark not in BENCHMARK_DEFAULTS:
-        raise ValueError(f"{where}: benchmark {benchmark!r} is not one of {', '.join(BENCHMARK_DEFAULTS)}")
+    if benchmark not in schema.benchmarks:
+        raise ValueError(f"{where}: benchmark {benchmark!r} is not one of {', '.join(schema.benchmarks)} (the "
+                         f"benchmarks {schema.script} runs)")
     for key in data["source"]:
         if key not in SOURCE_KEYS:
             raise _unknown(f"{where}: source", key, SOURCE_KEYS)
@@ -183,11 +260,20 @@ def load_recipe(name_or_path: str) -> Recipe:
         if not isinstance(value, str):
             raise ValueError(f"{where}: not_published.{key} must say in words what the recipe uses "  # noqa: TRY004
                              "instead")
+    for key, value in data.get("fixed_by_code", {}).items():
+        if key in schema.settings:
+            raise ValueError(f"{where}: fixed_by_code.{key} is a setting of {schema.script}; set it as {key}: "
+                             f"<value> at the top level")
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: fixed_by_code.{key} must say in words the official value and where "  # noqa: TRY004
+                             f"{schema.script} applies it")
+    if not all(isinstance(v, str) for v in data.get("deviations", [])):
+        raise ValueError(f"{where}: deviations must be a list of texts")
     try:
         plugin = get_plugin(data["adapter"])()
     except KeyError as err:
         raise ValueError(f"{where}: adapter: {err}") from None
-    settings = {k: _checked_setting(where, k, v) for k, v in data.items() if k in SETTING_TYPES}
+    settings = {k: _checked_setting(where, k, v, schema) for k, v in data.items() if k in schema.settings}
     adapter_config = dict(data.get("adapter_config") or {})
     _check_adapter_config(where, plugin, adapter_config)
     per_task: dict[str, dict[str, Any]] = {}
@@ -204,7 +290,7 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise ValueError(f"{task_where} must be a mapping of overrides, e.g. {{adapter_config: {{scale: 0.1}}}}")
         checked: dict[str, Any] = {}
         for key, value in overrides.items():
-            if key in RUN_WIDE_SETTINGS:
+            if key in RUN_WIDE_SETTINGS:  # per_task exists for train/vtab.py only
                 raise ValueError(f"{task_where}: {key} applies to the whole run and cannot differ per task")
             if key not in allowed:
                 raise _unknown(task_where, key, allowed)
@@ -220,4 +306,5 @@ def load_recipe(name_or_path: str) -> Recipe:
                   adapter=data["adapter"], adapter_config=adapter_config, settings=settings, per_task=per_task,
                   source=dict(data["source"]), not_published=dict(data.get("not_published") or {}),
                   deviations=list(data.get("deviations") or []), description=data.get("description", ""),
-                  eval_convention=data.get("eval_convention", ""))
+                  eval_convention=data.get("eval_convention", ""), dataset=data.get("dataset", ""),
+                  starts_from=data.get("starts_from", ""), fixed_by_code=dict(data.get("fixed_by_code") or {}))

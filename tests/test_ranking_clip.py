@@ -10,7 +10,13 @@ import visadapt
 from visadapt.backbones import EMBEDDED_CLIP, create_clip
 from visadapt.data.errors import DatasetError
 from visadapt.data.ranking import RankingLists, RankingTable, generate_mini_counting
-from visadapt.eval.ranking import average_ranks, pairwise_accuracy, ranking_metrics
+from visadapt.eval.ranking import (
+    average_ranks,
+    official_pair_accuracy,
+    pairwise_accuracy,
+    rank_table,
+    ranking_metrics,
+)
 from visadapt.plugins import ranking_clip as R
 
 SMALL = {"num_heads": 4, "prompt_tokens": 4, "relational_tokens": 3, "num_layers": 1, "post_layers": 1}
@@ -165,12 +171,42 @@ def test_metrics_on_hand_made_scores():
     targets = torch.tensor([1.0, 2.0, 2.0, 4.0])
     assert average_ranks(targets).tolist() == [1.0, 2.5, 2.5, 4.0]
     perfect = ranking_metrics(torch.tensor([0.1, 0.5, 0.5, 0.9]), targets)
-    assert perfect["srcc"] == pytest.approx(1.0) and perfect["pair_acc"] == 1.0
+    assert perfect["srcc"] == pytest.approx(1.0) and perfect["pair_acc_strict"] == 1.0
     reversed_ = ranking_metrics(-targets, targets)
     assert reversed_["srcc"] == pytest.approx(-1.0) and reversed_["plcc"] == pytest.approx(-1.0)
     # 5 pairs with different targets; scores tie on one of them (counts half) and swap another
     assert pairwise_accuracy(torch.tensor([1.0, 1.0, 3.0, 2.0]), targets) == pytest.approx((3 + 0.5) / 5)
     assert ranking_metrics(torch.tensor([1.2, 2.6, 2.4, 3.4]), targets, ordinal=True)["accuracy"] == 0.5
+
+
+def _official_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """The official evaluate_clip_on_count accuracy, restated: u[i, j] = y_j - y_i, v[i, j] = s_j - s_i, compared
+    as ``>= 0`` over tril_indices(n, k=1) (numpy's k is torch's offset)."""
+    u = targets.double().view(1, -1) - targets.double().view(-1, 1)
+    v = scores.double().view(1, -1) - scores.double().view(-1, 1)
+    rows, cols = torch.tril_indices(len(scores), len(scores), offset=1)
+    return ((u[rows, cols] >= 0) == (v[rows, cols] >= 0)).double().mean().item()
+
+
+def test_official_pair_accuracy_is_the_official_formula_and_the_strict_one_is_named_apart():
+    targets = torch.tensor([1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 4.0])  # ties: the two definitions part here
+    scores = torch.tensor([0.5, 2.2, 1.9, 3.1, 2.8, 3.3, 3.0])
+    metrics = ranking_metrics(scores, targets)
+    assert metrics["pair_acc_official"] == pytest.approx(_official_accuracy(scores, targets), abs=1e-12)
+    assert metrics["pair_acc_official"] == pytest.approx(27 / 34)  # 34 = 7 * 8 / 2 + 6 entries
+    # strict: the 17 pairs of different targets; 2 of them misordered (3.0 < 3.1 and 3.0 < 3.3 against 4 > 3)
+    assert metrics["pair_acc_strict"] == pytest.approx(15 / 17) == pairwise_accuracy(scores, targets)
+    assert "pair_acc" not in metrics  # the ambiguous name is gone from new records
+    # the official one depends on the row order (its superdiagonal pairs neighbours), the strict one does not
+    flipped = torch.arange(6, -1, -1)
+    assert official_pair_accuracy(scores[flipped], targets[flipped]) == pytest.approx(
+        _official_accuracy(scores[flipped], targets[flipped])) == pytest.approx(28 / 34)
+    assert pairwise_accuracy(scores[flipped], targets[flipped]) == pytest.approx(15 / 17)
+    # an old record (strict accuracy under "pair_acc") keeps its meaning in the table; its official cell is empty
+    old = {"plcc": 0.5, "srcc": 0.5, "mae": 1.0, "pair_acc": 0.75}
+    table = rank_table([("old", {"test": {"all": old}}), ("new", {"test": {"all": metrics}})])
+    assert "| old | 0.500 | 0.500 | 1.00 | - | 0.750 | - |" in table
+    assert "| new |" in table and "| 0.794 | 0.882 |" in table
 
 
 def test_counting_world_lists_and_csv_errors(tmp_path):

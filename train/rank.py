@@ -8,9 +8,9 @@ Data: a folder with ``train.csv``, ``val.csv`` and ``test.csv`` in the official 
 of ``--list-size`` images under one instruction, 20% of them negatives of other categories with value 0 (the
 official sampler). The adapter with the best val SRCC is kept and tested on ``test``; the frozen CLIP's
 zero-shot ranking (cosine of image and instruction embeddings) is measured on the same test set as the
-baseline. Outputs in ``--output-dir``: ``adapter.safetensors``, ``metrics.json`` (PLCC / SRCC / MAE / pairwise
-accuracy, overall and per category, for the adapter and zero-shot; val history; timings); the table:
-``visadapt-eval --benchmark rank --adapters <output-dir>``.
+baseline. Outputs in ``--output-dir``: ``adapter.safetensors``, ``metrics.json`` (PLCC / SRCC / MAE, the
+official and the strict pairwise accuracy (see :mod:`visadapt.eval.ranking`), overall and per category, for the
+adapter and zero-shot; val history; timings); the table: ``visadapt-eval --benchmark rank --adapters <dir>``.
 
 Recipes: ``ranking-clip`` follows the official command (AdamW, weight decay 0.01, lr 5e-5: the README's flag
 is garbled, 5e-5 is the spec's reading; loss 1.0 pairwise + 0.2 regression) on open_clip ViT-L-14 LAION-2B;
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, record in (("zero-shot CLIP", metrics["zero_shot"]), ("ranking adapter", metrics["test"])):
             m = record["all"]
             print(f"  {label:<16} PLCC {m['plcc']:6.3f}  SRCC {m['srcc']:6.3f}  MAE {m['mae']:5.2f}  "
-                  f"pair acc {m['pair_acc']:.3f}")
+                  f"pair acc official {m['pair_acc_official']:.3f}  strict {m['pair_acc_strict']:.3f}")
         print(f"table: visadapt-eval --benchmark rank --adapters {out}")
     return 0
 

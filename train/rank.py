@@ -12,9 +12,13 @@ baseline. Outputs in ``--output-dir``: ``adapter.safetensors``, ``metrics.json``
 official and the strict pairwise accuracy (see :mod:`visadapt.eval.ranking`), overall and per category, for the
 adapter and zero-shot; val history; timings); the table: ``visadapt-eval --benchmark rank --adapters <dir>``.
 
+Optimiser: the official AdamW parameter groups by default (:func:`visadapt.plugins.ranking_clip.
+official_param_groups`: no weight decay on gains and biases, amsgrad, betas and eps per image tower);
+``--optimizer plain`` gives one group with ``--weight-decay`` everywhere and torch's betas/eps.
 Recipes: ``ranking-clip`` follows the official command (AdamW, weight decay 0.01, lr 5e-5: the README's flag
-is garbled, 5e-5 is the spec's reading; loss 1.0 pairwise + 0.2 regression) on open_clip ViT-L-14 LAION-2B;
-the released checkpoints use ConvNeXt-L-d, whose timm tower gives no ViT patch tokens and is refused.
+is garbled, 5e-5 is the spec's reading; loss 1.0 pairwise + 0.2 regression) on open_clip
+``convnext_large_d_320`` / ``laion2b_s29b_b131k_ft_soup``, the released checkpoints' backbone (its image tokens:
+the final ConvNeXt feature map, see :func:`visadapt.plugins.ranking_clip.image_token_features`).
 ``mini-counting`` is sized for 2 CPU cores: the tiny random-init CLIP of :func:`visadapt.backbones.create_clip`
 (so zero-shot is chance by construction, like CLIP's 0.001 SRCC on COCO counting in the paper).
 """
@@ -50,11 +54,14 @@ from visadapt.engine import (
 from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import config_values
-from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer
+from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer, official_param_groups
 
 RECIPES = {
-    "ranking-clip": {"model": "ViT-L-14", "pretrained": "laion2b_s32b_b82k", "epochs": 10, "lr": 5e-5,
-                     "weight_decay": 0.01, "list_size": 64, "warmup_epochs": 1.0, "adapter_settings": {}},
+    # the released checkpoints' backbone and tag (README training command, configs/model-config.json)
+    "ranking-clip": {"model": "convnext_large_d_320", "pretrained": "laion2b_s29b_b131k_ft_soup", "epochs": 10,
+                     "lr": 5e-5, "weight_decay": 0.01, "list_size": 64, "warmup_epochs": 1.0,
+                     # the official prompt tokens: one scalar each, broadcast over the width
+                     "adapter_settings": {"prompt_form": "scalar"}},
     "mini-counting": {"model": EMBEDDED_CLIP, "pretrained": "none", "epochs": 30, "lr": 1e-3,
                       "weight_decay": 0.01, "list_size": 32, "warmup_epochs": 1.0,
                       # a 64-wide CLIP: 4 heads of 16 (official 8 heads on 768)
@@ -79,6 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, kind in (("epochs", int), ("lr", float), ("weight-decay", float), ("list-size", int),
                        ("warmup-epochs", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
+    p.add_argument("--optimizer", default="official", choices=("official", "plain"),
+                   help="official: the official AdamW groups (no weight decay on gains and biases, amsgrad, betas "
+                        "(0.9, 0.98) / eps 1e-6 for ViT towers, (0.9, 0.999) / 1e-8 otherwise); plain: one AdamW "
+                        "group with --weight-decay on every tensor and torch's defaults (visadapt before 2026-12)")
     p.add_argument("--negative-ratio", type=float, default=0.2, help="share of each list drawn from other "
                                                                      "categories with target 0 (official 0.2)")
     p.add_argument("--pair-partners", type=int, default=None,
@@ -143,11 +154,12 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
                                                         base=args.adapter_settings))
     digest = tower_digest(clip)
     model = RankingModel(clip, pair_partners=args.pair_partners)
+    param_groups = official_param_groups(model, args.weight_decay) if args.optimizer == "official" else None
     counts = api.summary(clip)
     name = data_root.name
     run = {"benchmark": "rank", "dataset": name, "data_root": str(data_root), "model": args.model,
            "pretrained": args.pretrained, "recipe": args.recipe, "data_seed": args.data_seed, "seed": args.seed,
-           "adapter": "ranking_clip", "ordinal": args.ordinal}
+           "adapter": "ranking_clip", "ordinal": args.ordinal, "optimizer": args.optimizer}
     accelerator.init_trackers("rank", config={**run, **{k: v for k, v in vars(config).items() if k != "progress"}})
     accelerator.print(f"[rank] ranking_clip on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(lists)} lists of {args.list_size} per epoch, "
@@ -171,7 +183,8 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     loss = RankingLoss(rank_weight=args.rank_weight, regression_weight=args.regression_weight,
                        zero_weight=args.zero_weight)
     result = fit(model, lists, None, config, accelerator=accelerator, output_dir=out, resume=args.resume,
-                 loss_fn=loss, evaluator=evaluator, metric="srcc", before_epoch=before_epoch, log_prefix="[rank] ")
+                 loss_fn=loss, evaluator=evaluator, metric="srcc", before_epoch=before_epoch, log_prefix="[rank] ",
+                 param_groups=param_groups)
     if tower_digest(clip) != digest:
         raise RuntimeError("the frozen CLIP towers changed during training; this is a visadapt bug, please report it")
     visadapt.detach(clip, "default")

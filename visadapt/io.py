@@ -434,7 +434,7 @@ def parse_header(path, meta: Mapping[str, str]) -> tuple[AdapterHeader, AdapterP
             raise _header_error(path, "config", f"sets {key}={_shown(value)}",
                                 f"{key} of type {_type_name(hints[key])} for plugin {plugin.name!r}")
     try:
-        config = plugin.Config.from_dict(header.config)
+        config = plugin.Config.from_dict({**plugin.Config.file_defaults, **header.config})
     except Exception as err:  # noqa: BLE001 (a Config's checks may raise anything: re.error for a bad pattern)
         raise AdapterFileError(f"adapter file {path}: header field 'config': {err}") from None
     return header, plugin, config

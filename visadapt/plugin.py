@@ -33,6 +33,11 @@ def config_field(default: Any, help: str, **kwargs) -> Any:
 class AdapterConfig:
     """Base of every plugin config. Subclasses are dataclasses whose fields all have defaults."""
 
+    #: Values of fields added after adapter files were already written: an adapter file whose header lacks one of
+    #: these fields was trained before it existed, so it loads with the behaviour it was trained with, not with
+    #: the field's (newer) default. Used only when reading files (:func:`visadapt.io.parse_header`).
+    file_defaults: ClassVar[dict[str, Any]] = {}
+
     def __post_init__(self) -> None:
         self.validate()
 

@@ -15,7 +15,9 @@ per category, ``per_category`` here), and two pairwise ordering accuracies:
 
 On the tied example of ``tests/test_ranking_clip.py`` (targets ``[1, 2, 2, 3, 3, 3, 4]``) the official one is
 0.794 and the strict one 0.882; listing the same images in reverse order makes the official one 0.824.
-For ordinal targets (age groups, decades) ``accuracy``: share of scores that round to the target.
+For ordinal targets (age groups, decades) ``accuracy``: share of scores that round to the target. (The official
+script, with ``is_ordinal_regression``, instead rounds the scores before computing every metric; here the other
+metrics keep the raw scores.)
 """
 from __future__ import annotations
 
@@ -124,12 +126,16 @@ def score_table(score_fn: Callable[[torch.Tensor, str], torch.Tensor], table, ba
 
 def evaluate_ranking(score_fn: Callable[[torch.Tensor, str], torch.Tensor], table, *, batch_size: int = 64,
                      ordinal: bool = False) -> dict[str, Any]:
-    """Metrics over the whole table (``"all"``) and per instruction category (``"per_category"``)."""
+    """Metrics over the whole table (``"all"``), per instruction category (``"per_category"``, rows in table
+    order) and their mean over categories (``"category_mean"``: the "Mean PLCC / SRCC / MAE" the official
+    ``scripts/inference.py`` prints, which evaluates each ``cname`` apart)."""
     scores = score_table(score_fn, table, batch_size)
     targets = table.values
     per = {c: ranking_metrics(scores[rows], targets[rows], ordinal) for c, rows in sorted(table.categories.items())
            if len(rows) > 1}
-    return {"all": ranking_metrics(scores, targets, ordinal), "per_category": per, "images": len(table)}
+    mean = {key: sum(m[key] for m in per.values()) / len(per) for key in next(iter(per.values()), {})}
+    return {"all": ranking_metrics(scores, targets, ordinal), "per_category": per, "category_mean": mean,
+            "images": len(table)}
 
 
 def adapter_scorer(model: nn.Module, tokenizer=None, adapter_name: str | None = None

@@ -437,3 +437,19 @@ def test_convnext_tower_reads_the_final_feature_map_as_official(tmp_path):
                        text_cfg={"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1})
     with pytest.raises(ValueError, match="TimmModel with a ResNet trunk"):
         visadapt.attach(resnet_timm, "ranking_clip", SMALL)
+
+
+def test_category_mean_is_the_official_per_category_average(tmp_path):
+    from visadapt.eval.ranking import evaluate_ranking
+
+    root = generate_mini_counting(tmp_path / "count", seed=0, sizes={"train": 8, "val": 8, "test": 24})
+    table = RankingTable(root / "test.csv")
+    result = evaluate_ranking(lambda images, instruction: images.mean(dim=(1, 2, 3)), table, batch_size=5)
+    per = result["per_category"]
+    assert len(per) > 1 and set(result["category_mean"]) == set(result["all"])
+    for key in ("plcc", "srcc", "mae", "pair_acc_official"):
+        # scripts/inference.py: evaluate_clip_on_count on each cname's rows in file order, then np.mean
+        by_hand = [ranking_metrics(torch.stack([table.load(i) for i in rows]).mean(dim=(1, 2, 3)),
+                                   table.values[rows])[key] for _, rows in sorted(table.categories.items())]
+        assert result["category_mean"][key] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-6)
+    assert result["category_mean"]["srcc"] != pytest.approx(result["all"]["srcc"])  # pooled is another figure

@@ -158,7 +158,8 @@ class FusionBlock(nn.Module):
 
 
 def _mlp_head(width: int, depth: int, input_norm: bool) -> nn.Sequential:
-    """``[LN] -> (Linear, LN, ReLU) x depth -> Linear(D, 1)``, linears Xavier-normal (the official init)."""
+    """``[LN] -> (Linear, LN, ReLU) x depth -> Linear(D, 1)``: weights Xavier-normal as the official init, biases
+    zero (the official code keeps PyTorch's default uniform bias init there)."""
     layers: list[nn.Module] = [nn.LayerNorm(width)] if input_norm else []
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()]

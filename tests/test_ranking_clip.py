@@ -410,6 +410,11 @@ def test_convnext_tower_reads_the_final_feature_map_as_official(tmp_path):
     assert (image_tokens - official).abs().max() <= 1e-5
     torch.testing.assert_close(model(images, text)["scores"], adapter.score(adapter.fuse(official, text_tokens)),
                                rtol=0, atol=1e-5)
+    # in training the trunk keeps its stochastic depth (drop path 0.1 of the config), as the official training
+    # runs the locked tower in train mode
+    model.train()
+    assert not torch.equal(R.image_token_features(clip, images), R.image_token_features(clip, images))
+    model.eval()
     # training moves the adapter only: the trunk, its head norm and the frozen projection stay bit-identical
     before = {k: v.clone() for k, v in clip.state_dict().items() if "visadapt_adapters" not in k or "image_proj" in k}
     trainable = [p for p in model.parameters() if p.requires_grad]

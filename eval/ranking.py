@@ -1,9 +1,23 @@
 """Ranking metrics and evaluation of text-driven image ordering (the ranking-aware CLIP adapter).
 
-Metrics, as the official evaluation (``evaluate_clip_on_count``) computes them over a test set:
-PLCC (Pearson), SRCC (Spearman, average ranks for ties), MAE, and pairwise ordering accuracy: over the pairs
-of images with *different* targets, the share that the scores order the same way (a tie in the scores counts
-half). For ordinal targets (age groups, decades) ``accuracy``: share of scores that round to the target.
+Metrics over a test set: PLCC (Pearson), SRCC (Spearman, average ranks for ties) and MAE, with the formulas of
+the official evaluation (``learn_to_compare/utils.py: evaluate_clip_on_count``; the official script applies it
+per category, ``per_category`` here), and two pairwise ordering accuracies:
+
+* ``pair_acc_official`` (:func:`official_pair_accuracy`): the official ``accuracy``, exactly. It compares
+  ``y_j - y_i >= 0`` with ``s_j - s_i >= 0`` over the entries ``(i, j)`` of ``numpy.tril_indices(n, k=1)``: the
+  lower triangle, the diagonal (always agreeing) and the first superdiagonal, so it depends on the row order,
+  counts every pair of tied targets as agreeing whenever the scores are ordered ``>=`` in that direction, and
+  never reaches 0 (the diagonal is ``n`` of its ``n(n+1)/2 + n - 1`` entries).
+* ``pair_acc_strict`` (:func:`pairwise_accuracy`): over the unordered pairs of images with *different* targets,
+  the share that the scores order the same way (a tie in the scores counts half); independent of the row order.
+  Files written before the split call this one ``pair_acc``.
+
+On the tied example of ``tests/test_ranking_clip.py`` (targets ``[1, 2, 2, 3, 3, 3, 4]``) the official one is
+0.794 and the strict one 0.882; listing the same images in reverse order makes the official one 0.824.
+For ordinal targets (age groups, decades) ``accuracy``: share of scores that round to the target. (The official
+script, with ``is_ordinal_regression``, instead rounds the scores before computing every metric; here the other
+metrics keep the raw scores.)
 """
 from __future__ import annotations
 
@@ -19,7 +33,7 @@ from torch import nn
 # relative: eval/ is installed as visadapt.eval (see eval/cli.py)
 from .tables import read_run_record
 
-METRIC_NAMES = ("plcc", "srcc", "mae", "pair_acc")
+METRIC_NAMES = ("plcc", "srcc", "mae", "pair_acc_official", "pair_acc_strict")
 
 
 def plcc(scores: torch.Tensor, targets: torch.Tensor) -> float:
@@ -52,7 +66,8 @@ def srcc(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def pairwise_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of pairs with different targets that the scores order as the targets do (score ties: half)."""
+    """``pair_acc_strict``: share of the unordered pairs of ``(N,)`` targets that differ which the ``(N,)``
+    scores order as the targets do (score ties: half); NaN when every target is equal."""
     ds = scores.double()[:, None] - scores.double()[None, :]
     dt = targets.double()[:, None] - targets.double()[None, :]
     upper = torch.triu(torch.ones_like(dt, dtype=torch.bool), diagonal=1) & (dt != 0)
@@ -62,14 +77,29 @@ def pairwise_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return float(agree[upper].mean())
 
 
+def official_pair_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """``pair_acc_official``: the official evaluation's ``accuracy`` of ``(N,)`` scores against targets.
+
+    With ``u[i, j] = y_j - y_i`` and ``v[i, j] = s_j - s_i``, the share of the entries ``(i, j)`` with
+    ``j <= i + 1`` (``tril_indices(N, k=1)``: lower triangle, diagonal, first superdiagonal) where
+    ``u >= 0`` and ``v >= 0`` agree. Depends on the order of the rows (the superdiagonal pairs neighbours).
+    """
+    s, y = scores.double().flatten(), targets.double().flatten()
+    rows, cols = torch.tril_indices(len(s), len(s), offset=1)
+    return float(((y[cols] - y[rows] >= 0) == (s[cols] - s[rows] >= 0)).double().mean())
+
+
 def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, ordinal: bool = False) -> dict[str, float]:
-    """``{"plcc", "srcc", "mae", "pair_acc"[, "accuracy"]}`` of ``(N,)`` scores against targets."""
+    """``{"plcc", "srcc", "mae", "pair_acc_official", "pair_acc_strict"[, "accuracy"]}`` of ``(N,)`` scores
+    against targets, in the order given (``pair_acc_official`` depends on it)."""
     scores, targets = scores.flatten().double(), targets.flatten().double()
     if scores.shape != targets.shape or scores.numel() < 2:
         raise ValueError(f"ranking metrics need as many scores as targets, at least 2; got {scores.numel()} scores "
                          f"and {targets.numel()} targets")
     out = {"plcc": plcc(scores, targets), "srcc": srcc(scores, targets),
-           "mae": float((scores - targets).abs().mean()), "pair_acc": pairwise_accuracy(scores, targets)}
+           "mae": float((scores - targets).abs().mean()),
+           "pair_acc_official": official_pair_accuracy(scores, targets),
+           "pair_acc_strict": pairwise_accuracy(scores, targets)}
     if ordinal:
         out["accuracy"] = float((scores.round() == targets).double().mean())
     return out
@@ -96,12 +126,16 @@ def score_table(score_fn: Callable[[torch.Tensor, str], torch.Tensor], table, ba
 
 def evaluate_ranking(score_fn: Callable[[torch.Tensor, str], torch.Tensor], table, *, batch_size: int = 64,
                      ordinal: bool = False) -> dict[str, Any]:
-    """Metrics over the whole table (``"all"``) and per instruction category (``"per_category"``)."""
+    """Metrics over the whole table (``"all"``), per instruction category (``"per_category"``, rows in table
+    order) and their mean over categories (``"category_mean"``: the "Mean PLCC / SRCC / MAE" the official
+    ``scripts/inference.py`` prints, which evaluates each ``cname`` apart)."""
     scores = score_table(score_fn, table, batch_size)
     targets = table.values
     per = {c: ranking_metrics(scores[rows], targets[rows], ordinal) for c, rows in sorted(table.categories.items())
            if len(rows) > 1}
-    return {"all": ranking_metrics(scores, targets, ordinal), "per_category": per, "images": len(table)}
+    mean = {key: sum(m[key] for m in per.values()) / len(per) for key in next(iter(per.values()), {})}
+    return {"all": ranking_metrics(scores, targets, ordinal), "per_category": per, "category_mean": mean,
+            "images": len(table)}
 
 
 def adapter_scorer(model: nn.Module, tokenizer=None, adapter_name: str | None = None
@@ -137,8 +171,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def rank_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Markdown, as the paper's counting table: per run a zero-shot CLIP row (when recorded) and the
-    adapter's row, with PLCC / SRCC / MAE / pairwise accuracy on the test set and the trainable parameters."""
-    header = ["method", "PLCC", "SRCC", "MAE", "pair acc", "trainable"]
+    adapter's row, with PLCC / SRCC / MAE, the official and the strict pairwise accuracy on the test set and the
+    trainable parameters. Records written before the split hold only the strict one (as ``pair_acc``); their
+    official cell shows ``-``."""
+    header = ["method", "PLCC", "SRCC", "MAE", "pair acc (official)", "pair acc (strict)", "trainable"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, record in runs:
         rows = []
@@ -146,7 +182,8 @@ def rank_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
             rows.append((f"{label}: zero-shot CLIP", record["zero_shot"]["all"], None))
         rows.append((label, record["test"]["all"], record.get("trainable_params")))
         for name, m, params in rows:
-            cells = [name, _fmt(m["plcc"]), _fmt(m["srcc"]), _fmt(m["mae"], 2), _fmt(m["pair_acc"]),
+            cells = [name, _fmt(m["plcc"]), _fmt(m["srcc"]), _fmt(m["mae"], 2), _fmt(m.get("pair_acc_official")),
+                     _fmt(m.get("pair_acc_strict", m.get("pair_acc"))),
                      f"{params / 1e6:.2f}M" if params is not None else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

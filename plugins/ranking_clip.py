@@ -3,7 +3,8 @@
 One instruction ("Rank the numbers of cats.") and a list of images in; one score per image out; the list is
 ordered by score. Both CLIP towers stay frozen; the adapter reads token-level features from stock open_clip::
 
-    image tokens  V = ln_post(patch tokens) @ visual.proj                       (N, P, D)   D = CLIP embed_dim
+    image tokens  V = ln_post(patch tokens) @ proj                    ViT       (N, P, D)   D = CLIP embed_dim
+                  V = head_norm(final ConvNeXt map) @ W + b           ConvNeXt  (N, h*w, D)
     text tokens   T = ln_final(text transformer output), every position         (N, L, W)   (W != D: @ text_projection)
     keys/values   C = [prompt tokens (K, D) ; T]                                (N, K + L, D)
     fusion        z = V; L times: z = SelfBlock(z); z = CrossBlock(z, C); z = ln(z) @ proj
@@ -17,9 +18,19 @@ gives the logit that image i ranks above j. Losses (:class:`RankingLoss`): RankN
 against ``1[y_i > y_j]`` (weight 1), ``log(1 + SmoothL1(s, y))`` (weight 0.2), optionally BCE of ``s`` against
 ``1[y != 0]`` (off in the official recipe).
 
+As the official code by default: the ViT projection ``proj`` trains (the official training re-enables
+``visual.proj`` after locking the image tower; here a trainable copy initialised from it lives in the adapter,
+``image_proj="train"``, so the CLIP itself is left as it was); ConvNeXt towers (the released results use
+``convnext_large_d_320``) give their final feature map after the head norm, projected by a 1x1 map ``W, b`` of
+timm's random init that stays frozen (the official config leaves it out of every checkpoint and the tower lock
+freezes it), :func:`image_token_features`; the fusion MLPs use QuickGELU on ``quick_gelu`` CLIP models; and
+:func:`official_param_groups` gives the official AdamW groups (no decay on gains and biases, amsgrad, betas and
+eps per tower). Files written before ``image_proj`` / ``activation`` existed load as trained (frozen
+``visual.proj``, GELU).
+
 Choices that differ from the official code, each documented where it lives:
 
-* The towers are really frozen. The official code trains CLIP's token embedding, positional embedding and
+* The text tower is really frozen. The official code trains CLIP's token embedding, positional embedding and
   final text norm by accident (it only freezes the text blocks); here nothing of CLIP changes.
 * Prompt tokens are full ``(K, D)`` vectors by default; ``prompt_form="scalar"`` gives the official form, one
   scalar per token broadcast over the width (each token a constant vector ``c_k * 1``).
@@ -29,14 +40,17 @@ Choices that differ from the official code, each documented where it lives:
   a_j)`` with ``a = exp(m - max(m_i, m_j))``. Same numbers as the literal form (tested), about 2P/R times less
   memory, and ``r_ji = -r_ij``, ``r_ii = 0`` hold exactly. ``pair_partners=k`` trains on k random partners
   per image instead of all N^2 pairs (linear in the list size; see ``eval/bench/ranking_pairs.py``).
-* No stock open_clip is modified or monkeypatched: features come from ``forward_intermediates``.
+* No stock open_clip is modified or monkeypatched: features come from ``forward_intermediates`` (ViT, text) and
+  timm's ``forward_features`` (ConvNeXt).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +71,8 @@ from visadapt.sites import held_site, model_family
 
 RANKING_ADAPTER = "ranking_adapter"
 PROMPT_FORMS = ("full", "scalar")
+IMAGE_PROJ_CHOICES = ("auto", "train", "frozen")
+ACTIVATIONS = ("auto", "gelu", "quick_gelu")
 
 
 @dataclass
@@ -72,6 +88,21 @@ class RankingCLIPConfig(AdapterConfig):
     post_layers: int = config_field(2, "layers of the transformer encoder after the fusion")
     dropout: float = config_field(0.1, "dropout of that encoder (official 0.1)")
     relational_tokens: int = config_field(16, "learnt queries of the relational (pair) attention")
+    image_proj: str = config_field(
+        "auto", "projection of the image tokens into D. ViT: 'train' = a trainable copy of CLIP's visual.proj (the "
+                "official code re-enables visual.proj), 'frozen' = CLIP's visual.proj as it is; ConvNeXt: a 1x1 "
+                "projection of the head-normed final map, random init as timm, 'frozen' (official) or 'train'. "
+                "'auto' = the official choice for the tower, resolved at attach (files record the result)")
+    activation: str = config_field(
+        "auto", "MLP activation of the fusion blocks: 'gelu', 'quick_gelu', or 'auto' = QuickGELU when the CLIP "
+                "itself uses it (official: the adapter follows the model's quick_gelu), resolved at attach")
+
+    @classmethod
+    def saved_file_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        # Files written before these fields existed kept visual.proj frozen and used GELU.
+        values.setdefault("image_proj", "frozen")
+        values.setdefault("activation", "gelu")
+        return values
 
     def validate(self) -> None:
         check_positive_int("num_layers", self.num_layers)
@@ -84,6 +115,8 @@ class RankingCLIPConfig(AdapterConfig):
             raise ValueError(f"config field post_layers={self.post_layers!r} must be an integer >= 0")
         check_dropout("dropout", self.dropout)
         check_positive_int("relational_tokens", self.relational_tokens)
+        check_choice("image_proj", self.image_proj, IMAGE_PROJ_CHOICES)
+        check_choice("activation", self.activation, ACTIVATIONS)
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -111,14 +144,15 @@ class FusionBlock(nn.Module):
     """Pre-norm residual block (as open_clip's ``ResidualAttentionBlock``): ``x + Attn(LN(x), LN(c))``, then
     ``x + MLP(LN(x))``. Self-attention when no context is given. ``x`` ``(N, P, D)``, ``context`` ``(N, L, D)``."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, cross: bool) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, cross: bool,
+                 activation: Callable[[], nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.ln_1_kv = nn.LayerNorm(width) if cross else None
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         hidden = max(1, round(width * mlp_ratio))
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), activation(), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         q = self.ln_1(x)
@@ -128,7 +162,8 @@ class FusionBlock(nn.Module):
 
 
 def _mlp_head(width: int, depth: int, input_norm: bool) -> nn.Sequential:
-    """``[LN] -> (Linear, LN, ReLU) x depth -> Linear(D, 1)``, linears Xavier-normal (the official init)."""
+    """``[LN] -> (Linear, LN, ReLU) x depth -> Linear(D, 1)``: weights Xavier-normal as the official init, biases
+    zero (the official code keeps PyTorch's default uniform bias init there)."""
     layers: list[nn.Module] = [nn.LayerNorm(width)] if input_norm else []
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()]
@@ -192,15 +227,38 @@ class RelationalAttention(nn.Module):
         return self.out(r).sum(dim=1)
 
 
+class TokenProjection(nn.Module):
+    """Image tokens into the adapter's width: ``(N, P, C) -> (N, P, D)``, ``x @ weight (+ bias)``, ``weight``
+    ``(C, D)`` as open_clip stores ``visual.proj``. Trainable parameters, or persistent buffers when frozen (a
+    frozen random projection must still travel in the adapter file)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, trainable: bool) -> None:
+        super().__init__()
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is None:
+                setattr(self, name, None)
+            elif trainable:
+                setattr(self, name, nn.Parameter(tensor))
+            else:
+                self.register_buffer(name, tensor)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = tokens @ self.weight.to(tokens.dtype)
+        return out if self.bias is None else out + self.bias.to(tokens.dtype)
+
+
 class RankingAdapter(nn.Module):
     """Everything the method trains, held on the CLIP model as ``ranking_adapter``.
 
     :meth:`fuse` ``(N, P, D), (N, L, D) -> Z' (N, P, D)``; :meth:`score` ``Z' -> (N,)``; :meth:`pair_logits`
     ``Z', pairs (M, 2) -> (M,)`` (logit of "image ``pairs[m, 0]`` ranks above ``pairs[m, 1]``").
+    ``image_proj`` maps the tower's image tokens to D; ``None`` means CLIP's own ``visual.proj`` (ViT, frozen).
     """
 
-    def __init__(self, width: int, config: RankingCLIPConfig) -> None:
+    def __init__(self, width: int, config: RankingCLIPConfig, image_proj: TokenProjection | None = None,
+                 activation: Callable[[], nn.Module] = nn.GELU) -> None:
         super().__init__()
+        self.image_proj = image_proj
         if width % config.num_heads:
             raise ValueError(f"config field num_heads={config.num_heads} does not divide the CLIP embed_dim {width}; "
                              f"pick a divisor of {width}")
@@ -210,8 +268,8 @@ class RankingAdapter(nn.Module):
                                                             else config.prompt_tokens) ** -0.5)
         self.fusion = nn.ModuleList()
         for _ in range(config.num_layers):
-            self.fusion.append(FusionBlock(width, config.num_heads, config.mlp_ratio, cross=False))
-            self.fusion.append(FusionBlock(width, config.num_heads, config.mlp_ratio, cross=True))
+            for cross in (False, True):
+                self.fusion.append(FusionBlock(width, config.num_heads, config.mlp_ratio, cross, activation))
         self.ln_final = nn.LayerNorm(width)
         self.projection = nn.Linear(width, width, bias=False)
         nn.init.normal_(self.projection.weight, std=width ** -0.5)
@@ -243,29 +301,70 @@ class RankingAdapter(nn.Module):
 # ------------------------------------------------------------------------------------------------- plugin
 
 
-def clip_embed_dim(model: nn.Module) -> int:
-    """CLIP's joint embedding width ``D`` (the adapter's width)."""
-    proj = getattr(model.visual, "proj", None)
-    if isinstance(proj, torch.Tensor):
-        return proj.shape[1]
-    return int(model.visual.output_dim)
+def _is_convnext_tower(visual: nn.Module) -> bool:
+    from open_clip.timm_model import TimmModel
+    from timm.models.convnext import ConvNeXt
+
+    return isinstance(visual, TimmModel) and isinstance(visual.trunk, ConvNeXt)
 
 
-def _check_clip(model: nn.Module) -> None:
+def _vision_kind(model: nn.Module) -> str:
+    """``"vit"`` or ``"convnext"``: the image towers whose tokens the adapter reads; ValueError for others."""
     if model_family(model) != "open_clip" or not hasattr(model, "visual") or not hasattr(model, "forward_intermediates"):
         raise ValueError("the ranking-aware adapter attaches to a whole open_clip CLIP / CustomTextCLIP model "
                          "(open_clip.create_model(...)), not to one of its towers")
     from open_clip.transformer import VisionTransformer
 
+    if _is_convnext_tower(model.visual):
+        return "convnext"
     if not isinstance(model.visual, VisionTransformer):
         # ValueError like every unsupported-model refusal of attach(), which callers catch as bad input
         raise ValueError(  # noqa: TRY004
-            f"the ranking adapter reads ViT patch tokens; this CLIP's image tower is {type(model.visual).__name__} "
-            f"(ResNet / timm towers such as ConvNeXt have none). Use a CLIP with a ViT image tower, e.g. "
-            f"open_clip.create_model('ViT-L-14', ...)")
+            f"the ranking adapter reads ViT patch tokens or a ConvNeXt's final feature map; this CLIP's image tower "
+            f"is {type(model.visual).__name__}"
+            + (f" with a {type(model.visual.trunk).__name__} trunk" if hasattr(model.visual, "trunk") else "")
+            + " (ResNet and other timm towers are not supported). Use a CLIP with a ViT or ConvNeXt image tower, "
+              "e.g. open_clip.create_model('convnext_large_d_320', ...) (the released results) or 'ViT-L-14'")
     if getattr(model.visual, "attn_pool", None) is not None:
         raise ValueError("this open_clip vision tower pools with attention (CoCa-style); its patch tokens are not "
                          "the ln_post tokens the ranking adapter reads. Use a CLIP with a plain ViT tower")
+    return "vit"
+
+
+def clip_embed_dim(model: nn.Module) -> int:
+    """CLIP's joint embedding width ``D`` (the adapter's width)."""
+    proj = getattr(model.visual, "proj", None)
+    if isinstance(proj, torch.Tensor):
+        return proj.shape[1]
+    if getattr(model.visual, "output_dim", None):
+        return int(model.visual.output_dim)
+    text_proj = model.text.text_projection if hasattr(model, "text") else model.text_projection
+    return text_proj.out_features if isinstance(text_proj, nn.Linear) else text_proj.shape[1]
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """True when an open_clip model was built with ``quick_gelu`` (``-quickgelu`` names, OpenAI weights): its
+    transformer MLPs use open_clip's ``QuickGELU`` (timm towers keep GELU, the text tower shows it)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
+def _image_projection(model: nn.Module, kind: str, width: int, trainable: bool) -> TokenProjection | None:
+    """The adapter's image-token projection for ``model``'s tower (see :class:`RankingCLIPConfig.image_proj`)."""
+    if kind == "vit":
+        # the official code trains visual.proj itself; a copy keeps the CLIP usable as it was (zero-shot
+        # baseline, other adapters) and lets the trained projection travel in the adapter file. The adapter reads
+        # visual.proj nowhere else and the official contrastive loss is 0, so training the copy is the same.
+        return TokenProjection(model.visual.proj.detach().clone(), None, True) if trainable else None
+    # The official ConvNeXt config (timm_pool "", timm_proj "") builds the trunk with num_classes=D and no
+    # pooling, so timm's head ends in a 1x1 conv C -> D that no open_clip checkpoint holds: it keeps timm's init
+    # (trunc. normal, std 0.02; zero bias) and stays frozen with the trunk (lock_image_tower). Same here.
+    channels = model.visual.trunk.num_features
+    ref = model.visual.trunk.head.norm.weight if hasattr(model.visual.trunk.head.norm, "weight") else None
+    factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    weight = nn.init.trunc_normal_(torch.empty(channels, width, **factory), std=0.02)
+    return TokenProjection(weight, torch.zeros(width, **factory), trainable)
 
 
 @register_plugin("ranking_clip")
@@ -276,9 +375,20 @@ class RankingCLIPPlugin(AdapterPlugin):
     merge_refusal = "the ranking adapter is a network of its own on top of CLIP; there is nothing to fold"
 
     def attach(self, model: nn.Module, config: RankingCLIPConfig, adapter_name: str) -> None:
-        _check_clip(model)
+        kind = _vision_kind(model)
         width = clip_embed_dim(model)
-        insert(held_site(model, RANKING_ADAPTER, width, 1), adapter_name, RankingAdapter(width, config))
+        # "auto" becomes the official choice for this model; the config is the record saved with the adapter,
+        # so a file states what it was trained with and loads the same on any model
+        if config.image_proj == "auto":
+            config.image_proj = "train" if kind == "vit" else "frozen"
+        if config.activation == "auto":
+            config.activation = "quick_gelu" if uses_quick_gelu(model) else "gelu"
+        from open_clip.transformer import QuickGELU
+
+        activation = QuickGELU if config.activation == "quick_gelu" else nn.GELU
+        projection = _image_projection(model, kind, width, trainable=config.image_proj == "train")
+        insert(held_site(model, RANKING_ADAPTER, width, 1), adapter_name,
+               RankingAdapter(width, config, projection, activation))
 
 
 def ranking_adapter(model: nn.Module, adapter_name: str | None = None) -> RankingAdapter:
@@ -286,31 +396,48 @@ def ranking_adapter(model: nn.Module, adapter_name: str | None = None) -> Rankin
     return held_module(model, RANKING_ADAPTER, adapter_name, what="ranking adapter", plugin="ranking_clip")
 
 
-def clip_tokens(model: nn.Module, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level features of stock open_clip: ``images`` ``(N, 3, H, W)`` -> ``(N, P, D)`` (ln_post patch
-    tokens through ``visual.proj``, class token dropped); ``text`` ids ``(N, L)`` -> ``(N, L, D)`` (every position
-    after ``ln_final``; through ``text_projection`` only where the text width differs from ``D``).
+def image_token_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The image tokens the adapter reads, before their projection: ``(N, 3, H, W) -> (N, P, C)``.
 
-    Runs without autograd unless some CLIP parameter is trainable (another adapter on the towers): the frozen
-    towers then cost no activation memory.
+    ViT: the ``ln_post`` patch tokens (class token dropped), ``C`` = tower width. ConvNeXt: the final stage's
+    feature map after the head's norm (``trunk.norm_pre`` then ``trunk.head.norm``, the LayerNorm2d timm applies
+    before its classifier), flattened row-major to ``h * w`` tokens of ``C = trunk.num_features`` channels; the
+    official config (no pooling) feeds exactly this map to its 1x1 classifier conv.
     """
+    if _is_convnext_tower(model.visual):
+        trunk = model.visual.trunk
+        feature_map = trunk.head.norm(trunk.forward_features(images))                    # (N, C, h, w)
+        return feature_map.flatten(2).transpose(1, 2)
+    out = model.forward_intermediates(image=images, image_indices=1, normalize_intermediates=True,
+                                      intermediates_only=True, image_output_fmt="NLC")
+    return out["image_intermediates"][-1]
+
+
+def clip_tokens(model: nn.Module, images: torch.Tensor, text: torch.Tensor,
+                adapter: RankingAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level features of stock open_clip: ``images`` ``(N, 3, H, W)`` -> ``(N, P, D)``
+    (:func:`image_token_features` through the adapter's ``image_proj``, or CLIP's ``visual.proj`` when the
+    adapter has none); ``text`` ids ``(N, L)`` -> ``(N, L, D)`` (every position after ``ln_final``; through
+    ``text_projection`` only where the text width differs from ``D``). ``adapter``: default, the only one.
+
+    The towers run without autograd unless some CLIP parameter is trainable (another adapter on the towers):
+    frozen towers then cost no activation memory; a trainable image projection still gets its gradient.
+    """
+    adapter = adapter if adapter is not None else ranking_adapter(model)
     # held modules (this adapter) live under the model's own "visadapt_adapters."; anything else trainable
     # sits inside the towers
     needs_grad = torch.is_grad_enabled() and any(
         p.requires_grad for name, p in model.named_parameters() if not name.startswith("visadapt_adapters."))
     with torch.set_grad_enabled(needs_grad):
-        out = model.forward_intermediates(image=images, text=text, image_indices=1, text_indices=1,
-                                          normalize_intermediates=True, intermediates_only=True,
-                                          image_output_fmt="NLC")
-        image_tokens, text_tokens = out["image_intermediates"][-1], out["text_intermediates"][-1]
-        proj = getattr(model.visual, "proj", None)
-        if proj is not None:
-            image_tokens = image_tokens @ proj
-        width = image_tokens.shape[-1]
-        if text_tokens.shape[-1] != width:
+        features = image_token_features(model, images)
+        text_tokens = model.forward_intermediates(text=text, text_indices=1, normalize_intermediates=True,
+                                                  intermediates_only=True)["text_intermediates"][-1]
+        if text_tokens.shape[-1] != adapter.width:
             text_proj = model.text.text_projection if hasattr(model, "text") else model.text_projection
             text_tokens = text_proj(text_tokens) if isinstance(text_proj, nn.Linear) else text_tokens @ text_proj
-    return image_tokens, text_tokens
+        if adapter.image_proj is None:
+            return features @ model.visual.proj, text_tokens
+    return adapter.image_proj(features), text_tokens
 
 
 def all_pairs(n: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -360,7 +487,7 @@ class RankingModel(nn.Module):
                              f"layout; pass one row of token ids per image")
         lists, n = images.shape[:2]
         adapter = ranking_adapter(self.clip, self.adapter_name)
-        image_tokens, text_tokens = clip_tokens(self.clip, images.flatten(0, 1), text.flatten(0, 1))
+        image_tokens, text_tokens = clip_tokens(self.clip, images.flatten(0, 1), text.flatten(0, 1), adapter)
         fused = adapter.fuse(image_tokens, text_tokens)                                    # (L*N, P, D)
         out = {"scores": adapter.score(fused).view(lists, n)}
         if self.training if with_pairs is None else with_pairs:
@@ -407,6 +534,42 @@ class RankingLoss:
         return loss
 
 
+# ------------------------------------------------------------------------------------------------ optimiser
+
+#: AdamW betas and eps of the official training: open_clip's ``get_default_params`` (CLIP paper values).
+VIT_ADAMW = {"betas": (0.9, 0.98), "eps": 1e-6}
+OTHER_ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8}
+
+
+def _official_no_decay(name: str, tensor: torch.Tensor) -> bool:
+    """The official rule (``training/main.py``): gains and biases, i.e. tensors of fewer than 2 dims and names
+    containing ``bn``, ``ln``, ``bias`` or ``logit_scale``, get no weight decay."""
+    return tensor.ndim < 2 or any(tag in name for tag in ("bn", "ln", "bias", "logit_scale"))
+
+
+def official_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the official training for the trainable parameters of ``model`` (a CLIP with
+    the adapter attached, or a :class:`RankingModel`): ``[no-decay group, decay group]``.
+
+    As the official ``training/main.py``: weight decay 0 for norm gains, biases and every tensor of fewer than 2
+    dims (:func:`_official_no_decay`, applied to the parameter's name inside its adapter, so that an adapter
+    name cannot change it), ``weight_decay`` for the rest (prompt tokens, relational queries and the image
+    projection included: they are 2-D), ``amsgrad=True``; betas ``(0.9, 0.98)`` and eps ``1e-6`` for ViT image
+    towers, ``(0.9, 0.999)`` and ``1e-8`` otherwise (ConvNeXt). The official code picks the betas by the model
+    name containing ``vit`` (``get_default_params``); here the tower's class decides, which agrees on every
+    official adapter config (``ViT-*-adapter`` vs ``convnext_*-adapter``, ``RN*-adapter``).
+    """
+    clip = model.clip if isinstance(model, RankingModel) else model
+    settings = VIT_ADAMW if _vision_kind(clip) == "vit" else OTHER_ADAMW
+    no_decay, decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            inner = re.sub(r"visadapt_adapters\.[^.]+\.", "", name)
+            (no_decay if _official_no_decay(inner, param) else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0, "amsgrad": True, **settings},
+            {"params": decay, "weight_decay": weight_decay, "amsgrad": True, **settings}]
+
+
 # ---------------------------------------------------------------------------------------------- inference
 
 
@@ -449,7 +612,7 @@ def rank(model: nn.Module, images: torch.Tensor | Sequence[torch.Tensor], instru
         scores = []
         for start in range(0, images.shape[0], batch_size):
             chunk = images[start:start + batch_size].to(device)
-            image_tokens, text_tokens = clip_tokens(clip, chunk, ids.expand(chunk.shape[0], -1))
+            image_tokens, text_tokens = clip_tokens(clip, chunk, ids.expand(chunk.shape[0], -1), adapter)
             scores.append(adapter.score(adapter.fuse(image_tokens, text_tokens)).float().cpu())
     finally:
         adapter.train(was_training)

@@ -38,6 +38,19 @@ def clip():
     )
 
 
+def convnext_clip(**vision_overrides):
+    """An open_clip CLIP with a timm ConvNeXt image tower, configured as open_clip's ``convnext_large_d_320``
+    (``timm_pool ""``, ``timm_proj "mlp"``, drop path 0.1) at the size of timm's ``convnext_atto`` (320 channels
+    in the last stage; 64 px images give a 2 x 2 final map); text as :func:`clip`, 32 wide = embed_dim."""
+    from open_clip.model import CLIP
+
+    vision_cfg = {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
+                  "timm_proj": "mlp", "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": 64}
+    vision_cfg.update(vision_overrides)
+    return CLIP(embed_dim=32, vision_cfg=vision_cfg,
+                text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
+
+
 def unet():
     from diffusers import UNet2DConditionModel
 

@@ -159,6 +159,8 @@ def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Modu
     ``model`` is an open_clip model name (``open_clip.list_models()``) or ``visadapt_tiny_clip`` (built from
     :data:`TINY_CLIP_CONFIG`, seeded, no weights). ``pretrained``: ``"default"`` (open_clip's first listed tag
     for ``model``), ``"none"`` (random init), a tag such as ``laion2b_s32b_b82k``, or a local checkpoint file.
+    A tag trained with QuickGELU (``openai`` and the others open_clip marks ``quick_gelu``) gets a QuickGELU
+    model whatever the name says (``ViT-B-32`` as ``ViT-B-32-quickgelu``).
     """
     import open_clip
     import torch
@@ -180,7 +182,12 @@ def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Modu
         if _looks_like_path(choice) and not os.path.isfile(choice):
             raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, an "
                                     f"open_clip tag, 'default' or 'none'")
-        clip = open_clip.create_model(model, pretrained=None if choice == "none" else choice)
+        # open_clip 3.x builds a plain name (ViT-B-32) with GELU even for weights trained with QuickGELU (the
+        # 'openai' tags and others whose pretrained config says quick_gelu) and only warns; the weights need the
+        # activation they were trained with (older open_clip loaded 'openai' through a QuickGELU model)
+        tag_cfg = open_clip.get_pretrained_cfg(model, choice) if choice != "none" else {}
+        clip = open_clip.create_model(model, pretrained=None if choice == "none" else choice,
+                                      force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
     cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = clip.visual.image_size
     return clip, {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size),

@@ -645,13 +645,24 @@ class FitResult:
     stopped_early: bool = False         # TrainConfig.patience ended the run before TrainConfig.epochs
 
 
+def _checked_groups(param_groups: list[dict[str, Any]] | None, params: list[nn.Parameter]) -> list:
+    """``param_groups`` after checking that they hold each trainable parameter once and nothing else."""
+    if param_groups is None:
+        return params
+    grouped = [p for group in param_groups for p in group["params"]]
+    if len(grouped) != len({id(p) for p in grouped}) or {id(p) for p in grouped} != {id(p) for p in params}:
+        raise ValueError(f"param_groups hold {len(grouped)} tensors ({len({id(p) for p in grouped})} distinct); they "
+                         f"must hold each of the model's {len(params)} trainable parameters exactly once")
+    return param_groups
+
+
 def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, config: TrainConfig, *,
         accelerator: Accelerator | None = None, output_dir: str | os.PathLike | None = None,
         resume: bool = False, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
         evaluator: Callable[[nn.Module, Accelerator], dict[str, float]] | None = None, metric: str = "accuracy",
         before_epoch: Callable[[nn.Module, int], None] | None = None, log_prefix: str = "",
         batch_sampler: Sampler[list] | None = None, test_dataset: Dataset | None = None,
-        keep_best: bool = False) -> FitResult:
+        keep_best: bool = False, param_groups: list[dict[str, Any]] | None = None) -> FitResult:
     """Train the parameters of ``model`` that require grad; evaluate on ``eval_dataset``.
 
     ``model`` maps images ``(B, C, H, W)`` to logits ``(B, num_classes)``; datasets yield ``(image, label)``.
@@ -684,6 +695,11 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     earliest of equals, see :func:`validation_selected`), in memory and in every checkpoint, and loads it back
     into ``model`` before returning: the model then holds the adapter whose test accuracy is
     ``FitResult.test_at_best``, not the last epoch's.
+
+    ``param_groups`` (AdamW parameter groups: ``{"params": [...], "weight_decay": ..., "betas": ..., ...}``) sets
+    per-group optimiser settings, e.g. a method's official ones (:func:`visadapt.plugins.ranking_clip.
+    official_param_groups`); together they must hold every trainable parameter exactly once. Default: one group
+    with ``config.weight_decay`` and AdamW's defaults.
     """
     accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps,
                                                   precision=config.precision)
@@ -730,7 +746,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     # The fused CUDA kernel updates every tensor in one launch; on CPU the default (foreach) path is kept, so
     # CPU runs stay bit-identical to earlier releases and across process counts.
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW(_checked_groups(param_groups, params), lr=config.lr,
+                                  weight_decay=config.weight_decay,
                                   fused=accelerator.device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.lr_schedule, warmup_steps, total_steps))
     if eval_loader is None:

@@ -33,6 +33,7 @@ def config_field(default: Any, help: str, **kwargs) -> Any:
 class AdapterConfig:
     """Base of every plugin config. Subclasses are dataclasses whose fields all have defaults."""
 
+
     def __post_init__(self) -> None:
         self.validate()
 

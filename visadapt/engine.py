@@ -1092,11 +1092,13 @@ def check_init_adapter(path: str | os.PathLike, plugin: str, config: Mapping[str
     wanted = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     wanted = file_plugin.Config.from_dict(wanted).to_dict()  # defaults filled in, as the file's are
     have = file_config.to_dict()
-    differing = [f"{key}: file {have.get(key)!r}, run {wanted.get(key)!r}"
-                 for key in sorted(set(have) | set(wanted)) if have.get(key) != wanted.get(key)]
+    # A run value "auto" is resolved by the plugin's attach (files record the result): before attach it matches
+    # any value; init_adapter_from_file checks again against the attached, resolved config.
+    keys = [key for key in sorted(set(have) | set(wanted))
+            if have.get(key) != wanted.get(key) and wanted.get(key) != "auto"]
+    differing = [f"{key}: file {have.get(key)!r}, run {wanted.get(key)!r}" for key in keys]
     if differing:
-        fixes = " ".join(f"--set {key}={json.dumps(have.get(key))}" for key in sorted(set(have) | set(wanted))
-                         if have.get(key) != wanted.get(key))
+        fixes = " ".join(f"--set {key}={json.dumps(have.get(key))}" for key in keys)
         raise InitAdapterError(f"--init-adapter {path}: its {plugin!r} config differs from this run's ("
                                + "; ".join(differing) + f"); train with the file's config ({fixes}) or start "
                                f"without --init-adapter")

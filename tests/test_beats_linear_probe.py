@@ -3,7 +3,7 @@ beats the linear probe trained for at least as long: the adapter learns somethin
 
 The task is `cells` (a low-level colour cue the upstream features keep only partly), 600 training and 200 test
 images, through the real `train/vtab.py`. Measured on the 2-core CI machine: linear probe 62.5%, 1-bit
-AdaptFormer 81.0% (6 epochs), MoSA 77.0% (12 epochs: its sparse modules each see a quarter of the steps).
+AdaptFormer 81.0% (6 epochs), MoSA 76.0% (12 epochs: its sparse modules each see a quarter of the steps).
 """
 from __future__ import annotations
 

@@ -171,6 +171,7 @@ def test_a_run_starts_its_adapters_from_init_adapter_files(dense, tmp_path, monk
 def test_init_adapter_forms_that_do_not_fit_the_run_are_refused_before_any_output(dense, tmp_path, capsys):
     per_task = trained_looking_files(dense, tmp_path, "per-task")
     semseg = per_task["semseg"]
+    lite = trained_looking_files(dense, tmp_path, "lite")["default"]  # Polyhistor-Lite on semseg and sal
     out = tmp_path / "run"
     base = [*ONE_EPOCH, "--output-dir", str(out)]
     cases = [
@@ -186,6 +187,11 @@ def test_init_adapter_forms_that_do_not_fit_the_run_are_refused_before_any_outpu
         (["--method", "per-task", "--set", "reduction_factor=2", "--init-adapter", f"sal={semseg}"],
          "reduction_factor: file 4, run 2"),
         (["--method", "per-task", "--init-adapter", f"sal={tmp_path / 'missing.safetensors'}"], "missing.safetensors"),
+        # Polyhistor's task list comes from --tasks (not --set): the fix names --tasks, or a file of that task alone
+        (["--method", "lite", "--init-adapter", str(lite), "--tasks", "semseg"],
+         "trained on tasks ['semseg', 'sal']; this model trains ['semseg']: train with --tasks semseg sal"),
+        (["--method", "lite", "--single-task", "--init-adapter", f"semseg={lite}"],
+         "start task semseg from a file trained on it alone"),
     ]
     for argv, message in cases:
         assert dense.run_script(lambda argv=argv: dense.main([*base, *argv])) == 2, argv

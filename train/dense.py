@@ -63,6 +63,7 @@ from visadapt.dense import (
     unflatten_results,
 )
 from visadapt.engine import (
+    InitAdapterError,
     TrainConfig,
     add_run_flags,
     check_init_adapter,
@@ -75,7 +76,7 @@ from visadapt.engine import (
     run_script,
     seed_everything,
 )
-from visadapt.io import write_json_atomic
+from visadapt.io import AdapterFileError, read_adapter_metadata, write_json_atomic
 from visadapt.plugin import config_values
 
 # Per benchmark; every value can be overridden by its flag. pascal: MTLoRA's schedule (AdamW 5e-4, wd 0.05,
@@ -176,6 +177,23 @@ def group_init_adapters(args: argparse.Namespace, tasks: list[str], starts: dict
     return {"default": starts[key]} if key in starts else {}
 
 
+def check_polyhistor_tasks(args: argparse.Namespace, file: str, tasks: list[str]) -> None:
+    """Refuse a Polyhistor(-Lite) ``file`` trained on other tasks than ``tasks`` with the fix (``--tasks``, or
+    under ``--single-task`` a file of that task alone): its config's ``tasks`` comes from ``--tasks``, not from
+    ``--set`` (:func:`visadapt.dense.method_plugin_fields`), so the engine's ``--set`` fix would not apply."""
+    try:
+        meta = read_adapter_metadata(file)
+        holds = list(json.loads(meta["config"]).get("tasks") or []) if meta["plugin"] == "polyhistor" else None
+    except (AdapterFileError, ValueError, KeyError):
+        return  # check_init_adapter names what is wrong with the file
+    if holds is None or holds == list(tasks):
+        return
+    fix = (f"start task {tasks[0]} from a file trained on it alone" if args.single_task
+           else f"train with --tasks {' '.join(holds)}")
+    raise InitAdapterError(f"--init-adapter {file}: its Polyhistor adapter was trained on tasks {holds}; this "
+                           f"model trains {list(tasks)}: {fix}, or start without --init-adapter")
+
+
 def plugin_fields(args: argparse.Namespace) -> dict:
     """The method's plugin fields: the benchmark's defaults the plugin has, then --adapter-config, then --set."""
     given = config_values(args.adapter_config, args.overrides)
@@ -259,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         for tasks in ([task] for task in args.tasks) if args.single_task else [list(args.tasks)]:
             _, configs = attach_dense_method(None, args.method, tasks, fields)
             for name, file in group_init_adapters(args, tasks, starts).items():
+                check_polyhistor_tasks(args, file, tasks)
                 check_init_adapter(file, plugin, configs[name])  # the header only, before any work
     except (ValueError, KeyError, TypeError) as err:  # InitAdapterError is a ValueError too
         print(f"error: {err}", file=sys.stderr)

@@ -131,3 +131,63 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
         script.parse_args(["--output-dir", str(tmp_path), "--resume", "--overwrite"])
     assert exit_info.value.code == 2
     assert "--resume and --overwrite contradict each other" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --init-adapter
+
+def experts_file(path, model=None, plugin="ppap", **config):
+    """An experts file for the embedded classifier (or ``model``) as TINY_RUN trains them (2 experts of rank 4 over
+    1000 timesteps), every expert tensor redrawn (a fresh expert's LoRA B is zero, so a fresh start cannot pass)."""
+    model = model if model is not None else create_ppap_world_classifier()
+    if plugin == "ppap":
+        config = {"num_experts": 2, "rank": 4, "alpha": 8.0, "num_train_timesteps": 1000, **config}
+    visadapt.attach(model, plugin, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "visadapt_" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    visadapt.save_adapter(model, path)
+    return path
+
+
+def test_init_adapter_starts_every_expert_from_the_file(tmp_path):
+    """At a negligible learning rate both trained experts are the file's (to 1e-6)."""
+    script = load_train_script("ppap")
+    start = experts_file(tmp_path / "start.safetensors")
+    small = [*TINY_RUN, "--lr", "1e-12"]
+    small[small.index("--eval-samples") + 1] = "0"
+    out = tmp_path / "run"
+    assert script.main(["--output-dir", str(out), "--init-adapter", str(start), *small]) == 0
+    before, after = load_file(str(start)), load_file(str(out / script.EXPERTS_FILE))
+    assert before.keys() == after.keys() and max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6
+    for expert in (0, 1):  # both experts' LoRA B came from the file, not from a fresh (zero) start
+        lora_b = [k for k in before if f".experts.{expert}." in k and ".B" in k]
+        assert lora_b and all(before[k].abs().max() > 1e-3 for k in lora_b), expert
+    assert json.loads((out / "metrics.json").read_text())["recipe"]["init_adapter"] == str(start)
+
+
+def test_init_adapter_files_that_do_not_fit_are_refused_before_any_output(tmp_path, capsys):
+    from tiny_models import vit
+
+    script = load_train_script("ppap")
+    start = experts_file(tmp_path / "start.safetensors")
+    out = tmp_path / "run"
+    cases = [
+        (start, ["--rank", "8", "--num-experts", "3"],
+         "rank: file 4, run 8); train with --num-experts 2 --rank 4 or start without --init-adapter"),
+        (experts_file(tmp_path / "t500.safetensors", num_train_timesteps=500), [],
+         "its experts split 500 training timesteps; --pipeline visadapt_ppap_world has 1000"),
+        (experts_file(tmp_path / "lora.safetensors", plugin="lora"), [], "holds a 'lora' adapter; this run trains 'ppap'"),
+        (experts_file(tmp_path / "other.safetensors", vit()), [], "pass the --classifier it was trained on"),
+        (tmp_path / "missing.safetensors", [], "missing.safetensors"),
+    ]
+    for file, extra, message in cases:
+        argv = ["--output-dir", str(out), *TINY_RUN, *extra, "--init-adapter", str(file)]
+        assert script.run_script(lambda argv=argv: script.main(argv)) == 2, file
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --init-adapter {file}") and err.count("\n") == 1 and message in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--output-dir", str(out), "--init-adapter", str(start), "--warm-start"])
+    assert exit_info.value.code == 2 and "--warm-start would overwrite experts 1.." in capsys.readouterr().err
+    assert not out.exists()

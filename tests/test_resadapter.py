@@ -342,3 +342,85 @@ def test_train_script_runs_end_to_end_and_writes_the_adapter_and_sample_grids(tm
     assert script.parse_size("48x32") == (48, 32)
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         script.parse_size("48")
+
+
+# ------------------------------------------------------------------ train/resadapter.py --init-adapter
+
+# the smallest run: 4 images, one batch at one resolution, one 1-step sample grid
+TINY_RUN = ["--images", "4", "--epochs", "1", "--batch-size", "4", "--eval-items", "1", "--buckets", "32x32",
+            "--sample-sizes", "32x32", "--steps", "1", "--sample-prompts", "a red circle", "--no-progress"]
+
+
+def trained_looking_file(path, plugin="resadapter", **config):
+    """An adapter file for the embedded UNet whose every adapter tensor is moved off its fresh value (a fresh
+    LoRA B is zero and fresh norm affines copy the base's, so a run that ignored the file could not match it)."""
+    unet = create_tiny_sd_pipeline().unet
+    visadapt.attach(unet, plugin, **config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "visadapt_" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    visadapt.save_adapter(unet, path)
+    return path
+
+
+def test_train_script_starts_from_an_init_adapter_file(tmp_path, monkeypatch):
+    """--init-adapter: at a negligible learning rate the trained adapter is the file's (LoRA factors and norm
+    affines, to 1e-6), where a fresh start would keep LoRA B at zero."""
+    from safetensors.torch import load_file
+
+    from tests.train_scripts import load_train_script
+
+    monkeypatch.setenv("VISADAPT_CACHE", str(tmp_path / "cache"))
+    start = trained_looking_file(tmp_path / "start.safetensors")
+    out = tmp_path / "run"
+    script = load_train_script("resadapter")
+    assert script.main([*TINY_RUN, "--output-dir", str(out), "--lr", "1e-12", "--init-adapter", str(start)]) == 0
+    before, after = load_file(start), load_file(out / "resadapter.safetensors")
+    assert before.keys() == after.keys() and max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6
+    lora_b = [k for k in before if ".B." in k]
+    assert lora_b and all(before[k].abs().max() > 1e-3 for k in lora_b)  # not what a fresh start holds
+    assert __import__("json").loads((out / "metrics.json").read_text())["init_adapter"] == str(start)
+
+
+def test_train_script_refuses_an_init_adapter_of_another_config_or_plugin_before_any_output(tmp_path, capsys):
+    from tests.train_scripts import load_train_script
+
+    start = trained_looking_file(tmp_path / "start.safetensors")
+    out = tmp_path / "run"
+    script = load_train_script("resadapter")
+    base = [*TINY_RUN, "--output-dir", str(out), "--init-adapter"]
+    assert script.main([*base, str(start), "--set", "rank=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --init-adapter {start}" in err and "rank: file 16, run 8" in err and "--set rank=16" in err
+    selma = trained_looking_file(tmp_path / "selma.safetensors", "selma", rank=4)
+    assert script.run_script(lambda: script.main([*base, str(selma)])) == 2
+    assert "holds a 'selma' adapter; this run trains 'resadapter'" in capsys.readouterr().err
+    assert script.main([*base, str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_failed_init_adapter_load_leaves_the_unet_as_it_was(tmp_path):
+    """A file whose header is right but whose tensors fail their checksum: refused by the load, and the UNet
+    keeps its fresh adapter (every tensor, ResNet norm affines included) and what trains."""
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as save_tensors
+
+    from visadapt.engine import InitAdapterError, init_adapter_from_file
+    from visadapt.io import read_adapter_metadata
+
+    start = trained_looking_file(tmp_path / "start.safetensors")
+    tensors = {k: v + 1 for k, v in load_file(start).items()}
+    broken = tmp_path / "broken.safetensors"
+    save_tensors(tensors, str(broken), metadata=read_adapter_metadata(start))
+    unet = create_tiny_sd_pipeline().unet
+    visadapt.attach(unet, "resadapter")
+    saved = snapshot(unet)
+    trains = {k: p.requires_grad for k, p in unet.named_parameters()}
+    with pytest.raises(InitAdapterError, match=f"--init-adapter {broken}: .*corrupted"):
+        init_adapter_from_file(unet, broken)
+    assert_same_tensors(unet, saved)
+    assert trains == {k: p.requires_grad for k, p in unet.named_parameters()}
+    assert list(visadapt.api.records(unet)) == ["default"]

@@ -342,3 +342,67 @@ def test_constant_schedule_and_max_steps_stop_mid_epoch_as_official(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
+
+
+# ------------------------------------------------------------------ train/selma.py --init-adapter
+
+TINY_SELMA_RUN = ["--per-skill", "4", "--epochs", "1", "--batch-size", "4", "--eval-items", "1", "--no-progress"]
+
+
+def expert_file(path, plugin="selma", **config):
+    """A trained-looking expert for the embedded UNet (every adapter tensor redrawn: a fresh LoRA B is zero)."""
+    unet = create_tiny_sd_pipeline().unet
+    visadapt.attach(unet, plugin, **config)
+    randomise(unet, "default", 0)
+    visadapt.save_adapter(unet, path)
+    return path
+
+
+def test_train_script_starts_a_named_skill_from_its_init_adapter_file(tmp_path, monkeypatch):
+    """--init-adapter counting=FILE at a negligible learning rate: the counting expert is the file's (to 1e-6), the
+    color expert, not named, starts fresh (LoRA B zero)."""
+    from safetensors.torch import load_file
+    from train_scripts import load_train_script
+
+    monkeypatch.setenv("VISADAPT_CACHE", str(tmp_path / "cache"))
+    start = expert_file(tmp_path / "counting.safetensors", rank=4, alpha=4.0, skill="counting")
+    out = tmp_path / "run"
+    script = load_train_script("selma")
+    assert script.main([*TINY_SELMA_RUN, "--output-dir", str(out), "--lr", "1e-12",
+                        "--init-adapter", f"counting={start}"]) == 0
+    before, after = load_file(start), load_file(out / "experts" / "counting.safetensors")
+    assert before.keys() == after.keys() and max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6
+    fresh = load_file(out / "experts" / "color.safetensors")
+    lora_b = [k for k in fresh if ".B." in k]
+    assert lora_b and all(before[k].abs().max() > 1e-3 and fresh[k].abs().max() < 1e-6 for k in lora_b)
+    experts = json.loads((out / "metrics.json").read_text())["experts"]
+    assert experts["counting"]["init_adapter"] == str(start) and experts["color"]["init_adapter"] is None
+
+
+def test_train_script_refuses_init_adapters_that_do_not_fit_before_any_output(tmp_path, monkeypatch, capsys):
+    from train_scripts import load_train_script
+
+    monkeypatch.setenv("VISADAPT_CACHE", str(tmp_path / "cache"))
+    start = expert_file(tmp_path / "counting.safetensors", rank=4, alpha=4.0, skill="counting")
+    resadapter = expert_file(tmp_path / "resadapter.safetensors", "resadapter")
+    out = tmp_path / "run"
+    script = load_train_script("selma")
+    cases = [
+        ([str(start)], (f"expected SKILL=FILE with SKILL one of this run's skills (counting, color), e.g. "
+                        f"--init-adapter counting={start}")),
+        ([f"shapes={start}"], "expected SKILL=FILE"),
+        ([f"counting={start}", f"counting={start}"], "names skill 'counting' twice"),
+        ([f"color={start}"], (f"holds the expert of skill 'counting', not 'color'; start the skill it was "
+                              f"trained on (--init-adapter counting={start}")),
+        ([f"counting={resadapter}"], "holds a 'resadapter' adapter; this run trains 'selma'"),
+        ([f"counting={tmp_path / 'missing.safetensors'}"], "missing.safetensors"),
+    ]
+    for items, message in cases:
+        argv = [*TINY_SELMA_RUN, "--output-dir", str(out), *(a for item in items for a in ("--init-adapter", item))]
+        assert script.run_script(lambda argv=argv: script.main(argv)) == 2, items
+        err = capsys.readouterr().err
+        assert err.startswith("error: --init-adapter") and err.count("\n") == 1 and message in err, (items, err)
+    assert script.main([*TINY_SELMA_RUN, "--output-dir", str(out), "--rank", "8",
+                        "--init-adapter", f"counting={start}"]) == 2
+    assert "rank: file 4, run 8" in capsys.readouterr().err
+    assert not out.exists()

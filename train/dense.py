@@ -23,6 +23,14 @@ Writes ``<output-dir>/metrics.json`` (per-task metrics, trainable parameters spl
 decoders, the recipe, wall time, versions), the adapter file(s) (``adapter.safetensors``; ``per-task``: one per
 task, ``adapter-<task>.safetensors``) and ``heads.safetensors`` (stage norms and decoders). With
 ``--single-task``, each task gets its own ``<output-dir>/<task>/`` and the top ``metrics.json`` gathers them.
+
+``--init-adapter`` starts the adapter(s) from trained files instead of fresh ones (the stage norms and decoders
+start fresh: they are in ``heads.safetensors``, not in an adapter file). Its form follows how many adapters the run
+trains: ``lite``, ``polyhistor`` and ``shared`` train one for every task, so ``--init-adapter FILE``; ``per-task``
+and ``--single-task`` train one per task, so ``--init-adapter TASK=FILE``, repeatable, one per task to start (the
+tasks not named start fresh); ``decoder`` and ``full`` attach no adapter and refuse the flag. Every file's header
+(plugin and config) is checked before the output folder is made; a file that fails to load is an ``error:`` line
+and exit code 2, with the model left as it was.
 """
 from __future__ import annotations
 
@@ -50,21 +58,25 @@ from visadapt.dense import (
     benchmark_plugin_fields,
     dense_evaluator,
     dense_loss,
+    method_plugin_fields,
     save_dense_adapters,
     unflatten_results,
 )
 from visadapt.engine import (
+    InitAdapterError,
     TrainConfig,
     add_run_flags,
+    check_init_adapter,
     finish_run_args,
     fit,
+    init_adapter_from_file,
     make_accelerator,
     prepare_output_dir,
     run_options,
     run_script,
     seed_everything,
 )
-from visadapt.io import write_json_atomic
+from visadapt.io import AdapterFileError, read_adapter_metadata, write_json_atomic
 from visadapt.plugin import config_values
 
 # Per benchmark; every value can be overridden by its flag. pascal: MTLoRA's schedule (AdamW 5e-4, wd 0.05,
@@ -109,8 +121,77 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="scenes: seed of the generated world")
     p.add_argument("--output-dir", default=None, help="default: runs/dense-<benchmark>-<method>")
     add_run_flags(p)
+    # not add_run_flags' --init-adapter FILE: a per-task run starts one adapter per task, so it takes TASK=FILE
+    p.add_argument("--init-adapter", action="append", default=[], metavar="[TASK=]FILE",
+                   help="start from a trained adapter file (e.g. adapter.safetensors of an earlier run) instead of a "
+                        "fresh adapter; it must hold this run's plugin and config (checked before training). "
+                        "lite/polyhistor/shared: one FILE. per-task or --single-task: TASK=FILE (e.g. "
+                        "semseg=runs/x/adapter-semseg.safetensors), repeatable; tasks not named start fresh. Stage "
+                        "norms and decoders always start fresh")
     args = p.parse_args(argv)
     return finish_run_args(p, args, RECIPES[args.benchmark])
+
+
+def init_adapter_starts(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--init-adapter`` files by what they start: ``{task: file}`` when the run trains an adapter per task
+    (``per-task``, or ``--single-task``: a model per task), else ``{"default": file}`` for the one adapter shared
+    by every task. Raises ``ValueError`` naming the item and the fix for a form that does not fit the run."""
+    if args.init_adapter and args.method in ("decoder", "full"):
+        raise ValueError(f"--init-adapter: method {args.method!r} attaches no adapter, so there is none to start "
+                         f"from a file; drop --init-adapter")
+    per_task = args.method == "per-task" or args.single_task
+    why = ("per-task trains one adapter per task" if args.method == "per-task"
+           else "--single-task trains a model per task")
+    starts: dict[str, str] = {}
+    for item in args.init_adapter:
+        task, sep, file = item.partition("=")
+        named = bool(sep) and task in DENSE_TASKS and bool(file)
+        if per_task:
+            if not named:
+                raise ValueError(f"--init-adapter {item}: {why}; name the task the file starts, e.g. "
+                                 f"--init-adapter {args.tasks[0]}={item}")
+            if task not in args.tasks:
+                raise ValueError(f"--init-adapter {item}: this run does not train task {task!r} (--tasks "
+                                 f"{' '.join(args.tasks)})")
+            if task in starts:
+                raise ValueError(f"--init-adapter names task {task!r} twice; give one file per task")
+            starts[task] = file
+        else:
+            if named:
+                raise ValueError(f"--init-adapter {item}: method {args.method!r} trains one adapter for every task; "
+                                 f"pass the file alone: --init-adapter {file}")
+            if starts:
+                raise ValueError(f"--init-adapter is given twice ({starts['default']}, {item}); method "
+                                 f"{args.method!r} trains one adapter: give one file")
+            starts["default"] = item
+    return starts
+
+
+def group_init_adapters(args: argparse.Namespace, tasks: list[str], starts: dict[str, str]) -> dict[str, str]:
+    """``{adapter name: file}`` for the model that trains ``tasks`` (:func:`init_adapter_starts`' files): a
+    per-task adapter is named by its task; the one adapter of the other methods is ``default``, started by the
+    group's task under ``--single-task``."""
+    if args.method == "per-task":
+        return {task: starts[task] for task in tasks if task in starts}
+    key = tasks[0] if args.single_task else "default"
+    return {"default": starts[key]} if key in starts else {}
+
+
+def check_polyhistor_tasks(args: argparse.Namespace, file: str, tasks: list[str]) -> None:
+    """Refuse a Polyhistor(-Lite) ``file`` trained on other tasks than ``tasks`` with the fix (``--tasks``, or
+    under ``--single-task`` a file of that task alone): its config's ``tasks`` comes from ``--tasks``, not from
+    ``--set`` (:func:`visadapt.dense.method_plugin_fields`), so the engine's ``--set`` fix would not apply."""
+    try:
+        meta = read_adapter_metadata(file)
+        holds = list(json.loads(meta["config"]).get("tasks") or []) if meta["plugin"] == "polyhistor" else None
+    except (AdapterFileError, ValueError, KeyError):
+        return  # check_init_adapter names what is wrong with the file
+    if holds is None or holds == list(tasks):
+        return
+    fix = (f"start task {tasks[0]} from a file trained on it alone" if args.single_task
+           else f"train with --tasks {' '.join(holds)}")
+    raise InitAdapterError(f"--init-adapter {file}: its Polyhistor adapter was trained on tasks {holds}; this "
+                           f"model trains {list(tasks)}: {fix}, or start without --init-adapter")
 
 
 def plugin_fields(args: argparse.Namespace) -> dict:
@@ -143,6 +224,9 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
     normalization = resolve_normalization(args.normalize, backbone)
     train_set, val_set = build_datasets(args, tasks, normalization)
     select_task, configs = attach_dense_method(backbone, args.method, tasks, plugin_fields)
+    init_files = group_init_adapters(args, tasks, init_adapter_starts(args))
+    for name, file in init_files.items():  # the files' tensors replace the fresh ones (base, widths, shapes checked)
+        init_adapter_from_file(backbone, file, name)
     model = MultiTaskDenseModel(backbone, train_set.task_outputs, select_task)
     counts = model.trainable_parameter_counts()
     prefix = f"[{'+'.join(tasks)}] "
@@ -164,7 +248,7 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
             "normalization": {"choice": args.normalize,
                               "mean": list(normalization[0]) if normalization else None,
                               "std": list(normalization[1]) if normalization else None},
-            "plugin_configs": {name: c.to_dict() for name, c in configs.items()},
+            "plugin_configs": {name: c.to_dict() for name, c in configs.items()}, "init_adapter": init_files,
             # the final evaluation's full results; a run resumed after its last epoch has only the history's
             "results": getattr(evaluator, "last_results", None) or unflatten_results(final, tasks),
             "trainable_params": counts.total, "adapter_params": counts.adapter,
@@ -188,7 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fields = plugin_fields(args)
         attach_dense_method(None, args.method, args.tasks, fields)  # a bad config fails before any work
-    except (ValueError, KeyError, TypeError) as err:
+        starts = init_adapter_starts(args)
+        plugin, _ = method_plugin_fields(args.method, args.tasks, fields)
+        for tasks in ([task] for task in args.tasks) if args.single_task else [list(args.tasks)]:
+            _, configs = attach_dense_method(None, args.method, tasks, fields)
+            for name, file in group_init_adapters(args, tasks, starts).items():
+                check_polyhistor_tasks(args, file, tasks)
+                check_init_adapter(file, plugin, configs[name])  # the header only, before any work
+    except (ValueError, KeyError, TypeError) as err:  # InitAdapterError is a ValueError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir or f"runs/dense-{args.benchmark}-{args.method}"

@@ -20,6 +20,12 @@ from the same initial noise.
 Outputs in ``--output-dir``: ``ppap_experts.safetensors`` (all experts in ONE visadapt file; the metadata lists the
 ranges; ``visadapt.load_adapter(classifier, path)`` reloads it), ``metrics.json`` (pool, per-expert fit history,
 guidance table) and ``pool/``.
+
+``--init-adapter FILE`` starts every expert from a trained experts file (the ``ppap_experts.safetensors`` of an
+earlier run, or the shipped one) instead of the same fresh state: expert ``i`` from the file's expert ``i``. The file
+must hold as many experts, of the same rank and alpha, over the pipeline's training timesteps, for this classifier;
+all of this is checked before the output folder is made (one ``error:`` line naming the flag to change, exit code 2).
+It excludes ``--warm-start``, which would overwrite experts 1.. with their trained predecessor.
 """
 from __future__ import annotations
 
@@ -47,17 +53,27 @@ from visadapt.backbones import (
 from visadapt.data.shards import write_image_shards
 from visadapt.diffusion import read_metadata
 from visadapt.engine import (
+    InitAdapterError,
     TrainConfig,
     add_run_flags,
+    check_init_adapter,
     finish_run_args,
     fit,
+    init_adapter_from_file,
     make_accelerator,
     prepare_output_dir,
     run_options,
     run_script,
     seed_everything,
 )
-from visadapt.io import TRAIN_METADATA, write_json_atomic
+from visadapt.io import (
+    TRAIN_METADATA,
+    AdapterFileError,
+    check_base_model,
+    parse_header,
+    read_adapter_metadata,
+    write_json_atomic,
+)
 from visadapt.plugins.ppap import (
     classifier_distillation_loss,
     copy_expert,
@@ -72,6 +88,8 @@ from visadapt.plugins.ppap import (
 EMBEDDED_WORLD = "visadapt_ppap_world"
 POOL_VERSION = 1
 EXPERTS_FILE = "ppap_experts.safetensors"
+#: the PPAP config fields this script sets by flag (the fix an --init-adapter config difference names)
+EXPERT_FLAGS = {"num_experts": "--num-experts", "rank": "--rank", "alpha": "--alpha"}
 
 
 # ------------------------------------------------------------------------------------------- models, inputs
@@ -323,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="class: KL to the sharpened teacher; dense: MSE to the teacher's output")
     p.add_argument("--output-dir", default="runs/ppap")
     add_run_flags(p, resume_help="continue an interrupted run in --output-dir",
-                  overwrite_help="empty --output-dir first", progress=False)
+                  overwrite_help="empty --output-dir first", progress=False, init_adapter=True)
     g = p.add_argument_group("pool (step 1)")
     g.add_argument("--pool-size", type=int, default=2048)
     g.add_argument("--pool-steps", type=int, default=25, help="denoising steps per pool image")
@@ -334,7 +352,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--rank", type=int, default=16)
     g.add_argument("--alpha", type=float, default=8.0)
     g.add_argument("--temperature", type=float, default=0.25, help="teacher sharpening of the KL target")
-    g.add_argument("--warm-start", action="store_true", help="expert i+1 starts from trained expert i (official)")
+    g.add_argument("--warm-start", action="store_true",
+                   help="expert i+1 starts from trained expert i (official); not with --init-adapter")
     g.add_argument("--epochs", type=int, default=16, help="epochs over the pool per expert")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=5e-3)
@@ -353,21 +372,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 < args.holdout_fraction < 1:
         p.error("--holdout-fraction must lie in (0, 1)")
+    if args.init_adapter and args.warm_start:
+        p.error("--init-adapter starts every expert from the file's; --warm-start would overwrite experts 1.. with "
+                "their trained predecessor: choose one")
     return finish_run_args(p, args)  # no recipe: refuses --resume with --overwrite, like every train script
+
+
+def check_init_experts(path: str, classifier: nn.Module, config: dict, pipeline: str) -> None:
+    """Refuse ``--init-adapter path`` unless it holds PPAP experts this run can start from: ``config``'s expert
+    count, rank and alpha (the fix names their flags), its training timesteps (those of ``pipeline``) and the
+    other fields (:func:`visadapt.engine.check_init_adapter`), for ``classifier`` (un-adapted). Header only."""
+    try:
+        _, plugin, file_config = parse_header(path, read_adapter_metadata(path))
+    except AdapterFileError:
+        plugin = None  # check_init_adapter names what is wrong with the file
+    if plugin is not None and plugin.name == "ppap":
+        have = file_config.to_dict()
+        differing = [key for key in EXPERT_FLAGS if have[key] != config[key]]
+        if differing:
+            raise InitAdapterError(
+                f"--init-adapter {path}: its experts differ from this run's ("
+                + "; ".join(f"{key}: file {have[key]!r}, run {config[key]!r}" for key in differing)
+                + f"); train with {' '.join(f'{EXPERT_FLAGS[key]} {have[key]}' for key in differing)} or start "
+                  f"without --init-adapter")
+        if have["num_train_timesteps"] != config["num_train_timesteps"]:
+            raise InitAdapterError(
+                f"--init-adapter {path}: its experts split {have['num_train_timesteps']} training timesteps; "
+                f"--pipeline {pipeline} has {config['num_train_timesteps']}: use the pipeline they were trained "
+                f"with or start without --init-adapter")
+    check_init_adapter(path, "ppap", config)
+    try:
+        check_base_model(classifier, read_adapter_metadata(path), path)
+    except AdapterFileError as err:
+        raise InitAdapterError(f"--init-adapter {path}: {err}; pass the --classifier it was trained on") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
     state = PartialState()
-    try:
-        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     seed_everything(args.seed)
     start = time.time()
+    # the models before the output folder: --init-adapter is checked against them first
     pipe, classifier, preprocess = load_world(args.pipeline, args.classifier, args.classifier_weights, args.scheduler)
+    config = {"num_experts": args.num_experts, "rank": args.rank, "alpha": args.alpha,
+              "num_train_timesteps": pipe.scheduler.config.num_train_timesteps}
+    try:
+        if args.init_adapter:
+            check_init_experts(args.init_adapter, classifier, config, args.pipeline)
+        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
+    except (FileExistsError, ValueError) as err:  # InitAdapterError is a ValueError too
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     pool_dir = out / "pool"
     if state.is_main_process:
@@ -379,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()
     pool_time = time.time() - start
 
-    visadapt.attach(classifier, "ppap", {"num_experts": args.num_experts, "rank": args.rank, "alpha": args.alpha,
-                                         "num_train_timesteps": pipe.scheduler.config.num_train_timesteps})
+    visadapt.attach(classifier, "ppap", config)
+    if args.init_adapter:  # every expert's tensors from the file (shapes and checksum checked)
+        init_adapter_from_file(classifier, args.init_adapter)
     pool = TeacherLabelledPool(pool_dir, classifier, preprocess)
     accelerator = make_accelerator(out, precision=args.precision)
     experts = train_experts(classifier, pipe.scheduler, preprocess, pool, out, args, accelerator)

@@ -19,6 +19,11 @@ Outputs in ``--output-dir``: ``resadapter.safetensors`` (one visadapt file; ``pi
 ``samples/``, ``checkpoints/`` (for ``--resume``) and ``metrics.json`` (the denoising loss at fixed noise on
 up to ``--eval-items`` images per epoch, before and after).
 
+``--init-adapter FILE`` starts from a trained ResAdapter (e.g. the ``resadapter.safetensors`` of an earlier run)
+instead of a fresh one: its header (plugin ``resadapter``, this run's config) is checked before the output folder
+is made, its tensors (LoRA factors and ResNet norm affines) after the UNet is built; either failure is one
+``error:`` line and exit code 2, with the UNet left as it was.
+
 The official training code is not released (res-adapter#3). Defaults follow the paper where it says: the
 released SD1.5 layout (rank 16, alpha 8, LoRA on the down/upsampler convs, trainable ResNet norms), frozen base,
 mixed resolutions. The ``embedded`` recipe is sized for 2 CPU cores: the tiny pipeline of
@@ -56,8 +61,10 @@ from visadapt.diffusion import (
 from visadapt.engine import (
     TrainConfig,
     add_run_flags,
+    check_init_adapter,
     finish_run_args,
     fit,
+    init_adapter_from_file,
     make_accelerator,
     prepare_output_dir,
     run_options,
@@ -196,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="embedded data only: seed of the generated images")
     p.add_argument("--images", type=int, default=48, help="embedded data only: number of images")
     p.add_argument("--output-dir", default="runs/resadapter")
-    add_run_flags(p)
+    add_run_flags(p, init_adapter=True)
     args = p.parse_args(argv)
     args.recipe = args.recipe or ("embedded" if args.pipeline == EMBEDDED_SD else "sd15")
     finish_run_args(p, args, RECIPES[args.recipe])
@@ -212,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = visadapt.get_plugin("resadapter")().Config.from_dict(config_values(None, args.overrides))
-    except (ValueError, KeyError, TypeError) as err:
+        if args.init_adapter:  # the header only: the file's plugin and config against this run's
+            check_init_adapter(args.init_adapter, "resadapter", config)
+    except (ValueError, KeyError, TypeError) as err:  # InitAdapterError is a ValueError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     pipe = load_pipeline(args.pipeline)
     visadapt.attach(pipe.unet, "resadapter", config)  # freezes the UNet; the trainer freezes VAE and text encoder
+    if args.init_adapter:  # the file's tensors replace the fresh ones (base UNet, widths and shapes checked)
+        init_adapter_from_file(pipe.unet, args.init_adapter)
     model = TextToImageTrainer.from_pipeline(pipe)
     data = ImagePromptFolder(data_root, pipe.tokenizer, resolution=args.buckets[0][0])
     try:
@@ -248,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(out, grad_accum_steps=1, precision=args.precision)
     run = {"benchmark": "resadapter", "pipeline": args.pipeline, "recipe": args.recipe, "data": str(data_root),
            "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-           "buckets": [f"{h}x{w}" for h, w in args.buckets], "config": config.to_dict()}
+           "buckets": [f"{h}x{w}" for h, w in args.buckets], "config": config.to_dict(),
+           "init_adapter": args.init_adapter}
     accelerator.init_trackers("resadapter", config={k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
                                                     for k, v in run.items()})
     progress = {"epoch": -1}

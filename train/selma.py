@@ -17,6 +17,12 @@ denoising loss at fixed noise on up to ``--eval-items`` of its images, before an
 report). Load the result with ``pipe.load_visadapt(path)`` or ``visadapt.load_adapter(pipe.unet, path)``; for
 the unmerged alternative load every expert with its own ``adapter_name`` and set their weights.
 
+``--init-adapter SKILL=FILE`` (repeatable, the form of ``--skill NAME=FOLDER``) starts that skill's expert from a
+trained one (e.g. ``experts/counting.safetensors`` of an earlier run) instead of a fresh LoRA; the skills not
+named start fresh. The file must hold a ``selma`` expert of the same skill with this run's config (rank, alpha,
+targets); every header is checked before the output folder is made, the tensors when the expert is attached; either
+failure is one ``error:`` line and exit code 2, with the UNet left as it was.
+
 Recipes: ``selma`` is the official SD v1.4 one (``fine-tune/ft_sd_lora.sh`` at the newest commit, see
 :data:`visadapt.plugins.selma.RECIPE`: rank 128 = alpha, AdamW with weight decay 1e-2 and gradient clipping at
 1.0, lr 3e-4 constant with no warm-up, batch 16 x 4 accumulation, resolution 512, random flip, 5,000 optimiser
@@ -58,17 +64,20 @@ from visadapt.diffusion import (
     load_pipeline,
 )
 from visadapt.engine import (
+    InitAdapterError,
     TrainConfig,
     add_run_flags,
+    check_init_adapter,
     finish_run_args,
     fit,
+    init_adapter_from_file,
     make_accelerator,
     prepare_output_dir,
     run_options,
     run_script,
     seed_everything,
 )
-from visadapt.io import TRAIN_METADATA, write_json_atomic
+from visadapt.io import TRAIN_METADATA, read_adapter_metadata, write_json_atomic
 from visadapt.plugin import config_values
 from visadapt.plugins.selma import MERGE_METHODS, RECIPE, merge_expert_files
 
@@ -172,6 +181,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-skill", type=int, default=48, help="embedded skills only: images per skill")
     p.add_argument("--output-dir", default="runs/selma")
     add_run_flags(p, resume_help="continue from the newest checkpoints")
+    # not add_run_flags' --init-adapter FILE: a run trains one expert per skill, so a file names the skill it starts
+    p.add_argument("--init-adapter", action="append", default=[], metavar="SKILL=FILE",
+                   help="start the expert of SKILL from a trained selma expert file (e.g. experts/counting.safetensors "
+                        "of an earlier run) instead of a fresh LoRA; repeatable, one per skill, like --skill; skills "
+                        "not named start fresh. The file must hold a selma expert of that skill with this run's "
+                        "config (checked before training)")
     args = p.parse_args(argv)
     args.recipe = args.recipe or ("embedded" if args.pipeline == EMBEDDED_SD else "selma")
     finish_run_args(p, args, RECIPES[args.recipe])
@@ -200,12 +215,45 @@ def epochs_for_steps(max_steps: int, images: int, batch_size: int, grad_accum_st
     return math.ceil(max_steps / steps_per_epoch)
 
 
-def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, run: dict) -> dict:
-    """Attach a fresh ``selma`` expert for ``skill``, fit it on ``folder``, save it, detach it; return its metrics."""
+def expert_config(args, skill: str) -> dict:
+    """The ``selma`` config fields of the expert of ``skill``: the recipe's rank and alpha, ``--set``, its name."""
+    return config_values(None, args.overrides, base={"rank": args.rank, "alpha": args.alpha, "skill": skill})
+
+
+def init_adapter_files(args) -> dict[str, Path]:
+    """``{skill: file}`` from ``--init-adapter SKILL=FILE`` (``args.skills`` known), each header checked: a
+    ``selma`` expert of that skill with this run's config. Raises ``ValueError`` (:class:`InitAdapterError` for a
+    file) naming the item and the fix."""
+    files: dict[str, Path] = {}
+    for item in args.init_adapter:
+        skill, sep, file = item.partition("=")
+        if not sep or skill not in args.skills or not file:
+            example = f"{next(iter(args.skills))}={file if sep else item}"
+            raise ValueError(f"--init-adapter {item}: expected SKILL=FILE with SKILL one of this run's skills "
+                             f"({', '.join(args.skills)}), e.g. --init-adapter {example}")
+        if skill in files:
+            raise ValueError(f"--init-adapter names skill {skill!r} twice; give one file per skill")
+        # every field but the skill, with the engine's fixes ("auto" matches any value)...
+        check_init_adapter(file, "selma", {**expert_config(args, skill), "skill": "auto"})
+        # ...then the skill, whose fix is the name, not a --set
+        holds = json.loads(read_adapter_metadata(file)["config"]).get("skill", "")
+        if holds != skill:
+            raise InitAdapterError(f"--init-adapter {item}: {file} holds the expert of skill {holds!r}, not "
+                                   f"{skill!r}; start the skill it was trained on (--init-adapter {holds}={file} "
+                                   f"with --skill {holds}=FOLDER) or start {skill!r} fresh")
+        files[skill] = Path(file)
+    return files
+
+
+def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, run: dict,
+                 init_file: Path | None = None) -> dict:
+    """Attach a ``selma`` expert for ``skill`` (fresh, or ``init_file``'s trained one), fit it on ``folder``, save
+    it, detach it; return its metrics."""
     seed_everything(args.seed)
-    config = config_values(None, args.overrides, base={"rank": args.rank, "alpha": args.alpha, "skill": skill})
-    visadapt.attach(pipe.unet, "selma", config, adapter_name=skill)
+    visadapt.attach(pipe.unet, "selma", expert_config(args, skill), adapter_name=skill)
     try:
+        if init_file is not None:  # its tensors replace the fresh ones (base UNet, widths and shapes checked)
+            init_adapter_from_file(pipe.unet, init_file, skill)
         data = ImagePromptFolder(folder, pipe.tokenizer, args.resolution, random_flip=args.random_flip)
         held = torch.utils.data.Subset(data, range(min(args.eval_items, len(data))))
         evaluator = denoising_evaluator(held, batch_size=args.batch_size, seed=args.seed)
@@ -229,7 +277,8 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
         return {"data_root": str(folder), "images": len(data), "denoising_loss_before": before,
                 "denoising_loss_after": result.history[-1]["denoising_loss"], "history": result.history,
                 "trainable_params": counts.trainable_params, "adapter_bytes": path.stat().st_size,
-                "wall_time_s": round(result.wall_time_s, 2), "resumed_from": result.resumed_from, "file": str(path)}
+                "wall_time_s": round(result.wall_time_s, 2), "resumed_from": result.resumed_from, "file": str(path),
+                "init_adapter": str(init_file) if init_file is not None else None}
     finally:
         visadapt.detach(pipe.unet, skill)
 
@@ -256,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --skill {skill}={folder}: not a folder holding {METADATA_FILE} (an image-prompt folder; "
                   f"train/selma_data.py writes one from a prompt list)", file=sys.stderr)
             return 2
+    try:
+        init_files = init_adapter_files(args)
+    except ValueError as err:  # InitAdapterError is a ValueError too
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.output_dir)
     try:
         prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
@@ -268,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
            "resolution": args.resolution, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
            "lr_schedule": args.lr_schedule}
     accelerator.init_trackers("selma", config={k: v for k, v in run.items()})
-    experts = {skill: train_expert(args, pipe, skill, folder, out, accelerator, run)
+    experts = {skill: train_expert(args, pipe, skill, folder, out, accelerator, run, init_files.get(skill))
                for skill, folder in args.skills.items()}
     metrics = {**run, "experts": experts, "visadapt_version": visadapt.__version__}
     if args.merge is not None and accelerator.is_main_process:

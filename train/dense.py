@@ -77,7 +77,7 @@ from visadapt.engine import (
     seed_everything,
 )
 from visadapt.io import AdapterFileError, read_adapter_metadata, write_json_atomic
-from visadapt.plugin import config_values
+from visadapt.plugin import SetOverride, config_values
 
 # Per benchmark; every value can be overridden by its flag. pascal: MTLoRA's schedule (AdamW 5e-4, wd 0.05,
 # 300 epochs, 20 warm-up, batch 32, 448 px; Polyhistor's own is not public). scenes: sized for 2 CPU cores.
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--method", default="lite", choices=DENSE_METHODS)
     p.add_argument("--single-task", action="store_true",
                    help="train one model per task instead of one for all (the single-task reference)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one field of the method's plugin config (value parsed as YAML); repeatable")
     p.add_argument("--adapter-config", default=None, help="YAML file with the plugin's config fields")
     p.add_argument("--model", default=None, help="timm Swin name (default: the benchmark's)")

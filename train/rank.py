@@ -56,7 +56,7 @@ from visadapt.engine import (
 )
 from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
 from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import config_values
+from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer, official_param_groups
 from visadapt.recipes import available_recipes, load_recipe
 
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="open_clip model name (default: the recipe's)")
     p.add_argument("--pretrained", default=None, help="open_clip tag, local checkpoint, 'default' or 'none'")
     p.add_argument("--adapter-config", default=None, help="YAML file with ranking_clip config fields")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one ranking_clip config field (value parsed as YAML); repeatable")
     for flag, kind in (("epochs", int), ("lr", float), ("weight-decay", float), ("list-size", int),
                        ("warmup-epochs", float)):

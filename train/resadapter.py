@@ -72,7 +72,7 @@ from visadapt.engine import (
     seed_everything,
 )
 from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import config_values
+from visadapt.plugin import SetOverride, config_values
 
 RECIPES = {
     "sd15": {"lr": 1e-4, "batch_size": 16, "epochs": 10, "steps": 25, "guidance": 7.5,
@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--buckets", nargs="+", default=None, metavar="HxW", help="training resolutions (per batch)")
     p.add_argument("--sample-sizes", nargs="+", default=None, metavar="HxW", help="rows of the sample grids")
     p.add_argument("--sample-prompts", nargs="+", default=["a red circle", "a blue square", "a yellow star"])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one resadapter config field (YAML value), e.g. norm=false or rank=8")
     p.add_argument("--eval-items", type=int, default=16, help="images for the fixed-noise denoising loss")
     p.add_argument("--data-seed", type=int, default=0, help="embedded data only: seed of the generated images")

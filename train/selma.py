@@ -78,7 +78,7 @@ from visadapt.engine import (
     seed_everything,
 )
 from visadapt.io import TRAIN_METADATA, read_adapter_metadata, write_json_atomic
-from visadapt.plugin import config_values
+from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.selma import MERGE_METHODS, RECIPE, merge_expert_files
 
 RECIPES = {
@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("grad-accum-steps", int), ("resolution", int), ("epochs", int), ("seed", int),
                        ("max-steps", int), ("weight-decay", float), ("max-grad-norm", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one selma config field (value parsed as YAML), e.g. targets=[to_q,to_v]")
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="merge the experts into one adapter")
     p.add_argument("--merge-weights", type=float, nargs="+", default=None,

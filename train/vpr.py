@@ -67,7 +67,7 @@ from visadapt.engine import (
 )
 from visadapt.eval.vpr import evaluate_places, extract_place_features
 from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import config_values
+from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
 from visadapt.recipes import available_recipes, load_recipe
 
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", default=None, help="registered plugin; a plugin other than selavpr is trained "
                                                    "together with SelaVPR's place head (default: the recipe's)")
     p.add_argument("--adapter-config", default=None, help="YAML file with the plugin's config fields")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one selavpr config field (value parsed as YAML); repeatable")
     p.add_argument("--normalize", default=None, choices=["model", "imagenet", "none"],
                    help="default: the recipe's, else model")

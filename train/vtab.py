@@ -72,7 +72,7 @@ from visadapt.engine import (
     validation_selected,
 )
 from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import config_values
+from visadapt.plugin import SetOverride, config_values
 from visadapt.recipes import (
     BACKBONE_SETTINGS,
     BENCHMARK_DEFAULTS,
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    "head only (default: the recipe's, else 'adapter')")
     p.add_argument("--adapter-config", default=None, help="YAML file with the plugin's config fields (over the "
                                                           "recipe's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one config field (value parsed as YAML); repeatable; wins over the recipe and "
                         "--adapter-config")
     p.add_argument("--split", default="final", choices=sorted(PROTOCOLS),

@@ -75,7 +75,9 @@ def get_plugin(name: str) -> type[AdapterPlugin]:
     if name not in _PLUGINS:
         _discover()
     if name not in _PLUGINS:
-        close = difflib.get_close_matches(name, list(_PLUGINS), n=3, cutoff=0.5)
+        # case-insensitive first ("LoRA" -> "lora"), then spelling
+        close = [known for known in _PLUGINS if known.lower() == str(name).lower()] or \
+            difflib.get_close_matches(str(name).lower(), list(_PLUGINS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise UnknownPluginError(f"no visadapt plugin named {name!r}{hint} (registered: {', '.join(sorted(_PLUGINS))})")
     return _PLUGINS[name]

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from visadapt.cli import plain_help
 from visadapt.data.tasks import BENCHMARKS, resolve_task, resolve_tasks
 
 # Relative, because eval/ is mapped to visadapt.eval by pyproject's package-dir: import sorters do not see it as
@@ -148,7 +149,7 @@ def _unique_labels(runs: list[RunResult]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="visadapt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="visadapt-eval", description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--benchmark", required=True, choices=[*BENCHMARKS, "vpr", "rank", "dense"],
                         help="which table; vpr: place recognition runs of train/vpr.py; rank: text-driven "

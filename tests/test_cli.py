@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import tiny_models as tm
 
 import visadapt
@@ -37,3 +38,29 @@ def test_sites_of_a_timm_model(capsys):
     assert main(["sites", "vit_tiny_patch16_224", "--kind", "q"]) == 0
     out = capsys.readouterr().out
     assert "timm_vit, 12 sites" in out and "blocks.11.attn.qkv" in out
+
+
+HELP_SCRIPTS = ["vtab", "vpr", "rank", "dense", "resadapter", "selma", "selma_data", "selma_prompts", "ppap",
+                "pretrain_backbone", "pretrain_ppap_world"]
+
+
+@pytest.mark.parametrize("program", ["visadapt", "visadapt-eval", "visadapt-data", *HELP_SCRIPTS])
+def test_help_shows_no_rst_markup(program, capsys):
+    """``--help`` is read in a terminal: no reStructuredText ``literal`` or :func:`role` markup in it."""
+    from train_scripts import load_train_script
+
+    if program == "visadapt":
+        from visadapt.cli import main
+    elif program == "visadapt-eval":
+        from eval.cli import main
+    elif program == "visadapt-data":
+        from visadapt.data.verify import main
+    else:
+        main = load_train_script(program).main
+    try:
+        code = main(["--help"])
+    except SystemExit as exit_:  # argparse exits; some mains turn that into their return value
+        code = exit_.code
+    text = capsys.readouterr().out
+    assert code in (0, None) and "usage:" in text
+    assert "``" not in text and ":func:" not in text and ":class:" not in text, text

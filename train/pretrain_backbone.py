@@ -37,6 +37,7 @@ from visadapt.backbones import (
     embedded_swin_weights_path,
     embedded_weights_path,
 )
+from visadapt.cli import plain_help
 from visadapt.data.procedural import GENERATOR_VERSION, IMAGE_SIZE, UPSTREAM_CLASSES, render_upstream
 
 #: what differs between the embedded backbones: the input side (renders are 32x32, a larger input is their
@@ -89,7 +90,7 @@ def accuracy(model, images, labels, batch_size=512, size: int = IMAGE_SIZE) -> f
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=plain_help(__doc__.splitlines()[0]))
     parser.add_argument("--model", default=EMBEDDED_MODEL, choices=sorted(EMBEDDED_BACKBONES),
                         help="which embedded backbone to pretrain")
     parser.add_argument("--samples", type=int, default=32000, help="upstream training images")

@@ -47,6 +47,7 @@ from visadapt.backbones import (
     create_ppap_world_classifier,
     create_ppap_world_pipeline,
 )
+from visadapt.cli import plain_help
 from visadapt.data import procedural as P
 
 WORLD_VERSION = 1
@@ -180,7 +181,7 @@ def _save(state: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> N
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=plain_help(__doc__.splitlines()[0]))
     parser.add_argument("--samples", type=int, default=16000, help="rendered training images (both models)")
     parser.add_argument("--holdout", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -136,8 +137,15 @@ def _cmd_export_interop(args: argparse.Namespace) -> int:
     return 0
 
 
+def plain_help(text: str) -> str:
+    """A docstring as ``--help`` shows it: reStructuredText's ``literal`` and :role:`target` markup dropped, so a
+    terminal prints ``inspect FILE`` as inspect FILE."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="visadapt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="visadapt", description=plain_help(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered plugins with their model families and config fields")
     p = sub.add_parser("inspect", help="metadata, tensor count, parameter count and bytes of an adapter file")

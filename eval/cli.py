@@ -68,9 +68,9 @@ def _recorded_benchmark(path: Path) -> str | None:
     on VTAB's Flowers102 data. A file this cannot read is left to the evaluator, which explains what is wrong.
     """
     try:
-        from visadapt.io import TRAIN_METADATA, read_safetensors_metadata
+        from visadapt.io import TrainingRun, read_safetensors_metadata
 
-        return json.loads(read_safetensors_metadata(path)[TRAIN_METADATA]).get("benchmark")
+        return TrainingRun(path, read_safetensors_metadata(path)).text("benchmark")
     except Exception:  # noqa: BLE001 - any unreadable header means "not known here", never a failure
         return None
 

@@ -147,11 +147,11 @@ def evaluate_vpr_adapter_file(path: str | Path, data_root: str | Path, *, split:
     from visadapt.data import resolve_normalization
     from visadapt.data.places import PlaceSplit
     from visadapt.data.transforms import vtab_transform
-    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata, training_run
+    from visadapt.io import TRAIN_METADATA, TrainingRun, load_adapter, read_adapter_metadata
     from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel
 
     meta = read_adapter_metadata(path)
-    run = training_run(path, meta)
+    run = TrainingRun(path, meta)
     if not run.present:
         raise ValueError(f"{path} has no {TRAIN_METADATA!r} metadata (not written by train/vpr.py), so the backbone "
                          f"it belongs to is unknown")

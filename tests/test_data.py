@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import struct
+import zlib
 
 import pytest
 import torch
@@ -37,6 +39,16 @@ def write_vtab_task(root, dirname, labels_per_split=None, ext="jpg"):
     for split, rows in lines.items():
         (task_dir / f"{split}.txt").write_text("".join(rows))
     return task_dir
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 60-byte PNG whose header claims ``width x height`` pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + \
+        chunk(b"IEND", b"")
 
 
 def write_fgvc_task(root, dirname, image_dir, splits):

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_data import small_fgvc_table, write_fgvc_task, write_image, write_vtab_task
+from test_data import png_claiming, small_fgvc_table, write_fgvc_task, write_image, write_vtab_task
 
 from visadapt.data import DatasetError, fgvc, vtab
 from visadapt.data.cache import load_cached_split
@@ -120,16 +118,6 @@ def test_any_split_line_loads_inside_the_root_or_fails_naming_file_and_line(tmp_
 # ------------------------------------------------------------------------------------------ crafted images
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A 60-byte PNG whose header claims ``width x height`` pixels (a decompression bomb's header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + \
-        chunk(b"IEND", b"")
-
-
 def _with_image(root: Path, data: bytes) -> tuple[Path, Path]:
     """A dtd task whose train800 line 2 is an image file holding ``data``; returns (image, split file)."""
     task_dir = write_vtab_task(root, "dtd")
@@ -150,7 +138,7 @@ def _small_png(size: int) -> bytes:
 def test_every_decode_failure_is_a_dataset_error_naming_image_and_line(tmp_path, monkeypatch, kind):
     jpeg = (tmp_path / "ok.jpg")
     write_image(jpeg, size=(64, 64))
-    data = {"bomb-header": _png_claiming(200_000, 200_000), "bomb-warning-range": _small_png(40),
+    data = {"bomb-header": png_claiming(200_000, 200_000), "bomb-warning-range": _small_png(40),
             "truncated": jpeg.read_bytes()[:200], "garbage": os.urandom(300), "empty": b"",
             "text": b"images/a.jpg 3\n"}[kind]
     if kind == "bomb-warning-range":
@@ -172,7 +160,7 @@ def test_every_decode_failure_is_a_dataset_error_naming_image_and_line(tmp_path,
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cache_decode_pool_reports_a_bomb_naming_image_and_line_and_leaves_no_file(tmp_path, monkeypatch, workers):
     monkeypatch.setattr("visadapt.data.cache._DECODE_CHUNK", 1)  # 3 chunks: the pool path runs with 2 workers
-    image, list_file = _with_image(tmp_path / "data", _png_claiming(200_000, 200_000))
+    image, list_file = _with_image(tmp_path / "data", png_claiming(200_000, 200_000))
     with pytest.raises(DatasetError) as info:
         load_cached_split("vtab", tmp_path / "data", "dtd", "train800", input_size=8, workers=workers)
     assert str(image) in str(info.value) and f"{list_file}:2" in str(info.value)
@@ -470,14 +458,14 @@ def test_places_and_ranking_loaders_refuse_a_bomb_naming_the_image(tmp_path):
 
     write_split(tmp_path / "places", "test", [(0, 0)], [(1, 1)])
     bomb = tmp_path / "places" / "images/test/database" / utm_name(E0 + 50, N0, "bomb", "png")
-    bomb.write_bytes(_png_claiming(200_000, 200_000))
+    bomb.write_bytes(png_claiming(200_000, 200_000))
     split = PlaceSplit(tmp_path / "places", "test")
     with pytest.raises(DatasetError, match="decompression bomb") as info:
         split.load_database(split.database_paths.index(bomb))
     assert str(bomb) in str(info.value)
 
     (tmp_path / "rank" / "images").mkdir(parents=True)
-    (tmp_path / "rank" / "images" / "a.png").write_bytes(_png_claiming(200_000, 200_000))
+    (tmp_path / "rank" / "images" / "a.png").write_bytes(png_claiming(200_000, 200_000))
     csv = tmp_path / "rank" / "train.csv"
     csv.write_text("filepath\ttitle\tcname\tvalue\nimages/a.png\tRank it.\tcircle\t2\n")
     with pytest.raises(DatasetError, match="decompression bomb") as info:

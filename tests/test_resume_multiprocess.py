@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_resume_faults import TASK, _checkpoints, _run_with  # the single-process file's run-folder helpers
 
 from visadapt import engine
 from visadapt.data.procedural import generate_mini_vtab
@@ -35,7 +35,6 @@ from visadapt.engine import checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "vtab.py"
-TASK = "orientation"
 # 24 training images in global batches of 8 (4 per rank): 3 steps per epoch, 2 epochs, a checkpoint every step.
 COMMON = ("--task", TASK, "--epochs", "2", "--checkpoint-every-steps", "1", "--keep-checkpoints", "100")
 # No test here waits longer than this for a launch; a rank left in a collective fails the test instead of CI.
@@ -113,19 +112,6 @@ def reference(tiny_data, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / TASK / "metrics.json").read_text())["num_processes"] == 2
     return out / TASK
-
-
-def _checkpoints(task_dir: Path) -> list[Path]:
-    return sorted((task_dir / "checkpoints").glob("step_*"))
-
-
-def _run_with(checkpoints: list[Path], out: Path) -> Path:
-    """A run folder holding copies of ``checkpoints`` only, as a run killed after writing them would."""
-    root = out / TASK / "checkpoints"
-    root.mkdir(parents=True)
-    for checkpoint in checkpoints:
-        shutil.copytree(checkpoint, root / checkpoint.name)
-    return root
 
 
 def _assert_same_as_reference(out: Path, reference: Path) -> None:

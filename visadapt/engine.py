@@ -1169,10 +1169,10 @@ def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike 
     from visadapt.data import build_datasets, resolve_normalization
     from visadapt.data.procedural import generate_mini_vtab
     from visadapt.data.tasks import resolve_task
-    from visadapt.io import TRAIN_METADATA, load_adapter, read_adapter_metadata, training_run
+    from visadapt.io import TRAIN_METADATA, TrainingRun, load_adapter, read_adapter_metadata
 
     meta = read_adapter_metadata(path)  # the header only: load_adapter below reads and checks the tensors
-    run = training_run(path, meta)
+    run = TrainingRun(path, meta)
     if not run.present:
         raise ValueError(f"{path} has no {TRAIN_METADATA!r} metadata (it was not written by a visadapt train/ "
                          f"script), so the backbone and task it belongs to are unknown")

@@ -60,9 +60,9 @@ from torch import nn
 from visadapt import api, inject
 from visadapt.io import (
     TRAIN_METADATA,
+    TrainingRun,
     load_adapter_tensors,
     read_adapter_file,
-    training_run,
     write_json_atomic,
 )
 from visadapt.registry import get_plugin
@@ -118,7 +118,7 @@ def recorded_model_spec(meta: dict[str, str], path: str | os.PathLike) -> tuple[
     ``visadapt.train`` metadata key, else the published name in the base model's fingerprint (timm), else None."""
     fingerprint = json.loads(meta.get("base_model") or "{}")  # checked by io.check_header when the file was read
     family = fingerprint.get("family", "") if isinstance(fingerprint, dict) else ""
-    run = training_run(path, meta)
+    run = TrainingRun(path, meta)
     seed = run.integer("seed", 0)
     if family.startswith("diffusers") and run.text("pipeline"):
         return run.text("pipeline"), run.weights(None), seed

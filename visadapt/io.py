@@ -269,11 +269,6 @@ class TrainingRun:
         return value
 
 
-def training_run(path, meta: Mapping[str, str]) -> TrainingRun:
-    """The checked ``visadapt.train`` entry of the header ``meta`` read from ``path``."""
-    return TrainingRun(path, meta)
-
-
 def _check_is_safetensors(path: str | os.PathLike) -> Path:
     """``path`` as a Path once its first bytes look like safetensors; pickles are refused unopened."""
     path = Path(path)

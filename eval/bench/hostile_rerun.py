@@ -43,7 +43,6 @@ import textwrap
 import time
 import traceback
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +50,13 @@ from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no case may reach the network (a crafted record naming hub weights)
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_models.py: the tiny timm / open_clip / diffusers builders
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models.py, test_data.py: the tiny models and data folders of the tests
 
 import tiny_models as tm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_data import png_claiming, write_image, write_vtab_task  # the data-test builders: one copy
 
 import visadapt
 from visadapt import engine, inject, io
@@ -696,40 +696,6 @@ class AdapterCases:
 
 # --------------------------------------------------------------------------------------------- data folders
 
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-
-
-def write_image(path: Path, colour=(255, 0, 128), size=(8, 8)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-
-
-def write_vtab_task(root: Path, dirname: str = "dtd", sizes=None) -> Path:
-    """A NOAH-layout task folder (as ``tests/test_data.py`` writes it)."""
-    sizes = sizes or {"train800": [0, 1, 2], "val200": [1, 0], "test": [2, 1, 0, 1]}
-    task_dir = root / dirname
-    lines = {}
-    for split, labels in sizes.items():
-        lines[split] = []
-        for i, label in enumerate(labels):
-            rel = f"images/{split}/{i:06d}.jpg"
-            write_image(task_dir / rel, COLOURS[i % len(COLOURS)])
-            lines[split].append(f"{rel} {label}\n")
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, rows in lines.items():
-        (task_dir / f"{split}.txt").write_text("".join(rows))
-    return task_dir
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb's header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
 def read_all(dataset) -> list:
     return [dataset[i] for i in range(len(dataset))]
 
@@ -755,7 +721,7 @@ class DataCases:
         for name, listed in listed_cases.items():
             case = self.rerun.folder()
             root = case / "data"
-            task_dir = write_vtab_task(root)
+            task_dir = write_vtab_task(root, "dtd")
             secret = case / "outside" / "secret.jpg"
             write_image(secret)
             listed = listed.format(secret=secret)
@@ -785,7 +751,7 @@ class DataCases:
         # a symlink inside the root pointing outside it: followed by the documented rule (hub snapshots link into
         # blobs/); checked to read the linked image, and nothing else
         case = self.rerun.folder()
-        task_dir = write_vtab_task(case / "data")
+        task_dir = write_vtab_task(case / "data", "dtd")
         write_image(case / "outside" / "secret.jpg", size=(13, 11))
         os.symlink(case / "outside" / "secret.jpg", task_dir / "images" / "linked.jpg")
         (task_dir / "train800.txt").write_text((task_dir / "train800.txt").read_text() + "images/linked.jpg 1\n")
@@ -835,7 +801,7 @@ class DataCases:
             contents = {k: contents[k] for k in ("decompression bomb (header 200000^2)", "random bytes")}
         for name, data in contents.items():
             case = self.rerun.folder()
-            task_dir = write_vtab_task(case / "data")
+            task_dir = write_vtab_task(case / "data", "dtd")
             image = task_dir / "images" / "train800" / "000001.jpg"
             image.write_bytes(data)
             limit = Image.MAX_IMAGE_PIXELS
@@ -851,7 +817,7 @@ class DataCases:
         # the same bomb through the cache's decode pool: DatasetError, and no cache file left
         for workers in ([1] if self.rerun.quick else [1, 2]):
             case = self.rerun.folder()
-            task_dir = write_vtab_task(case / "data")
+            task_dir = write_vtab_task(case / "data", "dtd")
             image = task_dir / "images" / "train800" / "000001.jpg"
             image.write_bytes(png_claiming(200_000, 200_000))
             cache_dir = task_dir / ".visadapt_cache"
@@ -868,7 +834,7 @@ class DataCases:
         from visadapt.data.cache import load_cached_split
 
         def build(case: Path):
-            write_vtab_task(case / "data", sizes={"train800": [0, 1, 2], "val200": [1, 0], "test": list(range(9))})
+            write_vtab_task(case / "data", "dtd", {"train800": [0, 1, 2], "val200": [1, 0], "test": list(range(9))})
             dataset = load_cached_split("vtab", case / "data", "dtd", "test", input_size=8, workers=1)
             expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
             return dataset, expected

@@ -199,14 +199,14 @@ class CachedImageDataset(Dataset):
         self.spec = spec
         self.device_transform = DeviceTransform(normalization, flip=spec.kind == "fgvc-train")
         self._data_bytes = int(header["data_bytes"])
-        self._file_bytes = int(header["file_bytes"])
+        self._content_stamp = tuple(header["content_stamp"])  # (size, mtime ns) when checked: _content_stamp
+        self._file_bytes = self._content_stamp[0]
         if spec.ragged:
             self._shapes = np.asarray(header["shapes"], dtype=np.int64).reshape(-1, 2)
         else:
             self._shapes = np.tile(np.asarray(header["item_shape"][1:], dtype=np.int64), (len(self.samples), 1))
         sizes = 3 * self._shapes[:, 0] * self._shapes[:, 1]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self._content_stamp = tuple(header["content_stamp"])
         self._fd: int | None = fd
         self._fd_pid = os.getpid()  # the process the descriptor's file position belongs to (seek fallback)
 
@@ -544,7 +544,7 @@ def _check_open_file(fd: int, key: str, source: ImageListDataset, spec: CacheSpe
                        f"{int(offsets[bad[0]])}): the data was modified or damaged")
     if _content_stamp(os.fstat(fd)) != _content_stamp(status):
         raise _Corrupt("another process wrote to the file while it was being checked")
-    header["file_bytes"], header["content_stamp"] = size, _content_stamp(status)
+    header["content_stamp"] = _content_stamp(status)
     return header
 
 
@@ -618,7 +618,7 @@ def _build(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, work
         tmp.unlink(missing_ok=True)
         raise
     status = os.fstat(fd)  # our private temporary file until the rename: nobody else wrote to it
-    header["file_bytes"], header["content_stamp"] = status.st_size, _content_stamp(status)
+    header["content_stamp"] = _content_stamp(status)
     logger.info("decoded-image cache: %s built in %.1f s (%.1f MiB)", path.name,
                 time.perf_counter() - started, data_bytes / 2**20)
     return fd, header

@@ -1132,9 +1132,9 @@ class ResumeCases:
         return env
 
     def resume(self, out: Path, *extra: str, resume: bool = True) -> int:
-        spec = __import__("importlib.util").util.spec_from_file_location("train_vtab", ROOT / "train" / "vtab.py")
-        module = __import__("importlib.util").util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        from train_scripts import load_train_script  # the job train/vtab.py runs, imported afresh
+
+        module = load_train_script("vtab")
         argv = self.args(out, *(["--resume"] if resume else []), *extra)
         out_text, err_text = pyio.StringIO(), pyio.StringIO()
         with contextlib.redirect_stdout(out_text), contextlib.redirect_stderr(err_text):

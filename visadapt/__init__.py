@@ -22,6 +22,7 @@ from visadapt.api import (
 )
 from visadapt.hub import push_to_hub, save_pretrained
 from visadapt.io import load_adapter, read_adapter_file, save_adapter
+from visadapt.peft_style import disable_adapters, merge_and_unload
 from visadapt.plugin import AdapterConfig, AdapterPlugin, config_field
 from visadapt.registry import get_plugin, list_plugins, register_plugin
 from visadapt.sites import all_sites, find_sites, model_family
@@ -36,6 +37,7 @@ __all__ = [
     "attach",
     "config_field",
     "detach",
+    "disable_adapters",
     "find_sites",
     "get_plugin",
     "get_weight",
@@ -43,6 +45,7 @@ __all__ = [
     "load_adapter",
     "load_report",
     "merge",
+    "merge_and_unload",
     "model_family",
     "push_to_hub",
     "read_adapter_file",

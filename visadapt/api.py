@@ -231,6 +231,12 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> None:
         _restore_head(model, records(model)[name])
         inject.remove(model, name)
         del records(model)[name]
+    restore_trainable_flags(model)
+
+
+def restore_trainable_flags(model: nn.Module) -> None:
+    """After adapters went away: the trainable set of those left, or, when none is left, the ``requires_grad``
+    flags parameters had before the first :func:`attach` (PEFT's adapter parameters keep theirs)."""
     if records(model):
         _set_trainable(model)
     else:

@@ -530,11 +530,13 @@ def unmerge(model: nn.Module, adapter_name: str) -> None:
     _sync_hosts(model, attached(model, adapter_name))
 
 
-def remove(model: nn.Module, adapter_name: str | None = None) -> None:
+def remove(model: nn.Module, adapter_name: str | None = None, *, keep_merged: bool = False) -> None:
     """Remove every module of ``adapter_name`` (all adapters when None), unmerging first, and the hooks and
-    parametrizations that no adapter needs any more."""
+    parametrizations that no adapter needs any more. ``keep_merged``: leave what merging wrote into the base
+    weights (:func:`visadapt.merge_and_unload`), so the merged delta stays in the plain layer."""
     for name in [adapter_name] if adapter_name else adapter_names(model):
-        unmerge(model, name)
+        if not keep_merged:
+            unmerge(model, name)
     for path, owner in list(model.named_modules()):
         store = owner._modules.get(ADAPTERS_ATTR)
         if store is None:

@@ -1,6 +1,6 @@
-"""``visadapt.merge_and_unload`` and ``visadapt.disable_adapters`` against PEFT's own ``merge_and_unload()`` and
-``disable_adapter()`` on the same LoRA weights (a PEFT folder loaded by both libraries), plus what PEFT has no
-counterpart for: refusals of adapters that cannot fold, merged adapters, heads, pipelines."""
+"""``visadapt.merge_and_unload`` and ``visadapt.disable_adapters`` against PEFT's own ``merge_and_unload()``
+and ``disable_adapter()`` on the same LoRA weights (a PEFT folder loaded by both libraries), plus what PEFT
+has no counterpart for: refusals of adapters that cannot fold, merged adapters, heads, pipelines."""
 from __future__ import annotations
 
 import copy
@@ -63,14 +63,13 @@ def flags(model: nn.Module) -> dict[str, bool]:
     return {name: param.requires_grad for name, param in model.named_parameters()}
 
 
-# ------------------------------------------------------------------------------------------- parity with PEFT
 
 
 def test_timm_vit_merge_and_unload_and_disable_equal_peft(tmp_path):
     torch.manual_seed(0)
     vit = tiny_models.vit().eval()
-    folder = peft_folder(vit, tmp_path / "peft", LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1"],
-                                                            modules_to_save=["head"]), seed=1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1"], modules_to_save=["head"])
+    folder = peft_folder(vit, tmp_path / "peft", config, seed=1)
     theirs = PeftModel.from_pretrained(copy.deepcopy(vit), folder).eval()
     ours = copy.deepcopy(vit)
     visadapt.load_adapter(ours, folder)
@@ -133,12 +132,11 @@ def test_unet_merge_and_unload_and_disable_equal_peft(base_pipe, tmp_path):
     assert all((ours_state[k] - theirs_state[k]).abs().max() <= 1e-6 for k in ours_state)
 
 
-# -------------------------------------------------------------------------------------------- merge_and_unload
 
 
 @pytest.mark.parametrize(("plugin", "config", "reason"), [
     ("adapter", {}, "non-linearity"),
-    ("mosa", {}, "BottleneckAdapter"),  # MoSA's default bottleneck base merges into one adapter, not into weights
+    ("mosa", {}, "BottleneckAdapter"),  # MoSA's default base merges into one adapter, not into weights
     ("bitadapter", {}, "1-bit adapters"),
 ])
 def test_adapters_that_cannot_fold_are_refused_before_anything_changes(plugin, config, reason):
@@ -182,7 +180,8 @@ def test_foldable_adapters_leave_a_plain_model_with_the_same_output(plugin, conf
 
 
 def test_open_clip_weight_sites_and_a_merged_adapter_fold():
-    # open_clip's attention reads in_proj_weight directly: visadapt adds a parametrization there, which must go
+    # open_clip's attention reads in_proj_weight directly: visadapt adds a parametrization there, which must
+    # go
     model = tiny_models.clip().eval()
     visadapt.attach(model, "lora", rank=2, targets=("q", "v", "fc1"))
     randomise(model, 2)
@@ -288,7 +287,6 @@ def test_merge_and_unload_without_adapters_says_so():
         visadapt.merge_and_unload(tiny_models.vit())
 
 
-# --------------------------------------------------------------------------------------------- disable_adapters
 
 
 def test_disable_restores_merged_adapters_bit_for_bit_even_when_the_block_raises():
@@ -351,8 +349,9 @@ def test_disable_on_open_clip():
             return tiny_models.output_tensor(m(*args))
 
     adapted = out(model)
-    # the reference is frozen like the adapted model: with every parameter frozen, torch's attention takes another
-    # path and open_clip's output moves by ~2e-7 whatever visadapt does (the flags are not the context's to change)
+    # the reference is frozen like the adapted model: with every parameter frozen, torch's attention takes
+    # another path and open_clip's output moves by ~2e-7 whatever visadapt does (the flags are not the
+    # context's to change)
     frozen_base = copy.deepcopy(base).requires_grad_(False)
     with visadapt.disable_adapters(model):
         assert torch.equal(out(model), out(frozen_base))

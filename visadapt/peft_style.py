@@ -1,10 +1,10 @@
-"""PEFT's two in-memory conveniences for visadapt adapters: :func:`merge_and_unload` and :func:`disable_adapters`.
+"""PEFT's two in-memory conveniences for visadapt: :func:`merge_and_unload` and :func:`disable_adapters`.
 
-``peft_model.merge_and_unload()`` gives a plain model back with the LoRA folded into its weights;
-``with peft_model.disable_adapter():`` runs the base model for the length of a block. visadapt already has the
-pieces (:func:`visadapt.merge`, :func:`visadapt.set_active_adapters`, :func:`visadapt.detach`); these two calls put
-them together with PEFT's names and PEFT's results, which ``tests/test_peft_style.py`` checks against PEFT's own
-calls on the same LoRA weights.
+``peft_model.merge_and_unload()`` gives a plain model back with the LoRA folded into its weights; ``with
+peft_model.disable_adapter():`` runs the base model for the length of a block. visadapt already has the pieces
+(:func:`visadapt.merge`, :func:`visadapt.set_active_adapters`, :func:`visadapt.detach`); these two calls put
+them together with PEFT's names and PEFT's results, which ``tests/test_peft_style.py`` checks against PEFT's
+own calls on the same LoRA weights.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ _INSTEAD = ("keep the adapter attached (visadapt.merge folds what can fold) or s
 def _folding_problem(model: nn.Module, name: str) -> str | None:
     """Why adapter ``name`` cannot disappear into the base weights, or None when every module it added can.
 
-    A module folds when :func:`visadapt.inject.merge` can write it into its host: a LoRA-type delta with a base
-    weight (``merge_into``) or a module that rewrites its host itself (``merge_into_host``: ResAdapter's norms).
-    Checked on the modules as they are now, before anything changes. MoSA merges its sparse modules into one
-    plain module first, of the same type, so the check holds for its merged form too.
+    A module folds when :func:`visadapt.inject.merge` can write it into its host: a LoRA-type delta with a
+    base weight (``merge_into``) or a module that rewrites its host itself (``merge_into_host``: ResAdapter's
+    norms). Checked on the modules as they are now, before anything changes. MoSA merges its sparse modules
+    into one plain module first, of the same type, so the check holds for its merged form too.
     """
     record = api.get_record(model, name)
     plugin = record.plugin
@@ -45,15 +45,15 @@ def _folding_problem(model: nn.Module, name: str) -> str | None:
         if hasattr(module, "merge_into") and item.base_weight is not None:
             continue
         where = f"{item.host_path}:{item.kind}" if item.host_path else item.kind
-        return (f"its merged form keeps a {type(module).__name__} at {where}, a module with a function of its own "
-                f"(not a delta of a base weight), so the model cannot be a plain model without it"
+        return (f"its merged form keeps a {type(module).__name__} at {where}, a module with a function "
+                f"of its own (not a delta of a base weight), so the model cannot be a plain model without it"
                 + (" (mosa with base='lora' folds entirely)" if plugin.name == "mosa" else ""))
     return None
 
 
 def _pipeline_bookkeeping_forget(module: nn.Module, names: Sequence[str]) -> None:
-    """Drop ``names`` from the fuse/disable records ``pipe.fuse_visadapt`` / ``pipe.disable_visadapt`` keep on a
-    component (:mod:`visadapt.diffusers`), so that the pipeline does not refer to adapters that are gone."""
+    """Drop ``names`` from the fuse/disable records that ``pipe.fuse_visadapt`` / ``pipe.disable_visadapt``
+    keep on a component (:mod:`visadapt.diffusers`), so the pipeline refers to no adapter that is gone."""
     from visadapt.diffusers import _DISABLED_ATTR, _FUSED_ATTR
 
     fused = module.__dict__.get(_FUSED_ATTR)
@@ -73,32 +73,33 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
     """Fold adapters into the base weights and remove them: the model comes back plain, as PEFT's
     ``merge_and_unload()`` gives it, in memory and in place (the same object is returned).
 
-    Afterwards no ``visadapt_`` module, hook or parametrization is left on the merged adapters' layers, and for
-    any input ``x`` the output equals the adapted model's (eval mode: dropout off) within fp32 rounding: the
-    deltas are added in fp32 (:func:`visadapt.merge`), at the adapter's runtime weight (:func:`visadapt.set_weight`).
+    Afterwards no ``visadapt_`` module, hook or parametrization is left on the merged adapters' layers, and
+    for any input ``x`` the output equals the adapted model's (eval mode: dropout off) within fp32 rounding:
+    the deltas are added in fp32 (:func:`visadapt.merge`), at the adapter's runtime weight
+    (:func:`visadapt.set_weight`).
 
     ``adapter_name``: None merges every attached adapter that runs (PEFT merges its active adapters); adapters
-    switched off by :func:`visadapt.set_active_adapters` contribute nothing to the output and are removed unmerged,
-    as PEFT does, with a warning naming them. A name merges that adapter only; the others stay attached and keep
-    working, but none of them may be merged at the time (:func:`visadapt.unmerge` it first), because its exact
-    unmerge copy would no longer match the base weights.
+    switched off by :func:`visadapt.set_active_adapters` contribute nothing to the output and are removed
+    unmerged, as PEFT does, with a warning naming them. A name merges that adapter only; the others stay
+    attached and keep working, but none of them may be merged at the time (:func:`visadapt.unmerge` it first),
+    because its exact unmerge copy would no longer match the base weights.
 
-    The classifier head the adapter trained or loaded (``attach(..., head=...)``, the ``head`` of its file) STAYS:
-    it is part of the model the adapter made (PEFT's ``merge_and_unload`` keeps its ``modules_to_save`` the same
-    way); :func:`visadapt.detach` is the call that gives the model's original head back. When the last adapter
-    goes, parameters get back the ``requires_grad`` flags they had before the first :func:`visadapt.attach`, as
-    after :func:`visadapt.detach`.
+    The classifier head the adapter trained or loaded (``attach(..., head=...)``, the ``head`` of its file)
+    STAYS: it is part of the model the adapter made (PEFT's ``merge_and_unload`` keeps its ``modules_to_save``
+    the same way); :func:`visadapt.detach` is the call that gives the model's original head back. When the
+    last adapter goes, parameters get back the ``requires_grad`` flags they had before the first
+    :func:`visadapt.attach`, as after :func:`visadapt.detach`.
 
-    Refused (``ValueError``, naming the adapter, its plugin and the reason), before anything changes, for adapters
-    whose function is not linear in the base weights: bottleneck adapters (``adapter``, MoSA on its default
-    bottleneck base, ``bitadapter``, SelaVPR, Polyhistor), PPAP's routed experts, the ranking head. LoRA-type
-    adapters (``lora``, ``selma``, ``resadapter``, MoSA with ``base="lora"``, k-bit LoRA: its dequantised factors
-    fold exactly) and ``linear`` (nothing to fold: the head stays) are merged.
+    Refused (``ValueError``, naming the adapter, its plugin and the reason), before anything changes, for
+    adapters whose function is not linear in the base weights: bottleneck adapters (``adapter``, MoSA on its
+    default bottleneck base, ``bitadapter``, SelaVPR, Polyhistor), PPAP's routed experts, the ranking head.
+    LoRA-type adapters (``lora``, ``selma``, ``resadapter``, MoSA with ``base="lora"``, k-bit LoRA: its
+    dequantised factors fold exactly) and ``linear`` (nothing to fold: the head stays) are merged.
 
-    ``model`` may be a ``peft.PeftModel``: visadapt's adapters are folded into the layers under PEFT's wrappers and
-    removed; PEFT's own adapters are left to PEFT (call its ``merge_and_unload()`` next), and the PeftModel is
-    returned. A component of a diffusers pipeline (``pipe.unet``) may hold adapters ``pipe.load_visadapt`` loaded
-    or ``pipe.fuse_visadapt`` fused: the pipeline forgets them too.
+    ``model`` may be a ``peft.PeftModel``: visadapt's adapters are folded into the layers under PEFT's
+    wrappers and removed; PEFT's own adapters are left to PEFT (call its ``merge_and_unload()`` next), and the
+    PeftModel is returned. A component of a diffusers pipeline (``pipe.unet``) may hold adapters
+    ``pipe.load_visadapt`` loaded or ``pipe.fuse_visadapt`` fused: the pipeline forgets them too.
     """
     base = unwrap_peft_model(model)
     every = list(api.records(base))
@@ -109,14 +110,16 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
         running = api.active_adapters(base)
         if adapter_name not in running:
             raise ValueError(f"merge_and_unload: adapter {adapter_name!r} is switched off "
-                             f"(visadapt.set_active_adapters), so the model's output does not include it and merging "
-                             f"it would change that output; switch it on first, or visadapt.detach it")
-        merged_others = [name for name in every if name != adapter_name
-                         and any(getattr(item.module, "merged", False) for item in inject.attached(base, name))]
+                             f"(visadapt.set_active_adapters), so the model's output does not include it "
+                             f"and merging it would change that output; switch it on first, or "
+                             f"visadapt.detach it")
+        merged_others = [name for name in every if name != adapter_name and any(
+            getattr(item.module, "merged", False) for item in inject.attached(base, name))]
         if merged_others:
-            raise ValueError(f"merge_and_unload: adapter {merged_others[0]!r} is merged into the base weights, where "
-                             f"{adapter_name!r} would be folded for good; visadapt.unmerge(model, "
-                             f"{merged_others[0]!r}) first, or merge_and_unload every adapter (adapter_name=None)")
+            raise ValueError(f"merge_and_unload: adapter {merged_others[0]!r} is merged into the base "
+                             f"weights, where {adapter_name!r} would be folded for good; "
+                             f"visadapt.unmerge(model, {merged_others[0]!r}) first, or merge_and_unload "
+                             f"every adapter (adapter_name=None)")
         to_merge, to_drop = [adapter_name], []
     else:
         running = set(api.active_adapters(base))
@@ -129,8 +132,9 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
             raise ValueError(f"merge_and_unload: adapter {name!r} ({plugin}) cannot be folded into the base "
                              f"weights: {problem}. Nothing was changed; {_INSTEAD}")
     if to_drop:
-        logger.warning("visadapt.merge_and_unload: adapter(s) %s are switched off (set_active_adapters) and are "
-                       "removed without merging, as PEFT's merge_and_unload does", ", ".join(map(repr, to_drop)))
+        logger.warning("visadapt.merge_and_unload: adapter(s) %s are switched off (set_active_adapters) and "
+                       "are removed without merging, as PEFT's merge_and_unload does",
+                       ", ".join(map(repr, to_drop)))
 
     try:
         for name in to_merge:
@@ -139,8 +143,9 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
             left = [f"{item.host_path}:{item.kind}" for item in inject.attached(base, name)
                     if not getattr(item.module, "merged", False)]
             if left:  # a third-party plugin whose merge leaves a module running: the model would not be plain
-                raise ValueError(f"merge_and_unload: merging adapter {name!r} ({api.get_record(base, name).plugin.name})"
-                                 f" left {left[0]} unmerged; nothing was changed; {_INSTEAD}")
+                plugin = api.get_record(base, name).plugin.name
+                raise ValueError(f"merge_and_unload: merging adapter {name!r} ({plugin}) left {left[0]} "
+                                 f"unmerged; nothing was changed; {_INSTEAD}")
     except Exception:
         api.unmerge(base, None)  # back to the state before: merges undone bit for bit
         raise
@@ -153,7 +158,6 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
     return model
 
 
-# ------------------------------------------------------------------------------------------------ disable
 
 
 def _components(target: Any) -> list[nn.Module]:
@@ -165,7 +169,8 @@ def _components(target: Any) -> list[nn.Module]:
     if isinstance(components, dict):
         found = [m for m in components.values() if isinstance(m, nn.Module) and api.records(m)]
         if not found:
-            raise ValueError(f"disable_adapters: no component of {type(target).__name__} holds a visadapt adapter")
+            raise ValueError(f"disable_adapters: no component of {type(target).__name__} holds a visadapt "
+                             f"adapter")
         return found
     raise TypeError(f"disable_adapters takes a torch model, a peft.PeftModel or a diffusers pipeline, not "
                     f"{type(target).__name__}")
@@ -180,9 +185,9 @@ def _merge_order(model: nn.Module, name: str) -> int | None:
 
 
 def _head_owners(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
-    """For each head path that an adapter in ``names`` wrote into, the adapters whose writes to undo, last writer
-    first: a run of ``names`` from the end of the load order, stopping at the first adapter not being disabled
-    that wrote into the same head (its values are what the head shows, and it keeps running)."""
+    """For each head path that an adapter in ``names`` wrote into, the adapters whose writes to undo, last
+    writer first: a run of ``names`` from the end of the load order, stopping at the first adapter not being
+    disabled that wrote into the same head (its values are what the head shows, and it keeps running)."""
     owners: dict[str, list[str]] = {}
     stopped: set[str] = set()
     for name in reversed(list(api.records(model))):
@@ -203,14 +208,17 @@ class _Disabled:
         self.model = model
         self.names = names
         self.active = api.active_adapters(model)
-        # every merged adapter, in merge order: re-merged in that order after, so the weights come back bit for bit
+        # every merged adapter, in merge order: re-merged in that order after, so the weights come back bit
+        # for bit
         merged = {name: _merge_order(model, name) for name in api.records(model)}
-        self.merged = sorted((name for name, order in merged.items() if order is not None), key=merged.__getitem__)
+        self.merged = sorted((name for name, order in merged.items() if order is not None),
+                             key=merged.__getitem__)
         self.heads: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
 
     def enter(self) -> None:
         if any(name in self.merged for name in self.names):
-            # A merged adapter is in the base weights: take every merge off (exact), put back the ones staying on
+            # A merged adapter is in the base weights: take every merge off (exact), put back the ones staying
+            # on
             for name in reversed(self.merged):
                 api.unmerge(self.model, name)
             for name in self.merged:
@@ -219,7 +227,8 @@ class _Disabled:
         api.set_active_adapters(self.model, [name for name in self.active if name not in self.names])
         for path, writers in _head_owners(self.model, self.names).items():
             head = self.model.get_submodule(path)
-            self.heads[path] = (head, {key: value.detach().clone() for key, value in head.state_dict().items()})
+            state = {key: value.detach().clone() for key, value in head.state_dict().items()}
+            self.heads[path] = (head, state)
             for name in writers:  # last writer first: the head ends as it was before the first of them loaded
                 before = api.records(self.model)[name].head_before
                 if isinstance(before, nn.Module):
@@ -240,7 +249,8 @@ class _Disabled:
         still = [name for name in self.active if name in api.records(self.model)]
         api.set_active_adapters(self.model, still)
         if any(name in self.merged for name in self.names):
-            for name in reversed([n for n in self.merged if n not in self.names and n in api.records(self.model)]):
+            staying = [n for n in self.merged if n not in self.names and n in api.records(self.model)]
+            for name in reversed(staying):
                 api.unmerge(self.model, name)
             for name in self.merged:
                 if name in api.records(self.model):
@@ -254,19 +264,22 @@ def disable_adapters(model: Any, adapter_name: str | Sequence[str] | None = None
     before, bit for bit: which adapters run, merged weights, heads.
 
     Inside, the output is the base model's exactly (:func:`visadapt.detach` would give the same model): the
-    adapters' hooks are skipped, merged adapters are unmerged (exact copies of the base weights) and merged again
-    after in their original order, and a classifier head an adapter's load wrote into shows the values it had
-    before that load (PEFT's disabled ``modules_to_save`` likewise run the original module). A head trained in
-    place by ``attach(..., head=...)`` has no other values to show: it stays, as it stays after ``detach``.
-    ``requires_grad`` flags are not touched.
+    adapters' hooks are skipped, merged adapters are unmerged (exact copies of the base weights) and merged
+    again after in their original order, and a classifier head an adapter's load wrote into shows the values
+    it had before that load (PEFT's disabled ``modules_to_save`` likewise run the original module). A head
+    trained in place by ``attach(..., head=...)`` has no other values to show: it stays, as it stays after
+    ``detach``. ``requires_grad`` flags are not touched.
 
     ``model``: a torch model, a ``peft.PeftModel`` (PEFT's own adapters keep running: use PEFT's
-    ``disable_adapter()`` for those), or a diffusers pipeline (every component with visadapt adapters; adapters
-    ``pipe.fuse_visadapt`` fused are unfused for the block and fused again after). ``adapter_name``: one name or
-    several to switch off only those (the others keep running); None (default) switches off all.
+    ``disable_adapter()`` for those), or a diffusers pipeline (every component with visadapt adapters;
+    adapters ``pipe.fuse_visadapt`` fused are unfused for the block and fused again after). ``adapter_name``:
+    one name or several to switch off only those (the others keep running); None (default) switches off all.
     """
     models = _components(model)
-    wanted = [adapter_name] if isinstance(adapter_name, str) else None if adapter_name is None else list(adapter_name)
+    if adapter_name is None:
+        wanted = None
+    else:
+        wanted = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     plans = []
     for module in models:
         attached = list(api.records(module))

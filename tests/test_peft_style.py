@@ -254,17 +254,29 @@ def test_a_plugin_whose_merge_leaves_modules_running_is_refused_and_undone():
     assert not any(getattr(item.module, "merged", False) for item in inject.attached(model))
 
 
-def test_merge_and_unload_on_a_peft_model_removes_visadapt_only():
+def test_merge_and_unload_and_disable_on_a_peft_model_act_on_visadapt_only():
     vit = tiny_models.vit().eval()
     peft_model = get_peft_model(copy.deepcopy(vit), LoraConfig(r=2, target_modules=["fc2"]))
     randomise(peft_model, 6, "lora_")
     visadapt.attach(peft_model, "lora", adapter_name="ours", rank=2, targets=("fc1",))
     randomise(peft_model, 7)
     adapted = vit_out(peft_model)
+    # disable_adapters switches off visadapt's adapter only: the model is then the PEFT model without it
+    with visadapt.disable_adapters(peft_model):
+        peft_only = vit_out(peft_model)
+    without_ours = copy.deepcopy(peft_model)
+    visadapt.detach(without_ours)
+    assert torch.equal(peft_only, vit_out(without_ours)) and not torch.equal(peft_only, adapted)
+    assert torch.equal(vit_out(peft_model), adapted)
+    with peft_model.disable_adapter():
+        ours_only = vit_out(peft_model)
+
     assert visadapt.merge_and_unload(peft_model) is peft_model
     assert not any("visadapt" in key for key in peft_model.state_dict())
     assert any("lora_" in key for key in peft_model.state_dict())  # PEFT's adapter is PEFT's
     assert (vit_out(peft_model) - adapted).abs().max() <= 1e-5
+    with peft_model.disable_adapter():  # visadapt's LoRA is in the weights now, PEFT's still a module
+        assert (vit_out(peft_model) - ours_only).abs().max() <= 1e-5
     plain = peft_model.merge_and_unload()
     assert is_plain(plain) and (vit_out(plain) - adapted).abs().max() <= 1e-5
 
@@ -358,10 +370,14 @@ def test_disable_on_open_clip():
     assert torch.equal(out(model), adapted)
 
 
-def test_disable_on_a_pipeline_with_a_fused_resadapter_and_a_disabled_pipe(pipe, base_pipe):
-    visadapt.attach(pipe.unet, "resadapter", adapter_name="res")
-    visadapt.attach(pipe.unet, "lora", adapter_name="style", rank=2, targets=("to_q",))
-    randomise(pipe.unet, 12)
+def test_disable_on_a_pipeline_with_a_fused_resadapter_and_a_disabled_pipe(pipe, base_pipe, tmp_path):
+    # both adapters come in through the pipeline loader, as users load them
+    trained = copy.deepcopy(base_pipe.unet)
+    visadapt.attach(trained, "resadapter", adapter_name="res")
+    visadapt.attach(trained, "lora", adapter_name="style", rank=2, targets=("to_q",))
+    randomise(trained, 12)
+    for name in ("res", "style"):
+        pipe.load_visadapt(visadapt.save_adapter(trained, tmp_path / f"{name}.safetensors", name), name)
     pipe.fuse_visadapt(adapter_names=["res"])
     adapted, grads = unet_out(pipe.unet), flags(pipe.unet)
     state = copy.deepcopy(pipe.unet.state_dict())

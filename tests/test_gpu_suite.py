@@ -60,6 +60,8 @@ def test_the_dry_run_measures_every_part_through_its_bench_code(dry_run):
     assert train["reference style"]["figures"]["attention"] == "eager 12"
     assert train["reference style"]["figures"]["loader"] == "decode" and train["visadapt"]["figures"]["loader"] == "cache"
     assert train["reference style"]["figures"]["vs_reference"] == 1.0
+    assert train["visadapt"]["figures"]["vs_reference"] == pytest.approx(
+        train["visadapt"]["figures"]["imgs_per_s"] / train["reference style"]["figures"]["imgs_per_s"])
     assert train["visadapt xformers"]["status"] == "skipped" and "xformers" in train["visadapt xformers"]["reason"]
 
     loader = rows["loader"]

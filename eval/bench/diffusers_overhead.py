@@ -45,11 +45,13 @@ SCENARIOS = {"attn": ATTENTION, "attn+conv": ATTENTION + CONVS, "resadapter": No
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_unet(sd15: bool):
+def build_unet(sd15: bool, config: dict | None = None):
+    """A random-init UNet: SD1.5's (``UNet2DConditionModel()``'s default config) when ``sd15``, else ``config``
+    (default: the small SD1.5-layout one)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel() if sd15 else UNet2DConditionModel(**SMALL_UNET_CONFIG)
+    return UNet2DConditionModel() if sd15 else UNet2DConditionModel(**(config or SMALL_UNET_CONFIG))
 
 
 def randomise_lora(unet: nn.Module, seed: int = 1) -> None:
@@ -96,8 +98,8 @@ def peft_unet(base: nn.Module, visadapt_model: nn.Module):
     return unet
 
 
-def unet_inputs(sd15: bool, size: int, batch: int, device: torch.device, dtype: torch.dtype):
-    context_dim = 768 if sd15 else SMALL_UNET_CONFIG["cross_attention_dim"]
+def unet_inputs(context_dim: int, size: int, batch: int, device: torch.device, dtype: torch.dtype):
+    """``(latent (batch, 4, size/8, size/8), timestep (batch,), context (batch, 77, context_dim))``, seeded."""
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(batch, 4, size // 8, size // 8, generator=generator)
     context = torch.randn(batch, 77, context_dim, generator=generator)
@@ -121,7 +123,56 @@ def output(unet: nn.Module, inputs) -> torch.Tensor:
         return unet(*inputs, return_dict=False)[0].float()
 
 
-def main() -> None:
+def measure_scenario(base_cpu: nn.Module, base: nn.Module, scenario: str, inputs, device: torch.device,
+                     dtype: torch.dtype, repeats: int, warmup: int) -> dict:
+    """One scenario's UNet call times: ``{"median": {variant: ms or None}, "best": {...}, "checks": [str],
+    "max_abs_differences": {check: float}, "adapted_modules": int}``. ``base_cpu`` is the fp32 UNet the adapted copies are made from, ``base`` the same
+    on ``device`` in ``dtype``; variants PEFT cannot build are None."""
+    vis = visadapt_unet(base_cpu, scenario)
+    peft = peft_unet(base_cpu, vis)
+    variants: dict[str, nn.Module | None] = {"base": base, "visadapt unfused": vis.to(device, dtype)}
+    fused = copy.deepcopy(variants["visadapt unfused"])
+    visadapt.merge(fused)
+    variants["visadapt fused"] = fused
+    variants["PEFT unfused"] = peft.to(device, dtype) if peft is not None else None
+    if peft is not None:
+        peft_fused = copy.deepcopy(variants["PEFT unfused"])
+        peft_fused.fuse_lora()
+        variants["PEFT fused"] = peft_fused
+    else:
+        variants["PEFT fused"] = None
+    n_adapted = len(inject.attached(vis))
+
+    # ---- same weights: visadapt and PEFT agree, fused agrees with unfused
+    outs = {name: output(model, inputs) for name, model in variants.items() if model is not None}
+    effect = (outs["visadapt unfused"] - outs["base"]).abs().max().item()
+    differences = {"adapter effect |unfused - base|": effect,
+                   "|visadapt fused - unfused|": (outs["visadapt fused"] - outs["visadapt unfused"]).abs().max().item()}
+    if "PEFT unfused" in outs:
+        differences["|visadapt - PEFT| unfused"] = (outs["visadapt unfused"] - outs["PEFT unfused"]).abs().max().item()
+        differences["|visadapt - PEFT| fused"] = (outs["visadapt fused"] - outs["PEFT fused"]).abs().max().item()
+    checks = [f"{name} {value:.2e}" for name, value in differences.items()]
+    del outs
+
+    timed = {name: model for name, model in variants.items() if model is not None}
+    for model in timed.values():
+        for _ in range(warmup):
+            call_ms(model, inputs, device)
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(repeats):
+        for name, model in timed.items():
+            samples[name].append(call_ms(model, inputs, device))
+    measured: dict = {"checks": checks, "max_abs_differences": differences, "adapted_modules": n_adapted}
+    for stat, reduce in (("median", statistics.median), ("best", min)):
+        values = {name: reduce(times) for name, times in samples.items()}
+        measured[stat] = {name: values.get(name) for name in variants}
+    del vis, peft, fused, variants, timed  # free the copies before the next scenario builds its own
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return measured
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
@@ -135,7 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default: 30 on "
                                                                   "CUDA, 10 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (5 / 2)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
@@ -152,7 +203,7 @@ def main() -> None:
     # built and adapted on CPU in fp32 (random init, weight copies), then moved: the same weights in every variant
     base_cpu = build_unet(sd15).eval()
     base = copy.deepcopy(base_cpu).to(device, dtype)
-    inputs = unet_inputs(sd15, size, args.batch, device, dtype)
+    inputs = unet_inputs(base.config.cross_attention_dim, size, args.batch, device, dtype)
     print(f"UNet: {'SD1.5 config' if sd15 else 'small SD1.5 layout ' + str(SMALL_UNET_CONFIG['block_out_channels'])}"
           f", {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters, {str(dtype)[6:]}; latent "
           f"{size // 8}x{size // 8} ({size} px), batch {args.batch}, 77 context tokens")
@@ -160,46 +211,10 @@ def main() -> None:
 
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for scenario in args.scenarios:
-        vis = visadapt_unet(base_cpu, scenario)
-        peft = peft_unet(base_cpu, vis)
-        variants: dict[str, nn.Module | None] = {"base": base, "visadapt unfused": vis.to(device, dtype)}
-        fused = copy.deepcopy(variants["visadapt unfused"])
-        visadapt.merge(fused)
-        variants["visadapt fused"] = fused
-        variants["PEFT unfused"] = peft.to(device, dtype) if peft is not None else None
-        if peft is not None:
-            peft_fused = copy.deepcopy(variants["PEFT unfused"])
-            peft_fused.fuse_lora()
-            variants["PEFT fused"] = peft_fused
-        else:
-            variants["PEFT fused"] = None
-        n_adapted = len(inject.attached(vis))
-
-        # ---- same weights: visadapt and PEFT agree, fused agrees with unfused
-        outs = {name: output(model, inputs) for name, model in variants.items() if model is not None}
-        effect = (outs["visadapt unfused"] - outs["base"]).abs().max().item()
-        checks = [f"adapter effect |unfused - base| {effect:.2e}",
-                  f"|visadapt fused - unfused| {(outs['visadapt fused'] - outs['visadapt unfused']).abs().max():.2e}"]
-        if "PEFT unfused" in outs:
-            checks.append(f"|visadapt - PEFT| unfused {(outs['visadapt unfused'] - outs['PEFT unfused']).abs().max():.2e}"
-                          f", fused {(outs['visadapt fused'] - outs['PEFT fused']).abs().max():.2e}")
-        del outs
-
-        timed = {name: model for name, model in variants.items() if model is not None}
-        for model in timed.values():
-            for _ in range(warmup):
-                call_ms(model, inputs, device)
-        samples: dict[str, list[float]] = {name: [] for name in timed}
-        for _ in range(repeats):
-            for name, model in timed.items():
-                samples[name].append(call_ms(model, inputs, device))
-        for stat, reduce in (("median", statistics.median), ("best", min)):
-            values = {name: reduce(times) for name, times in samples.items()}
-            results.setdefault(stat, {})[scenario] = {name: values.get(name) for name in variants}
-        print(f"\n[{scenario}] {n_adapted} adapted modules; " + "; ".join(checks))
-        del vis, peft, fused, variants, timed  # free the copies before the next scenario builds its own
-        if cuda:
-            torch.cuda.empty_cache()
+        measured = measure_scenario(base_cpu, base, scenario, inputs, device, dtype, repeats, warmup)
+        for stat in ("median", "best"):
+            results.setdefault(stat, {})[scenario] = measured[stat]
+        print(f"\n[{scenario}] {measured['adapted_modules']} adapted modules; " + "; ".join(measured["checks"]))
 
     names = ("base", "visadapt unfused", "visadapt fused", "PEFT unfused", "PEFT fused")
     labels = {"median": f"median of {repeats}", "best": f"best of {repeats} (the least disturbed by other load)"}

@@ -33,7 +33,7 @@ MB = 2**20
 TRAIN_CONFIGS = ("visadapt lora q,v", "visadapt lora qkv", "peft lora qkv")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--img-size", type=int, default=96, help="small default keeps a 2-core CPU run short")
@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats per configuration")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def timed(device: torch.device, fn, *args) -> float:

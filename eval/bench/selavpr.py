@@ -27,36 +27,49 @@ import torch.nn.functional as F
 from visadapt.plugins.selavpr import global_knn, rerank
 
 
-def median_ms(fn, rounds: int, per_call: int = 1) -> float:
+def median_ms(fn, rounds: int, per_call: int = 1, device: str = "cpu") -> float:
+    """Median milliseconds of ``fn()`` over ``rounds`` calls after one warm-up, divided by ``per_call``; CUDA is
+    synchronised around each call, so queued kernels land in the call that launched them."""
+    cuda = torch.device(device).type == "cuda"
     fn()  # warm-up
     times = []
     for _ in range(rounds):
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) / per_call)
     return 1000 * statistics.median(times)
 
 
-def unit(*shape: int, dtype=torch.float32) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape), dim=-1).to(dtype)
+def unit(*shape: int, dtype=torch.float32, device: str = "cpu") -> torch.Tensor:
+    """Random unit vectors along the last dimension, drawn on the CPU (the same numbers on every device)."""
+    return F.normalize(torch.randn(*shape), dim=-1).to(device, dtype)
 
 
-def rerank_vs_global(args) -> None:
-    q_global, db_global = unit(args.queries, args.dim), unit(args.database, args.dim)
+def rerank_vs_global(args) -> dict:
+    """Prints and returns ``{"global_knn_ms": float, "rerank_ms": {k: float}}`` per query on ``args.device``."""
+    device = getattr(args, "device", "cpu")
+    q_global, db_global = unit(args.queries, args.dim, device=device), unit(args.database, args.dim, device=device)
     side = args.map_side
-    q_local = unit(args.queries, side, side, args.local_dim, dtype=torch.float16)
+    q_local = unit(args.queries, side, side, args.local_dim, dtype=torch.float16, device=device)
     max_k = max(args.ks)
     # Only the candidates' local maps are touched: keep max_k of them instead of the whole database in memory.
-    db_local = unit(max_k, side, side, args.local_dim, dtype=torch.float16)
+    db_local = unit(max_k, side, side, args.local_dim, dtype=torch.float16, device=device)
     candidates = torch.stack([torch.randperm(max_k) for _ in range(args.queries)])
-    global_ms = median_ms(lambda: global_knn(q_global, db_global, max_k), args.rounds, args.queries)
+    global_ms = median_ms(lambda: global_knn(q_global, db_global, max_k), args.rounds, args.queries, device)
     print(f"\n1. per query: global k-NN over {args.database} x {args.dim} vs re-ranking the top k "
-          f"({side}x{side}={side * side} local features x {args.local_dim})")
+          f"({side}x{side}={side * side} local features x {args.local_dim}), {device}")
     print(f"{'stage':<28}{'ms/query':>12}{'vs global':>12}")
     print(f"{'global k-NN':<28}{global_ms:>12.2f}{1.0:>12.1f}")
+    rerank_ms = {}
     for k in args.ks:
-        ms = median_ms(lambda k=k: rerank(q_local, db_local, candidates[:, :k]), args.rounds, args.queries)
+        ms = median_ms(lambda k=k: rerank(q_local, db_local, candidates[:, :k]), args.rounds, args.queries, device)
+        rerank_ms[k] = ms
         print(f"{f'+ re-rank top {k}':<28}{ms:>12.1f}{ms / global_ms:>12.1f}")
+    return {"global_knn_ms": global_ms, "rerank_ms": rerank_ms}
 
 
 def rerank_vs_features(args) -> None:
@@ -103,6 +116,7 @@ def main(argv=None) -> None:
     p.add_argument("--queries", type=int, default=2, help="queries per timed call (re-ranking)")
     p.add_argument("--queries-knn", type=int, default=100, help="queries per timed call (k-NN search)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="where part 1 runs (cpu or cuda); parts 2 and 3 stay on the CPU")
     args = p.parse_args(argv)
     print(f"visadapt SelaVPR retrieval benchmark, {datetime.date.today()}, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -13,6 +13,10 @@ once, not timed), with the same model, batch and optimiser settings:
   its users run it (same precision, SDPA, eager PyTorch) on the same cached loader;
 * ``linear probe``: the head alone (the ceiling of a frozen-backbone step).
 
+Three more variants, run when named in ``--variants`` (``gpu_suite.py`` runs them), change one setting of
+``visadapt`` each: ``visadapt fp32`` (no autocast), ``visadapt eager`` (unfused attention), ``visadapt xformers``
+(xformers attention where its kernels run, else SDPA with a notice; the row's attention column says which ran).
+
 Each variant runs in its own process (Accelerate keeps a process's first precision; memory peaks stay apart).
 An epoch's time is taken between the starts of consecutive epochs (``fit``'s ``before_epoch``); the first epoch
 (warm-up, compilation) and the last (which evaluates) are not counted. Memory: ``torch.cuda.max_memory_allocated``
@@ -29,7 +33,6 @@ import itertools
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "eval" / "bench"))
+from children import ChildFailed, output_tail, run_child
 from machine import describe
 from synthetic_vtab import make_synthetic_vtab
 
@@ -49,7 +53,14 @@ VARIANTS = {
                            "compile": True},
     "PEFT LoRA": {"method": "peft", "precision": "auto", "attention": "sdpa", "cache": True, "compile": False},
     "linear probe": {"method": "linear", "precision": "auto", "attention": "sdpa", "cache": True, "compile": False},
+    "visadapt fp32": {"method": "adapter", "precision": "fp32", "attention": "sdpa", "cache": True,
+                      "compile": False},
+    "visadapt eager": {"method": "adapter", "precision": "auto", "attention": "eager", "cache": True,
+                       "compile": False},
+    "visadapt xformers": {"method": "adapter", "precision": "auto", "attention": "xformers", "cache": True,
+                          "compile": False},
 }
+DEFAULT_VARIANTS = ("reference style", "visadapt", "visadapt --compile", "PEFT LoRA", "linear probe")
 DEVICE_DEFAULTS = {
     "cuda": {"model": "vit_base_patch16_224", "input_size": 224, "batch_size": 128, "train_images": 1000,
              "epochs": 4, "workers": 8},
@@ -70,7 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bottleneck", type=int, default=8, help="AdaptFormer width")
     p.add_argument("--task", default="oxford_iiit_pet", help="task of the synthetic suite (500x375 photos)")
     p.add_argument("--root", default="/tmp/visadapt-synthetic-vtab-throughput")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated variants (default: {', '.join(DEFAULT_VARIANTS)}; also: "
+                        f"{', '.join(v for v in VARIANTS if v not in DEFAULT_VARIANTS)})")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = p.parse_args(argv)
     for key, value in DEVICE_DEFAULTS[args.device].items():
@@ -146,6 +159,18 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
             "rank": rank}
 
 
+def run_variant_in_child(args: argparse.Namespace, name: str, timeout: float | None = None) -> dict:
+    """Train variant ``name`` in a fresh process (:func:`run_variant`) and return its figures; raises
+    :class:`children.ChildFailed` when it fails, ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("child", "variants") and v is not None]
+    done = run_child([sys.executable, __file__, *forwarded, f"--child={name}"], timeout, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise ChildFailed(f"variant {name!r} failed (exit status {done.returncode}):\n{output_tail(done)}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -157,16 +182,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     make_synthetic_vtab(args.root, scale=0.001, tasks=[args.task])
     rows = []
-    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k not in ("child", "variants") and v is not None]
     for name in names:
         print(f"running {name} ...", flush=True)
-        done = subprocess.run([sys.executable, __file__, *forwarded, f"--child={name}"], cwd=ROOT,
-                              capture_output=True, text=True, check=False)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            raise SystemExit(f"variant {name!r} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        try:
+            rows.append(run_variant_in_child(args, name))
+        except ChildFailed as err:
+            raise SystemExit(str(err)) from None
 
     by_name = {row["variant"]: row for row in rows}
     reference = by_name.get("reference style")

@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "eval" / "bench"))
+from children import ChildFailed, output_tail, run_child
 from machine import describe
 from synthetic_vtab import VTAB1K_TEST_SIZES, make_synthetic_vtab, suite_size
 
@@ -77,8 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_protocol(args: argparse.Namespace, tasks: list[str], eval_every: int, out: Path) -> dict:
-    """One end-to-end ``train/vtab.py`` run in its own process; returns timings from the clock and metrics.json."""
+def run_protocol(args: argparse.Namespace, tasks: list[str], eval_every: int, out: Path,
+                 timeout: float | None = None) -> dict:
+    """One end-to-end ``train/vtab.py`` run in its own process; returns timings from the clock and metrics.json.
+    Raises :class:`children.ChildFailed` when the run fails, ``subprocess.TimeoutExpired`` after ``timeout`` s."""
     cache = out / "cache"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, str(ROOT / "train" / "vtab.py"), "--benchmark", "vtab", "--data-root", str(args.root),
@@ -92,10 +94,10 @@ def run_protocol(args: argparse.Namespace, tasks: list[str], eval_every: int, ou
     if args.device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    done = run_child(command, timeout, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
     if done.returncode:
-        raise SystemExit(f"train/vtab.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise ChildFailed(f"train/vtab.py failed ({done.returncode}):\n{output_tail(done)}")
     metrics = [json.loads((out / "run" / task / "metrics.json").read_text()) for task in tasks]
     return {"wall_s": wall, "fit_s": sum(m["wall_time_s"] for m in metrics),
             "train_images": sum(m["images"]["train800val200"]["images"] for m in metrics) * args.epochs,
@@ -126,7 +128,10 @@ def main(argv=None) -> None:
     try:
         for label, every in runs:
             print(f"running {len(tasks)} tasks x {args.epochs} epochs, evaluation {label} ...", flush=True)
-            results.append((label, every, run_protocol(args, tasks, every, out_root / f"eval_{label}")))
+            try:
+                results.append((label, every, run_protocol(args, tasks, every, out_root / f"eval_{label}")))
+            except ChildFailed as err:
+                raise SystemExit(str(err)) from None
     finally:
         if not args.output_dir:
             shutil.rmtree(out_root, ignore_errors=True)

@@ -24,9 +24,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def run(command: str, argv: list[str] | None = None) -> int:
-    """Run ``command`` (a key of :data:`COMMANDS`) with ``argv`` (default: ``sys.argv[1:]``); its exit code."""
+def run(command: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run ``command`` (a key of :data:`COMMANDS`) with ``argv`` (default: ``sys.argv[1:]``); its exit code.
+
+    ``prog`` is how the user invoked it, shown in the job's usage and ``--help`` (``visadapt-train vtab``,
+    ``python -m visadapt.train vtab``); the default is the checkout's thin script, ``train/<module>.py``.
+    """
     from visadapt.engine import run_script
 
-    module = importlib.import_module(f"{__name__}.{COMMANDS[command][0]}")
-    return run_script(lambda: module.main(argv) or 0)
+    module_name = COMMANDS[command][0]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    prog = prog or f"train/{module_name}.py"
+    return run_script(lambda: module.main(argv, prog=prog) or 0)

@@ -73,8 +73,8 @@ SETTING_DEFAULTS = {"negative_ratio": 0.2, "rank_weight": 1.0, "regression_weigh
                     "seed": 0, "pair_partners": None, "lr_schedule": "cosine"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/rank.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or "train/rank.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help=f"a recipe file, or a name: shipped {', '.join(available_recipes('rank'))}, embedded "
@@ -231,9 +231,9 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
         settings = config_values(args.adapter_config, args.overrides, base=args.adapter_settings)
         visadapt.get_plugin("ranking_clip")().Config.from_dict(settings)
         if args.init_adapter:  # the header only: the file's plugin and config against this run's

@@ -97,11 +97,11 @@ BACKBONE_SETTINGS = ("model", "pretrained", "input_size", "normalize")
 MINING_FILE = "mined_epoch_{epoch:04d}.pt"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     """The command line, then the recipe, then :data:`SETTING_DEFAULTS` (a flag wins over the recipe).
 
     ``ValueError`` for a bad recipe or an inconsistent protocol (``main`` reports it and exits with 2)."""
-    p = argparse.ArgumentParser(prog="train/vpr.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog or "train/vpr.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help=f"a recipe file, or a name: shipped {', '.join(available_recipes('vpr'))}, embedded "
@@ -543,9 +543,9 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
         visadapt.get_plugin(args.adapter)().Config.from_dict(adapter_settings(args))  # fail before any work
         recipe = args.recipe_file
         if recipe is not None and recipe.starts_from and not args.init_adapter:

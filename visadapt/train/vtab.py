@@ -106,9 +106,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     """The command line as given: every recipe-settable flag left out is ``None`` (see :func:`plan_run`)."""
-    p = argparse.ArgumentParser(prog="train/vtab.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog or "train/vtab.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help=f"published recipe: a name in assets/recipes ({', '.join(available_recipes())}) or a "
@@ -483,8 +483,8 @@ def seeded_config(plan: RunPlan, task: str, seed: int):
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     if args.list_recipes:
         _print_recipes()
         return 0

@@ -1,5 +1,5 @@
-"""``visadapt-train COMMAND`` / ``python -m visadapt.train COMMAND`` / ``train/<job>.py``: one dispatcher, and each
-job's usage names the way it was invoked. (The installed wheel runs them from outside the checkout in
+"""``visadapt-train COMMAND`` / ``python -m visadapt.train COMMAND`` / ``train/<job>.py``: one dispatcher, and
+each job's usage names the way it was invoked. (The installed wheel runs them from outside the checkout in
 ``tests/test_wheel_install.py``.)"""
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def test_no_command_is_an_error_naming_the_commands(capsys):
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_each_job_usage_names_how_it_was_invoked(command, capsys):
-    """``visadapt-train vtab --help`` says ``usage: visadapt-train vtab``, not the checkout's script name; every
-    job takes the ``prog`` the dispatcher passes."""
+    """``visadapt-train vtab --help`` says ``usage: visadapt-train vtab``, not the checkout's script name;
+    every job takes the ``prog`` the dispatcher passes."""
     assert _exit_code(lambda: main([command, "--help"])) == 0
     assert capsys.readouterr().out.startswith(f"usage: visadapt-train {command} ")
     assert _exit_code(lambda: main([command, "--help"], prog="python -m visadapt.train")) == 0

@@ -1,7 +1,9 @@
-"""visadapt's training jobs, installed with the package: ``visadapt-train COMMAND ...``, ``python -m visadapt.train
-COMMAND ...``, or the thin ``train/<command>.py`` scripts of a checkout (``accelerate launch train/vtab.py``).
+"""visadapt's training jobs, installed with the package: ``visadapt-train COMMAND ...``, ``python -m
+visadapt.train COMMAND ...``, or the thin ``train/<command>.py`` scripts of a checkout (``accelerate launch
+train/vtab.py``).
 
-Each command is one module of this package with a ``main(argv)``; this file imports none of them until one is
+Each command is one module of this package with a ``main(argv, prog)`` (``prog``: how it was invoked, for its
+usage line); this file imports none of them until one is
 run, so that listing the commands stays instant.
 """
 from __future__ import annotations

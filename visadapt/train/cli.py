@@ -1,7 +1,7 @@
 """``visadapt-train COMMAND [options]``: one entry point for every training job of :mod:`visadapt.train`.
 
-``visadapt-train --help`` lists the commands; ``visadapt-train vtab --help`` shows that job's options. Arguments
-after the command are the job's own, exactly as ``train/<command>.py`` takes them.
+``visadapt-train --help`` lists the commands; ``visadapt-train vtab --help`` shows that job's options.
+Arguments after the command are the job's own, exactly as ``train/<command>.py`` takes them.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from pathlib import Path
 
 import timm
@@ -110,8 +111,69 @@ def visadapt_procswin_tiny(pretrained: bool = False, **kwargs) -> SwinTransforme
                                 feature_cfg={"flatten_sequential": True, "out_indices": out_indices}, **args)
 
 
+#: a Hugging Face hub repo id, ``owner/name``
+_HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
 def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.startswith(".") or value.endswith((".safetensors", ".pth", ".pt", ".bin", ".npz"))
+    """Whether ``--pretrained value`` names a local file, not a hub repo id (``owner/name``) or a tag."""
+    if value.endswith(_CHECKPOINT_SUFFIXES) or value.startswith((".", "/", "~")):
+        return True
+    return os.sep in value and not _HUB_REPO_ID.fullmatch(value)
+
+
+class BackboneWeightsError(OSError):
+    """The weights ``--pretrained`` asks for cannot be had (no network, not in the hub cache under
+    ``HF_HUB_OFFLINE``, an unknown or private hub repo); the message names the model, the source and the
+    fixes."""
+
+
+def check_backbone_choice(model: str, pretrained: str | None = "default") -> None:
+    """Refuse an unknown timm ``model`` (``ValueError``) or a ``pretrained`` path that is no file
+    (``FileNotFoundError``) without building anything, so that a job can check its flags before any work."""
+    if model not in timm.list_models(pretrained=False) and model.split(".")[0] not in timm.list_models():
+        raise ValueError(f"--model {model!r} is not a timm model name; see `timm.list_models()`, "
+                         f"or use {EMBEDDED_MODEL} (the embedded default; {EMBEDDED_SWIN} for dense tasks)")
+    choice = (pretrained or "default").strip()
+    if choice not in ("default", "none") and not os.path.isfile(choice) and _looks_like_path(choice):
+        raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, a hub "
+                                f"repo id, 'default' or 'none'")
+
+
+def weights_error(model: str, source: str, err: BaseException) -> BackboneWeightsError:
+    """The one-line :class:`BackboneWeightsError` for weights of ``model`` from ``source`` (a hub repo id or a
+    description) that failed to load with ``err`` (a ``huggingface_hub`` / download error)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = constants.is_offline_mode()
+    if isinstance(err, GatedRepoError):
+        reason = "the hub repo is gated: accept its terms on huggingface.co, then log in (HF_TOKEN)"
+    elif isinstance(err, RepositoryNotFoundError):
+        reason = "no such hub repo, or a private one (log in: HF_TOKEN)"
+    elif offline:
+        reason = "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (nothing is downloaded)"
+    elif isinstance(err, FileNotFoundError):  # huggingface_hub's LocalEntryNotFoundError after its retries
+        reason = "the hub could not be reached and the file is not in the local Hugging Face cache"
+    else:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+    fix = ("run once with network access to cache them" if offline else
+           "run once with network access to cache them, then set HF_HUB_OFFLINE=1 to skip the hub")
+    return BackboneWeightsError(
+        f"cannot load the weights of --model {model} from {source}: {reason}. Fix: {fix}; or pass "
+        f"--pretrained PATH (a local checkpoint file) or --pretrained none (random init); or train the "
+        f"embedded default --model {EMBEDDED_MODEL} (shipped with visadapt, no download)")
+
+
+def _hub_source(model: str) -> str:
+    """Where timm takes ``model``'s default weights from, for :func:`weights_error`."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(model)  # a bare architecture name gives its default tag's
+    except Exception:  # noqa: BLE001 - only the wording of an error message depends on it
+        cfg = None
+    hub, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+    return f"hub repo {hub} (timm's default)" if hub else url or "timm's default weights"
 
 
 def create_backbone(model: str, pretrained: str | None = "default", num_classes: int = 0, **kwargs) -> nn.Module:
@@ -120,23 +182,27 @@ def create_backbone(model: str, pretrained: str | None = "default", num_classes:
     ``pretrained`` is ``"default"`` (timm's default weights for ``model``, from the hub or timm's cache; the
     embedded model's are in ``assets/``), ``"none"`` (random init), a local checkpoint file (safetensors or
     a torch checkpoint timm can read), or a Hugging Face hub repo id holding timm weights.
+
+    Raises ``ValueError`` / ``FileNotFoundError`` (see :func:`check_backbone_choice`) before building
+    anything, and :class:`BackboneWeightsError` when hub weights cannot be loaded.
     """
-    if model not in timm.list_models(pretrained=False) and model.split(".")[0] not in timm.list_models():
-        raise ValueError(f"--model {model!r} is not a timm model name; see `timm.list_models()`, "
-                         f"or use {EMBEDDED_MODEL} (the embedded default; {EMBEDDED_SWIN} for dense tasks)")
+    check_backbone_choice(model, pretrained)
     kwargs = dict(num_classes=num_classes, **kwargs)
     choice = (pretrained or "default").strip()
     if choice == "none":
         return timm.create_model(model, pretrained=False, **kwargs)
-    if choice == "default":
-        return timm.create_model(model, pretrained=True, **kwargs)
     if os.path.isfile(choice):
         return timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(choice)},
                                  **kwargs)
-    if _looks_like_path(choice):
-        raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, a hub "
-                                f"repo id, 'default' or 'none'")
-    return timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"hf_hub_id": choice}, **kwargs)
+    from huggingface_hub.errors import EntryNotFoundError
+
+    overlay = {} if choice == "default" else {"pretrained_cfg_overlay": {"hf_hub_id": choice}}
+    try:
+        return timm.create_model(model, pretrained=True, **overlay, **kwargs)
+    # huggingface_hub's errors are OSErrors (EntryNotFoundError aside), as are urllib's for URL-hosted weights
+    except (OSError, EntryNotFoundError) as err:
+        raise weights_error(model, _hub_source(model) if choice == "default" else f"hub repo {choice}",
+                            err) from err
 
 
 # ------------------------------------------------------------------------------------------------- open_clip

@@ -131,3 +131,84 @@ def test_a_failed_task_keeps_folders_that_existed_and_files_it_wrote(tmp_path):
     remove_empty_folders([kept / "task", kept, tmp_path / "other" / "task", tmp_path / "gone"])
     assert not (kept / "task").exists() and (kept / "note.txt").is_file()
     assert (tmp_path / "other" / "task" / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- train/vpr.py
+
+def _places_layout(root: Path) -> Path:
+    """The split folders of a place-recognition dataset, without images (the cheap checks look no further)."""
+    for split in ("train", "val", "test"):
+        for kind in ("database", "queries"):
+            (root / "images" / split / kind).mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--data-root", "{empty}"], "--data-root {empty} lacks images/train/database, images/train/queries"),
+    (["--data-root", "{layout}", "--model", "vit_nope_patch16"], "'vit_nope_patch16' is not a timm model name"),
+    (["--data-root", "{layout}", "--recipe", "selavpr-mslss"], "selavpr-mslss"),
+    (["--data-root", "{layout}", "--recipe", "mini-places", "--adapter", "LoRA"], "did you mean 'lora'"),
+])
+def test_vpr_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty",
+              "layout": _places_layout(tmp_path / "layout")}
+    places["empty"].mkdir()
+    vpr = load_train_script("vpr")
+    monkeypatch.setattr(vpr, "create_backbone", _no_model)
+    out = tmp_path / "runs"
+    argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
+    assert _exit_code(vpr.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_vpr_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "vpr"
+    argv = ["--data-root", str(_places_layout(tmp_path / "layout")), "--model", "test_vit", "--pretrained",
+            NO_SUCH_REPO, "--input-size", "32", "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(load_train_script("vpr").main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot load the weights of --model test_vit from hub repo {NO_SUCH_REPO}")
+    assert "--model visadapt_procvit_tiny" in line
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ train/rank.py
+
+def _ranking_csvs(root: Path) -> Path:
+    root.mkdir()
+    for split in ("train", "val", "test"):
+        (root / f"{split}.csv").write_text("filepath\ttitle\tcname\tvalue\n")
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--data-root", "{empty}"], "{empty} lacks train.csv, val.csv, test.csv"),
+    (["--data-root", "{csvs}", "--model", "RN50x"], "--model 'RN50x' is not an open_clip model name"),
+    (["--data-root", "{csvs}", "--model", "RN50", "--pretrained", "laion9b"],
+     "--pretrained 'laion9b' is not an open_clip tag of RN50 (its tags: openai, yfcc15m, cc12m)"),
+    (["--data-root", "{csvs}", "--recipe", "ranking-clipp"], "ranking-clipp"),
+])
+def test_rank_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "csvs": _ranking_csvs(tmp_path / "csvs")}
+    places["empty"].mkdir()
+    rank = load_train_script("rank")
+    monkeypatch.setattr(rank, "create_clip", _no_model)
+    out = tmp_path / "runs"
+    argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
+    assert _exit_code(rank.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_rank_clip_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "rank"
+    argv = ["--data-root", str(_ranking_csvs(tmp_path / "csvs")), "--model", "RN50", "--pretrained", "openai",
+            "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(load_train_script("rank").main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: cannot load the weights of --model RN50 from open_clip tag openai (hub repo ")
+    assert "HF_HUB_OFFLINE is set" in line and "--model visadapt_tiny_clip" in line
+    assert not (tmp_path / "runs").exists()

@@ -141,9 +141,11 @@ def check_backbone_choice(model: str, pretrained: str | None = "default") -> Non
                                 f"repo id, 'default' or 'none'")
 
 
-def weights_error(model: str, source: str, err: BaseException) -> BackboneWeightsError:
+def weights_error(model: str, source: str, err: BaseException, embedded: str = EMBEDDED_MODEL
+                  ) -> BackboneWeightsError:
     """The one-line :class:`BackboneWeightsError` for weights of ``model`` from ``source`` (a hub repo id or a
-    description) that failed to load with ``err`` (a ``huggingface_hub`` / download error)."""
+    description) that failed to load with ``err`` (a ``huggingface_hub`` / download error); ``embedded`` is the
+    shipped model of the same kind that the message offers instead."""
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -163,7 +165,7 @@ def weights_error(model: str, source: str, err: BaseException) -> BackboneWeight
     return BackboneWeightsError(
         f"cannot load the weights of --model {model} from {source}: {reason}. Fix: {fix}; or pass "
         f"--pretrained PATH (a local checkpoint file) or --pretrained none (random init); or train the "
-        f"embedded default --model {EMBEDDED_MODEL} (shipped with visadapt, no download)")
+        f"embedded default --model {embedded} (shipped with visadapt, no download)")
 
 
 def _hub_source(model: str) -> str:
@@ -219,6 +221,48 @@ TINY_CLIP_CONFIG = {
 TINY_CLIP_SEED = 0
 
 
+def check_clip_choice(model: str, pretrained: str | None = "default") -> str:
+    """The open_clip weights :func:`create_clip` will load for ``pretrained`` (a tag, a file or ``"none"``),
+    checked without building or downloading anything: ``ValueError`` for an unknown model or tag,
+    ``FileNotFoundError`` for a path that is no file."""
+    import open_clip
+
+    choice = (pretrained or "default").strip()
+    if model == EMBEDDED_CLIP:
+        return choice
+    if model not in open_clip.list_models():
+        raise ValueError(f"--model {model!r} is not an open_clip model name; see open_clip.list_models(), or use "
+                         f"{EMBEDDED_CLIP} (the embedded default)")
+    tags = [tag for name, tag in open_clip.list_pretrained() if name == model]
+    if choice == "default":
+        if not tags:
+            raise ValueError(f"open_clip has no pretrained tag for {model!r}; pass --pretrained <file|tag|none>")
+        return tags[0]
+    if choice == "none" or os.path.isfile(choice):
+        return choice
+    if _looks_like_path(choice):
+        raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, an "
+                                f"open_clip tag, 'default' or 'none'")
+    if not open_clip.get_pretrained_cfg(model, choice):  # the lookup open_clip.create_model does
+        raise ValueError(f"--pretrained {choice!r} is not an open_clip tag of {model} (its tags: "
+                         f"{', '.join(tags) or 'none'}); give one of them, a checkpoint file, 'default' or 'none'")
+    return choice
+
+
+def _download_failure(err: BaseException) -> BaseException | None:
+    """The hub or download error (an ``OSError`` or huggingface_hub's ``EntryNotFoundError``) that ``err`` was
+    raised from or while handling, if any."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (OSError, EntryNotFoundError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Module, dict]:
     """An open_clip model and its preprocessing facts ``{"image_size", "mean", "std"}``.
 
@@ -231,29 +275,26 @@ def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Modu
     import open_clip
     import torch
 
-    choice = (pretrained or "default").strip()
+    choice = check_clip_choice(model, pretrained)
     if model == EMBEDDED_CLIP:
         with torch.random.fork_rng():
             torch.manual_seed(TINY_CLIP_SEED)
             clip = open_clip.CLIP(**TINY_CLIP_CONFIG)
     else:
-        if model not in open_clip.list_models():
-            raise ValueError(f"--model {model!r} is not an open_clip model name; see open_clip.list_models(), or use "
-                             f"{EMBEDDED_CLIP} (the embedded default)")
-        if choice == "default":
-            tags = [tag for name, tag in open_clip.list_pretrained() if name == model]
-            if not tags:
-                raise ValueError(f"open_clip has no pretrained tag for {model!r}; pass --pretrained <file|tag|none>")
-            choice = tags[0]
-        if _looks_like_path(choice) and not os.path.isfile(choice):
-            raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, an "
-                                    f"open_clip tag, 'default' or 'none'")
         # open_clip 3.x builds a plain name (ViT-B-32) with GELU even for weights trained with QuickGELU (the
         # 'openai' tags and others whose pretrained config says quick_gelu) and only warns; the weights need the
         # activation they were trained with (older open_clip loaded 'openai' through a QuickGELU model)
         tag_cfg = open_clip.get_pretrained_cfg(model, choice) if choice != "none" else {}
-        clip = open_clip.create_model(model, pretrained=None if choice == "none" else choice,
-                                      force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+        try:
+            clip = open_clip.create_model(model, pretrained=None if choice == "none" else choice,
+                                          force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+        except RuntimeError as err:  # open_clip wraps a failed download in a RuntimeError
+            cause = _download_failure(err)
+            if cause is None:
+                raise
+            hub = tag_cfg.get("hf_hub", "").rstrip("/")
+            raise weights_error(model, f"open_clip tag {choice}" + (f" (hub repo {hub})" if hub else ""), cause,
+                                embedded=EMBEDDED_CLIP) from err
     cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = clip.visual.image_size
     return clip, {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size),

@@ -1,8 +1,8 @@
 """What every training job checks before any work, and how a failed task leaves its output folder.
 
-A job's ``main`` checks its cheap inputs first (flags, recipe, task and adapter names, the data folder, output
-folders already holding a run) and reports the first problem in one ``error:`` line with exit code 2, before it
-builds a model or contacts the hub. A task's output folder is created when the task starts
+A job's ``main`` checks its cheap inputs first (flags, recipe, task and adapter names, the data folder,
+output folders already holding a run) and reports the first problem in one ``error:`` line with exit code 2,
+before it builds a model or contacts the hub. A task's output folder is created when the task starts
 (:func:`task_output_dir`); if the task then fails, the folders it created are removed again when they hold no
 file, so a failed run leaves no empty ``<output>/<task>/`` behind.
 """
@@ -26,15 +26,15 @@ def check_data_root(data_root: str | os.PathLike, layout: str) -> Path:
     try:
         next(os.scandir(root), None)
     except OSError as err:
-        raise ValueError(f"--data-root {root} cannot be read ({err.strerror or err}); check its permissions") \
-            from None
+        raise ValueError(f"--data-root {root} cannot be read ({err.strerror or err}); check its "
+                         f"permissions") from None
     return root
 
 
 def refuse_existing_runs(folders: Iterable[Path], *, resume: bool, overwrite: bool) -> None:
-    """``FileExistsError`` when any of ``folders`` (the output folders of the tasks a run will train) already
-    holds files and the run neither resumes nor overwrites: checked for every task before the first one trains,
-    with the message of :func:`visadapt.engine.prepare_output_dir`."""
+    """``FileExistsError`` when any of ``folders`` (the output folders of the tasks a run will train)
+    already holds files and the run neither resumes nor overwrites: checked for every task before the first
+    one trains, with the message of :func:`visadapt.engine.prepare_output_dir`."""
     if resume or overwrite:
         return
     taken = [folder for folder in folders if folder.is_dir() and any(folder.iterdir())]
@@ -45,8 +45,8 @@ def refuse_existing_runs(folders: Iterable[Path], *, resume: bool, overwrite: bo
 
 
 def remove_empty_folders(folders: Iterable[Path]) -> None:
-    """Remove each of ``folders`` that holds no file: its empty subfolders first, then itself. A folder with any
-    file in it stays as it is (``rmdir`` removes only empty folders, so nothing a run wrote is ever lost)."""
+    """Remove each of ``folders`` that holds no file: its empty subfolders first, then itself. A folder with
+    any file in it stays as it is (``rmdir`` removes only empty folders, so nothing a run wrote is lost)."""
     for folder in folders:
         if not folder.is_dir():
             continue
@@ -57,8 +57,9 @@ def remove_empty_folders(folders: Iterable[Path]) -> None:
 
 @contextlib.contextmanager
 def task_output_dir(out: Path, *, resume: bool, overwrite: bool, state) -> Iterator[Path]:
-    """:func:`visadapt.engine.prepare_output_dir` for one task, undone on failure: when the body raises, ``out``
-    and the parent folders this call created are removed if they hold no file, then the error propagates."""
+    """:func:`visadapt.engine.prepare_output_dir` for one task, undone on failure: when the body raises,
+    ``out`` and the parent folders this call created are removed if they hold no file, then the error
+    propagates."""
     from visadapt.engine import prepare_output_dir
 
     created_parents = [parent for parent in out.parents if not parent.exists()]  # innermost first

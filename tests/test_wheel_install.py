@@ -26,20 +26,27 @@ from visadapt.data.procedural import generate_mini_vtab
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SIZES = {"train800": 16, "val200": 8, "test": 20}  # 24 training images = 3 steps of 8
-# Run a console script pip generated once per command line given (JSON), in one process (the imports are paid
-# once), then report each exit code and which visadapt modules the process imported.
+# Runs each command given (JSON: ["script", path, argv] runs a console script pip generated, ["module", name,
+# argv] runs a module as `python -m name` does) one after the other in one process, so that the imports are
+# paid once; then reports each one's exit code and stdout, and which visadapt modules the process imported.
 REPORTING_RUNNER = """
-import json, runpy, sys
-script, command_lines, codes = sys.argv[1], json.loads(sys.argv[2]), []
-for argv in command_lines:
-    sys.argv = [script, *argv]
+import contextlib, io, json, runpy, sys
+results = []
+for kind, target, argv in json.loads(sys.argv[1]):
+    sys.argv = [target, *argv]
+    stdout = io.StringIO()
     try:
-        runpy.run_path(script, run_name="__main__")
+        with contextlib.redirect_stdout(stdout):
+            if kind == "script":
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+        code = 0
     except SystemExit as exit_:
-        codes.append(exit_.code)
-    sys.stdout.flush()
+        code = exit_.code
+    results.append({"code": code, "stdout": stdout.getvalue()})
 print("REPORT " + json.dumps({
-    "codes": codes, "sys_path": sys.path,
+    "results": results, "sys_path": sys.path,
     "modules": {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
                 if name == "visadapt" or name.startswith("visadapt.")}}), file=sys.stderr)
 """
@@ -91,14 +98,14 @@ def _isolated_env(site: Path, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _run_installed(installed: SimpleNamespace, tmp_path: Path, *command_lines: list[str]):
-    """``visadapt-train ARGV`` of the installed package for each ARGV of ``command_lines``, one after the
-    other in one process run in an empty folder outside the checkout; returns the completed process and the
-    report (exit codes, the ``visadapt`` modules imported, ``sys.path``)."""
+def _run_installed(installed: SimpleNamespace, tmp_path: Path, *commands: list):
+    """Each of ``commands`` (``["script", path, argv]`` or ``["module", name, argv]``) with the installed
+    package, one after the other in one process run in an empty folder outside the checkout; returns the
+    completed process and the report (per command its exit code and stdout, the ``visadapt`` modules imported,
+    ``sys.path``)."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    done = subprocess.run([sys.executable, "-S", "-s", "-c", REPORTING_RUNNER,
-                           str(installed.site / "bin" / "visadapt-train"), json.dumps(command_lines)],
+    done = subprocess.run([sys.executable, "-S", "-s", "-c", REPORTING_RUNNER, json.dumps(commands)],
                           cwd=cwd, env=_isolated_env(installed.site, tmp_path), capture_output=True,
                           text=True, check=False, timeout=300)
     reports = [line for line in done.stderr.splitlines() if line.startswith("REPORT ")]
@@ -142,18 +149,27 @@ def test_wheel_holds_every_module_and_asset_the_jobs_read(installed):
 
 
 def test_installed_wheel_trains_from_outside_the_checkout(installed, tmp_path):
-    """``visadapt-train vtab --help``, then one epoch of the embedded default (shipped ViT, its weights read
-    from the installed assets) with the installed wheel: the adapter and metrics land under the working
-    directory."""
+    """From an empty folder outside the checkout, with the installed wheel: ``python -m visadapt.train
+    --help``, ``visadapt-train vtab --help``, then ``visadapt-train vtab`` for one epoch of the embedded
+    default (shipped ViT, its weights read from the installed assets): the adapter and metrics land under the
+    working directory."""
     data = generate_mini_vtab(tmp_path / "mini-vtab", seed=0, split_sizes=TINY_SIZES)
-    done, report = _run_installed(installed, tmp_path, ["vtab", "--help"],
-                                  ["vtab", "--data-root", str(data), "--task", "cells", "--epochs", "1",
-                                   "--batch-size", "8", "--no-progress"])
-    assert report["codes"] == [0, 0], done.stderr[-3000:]
-    assert done.stdout.startswith("usage: visadapt-train vtab ") and "--data-root" in done.stdout
+    console_script = str(installed.site / "bin" / "visadapt-train")
+    done, report = _run_installed(
+        installed, tmp_path, ["module", "visadapt.train", ["--help"]],
+        ["script", console_script, ["vtab", "--help"]],
+        ["script", console_script, ["vtab", "--data-root", str(data), "--task", "cells", "--epochs", "1",
+                                    "--batch-size", "8", "--no-progress"]])
+    module_help, job_help, training = report["results"]
+    assert [module_help["code"], job_help["code"], training["code"]] == [0, 0, 0], done.stderr[-3000:]
+    assert module_help["stdout"].startswith("usage: python -m visadapt.train COMMAND")
+    assert "  vtab " in module_help["stdout"]
+    assert job_help["stdout"].startswith("usage: visadapt-train vtab ")
+    assert "--data-root" in job_help["stdout"]
     _assert_installed_modules(report, installed.site)
     assert str(installed.site / "visadapt" / "train" / "vtab.py") == report["modules"]["visadapt.train.vtab"]
     out = tmp_path / "elsewhere" / "runs" / "mini-vtab-adapter" / "cells"  # the default --output-dir
+    assert "runs/mini-vtab-adapter/cells/adapter.safetensors" in training["stdout"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "cells" and metrics["epochs"] == 1 and len(metrics["history"]) == 1
     assert metrics["pretrained"] == "default" and metrics["model"] == "visadapt_procvit_tiny"
@@ -162,13 +178,3 @@ def test_installed_wheel_trains_from_outside_the_checkout(installed, tmp_path):
     from visadapt.io import read_adapter_metadata
 
     assert read_adapter_metadata(out / "adapter.safetensors")["plugin"] == "adapter"
-
-
-def test_installed_python_dash_m_help_from_outside_the_checkout(installed, tmp_path):
-    """``python -m visadapt.train --help`` of the installed wheel, from an empty folder."""
-    (tmp_path / "elsewhere").mkdir()
-    done = subprocess.run([sys.executable, "-S", "-s", "-m", "visadapt.train", "--help"],
-                          cwd=tmp_path / "elsewhere", env=_isolated_env(installed.site, tmp_path),
-                          capture_output=True, text=True, check=False, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: python -m visadapt.train COMMAND") and "  vtab " in done.stdout

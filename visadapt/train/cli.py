@@ -15,7 +15,7 @@ PROG = "visadapt-train"
 
 
 def usage(prog: str = PROG) -> str:
-    """The command list ``--help`` prints (and an unknown command repeats before its error line)."""
+    """What ``--help`` prints: the usage line and the command list."""
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     also = "python -m visadapt.train" if prog == PROG else PROG

@@ -77,6 +77,7 @@ def _vtab(monkeypatch, build_models: bool = False):
     (["--data-root", "{tiny}", "--model", "vit_nope_patch16"], "'vit_nope_patch16' is not a timm model name"),
     (["--data-root", "{tiny}", "--pretrained", "./weights/missing.safetensors"],
      "--pretrained './weights/missing.safetensors' is not an existing file"),
+    (["--data-root", "{tiny}", "--init-adapter", "{file}"], "--init-adapter {file}: "),
 ])
 def test_vtab_cheap_checks_come_before_any_model(argv, message, tiny_data, tmp_path, monkeypatch, capsys):
     places = {"missing": tmp_path / "missing", "file": tmp_path / "a-file", "empty": tmp_path / "empty",

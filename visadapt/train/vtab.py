@@ -62,6 +62,7 @@ from visadapt.engine import (
     TEST_METRIC,
     TrainConfig,
     add_run_flags,
+    check_init_adapter,
     finish_run_args,
     fit,
     init_adapter_from_file,
@@ -538,9 +539,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         for info in plan.tasks:  # every task's folder is there before the first task trains
             find_task_dir(data_root, info)
+        if args.init_adapter:  # the header only: its plugin and config against each run's (the seed's too)
+            for seed, _ in passes:
+                for info in plan.tasks:
+                    config = seeded_config(plan, info.name, plan.args_for(info.name, seed).seed)
+                    check_init_adapter(args.init_adapter, plan.plugin.name, config)
         refuse_existing_runs([seed_dir / info.name for _, seed_dir in passes for info in plan.tasks],
                              resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, OSError) as err:  # DatasetError is a ValueError
+    except (ValueError, OSError) as err:  # DatasetError and InitAdapterError are ValueErrors
         return report_error(err)
     results: dict[tuple[int | None, str], dict] = {}
     for seed, seed_dir in passes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from pathlib import Path
 
 import timm
@@ -110,8 +111,71 @@ def visadapt_procswin_tiny(pretrained: bool = False, **kwargs) -> SwinTransforme
                                 feature_cfg={"flatten_sequential": True, "out_indices": out_indices}, **args)
 
 
+#: a Hugging Face hub repo id, ``owner/name``
+_HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
 def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.startswith(".") or value.endswith((".safetensors", ".pth", ".pt", ".bin", ".npz"))
+    """Whether ``--pretrained value`` names a local file, not a hub repo id (``owner/name``) or a tag."""
+    if value.endswith(_CHECKPOINT_SUFFIXES) or value.startswith((".", "/", "~")):
+        return True
+    return os.sep in value and not _HUB_REPO_ID.fullmatch(value)
+
+
+class BackboneWeightsError(OSError):
+    """The weights ``--pretrained`` asks for cannot be had (no network, not in the hub cache under
+    ``HF_HUB_OFFLINE``, an unknown or private hub repo); the message names the model, the source and the
+    fixes."""
+
+
+def check_backbone_choice(model: str, pretrained: str | None = "default") -> None:
+    """Refuse an unknown timm ``model`` (``ValueError``) or a ``pretrained`` path that is no file
+    (``FileNotFoundError``) without building anything, so that a job can check its flags before any work."""
+    if model not in timm.list_models(pretrained=False) and model.split(".")[0] not in timm.list_models():
+        raise ValueError(f"--model {model!r} is not a timm model name; see `timm.list_models()`, "
+                         f"or use {EMBEDDED_MODEL} (the embedded default; {EMBEDDED_SWIN} for dense tasks)")
+    choice = (pretrained or "default").strip()
+    if choice not in ("default", "none") and not os.path.isfile(choice) and _looks_like_path(choice):
+        raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, a hub "
+                                f"repo id, 'default' or 'none'")
+
+
+def weights_error(model: str, source: str, err: BaseException, embedded: str = EMBEDDED_MODEL
+                  ) -> BackboneWeightsError:
+    """The one-line :class:`BackboneWeightsError` for weights of ``model`` from ``source`` (a hub repo id or a
+    description) that failed to load with ``err`` (a ``huggingface_hub`` / download error); ``embedded`` is the
+    shipped model of the same kind that the message offers instead."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = constants.is_offline_mode()
+    if isinstance(err, GatedRepoError):
+        reason = "the hub repo is gated: accept its terms on huggingface.co, then log in (HF_TOKEN)"
+    elif isinstance(err, RepositoryNotFoundError):
+        reason = "no such hub repo, or a private one (log in: HF_TOKEN)"
+    elif offline:
+        reason = "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (nothing is downloaded)"
+    elif isinstance(err, FileNotFoundError):  # huggingface_hub's LocalEntryNotFoundError after its retries
+        reason = "the hub could not be reached and the file is not in the local Hugging Face cache"
+    else:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+    fix = ("run once with network access to cache them" if offline else
+           "run once with network access to cache them, then set HF_HUB_OFFLINE=1 to skip the hub")
+    return BackboneWeightsError(
+        f"cannot load the weights of --model {model} from {source}: {reason}. Fix: {fix}; or pass "
+        f"--pretrained PATH (a local checkpoint file) or --pretrained none (random init); or train the "
+        f"embedded default --model {embedded} (shipped with visadapt, no download)")
+
+
+def _hub_source(model: str) -> str:
+    """Where timm takes ``model``'s default weights from, for :func:`weights_error`."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(model)  # a bare architecture name gives its default tag's
+    except Exception:  # noqa: BLE001 - only the wording of an error message depends on it
+        cfg = None
+    hub, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+    return f"hub repo {hub} (timm's default)" if hub else url or "timm's default weights"
 
 
 def create_backbone(model: str, pretrained: str | None = "default", num_classes: int = 0, **kwargs) -> nn.Module:
@@ -120,23 +184,27 @@ def create_backbone(model: str, pretrained: str | None = "default", num_classes:
     ``pretrained`` is ``"default"`` (timm's default weights for ``model``, from the hub or timm's cache; the
     embedded model's are in ``assets/``), ``"none"`` (random init), a local checkpoint file (safetensors or
     a torch checkpoint timm can read), or a Hugging Face hub repo id holding timm weights.
+
+    Raises ``ValueError`` / ``FileNotFoundError`` (see :func:`check_backbone_choice`) before building
+    anything, and :class:`BackboneWeightsError` when hub weights cannot be loaded.
     """
-    if model not in timm.list_models(pretrained=False) and model.split(".")[0] not in timm.list_models():
-        raise ValueError(f"--model {model!r} is not a timm model name; see `timm.list_models()`, "
-                         f"or use {EMBEDDED_MODEL} (the embedded default; {EMBEDDED_SWIN} for dense tasks)")
+    check_backbone_choice(model, pretrained)
     kwargs = dict(num_classes=num_classes, **kwargs)
     choice = (pretrained or "default").strip()
     if choice == "none":
         return timm.create_model(model, pretrained=False, **kwargs)
-    if choice == "default":
-        return timm.create_model(model, pretrained=True, **kwargs)
     if os.path.isfile(choice):
         return timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(choice)},
                                  **kwargs)
-    if _looks_like_path(choice):
-        raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, a hub "
-                                f"repo id, 'default' or 'none'")
-    return timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"hf_hub_id": choice}, **kwargs)
+    from huggingface_hub.errors import EntryNotFoundError
+
+    overlay = {} if choice == "default" else {"pretrained_cfg_overlay": {"hf_hub_id": choice}}
+    try:
+        return timm.create_model(model, pretrained=True, **overlay, **kwargs)
+    # huggingface_hub's errors are OSErrors (EntryNotFoundError aside), as are urllib's for URL-hosted weights
+    except (OSError, EntryNotFoundError) as err:
+        raise weights_error(model, _hub_source(model) if choice == "default" else f"hub repo {choice}",
+                            err) from err
 
 
 # ------------------------------------------------------------------------------------------------- open_clip
@@ -153,6 +221,48 @@ TINY_CLIP_CONFIG = {
 TINY_CLIP_SEED = 0
 
 
+def check_clip_choice(model: str, pretrained: str | None = "default") -> str:
+    """The open_clip weights :func:`create_clip` will load for ``pretrained`` (a tag, a file or ``"none"``),
+    checked without building or downloading anything: ``ValueError`` for an unknown model or tag,
+    ``FileNotFoundError`` for a path that is no file."""
+    import open_clip
+
+    choice = (pretrained or "default").strip()
+    if model == EMBEDDED_CLIP:
+        return choice
+    if model not in open_clip.list_models():
+        raise ValueError(f"--model {model!r} is not an open_clip model name; see open_clip.list_models(), or use "
+                         f"{EMBEDDED_CLIP} (the embedded default)")
+    tags = [tag for name, tag in open_clip.list_pretrained() if name == model]
+    if choice == "default":
+        if not tags:
+            raise ValueError(f"open_clip has no pretrained tag for {model!r}; pass --pretrained <file|tag|none>")
+        return tags[0]
+    if choice == "none" or os.path.isfile(choice):
+        return choice
+    if _looks_like_path(choice):
+        raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, an "
+                                f"open_clip tag, 'default' or 'none'")
+    if not open_clip.get_pretrained_cfg(model, choice):  # the lookup open_clip.create_model does
+        raise ValueError(f"--pretrained {choice!r} is not an open_clip tag of {model} (its tags: "
+                         f"{', '.join(tags) or 'none'}); give one of them, a checkpoint file, 'default' or 'none'")
+    return choice
+
+
+def _download_failure(err: BaseException) -> BaseException | None:
+    """The hub or download error (an ``OSError`` or huggingface_hub's ``EntryNotFoundError``) that ``err`` was
+    raised from or while handling, if any."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (OSError, EntryNotFoundError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Module, dict]:
     """An open_clip model and its preprocessing facts ``{"image_size", "mean", "std"}``.
 
@@ -165,29 +275,26 @@ def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Modu
     import open_clip
     import torch
 
-    choice = (pretrained or "default").strip()
+    choice = check_clip_choice(model, pretrained)
     if model == EMBEDDED_CLIP:
         with torch.random.fork_rng():
             torch.manual_seed(TINY_CLIP_SEED)
             clip = open_clip.CLIP(**TINY_CLIP_CONFIG)
     else:
-        if model not in open_clip.list_models():
-            raise ValueError(f"--model {model!r} is not an open_clip model name; see open_clip.list_models(), or use "
-                             f"{EMBEDDED_CLIP} (the embedded default)")
-        if choice == "default":
-            tags = [tag for name, tag in open_clip.list_pretrained() if name == model]
-            if not tags:
-                raise ValueError(f"open_clip has no pretrained tag for {model!r}; pass --pretrained <file|tag|none>")
-            choice = tags[0]
-        if _looks_like_path(choice) and not os.path.isfile(choice):
-            raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, an "
-                                    f"open_clip tag, 'default' or 'none'")
         # open_clip 3.x builds a plain name (ViT-B-32) with GELU even for weights trained with QuickGELU (the
         # 'openai' tags and others whose pretrained config says quick_gelu) and only warns; the weights need the
         # activation they were trained with (older open_clip loaded 'openai' through a QuickGELU model)
         tag_cfg = open_clip.get_pretrained_cfg(model, choice) if choice != "none" else {}
-        clip = open_clip.create_model(model, pretrained=None if choice == "none" else choice,
-                                      force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+        try:
+            clip = open_clip.create_model(model, pretrained=None if choice == "none" else choice,
+                                          force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+        except RuntimeError as err:  # open_clip wraps a failed download in a RuntimeError
+            cause = _download_failure(err)
+            if cause is None:
+                raise
+            hub = tag_cfg.get("hf_hub", "").rstrip("/")
+            raise weights_error(model, f"open_clip tag {choice}" + (f" (hub repo {hub})" if hub else ""), cause,
+                                embedded=EMBEDDED_CLIP) from err
     cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = clip.visual.image_size
     return clip, {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size),

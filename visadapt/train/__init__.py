@@ -1,7 +1,9 @@
-"""visadapt's training jobs, installed with the package: ``visadapt-train COMMAND ...``, ``python -m visadapt.train
-COMMAND ...``, or the thin ``train/<command>.py`` scripts of a checkout (``accelerate launch train/vtab.py``).
+"""visadapt's training jobs, installed with the package: ``visadapt-train COMMAND ...``, ``python -m
+visadapt.train COMMAND ...``, or the thin ``train/<command>.py`` scripts of a checkout (``accelerate launch
+train/vtab.py``).
 
-Each command is one module of this package with a ``main(argv)``; this file imports none of them until one is
+Each command is one module of this package with a ``main(argv, prog)`` (``prog``: how it was invoked, for its
+usage line); this file imports none of them until one is
 run, so that listing the commands stays instant.
 """
 from __future__ import annotations
@@ -24,9 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def run(command: str, argv: list[str] | None = None) -> int:
-    """Run ``command`` (a key of :data:`COMMANDS`) with ``argv`` (default: ``sys.argv[1:]``); its exit code."""
+def run(command: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run ``command`` (a key of :data:`COMMANDS`) with ``argv`` (default: ``sys.argv[1:]``); its exit code.
+
+    ``prog`` is how the user invoked it, shown in the job's usage and ``--help`` (``visadapt-train vtab``,
+    ``python -m visadapt.train vtab``); the default is the checkout's thin script, ``train/<module>.py``.
+    """
     from visadapt.engine import run_script
 
-    module = importlib.import_module(f"{__name__}.{COMMANDS[command][0]}")
-    return run_script(lambda: module.main(argv) or 0)
+    module_name = COMMANDS[command][0]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    prog = prog or f"train/{module_name}.py"
+    return run_script(lambda: module.main(argv, prog=prog) or 0)

@@ -89,8 +89,8 @@ RECIPES = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/dense.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or "train/dense.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--benchmark", default="scenes", choices=sorted(RECIPES),
                    help="scenes: the embedded procedural scenes (no download); pascal: PASCAL-Context multi-task "
@@ -267,8 +267,8 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         fields = plugin_fields(args)
         attach_dense_method(None, args.method, args.tasks, fields)  # a bad config fails before any work

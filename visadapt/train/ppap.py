@@ -327,8 +327,8 @@ def format_table(table: dict[str, dict[str, float]], scale: float, steps: int, s
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/ppap.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or "train/ppap.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pipeline", default=EMBEDDED_WORLD, help=f"local folder or hub id of an unconditional diffusers "
                                                               f"pipeline, or {EMBEDDED_WORLD} (embedded)")
@@ -407,8 +407,8 @@ def check_init_experts(path: str, classifier: nn.Module, config: dict, pipeline:
         raise InitAdapterError(f"--init-adapter {path}: {err}; pass the --classifier it was trained on") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     out = Path(args.output_dir)
     state = PartialState()
     seed_everything(args.seed)

@@ -89,8 +89,9 @@ def accuracy(model, images, labels, batch_size=512, size: int = IMAGE_SIZE) -> f
     return 100.0 * correct / len(images)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=plain_help(__doc__.splitlines()[0]))
+def main(argv=None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog or "train/pretrain_backbone.py",
+                                     description=plain_help(__doc__.splitlines()[0]))
     parser.add_argument("--model", default=EMBEDDED_MODEL, choices=sorted(EMBEDDED_BACKBONES),
                         help="which embedded backbone to pretrain")
     parser.add_argument("--samples", type=int, default=32000, help="upstream training images")

@@ -180,8 +180,9 @@ def _save(state: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> N
     os.replace(tmp, path)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=plain_help(__doc__.splitlines()[0]))
+def main(argv=None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog or "train/pretrain_ppap_world.py",
+                                     description=plain_help(__doc__.splitlines()[0]))
     parser.add_argument("--samples", type=int, default=16000, help="rendered training images (both models)")
     parser.add_argument("--holdout", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)

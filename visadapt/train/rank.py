@@ -39,7 +39,8 @@ from torchvision import transforms
 
 import visadapt
 from visadapt import api
-from visadapt.backbones import EMBEDDED_CLIP, create_clip
+from visadapt.backbones import EMBEDDED_CLIP, BackboneWeightsError, check_clip_choice, create_clip
+from visadapt.data.errors import DatasetError
 from visadapt.data.ranking import COUNTING_MANIFEST, RankingLists, RankingTable, generate_mini_counting
 from visadapt.engine import (
     TrainConfig,
@@ -49,7 +50,6 @@ from visadapt.engine import (
     fit,
     init_adapter_from_file,
     make_accelerator,
-    prepare_output_dir,
     run_options,
     run_script,
     seed_everything,
@@ -59,6 +59,7 @@ from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer, official_param_groups
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.train.preflight import check_data_root, report_error, task_output_dir
 
 # The embedded recipe; the published one is a recipe file (assets/recipes/ranking-clip.yaml).
 RECIPES = {
@@ -73,8 +74,8 @@ SETTING_DEFAULTS = {"negative_ratio": 0.2, "rank_weight": 1.0, "regression_weigh
                     "seed": 0, "pair_partners": None, "lr_schedule": "cosine"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/rank.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or "train/rank.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help=f"a recipe file, or a name: shipped {', '.join(available_recipes('rank'))}, embedded "
@@ -231,16 +232,21 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks come first, each one error line and exit 2: flags, recipe, adapter config, the CLIP name
+    # and tag or --pretrained path, the data folder and its CSVs, an output folder holding a run. No model is
+    # built and the hub is not contacted before they pass.
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
         settings = config_values(args.adapter_config, args.overrides, base=args.adapter_settings)
         visadapt.get_plugin("ranking_clip")().Config.from_dict(settings)
         if args.init_adapter:  # the header only: the file's plugin and config against this run's
             check_init_adapter(args.init_adapter, "ranking_clip", settings)
-    except (ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        check_clip_choice(args.model, args.pretrained)
+        if args.data_root is not None:
+            check_data_root(args.data_root, "train.csv, val.csv and test.csv")
+    except (ValueError, KeyError, OSError) as err:
+        return report_error(err)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if args.data_root is None:
         with state.main_process_first():
@@ -253,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.output_dir or f"runs/rank-{data_root.name}")
     try:
-        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    metrics = train(args, data_root, out)
+        with task_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state):
+            metrics = train(args, data_root, out)
+    # what the cheap checks cannot see: CLIP weights that cannot be had, a malformed CSV
+    except (FileExistsError, BackboneWeightsError, DatasetError) as err:
+        return report_error(err, state)
     if state.is_main_process:
         print(f"\n[{metrics['dataset']} test] {metrics['test']['images']} images")
         for label, record in (("zero-shot CLIP", metrics["zero_shot"]), ("ranking adapter", metrics["test"])):

@@ -181,8 +181,8 @@ def log_grid(accelerator, grid: np.ndarray, step: int) -> None:
 # ------------------------------------------------------------------------------------------ the run
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/resadapter.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or "train/resadapter.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pipeline", default=EMBEDDED_SD, help="local folder or hub id of a diffusers Stable Diffusion "
                                                            f"pipeline, or {EMBEDDED_SD} (embedded, no download)")
@@ -215,8 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         config = visadapt.get_plugin("resadapter")().Config.from_dict(config_values(None, args.overrides))
         if args.init_adapter:  # the header only: the file's plugin and config against this run's

@@ -155,8 +155,8 @@ def generate_skill_datasets(root: str | os.PathLike | None = None, seed: int = 0
 # ------------------------------------------------------------------------------------------ the run
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/selma.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or "train/selma.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pipeline", default=EMBEDDED_SD, help="local folder or hub id of a diffusers Stable Diffusion "
                                                            f"pipeline, or {EMBEDDED_SD} (embedded, no download)")
@@ -283,8 +283,8 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
         visadapt.detach(pipe.unet, skill)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         visadapt.get_plugin("selma")().Config.from_dict(
             config_values(None, args.overrides, base={"rank": args.rank, "alpha": args.alpha}))

@@ -76,10 +76,10 @@ def generate_skill(pipe, prompts: list[str], folder: Path, *, shard_size: int = 
                               seed=seed)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     from visadapt.backbones import EMBEDDED_SD
 
-    p = argparse.ArgumentParser(prog="train/selma_data.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog or "train/selma_data.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompts", action="append", required=True, metavar="SKILL=FILE",
                    help="a skill and its prompt file (.txt or .jsonl); repeatable")
@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         prompts = {skill: read_prompts(path) for skill, path in args.skills.items()}
     except (OSError, ValueError) as err:

@@ -564,8 +564,8 @@ def generate_prompts(skill: Skill, generator: Callable[[Sequence[str], int], lis
     return GenerationResult(output, kept, rounds_run, start_round)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/selma_prompts.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or "train/selma_prompts.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--skill", choices=sorted(SKILLS), help="one of the official skills")
@@ -595,8 +595,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print("error: train/selma_prompts.py appends to one file; run it as one process (python, not a "
               "multi-process accelerate launch)", file=sys.stderr)

@@ -48,9 +48,10 @@ from torch.utils.data import Dataset, Subset
 
 import visadapt
 from visadapt import api
-from visadapt.backbones import EMBEDDED_MODEL, create_backbone
+from visadapt.backbones import EMBEDDED_MODEL, BackboneWeightsError, check_backbone_choice, create_backbone
 from visadapt.data import resolve_normalization
-from visadapt.data.places import MANIFEST, PlaceSplit, TripletDataset, generate_mini_places
+from visadapt.data.errors import DatasetError
+from visadapt.data.places import LAYOUT, MANIFEST, PlaceSplit, TripletDataset, generate_mini_places
 from visadapt.data.transforms import vtab_transform
 from visadapt.engine import (
     TrainConfig,
@@ -60,7 +61,6 @@ from visadapt.engine import (
     fit,
     init_adapter_from_file,
     make_accelerator,
-    prepare_output_dir,
     run_options,
     run_script,
     seed_everything,
@@ -70,6 +70,7 @@ from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.train.preflight import check_data_root, report_error, task_output_dir
 
 # The embedded recipe, sized for 2 CPU cores; every value can be overridden by its flag. The published ones are
 # recipe files (assets/recipes/selavpr-*.yaml, read by visadapt.recipes).
@@ -97,11 +98,11 @@ BACKBONE_SETTINGS = ("model", "pretrained", "input_size", "normalize")
 MINING_FILE = "mined_epoch_{epoch:04d}.pt"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     """The command line, then the recipe, then :data:`SETTING_DEFAULTS` (a flag wins over the recipe).
 
     ``ValueError`` for a bad recipe or an inconsistent protocol (``main`` reports it and exits with 2)."""
-    p = argparse.ArgumentParser(prog="train/vpr.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog or "train/vpr.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help=f"a recipe file, or a name: shipped {', '.join(available_recipes('vpr'))}, embedded "
@@ -190,6 +191,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     finish_run_args(p, args, {**SETTING_DEFAULTS, **values})
     check_protocol(args)
     return args
+
+
+def check_places_root(data_root: str | os.PathLike) -> Path:
+    """``data_root`` if it is a readable folder with the database and query folders of every split (folder
+    checks only: the images are listed when the splits are loaded); else ``ValueError`` naming what is
+    missing."""
+    root = check_data_root(data_root, LAYOUT)
+    missing = [f"images/{split}/{kind}" for split in ("train", "val", "test")
+               for kind in ("database", "queries") if not (root / "images" / split / kind).is_dir()]
+    if missing:
+        raise ValueError(f"--data-root {root} lacks {', '.join(missing)}; expected {LAYOUT}")
+    return root
 
 
 def check_protocol(args: argparse.Namespace) -> None:
@@ -543,9 +556,12 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks come first, each one error line and exit 2: flags, recipe, adapter config, the header of
+    # --init-adapter, the backbone name and a --pretrained path, the split folders of the data folder, an output
+    # folder holding a run. No model is built and the hub is not contacted before they pass.
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
         visadapt.get_plugin(args.adapter)().Config.from_dict(adapter_settings(args))  # fail before any work
         recipe = args.recipe_file
         if recipe is not None and recipe.starts_from and not args.init_adapter:
@@ -553,9 +569,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"pass that run's adapter.safetensors as --init-adapter")
         if args.init_adapter:  # the header only: the file's plugin and config against this run's
             check_init_adapter(args.init_adapter, args.adapter, adapter_settings(args))
-    except (ValueError, KeyError) as err:  # InitAdapterError is a ValueError too
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        check_backbone_choice(args.model, args.pretrained)
+        if args.data_root is not None:
+            check_places_root(args.data_root)
+    except (ValueError, KeyError, OSError) as err:  # InitAdapterError and DatasetError are ValueErrors too
+        return report_error(err)
     if args.recipe_notice:
         print(args.recipe_notice)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -565,11 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     data_root = Path(args.data_root)
     out = Path(args.output_dir or f"runs/vpr-{args.dataset_name or data_root.name}-{args.adapter}")
     try:
-        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    metrics = train(args, data_root, out)
+        with task_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state):
+            metrics = train(args, data_root, out)
+    # what the cheap checks cannot see: backbone weights that cannot be had, images without coordinates
+    except (FileExistsError, BackboneWeightsError, DatasetError) as err:
+        return report_error(err, state)
     if state.is_main_process:
         name = next(iter(metrics["test"]))
         test = metrics["test"][name]

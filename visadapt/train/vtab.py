@@ -49,23 +49,25 @@ from PIL import Image
 
 import visadapt
 from visadapt import api
-from visadapt.backbones import create_backbone
+from visadapt.backbones import BackboneWeightsError, check_backbone_choice, create_backbone
 from visadapt.data import PROTOCOLS, build_datasets, resolve_normalization
 from visadapt.data.cache import default_workers
+from visadapt.data.errors import DatasetError
 from visadapt.data.procedural import default_data_root, generate_mini_vtab
 from visadapt.data.tasks import benchmark_tasks, resolve_tasks
 from visadapt.data.transforms import NORMALIZATION_CHOICES
 from visadapt.data.verify import verify_benchmark
+from visadapt.data.vtab import find_task_dir
 from visadapt.engine import (
     TEST_METRIC,
     TrainConfig,
     add_run_flags,
+    check_init_adapter,
     finish_run_args,
     fit,
     init_adapter_from_file,
     make_accelerator,
     precision_name,
-    prepare_output_dir,
     run_options,
     run_script,
     seed_everything,
@@ -82,6 +84,7 @@ from visadapt.recipes import (
     available_recipes,
     load_recipe,
 )
+from visadapt.train.preflight import check_data_root, refuse_existing_runs, report_error, task_output_dir
 
 # ----------------------------------------------------------------------------------------------- arguments
 
@@ -106,9 +109,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     """The command line as given: every recipe-settable flag left out is ``None`` (see :func:`plan_run`)."""
-    p = argparse.ArgumentParser(prog="train/vtab.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog or "train/vtab.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help=f"published recipe: a name in assets/recipes ({', '.join(available_recipes())}) or a "
@@ -221,7 +224,8 @@ class RunPlan(NamedTuple):
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
     """Load the recipe, choose the benchmark, fill every unset flag per task, and build each task's plugin
-    config, so that a bad recipe, flag or config fails before any work (``ValueError`` / ``KeyError``)."""
+    config, so that a bad recipe, flag, config, backbone name or ``--pretrained`` path fails before any work
+    (``ValueError`` / ``KeyError`` / ``FileNotFoundError``)."""
     recipe = load_recipe(args.recipe) if args.recipe else None
     benchmark = args.benchmark or (recipe.benchmark if recipe else "mini-vtab")
     if recipe and args.adapter is not None and args.adapter != recipe.adapter:
@@ -244,6 +248,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     task_args: dict[str, argparse.Namespace] = {}
     adapter_configs: dict[str, Any] = {}
     fields: dict[str, dict[str, Any]] = {}
+    backbones: set[tuple[str, str | None]] = set()
     for info in tasks:
         recipe_task = info.name if own_benchmark else None
         values = {**COMMON_DEFAULTS, **BENCHMARK_DEFAULTS[benchmark]}
@@ -258,6 +263,9 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         fields[info.name] = config_values(args.adapter_config, args.overrides, base=base)
         adapter_configs[info.name] = plugin.Config.from_dict(fields[info.name])  # a bad config fails before any work
         task_args[info.name] = argparse.Namespace(**{**vars(args), **values})
+        backbones.add((task_args[info.name].model, task_args[info.name].pretrained))
+    for model, pretrained in sorted(backbones, key=str):  # names and paths only: nothing is built or downloaded
+        check_backbone_choice(model, pretrained)
     return RunPlan(benchmark, tasks, args.seeds, plugin, task_args, adapter_configs, fields, recipe, notices)
 
 
@@ -483,17 +491,28 @@ def seeded_config(plan: RunPlan, task: str, seed: int):
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     if args.list_recipes:
         _print_recipes()
         return 0
+    # The cheap checks come first, each one error line and exit 2: the recipe, task, adapter and config names,
+    # the backbone name and a --pretrained path (plan_run); then the data folder and the output folders. No model
+    # is built and the hub is not contacted before they pass.
     try:
         plan = plan_run(args)
-    except (ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError, OSError) as err:
+        return report_error(err)
     benchmark = plan.benchmark
+    if args.data_root is None and benchmark != "mini-vtab":
+        print(f"error: --benchmark {benchmark} needs --data-root, the folder with one directory per task "
+              f"({', '.join(list(benchmark_tasks(benchmark))[:3])}, ...)", file=sys.stderr)
+        return 2
+    if args.data_root is not None and (benchmark != "mini-vtab" or Path(args.data_root).exists()):
+        try:  # a mini-vtab folder that does not exist yet is generated below
+            check_data_root(args.data_root, f"one directory per {benchmark} task")
+        except ValueError as err:
+            return report_error(err)
     # Same device choice as the Accelerator each task builds (ACCELERATE_USE_CPU is set by `launch --cpu`).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and state.num_processes == 1:
@@ -505,10 +524,6 @@ def main(argv: list[str] | None = None) -> int:
     for notice in plan.notices:
         state.print(f"notice: {notice}")
     if args.data_root is None:
-        if benchmark != "mini-vtab":
-            print(f"error: --benchmark {benchmark} needs --data-root, the folder with one directory per task "
-                  f"({', '.join(list(benchmark_tasks(benchmark))[:3])}, ...)", file=sys.stderr)
-            return 2
         args.data_root = str(default_data_root(args.data_seed))
     data_root = Path(args.data_root)
     if benchmark == "mini-vtab":
@@ -521,6 +536,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # One pass per seed; without --seeds, one pass with the single seed in today's flat layout.
     passes = [(seed, output_dir / SEED_DIR.format(seed)) for seed in plan.seeds] if plan.seeds else [(None, output_dir)]
+    try:
+        for info in plan.tasks:  # every task's folder is there before the first task trains
+            find_task_dir(data_root, info)
+        if args.init_adapter:  # the header only: its plugin and config against each run's (the seed's too)
+            for seed, _ in passes:
+                for info in plan.tasks:
+                    config = seeded_config(plan, info.name, plan.args_for(info.name, seed).seed)
+                    check_init_adapter(args.init_adapter, plan.plugin.name, config)
+        refuse_existing_runs([seed_dir / info.name for _, seed_dir in passes for info in plan.tasks],
+                             resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, OSError) as err:  # DatasetError and InitAdapterError are ValueErrors
+        return report_error(err)
     results: dict[tuple[int | None, str], dict] = {}
     for seed, seed_dir in passes:
         for info in plan.tasks:
@@ -530,14 +557,14 @@ def main(argv: list[str] | None = None) -> int:
                 state.print(f"[{info.name}] finished earlier; keeping {done}")
                 results[seed, info.name] = json.loads(done.read_text())
                 continue
-            try:
-                prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
-            except FileExistsError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
             task_args = plan.args_for(info.name, seed)
-            results[seed, info.name] = train_task(task_args, info, data_root, out, plan.plugin,
-                                                  seeded_config(plan, info.name, task_args.seed))
+            try:
+                with task_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state):
+                    results[seed, info.name] = train_task(task_args, info, data_root, out, plan.plugin,
+                                                          seeded_config(plan, info.name, task_args.seed))
+            # what the cheap checks cannot see: hub weights that cannot be had, a malformed split file or image
+            except (FileExistsError, BackboneWeightsError, DatasetError) as err:
+                return report_error(err, state)
 
     if state.is_main_process:
         tune = args.split == "tune"

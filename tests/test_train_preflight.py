@@ -1,0 +1,215 @@
+"""Cheap checks first: a training job reports a bad argument, data folder or output folder in one ``error:`` line
+with exit code 2 before it builds a model or contacts the hub; a model whose weights cannot be had ends in one
+line naming the model and the fixes; a failed run leaves no empty output folders.
+
+Each case runs the job's ``main`` in-process with the hub offline (``HF_HUB_OFFLINE``, an empty hub cache) and a
+``create_backbone`` / ``create_clip`` that fails the test if a cheap check should have stopped the run first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+from train_scripts import load_train_script
+
+from visadapt.data.procedural import generate_mini_vtab
+from visadapt.train.preflight import remove_empty_folders
+
+TINY_SIZES = {"train800": 16, "val200": 8, "test": 20}
+NO_SUCH_REPO = "visadapt-tests/no-such-repo"
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch, tmp_path):
+    """No network: huggingface_hub reads these at call time (the environment only at import)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return generate_mini_vtab(tmp_path_factory.mktemp("minivtab"), seed=0, split_sizes=TINY_SIZES)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was built before the cheap checks stopped the run")
+
+
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        return exit_.code
+
+
+def _one_error_line(capsys) -> str:
+    """The single ``error:`` line the run printed (no traceback, nothing else on stderr but argparse usage)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------------ train/vtab.py
+
+def _vtab(monkeypatch, build_models: bool = False):
+    vtab = load_train_script("vtab")
+    if not build_models:
+        monkeypatch.setattr(vtab, "create_backbone", _no_model)
+    return vtab
+
+
+@pytest.mark.parametrize("argv, message", [
+    # the issue's case: the default ViT-B of --benchmark vtab would be built (and fetched) first
+    (["--benchmark", "vtab", "--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--benchmark", "vtab", "--data-root", "{file}"], "--data-root {file} is a file, not a folder"),
+    (["--benchmark", "vtab", "--data-root", "{empty}", "--task", "cifar100"],
+     "no folder for task 'cifar100' under data root {empty}"),
+    (["--benchmark", "fgvc", "--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--benchmark", "vtab"], "--benchmark vtab needs --data-root"),
+    (["--data-root", "{file}"], "--data-root {file} is a file"),  # mini-vtab: generated only where nothing is
+    (["--data-root", "{tiny}", "--task", "celsl"], "did you mean 'cells'"),
+    (["--data-root", "{tiny}", "--recipe", "mosa-vtabb"], "mosa-vtabb"),
+    (["--data-root", "{tiny}", "--adapter", "LoRA"], "did you mean 'lora'"),
+    (["--data-root", "{tiny}", "--model", "vit_nope_patch16"], "'vit_nope_patch16' is not a timm model name"),
+    (["--data-root", "{tiny}", "--pretrained", "./weights/missing.safetensors"],
+     "--pretrained './weights/missing.safetensors' is not an existing file"),
+    (["--data-root", "{tiny}", "--init-adapter", "{file}"], "--init-adapter {file}: "),
+])
+def test_vtab_cheap_checks_come_before_any_model(argv, message, tiny_data, tmp_path, monkeypatch, capsys):
+    places = {"missing": tmp_path / "missing", "file": tmp_path / "a-file", "empty": tmp_path / "empty",
+              "tiny": tiny_data}
+    places["file"].write_text("not a folder")
+    places["empty"].mkdir()
+    out = tmp_path / "runs"
+    argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
+    assert _exit_code(_vtab(monkeypatch).main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+    assert not places["missing"].exists()
+
+
+def test_vtab_a_later_task_holding_a_run_is_refused_before_the_first_trains(tiny_data, tmp_path, monkeypatch,
+                                                                             capsys):
+    out = tmp_path / "runs"
+    (out / "digits").mkdir(parents=True)
+    (out / "digits" / "metrics.json").write_text("{}")
+    argv = ["--data-root", str(tiny_data), "--task", "cells", "digits", "--output-dir", str(out)]
+    assert _exit_code(_vtab(monkeypatch).main, argv) == 2
+    assert f"{out / 'digits'} already holds a run; pass --resume" in _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["digits"]  # no folder for cells
+
+
+@pytest.mark.parametrize("pretrained, source", [
+    (NO_SUCH_REPO, f"hub repo {NO_SUCH_REPO}"),
+    ("default", "hub repo timm/test_vit."),  # timm's default tag, not in the (empty) hub cache
+])
+def test_vtab_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(pretrained, source, tiny_data, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Offline, with weights the hub cache lacks: one line naming the model, where its weights come from and the
+    fixes; the task folder the run had started is removed again, and so is the output folder it created."""
+    out = tmp_path / "runs" / "here"
+    argv = ["--data-root", str(tiny_data), "--task", "cells", "--model", "test_vit", "--pretrained",
+            pretrained, "--input-size", "32", "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(_vtab(monkeypatch, build_models=True).main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: cannot load the weights of --model test_vit from " + source)
+    for fix in ("HF_HUB_OFFLINE is set", "--pretrained PATH", "--model visadapt_procvit_tiny"):
+        assert fix in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_task_keeps_folders_that_existed_and_files_it_wrote(tmp_path):
+    """Only folders without files go: a pre-existing output folder with a file in it stays."""
+    kept = tmp_path / "out"
+    (kept / "task" / "logs" / "empty").mkdir(parents=True)
+    (kept / "note.txt").write_text("mine")
+    (tmp_path / "other" / "task").mkdir(parents=True)
+    (tmp_path / "other" / "task" / "metrics.json").write_text("{}")
+    remove_empty_folders([kept / "task", kept, tmp_path / "other" / "task", tmp_path / "gone"])
+    assert not (kept / "task").exists() and (kept / "note.txt").is_file()
+    assert (tmp_path / "other" / "task" / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- train/vpr.py
+
+def _places_layout(root: Path) -> Path:
+    """The split folders of a place-recognition dataset, without images (the cheap checks look no further)."""
+    for split in ("train", "val", "test"):
+        for kind in ("database", "queries"):
+            (root / "images" / split / kind).mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--data-root", "{empty}"], "--data-root {empty} lacks images/train/database, images/train/queries"),
+    (["--data-root", "{layout}", "--model", "vit_nope_patch16"], "'vit_nope_patch16' is not a timm model name"),
+    (["--data-root", "{layout}", "--recipe", "selavpr-mslss"], "selavpr-mslss"),
+    (["--data-root", "{layout}", "--recipe", "mini-places", "--adapter", "LoRA"], "did you mean 'lora'"),
+])
+def test_vpr_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty",
+              "layout": _places_layout(tmp_path / "layout")}
+    places["empty"].mkdir()
+    vpr = load_train_script("vpr")
+    monkeypatch.setattr(vpr, "create_backbone", _no_model)
+    out = tmp_path / "runs"
+    argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
+    assert _exit_code(vpr.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_vpr_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "vpr"
+    argv = ["--data-root", str(_places_layout(tmp_path / "layout")), "--model", "test_vit", "--pretrained",
+            NO_SUCH_REPO, "--input-size", "32", "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(load_train_script("vpr").main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot load the weights of --model test_vit from hub repo {NO_SUCH_REPO}")
+    assert "--model visadapt_procvit_tiny" in line
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ train/rank.py
+
+def _ranking_csvs(root: Path) -> Path:
+    root.mkdir()
+    for split in ("train", "val", "test"):
+        (root / f"{split}.csv").write_text("filepath\ttitle\tcname\tvalue\n")
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--data-root", "{empty}"], "{empty} lacks train.csv, val.csv, test.csv"),
+    (["--data-root", "{csvs}", "--model", "RN50x"], "--model 'RN50x' is not an open_clip model name"),
+    (["--data-root", "{csvs}", "--model", "RN50", "--pretrained", "laion9b"],
+     "--pretrained 'laion9b' is not an open_clip tag of RN50 (its tags: openai, yfcc15m, cc12m)"),
+    (["--data-root", "{csvs}", "--recipe", "ranking-clipp"], "ranking-clipp"),
+])
+def test_rank_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "csvs": _ranking_csvs(tmp_path / "csvs")}
+    places["empty"].mkdir()
+    rank = load_train_script("rank")
+    monkeypatch.setattr(rank, "create_clip", _no_model)
+    out = tmp_path / "runs"
+    argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
+    assert _exit_code(rank.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_rank_clip_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "rank"
+    argv = ["--data-root", str(_ranking_csvs(tmp_path / "csvs")), "--model", "RN50", "--pretrained", "openai",
+            "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(load_train_script("rank").main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: cannot load the weights of --model RN50 from open_clip tag openai (hub repo ")
+    assert "HF_HUB_OFFLINE is set" in line and "--model visadapt_tiny_clip" in line
+    assert not (tmp_path / "runs").exists()

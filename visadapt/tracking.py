@@ -126,8 +126,8 @@ def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"where trackers write (TensorBoard: DIR/<run name>/). Default: {LOGS_DIR}/ "
                             "inside the run's output folder (per task where a job writes per-task folders)")
     group.add_argument("--log-every", type=_positive_int, default=DEFAULT_LOG_EVERY, metavar="N",
-                       help="log training loss, learning rate and images/s every N optimiser steps (default "
-                            f"{DEFAULT_LOG_EVERY}); evaluations are logged at every epoch end")
+                       help="log training loss, learning rate and images/s every N optimiser steps; "
+                            "evaluations are logged at every epoch end")
 
 
 def tracking_options(args: argparse.Namespace) -> dict[str, Any]:

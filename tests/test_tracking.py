@@ -160,10 +160,14 @@ def test_missing_tracker_package_is_one_error_line_before_any_work(tiny_data, tm
 
 
 def test_auto_uses_tensorboard_only_when_installed(tmp_path, monkeypatch):
+    from accelerate.tracking import get_available_trackers
+
     from visadapt.engine import make_accelerator
 
     assert [str(t) for t in make_accelerator(tmp_path, log_with="auto").log_with] == ["tensorboard"]
     assert make_accelerator(tmp_path, log_with="none").log_with == []
+    # "all" is Accelerate's own: every tracker it finds installed
+    assert make_accelerator(tmp_path, log_with="all").log_with == get_available_trackers()
     accelerator = make_accelerator(tmp_path, log_with="tensorboard", logging_dir=tmp_path / "elsewhere")
     assert Path(accelerator.logging_dir) == tmp_path / "elsewhere"
     assert Path(make_accelerator(tmp_path).logging_dir) == tmp_path / tracking.LOGS_DIR

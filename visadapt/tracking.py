@@ -21,6 +21,12 @@ a line (``{"step", "epoch", "kind", "values", "time"}``), to ``metrics.jsonl`` i
 run, on the main process only: a run without any tracker loses nothing. The default ``--report-to`` is
 TensorBoard when it is installed (the ``tensorboard`` extra, part of ``[dev]``), else no tracker; the JSON
 lines log either way.
+
+A resumed run rewrites ``metrics.jsonl`` up to its checkpoint's step (:meth:`MetricsLog.restart_at`), so each
+step is there once. TensorBoard's own remedy (a ``SessionLog.START`` purge, ``SummaryWriter(purge_step=...)``)
+drops every tag's events past a step, which would also hide the curves of the other runs that share a
+tracker in SELMA and PPAP; it is not used, and a resumed run's TensorBoard shows the steps between the
+checkpoint and the kill twice.
 """
 from __future__ import annotations
 
@@ -180,6 +186,10 @@ def learning_rates(optimizer) -> dict[str, float]:
 class MetricsLog:
     """The JSON lines metrics log of one training run (``<run folder>/metrics.jsonl``): one record a line,
     ``{"step": int, "epoch": int, "kind": "train" | "epoch", "values": {name: number}, "time": unix s}``.
+
+    Written here, not as an Accelerate tracker: Accelerate's trackers each need a package of their own, and
+    this log is per training run (SELMA's skills, PPAP's experts share one accelerator) and cut back on
+    resume, which no tracker interface offers.
 
     Written by the main process only, one ``open``/``write``/``close`` per record so that a killed run leaves
     every record before its last line whole. :meth:`restart_at` is called when a run (re)starts: a resumed run

@@ -60,6 +60,17 @@ from visadapt import api
 from visadapt.attention import BACKENDS as ATTENTION_BACKENDS
 from visadapt.attention import attention_report, set_attention
 from visadapt.io import AdapterFileError, parse_header, read_adapter_metadata
+from visadapt.tracking import (
+    DEFAULT_LOG_EVERY,
+    LOGS_DIR,
+    METRICS_LOG,
+    MetricsLog,
+    TrainingLog,
+    add_tracking_flags,
+    resolve_report_to,
+    tag_prefix,
+    tracker_config,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 _PROGRESS = "progress.json"
@@ -108,9 +119,11 @@ class TrainConfig:
     lr_schedule: str = "cosine"         # cosine | constant, each after the linear warm-up (see lr_factor)
     max_steps: int = 0                  # stop after this many optimiser steps, mid-epoch too (0: all epochs)
     patience: int | None = None         # stop after this many evaluations without a better metric (None: never)
+    log_every: int = DEFAULT_LOG_EVERY  # log loss, lr, images/s every N optimiser steps (--log-every)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every",
+                     "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -211,23 +224,28 @@ def precision_name(mixed_precision: str) -> str:
 
 
 def make_accelerator(output_dir: str | os.PathLike | None = None, *, grad_accum_steps: int = 1,
-                     log_with: str | None = "auto", cpu: bool = False, precision: str = "auto") -> Accelerator:
+                     log_with: str | Sequence[str] | None = "auto", cpu: bool = False,
+                     precision: str = "auto", logging_dir: str | os.PathLike | None = None) -> Accelerator:
     """An Accelerator with visadapt's conventions; devices come from ``accelerate launch``, the precision from
     ``precision`` (see :func:`resolve_precision`).
 
     The precision is passed to Accelerate explicitly, which beats the ``ACCELERATE_MIXED_PRECISION`` that
     ``accelerate launch`` always sets. Accelerate keeps the precision of a process's first Accelerator: asking
     for another one later raises ``ValueError`` (run it in a new process).
-    ``log_with="auto"`` logs to TensorBoard under ``output_dir`` when ``tensorboard`` is installed.
+    ``log_with`` is ``--report-to`` (:func:`visadapt.tracking.resolve_report_to`): ``"auto"`` is TensorBoard
+    when it is installed, else no tracker; a tracker named but not installed raises
+    :class:`~visadapt.tracking.TrackerUnavailableError`. Trackers write under ``logging_dir`` (default
+    ``output_dir/logs``; TensorBoard into ``<logging_dir>/<project name of init_trackers>/``); with neither
+    ``output_dir`` nor ``logging_dir`` there is no tracker. Pass ``**tracking_options(args)`` for the flags.
     """
     from accelerate import PartialState
+    from accelerate.utils import ProjectConfiguration
 
-    if log_with == "auto":
-        try:
-            import tensorboard  # noqa: F401
-            log_with = "tensorboard"
-        except ImportError:
-            log_with = None
+    trackers = resolve_report_to(log_with)
+    if logging_dir is None and output_dir is not None:
+        logging_dir = Path(output_dir) / LOGS_DIR
+    project = ProjectConfiguration(project_dir=str(output_dir) if output_dir is not None else None,
+                                   logging_dir=str(logging_dir) if logging_dir is not None else None)
     # the device the Accelerator will pick (AcceleratorState reads ACCELERATE_USE_CPU itself; PartialState does not)
     cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
     mixed = resolve_precision(precision, PartialState(cpu=cpu).device)
@@ -239,8 +257,8 @@ def make_accelerator(output_dir: str | os.PathLike | None = None, *, grad_accum_
     return Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with=log_with if output_dir is not None else None,
-        project_dir=str(output_dir) if output_dir is not None else None,
+        log_with=trackers or None if logging_dir is not None else None,
+        project_config=project,
         cpu=cpu,
         mixed_precision=mixed,
     )
@@ -700,6 +718,13 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     per-group optimiser settings, e.g. a method's official ones (:func:`visadapt.plugins.ranking_clip.
     official_param_groups`); together they must hold every trainable parameter exactly once. Default: one group
     with ``config.weight_decay`` and AdamW's defaults.
+
+    Logging (:mod:`visadapt.tracking`): every ``config.log_every`` optimiser steps the mean loss, the learning
+    rate(s) and images/s, and at every epoch end the history entry, go to the accelerator's trackers
+    (``accelerator.log``; started here with the config as settings if the caller did not start them) and to
+    ``output_dir/metrics.jsonl`` on the main process, which a resumed run continues from its checkpoint's step.
+    The training bar (``config.progress``, main process, only when stderr is a terminal) shows the epoch's running
+    loss, the learning rate and images/s; every epoch also prints one summary line.
     """
     accelerator = accelerator or make_accelerator(output_dir, grad_accum_steps=config.grad_accum_steps,
                                                   precision=config.precision)
@@ -887,6 +912,16 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     compute_loss = _training_loss(records, loss_fn)
     for record in records.values():  # the step count is state a resumed run must hand back to the plugins
         record.plugin.on_step(bare, progress["step"])
+    # A caller that did not start the trackers gets them started with the run's TrainConfig as its settings.
+    if accelerator.log_with and not accelerator.trackers:
+        accelerator.init_trackers(tag_prefix(log_prefix) or "visadapt",
+                                  config=tracker_config(dataclasses.asdict(config)))
+    # The JSON lines log restarts at the resumed step: what a killed run logged after its checkpoint reruns.
+    metrics_log = MetricsLog(Path(output_dir) / METRICS_LOG) if output_dir is not None else None
+    if metrics_log is not None and accelerator.is_main_process:
+        metrics_log.restart_at(progress["step"])
+    training_log = TrainingLog(accelerator, metrics_log, log_every=config.log_every,
+                               prefix=tag_prefix(log_prefix))
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with huggingface_hub; the loop works without it anyway
@@ -920,8 +955,11 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             model.train()
         bar = None
         if tqdm is not None and config.progress and accelerator.is_local_main_process:
-            bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False,
+            # disable=None: tqdm's own rule, no bar when stderr is not a terminal (a log file gets the one
+            # line per epoch printed below, not carriage-return redraws); its notebook widget still shows
+            bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False, disable=None,
                        desc=f"{log_prefix}epoch {epoch + 1}/{config.epochs}")
+        training_log.start_epoch()
         # Carried in the checkpoint so that a mid-epoch resume reports the whole epoch's mean loss.
         loss_sum = torch.tensor(_resumed_loss_sum(progress, accelerator.process_index, accelerator.num_processes),
                                 device=accelerator.device)
@@ -939,13 +977,16 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             loss_count += 1
+            training_log.add_batch(loss, images)
             progress["batch"] += 1
             if bar is not None:
+                training_log.update_bar(bar, loss_sum, loss_count, optimizer)
                 bar.update(1)
             if accelerator.sync_gradients:
                 progress["step"] += 1
                 for record in records.values():
                     record.plugin.on_step(bare, progress["step"])
+                training_log.after_step(progress["step"], epoch + 1, optimizer)
                 if config.max_steps and progress["step"] >= config.max_steps:
                     break  # as diffusers' --max_train_steps: the last epoch ends here, evaluated and checkpointed
                 if (config.checkpoint_every_steps and progress["step"] % config.checkpoint_every_steps == 0
@@ -957,6 +998,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                     checkpoint()
         if bar is not None:
             bar.close()
+        images_per_s = training_log.epoch_images_per_s()  # before the evaluation: training throughput
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
         entry: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         last_epoch = epoch + 1 == config.epochs or bool(config.max_steps and progress["step"] >= config.max_steps)
@@ -977,8 +1019,9 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                 progress["best"] = (metrics[metric], epoch + 1)
                 if keep_best:  # a copy: on CPU the state's tensors share storage with the live parameters
                     selected = {k: v.clone() for k, v in _trainable_state(bare).items()}
-        accelerator.log({f"{log_prefix}{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
-        accelerator.print(f"{log_prefix}epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}"
+        training_log.end_epoch(progress["step"], entry)
+        accelerator.print(f"{log_prefix}epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  "
+                          f"lr {entry['lr']:.3g}  {images_per_s:.1f} imgs/s"
                           + (f"  {metric} {entry[metric]:.2f}" if metric in entry else ""))
         progress["history"].append(entry)
         progress.update(epoch=epoch + 1, batch=0, loss_sums=[], loss_count=0)
@@ -1016,7 +1059,9 @@ def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "contin
     """The flags every ``train/`` script shares: ``--resume``, ``--overwrite``, ``--allow-rng-reset``, (with
     ``progress``) ``--no-progress``, ``--lr-schedule``, the speed flags ``--precision``, ``--compile``,
     ``--attention`` (pass them, ``--lr-schedule`` and ``--allow-rng-reset`` on with :func:`run_options`), and (with
-    ``init_adapter``, for scripts that call :func:`init_adapter_from_file`) ``--init-adapter FILE``;
+    ``init_adapter``, for scripts that call :func:`init_adapter_from_file`) ``--init-adapter FILE``, and the tracking
+    flags ``--report-to``, ``--logging-dir``, ``--log-every`` (:func:`visadapt.tracking.add_tracking_flags`: pass
+    them on with ``make_accelerator(..., **tracking_options(args))`` and :func:`run_options`);
     :func:`finish_run_args` checks them after parsing."""
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
@@ -1046,14 +1091,16 @@ def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "contin
                         help="timm attention kernel: sdpa (PyTorch fused attention), eager (unfused, as the "
                              "reference PETL code runs it), xformers (where its kernels run here, else sdpa with "
                              "a notice)")
+    add_tracking_flags(parser)  # --report-to, --logging-dir, --log-every (visadapt.tracking)
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields the speed flags, ``--lr-schedule`` and ``--allow-rng-reset`` of
-    :func:`add_run_flags` set:
+    """The :class:`TrainConfig` fields the speed flags, ``--lr-schedule``, ``--allow-rng-reset`` and
+    ``--log-every`` of :func:`add_run_flags` set:
     ``TrainConfig(..., **run_options(args))``. The accelerator takes ``precision=args.precision`` too."""
     return {"precision": args.precision, "compile": args.compile, "attention": args.attention,
-            "allow_rng_reset": args.allow_rng_reset, "lr_schedule": getattr(args, "lr_schedule", None) or "cosine"}
+            "allow_rng_reset": args.allow_rng_reset, "lr_schedule": getattr(args, "lr_schedule", None) or "cosine",
+            "log_every": args.log_every}
 
 
 def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -78,6 +78,7 @@ from visadapt.engine import (
 )
 from visadapt.io import AdapterFileError, read_adapter_metadata, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
+from visadapt.tracking import tracker_config, tracking_options
 
 # Per benchmark; every value can be overridden by its flag. pascal: MTLoRA's schedule (AdamW 5e-4, wd 0.05,
 # 300 epochs, 20 warm-up, batch 32, 448 px; Polyhistor's own is not public). scenes: sized for 2 CPU cores.
@@ -218,7 +219,7 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, eval_every=args.eval_every,
                          num_workers=args.num_workers, progress=not args.no_progress, **run_options(args))
-    accelerator = make_accelerator(out, precision=args.precision)
+    accelerator = make_accelerator(out, precision=args.precision, **tracking_options(args))
     seed_everything(args.seed)
     backbone = create_backbone(args.model, args.pretrained, num_classes=0)
     normalization = resolve_normalization(args.normalize, backbone)
@@ -233,6 +234,7 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
     accelerator.print(f"{prefix}{args.method} on {args.model}: {counts}; {len(train_set)} train / {len(val_set)} "
                       f"val images of {args.input_size} px")
     weights = {task: MTLORA_LOSS_WEIGHTS[task] for task in tasks}
+    accelerator.init_trackers("dense", config=tracker_config({**vars(args), "tasks": tasks, **vars(config)}))
     evaluator = dense_evaluator(val_set, batch_size=args.eval_batch_size)
     result = fit(model, DenseTargets(train_set), None, config, accelerator=accelerator, output_dir=out,
                  resume=args.resume, log_prefix=prefix,

@@ -84,6 +84,7 @@ from visadapt.plugins.ppap import (
     save_experts,
     use_expert,
 )
+from visadapt.tracking import tracker_config, tracking_options
 
 EMBEDDED_WORLD = "visadapt_ppap_world"
 POOL_VERSION = 1
@@ -439,7 +440,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.init_adapter:  # every expert's tensors from the file (shapes and checksum checked)
         init_adapter_from_file(classifier, args.init_adapter)
     pool = TeacherLabelledPool(pool_dir, classifier, preprocess)
-    accelerator = make_accelerator(out, precision=args.precision)
+    accelerator = make_accelerator(out, precision=args.precision, **tracking_options(args))
+    accelerator.init_trackers("ppap", config=tracker_config(vars(args)))
     experts = train_experts(classifier, pipe.scheduler, preprocess, pool, out, args, accelerator)
     recipe = {k: v for k, v in vars(args).items() if k not in ("output_dir", "resume", "overwrite")}
     metrics = {"pool": {"images": len(pool), "folder": str(pool_dir), "seconds": round(pool_time, 1)},

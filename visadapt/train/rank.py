@@ -59,6 +59,7 @@ from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer, official_param_groups
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.tracking import tracker_config, tracking_options
 from visadapt.train.preflight import check_data_root, report_error, task_output_dir
 
 # The embedded recipe; the published one is a recipe file (assets/recipes/ranking-clip.yaml).
@@ -155,7 +156,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=1,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress,
                          **run_options(args))
-    accelerator = make_accelerator(out, precision=args.precision)
+    accelerator = make_accelerator(out, precision=args.precision, **tracking_options(args))
     seed_everything(args.seed)
     clip, facts = create_clip(args.model, args.pretrained)
     train_tf, eval_tf = clip_transforms(facts)
@@ -178,7 +179,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
            "pretrained": args.pretrained, "recipe": args.recipe, "data_seed": args.data_seed, "seed": args.seed,
            "adapter": "ranking_clip", "ordinal": args.ordinal, "recipe_sha256": args.recipe_sha256,
            "init_adapter": args.init_adapter, "lr_schedule": config.lr_schedule, "optimizer": args.optimizer}
-    accelerator.init_trackers("rank", config={**run, **{k: v for k, v in vars(config).items() if k != "progress"}})
+    accelerator.init_trackers("rank", config=tracker_config({**run, **vars(config)}))
     accelerator.print(f"[rank] ranking_clip on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(lists)} lists of {args.list_size} per epoch, "
                       f"{len(tables['val'])} val images; zero-shot test SRCC {zero_shot['all']['srcc']:.3f}")

@@ -73,6 +73,7 @@ from visadapt.engine import (
 )
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
+from visadapt.tracking import tracking_options
 
 RECIPES = {
     "sd15": {"lr": 1e-4, "batch_size": 16, "epochs": 10, "steps": 25, "guidance": 7.5,
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     held_sampler = BucketBatchSampler(min(args.eval_items, len(data)), 1, buckets=args.buckets, seed=args.seed + 1)
     denoising = denoising_evaluator(data, seed=args.seed, batch_sampler=held_sampler)
 
-    accelerator = make_accelerator(out, grad_accum_steps=1, precision=args.precision)
+    accelerator = make_accelerator(out, grad_accum_steps=1, precision=args.precision,
+                                   **tracking_options(args))
     run = {"benchmark": "resadapter", "pipeline": args.pipeline, "recipe": args.recipe, "data": str(data_root),
            "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
            "buckets": [f"{h}x{w}" for h, w in args.buckets], "config": config.to_dict(),

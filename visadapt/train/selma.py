@@ -80,6 +80,7 @@ from visadapt.engine import (
 from visadapt.io import TRAIN_METADATA, read_adapter_metadata, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.selma import MERGE_METHODS, RECIPE, merge_expert_files
+from visadapt.tracking import tracking_options
 
 RECIPES = {
     "selma": {"rank": RECIPE["rank"], "alpha": RECIPE["alpha"], "lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"],
@@ -317,7 +318,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     pipe = load_pipeline(args.pipeline)
-    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum_steps, precision=args.precision)
+    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum_steps, precision=args.precision,
+                                   **tracking_options(args))
     run = {"benchmark": "selma", "pipeline": args.pipeline, "recipe": args.recipe, "seed": args.seed,
            "resolution": args.resolution, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
            "lr_schedule": args.lr_schedule}

@@ -70,6 +70,7 @@ from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.tracking import tracker_config, tracking_options
 from visadapt.train.preflight import check_data_root, report_error, task_output_dir
 
 # The embedded recipe, sized for 2 CPU cores; every value can be overridden by its flag. The published ones are
@@ -453,7 +454,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
                          batch_size=args.batch_size, warmup_epochs=args.warmup_epochs * rounds_per_epoch,
                          eval_every=rounds_per_epoch, patience=args.patience, seed=args.seed,
                          progress=not args.no_progress, **run_options(args))
-    accelerator = make_accelerator(out, precision=args.precision)
+    accelerator = make_accelerator(out, precision=args.precision, **tracking_options(args))
     seed_everything(args.seed)
     # the pretrained grid, any input size: SelaVPR interpolates the position embedding per forward
     backbone = create_backbone(args.model, args.pretrained, num_classes=0, **BACKBONE_ARGUMENTS)
@@ -486,7 +487,7 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
            "pretrained": args.pretrained, "normalize": args.normalize, "input_size": args.input_size,
            "recipe": args.recipe, "data_seed": args.data_seed, "seed": args.seed, "adapter": args.adapter,
            "rerank_k": args.rerank_k}
-    accelerator.init_trackers("vpr", config={**run, **{k: v for k, v in vars(config).items() if k != "progress"}})
+    accelerator.init_trackers("vpr", config=tracker_config({**run, **vars(config)}))
     accelerator.print(f"[vpr] {args.adapter} on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(triplets)} usable training queries, "
                       f"{len(train_set)} tuples per {'epoch' if per_round is None else 'mining round'}, "

@@ -84,6 +84,7 @@ from visadapt.recipes import (
     available_recipes,
     load_recipe,
 )
+from visadapt.tracking import tracker_config, tracking_options
 from visadapt.train.preflight import check_data_root, refuse_existing_runs, report_error, task_output_dir
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -345,7 +346,8 @@ def data_cache_choice(args: argparse.Namespace, on_gpu: bool) -> bool | str:
 
 def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugin, adapter_config) -> dict:
     """Train one task with the settings in ``args``; returns its metrics (also written to ``out/metrics.json``)."""
-    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum, precision=args.precision)
+    accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum, precision=args.precision,
+                                   **tracking_options(args))
     on_gpu = accelerator.device.type == "cuda"
     # A GPU needs loader workers to be fed (decoding the splits that are not cached); a CPU run keeps its cores.
     num_workers = args.num_workers if args.num_workers is not None else min(8, default_workers()) if on_gpu else 0
@@ -392,8 +394,8 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
            "data_seed": args.data_seed, "seed": args.seed, "recipe": recipe["name"] if recipe else None,
            # re-evaluation (visadapt-eval) runs at the precision the run was trained and evaluated at
            "precision": precision_name(accelerator.mixed_precision)}
-    accelerator.init_trackers(info.name, config={**run, **{k: str(v) for k, v in adapter_config.to_dict().items()},
-                                                 **{k: v for k, v in vars(config).items() if k != "progress"}})
+    accelerator.init_trackers(info.name,
+                              config=tracker_config({**run, **adapter_config.to_dict(), **vars(config)}))
     evaluated = f"{len(eval_set)} {eval_split}" + (f" + {len(test_set)} test" if tune else "")
     accelerator.print(f"[{info.name}] {args.adapter} on {args.model} (seed {args.seed}): {counts.trainable_params:,} "
                       f"trainable of {counts.total_params:,} params; {len(train_set)} {train_split} / {evaluated} "

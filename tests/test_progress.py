@@ -1,0 +1,233 @@
+"""Progress output (visadapt.progress) and the long jobs that show it: a tqdm bar on a terminal, clean lines without
+carriage returns off a terminal, nothing with --no-progress / VISADAPT_NO_PROGRESS=1, and only on the main process."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from visadapt import progress as progress_module
+from visadapt.progress import ENV_VAR, Progress, set_progress_enabled
+
+
+class TerminalStream(io.StringIO):
+    """What tqdm writes to when stderr is a terminal: a text stream whose ``isatty()`` is True."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _progress_on(monkeypatch):
+    """Progress switched on, as in a fresh process of rank 0 (another test's --no-progress run may have turned the
+    process-wide switch off, and a launcher's RANK may be set)."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    set_progress_enabled(True)
+    yield
+    set_progress_enabled(True)
+
+
+# The jobs write to sys.stderr; it is replaced inside each test body (pytest's own capture sets sys.stderr again
+# between a fixture's setup and the test, so a fixture cannot do it).
+def on_terminal():
+    return contextlib.redirect_stderr(TerminalStream())
+
+
+def in_a_log():
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+@pytest.fixture
+def other_rank(monkeypatch):
+    """This process as rank 1 of an Accelerate launch: a PartialState whose process index is 1."""
+    from accelerate import PartialState
+
+    PartialState(cpu=True)
+    monkeypatch.setattr(PartialState, "_shared_state", {**PartialState._shared_state, "process_index": 1})
+    assert not PartialState().is_main_process
+
+
+# ------------------------------------------------------------------------------------------- building block
+
+
+def test_bar_on_a_terminal():
+    stream = TerminalStream()
+    assert list(Progress(range(5), desc="work", unit="items", file=stream)) == [0, 1, 2, 3, 4]
+    assert "\r" in stream.getvalue() and "work" in stream.getvalue() and "5/5" in stream.getvalue()
+
+
+def test_lines_off_a_terminal_start_end_and_periodic():
+    stream = io.StringIO()
+    list(Progress(range(5), desc="work", unit="items", file=stream))
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert lines[0] == "work: started (5 items)"
+    assert lines[1].startswith("work: done, 5/5 items in 00:00 (") and len(lines) == 2
+    # a long job (here: the interval is 0 s) writes a line per update in between, still without '\r'
+    stream = io.StringIO()
+    with Progress(total=3, desc="long", unit="images", file=stream, line_interval=0.0) as bar:
+        bar.update(2)
+        bar.update(1)
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 4
+    assert lines[1].startswith("long: 2/3 images [") and lines[2].startswith("long: 3/3 images [")
+
+
+def test_cut_short_work_says_stopped_and_transient_work_is_quiet_off_a_terminal():
+    stream = io.StringIO()
+    with pytest.raises(RuntimeError), Progress(total=4, desc="work", file=stream) as bar:
+        bar.update(1)
+        raise RuntimeError("boom")
+    assert stream.getvalue().splitlines()[-1].startswith("work: stopped, 1/4 it in ")
+    stream = io.StringIO()
+    list(Progress(range(3), desc="eval", leave=False, file=stream))
+    assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("switch", ["flag", "env"])
+def test_switched_off_nothing_is_written(monkeypatch, switch):
+    if switch == "flag":
+        set_progress_enabled(False)
+    else:
+        monkeypatch.setenv(ENV_VAR, "1")
+    for stream in (TerminalStream(), io.StringIO()):
+        assert list(Progress(range(3), desc="work", file=stream)) == [0, 1, 2]
+        progress_module.announce("generating", file=stream)
+        assert stream.getvalue() == ""
+
+
+def test_only_the_main_process_writes(other_rank):
+    for stream in (TerminalStream(), io.StringIO()):
+        bar = Progress(range(3), desc="work", file=stream)
+        assert list(bar) == [0, 1, 2] and bar.n == 3 and not bar.active
+        assert stream.getvalue() == ""
+
+
+def test_rank_from_the_launcher_before_accelerate_has_a_state(monkeypatch):
+    from accelerate import PartialState
+
+    monkeypatch.setattr(PartialState, "_shared_state", {})
+    monkeypatch.setenv("RANK", "1")
+    assert not progress_module.is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert progress_module.is_main_process()
+
+
+def test_no_progress_flag_of_the_train_jobs_switches_everything_off():
+    import argparse
+
+    from visadapt.engine import add_run_flags, finish_run_args
+
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    finish_run_args(parser, parser.parse_args(["--no-progress"]))
+    assert not progress_module.progress_enabled()
+    finish_run_args(parser, parser.parse_args([]))
+    assert progress_module.progress_enabled()
+
+
+# ----------------------------------------------------------------------------------------------- the jobs
+
+
+def _evaluate() -> dict:
+    """visadapt.engine.evaluate of a tiny classifier over 12 samples in batches of 4."""
+    from visadapt.engine import evaluate, make_accelerator
+
+    accelerator = make_accelerator(None, cpu=True)
+    data = TensorDataset(torch.randn(12, 3), torch.arange(12) % 2)
+    model, loader = accelerator.prepare(nn.Linear(3, 2), DataLoader(data, batch_size=4))
+    return evaluate(model, loader, accelerator, len(data))
+
+
+def test_evaluation_shows_a_bar_on_a_terminal():
+    with on_terminal() as terminal:
+        assert _evaluate()["samples"] == 12
+    # a transient bar of batches: drawn, then cleared with carriage returns when the evaluation ends
+    assert "evaluating:" in terminal.getvalue() and "/3 [" in terminal.getvalue() and "\r" in terminal.getvalue()
+
+
+def test_evaluation_is_transient_in_a_log():
+    with in_a_log() as log:
+        _evaluate()
+    assert log.getvalue() == ""  # a short evaluation inside a training run adds nothing to a log
+
+
+@pytest.mark.parametrize("why", ["flag", "rank"])
+def test_evaluation_switched_off_or_on_another_rank_shows_nothing_on_a_terminal(request, why):
+    if why == "flag":
+        set_progress_enabled(False)
+    else:
+        request.getfixturevalue("other_rank")
+    with on_terminal() as terminal:
+        _evaluate()
+    assert terminal.getvalue() == ""
+
+
+def test_cache_build_progress(tmp_path):
+    from tests.test_data_cache import write_vtab
+    from visadapt.data.cache import load_cached_split
+
+    write_vtab(tmp_path)
+    with on_terminal() as terminal:
+        load_cached_split("vtab", tmp_path, "dtd", "test", input_size=12, workers=1)
+    assert "decoded-image cache dtd/test" in terminal.getvalue() and "7/7" in terminal.getvalue()
+    assert "\r" in terminal.getvalue()
+
+
+def test_cache_build_lines_in_a_log_and_nothing_on_another_rank(tmp_path, request):
+    from tests.test_data_cache import write_vtab
+    from visadapt.data.cache import load_cached_split
+
+    write_vtab(tmp_path)
+    with in_a_log() as log:
+        load_cached_split("vtab", tmp_path, "dtd", "test", input_size=12, workers=1)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert lines[0] == "decoded-image cache dtd/test: started (7 images)"
+    assert lines[-1].startswith("decoded-image cache dtd/test: done, 7/7 images in ")
+    # the same build on a rank other than the main one says nothing
+    request.getfixturevalue("other_rank")
+    with in_a_log() as log:
+        load_cached_split("vtab", tmp_path, "dtd", "val200", input_size=12, workers=1)
+    assert log.getvalue() == ""
+
+
+SIZES = {"train800": 2, "val200": 1, "test": 1}  # 7 tasks x 4 images
+
+
+def test_mini_vtab_generation_announces_itself_then_shows_a_bar(tmp_path):
+    from visadapt.data.procedural import generate_mini_vtab
+
+    with on_terminal() as terminal:
+        generate_mini_vtab(tmp_path / "suite", split_sizes=SIZES)
+    text = terminal.getvalue()
+    first = text.splitlines()[0]
+    assert first.startswith("generating the embedded mini-VTAB data once (7 tasks, 28 images") and "about" in first
+    assert str(tmp_path / "suite") in first
+    assert "mini-VTAB" in text and "28/28" in text and "\r" in text
+    with on_terminal() as terminal:
+        generate_mini_vtab(tmp_path / "suite", split_sizes=SIZES)  # reused: nothing to say
+    assert terminal.getvalue() == ""
+
+
+@pytest.mark.parametrize("where", ["log", "env", "rank"])
+def test_mini_vtab_generation_in_a_log_switched_off_and_on_another_rank(tmp_path, monkeypatch, request, where):
+    from visadapt.data.procedural import generate_mini_vtab
+
+    if where == "env":
+        monkeypatch.setenv(ENV_VAR, "1")
+    elif where == "rank":
+        request.getfixturevalue("other_rank")
+    with in_a_log() as log:
+        generate_mini_vtab(tmp_path / "suite", split_sizes=SIZES)
+    if where == "log":
+        lines = log.getvalue().splitlines()
+        assert "\r" not in log.getvalue() and len(lines) == 3
+        assert lines[1] == "mini-VTAB: started (28 images)" and lines[2].startswith("mini-VTAB: done, 28/28 images")
+    else:
+        assert log.getvalue() == ""

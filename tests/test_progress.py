@@ -231,3 +231,129 @@ def test_mini_vtab_generation_in_a_log_switched_off_and_on_another_rank(tmp_path
         assert lines[1] == "mini-VTAB: started (28 images)" and lines[2].startswith("mini-VTAB: done, 28/28 images")
     else:
         assert log.getvalue() == ""
+
+
+def _eval_command(tmp_path, *extra) -> tuple[int, list[str]]:
+    """``visadapt-eval --data-root`` over a run of 3 task folders and one bare file (4 files), fake evaluator."""
+    from visadapt.eval.cli import main
+
+    run_dir = tmp_path / "lora"
+    for name in ["digits", "cells", "count"]:
+        (run_dir / name).mkdir(parents=True, exist_ok=True)
+        (run_dir / name / "adapter.safetensors").write_bytes(b"fake")
+    (tmp_path / "other.safetensors").write_bytes(b"fake")
+    seen = []
+
+    def fake_evaluate(path, data_root, *, benchmark=None, task=None, **kwargs):
+        seen.append(path)
+        return {"benchmark": benchmark, "task": task or "textures", "accuracy": 50.0}
+
+    code = main(["--benchmark", "mini-vtab", "--adapters", str(run_dir), str(tmp_path / "other.safetensors"),
+                 "--data-root", str(tmp_path), *extra], evaluate=fake_evaluate)
+    return code, seen
+
+
+def test_eval_command_counts_adapter_files(tmp_path):
+    with on_terminal() as terminal, contextlib.redirect_stdout(io.StringIO()):
+        code, seen = _eval_command(tmp_path)
+    assert code == 0 and len(seen) == 4
+    assert "visadapt-eval: 100%" in terminal.getvalue() and "4/4" in terminal.getvalue()
+    with in_a_log() as log, contextlib.redirect_stdout(io.StringIO()):
+        assert _eval_command(tmp_path)[0] == 0
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert lines[0] == "visadapt-eval: started (4 files)" and lines[-1].startswith("visadapt-eval: done, 4/4 files")
+    assert sum(line.startswith("visadapt-eval: evaluating ") for line in lines) == 4
+
+
+def test_eval_command_no_progress_keeps_only_the_per_file_lines(tmp_path):
+    with on_terminal() as terminal, contextlib.redirect_stdout(io.StringIO()):
+        assert _eval_command(tmp_path, "--no-progress")[0] == 0
+    lines = terminal.getvalue().splitlines()
+    assert "\r" not in terminal.getvalue() and len(lines) == 4
+    assert all(line.startswith("visadapt-eval: evaluating ") for line in lines)
+
+
+def _help(main, argv) -> str:
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
+        main(argv)
+    return " ".join(out.getvalue().split())
+
+
+def test_every_command_has_no_progress_in_the_train_jobs_words():
+    import argparse
+
+    from visadapt.cli import main as visadapt_main
+    from visadapt.data.verify import main as data_main
+    from visadapt.engine import add_run_flags
+    from visadapt.eval.cli import _parser as eval_parser
+    from visadapt.train.selma_data import parse_args as selma_data_args
+
+    train = argparse.ArgumentParser()
+    add_run_flags(train)
+    words = next(a.help for a in train._actions if a.dest == "no_progress")
+    assert words == progress_module.NO_PROGRESS_HELP
+    expected = f"--no-progress {words}"
+    assert expected in " ".join(eval_parser().format_help().split())
+    assert expected in _help(visadapt_main, ["export", "--help"])
+    assert expected in _help(selma_data_args, ["--help"])
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # visadapt-data returns argparse's exit code
+        assert data_main(["verify", "--help"]) == 0
+    assert expected in " ".join(out.getvalue().split())
+
+
+def test_data_verify_shows_tasks_and_no_progress_silences_it(tmp_path):
+    from visadapt.data.procedural import generate_mini_vtab
+    from visadapt.data.verify import main as data_main
+
+    root = generate_mini_vtab(tmp_path / "suite", split_sizes=SIZES)
+    with in_a_log() as log, contextlib.redirect_stdout(io.StringIO()):
+        assert data_main(["verify", str(root), "--benchmark", "mini-vtab"]) == 0
+    lines = log.getvalue().splitlines()
+    assert lines == ["visadapt-data verify: started (7 tasks)", lines[1]] and "done, 7/7 tasks" in lines[1]
+    with in_a_log() as log, contextlib.redirect_stdout(io.StringIO()):
+        assert data_main(["verify", str(root), "--benchmark", "mini-vtab", "--no-progress"]) == 0
+    assert log.getvalue() == ""
+
+
+class FakeTextToImage:
+    """What train/selma_data.py calls of a diffusers pipeline, drawing 8x8 grey images (the real pipeline's output
+    is tested in test_selma.py; here only the counting matters)."""
+
+    unet = type("Unet", (), {"config": type("Config", (), {"sample_size": 8})()})()
+    vae_scale_factor = 1
+
+    def to(self, device):
+        return self
+
+    def set_progress_bar_config(self, **options):
+        self.bar_options = options
+
+    def __call__(self, prompts, **kwargs):
+        from PIL import Image
+
+        return type("Output", (), {"images": [Image.new("RGB", (8, 8), 128) for _ in prompts]})()
+
+
+def test_selma_data_counts_every_image_of_the_whole_job(tmp_path, monkeypatch):
+    import visadapt.diffusion
+    from tests.train_scripts import load_train_script
+
+    monkeypatch.setattr(visadapt.diffusion, "load_pipeline", lambda name: FakeTextToImage())
+    script = load_train_script("selma_data")
+    (tmp_path / "count.txt").write_text("one circle\ntwo squares\na red star\n")
+    (tmp_path / "color.txt").write_text("a blue circle\na green square\n")
+    argv = ["--prompts", f"counting={tmp_path / 'count.txt'}", "--prompts", f"color={tmp_path / 'color.txt'}",
+            "--output-dir", str(tmp_path / "data"), "--shard-size", "2", "--steps", "1", "--batch-size", "2"]
+    with in_a_log() as log, contextlib.redirect_stdout(io.StringIO()) as out:
+        assert script.main(argv) == 0
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert lines[0] == "selma_data: started (5 images)" and lines[-1].startswith("selma_data [color]: done, 5/5 images")
+    assert "[counting] 3 prompts: 2 shards written" in out.getvalue()  # the summaries stay on stdout
+    with on_terminal() as terminal, contextlib.redirect_stdout(io.StringIO()) as out:
+        assert script.main(argv) == 0  # every shard complete: skipped ones count too
+    assert "5/5" in terminal.getvalue() and "0 shards written, 1 already complete" in out.getvalue()
+    with on_terminal() as terminal, contextlib.redirect_stdout(io.StringIO()):
+        assert script.main([*argv, "--no-progress"]) == 0
+    assert terminal.getvalue() == ""

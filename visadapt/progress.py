@@ -174,6 +174,16 @@ class Progress:
             self._periodic = True
             self._write(self._meter())
 
+    def write(self, message: str, file: IO[str] | None = None) -> None:
+        """Print ``message`` as a line of its own on ``file`` (default: this work's stream), above the bar on a
+        terminal (tqdm clears the bar, prints, and draws it again below). Printed whether progress is shown or
+        not: it is a message, not progress."""
+        file = file if file is not None else self._file
+        if self._bar is not None:
+            self._bar.write(message, file=file)
+        else:
+            print(message, file=file, flush=True)
+
     def set_description(self, desc: str) -> None:
         """Rename the work (e.g. the file now being evaluated)."""
         self.desc = desc
@@ -217,10 +227,3 @@ def progress(iterable: Iterable | None = None, **options: Any) -> Progress:
     """A :class:`Progress` (same arguments): ``for batch in progress(loader, desc="evaluating", unit="batches")``."""
     return Progress(iterable, **options)
 
-
-def configure_pipeline_progress(pipe) -> None:
-    """Show a diffusers pipeline's own denoising-step bar only where visadapt shows a bar: on a terminal, in the main
-    process, progress switched on, and then transient (it disappears after each call, under visadapt's bar of
-    images). Off a terminal it is off: diffusers' bar would write carriage returns into the log."""
-    shown = shows_progress() and (_stream_is_terminal(sys.stderr) or _notebook_tqdm() is not None)
-    pipe.set_progress_bar_config(disable=not shown, leave=False)

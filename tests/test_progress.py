@@ -357,3 +357,16 @@ def test_selma_data_counts_every_image_of_the_whole_job(tmp_path, monkeypatch):
     with on_terminal() as terminal, contextlib.redirect_stdout(io.StringIO()):
         assert script.main([*argv, "--no-progress"]) == 0
     assert terminal.getvalue() == ""
+
+
+def test_generated_datasets_announce_themselves_and_count(tmp_path):
+    from visadapt.data.ranking import generate_mini_counting
+
+    with in_a_log() as log:
+        generate_mini_counting(tmp_path / "counting", sizes={"train": 3, "val": 1, "test": 1})
+    lines = log.getvalue().splitlines()
+    assert lines[0] == f"generating the mini-counting data once into {tmp_path / 'counting'}; later runs reuse it"
+    assert lines[1] == "mini-counting: started (5 images)" and lines[2].startswith("mini-counting: done, 5/5 images")
+    with in_a_log() as log:
+        generate_mini_counting(tmp_path / "counting", sizes={"train": 3, "val": 1, "test": 1})  # reused
+    assert log.getvalue() == ""

@@ -370,3 +370,19 @@ def test_generated_datasets_announce_themselves_and_count(tmp_path):
     with in_a_log() as log:
         generate_mini_counting(tmp_path / "counting", sizes={"train": 3, "val": 1, "test": 1})  # reused
     assert log.getvalue() == ""
+
+
+def test_export_shows_its_steps(tmp_path):
+    from tests.test_export import EMBEDDED, procvit_adapter
+    from visadapt.cli import main
+
+    path, _ = procvit_adapter(tmp_path, rank=4)
+    argv = ["export", str(path), "--model", EMBEDDED, "--pretrained", "none", "--to", str(tmp_path / "out")]
+    with in_a_log() as log, contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "visadapt export: building the base model: started (3 steps)"
+    assert lines[-1].startswith("visadapt export: writing and reloading the dense model: done, 3/3 steps")
+    with on_terminal() as terminal, contextlib.redirect_stdout(io.StringIO()):
+        assert main([*argv, "--overwrite", "--no-progress"]) == 0
+    assert terminal.getvalue() == ""

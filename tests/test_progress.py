@@ -87,6 +87,12 @@ def test_cut_short_work_says_stopped_and_transient_work_is_quiet_off_a_terminal(
     stream = io.StringIO()
     list(Progress(range(3), desc="eval", leave=False, file=stream))
     assert stream.getvalue() == ""
+    # a long transient one (interval 0 s here) writes its periodic lines, then its end line
+    stream = io.StringIO()
+    list(Progress(range(2), desc="eval", leave=False, file=stream, line_interval=0.0))
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" [")[0] for line in lines[:2]] == ["eval: 1/2 it", "eval: 2/2 it"]
+    assert len(lines) == 3 and lines[2].startswith("eval: done, 2/2 it in ")
 
 
 @pytest.mark.parametrize("switch", ["flag", "env"])

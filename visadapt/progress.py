@@ -2,7 +2,7 @@
 
 One building block, :class:`Progress` (made by :func:`progress`), over tqdm (a dependency of huggingface_hub):
 
-* **On a terminal** (the stream's ``isatty()``): a tqdm bar; in Jupyter, tqdm's notebook widget (``tqdm.auto``).
+* **On a terminal** (the stream's ``isatty()``): a tqdm bar; in Jupyter, tqdm's notebook widget (``tqdm.notebook``).
 * **Off a terminal** (a log file, a pipe, CI): no bar and no carriage returns. A line when the work starts, one
   at most every :data:`LINE_INTERVAL_S` seconds while it runs, and one when it ends with the count, the time and
   the rate. Work marked ``leave=False`` (transient: an evaluation inside a training run) writes only the periodic
@@ -96,6 +96,7 @@ def _notebook_tqdm():
     if shell is None or "IPKernelApp" not in getattr(shell, "config", {}):
         return None
     try:
+        import ipywidgets  # noqa: F401 - tqdm's widget fails at its first bar without it
         from tqdm.notebook import tqdm as notebook_tqdm
     except ImportError:  # no ipywidgets: the plain bar or lines
         return None

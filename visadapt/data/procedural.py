@@ -524,9 +524,10 @@ def _install(built: Path, root: Path) -> None:
     shutil.rmtree(built, ignore_errors=True)
 
 
-# Images one CPU core renders and writes per second, for the rough duration the first run announces: about half
-# of what a shared 2-core AMD EPYC measured (10,500 images in 11.3 s, 2026-12-02), so that slower disks and busier
-# machines stay within the estimate.
+# Images one idle CPU core renders and writes per second, for the rough duration the first run announces: about
+# half of what a 2-core AMD EPYC measured (10,500 images in 11.3 s, 2026-12-02), so that slower disks stay within
+# the estimate. A machine busy with other work takes longer (the same one, shared by 7 jobs: 2 min 34 s), which is
+# why progress follows the estimate.
 _IMAGES_PER_SECOND = 500
 
 
@@ -578,7 +579,7 @@ def generate_mini_vtab(root: str | os.PathLike | None = None, seed: int = 0,
         images = len(MINI_VTAB_TASKS) * sum(sizes.values())
         # A first run spends this time before anything else happens: say what it is, where, and for how long.
         announce(f"generating the embedded mini-VTAB data once ({len(MINI_VTAB_TASKS)} tasks, {images} images of "
-                 f"32x32 px, about {_seconds_estimate(images)}) into {root}; later runs reuse it")
+                 f"32x32 px, about {_seconds_estimate(images)} on an idle CPU core) into {root}; later runs reuse it")
         try:
             built.mkdir()
             with Progress(total=images, desc="mini-VTAB", unit="images") as bar:

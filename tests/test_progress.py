@@ -392,3 +392,35 @@ def test_export_shows_its_steps(tmp_path):
     with on_terminal() as terminal, contextlib.redirect_stdout(io.StringIO()):
         assert main([*argv, "--overwrite", "--no-progress"]) == 0
     assert terminal.getvalue() == ""
+
+
+def test_place_recognition_and_ranking_evaluators_show_transient_bars():
+    from visadapt.eval.ranking import score_table
+    from visadapt.eval.vpr import extract_place_features
+
+    class Places(nn.Module):  # (B, 3, H, W) -> global (B, 4), local (B, 2, 2, 4), as PlaceRecognitionModel
+        def forward(self, images):
+            pooled = images.mean(dim=(2, 3)).repeat(1, 2)[:, :4]
+            return pooled, pooled[:, None, None, :].expand(-1, 2, 2, -1)
+
+    class Table:  # what score_table reads of a RankingTable
+        def __init__(self):
+            self.rows = [type("Row", (), {"title": title})() for title in ("a", "a", "b")]
+
+        def __len__(self):
+            return 3
+
+        def load(self, i):
+            return torch.full((3, 4, 4), float(i))
+
+    images = TensorDataset(torch.randn(6, 3, 4, 4), torch.arange(6))
+    with on_terminal() as terminal:
+        global_desc, _ = extract_place_features(Places(), images, batch_size=2, device="cpu",
+                                                desc="database features")
+        scores = score_table(lambda batch, title: batch.mean(dim=(1, 2, 3)), Table())
+    assert global_desc.shape == (6, 4) and scores.tolist() == [0.0, 1.0, 2.0]
+    assert "database features:" in terminal.getvalue() and "scoring images:" in terminal.getvalue()
+    with in_a_log() as log:
+        extract_place_features(Places(), images, batch_size=2, device="cpu")
+        score_table(lambda batch, title: batch.mean(dim=(1, 2, 3)), Table())
+    assert log.getvalue() == ""

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from visadapt.cli import plain_help
 from visadapt.data.tasks import BENCHMARKS, resolve_task, resolve_tasks
+from visadapt.progress import Progress, add_no_progress_flag, apply_no_progress_flag
 
 # Relative, because eval/ is mapped to visadapt.eval by pyproject's package-dir: import sorters do not see it as
 # part of visadapt and would split it from the other visadapt imports.
@@ -38,6 +39,8 @@ from .tables import (
     TaskResult,
     collect_run,
     collect_seeds,
+    find_seed_dirs,
+    find_task_dirs,
     result_from_evaluation,
     to_csv,
     to_json,
@@ -76,18 +79,36 @@ def _recorded_benchmark(path: Path) -> str | None:
 
 
 def _evaluate_one(evaluate: Evaluator, adapter: Path, data_root, benchmark: str, task: str | None,
-                  **kwargs) -> TaskResult:
-    """One adapter file through ``evaluate``, refused first if its header records another benchmark."""
+                  files: Progress | None = None, **kwargs) -> TaskResult:
+    """One adapter file through ``evaluate``, refused first if its header records another benchmark; counted on
+    ``files`` (the progress over every file of the command) once done."""
     recorded = _recorded_benchmark(adapter)
     if recorded is not None and recorded != benchmark:
         raise ValueError(f"{adapter} was trained on {recorded}, not {benchmark}; pass --benchmark {recorded}, or "
                          "leave it out")
-    print(f"visadapt-eval: evaluating {adapter}", file=sys.stderr)
+    message = f"visadapt-eval: evaluating {adapter}"
+    if files is not None:
+        files.write(message)  # above the bar on a terminal
+    else:
+        print(message, file=sys.stderr)
     try:
         record = evaluate(adapter, data_root, benchmark=benchmark, task=task, **kwargs)
     except (ValueError, KeyError, TypeError) as err:  # the evaluator's message lacks which file it was about
         raise ValueError(f"evaluating {adapter}: {err}") from err
+    if files is not None:
+        files.update(1)
     return result_from_evaluation(record, benchmark, task=task, source=adapter, protocol=kwargs.get("protocol"))
+
+
+def count_adapter_files(path: str | Path, benchmark: str, tasks: list[str] | None = None) -> int:
+    """How many adapter files :func:`reevaluate_run` evaluates for ``path`` (found as it finds them), so that
+    progress can show ``3/21 files`` from the start."""
+    path = Path(path)
+    if path.is_file():
+        return 1
+    folders = list(find_seed_dirs(path).values()) or [path]
+    return sum((task_dir / ADAPTER_FILE).is_file() for folder in folders
+               for task_dir in find_task_dirs(folder, benchmark, tasks)[0].values())
 
 
 def _file_label(path: Path, benchmark: str) -> str:
@@ -111,15 +132,17 @@ def reevaluate_run(
     batch_size: int = 128,
     tasks: list[str] | None = None,
     label: str | None = None,
+    files: Progress | None = None,
 ) -> RunResult:
     """Evaluates a training output directory (each ``<task>/adapter.safetensors``, or each
     ``seed_<n>/<task>/adapter.safetensors`` of a run with seeds) or one adapter file again.
 
     ``evaluate`` is called like ``visadapt.engine.evaluate_adapter_file(file, data_root, benchmark=..., task=...,
     protocol=..., batch_size=...)`` and returns its dict. A bare file's task comes from its own metadata.
+    ``files``: a :class:`visadapt.progress.Progress` that counts each file evaluated (see :func:`count_adapter_files`).
     """
     path = Path(path)
-    kwargs = {"protocol": protocol, "batch_size": batch_size}
+    kwargs = {"protocol": protocol, "batch_size": batch_size, "files": files}
     if path.is_file():
         result = _evaluate_one(evaluate, path, data_root, benchmark, None, **kwargs)
         if tasks is not None and result.task not in tasks:
@@ -189,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     parser.add_argument("--json", metavar="FILE", help="also write everything as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    add_no_progress_flag(parser)
     return parser
 
 
@@ -244,11 +268,13 @@ def _collect(args: argparse.Namespace, evaluate: Evaluator | None) -> list[RunRe
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
     evaluate = evaluate or _engine_evaluator()
-    return [
-        reevaluate_run(path, benchmark, evaluate, args.data_root, protocol=args.protocol or "final",
-                       batch_size=args.batch_size or 128, tasks=tasks, label=label)
-        for path, label in zip(paths, labels)
-    ]
+    total = sum(count_adapter_files(path, benchmark, tasks) for path in paths)
+    with Progress(total=total, desc="visadapt-eval", unit="files") as files:
+        return [
+            reevaluate_run(path, benchmark, evaluate, args.data_root, protocol=args.protocol or "final",
+                           batch_size=args.batch_size or 128, tasks=tasks, label=label, files=files)
+            for path, label in zip(paths, labels)
+        ]
 
 
 def _vpr(args: argparse.Namespace) -> int:
@@ -324,6 +350,7 @@ def main(argv: list[str] | None = None, *, evaluate: Evaluator | None = None) ->
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # argparse has printed usage and the bad argument; return, as for other errors
         return exit_.code if isinstance(exit_.code, int) else 2
+    apply_no_progress_flag(args)
     try:
         if args.plot:  # fail before a long re-evaluation, not after it
             from .plot import require_matplotlib

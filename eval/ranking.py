@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from visadapt.progress import Progress
+
 # relative: eval/ is installed as visadapt.eval (see eval/cli.py)
 from .tables import read_run_record
 
@@ -117,10 +119,12 @@ def score_table(score_fn: Callable[[torch.Tensor, str], torch.Tensor], table, ba
     by_title: dict[str, list[int]] = {}
     for i, row in enumerate(table.rows):
         by_title.setdefault(row.title, []).append(i)
-    for title, rows in by_title.items():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            scores[chunk] = score_fn(torch.stack([table.load(i) for i in chunk]), title).float().cpu()
+    with Progress(total=len(table), desc="scoring images", unit="images", leave=False) as bar:
+        for title, rows in by_title.items():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                scores[chunk] = score_fn(torch.stack([table.load(i) for i in chunk]), title).float().cpu()
+                bar.update(len(chunk))
     return scores
 
 

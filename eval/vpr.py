@@ -19,17 +19,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from visadapt.plugins.selavpr import global_knn, recall_at_k, rerank
+from visadapt.progress import Progress
 
 # relative: eval/ is installed as visadapt.eval (see eval/cli.py)
 from .tables import read_run_record
 
 RECALL_KS = (1, 5, 10)
+# Queries re-ranked per step of the re-ranking progress bar.
+_RERANK_BLOCK = 64
 
 
 @torch.no_grad()
 def extract_place_features(model: nn.Module, dataset: Dataset, batch_size: int = 32,
-                           device: torch.device | str | None = None, keep_local: bool = True
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           device: torch.device | str | None = None, keep_local: bool = True,
+                           desc: str = "place features") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features of every image of ``dataset`` (items ``(image, index)``), in dataset order, on the CPU.
 
     ``model`` maps ``(B, 3, H, W)`` to ``(global (B, D), local (B, h, w, C))`` (a
@@ -37,12 +40,14 @@ def extract_place_features(model: nn.Module, dataset: Dataset, batch_size: int =
     ``local`` ``(N, h, w, C)`` float16: half precision halves the memory of the dense features (Pitts30k's
     10k database images at 61x61x128 take 9.5 GB instead of 19 GB); matching converts back to float32.
     ``keep_local=False`` returns ``None`` for the local features (hard-negative mining needs only globals).
+    A transient bar of batches named ``desc`` shows on the main process (:mod:`visadapt.progress`).
     """
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     globals_, locals_ = [], []
-    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for images, _ in Progress(loader, desc=desc, unit="batches", leave=False):
         global_desc, local = model(images.to(device))
         globals_.append(global_desc.float().cpu())
         if keep_local:
@@ -66,8 +71,10 @@ def evaluate_places(model: nn.Module, split, *, rerank_k: int = 100, positive_ra
     sizes say whether that change is more than a few lucky queries.
     """
     start = time.perf_counter()
-    db_global, db_local = extract_place_features(model, split.database_dataset(), batch_size, device)
-    q_global, q_local = extract_place_features(model, split.query_dataset(), batch_size, device)
+    db_global, db_local = extract_place_features(model, split.database_dataset(), batch_size, device,
+                                                 desc="database features")
+    q_global, q_local = extract_place_features(model, split.query_dataset(), batch_size, device,
+                                               desc="query features")
     extract_s = time.perf_counter() - start
     positives = split.positives(positive_radius_m)
     depth = min(max(max(ks), rerank_k), db_global.shape[0])
@@ -78,7 +85,13 @@ def evaluate_places(model: nn.Module, split, *, rerank_k: int = 100, positive_ra
 
     k = min(rerank_k, depth)
     start = time.perf_counter()
-    reranked_head = rerank(q_local, db_local, ranked[:, :k], chunk=rerank_chunk)
+    # Per block of queries, so that a long re-ranking shows progress; rerank treats each query alone, so the
+    # blocks give the same order as one call.
+    blocks = range(0, ranked.shape[0], _RERANK_BLOCK)
+    reranked_head = torch.cat([rerank(q_local[lo:lo + _RERANK_BLOCK], db_local, ranked[lo:lo + _RERANK_BLOCK, :k],
+                                      chunk=rerank_chunk)
+                               for lo in Progress(blocks, desc="re-ranking", unit="blocks", leave=False)]
+                              or [ranked[:, :k]])  # no queries: the empty (0, k)
     rerank_s = time.perf_counter() - start
     reranked = torch.cat([reranked_head, ranked[:, k:]], dim=1)
 

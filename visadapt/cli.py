@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from visadapt.progress import add_no_progress_flag, apply_no_progress_flag
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from visadapt.registry import get_plugin, list_plugins
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="adapter file to write")
     _add_export_parser(sub)
     args = parser.parse_args(argv)
+    apply_no_progress_flag(args)
     handler = {"list": _cmd_list, "inspect": _cmd_inspect, "sites": _cmd_sites,
                "convert-bitadapter": _cmd_convert_bitadapter, "export": _cmd_export}[args.command]
     try:
@@ -210,6 +213,7 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="empty a non-empty --to folder first (--format "
                                                              "peft/diffusers/resadapter: replace its files of the "
                                                              "same names only)")
+    add_no_progress_flag(p)
 
 
 if __name__ == "__main__":

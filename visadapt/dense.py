@@ -30,6 +30,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from visadapt.data.dense import IGNORE_INDEX  # ignored pixels (255.0 in all three channels for normals)
+from visadapt.progress import Progress
 
 #: the task weights of the total loss in MTLoRA's ``main.py`` (scale-lab/MTLoRA; Polyhistor's own weights
 #: are not public): semseg 1, human_parts 2, sal 5, normals 10
@@ -456,7 +457,7 @@ def evaluate_dense(model: nn.Module, dataset: torch.utils.data.Dataset, *, batch
     model.eval()
     try:
         with torch.inference_mode(), (autocast() if autocast is not None else contextlib.nullcontext()):
-            for batch in loader:
+            for batch in Progress(loader, desc="evaluating dense tasks", unit="batches", leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 predictions = model(batch["image"])
                 meters.update({k: v.float() for k, v in predictions.items()}, batch)

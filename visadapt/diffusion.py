@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visadapt.data.errors import DatasetError
+from visadapt.progress import Progress
 
 METADATA_FILE = "metadata.jsonl"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -184,7 +185,7 @@ def denoising_evaluator(dataset: Dataset, *, batch_size: int = 8, seed: int = 0,
         generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         total, count = 0.0, 0
         with torch.no_grad():
-            for inputs, _ in loader:
+            for inputs, _ in Progress(loader, desc="evaluating denoising loss", unit="batches", leave=False):
                 inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
                 prediction, target = bare(inputs, generator=generator)
                 n = target.shape[0]

@@ -295,18 +295,22 @@ def device_transform(dataset: Dataset | None) -> Callable[[torch.Tensor], torch.
 
 @torch.inference_mode()  # cheaper than no_grad: no version counters, no views tracked
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, expected: int,
-             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, *, progress: bool = True,
+             desc: str = "evaluating") -> dict[str, float]:
     """Top-1 accuracy (%) over every sample exactly once, whatever the number of processes.
 
     ``loader`` must be prepared by ``accelerator``; ``expected`` is ``len(dataset)``, checked against the
     gathered count so that a sharding mistake can never inflate or deflate the metric silently. ``transform``
     (the dataset's :func:`device_transform`) maps each batch of images on the device before the model.
+    ``progress``: a transient bar of batches named ``desc`` on the main process (:mod:`visadapt.progress`).
     """
+    from visadapt.progress import Progress
+
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     seen = 0
-    for images, labels in loader:
+    for images, labels in Progress(loader, desc=desc, unit="batches", leave=False, enabled=progress):
         if transform is not None:
             images = transform(images)
         predictions = model(images).argmax(dim=-1)
@@ -788,7 +792,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                                                        for d in (train_dataset, eval_dataset, test_dataset))
     if eval_loader is not None:
         def run_evaluation(model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
-            return evaluate(model, eval_loader, accelerator, len(eval_dataset), eval_transform)
+            return evaluate(model, eval_loader, accelerator, len(eval_dataset), eval_transform,
+                            progress=config.progress, desc=f"{log_prefix}evaluating")
     bare = accelerator.unwrap_model(model)
     attention = _prepare_attention(bare, config.attention, accelerator)
     compiled_before = _compile(bare, config, accelerator) if config.compile else None
@@ -1012,7 +1017,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             progress["eval_samples"] = int(metrics.get("samples", 0))
             if test_loader is not None:
                 entry[TEST_METRIC] = float(evaluate(model, test_loader, accelerator, len(test_dataset),
-                                                    test_transform)["accuracy"])
+                                                    test_transform, progress=config.progress,
+                                                    desc=f"{log_prefix}testing")["accuracy"])
                 model.train()
             # Strictly greater: of equal scores the earliest evaluation stays selected (validation_selected).
             if metrics[metric] > progress["best"][0]:
@@ -1105,8 +1111,12 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                     recipe: Mapping[str, Any] | None = None) -> argparse.Namespace:
-    """Fill every value left at ``None`` from ``recipe`` (a flag given on the command line wins) and refuse
-    ``--resume`` together with ``--overwrite``. Returns ``args``."""
+    """Fill every value left at ``None`` from ``recipe`` (a flag given on the command line wins), refuse
+    ``--resume`` together with ``--overwrite``, and let ``--no-progress`` silence every progress bar of the run
+    (:func:`visadapt.progress.apply_no_progress_flag`). Returns ``args``."""
+    from visadapt.progress import apply_no_progress_flag
+
+    apply_no_progress_flag(args)
     for key, value in (recipe or {}).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

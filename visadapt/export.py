@@ -65,6 +65,7 @@ from visadapt.io import (
     read_adapter_file,
     write_json_atomic,
 )
+from visadapt.progress import Progress
 from visadapt.registry import get_plugin
 
 REPORT_FORMAT = "visadapt-export/1"
@@ -664,6 +665,8 @@ def export_model(adapter: str | os.PathLike, model: str | None = None, *, to: st
     if num_classes is None:
         num_classes = source.num_classes
 
+    # Steps, not bytes: building the base, merging, writing and reloading, ONNX each take seconds to minutes.
+    steps = Progress(total=3 + bool(onnx), desc="visadapt export: building the base model", unit="steps")
     host, facts = source.build_base(pretrained, num_classes)
     library = facts["library"]
     source.load_into(host)
@@ -690,17 +693,23 @@ def export_model(adapter: str | os.PathLike, model: str | None = None, *, to: st
     _empty_output_dir(to)
     staging = Path(tempfile.mkdtemp(prefix=".visadapt-export-", dir=to))
     try:
+        steps.update(1)
+        steps.set_description("visadapt export: merging")
         unfolded = _merge(host, plugin, inputs, reference, report)
+        steps.update(1)
         if unfolded and not onnx:
             raise ExportError(f"plugin {plugin.name!r} merged, but {len(unfolded)} of its modules still compute on "
                               f"their own ({', '.join(unfolded[:3])}{', ...' if len(unfolded) > 3 else ''}): they "
                               f"do not fold into base weights, so a dense {library} checkpoint cannot hold them; "
                               f"pass --onnx to export the adapted graph (adapter modules included) instead")
         onnx_model = host
+        steps.set_description("visadapt export: writing and reloading the dense model")
         if report["folded"]:
             onnx_model = _write_dense(host, facts, staging, inputs, reference, names_out, tolerance, report)
             del host
+        steps.update(1)  # counted also when nothing folded (an ONNX-only export): the step is done
         if onnx:
+            steps.set_description("visadapt export: ONNX graph and onnxruntime check")
             graph = "merged dense model" if report["folded"] else "adapted model (adapter modules included)"
             runner = ModelOutputs(onnx_model, library, names_in)
             info = export_onnx(runner, inputs, names_out, staging / ONNX_FILE)
@@ -708,6 +717,7 @@ def export_model(adapter: str | os.PathLike, model: str | None = None, *, to: st
             report["checks"].append({"artifact": "onnx", "graph": graph, **info,
                                      "runtime": "onnxruntime CPUExecutionProvider",
                                      "loader": f"onnxruntime.InferenceSession('{{dir}}/{ONNX_FILE}')", **check})
+            steps.update(1)
         failed = [c for c in report["checks"] if not c["passed"]]
         if failed:
             report["status"] = "failed"
@@ -726,6 +736,7 @@ def export_model(adapter: str | os.PathLike, model: str | None = None, *, to: st
             report["error"] = f"{type(err).__name__}: {err}"
         raise
     finally:
+        steps.close()
         shutil.rmtree(staging, ignore_errors=True)
         for check in report["checks"]:
             check["loader"] = check["loader"].replace("{dir}", str(to))

@@ -78,6 +78,7 @@ from visadapt.peft_compat import resolve
 from visadapt.peft_format import CONFIG_NAME as PEFT_CONFIG_FILE
 from visadapt.peft_format import WEIGHTS_NAME as PEFT_WEIGHTS_FILE
 from visadapt.plugins.resadapter import LORA_FILES, NORM_FILES
+from visadapt.progress import Progress
 
 # the file names written are the ones the loaders of these formats look for first
 DIFFUSERS_WEIGHTS_FILE = DiffusersLoraFormat.file_names[0]
@@ -459,6 +460,8 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
     destination = _StagedFolder(to, FORMAT_FILES[format], overwrite)  # refuses a clash before any work
     source = read_adapter_on_base(adapter, model)  # the file's one read; its recorded seed only on its backbone
     spec, num_classes = source.model_spec, source.num_classes
+    # Steps, as the dense export shows them: the base model, the folder, its owner's load and check.
+    steps = Progress(total=3, desc=f"visadapt export {format}: building the base model", unit="steps")
     base, facts = source.build_base(pretrained or "none", num_classes)
     library = facts["library"]
     fresh = copy.deepcopy(base)
@@ -470,9 +473,14 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
     kwargs = {"base_model_name_or_path": spec} if format == "peft" else {}
     staging = Path(tempfile.mkdtemp(prefix=".visadapt-export-"))
     try:
+        steps.update(1)
+        steps.set_description(f"visadapt export {format}: writing the folder")
         written = export_adapter(base, staging, format, **kwargs)
+        steps.update(1)
+        steps.set_description(f"visadapt export {format}: loading it with its own library and checking")
         loaded = _owner_loaded(fresh, staging, format)
         got = run_outputs(ModelOutputs(loaded, library, list(inputs)), inputs)
+        steps.update(1)
         check = compare(reference, got, names, DENSE_RTOL if tolerance is None else tolerance)
         report = {"format": format, "adapter": str(adapter), "model": spec, "library": library,
                   "files": sorted(p.name for p in written.values()), "check": check, "folder": str(to)}
@@ -485,6 +493,7 @@ def export_file(adapter: str | os.PathLike, format: str, to: str | os.PathLike, 
                 shutil.copy2(staging / name, final_staging / name)
         return report
     finally:
+        steps.close()
         shutil.rmtree(staging, ignore_errors=True)
 
 

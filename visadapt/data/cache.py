@@ -65,6 +65,7 @@ from visadapt.data.errors import DatasetError
 from visadapt.data.tasks import resolve_task
 from visadapt.data.transforms import fgvc_transforms, resolve_normalization, vtab_transform
 from visadapt.data.vtab import ImageListDataset, find_task_dir
+from visadapt.progress import Progress
 
 __all__ = ["CACHE_DIRNAME", "FORMAT_VERSION", "CacheSpec", "CachedImageDataset", "default_workers",
            "load_cached_split"]
@@ -416,7 +417,7 @@ def _chunks(n: int) -> list[tuple[int, int]]:
     return [(s, min(s + _DECODE_CHUNK, n)) for s in range(0, n, _DECODE_CHUNK)]
 
 
-def _write_fixed(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers: int) -> None:
+def _write_fixed(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers: int, bar: Progress) -> None:
     """Square images: the file is sized up front and each worker writes its images at their own offsets."""
     n = len(source)
     with open(tmp, "wb") as f:
@@ -425,15 +426,18 @@ def _write_fixed(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers: 
     if workers <= 1 or len(chunks) <= 2:
         for s, e in chunks:
             _decode_into(str(tmp), s, source.samples[s:e], source.origins[s:e], spec)
+            bar.update(e - s)
         return
     with _worker_deaths_reported(source, workers), _pool(workers) as pool:
-        futures = [pool.submit(_decode_into, str(tmp), s, source.samples[s:e], source.origins[s:e], spec)
-                   for s, e in chunks]
-        for future in futures:
+        futures = {pool.submit(_decode_into, str(tmp), s, source.samples[s:e], source.origins[s:e], spec): e - s
+                   for s, e in chunks}
+        for future, count in futures.items():  # in order: the first unreadable image is the one reported
             future.result()  # re-raises a worker's DatasetError (unreadable image) here
+            bar.update(count)
 
 
-def _write_ragged(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers: int) -> list[list[int]]:
+def _write_ragged(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers: int,
+                  bar: Progress) -> list[list[int]]:
     """Images of their own sizes, in order: workers decode, this process appends; returns ``[[h, w]]``."""
     chunks = _chunks(len(source))
     shapes: list[list[int]] = []
@@ -442,6 +446,7 @@ def _write_ragged(tmp: Path, source: ImageListDataset, spec: CacheSpec, workers:
             for img in images:
                 shapes.append([int(img.shape[1]), int(img.shape[2])])
                 f.write(img.tobytes())
+            bar.update(len(images))
 
         if workers <= 1 or len(chunks) <= 2:
             for s, e in chunks:
@@ -587,11 +592,12 @@ def _build(path: Path, key: str, source: ImageListDataset, spec: CacheSpec, work
     logger.info("decoded-image cache: decoding %s (%d images, %s %dpx) with %d worker(s) into %s",
                 source.name, len(source), spec.kind, spec.input_size, workers, path)
     try:
-        if spec.ragged:
-            layout = {"layout": "ragged", "shapes": _write_ragged(tmp, source, spec, workers)}
-        else:
-            _write_fixed(tmp, source, spec, workers)
-            layout = {"layout": "fixed", "item_shape": [3, spec.input_size, spec.input_size]}
+        with Progress(total=len(source), desc=f"decoded-image cache {source.name}", unit="images") as bar:
+            if spec.ragged:
+                layout = {"layout": "ragged", "shapes": _write_ragged(tmp, source, spec, workers, bar)}
+            else:
+                _write_fixed(tmp, source, spec, workers, bar)
+                layout = {"layout": "fixed", "item_shape": [3, spec.input_size, spec.input_size]}
         data_bytes = tmp.stat().st_size
         fd = os.open(tmp, _READ_FLAGS)
         try:

@@ -94,6 +94,7 @@ from visadapt.data.errors import DatasetError
 from visadapt.data.procedural import _polygon, _regular, _star, default_data_root
 from visadapt.data.transforms import resolve_normalization
 from visadapt.data.vtab import decode_image
+from visadapt.progress import Progress
 
 DENSE_TASKS = ("semseg", "human_parts", "sal", "normals")
 IGNORE_INDEX = 255
@@ -652,7 +653,7 @@ def render_dense_scenes(split: str, size: int, num_samples: int, seed: int = 0) 
               "human_parts": np.empty((num_samples, size, size), np.uint8),
               "sal": np.empty((num_samples, size, size), np.uint8),
               "normals": np.empty((num_samples, size, size, 3), np.int8)}
-    for index in range(num_samples):
+    for index in Progress(range(num_samples), desc=f"dense scenes ({split})", unit="scenes"):
         scene = render_dense_scene(scene_rng(seed, split, index), size)
         arrays["image"][index] = scene.image
         arrays["semseg"][index] = scene.semseg

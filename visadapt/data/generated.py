@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from visadapt.data.errors import DatasetError
+from visadapt.progress import announce
 
 logger = logging.getLogger("visadapt")
 
@@ -78,7 +79,8 @@ def write_generated(root: Path, manifest: str, parameters: dict, write: Callable
     temporary sibling folder and returns extra manifest fields; the manifest is written last and the folder
     renamed into place, so an interrupted run leaves nothing half-written. A stale folder of the same kind
     (another manifest) or an empty one is replaced; any other non-empty folder or a file is refused. ``what``
-    names the dataset in errors.
+    names the dataset in errors, and in the one line a generation announces (:func:`visadapt.progress.announce`:
+    a first run says what it is busy with; ``write`` shows its own progress).
     """
     if manifest_parameters(root, manifest) == parameters:
         return root
@@ -89,6 +91,7 @@ def write_generated(root: Path, manifest: str, parameters: dict, write: Callable
                            f"pass a new or empty folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.{uuid.uuid4().hex[:8]}.tmp"
+    announce(f"generating the {what} once into {root}; later runs reuse it")
     try:
         tmp.mkdir()
         extra = write(tmp)

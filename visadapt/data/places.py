@@ -61,6 +61,7 @@ from visadapt.data.procedural import (
 )
 from visadapt.data.transforms import pil_to_tensor
 from visadapt.data.vtab import decode_image
+from visadapt.progress import Progress
 
 PLACE_SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -662,7 +663,7 @@ def _utm_name(east: float, north: float, *tags: str) -> str:
 
 
 def _write_split(folder: Path, split: str, split_index: int, num_places: int, seed: int, family_size: int,
-                 queries_per_place: tuple[int, int], image_size: int) -> dict[str, int]:
+                 queries_per_place: tuple[int, int], image_size: int, bar: Progress) -> dict[str, int]:
     (folder / "database").mkdir(parents=True)
     (folder / "queries").mkdir(parents=True)
     origin = np.array(_CITY_ORIGINS[split])
@@ -687,6 +688,7 @@ def _write_split(folder: Path, split: str, split_index: int, num_places: int, se
                                  f"query{q}")
                 Image.fromarray(img).save(folder / "queries" / name, compress_level=1)
                 num_queries += 1
+            bar.update(1)
     return {"database": num_places, "queries": num_queries}
 
 
@@ -730,8 +732,9 @@ def generate_mini_places(root: str | os.PathLike | None = None, seed: int = 0,
               "family_size": family_size, "queries_per_place": list(queries), "image_size": image_size}
 
     def write(tmp: Path) -> dict:
-        return {"images": {split: _write_split(tmp / "images" / split, split, PLACE_SPLITS.index(split), count,
-                                               seed, family_size, queries, image_size)
-                           for split, count in sizes.items()}}
+        with Progress(total=sum(sizes.values()), desc="mini-places", unit="places") as bar:
+            return {"images": {split: _write_split(tmp / "images" / split, split, PLACE_SPLITS.index(split), count,
+                                                   seed, family_size, queries, image_size, bar)
+                               for split, count in sizes.items()}}
 
     return write_generated(root, MANIFEST, wanted, write, "mini-places benchmark")

@@ -40,6 +40,7 @@ from visadapt.data.generated import write_generated
 from visadapt.data.procedural import _background, _finish, _object
 from visadapt.data.transforms import pil_to_tensor
 from visadapt.data.vtab import decode_image
+from visadapt.progress import Progress
 
 REQUIRED_COLUMNS = ("filepath", "title", "cname", "value")
 WEIGHT_COLUMN = "sample_weights_by_class"
@@ -242,17 +243,19 @@ def generate_mini_counting(root: str | os.PathLike | None = None, seed: int = 0,
 
     def write(tmp: Path) -> dict:
         (tmp / "images").mkdir()
-        for split_index, (split, n) in enumerate(sizes.items()):
-            with open(tmp / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-                writer.writerow(REQUIRED_COLUMNS)
-                for k in range(n):
-                    rng = np.random.default_rng([seed, split_index, k])
-                    shape = COUNTING_SHAPES[int(rng.integers(len(COUNTING_SHAPES)))]
-                    count = int(rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
-                    name = f"images/{split}_{k:05d}.png"
-                    Image.fromarray(render_count(shape, count, rng)).save(tmp / name, compress_level=1)
-                    writer.writerow([name, INSTRUCTION.format(shape), shape, count])
+        with Progress(total=sum(sizes.values()), desc="mini-counting", unit="images") as bar:
+            for split_index, (split, n) in enumerate(sizes.items()):
+                with open(tmp / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+                    writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                    writer.writerow(REQUIRED_COLUMNS)
+                    for k in range(n):
+                        rng = np.random.default_rng([seed, split_index, k])
+                        shape = COUNTING_SHAPES[int(rng.integers(len(COUNTING_SHAPES)))]
+                        count = int(rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
+                        name = f"images/{split}_{k:05d}.png"
+                        Image.fromarray(render_count(shape, count, rng)).save(tmp / name, compress_level=1)
+                        writer.writerow([name, INSTRUCTION.format(shape), shape, count])
+                        bar.update(1)
         return {}
 
     return write_generated(root, COUNTING_MANIFEST, wanted, write, "mini-counting data")

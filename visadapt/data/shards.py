@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from visadapt.progress import Progress
+
 SHARD_MANIFEST = "manifest.json"
 
 
@@ -43,16 +45,23 @@ def shard_is_complete(folder: Path, settings: dict, prompts: list[str]) -> bool:
 
 
 def write_image_shards(render, prompts: list[str], folder: Path, settings: dict, *, shard_size: int = 100,
-                       batch_size: int = 4, seed: int = 0) -> dict[str, int]:
+                       batch_size: int = 4, seed: int = 0, progress: Progress | None = None) -> dict[str, int]:
     """Write one image per prompt into verified, resumable shards under ``folder``.
 
     ``render(prompts, generators) -> list[PIL.Image]`` draws one image per prompt, image ``i`` from the torch
     generator seeded ``seed * 1_000_003 + i`` alone (so a regenerated shard equals the lost one). ``settings``
     (JSON) is recorded in every shard manifest; a shard with the same settings and prompts whose images match
     their hashes is skipped. An unconditional pool passes empty prompts. Returns ``{"written", "skipped"}`` shards.
+
+    ``progress`` counts every image (a skipped shard's at once), e.g. one :class:`visadapt.progress.Progress`
+    over a whole job of several folders; without it, a bar of this folder's images is shown.
     """
     if shard_size <= 0 or batch_size <= 0:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be positive")
+    if progress is None:
+        with Progress(total=len(prompts), desc=folder.name, unit="images") as own:
+            return write_image_shards(render, prompts, folder, settings, shard_size=shard_size,
+                                      batch_size=batch_size, seed=seed, progress=own)
     folder.mkdir(parents=True, exist_ok=True)
     counts = {"written": 0, "skipped": 0}
     for shard_index, start in enumerate(range(0, len(prompts), shard_size)):
@@ -60,6 +69,7 @@ def write_image_shards(render, prompts: list[str], folder: Path, settings: dict,
         shard = folder / f"shard_{shard_index:05d}"
         if shard_is_complete(shard, settings, shard_prompts):
             counts["skipped"] += 1
+            progress.update(len(shard_prompts))
             continue
         tmp = folder / f".{shard.name}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
@@ -75,6 +85,7 @@ def write_image_shards(render, prompts: list[str], folder: Path, settings: dict,
                     image.save(tmp / name)
                     files[name] = _sha256(tmp / name)
                     lines.append(json.dumps({"file_name": name, "text": prompt}))
+                    progress.update(1)
             (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
             (tmp / SHARD_MANIFEST).write_text(json.dumps({"settings": settings, "prompts": shard_prompts,
                                                           "files": files}, indent=1))

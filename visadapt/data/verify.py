@@ -40,6 +40,7 @@ from PIL import Image
 from visadapt.data import fgvc, procedural, vtab
 from visadapt.data.errors import DatasetError
 from visadapt.data.tasks import VTAB1K_TEST_SIZES, TaskInfo, benchmark_tasks, resolve_tasks
+from visadapt.progress import Progress, add_no_progress_flag, apply_no_progress_flag
 
 BENCHMARKS = ("vtab", "fgvc", "mini-vtab")
 MANIFEST_NAME = "visadapt_data_manifest.json"
@@ -248,14 +249,16 @@ def _read_fgvc_task(task_dir: Path, info: TaskInfo,
 
 
 def _check_images(splits: dict[str, list[_Entry]], check_images: bool,
-                  problems: list[Problem]) -> dict[Path, str | None]:
+                  problems: list[Problem], bar: Progress | None = None) -> dict[Path, str | None]:
     """Existence (always) and decoding + content hash (``check_images``) of every listed image, each file
-    read once. Returns ``{path: sha256 or None}`` for the images that exist."""
+    read once, each entry counted on ``bar``. Returns ``{path: sha256 or None}`` for the images that exist."""
     hashes: dict[Path, str | None] = {}
     unreadable: set[Path] = set()
     missing: set[Path] = set()
     for entries in splits.values():
         for entry in entries:
+            if bar is not None:
+                bar.update(1)
             if entry.path in hashes or entry.path in missing:
                 if entry.path in missing or entry.path in unreadable:
                     what = "does not exist" if entry.path in missing else "cannot be read (see above)"
@@ -318,7 +321,7 @@ def _split_manifest(entries: list[_Entry], file: Path, num_classes: int,
 
 
 def verify_benchmark(root: str | os.PathLike, benchmark: str, tasks: Sequence[str] | str | None = None,
-                     check_images: bool = True) -> VerifyReport:
+                     check_images: bool = True, progress: bool = False) -> VerifyReport:
     """Check every task folder of ``benchmark`` under ``root`` and build the manifest.
 
     Args:
@@ -328,6 +331,7 @@ def verify_benchmark(root: str | os.PathLike, benchmark: str, tasks: Sequence[st
             ``root`` (mini-VTAB: all seven must exist) and lists the absent ones in ``absent_tasks``.
         check_images: decode and hash every image (slow on the full benchmark); ``False`` still checks that
             every listed image exists and that no path is in both a training and an evaluation split.
+        progress: show the tasks checked, and each task's images (:mod:`visadapt.progress`); the CLI does.
 
     Raises:
         DatasetError: ``root`` is not a directory.
@@ -345,30 +349,36 @@ def verify_benchmark(root: str | os.PathLike, benchmark: str, tasks: Sequence[st
     problems: list[Problem] = []
     absent: list[str] = []
     task_manifests: dict[str, dict] = {}
-    for info in infos:
-        try:
-            task_dir = vtab.find_task_dir(root, info)
-        except DatasetError as err:
-            if explicit:
-                problems.append(Problem(str(root / info.name), None, str(err)))
+    with Progress(total=len(infos), desc="visadapt-data verify", unit="tasks", enabled=progress) as tasks_done:
+        for info in infos:
+            try:
+                task_dir = vtab.find_task_dir(root, info)
+            except DatasetError as err:
+                if explicit:
+                    problems.append(Problem(str(root / info.name), None, str(err)))
+                else:
+                    absent.append(info.name)
+                tasks_done.update(1)
+                continue
+            if benchmark == "fgvc":
+                splits, files = _read_fgvc_task(task_dir, info, problems)
+                pairs = DISJOINT_SPLITS["fgvc"]
             else:
-                absent.append(info.name)
-            continue
-        if benchmark == "fgvc":
-            splits, files = _read_fgvc_task(task_dir, info, problems)
-            pairs = DISJOINT_SPLITS["fgvc"]
-        else:
-            splits, files = _read_image_list_task(benchmark, root, task_dir, info, problems)
-            pairs = DISJOINT_SPLITS["image-list"]
-        hashes = _check_images(splits, check_images, problems)
-        _check_overlap(splits, pairs, hashes, problems)
-        task_manifests[info.name] = {
-            "dir": task_dir.name,
-            "num_classes": info.num_classes,
-            "image_count": len({e.path for entries in splits.values() for e in entries}),
-            "splits": {split: _split_manifest(entries, files[split], info.num_classes, hashes, check_images)
-                       for split, entries in splits.items()},
-        }
+                splits, files = _read_image_list_task(benchmark, root, task_dir, info, problems)
+                pairs = DISJOINT_SPLITS["image-list"]
+            listed_count = sum(len(listed) for listed in splits.values())
+            with Progress(total=listed_count, desc=f"{info.name} images", unit="images", leave=False,
+                          enabled=progress) as images:
+                hashes = _check_images(splits, check_images, problems, images)
+            _check_overlap(splits, pairs, hashes, problems)
+            task_manifests[info.name] = {
+                "dir": task_dir.name,
+                "num_classes": info.num_classes,
+                "image_count": len({e.path for entries in splits.values() for e in entries}),
+                "splits": {split: _split_manifest(entries, files[split], info.num_classes, hashes, check_images)
+                           for split, entries in splits.items()},
+            }
+            tasks_done.update(1)
     if not task_manifests and not problems:
         every = ", ".join(n for info in infos for n in info.names)
         problems.append(Problem(str(root), None, (
@@ -393,7 +403,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             return 2
         args.root = procedural.default_data_root()
     try:
-        report = verify_benchmark(args.root, args.benchmark, args.tasks, check_images=not args.no_images)
+        report = verify_benchmark(args.root, args.benchmark, args.tasks, check_images=not args.no_images,
+                                  progress=True)
     except (DatasetError, ValueError) as err:
         print(f"visadapt-data verify: error: {err}", file=sys.stderr)
         return 2
@@ -429,10 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-images", action="store_true",
                    help="do not decode or hash the images (existence and path overlap are still checked)")
     p.add_argument("--manifest", help=f"where to write the manifest (default: ROOT/{MANIFEST_NAME})")
+    add_no_progress_flag(p)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 on --help; return it like every other exit
         return int(exit_.code or 0)
+    apply_no_progress_flag(args)
     return _cmd_verify(args)
 
 

@@ -158,9 +158,12 @@ def generate_pool(pipe, folder: Path, *, size: int, shard_size: int, batch_size:
         return pipe(batch_size=len(prompts), generator=generators, num_inference_steps=steps,
                     output_type="pil").images
 
+    from visadapt.progress import Progress
+
     # unconditional: every image's "prompt" is empty
-    return write_image_shards(render, [""] * size, folder, settings, shard_size=shard_size,
-                                     batch_size=batch_size, seed=seed)
+    with Progress(total=size, desc="PPAP pool", unit="images") as images:
+        return write_image_shards(render, [""] * size, folder, settings, shard_size=shard_size,
+                                  batch_size=batch_size, seed=seed, progress=images)
 
 
 class TeacherLabelledPool(Dataset):
@@ -292,10 +295,14 @@ def measure_guidance(pipe, classifier: nn.Module, preprocess, *, num_classes: in
     Sample ``i`` starts from the same noise in every setting (generator seeded from ``(seed, i)``), so the
     settings differ only by the guidance.
     """
+    from visadapt.progress import Progress
+
     targets = torch.randint(num_classes, (samples,), generator=torch.Generator().manual_seed(seed))
     table = {}
+    bar = Progress(total=3 * samples, desc="PPAP guidance measurement", unit="samples")
     for setting in ("unguided", "naive", "ppap"):
         start, hits = time.time(), 0
+        bar.set_description(f"PPAP guidance measurement ({setting})")
         for lo in range(0, samples, batch_size):
             batch_targets = targets[lo:lo + batch_size]
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + lo + j) for j in range(len(batch_targets))]
@@ -310,9 +317,11 @@ def measure_guidance(pipe, classifier: nn.Module, preprocess, *, num_classes: in
             with torch.no_grad(), use_expert(classifier, None):
                 predicted = classifier(preprocess(images_to_tensor(images))).argmax(-1)
             hits += (predicted == batch_targets).sum().item()
+            bar.update(len(batch_targets))
         fraction = hits / samples
         table[setting] = {"fraction": fraction, "stderr": math.sqrt(fraction * (1 - fraction) / samples),
                           "samples": samples, "seconds": round(time.time() - start, 1)}
+    bar.close()
     return table
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from visadapt.data.shards import write_image_shards
+from visadapt.progress import Progress, add_no_progress_flag, apply_no_progress_flag
 
 FORMAT_VERSION = 1
 
@@ -61,8 +62,9 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def generate_skill(pipe, prompts: list[str], folder: Path, *, shard_size: int = 100, steps: int = 25,
                    guidance_scale: float = 7.5, height: int | None = None, width: int | None = None, seed: int = 0,
-                   batch_size: int = 4, pipeline_name: str = "") -> dict[str, int]:
-    """Generate ``prompts`` into shards under ``folder``; return ``{"written": shards, "skipped": shards}``."""
+                   batch_size: int = 4, pipeline_name: str = "", progress: Progress | None = None) -> dict[str, int]:
+    """Generate ``prompts`` into shards under ``folder``; return ``{"written": shards, "skipped": shards}``.
+    ``progress`` counts each image (see :func:`visadapt.data.shards.write_image_shards`)."""
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = {"version": FORMAT_VERSION, "pipeline": pipeline_name, "steps": steps, "guidance_scale": guidance_scale,
@@ -73,7 +75,7 @@ def generate_skill(pipe, prompts: list[str], folder: Path, *, shard_size: int = 
                     generator=generators, output_type="pil").images
 
     return write_image_shards(render, prompts, folder, settings, shard_size=shard_size, batch_size=batch_size,
-                              seed=seed)
+                              seed=seed, progress=progress)
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -93,7 +95,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--resolution", type=int, default=None, help="image height and width (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_no_progress_flag(p)
     args = p.parse_args(argv)
+    apply_no_progress_flag(args)
     args.skills = {}
     for item in args.prompts:
         skill, sep, path = item.partition("=")
@@ -114,14 +118,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.pipeline).to(device)
+    # One bar of images for the whole job (every skill) instead of diffusers' bar of steps, which restarts at
+    # every pipeline call: a real data run takes hours, and its progress is in images.
     pipe.set_progress_bar_config(disable=True)
-    for skill, skill_prompts in prompts.items():
-        counts = generate_skill(pipe, skill_prompts, Path(args.output_dir) / skill, shard_size=args.shard_size,
-                                steps=args.steps, guidance_scale=args.guidance_scale, height=args.resolution,
-                                width=args.resolution, seed=args.seed, batch_size=args.batch_size,
-                                pipeline_name=args.pipeline)
-        print(f"[{skill}] {len(skill_prompts)} prompts: {counts['written']} shards written, {counts['skipped']} "
-              f"already complete -> {Path(args.output_dir) / skill}")
+    with Progress(total=sum(len(p) for p in prompts.values()), desc="selma_data", unit="images") as images:
+        for skill, skill_prompts in prompts.items():
+            images.set_description(f"selma_data [{skill}]")
+            counts = generate_skill(pipe, skill_prompts, Path(args.output_dir) / skill, shard_size=args.shard_size,
+                                    steps=args.steps, guidance_scale=args.guidance_scale, height=args.resolution,
+                                    width=args.resolution, seed=args.seed, batch_size=args.batch_size,
+                                    pipeline_name=args.pipeline, progress=images)
+            images.write(f"[{skill}] {len(skill_prompts)} prompts: {counts['written']} shards written, "
+                         f"{counts['skipped']} already complete -> {Path(args.output_dir) / skill}", file=sys.stdout)
     return 0
 
 

@@ -499,8 +499,8 @@ def generate_prompts(skill: Skill, generator: Callable[[Sequence[str], int], lis
     :class:`TransformersGenerator`, an :class:`HTTPGenerator`, or any callable with that signature (a
     ``restart_numbering`` attribute, when true, lets replies number from 1; a ``describe()`` method, when
     present, goes into the recorded settings). ``max_rounds``: stop after this many rounds in this call even
-    short of the target (``None``: no limit, as official). ``progress``: a bar of kept prompts on stderr when
-    it is a terminal."""
+    short of the target (``None``: no limit, as official). ``progress``: the kept prompts counted on stderr
+    (:mod:`visadapt.progress`: a bar on a terminal, lines in a log)."""
     if len(skill.seeds) < num_examples:
         raise PromptGenerationError(f"skill {skill.name!r} has {len(skill.seeds)} seed prompts; each request "
                                     f"shows {num_examples}, give at least that many")
@@ -527,13 +527,10 @@ def generate_prompts(skill: Skill, generator: Callable[[Sequence[str], int], lis
     pool = list(skill.seeds) + kept
     rouge = RougeLFilter(threshold)
     restart_numbering = bool(getattr(generator, "restart_numbering", False))
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with huggingface_hub; generation works without a bar
-        tqdm = None
-    bar = None
-    if tqdm is not None and progress and sys.stderr.isatty():
-        bar = tqdm(total=num_prompts, initial=min(len(kept), num_prompts), desc=f"[{skill.name}] prompts kept")
+    from visadapt.progress import Progress
+
+    bar = Progress(total=num_prompts, initial=min(len(kept), num_prompts), desc=f"[{skill.name}] prompts kept",
+                   unit="prompts", enabled=progress)
     rounds_run = 0
     try:
         with open(output, "ab") as handle:
@@ -554,13 +551,11 @@ def generate_prompts(skill: Skill, generator: Callable[[Sequence[str], int], lis
                     handle.flush()
                     os.fsync(handle.fileno())
                 kept.extend(new)
-                if bar is not None:
-                    bar.update(len(new))
+                bar.update(len(new))
                 round_number += 1
                 rounds_run += 1
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return GenerationResult(output, kept, rounds_run, start_round)
 
 
@@ -591,8 +586,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-rounds", type=int, default=None, help="stop after this many rounds (default: none)")
     p.add_argument("--device", default=None, help="--model only; default: cuda when available, else cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    from visadapt.progress import add_no_progress_flag, apply_no_progress_flag
+
+    add_no_progress_flag(p)
+    args = p.parse_args(argv)
+    apply_no_progress_flag(args)
+    return args
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

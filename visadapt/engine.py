@@ -927,6 +927,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
         metrics_log.restart_at(progress["step"])
     training_log = TrainingLog(accelerator, metrics_log, log_every=config.log_every,
                                prefix=tag_prefix(log_prefix))
+    from visadapt.progress import shows_progress
+
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with huggingface_hub; the loop works without it anyway
@@ -959,7 +961,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             before_epoch(model, epoch)
             model.train()
         bar = None
-        if tqdm is not None and config.progress and accelerator.is_local_main_process:
+        if tqdm is not None and shows_progress(config.progress):  # main process, no VISADAPT_NO_PROGRESS
             # disable=None: tqdm's own rule, no bar when stderr is not a terminal (a log file gets the one
             # line per epoch printed below, not carriage-return redraws); its notebook widget still shows
             bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False, disable=None,

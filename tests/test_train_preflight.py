@@ -213,3 +213,41 @@ def test_rank_clip_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(t
     assert line.startswith("error: cannot load the weights of --model RN50 from open_clip tag openai (hub repo ")
     assert "HF_HUB_OFFLINE is set" in line and "--model visadapt_tiny_clip" in line
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------- --input-size on a fixed-size ViT
+
+def test_input_size_builds_a_vit_as_timm_create_model_with_img_size_does():
+    """A ViT's --input-size reaches timm as ``img_size``: the embedded weights load with the position embedding
+    resampled to the new grid, exactly as a timm user's ``timm.create_model(..., img_size=48)``; a CNN (any input
+    size) and the model's own size get no ``img_size``."""
+    import timm
+    import torch
+
+    from visadapt.backbones import EMBEDDED_MODEL, create_backbone, input_size_options
+
+    ours = create_backbone(EMBEDDED_MODEL, "default", num_classes=0, input_size=48).eval()
+    theirs = timm.create_model(EMBEDDED_MODEL, pretrained=True, num_classes=0, img_size=48).eval()
+    assert ours.patch_embed.grid_size == (12, 12)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    with torch.no_grad():
+        assert ours(torch.randn(2, 3, 48, 48)).shape == (2, ours.num_features)
+    assert input_size_options("resnet18", 48) == {}
+    assert input_size_options(EMBEDDED_MODEL, 32) == {} and input_size_options(EMBEDDED_MODEL, None) == {}
+
+
+def test_vtab_trains_a_vit_at_an_input_size_other_than_its_own(tiny_data, tmp_path):
+    """``--model <ViT> --input-size N`` trained and evaluated; it failed at the first forward ("Input height (48)
+    doesn't match model (32)") when img_size did not reach timm. visadapt-eval's rebuild uses the size too."""
+    import json
+
+    from visadapt.engine import evaluate_adapter_file
+
+    out = tmp_path / "run"
+    argv = ["--data-root", str(tiny_data), "--task", "cells", "--input-size", "48", "--epochs", "1",
+            "--batch-size", "8", "--adapter", "linear", "--output-dir", str(out), "--no-progress"]
+    assert load_train_script("vtab").main(argv) == 0
+    metrics = json.loads((out / "cells" / "metrics.json").read_text())
+    assert metrics["input_size"] == 48
+    again = evaluate_adapter_file(out / "cells" / "adapter.safetensors", tiny_data)
+    assert again["accuracy"] == pytest.approx(metrics["accuracy_final"], abs=1e-6)

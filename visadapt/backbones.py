@@ -178,18 +178,38 @@ def _hub_source(model: str) -> str:
     return f"hub repo {hub} (timm's default)" if hub else url or "timm's default weights"
 
 
-def create_backbone(model: str, pretrained: str | None = "default", num_classes: int = 0, **kwargs) -> nn.Module:
+def input_size_options(model: str, input_size: int | None) -> dict[str, int]:
+    """The ``timm.create_model`` arguments that build ``model`` for ``input_size`` px square inputs:
+    ``{"img_size": input_size}`` for a model of fixed input size (timm's pretrained config says
+    ``fixed_input_size``: ViT, DeiT, Swin, ...) whose default size differs, else ``{}`` (a CNN takes any size).
+    As with ``timm.create_model(..., img_size=...)`` by hand, timm resamples the pretrained position embedding
+    (and Swin's tables) to the new grid while loading the weights."""
+    if input_size is None:
+        return {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(model)
+    except Exception:  # noqa: BLE001 - a model without a pretrained config keeps timm's own sizing
+        cfg = None
+    if cfg is None or not cfg.fixed_input_size or int(cfg.input_size[-1]) == int(input_size):
+        return {}
+    return {"img_size": int(input_size)}
+
+
+def create_backbone(model: str, pretrained: str | None = "default", num_classes: int = 0, *,
+                    input_size: int | None = None, **kwargs) -> nn.Module:
     """A timm model with a fresh ``num_classes`` head, weights chosen by ``pretrained``.
 
     ``pretrained`` is ``"default"`` (timm's default weights for ``model``, from the hub or timm's cache; the
     embedded model's are in ``assets/``), ``"none"`` (random init), a local checkpoint file (safetensors or
-    a torch checkpoint timm can read), or a Hugging Face hub repo id holding timm weights.
+    a torch checkpoint timm can read), or a Hugging Face hub repo id holding timm weights. ``input_size``
+    (pixels, square) builds a fixed-size model such as a ViT for that size (:func:`input_size_options`; an
+    ``img_size`` in ``kwargs`` wins).
 
     Raises ``ValueError`` / ``FileNotFoundError`` (see :func:`check_backbone_choice`) before building
     anything, and :class:`BackboneWeightsError` when hub weights cannot be loaded.
     """
     check_backbone_choice(model, pretrained)
-    kwargs = dict(num_classes=num_classes, **kwargs)
+    kwargs = {**input_size_options(model, input_size), "num_classes": num_classes, **kwargs}
     choice = (pretrained or "default").strip()
     if choice == "none":
         return timm.create_model(model, pretrained=False, **kwargs)

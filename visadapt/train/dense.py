@@ -220,7 +220,7 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
                          num_workers=args.num_workers, progress=not args.no_progress, **run_options(args))
     accelerator = make_accelerator(out, precision=args.precision)
     seed_everything(args.seed)
-    backbone = create_backbone(args.model, args.pretrained, num_classes=0)
+    backbone = create_backbone(args.model, args.pretrained, num_classes=0, input_size=args.input_size)
     normalization = resolve_normalization(args.normalize, backbone)
     train_set, val_set = build_datasets(args, tasks, normalization)
     select_task, configs = attach_dense_method(backbone, args.method, tasks, plugin_fields)

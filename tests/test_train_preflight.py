@@ -251,3 +251,51 @@ def test_vtab_trains_a_vit_at_an_input_size_other_than_its_own(tiny_data, tmp_pa
     assert metrics["input_size"] == 48
     again = evaluate_adapter_file(out / "cells" / "adapter.safetensors", tiny_data)
     assert again["accuracy"] == pytest.approx(metrics["accuracy_final"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- train/dense.py
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmark", "pascal"], "--benchmark pascal needs --data-root, the PASCAL_MT folder"),
+    (["--benchmark", "pascal", "--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--benchmark", "pascal", "--data-root", "{empty}"],
+     "split file {empty}/ImageSets/Context/train.txt does not exist"),
+    (["--model", "swin_nope_patch4"], "'swin_nope_patch4' is not a timm model name"),
+    (["--pretrained", "./weights/missing.safetensors"],
+     "--pretrained './weights/missing.safetensors' is not an existing file"),
+    (["--method", "lite", "--set", "nope=1"], "nope"),
+])
+def test_dense_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+    places["empty"].mkdir()
+    dense = load_train_script("dense")
+    monkeypatch.setattr(dense, "create_backbone", _no_model)
+    out = tmp_path / "runs"
+    argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
+    assert _exit_code(dense.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_dense_single_task_refuses_a_later_task_holding_a_run_before_the_first_trains(tmp_path, monkeypatch,
+                                                                                    capsys):
+    dense = load_train_script("dense")
+    monkeypatch.setattr(dense, "create_backbone", _no_model)
+    out = tmp_path / "runs"
+    (out / "sal").mkdir(parents=True)
+    (out / "sal" / "metrics.json").write_text("{}")
+    argv = ["--single-task", "--tasks", "semseg", "sal", "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(dense.main, argv) == 2
+    assert f"{out / 'sal'} already holds a run; pass --resume" in _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["sal"]  # no folder for semseg
+
+
+def test_dense_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "dense"
+    argv = ["--model", "swin_tiny_patch4_window7_224", "--pretrained", NO_SUCH_REPO, "--tasks", "semseg",
+            "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(load_train_script("dense").main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot load the weights of --model swin_tiny_patch4_window7_224 from hub repo "
+                           f"{NO_SUCH_REPO}")
+    assert not (tmp_path / "runs").exists()

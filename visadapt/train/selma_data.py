@@ -104,16 +104,23 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks first (the prompt files, the --pipeline name or folder), each one error line and exit 2;
+    # a hub pipeline that cannot be had is one line too. Nothing is written before the pipeline is loaded.
+    from visadapt.backbones import BackboneWeightsError
+    from visadapt.diffusion import check_pipeline_choice, load_pipeline
+    from visadapt.train.preflight import report_error
+
     args = parse_args(argv, prog)
     try:
         prompts = {skill: read_prompts(path) for skill, path in args.skills.items()}
+        check_pipeline_choice(args.pipeline)
     except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from visadapt.diffusion import load_pipeline
-
+        return report_error(err)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.pipeline).to(device)
+    try:
+        pipe = load_pipeline(args.pipeline).to(device)
+    except BackboneWeightsError as err:
+        return report_error(err)
     pipe.set_progress_bar_config(disable=True)
     for skill, skill_prompts in prompts.items():
         counts = generate_skill(pipe, skill_prompts, Path(args.output_dir) / skill, shard_size=args.shard_size,

@@ -7,6 +7,7 @@ Each case runs the job's ``main`` in-process with the hub offline (``HF_HUB_OFFL
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -213,3 +214,205 @@ def test_rank_clip_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(t
     assert line.startswith("error: cannot load the weights of --model RN50 from open_clip tag openai (hub repo ")
     assert "HF_HUB_OFFLINE is set" in line and "--model visadapt_tiny_clip" in line
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------- --input-size on a fixed-size ViT
+
+def test_input_size_builds_a_vit_as_timm_create_model_with_img_size_does():
+    """A ViT's --input-size reaches timm as ``img_size``: the embedded weights load with the position embedding
+    resampled to the new grid, exactly as a timm user's ``timm.create_model(..., img_size=48)``; a CNN (any input
+    size) and the model's own size get no ``img_size``."""
+    import timm
+    import torch
+
+    from visadapt.backbones import EMBEDDED_MODEL, create_backbone, input_size_options
+
+    ours = create_backbone(EMBEDDED_MODEL, "default", num_classes=0, input_size=48).eval()
+    theirs = timm.create_model(EMBEDDED_MODEL, pretrained=True, num_classes=0, img_size=48).eval()
+    assert ours.patch_embed.grid_size == (12, 12)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    with torch.no_grad():
+        assert ours(torch.randn(2, 3, 48, 48)).shape == (2, ours.num_features)
+    assert input_size_options("resnet18", 48) == {}
+    assert input_size_options(EMBEDDED_MODEL, 32) == {} and input_size_options(EMBEDDED_MODEL, None) == {}
+
+
+def test_vtab_trains_a_vit_at_an_input_size_other_than_its_own(tiny_data, tmp_path):
+    """``--model <ViT> --input-size N`` trained and evaluated; it failed at the first forward ("Input height (48)
+    doesn't match model (32)") when img_size did not reach timm. visadapt-eval's rebuild uses the size too."""
+    import json
+
+    from visadapt.engine import evaluate_adapter_file
+
+    out = tmp_path / "run"
+    argv = ["--data-root", str(tiny_data), "--task", "cells", "--input-size", "48", "--epochs", "1",
+            "--batch-size", "8", "--adapter", "linear", "--output-dir", str(out), "--no-progress"]
+    assert load_train_script("vtab").main(argv) == 0
+    metrics = json.loads((out / "cells" / "metrics.json").read_text())
+    assert metrics["input_size"] == 48
+    again = evaluate_adapter_file(out / "cells" / "adapter.safetensors", tiny_data)
+    assert again["accuracy"] == pytest.approx(metrics["accuracy_final"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- train/dense.py
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmark", "pascal"], "--benchmark pascal needs --data-root, the PASCAL_MT folder"),
+    (["--benchmark", "pascal", "--data-root", "{missing}"], "--data-root {missing} does not exist"),
+    (["--benchmark", "pascal", "--data-root", "{empty}"],
+     "split file {empty}/ImageSets/Context/train.txt does not exist"),
+    (["--model", "swin_nope_patch4"], "'swin_nope_patch4' is not a timm model name"),
+    (["--pretrained", "./weights/missing.safetensors"],
+     "--pretrained './weights/missing.safetensors' is not an existing file"),
+    (["--method", "lite", "--set", "nope=1"], "nope"),
+])
+def test_dense_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+    places["empty"].mkdir()
+    dense = load_train_script("dense")
+    monkeypatch.setattr(dense, "create_backbone", _no_model)
+    out = tmp_path / "runs"
+    argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
+    assert _exit_code(dense.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_dense_single_task_refuses_a_later_task_holding_a_run_before_the_first_trains(tmp_path, monkeypatch,
+                                                                                    capsys):
+    dense = load_train_script("dense")
+    monkeypatch.setattr(dense, "create_backbone", _no_model)
+    out = tmp_path / "runs"
+    (out / "sal").mkdir(parents=True)
+    (out / "sal" / "metrics.json").write_text("{}")
+    argv = ["--single-task", "--tasks", "semseg", "sal", "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(dense.main, argv) == 2
+    assert f"{out / 'sal'} already holds a run; pass --resume" in _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["sal"]  # no folder for semseg
+
+
+def test_dense_weights_that_cannot_be_loaded_end_in_one_line_and_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "dense"
+    argv = ["--model", "swin_tiny_patch4_window7_224", "--pretrained", NO_SUCH_REPO, "--tasks", "semseg",
+            "--output-dir", str(out), "--no-progress"]
+    assert _exit_code(load_train_script("dense").main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot load the weights of --model swin_tiny_patch4_window7_224 from hub repo "
+                           f"{NO_SUCH_REPO}")
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------- train/resadapter.py, selma.py, ppap.py, selma_data.py
+
+def _image_prompt_folder(root: Path) -> Path:
+    """An image-prompt folder as far as the cheap checks look (its metadata.jsonl; no image is read)."""
+    root.mkdir(parents=True)
+    (root / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a red circle"}\n')
+    return root
+
+
+def _diffusion_places(tmp_path: Path) -> dict[str, Path]:
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty",
+              "images": _image_prompt_folder(tmp_path / "images"), "taken": tmp_path / "taken"}
+    places["empty"].mkdir()
+    places["taken"].mkdir()
+    (places["taken"] / "metrics.json").write_text("{}")
+    return places
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline", "./pipelines/missing"], "--pipeline ./pipelines/missing does not exist"),
+    (["--pipeline", "{empty}"], "--pipeline {empty} is a folder without model_index.json"),
+    (["--pipeline", "not a repo!"], "'not a repo!' is neither a folder nor a hub repo id"),
+    (["--data", "{missing}"], "--data {missing} does not exist"),
+    (["--data", "{empty}"], "--data {empty}: not a folder holding metadata.jsonl"),
+    (["--data", "{images}", "--output-dir", "{taken}"], "{taken} already holds a run; pass --resume"),
+])
+def test_resadapter_cheap_checks_come_before_any_pipeline(argv, message, tmp_path, monkeypatch, capsys):
+    places = _diffusion_places(tmp_path)
+    resadapter = load_train_script("resadapter")
+    monkeypatch.setattr(resadapter, "load_pipeline", _no_model)
+    out = tmp_path / "runs"
+    argv = ["--output-dir", str(out)] + [arg.format(**places) for arg in argv] + ["--no-progress"]
+    assert _exit_code(resadapter.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline", "./pipelines/missing"], "--pipeline ./pipelines/missing does not exist"),
+    (["--skill", "counting={missing}"], "--skill counting={missing}: not a folder holding metadata.jsonl"),
+    (["--skill", "counting={images}", "--output-dir", "{taken}"], "{taken} already holds a run; pass --resume"),
+])
+def test_selma_cheap_checks_come_before_any_pipeline(argv, message, tmp_path, monkeypatch, capsys):
+    places = _diffusion_places(tmp_path)
+    selma = load_train_script("selma")
+    monkeypatch.setattr(selma, "load_pipeline", _no_model)
+    out = tmp_path / "runs"
+    argv = ["--output-dir", str(out)] + [arg.format(**places) for arg in argv] + ["--no-progress"]
+    assert _exit_code(selma.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("job, data", [("resadapter", ["--data", "{images}"]),
+                                       ("selma", ["--skill", "counting={images}"]),
+                                       ("selma_data", ["--prompts", "counting={prompts}"])])
+def test_a_hub_pipeline_that_cannot_be_had_ends_in_one_line_and_no_folder(job, data, tmp_path, caplog, capsys):
+    """Offline, a hub pipeline the cache lacks: one line naming --pipeline, the repo and the fixes, and no output
+    folder (it is made once the pipeline is loaded)."""
+    # diffusers' warning ("Couldn't connect to the Hub") is not ours, and its log handler, made once, holds the
+    # captured stderr of the test that first logged, closed since
+    caplog.set_level(logging.ERROR, logger="diffusers")
+    places = {"images": _image_prompt_folder(tmp_path / "images"), "prompts": tmp_path / "prompts.txt"}
+    places["prompts"].write_text("three circles\n")
+    out = tmp_path / "runs" / job
+    argv = ["--pipeline", NO_SUCH_REPO, *(arg.format(**places) for arg in data), "--output-dir", str(out)]
+    assert _exit_code(load_train_script(job).main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot load the weights of --pipeline {NO_SUCH_REPO} from hub repo "
+                           f"{NO_SUCH_REPO}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
+    assert "--pipeline FOLDER" in line and "--pipeline visadapt_tiny_sd" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline", "./pipelines/missing"], "--pipeline ./pipelines/missing does not exist"),
+    (["--classifier", "vit_nope_patch16"], "--classifier 'vit_nope_patch16' is not a timm model name"),
+    (["--classifier", "test_vit", "--classifier-weights", "./weights/missing.safetensors"],
+     "--classifier-weights './weights/missing.safetensors' is not an existing file"),
+    (["--classifier-weights", "./weights/missing.safetensors"],
+     "--classifier-weights './weights/missing.safetensors' is not an existing file"),
+    (["--output-dir", "{taken}"], "{taken} already holds a run; pass --resume"),
+])
+def test_ppap_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeypatch, capsys):
+    places = _diffusion_places(tmp_path)
+    ppap = load_train_script("ppap")
+    monkeypatch.setattr(ppap, "load_world", _no_model)
+    out = tmp_path / "runs"
+    argv = ["--output-dir", str(out)] + [arg.format(**places) for arg in argv]
+    assert _exit_code(ppap.main, argv) == 2
+    assert message.format(**places) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_ppap_classifier_weights_that_cannot_be_had_end_in_one_line_and_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "ppap"
+    argv = ["--classifier", "test_vit", "--output-dir", str(out)]
+    assert _exit_code(load_train_script("ppap").main, argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: cannot load the weights of --classifier test_vit from hub repo timm/test_vit.")
+    assert "--classifier-weights none" in line and "--classifier visadapt_ppap_world" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_selma_data_refuses_a_pipeline_path_before_loading_anything(tmp_path, monkeypatch, capsys):
+    selma_data = load_train_script("selma_data")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("three circles\n")
+    monkeypatch.setattr("visadapt.diffusion.load_pipeline", _no_model)
+    argv = ["--prompts", f"counting={prompts}", "--pipeline", "./pipelines/missing",
+            "--output-dir", str(tmp_path / "data")]
+    assert _exit_code(selma_data.main, argv) == 2
+    assert "--pipeline ./pipelines/missing does not exist" in _one_error_line(capsys)
+    assert not (tmp_path / "data").exists()

@@ -129,30 +129,43 @@ class BackboneWeightsError(OSError):
     fixes."""
 
 
-def check_backbone_choice(model: str, pretrained: str | None = "default") -> None:
+def check_backbone_choice(model: str, pretrained: str | None = "default", *,
+                          flags: tuple[str, str] = ("--model", "--pretrained"),
+                          embedded: str = f"{EMBEDDED_MODEL} (the embedded default; {EMBEDDED_SWIN} for dense "
+                                          f"tasks)") -> None:
     """Refuse an unknown timm ``model`` (``ValueError``) or a ``pretrained`` path that is no file
-    (``FileNotFoundError``) without building anything, so that a job can check its flags before any work."""
+    (``FileNotFoundError``) without building anything, so that a job can check its flags before any work.
+    ``flags``: the job's names of the two flags; ``embedded``: the shipped model the message offers."""
+    model_flag, weights_flag = flags
     if model not in timm.list_models(pretrained=False) and model.split(".")[0] not in timm.list_models():
-        raise ValueError(f"--model {model!r} is not a timm model name; see `timm.list_models()`, "
-                         f"or use {EMBEDDED_MODEL} (the embedded default; {EMBEDDED_SWIN} for dense tasks)")
+        raise ValueError(f"{model_flag} {model!r} is not a timm model name; see `timm.list_models()`, "
+                         f"or use {embedded}")
     choice = (pretrained or "default").strip()
     if choice not in ("default", "none") and not os.path.isfile(choice) and _looks_like_path(choice):
-        raise FileNotFoundError(f"--pretrained {choice!r} is not an existing file; give a checkpoint path, a hub "
-                                f"repo id, 'default' or 'none'")
+        raise FileNotFoundError(f"{weights_flag} {choice!r} is not an existing file; give a checkpoint path, a "
+                                f"hub repo id, 'default' or 'none'")
 
 
-def weights_error(model: str, source: str, err: BaseException, embedded: str = EMBEDDED_MODEL
+def weights_error(model: str, source: str, err: BaseException, embedded: str = EMBEDDED_MODEL, *,
+                  flag: str = "--model",
+                  local: str = "--pretrained PATH (a local checkpoint file) or --pretrained none (random init)"
                   ) -> BackboneWeightsError:
     """The one-line :class:`BackboneWeightsError` for weights of ``model`` from ``source`` (a hub repo id or a
-    description) that failed to load with ``err`` (a ``huggingface_hub`` / download error); ``embedded`` is the
-    shipped model of the same kind that the message offers instead."""
+    description) that failed to load with ``err`` (a ``huggingface_hub`` / download error, or a library's error
+    raised from one); ``embedded`` is the shipped model of the same kind that the message offers instead,
+    ``flag`` the job's flag naming the model and ``local`` the local alternatives the message offers."""
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     offline = constants.is_offline_mode()
-    if isinstance(err, GatedRepoError):
+    causes = []  # err and the errors it was raised from (diffusers wraps the hub's in an OSError of its own)
+    while err is not None and err not in causes:
+        causes.append(err)
+        err = err.__cause__ or err.__context__
+    err = causes[0]
+    if any(isinstance(cause, GatedRepoError) for cause in causes):
         reason = "the hub repo is gated: accept its terms on huggingface.co, then log in (HF_TOKEN)"
-    elif isinstance(err, RepositoryNotFoundError):
+    elif any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
         reason = "no such hub repo, or a private one (log in: HF_TOKEN)"
     elif offline:
         reason = "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (nothing is downloaded)"
@@ -163,9 +176,8 @@ def weights_error(model: str, source: str, err: BaseException, embedded: str = E
     fix = ("run once with network access to cache them" if offline else
            "run once with network access to cache them, then set HF_HUB_OFFLINE=1 to skip the hub")
     return BackboneWeightsError(
-        f"cannot load the weights of --model {model} from {source}: {reason}. Fix: {fix}; or pass "
-        f"--pretrained PATH (a local checkpoint file) or --pretrained none (random init); or train the "
-        f"embedded default --model {embedded} (shipped with visadapt, no download)")
+        f"cannot load the weights of {flag} {model} from {source}: {reason}. Fix: {fix}; or pass {local}; or "
+        f"train the embedded default {flag} {embedded} (shipped with visadapt, no download)")
 
 
 def _hub_source(model: str) -> str:
@@ -178,18 +190,38 @@ def _hub_source(model: str) -> str:
     return f"hub repo {hub} (timm's default)" if hub else url or "timm's default weights"
 
 
-def create_backbone(model: str, pretrained: str | None = "default", num_classes: int = 0, **kwargs) -> nn.Module:
+def input_size_options(model: str, input_size: int | None) -> dict[str, int]:
+    """The ``timm.create_model`` arguments that build ``model`` for ``input_size`` px square inputs:
+    ``{"img_size": input_size}`` for a model of fixed input size (timm's pretrained config says
+    ``fixed_input_size``: ViT, DeiT, Swin, ...) whose default size differs, else ``{}`` (a CNN takes any size).
+    As with ``timm.create_model(..., img_size=...)`` by hand, timm resamples the pretrained position embedding
+    (and Swin's tables) to the new grid while loading the weights."""
+    if input_size is None:
+        return {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(model)
+    except Exception:  # noqa: BLE001 - a model without a pretrained config keeps timm's own sizing
+        cfg = None
+    if cfg is None or not cfg.fixed_input_size or int(cfg.input_size[-1]) == int(input_size):
+        return {}
+    return {"img_size": int(input_size)}
+
+
+def create_backbone(model: str, pretrained: str | None = "default", num_classes: int = 0, *,
+                    input_size: int | None = None, **kwargs) -> nn.Module:
     """A timm model with a fresh ``num_classes`` head, weights chosen by ``pretrained``.
 
     ``pretrained`` is ``"default"`` (timm's default weights for ``model``, from the hub or timm's cache; the
     embedded model's are in ``assets/``), ``"none"`` (random init), a local checkpoint file (safetensors or
-    a torch checkpoint timm can read), or a Hugging Face hub repo id holding timm weights.
+    a torch checkpoint timm can read), or a Hugging Face hub repo id holding timm weights. ``input_size``
+    (pixels, square) builds a fixed-size model such as a ViT for that size (:func:`input_size_options`; an
+    ``img_size`` in ``kwargs`` wins).
 
     Raises ``ValueError`` / ``FileNotFoundError`` (see :func:`check_backbone_choice`) before building
     anything, and :class:`BackboneWeightsError` when hub weights cannot be loaded.
     """
     check_backbone_choice(model, pretrained)
-    kwargs = dict(num_classes=num_classes, **kwargs)
+    kwargs = {**input_size_options(model, input_size), "num_classes": num_classes, **kwargs}
     choice = (pretrained or "default").strip()
     if choice == "none":
         return timm.create_model(model, pretrained=False, **kwargs)

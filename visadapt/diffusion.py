@@ -54,16 +54,53 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # ------------------------------------------------------------------------------------------ the objective
 
 
-def load_pipeline(name: str):
+def check_pipeline_choice(name: str, embedded: str | None = None, flag: str = "--pipeline") -> None:
+    """Refuse, without loading or downloading anything, a ``name`` that can be no pipeline: a local folder
+    without ``model_index.json`` (``ValueError``), a path that does not exist (``FileNotFoundError``), or a
+    string that is no hub repo id (``ValueError``). ``embedded`` (default: ``visadapt_tiny_sd``) is accepted as
+    is and offered in the messages; ``flag`` is the job's flag that gave ``name``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from visadapt.backbones import EMBEDDED_SD, _looks_like_path
+
+    embedded = embedded or EMBEDDED_SD
+    if name == embedded:
+        return
+    fix = f"give a diffusers pipeline folder (pipe.save_pretrained), a hub repo id (owner/name) or {embedded}"
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "model_index.json")):
+            raise ValueError(f"{flag} {name} is a folder without model_index.json, so no diffusers pipeline; {fix}")
+        return
+    if os.path.exists(name):
+        raise ValueError(f"{flag} {name} is a file, not a pipeline folder; {fix}")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"{flag} {name} does not exist; {fix}")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"{flag} {name!r} is neither a folder nor a hub repo id; {fix}") from None
+
+
+def load_pipeline(name: str, flag: str = "--pipeline"):
     """``visadapt_tiny_sd`` (the embedded pipeline, :func:`visadapt.backbones.create_tiny_sd_pipeline`), or a
-    diffusers pipeline from a local folder or hub id (``DiffusionPipeline.from_pretrained``, fp32, on CPU)."""
-    from visadapt.backbones import EMBEDDED_SD, create_tiny_sd_pipeline
+    diffusers pipeline from a local folder or hub id (``DiffusionPipeline.from_pretrained``, fp32, on CPU).
+
+    A hub pipeline that cannot be had (offline and not cached, no such repo, gated) raises
+    :class:`visadapt.backbones.BackboneWeightsError`, one line naming ``flag``, the repo and the fixes."""
+    from visadapt.backbones import EMBEDDED_SD, create_tiny_sd_pipeline, weights_error
 
     if name == EMBEDDED_SD:
         return create_tiny_sd_pipeline()
     from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import EntryNotFoundError
 
-    return DiffusionPipeline.from_pretrained(name)
+    try:
+        return DiffusionPipeline.from_pretrained(name)
+    except (OSError, EntryNotFoundError) as err:  # diffusers raises OSError for a pipeline it cannot fetch
+        if os.path.isdir(name):  # a local folder's own fault: diffusers' message names the file
+            raise
+        raise weights_error(name, f"hub repo {name}", err, embedded=EMBEDDED_SD, flag=flag,
+                            local=f"{flag} FOLDER (a local diffusers pipeline folder)") from err
 
 
 class TextToImageTrainer(nn.Module):

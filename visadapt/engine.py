@@ -1249,7 +1249,7 @@ def evaluate_adapter_file(path: str | os.PathLike, data_root: str | os.PathLike 
         data_root = generate_mini_vtab(seed=data_seed)  # its default folder for that seed
     # Seeded as in training, so a run on a randomly initialised backbone ("none") gets the same backbone back.
     seed_everything(seed)
-    model = create_backbone(model_name, weights, num_classes=info.num_classes)
+    model = create_backbone(model_name, weights, num_classes=info.num_classes, input_size=recorded_size)
     load_adapter(model, path)
     normalization = resolve_normalization(normalize, model)
     input_size = recorded_size or model.pretrained_cfg["input_size"][-1]

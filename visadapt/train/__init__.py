@@ -26,6 +26,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def module_prog(spec) -> str | None:
+    """How a job names itself in its usage when run as ``python -m visadapt.train.<module>`` (``spec``: the
+    running module's ``__spec__``); ``None`` (the job's default, ``train/<module>.py``) when run as a file."""
+    return f"python -m {spec.name}" if spec is not None else None
+
+
 def run(command: str, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run ``command`` (a key of :data:`COMMANDS`) with ``argv`` (default: ``sys.argv[1:]``); its exit code.
 

@@ -46,7 +46,7 @@ import torch
 from accelerate import PartialState
 
 import visadapt
-from visadapt.backbones import EMBEDDED_SWIN, create_backbone
+from visadapt.backbones import EMBEDDED_SWIN, BackboneWeightsError, check_backbone_choice, create_backbone
 from visadapt.data import resolve_normalization
 from visadapt.data.dense import DENSE_TASKS, PascalContextMultiTask, ProceduralDenseScenes
 from visadapt.dense import (
@@ -71,7 +71,6 @@ from visadapt.engine import (
     fit,
     init_adapter_from_file,
     make_accelerator,
-    prepare_output_dir,
     run_options,
     run_script,
     seed_everything,
@@ -79,6 +78,7 @@ from visadapt.engine import (
 from visadapt.io import AdapterFileError, read_adapter_metadata, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.tracking import tracker_config, tracking_options
+from visadapt.train.preflight import check_data_root, refuse_existing_runs, report_error, task_output_dir
 
 # Per benchmark; every value can be overridden by its flag. pascal: MTLoRA's schedule (AdamW 5e-4, wd 0.05,
 # 300 epochs, 20 warm-up, batch 32, 448 px; Polyhistor's own is not public). scenes: sized for 2 CPU cores.
@@ -201,14 +201,30 @@ def plugin_fields(args: argparse.Namespace) -> dict:
     return benchmark_plugin_fields(args.method, args.tasks, args.benchmark, given)
 
 
+PASCAL_NEEDS_ROOT = ("--benchmark pascal needs --data-root, the PASCAL_MT folder (JPEGImages, ImageSets, semseg, "
+                     "human_parts, normals_distill, sal_distill)")
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """The data checks that need no model: none for the generated scenes; for ``pascal`` a readable
+    ``--data-root`` whose split files list images that all have the files ``--tasks`` need (the datasets' own
+    construction: directory listings, nothing decoded). ``ValueError`` (a ``DatasetError``) naming the fix."""
+    if args.benchmark != "pascal":
+        return
+    if args.data_root is None:
+        raise ValueError(PASCAL_NEEDS_ROOT)
+    check_data_root(args.data_root, "the PASCAL_MT layout (JPEGImages, ImageSets, semseg, ...)")
+    for split in ("train", "val"):
+        PascalContextMultiTask(args.data_root, split, size=args.input_size, tasks=args.tasks)
+
+
 def build_datasets(args: argparse.Namespace, tasks: list[str], normalization):
     if args.benchmark == "scenes":
         common = {"size": args.input_size, "seed": args.data_seed, "tasks": tasks, "normalization": normalization}
         return (ProceduralDenseScenes("train", num_samples=args.train_samples, **common),
                 ProceduralDenseScenes("val", num_samples=args.val_samples, **common))
     if args.data_root is None:
-        raise ValueError("--benchmark pascal needs --data-root, the PASCAL_MT folder (JPEGImages, ImageSets, "
-                         "semseg, human_parts, normals_distill, sal_distill)")
+        raise ValueError(PASCAL_NEEDS_ROOT)
     common = {"size": args.input_size, "tasks": tasks, "normalization": normalization}
     return (PascalContextMultiTask(args.data_root, "train", train=True, **common),
             PascalContextMultiTask(args.data_root, "val", train=False, **common))
@@ -221,7 +237,7 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
                          num_workers=args.num_workers, progress=not args.no_progress, **run_options(args))
     accelerator = make_accelerator(out, precision=args.precision, **tracking_options(args))
     seed_everything(args.seed)
-    backbone = create_backbone(args.model, args.pretrained, num_classes=0)
+    backbone = create_backbone(args.model, args.pretrained, num_classes=0, input_size=args.input_size)
     normalization = resolve_normalization(args.normalize, backbone)
     train_set, val_set = build_datasets(args, tasks, normalization)
     select_task, configs = attach_dense_method(backbone, args.method, tasks, plugin_fields)
@@ -270,6 +286,9 @@ def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fiel
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks come first, each one error line and exit 2: flags, the method's config, --init-adapter
+    # headers, the backbone name and a --pretrained path, the data folder, output folders holding a run. No
+    # model is built and the hub is not contacted before they pass.
     args = parse_args(argv, prog)
     try:
         fields = plugin_fields(args)
@@ -281,26 +300,32 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             for name, file in group_init_adapters(args, tasks, starts).items():
                 check_polyhistor_tasks(args, file, tasks)
                 check_init_adapter(file, plugin, configs[name])  # the header only, before any work
-    except (ValueError, KeyError, TypeError) as err:  # InitAdapterError is a ValueError too
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        check_backbone_choice(args.model, args.pretrained)
+        check_data(args)  # DatasetError is a ValueError
+    except (ValueError, KeyError, TypeError, OSError) as err:  # InitAdapterError is a ValueError too
+        return report_error(err)
     output_dir = Path(args.output_dir or f"runs/dense-{args.benchmark}-{args.method}"
                       + ("-single" if args.single_task else ""))
     groups = [[task] for task in args.tasks] if args.single_task else [list(args.tasks)]
+    group_dirs = [output_dir / tasks[0] if args.single_task else output_dir for tasks in groups]
+    try:  # every task's folder before the first trains
+        refuse_existing_runs(group_dirs, resume=args.resume, overwrite=args.overwrite)
+    except FileExistsError as err:
+        return report_error(err)
+    state = PartialState()
     start = time.perf_counter()
     runs = {}
-    for tasks in groups:
-        out = output_dir / tasks[0] if args.single_task else output_dir
+    for tasks, out in zip(groups, group_dirs):
         done = out / "metrics.json"
         if done.is_file() and args.resume:
             runs[tasks[0]] = json.loads(done.read_text())
             continue
         try:
-            prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=PartialState())
-            runs[tasks[0]] = train_one(args, tasks, out, fields)
-        except (ValueError, KeyError, FileExistsError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            with task_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state):
+                runs[tasks[0]] = train_one(args, tasks, out, fields)
+        # what the cheap checks cannot see: backbone weights that cannot be had, an --init-adapter's tensors
+        except (ValueError, KeyError, FileExistsError, BackboneWeightsError) as err:
+            return report_error(err, state)
     if args.single_task and all(runs.values()):
         # one record for the whole reference: each task's result from its own model
         write_json_atomic(output_dir / "metrics.json", {
@@ -319,5 +344,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run_script(main))
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    sys.exit(run_script(lambda: main(prog=module_prog(__spec__))))

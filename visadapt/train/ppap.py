@@ -47,11 +47,15 @@ from torch.utils.data import Dataset
 import visadapt
 from visadapt.backbones import (
     PPAP_WORLD_CLASSES,
+    BackboneWeightsError,
+    _hub_source,
+    check_backbone_choice,
     create_ppap_world_classifier,
     create_ppap_world_pipeline,
+    weights_error,
 )
 from visadapt.data.shards import write_image_shards
-from visadapt.diffusion import read_metadata
+from visadapt.diffusion import check_pipeline_choice, load_pipeline, read_metadata
 from visadapt.engine import (
     InitAdapterError,
     TrainConfig,
@@ -85,6 +89,7 @@ from visadapt.plugins.ppap import (
     use_expert,
 )
 from visadapt.tracking import tracker_config, tracking_options
+from visadapt.train.preflight import refuse_existing_runs, report_error
 
 EMBEDDED_WORLD = "visadapt_ppap_world"
 POOL_VERSION = 1
@@ -96,15 +101,35 @@ EXPERT_FLAGS = {"num_experts": "--num-experts", "rank": "--rank", "alpha": "--al
 # ------------------------------------------------------------------------------------------- models, inputs
 
 
+def check_world_choice(pipeline: str, classifier: str, classifier_weights: str | None) -> None:
+    """Refuse, before anything loads, a ``--pipeline`` that can be no pipeline, an unknown timm ``--classifier``
+    (``ValueError``) or ``--classifier-weights`` that are no file (``FileNotFoundError``; a timm classifier
+    also takes ``default`` and ``none``)."""
+    check_pipeline_choice(pipeline, embedded=EMBEDDED_WORLD)
+    if classifier != EMBEDDED_WORLD:
+        check_backbone_choice(classifier, "none", flags=("--classifier", "--classifier-weights"),
+                              embedded=f"{EMBEDDED_WORLD} (the embedded world's classifier)")
+    choice = classifier_weights or ("default" if classifier != EMBEDDED_WORLD else None)
+    allowed = ("default", "none") if classifier != EMBEDDED_WORLD else ()
+    if choice is not None and choice not in allowed and not Path(choice).is_file():
+        kinds = "a checkpoint path, 'default' (timm's weights) or 'none'" if allowed else (
+            "a checkpoint file of the embedded classifier, or no --classifier-weights for the shipped one")
+        raise FileNotFoundError(f"--classifier-weights {choice!r} is not an existing file; give {kinds}")
+
+
 def load_world(pipeline: str, classifier: str, classifier_weights: str | None, scheduler: str):
     """``(pipe, classifier, preprocess)``: the diffusion pipeline, the frozen classifier in eval mode, and the
-    differentiable map from the pipeline's [-1, 1] images ``(B, 3, H, W)`` to the classifier's input."""
+    differentiable map from the pipeline's [-1, 1] images ``(B, 3, H, W)`` to the classifier's input.
+
+    Raises what :func:`check_world_choice` does, and :class:`~visadapt.backbones.BackboneWeightsError` when a hub
+    pipeline or the classifier's weights cannot be had."""
+    check_world_choice(pipeline, classifier, classifier_weights)
     if pipeline == EMBEDDED_WORLD:
         pipe = create_ppap_world_pipeline(scheduler=scheduler)
     else:
-        from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+        from diffusers import DDIMScheduler, DDPMScheduler
 
-        pipe = DiffusionPipeline.from_pretrained(pipeline)
+        pipe = load_pipeline(pipeline)
         if getattr(pipe, "unet", None) is None or getattr(pipe, "scheduler", None) is None:
             raise ValueError(f"--pipeline {pipeline!r} is a {type(pipe).__name__} without unet/scheduler; PPAP "
                              f"needs an unconditional UNet pipeline such as DDPMPipeline or DDIMPipeline")
@@ -118,13 +143,18 @@ def load_world(pipeline: str, classifier: str, classifier_weights: str | None, s
             return images
     else:
         import timm
+        from huggingface_hub.errors import EntryNotFoundError
 
         choice = classifier_weights or "default"
         overlay = {"file": str(Path(choice).resolve())} if Path(choice).is_file() else None
-        if choice not in ("default", "none") and overlay is None:
-            raise FileNotFoundError(f"--classifier-weights {choice!r} is not an existing file; give a checkpoint "
-                                    f"path, 'default' (timm's weights) or 'none'")
-        model = timm.create_model(classifier, pretrained=choice != "none", pretrained_cfg_overlay=overlay).eval()
+        try:
+            model = timm.create_model(classifier, pretrained=choice != "none", pretrained_cfg_overlay=overlay).eval()
+        except (OSError, EntryNotFoundError) as err:  # timm's default weights from the hub
+            if overlay is not None:
+                raise
+            raise weights_error(classifier, _hub_source(classifier), err, embedded=EMBEDDED_WORLD,
+                                flag="--classifier", local="--classifier-weights PATH (a local checkpoint file) "
+                                                           "or --classifier-weights none (random init)") from err
         cfg = model.pretrained_cfg
         size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
@@ -418,13 +448,25 @@ def check_init_experts(path: str, classifier: nn.Module, config: dict, pipeline:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks come first, each one error line and exit 2: flags, the --pipeline name or folder, the
+    # --classifier name and its weights file, an output folder holding a run; then the models load (a pipeline or
+    # weights that cannot be had: one line), --init-adapter is checked against them, and the output folder is made.
     args = parse_args(argv, prog)
     out = Path(args.output_dir)
+    try:
+        check_world_choice(args.pipeline, args.classifier, args.classifier_weights)
+        refuse_existing_runs([out], resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        return report_error(err)
     state = PartialState()
     seed_everything(args.seed)
     start = time.time()
     # the models before the output folder: --init-adapter is checked against them first
-    pipe, classifier, preprocess = load_world(args.pipeline, args.classifier, args.classifier_weights, args.scheduler)
+    try:
+        pipe, classifier, preprocess = load_world(args.pipeline, args.classifier, args.classifier_weights,
+                                                  args.scheduler)
+    except (BackboneWeightsError, ValueError) as err:  # weights that cannot be had, a pipeline without a UNet
+        return report_error(err, state)
     config = {"num_experts": args.num_experts, "rank": args.rank, "alpha": args.alpha,
               "num_train_timesteps": pipe.scheduler.config.num_train_timesteps}
     try:
@@ -473,5 +515,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run_script(main))
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    sys.exit(run_script(lambda: main(prog=module_prog(__spec__))))

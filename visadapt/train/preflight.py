@@ -15,18 +15,18 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
-def check_data_root(data_root: str | os.PathLike, layout: str) -> Path:
-    """``data_root`` as a ``Path`` if it is a folder this process can list; else ``ValueError`` naming it and
-    ``layout`` (what the folder should hold, e.g. ``"one directory per task"``)."""
+def check_data_root(data_root: str | os.PathLike, layout: str, flag: str = "--data-root") -> Path:
+    """``data_root`` as a ``Path`` if it is a folder this process can list; else ``ValueError`` naming it, the
+    ``flag`` that gave it and ``layout`` (what the folder should hold, e.g. ``"one directory per task"``)."""
     root = Path(data_root)
     if not root.exists():
-        raise ValueError(f"--data-root {root} does not exist; pass the folder holding {layout}")
+        raise ValueError(f"{flag} {root} does not exist; pass the folder holding {layout}")
     if not root.is_dir():
-        raise ValueError(f"--data-root {root} is a file, not a folder; pass the folder holding {layout}")
+        raise ValueError(f"{flag} {root} is a file, not a folder; pass the folder holding {layout}")
     try:
         next(os.scandir(root), None)
     except OSError as err:
-        raise ValueError(f"--data-root {root} cannot be read ({err.strerror or err}); check its "
+        raise ValueError(f"{flag} {root} cannot be read ({err.strerror or err}); check its "
                          f"permissions") from None
     return root
 

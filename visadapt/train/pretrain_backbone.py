@@ -184,5 +184,7 @@ def main(argv=None, prog: str | None = None) -> None:
     print(f"held-out upstream accuracy {held_out:.1f}%; wrote {args.output} in {time.time() - start:.0f} s")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    main(prog=module_prog(__spec__))

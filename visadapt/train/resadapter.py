@@ -47,13 +47,14 @@ from PIL import Image
 
 import visadapt
 from visadapt import api
-from visadapt.backbones import EMBEDDED_SD
+from visadapt.backbones import EMBEDDED_SD, BackboneWeightsError
 from visadapt.data.generated import write_generated
 from visadapt.diffusion import (
     METADATA_FILE,
     BucketBatchSampler,
     ImagePromptFolder,
     TextToImageTrainer,
+    check_pipeline_choice,
     denoising_evaluator,
     denoising_loss,
     load_pipeline,
@@ -74,6 +75,7 @@ from visadapt.engine import (
 from visadapt.io import TRAIN_METADATA, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.tracking import tracking_options
+from visadapt.train.preflight import check_data_root, refuse_existing_runs, report_error
 
 RECIPES = {
     "sd15": {"lr": 1e-4, "batch_size": 16, "epochs": 10, "steps": 25, "guidance": 7.5,
@@ -217,14 +219,20 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks come first, each one error line and exit 2: flags, the config, the header of
+    # --init-adapter, the --pipeline name or folder, the --data folder, an output folder holding a run. The output
+    # folder is made once the pipeline, the adapter and the data are loaded, so a failed start leaves none.
     args = parse_args(argv, prog)
     try:
         config = visadapt.get_plugin("resadapter")().Config.from_dict(config_values(None, args.overrides))
         if args.init_adapter:  # the header only: the file's plugin and config against this run's
             check_init_adapter(args.init_adapter, "resadapter", config)
-    except (ValueError, KeyError, TypeError) as err:  # InitAdapterError is a ValueError too
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        check_pipeline_choice(args.pipeline)
+        if args.data is not None:
+            check_data_root(args.data, f"{METADATA_FILE} (an image-prompt folder)", flag="--data")
+        refuse_existing_runs([Path(args.output_dir)], resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, KeyError, TypeError, OSError) as err:  # InitAdapterError is a ValueError too
+        return report_error(err)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if args.data is None:
         with state.main_process_first():
@@ -235,27 +243,28 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               f"visadapt.diffusion)", file=sys.stderr)
         return 2
     out = Path(args.output_dir)
-    try:
-        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
     seed_everything(args.seed)
-    pipe = load_pipeline(args.pipeline)
+    try:
+        pipe = load_pipeline(args.pipeline)
+    except BackboneWeightsError as err:  # a hub pipeline that cannot be had
+        return report_error(err, state)
     visadapt.attach(pipe.unet, "resadapter", config)  # freezes the UNet; the trainer freezes VAE and text encoder
     if args.init_adapter:  # the file's tensors replace the fresh ones (base UNet, widths and shapes checked)
         init_adapter_from_file(pipe.unet, args.init_adapter)
     model = TextToImageTrainer.from_pipeline(pipe)
-    data = ImagePromptFolder(data_root, pipe.tokenizer, resolution=args.buckets[0][0])
-    try:
+    try:  # a malformed metadata.jsonl (DatasetError), too few images for the buckets
+        data = ImagePromptFolder(data_root, pipe.tokenizer, resolution=args.buckets[0][0])
         sampler = BucketBatchSampler(len(data), args.batch_size, buckets=args.buckets, seed=args.seed)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err, state)
     # the fixed-noise loss on the first --eval-items images, each at a training resolution drawn per image
     held_sampler = BucketBatchSampler(min(args.eval_items, len(data)), 1, buckets=args.buckets, seed=args.seed + 1)
     denoising = denoising_evaluator(data, seed=args.seed, batch_sampler=held_sampler)
+    try:
+        prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
+    except FileExistsError as err:  # filled since the check above
+        return report_error(err, state)
 
     accelerator = make_accelerator(out, grad_accum_steps=1, precision=args.precision,
                                    **tracking_options(args))
@@ -308,5 +317,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run_script(main))
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    sys.exit(run_script(lambda: main(prog=module_prog(__spec__))))

@@ -53,12 +53,13 @@ from PIL import Image
 
 import visadapt
 from visadapt import api
-from visadapt.backbones import EMBEDDED_SD
+from visadapt.backbones import EMBEDDED_SD, BackboneWeightsError
 from visadapt.data.generated import write_generated
 from visadapt.diffusion import (
     METADATA_FILE,
     ImagePromptFolder,
     TextToImageTrainer,
+    check_pipeline_choice,
     denoising_evaluator,
     denoising_loss,
     load_pipeline,
@@ -81,6 +82,7 @@ from visadapt.io import TRAIN_METADATA, read_adapter_metadata, write_json_atomic
 from visadapt.plugin import SetOverride, config_values
 from visadapt.plugins.selma import MERGE_METHODS, RECIPE, merge_expert_files
 from visadapt.tracking import tracking_options
+from visadapt.train.preflight import refuse_existing_runs, report_error
 
 RECIPES = {
     "selma": {"rank": RECIPE["rank"], "alpha": RECIPE["alpha"], "lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"],
@@ -285,13 +287,22 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks come first, each one error line and exit 2: flags, the config, the --pipeline name or
+    # folder, every --skill folder, --init-adapter headers, an output folder holding a run. The output folder is
+    # made once the pipeline is loaded, so a pipeline that cannot be had leaves none.
     args = parse_args(argv, prog)
     try:
         visadapt.get_plugin("selma")().Config.from_dict(
             config_values(None, args.overrides, base={"rank": args.rank, "alpha": args.alpha}))
-    except (ValueError, KeyError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        check_pipeline_choice(args.pipeline)
+        refuse_existing_runs([Path(args.output_dir)], resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        return report_error(err)
+    for skill, folder in args.skills.items():  # the given ones; the embedded skills are generated below
+        if not (folder.is_dir() and any(folder.rglob(METADATA_FILE))):
+            print(f"error: --skill {skill}={folder}: not a folder holding {METADATA_FILE} (an image-prompt folder; "
+                  f"train/selma_data.py writes one from a prompt list)", file=sys.stderr)
+            return 2
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if not args.skills:
         with state.main_process_first():
@@ -301,11 +312,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: --merge-weights has {len(args.merge_weights)} values for {len(args.skills)} skills "
               f"({', '.join(args.skills)}); give one per skill, in --skill order", file=sys.stderr)
         return 2
-    for skill, folder in args.skills.items():
-        if not (folder.is_dir() and any(folder.rglob(METADATA_FILE))):
-            print(f"error: --skill {skill}={folder}: not a folder holding {METADATA_FILE} (an image-prompt folder; "
-                  f"train/selma_data.py writes one from a prompt list)", file=sys.stderr)
-            return 2
     try:
         init_files = init_adapter_files(args)
     except ValueError as err:  # InitAdapterError is a ValueError too
@@ -313,11 +319,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     out = Path(args.output_dir)
     try:
+        pipe = load_pipeline(args.pipeline)
         prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, state=state)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    pipe = load_pipeline(args.pipeline)
+    except (BackboneWeightsError, FileExistsError) as err:  # a hub pipeline that cannot be had
+        return report_error(err, state)
     accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum_steps, precision=args.precision,
                                    **tracking_options(args))
     run = {"benchmark": "selma", "pipeline": args.pipeline, "recipe": args.recipe, "seed": args.seed,
@@ -348,5 +353,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run_script(main))
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    sys.exit(run_script(lambda: main(prog=module_prog(__spec__))))

@@ -108,16 +108,23 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    # The cheap checks first (the prompt files, the --pipeline name or folder), each one error line and exit 2;
+    # a hub pipeline that cannot be had is one line too. Nothing is written before the pipeline is loaded.
+    from visadapt.backbones import BackboneWeightsError
+    from visadapt.diffusion import check_pipeline_choice, load_pipeline
+    from visadapt.train.preflight import report_error
+
     args = parse_args(argv, prog)
     try:
         prompts = {skill: read_prompts(path) for skill, path in args.skills.items()}
+        check_pipeline_choice(args.pipeline)
     except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from visadapt.diffusion import load_pipeline
-
+        return report_error(err)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.pipeline).to(device)
+    try:
+        pipe = load_pipeline(args.pipeline).to(device)
+    except BackboneWeightsError as err:
+        return report_error(err)
     # One bar of images for the whole job (every skill) instead of diffusers' bar of steps, which restarts at
     # every pipeline call: a real data run takes hours, and its progress is in images.
     pipe.set_progress_bar_config(disable=True)
@@ -133,5 +140,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    sys.exit(main(prog=module_prog(__spec__)))

@@ -623,5 +623,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    sys.exit(main(prog=module_prog(__spec__)))

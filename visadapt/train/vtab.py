@@ -358,7 +358,8 @@ def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugi
                          num_workers=num_workers, progress=not args.no_progress, **run_options(args))
     seed_everything(args.seed)
     backbone_options = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate else {}
-    model = create_backbone(args.model, args.pretrained, num_classes=info.num_classes, **backbone_options)
+    model = create_backbone(args.model, args.pretrained, num_classes=info.num_classes, input_size=args.input_size,
+                            **backbone_options)
     normalization = resolve_normalization(args.normalize, model)
     input_size = args.input_size or int(model.pretrained_cfg["input_size"][-1])
     tune = args.split == "tune"
@@ -585,5 +586,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run_script(main))
+if __name__ == "__main__":  # python -m visadapt.train.<module>: the usage line names that command
+    from visadapt.train import module_prog
+
+    sys.exit(run_script(lambda: main(prog=module_prog(__spec__))))

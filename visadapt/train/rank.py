@@ -14,9 +14,11 @@ mean over categories (the official script's headline figure), for the adapter an
 
 Optimiser: the official AdamW parameter groups by default (:func:`visadapt.plugins.ranking_clip.
 official_param_groups`: no weight decay on gains and biases, amsgrad, betas and eps per image tower);
-``--optimizer plain`` gives one group with ``--weight-decay`` everywhere and torch's betas/eps. Measured on the
-small run of ``tests/test_rank_train.py`` (512 images, 12 epochs, one seed): test SRCC 0.335 with the official
-defaults, 0.376 with ``--optimizer plain --set image_proj=frozen`` (visadapt's behaviour before 2026-12).
+``--param-groups plain`` gives one group with ``--weight-decay`` everywhere and the optimiser's defaults (the
+official groups are AdamW's: with ``--optimizer`` sgd, momentum or lamb they need ``--param-groups plain``).
+Measured on the small run of ``tests/test_rank_train.py`` (512 images, 12 epochs, one seed): test SRCC 0.335
+with the official defaults, 0.376 with ``--param-groups plain --set image_proj=frozen`` (visadapt's behaviour
+before 2026-12; ``--param-groups`` was called ``--optimizer`` before the shared ``--optimizer`` flag).
 Recipes: ``ranking-clip`` (``assets/recipes/ranking-clip.yaml``, read by :mod:`visadapt.recipes`; ``--recipe``
 also takes another recipe file) follows the official command (AdamW, weight decay 0.01, lr 5e-5: the README's flag
 is garbled, 5e-5 is the spec's reading; loss 1.0 pairwise + 0.2 regression) on the released checkpoints'
@@ -90,10 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, kind in (("epochs", int), ("lr", float), ("weight-decay", float), ("list-size", int),
                        ("warmup-epochs", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
-    p.add_argument("--optimizer", default="official", choices=("official", "plain"),
+    p.add_argument("--param-groups", default="official", choices=("official", "plain"),
                    help="official: the official AdamW groups (no weight decay on gains and biases, amsgrad, betas "
-                        "(0.9, 0.98) / eps 1e-6 for ViT towers, (0.9, 0.999) / 1e-8 otherwise); plain: one AdamW "
-                        "group with --weight-decay on every tensor and torch's defaults (visadapt before 2026-12)")
+                        "(0.9, 0.98) / eps 1e-6 for ViT towers, (0.9, 0.999) / 1e-8 otherwise; --optimizer adamw or "
+                        "adam); plain: one group with --weight-decay on every tensor and the --optimizer's defaults "
+                        "(visadapt before 2026-12, when this flag was called --optimizer)")
     p.add_argument("--negative-ratio", type=float, default=None, help="share of each list drawn from other "
                                                                       "categories with target 0 (official 0.2)")
     p.add_argument("--pair-partners", type=int, default=None,
@@ -124,6 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if embedded:  # a smoke run on the generated data: its tiny CLIP, the recipe's optimisation
             values.update({k: RECIPES["mini-counting"][k] for k in ("model", "pretrained")})
     finish_run_args(p, args, {**SETTING_DEFAULTS, **values})
+    if args.param_groups == "official" and args.optimizer not in (None, "adamw", "adam"):
+        p.error(f"--optimizer {args.optimizer}: the official parameter groups carry AdamW's betas, eps and amsgrad; "
+                f"pass --param-groups plain with it, or --optimizer adamw")
     if args.list_size < 2:
         p.error(f"--list-size {args.list_size}: a ranking list needs at least 2 images")
     if args.pair_partners is not None and args.pair_partners < 1:
@@ -170,13 +176,14 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
         init_adapter_from_file(clip, args.init_adapter)
     digest = tower_digest(clip)
     model = RankingModel(clip, pair_partners=args.pair_partners)
-    param_groups = official_param_groups(model, args.weight_decay) if args.optimizer == "official" else None
+    param_groups = official_param_groups(model, args.weight_decay) if args.param_groups == "official" else None
     counts = api.summary(clip)
     name = data_root.name
     run = {"benchmark": "rank", "dataset": name, "data_root": str(data_root), "model": args.model,
            "pretrained": args.pretrained, "recipe": args.recipe, "data_seed": args.data_seed, "seed": args.seed,
            "adapter": "ranking_clip", "ordinal": args.ordinal, "recipe_sha256": args.recipe_sha256,
-           "init_adapter": args.init_adapter, "lr_schedule": config.lr_schedule, "optimizer": args.optimizer}
+           "init_adapter": args.init_adapter, "lr_schedule": config.lr_schedule, "optimizer": config.optimizer,
+           "param_groups": args.param_groups}
     accelerator.init_trackers("rank", config={**run, **{k: v for k, v in vars(config).items() if k != "progress"}})
     accelerator.print(f"[rank] ranking_clip on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(lists)} lists of {args.list_size} per epoch, "

@@ -166,8 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: embedded for the embedded pipeline, selma otherwise")
     for flag, kind in (("rank", int), ("alpha", float), ("lr", float), ("batch-size", int),
                        ("grad-accum-steps", int), ("resolution", int), ("epochs", int), ("seed", int),
-                       ("max-steps", int), ("weight-decay", float), ("max-grad-norm", float)):
+                       ("weight-decay", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
+    # --max-steps, --max-grad-norm, --lr-schedule and the optimiser are add_run_flags' (the recipe fills them)
     p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one selma config field (value parsed as YAML), e.g. targets=[to_q,to_v]")
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="merge the experts into one adapter")
@@ -190,8 +191,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.recipe = args.recipe or ("embedded" if args.pipeline == EMBEDDED_SD else "selma")
     finish_run_args(p, args, RECIPES[args.recipe])
-    if args.max_steps < 0 or (args.epochs is not None and args.epochs <= 0):
-        p.error("--max-steps must be >= 0 (0: --epochs decides) and --epochs positive")
+    if args.epochs is not None and args.epochs <= 0:
+        p.error(f"--epochs {args.epochs}: must be positive (or leave it out: --max-steps decides)")
     if not args.max_steps and args.epochs is None:
         p.error(f"recipe {args.recipe} counts optimiser steps: give --max-steps N (or --epochs N)")
     skills = {}
@@ -262,9 +263,8 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
         epochs = args.epochs or epochs_for_steps(args.max_steps, len(data), args.batch_size, args.grad_accum_steps)
         train_config = TrainConfig(epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
                                    batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
-                                   warmup_epochs=0, max_steps=args.max_steps,
-                                   max_grad_norm=args.max_grad_norm, seed=args.seed,
-                                   progress=not args.no_progress, **run_options(args))
+                                   warmup_epochs=0, seed=args.seed, progress=not args.no_progress,
+                                   **run_options(args))
         result = fit(model, data, None, train_config, accelerator=accelerator, output_dir=out / "runs" / skill,
                      resume=args.resume, loss_fn=denoising_loss, evaluator=evaluator, metric="neg_denoising_loss",
                      log_prefix=f"[{skill}] ")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from train_scripts import load_train_script
 
 from visadapt.engine import CheckpointError, TrainConfig, build_optimizer, fit, make_accelerator
 from visadapt.train import flags
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # every job that trains through visadapt.engine.fit, with the arguments its parser needs besides the shared flags
 FIT_JOBS = {"vtab": [], "vpr": [], "rank": [], "dense": [], "resadapter": [], "selma": [], "ppap": []}
@@ -386,3 +391,19 @@ def test_vtab_max_steps_run_stops_mid_epoch(tmp_path):
     metrics = json.loads((out / "textures" / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["history"]] == [1, 2]  # 24 images in batches of 8: 3 + 1 steps
     assert sorted(p.name for p in (out / "textures" / "checkpoints").iterdir()) == ["step_00000004"]
+
+
+# -------------------------------------------------------------------------------------------- --help
+
+@pytest.mark.parametrize("job", sorted(FIT_JOBS))
+def test_help_and_a_parse_error_load_neither_torch_nor_timm_nor_diffusers(job):
+    """In a fresh process: ``main(["--help"])`` and a mistyped shared flag answer before anything heavy is imported."""
+    code = (f"import sys\nfrom visadapt.train import {job} as job\n"
+            f"for argv, status in ((['--help'], 0), (['--optimizer', 'rmsprop'], 2)):\n"
+            f"    try:\n        job.main(argv)\n    except SystemExit as e:\n        assert e.code == status, e.code\n"
+            f"print(sorted(m for m in ('torch', 'timm', 'diffusers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--max-grad-norm" in done.stdout and "'rmsprop' is not one of" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-300:]

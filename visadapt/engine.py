@@ -40,7 +40,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -70,6 +69,7 @@ from visadapt.train.flags import (  # noqa: F401 - add_run_flags & co. are this 
     add_run_flags,
     finish_run_args,
     run_options,
+    run_script,
 )
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -438,27 +438,6 @@ _STEP_NAME = re.compile(r"step_(\d+)")
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run can be resumed as asked (every one is broken, or one lacks its RNG state)."""
-
-
-def run_script(main: Callable[[], int]) -> int:
-    """The exit code of a ``train/`` script's ``main``: its own, or 2 with one ``error:`` line (the message names
-    the checkpoint folder or file and the fix) when resuming is impossible or ``--init-adapter`` cannot start the
-    run, instead of a traceback.
-
-    Under a multi-process launch every rank raises the same :class:`CheckpointError` at the same point (:func:`fit`
-    broadcasts the main process's decision), so only the main process prints the line and every rank returns 2.
-    The process group is then torn down, as ``Accelerator.end_training`` does after a finished run: a rank that
-    exits with gloo's threads still running is aborted by the C++ runtime ("terminate called without an active
-    exception", SIGABRT) instead of exiting with its code.
-    """
-    try:
-        code = main()
-    except (CheckpointError, InitAdapterError) as err:
-        if _is_main_process():
-            print(f"error: {err}", file=sys.stderr)
-        code = 2
-    _end_process_group()
-    return code
 
 
 def _is_main_process() -> bool:

@@ -22,10 +22,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from visadapt.backbones import EMBEDDED_MODEL
-from visadapt.data.tasks import resolve_task
-from visadapt.data.transforms import NORMALIZATION_CHOICES
-from visadapt.registry import get_plugin
+from visadapt.names import EMBEDDED_MODEL, NORMALIZATION_CHOICES
 from visadapt.train.flags import LR_SCHEDULES
 
 # Defaults per benchmark, under any recipe; every value can be overridden by its flag. VTAB-1k / FGVC: the common
@@ -269,6 +266,10 @@ def load_recipe(name_or_path: str, script: str = "vtab") -> Recipe:
                              f"{schema.script} applies it")
     if not all(isinstance(v, str) for v in data.get("deviations", [])):
         raise ValueError(f"{where}: deviations must be a list of texts")
+    # torch-importing modules: loaded when a recipe is read, not to list the recipes (a job's --help)
+    from visadapt.data.tasks import resolve_task
+    from visadapt.registry import get_plugin
+
     try:
         plugin = get_plugin(data["adapter"])()
     except KeyError as err:

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def run(command: str, argv: list[str] | None = None) -> int:
     """Run ``command`` (a key of :data:`COMMANDS`) with ``argv`` (default: ``sys.argv[1:]``); its exit code."""
-    from visadapt.engine import run_script
+    from visadapt.train.flags import run_script  # torch-free: the job parses before it loads torch
 
     module = importlib.import_module(f"{__name__}.{COMMANDS[command][0]}")
     return run_script(lambda: module.main(argv) or 0)

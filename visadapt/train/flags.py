@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,20 @@ def _resume_value(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("give 'latest' or the path of a checkpoint folder (…/checkpoints/step_N)")
     return text
+
+
+class SetOverride(argparse.Action):
+    """``--set KEY=VALUE`` (repeatable): appends to the list like ``action="append"``, but refuses an item without
+    ``=`` while parsing, so ``--set rank 8`` says how to write it instead of argparse's later "unrecognized
+    arguments: 8"."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        key, sep, _ = str(value).partition("=")
+        if not sep or not key.strip():
+            parser.error(f"{option_string} {value!r}: expected KEY=VALUE with no space around '=', "
+                         f"e.g. {option_string} {key.strip() or 'rank'}=8")
+        items = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, [*items, value])
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "continue from the newest checkpoint",
@@ -221,3 +236,34 @@ def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if steps is not None and steps < 0:
         parser.error(f"--max-steps {steps}: must be >= 0 (0: every epoch)")
     return args
+
+
+def run_script(main: Callable[[], int]) -> int:
+    """The exit code of a ``train/`` script's ``main``: its own, or 2 with one ``error:`` line (the message names
+    the checkpoint folder or file and the fix) when resuming is impossible or ``--init-adapter`` cannot start the
+    run (:class:`visadapt.engine.CheckpointError`, :class:`visadapt.engine.InitAdapterError`), instead of a
+    traceback.
+
+    Under a multi-process launch every rank raises the same ``CheckpointError`` at the same point
+    (:func:`visadapt.engine.fit` broadcasts the main process's decision), so only the main process prints the line
+    and every rank returns 2. The process group is then torn down, as ``Accelerator.end_training`` does after a
+    finished run: a rank that exits with gloo's threads still running is aborted by the C++ runtime ("terminate
+    called without an active exception", SIGABRT) instead of exiting with its code.
+
+    Defined here, not in the engine, so that running a job imports no torch before its ``main`` parses the command
+    line: only :mod:`visadapt.engine` raises those errors or joins a process group, so it is consulted only once a
+    job has imported it.
+    """
+    try:
+        code = main()
+    except Exception as err:
+        engine = sys.modules.get("visadapt.engine")
+        if engine is None or not isinstance(err, (engine.CheckpointError, engine.InitAdapterError)):
+            raise
+        if engine._is_main_process():
+            print(f"error: {err}", file=sys.stderr)
+        code = 2
+    engine = sys.modules.get("visadapt.engine")
+    if engine is not None:
+        engine._end_process_group()
+    return code

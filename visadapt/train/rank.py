@@ -33,34 +33,16 @@ import json
 import shutil
 import sys
 from pathlib import Path
-
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-from torchvision import transforms
+from typing import TYPE_CHECKING
 
 import visadapt
-from visadapt import api
-from visadapt.backbones import EMBEDDED_CLIP, create_clip
-from visadapt.data.ranking import COUNTING_MANIFEST, RankingLists, RankingTable, generate_mini_counting
-from visadapt.engine import (
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    prepare_output_dir,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
-from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
-from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer, official_param_groups
+from visadapt.names import EMBEDDED_CLIP
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision import transforms
 
 # The embedded recipe; the published one is a recipe file (assets/recipes/ranking-clip.yaml).
 RECIPES = {
@@ -114,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="default: runs/rank-<dataset>")
     add_run_flags(p, init_adapter=True)
     args = p.parse_args(argv)
+    from visadapt.data.ranking import COUNTING_MANIFEST  # after parsing: --help loads no torch
+
     embedded = args.data_root is None or (Path(args.data_root) / COUNTING_MANIFEST).is_file()
     if args.recipe is None:
         args.recipe = "mini-counting" if embedded else "ranking-clip"
@@ -140,6 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def clip_transforms(facts: dict) -> tuple[transforms.Compose, transforms.Compose]:
     """Train and eval transforms: plain bicubic resize (no centre crop, as the official training), CLIP mean/std;
     training adds a horizontal flip."""
+    from torchvision import transforms
+
     size = facts["image_size"]
     base = [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.ToTensor(), transforms.Normalize(facts["mean"], facts["std"])]
@@ -148,6 +134,8 @@ def clip_transforms(facts: dict) -> tuple[transforms.Compose, transforms.Compose
 
 def tower_digest(clip: torch.nn.Module) -> str:
     """SHA-256 of every CLIP tensor outside the adapter: equal before and after training, or the towers moved."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(clip.state_dict().items()):
         if not name.startswith("visadapt_adapters.") and ".visadapt_adapters." not in name:
@@ -157,6 +145,20 @@ def tower_digest(clip: torch.nn.Module) -> str:
 
 
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
+    from visadapt import api
+    from visadapt.backbones import create_clip
+    from visadapt.data.ranking import RankingLists, RankingTable
+    from visadapt.engine import TrainConfig, fit, init_adapter_from_file, make_accelerator, seed_everything
+    from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+    from visadapt.plugin import config_values
+    from visadapt.plugins.ranking_clip import (
+        RankingLoss,
+        RankingModel,
+        default_tokenizer,
+        official_param_groups,
+    )
+
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=1,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress,
                          **run_options(args))
@@ -241,6 +243,9 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        from visadapt.engine import check_init_adapter
+        from visadapt.plugin import config_values
+
         settings = config_values(args.adapter_config, args.overrides, base=args.adapter_settings)
         visadapt.get_plugin("ranking_clip")().Config.from_dict(settings)
         if args.init_adapter:  # the header only: the file's plugin and config against this run's
@@ -248,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt.data.ranking import generate_mini_counting
+    from visadapt.engine import prepare_output_dir
+
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if args.data_root is None:
         with state.main_process_first():

@@ -40,36 +40,17 @@ import os
 import shutil
 import sys
 from pathlib import Path
-
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-from torch.utils.data import Dataset, Subset
+from typing import TYPE_CHECKING
 
 import visadapt
-from visadapt import api
-from visadapt.backbones import EMBEDDED_MODEL, create_backbone
-from visadapt.data import resolve_normalization
-from visadapt.data.places import MANIFEST, PlaceSplit, TripletDataset, generate_mini_places
-from visadapt.data.transforms import vtab_transform
-from visadapt.engine import (
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    prepare_output_dir,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.eval.vpr import evaluate_places, extract_place_features
-from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
-from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
+from visadapt.names import EMBEDDED_MODEL
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
+
+if TYPE_CHECKING:
+    import torch
+
+    from visadapt.data.places import TripletDataset
 
 # The embedded recipe, sized for 2 CPU cores; every value can be overridden by its flag. The published ones are
 # recipe files (assets/recipes/selavpr-*.yaml, read by visadapt.recipes).
@@ -155,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="default: runs/vpr-<dataset>-<adapter>")
     add_run_flags(p, init_adapter=True)
     args = p.parse_args(argv)
+    from visadapt.data.places import MANIFEST  # after parsing: --help loads no torch
+
     embedded = args.data_root is None or (Path(args.data_root) / MANIFEST).is_file()
     args.recipe_notice = None
     if args.recipe is None:  # the embedded world (generated, or a folder written by generate_mini_places)
@@ -214,6 +197,8 @@ def refresh_every(args: argparse.Namespace) -> int | None:
 
 def adapter_settings(args: argparse.Namespace) -> dict:
     """Recipe settings, then ``--adapter-config``, then ``--set key=value`` (later wins)."""
+    from visadapt.plugin import config_values
+
     return config_values(args.adapter_config, args.overrides,
                          base=args.adapter_settings if args.adapter == "selavpr" else None)
 
@@ -240,6 +225,8 @@ def select_negatives(d_positive: torch.Tensor, d_negatives: torch.Tensor, count:
     most queries, and the cheapest way to lower the triplet loss is then to pull every descriptor together;
     the loss settles at the margin and the descriptors end up nearly identical.
     """
+    import torch
+
     if semihard:
         # unit descriptors are at most 2 apart: +4 sends the negatives closer than the positive behind the rest
         d_negatives = torch.where(d_negatives > d_positive, d_negatives, d_negatives + 4.0)
@@ -257,6 +244,8 @@ class HardNegativeMiner:
         self.triplets, self.args, self.output_dir, self.accelerator = triplets, args, output_dir, accelerator
 
     def __call__(self, model, epoch: int) -> None:
+        import torch
+
         self.triplets.set_epoch(epoch)
         if self.args.mining == "random":
             return
@@ -274,8 +263,19 @@ class HardNegativeMiner:
             torch.save({"positive": positive, "negatives": negatives}, tmp)
             os.replace(tmp, path)
 
-    @torch.no_grad()
     def mine(self, model, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_mine` under ``torch.no_grad()`` (applied here, not as a decorator: importing the job loads no
+        torch)."""
+        import torch
+
+        with torch.no_grad():
+            return self._mine(model, epoch)
+
+    def _mine(self, model, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from visadapt.eval.vpr import extract_place_features
+
         split, triplets = self.triplets.split, self.triplets
         db_global, _ = extract_place_features(model, split.database_dataset(), self.args.eval_batch_size,
                                               keep_local=False)
@@ -296,7 +296,7 @@ class HardNegativeMiner:
         return positive, negatives
 
 
-class QueryRounds(Dataset):
+class QueryRounds:  # a map-style dataset (len, getitem); no torch base class, so --help loads no torch
     """The training tuples of one mining round of the official protocol: ``per_round`` usable queries of
     ``triplets`` drawn without replacement from ``(seed, round)`` alone (so a resumed round draws them again),
     each with the positive and negatives a :class:`RoundMiner` chose. Item ``i`` is ``(images, i)`` with
@@ -317,6 +317,8 @@ class QueryRounds(Dataset):
 
     def set_round(self, round_index: int) -> None:
         """Draw the queries of ``round_index``, with the geographically nearest positive and no negatives yet."""
+        import torch
+
         generator = torch.Generator().manual_seed(self.seed * 100_003 + round_index)
         self.round = round_index
         self.queries = torch.randperm(len(self.triplets), generator=generator)[: self.per_round]
@@ -346,6 +348,8 @@ class QueryRounds(Dataset):
         return self.per_round
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import torch
+
         if self.negatives is None:
             raise RuntimeError(f"round {self.round} has not been mined; call a RoundMiner before training on it")
         split = self.triplets.split
@@ -374,6 +378,8 @@ class RoundMiner:
         self.mined_at: list[int] = []
 
     def __call__(self, model, round_index: int) -> None:
+        import torch
+
         self.rounds.set_round(round_index)
         path = None if self.output_dir is None else self.output_dir / MINING_FILE.format(epoch=round_index)
         if path is not None and path.is_file():
@@ -391,8 +397,20 @@ class RoundMiner:
             torch.save({"queries": self.rounds.queries, "positive": positive, "negatives": negatives}, tmp)
             os.replace(tmp, path)
 
-    @torch.no_grad()
     def mine(self, model, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_mine` under ``torch.no_grad()`` (applied here, not as a decorator: importing the job loads no
+        torch)."""
+        import torch
+
+        with torch.no_grad():
+            return self._mine(model, round_index)
+
+    def _mine(self, model, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+        from torch.utils.data import Subset
+
+        from visadapt.eval.vpr import extract_place_features
+
         rounds, triplets, args = self.rounds, self.rounds.triplets, self.args
         split = triplets.split
         generator = torch.Generator().manual_seed(args.seed * 100_003 + round_index + 1)
@@ -432,6 +450,16 @@ class RoundMiner:
 
 
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
+    from visadapt import api
+    from visadapt.backbones import create_backbone
+    from visadapt.data import resolve_normalization
+    from visadapt.data.places import PlaceSplit, TripletDataset
+    from visadapt.data.transforms import vtab_transform
+    from visadapt.engine import TrainConfig, fit, init_adapter_from_file, make_accelerator, seed_everything
+    from visadapt.eval.vpr import evaluate_places
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+    from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
+
     per_round = refresh_every(args)
     # The official protocol as engine epochs: one engine epoch per mining round, validation (and early stopping)
     # every rounds_per_epoch of them, i.e. after every official epoch of --queries-per-epoch queries.
@@ -546,6 +574,8 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        from visadapt.engine import check_init_adapter
+
         visadapt.get_plugin(args.adapter)().Config.from_dict(adapter_settings(args))  # fail before any work
         recipe = args.recipe_file
         if recipe is not None and recipe.starts_from and not args.init_adapter:
@@ -556,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as err:  # InitAdapterError is a ValueError too
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt.data.places import generate_mini_places
+    from visadapt.engine import prepare_output_dir
+
     if args.recipe_notice:
         print(args.recipe_notice)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

@@ -40,39 +40,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import accelerate
-import timm
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from PIL import Image
 
+# Only what parsing needs is imported here (no torch, timm or diffusers: --help and a parse error answer at once,
+# tests/test_flags.py); each function imports the heavy modules it uses.
 import visadapt
-from visadapt import api
-from visadapt.backbones import create_backbone
-from visadapt.data import PROTOCOLS, build_datasets, resolve_normalization
-from visadapt.data.cache import default_workers
-from visadapt.data.procedural import default_data_root, generate_mini_vtab
-from visadapt.data.tasks import benchmark_tasks, resolve_tasks
-from visadapt.data.transforms import NORMALIZATION_CHOICES
-from visadapt.data.verify import verify_benchmark
-from visadapt.engine import (
-    TEST_METRIC,
-    TrainConfig,
-    add_run_flags,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    precision_name,
-    prepare_output_dir,
-    run_options,
-    run_script,
-    seed_everything,
-    validation_selected,
-)
-from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
+from visadapt.names import NORMALIZATION_CHOICES, PROTOCOLS
 from visadapt.recipes import (
     BACKBONE_SETTINGS,
     BENCHMARK_DEFAULTS,
@@ -82,6 +55,7 @@ from visadapt.recipes import (
     available_recipes,
     load_recipe,
 )
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
 
 # ----------------------------------------------------------------------------------------------- arguments
 
@@ -222,6 +196,9 @@ class RunPlan(NamedTuple):
 def plan_run(args: argparse.Namespace) -> RunPlan:
     """Load the recipe, choose the benchmark, fill every unset flag per task, and build each task's plugin
     config, so that a bad recipe, flag or config fails before any work (``ValueError`` / ``KeyError``)."""
+    from visadapt.data.tasks import resolve_tasks
+    from visadapt.plugin import config_values
+
     recipe = load_recipe(args.recipe) if args.recipe else None
     benchmark = args.benchmark or (recipe.benchmark if recipe else "mini-vtab")
     if recipe and args.adapter is not None and args.adapter != recipe.adapter:
@@ -337,6 +314,27 @@ def data_cache_choice(args: argparse.Namespace, on_gpu: bool) -> bool | str:
 
 def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugin, adapter_config) -> dict:
     """Train one task with the settings in ``args``; returns its metrics (also written to ``out/metrics.json``)."""
+    import accelerate
+    import timm
+    import torch
+
+    from visadapt import api
+    from visadapt.backbones import create_backbone
+    from visadapt.data import build_datasets, resolve_normalization
+    from visadapt.data.cache import default_workers
+    from visadapt.data.verify import verify_benchmark
+    from visadapt.engine import (
+        TEST_METRIC,
+        TrainConfig,
+        fit,
+        init_adapter_from_file,
+        make_accelerator,
+        precision_name,
+        seed_everything,
+        validation_selected,
+    )
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+
     accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum, precision=args.precision)
     on_gpu = accelerator.device.type == "cuda"
     # A GPU needs loader workers to be fed (decoding the splits that are not cached); a CPU run keeps its cores.
@@ -485,6 +483,13 @@ def seeded_config(plan: RunPlan, task: str, seed: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from accelerate import PartialState  # after parsing: --help and parse errors load none of these
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt.data.procedural import default_data_root, generate_mini_vtab
+    from visadapt.data.tasks import benchmark_tasks
+    from visadapt.engine import prepare_output_dir
+
     if args.list_recipes:
         _print_recipes()
         return 0

@@ -449,6 +449,14 @@ class RoundMiner:
         return positive, negatives
 
 
+def evaluate_places(*args, **kwargs) -> dict:
+    """:func:`visadapt.eval.vpr.evaluate_places`, imported on the first call (the job's ``--help`` loads no torch);
+    a module attribute, so that a test can stand in for it."""
+    from visadapt.eval.vpr import evaluate_places as evaluate
+
+    return evaluate(*args, **kwargs)
+
+
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     from visadapt import api
     from visadapt.backbones import create_backbone
@@ -456,7 +464,6 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
     from visadapt.data.places import PlaceSplit, TripletDataset
     from visadapt.data.transforms import vtab_transform
     from visadapt.engine import TrainConfig, fit, init_adapter_from_file, make_accelerator, seed_everything
-    from visadapt.eval.vpr import evaluate_places
     from visadapt.io import TRAIN_METADATA, write_json_atomic
     from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
 

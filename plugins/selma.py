@@ -65,11 +65,11 @@ from torch import nn
 
 from visadapt import api, inject
 from visadapt.layers import LoRA, effective_weight
+from visadapt.names import SELMA_MERGE_METHODS as MERGE_METHODS
 from visadapt.plugin import config_field
 from visadapt.plugins.lora import LoRAConfig, LoRAPlugin
 from visadapt.registry import register_plugin
 
-MERGE_METHODS = ("average", "ties", "dare")
 MERGE_METADATA = "selma.merge"
 
 #: the official SD v1.4 recipe (``fine-tune/ft_sd_lora.sh`` and the defaults of

@@ -341,7 +341,7 @@ def test_constant_schedule_and_max_steps_stop_mid_epoch_as_official(tmp_path):
         output_dir=tmp_path, resume=True, evaluator=evaluator)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="lr_schedule"):
-        TrainConfig(lr_schedule="linear")
+        TrainConfig(lr_schedule="polynomial")
 
 
 # ------------------------------------------------------------------ train/selma.py --init-adapter

@@ -21,7 +21,7 @@ from train_scripts import load_train_script
 
 from visadapt.backbones import embedded_weights_path
 from visadapt.data.procedural import generate_mini_vtab
-from visadapt.engine import EpochPermutation, cosine_with_warmup
+from visadapt.engine import EpochPermutation
 from visadapt.io import TRAIN_METADATA, read_adapter_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +63,6 @@ def test_epoch_permutation_depends_only_on_seed_and_epoch():
     assert list(b) == first and sorted(first) == list(range(50))
     b.set_epoch(3)
     assert list(b) != first
-
-
-def test_cosine_with_warmup_shape():
-    f = cosine_with_warmup(4, 20)
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0 and abs(f(12) - 0.5) < 1e-9 and f(20) == 0.0 and f(25) == 0.0
 
 
 def test_default_run_smoke_loss_falls(tiny_data, tmp_path):

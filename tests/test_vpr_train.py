@@ -121,16 +121,28 @@ def test_a_resumed_epoch_trains_on_the_tuples_it_had_mined(tiny_world, tmp_path)
 # ------------------------------------------------------------------ the official protocol (issue 24)
 
 def test_the_constant_schedule_keeps_the_rate_and_cosine_decays():
-    from visadapt.engine import lr_factor
+    from visadapt.engine import TrainConfig, build_lr_scheduler
 
-    # official SelaVPR: torch.optim.Adam(lr=1e-5) and no scheduler -> the factor is 1 at every step
-    assert [lr_factor("constant", 0, 100)(step) for step in (0, 1, 50, 99, 500)] == [1.0] * 5
-    # with a warm-up: linear to 1, then 1 for good (no decay)
-    assert [lr_factor("constant", 4, 100)(step) for step in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]
-    cosine = lr_factor("cosine", 0, 100)
-    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="lr_schedule='step' must be one of cosine, constant"):
-        from visadapt.engine import TrainConfig
+    def rates(schedule: str, warmup_epochs: float, steps: int = 100) -> list[float]:
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+        scheduler = build_lr_scheduler(optimizer, TrainConfig(lr=1e-5, lr_schedule=schedule,
+                                                              warmup_epochs=warmup_epochs),
+                                       steps_per_epoch=4, total_steps=steps)
+        seen = []
+        for _ in range(steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    # official SelaVPR: torch.optim.Adam(lr=1e-5) and no scheduler -> the rate is 1e-5 at every step
+    assert rates("constant", 0) == [1e-5] * 100
+    # with a warm-up (one epoch of 4 steps): linear from 0, then the rate for good (no decay)
+    assert rates("constant", 1)[:6] == pytest.approx([0, 0.25e-5, 0.5e-5, 0.75e-5, 1e-5, 1e-5]) and \
+        rates("constant", 1)[-1] == 1e-5
+    cosine = rates("cosine", 0)
+    assert cosine[0] == 1e-5 and cosine[50] == pytest.approx(0.5e-5) and cosine[99] == pytest.approx(0, abs=1e-8)
+    with pytest.raises(ValueError, match="lr_schedule='step' must be one of cosine, constant, linear"):
         TrainConfig(lr_schedule="step")
 
 

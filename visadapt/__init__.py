@@ -7,25 +7,29 @@
 >>> visadapt.save_pretrained(model, "my-lora")           # adapter.safetensors + model card README.md
 >>> visadapt.load_adapter(fresh_model, "my-lora")         # a file, a folder, a hub repo id or a state dict
 """
-from visadapt.api import (
-    active_adapters,
-    attach,
-    detach,
-    get_weight,
-    load_report,
-    merge,
-    set_active_adapters,
-    set_weight,
-    summary,
-    trainable_parameters,
-    unmerge,
-)
-from visadapt.hub import push_to_hub, save_pretrained
-from visadapt.io import load_adapter, read_adapter_file, save_adapter
-from visadapt.peft_style import disable_adapters, merge_and_unload
-from visadapt.plugin import AdapterConfig, AdapterPlugin, config_field
-from visadapt.registry import get_plugin, list_plugins, register_plugin
-from visadapt.sites import all_sites, find_sites, model_family
+import importlib
+
+from visadapt import peft_compat as _peft_compat
+
+# The public names, imported on first use (PEP 562): ``import visadapt`` loads no torch, so that a command's
+# ``--help`` or a parse error answers at once (tests/test_flags.py); ``visadapt.attach`` etc. import their module
+# the first time they are looked up.
+_EXPORTS = {
+    "visadapt.api": ("active_adapters", "attach", "detach", "get_weight", "load_report", "merge",
+                     "set_active_adapters", "set_weight", "summary", "trainable_parameters", "unmerge"),
+    "visadapt.hub": ("push_to_hub", "save_pretrained"),
+    "visadapt.io": ("load_adapter", "read_adapter_file", "save_adapter"),
+    "visadapt.peft_style": ("disable_adapters", "merge_and_unload"),
+    "visadapt.plugin": ("AdapterConfig", "AdapterPlugin", "config_field"),
+    "visadapt.registry": ("get_plugin", "list_plugins", "register_plugin"),
+    "visadapt.sites": ("all_sites", "find_sites", "model_family"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+# ``visadapt.load_report`` is a function (api) and a submodule: importing the submodule binds it on this package
+# the first time, so it is imported now (it loads no torch) and its binding dropped, which leaves the name to
+# the function (__getattr__) for good.
+importlib.import_module("visadapt.load_report")
+globals().pop("load_report")
 
 __version__ = "0.1.0"
 
@@ -59,11 +63,36 @@ __all__ = [
     "unmerge",
 ]
 
+
+def __getattr__(name: str):
+    """A public name (:data:`__all__`) from its module, or a submodule (``visadapt.diffusers``), on first use."""
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _install_pipeline_methods(module) -> None:
+    """``pipe.load_visadapt`` & co. on every ``DiffusionPipeline`` (:func:`visadapt.diffusers.install`), once
+    diffusers' pipelines are imported; visadapt.diffusers (torch) is imported only then."""
+    from visadapt.diffusers import install_methods
+
+    if hasattr(module, "DiffusionPipeline"):
+        install_methods(module.DiffusionPipeline)
+
+
 # pipe.load_visadapt & co. on every diffusers.DiffusionPipeline (added when diffusers' pipelines are imported)
-from visadapt import diffusers as _diffusers_loader
-
-_diffusers_loader.install()
+_peft_compat.on_import("diffusers.pipelines.pipeline_utils", _install_pipeline_methods)
 # PEFT's inject_adapter and diffusers' load_lora_adapter / add_adapter refuse names visadapt uses (on import)
-from visadapt import peft_compat as _peft_compat
-
 _peft_compat.install()

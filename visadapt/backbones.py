@@ -27,13 +27,12 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from visadapt.data.procedural import IMAGE_SIZE, UPSTREAM_CLASSES
+from visadapt.names import EMBEDDED_CLIP, EMBEDDED_MODEL, EMBEDDED_SD, EMBEDDED_SWIN  # noqa: F401 - also named here
 
-EMBEDDED_MODEL = "visadapt_procvit_tiny"
 EMBEDDED_WEIGHTS = "procvit_tiny.safetensors"
 PROCVIT_TINY_ARGS = {"img_size": IMAGE_SIZE, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3,
                      "mlp_ratio": 4.0}
 
-EMBEDDED_SWIN = "visadapt_procswin_tiny"
 EMBEDDED_SWIN_WEIGHTS = "procswin_tiny.safetensors"
 #: input side of the embedded Swin: the upstream renders (32x32) are upsampled 2x, so that a 4x4 patch
 #: embedding still leaves a 16x16 stage-1 map and four stages (16, 8, 4, 2) for a dense decoder
@@ -241,7 +240,6 @@ def create_backbone(model: str, pretrained: str | None = "default", num_classes:
 
 # ------------------------------------------------------------------------------------------------- open_clip
 
-EMBEDDED_CLIP = "visadapt_tiny_clip"
 # 32 px, patch 4, width 64 both towers, 2 blocks each; the standard 49408-token BPE vocabulary (so open_clip's
 # shipped tokenizer works), a 16-token context. Random weights from a fixed seed: it stands in for a real CLIP
 # in CPU runs and tests, not for CLIP's knowledge.
@@ -338,7 +336,6 @@ def create_clip(model: str, pretrained: str | None = "default") -> tuple[nn.Modu
 
 #: the embedded text-to-image pipeline: a seeded, randomly initialised Stable Diffusion of a few hundred
 #: thousand parameters, built from configs with the tokenizer vocabulary shipped in ``assets/`` (no download)
-EMBEDDED_SD = "visadapt_tiny_sd"
 TINY_SD_SEED = 0
 TINY_SD_CONFIG = {
     # SD1.5's UNet layout (cross-attention down/up blocks, ResNet blocks with two convolutions and group

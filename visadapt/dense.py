@@ -30,6 +30,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from visadapt.data.dense import IGNORE_INDEX  # ignored pixels (255.0 in all three channels for normals)
+from visadapt.names import DENSE_METHODS  # the set-ups train/dense.py compares (attach_dense_method)
 from visadapt.progress import Progress
 
 #: the task weights of the total loss in MTLoRA's ``main.py`` (scale-lab/MTLoRA; Polyhistor's own weights
@@ -331,8 +332,6 @@ def dense_loss(predictions: Mapping[str, torch.Tensor], batch: Mapping[str, torc
 
 # ------------------------------------------------------------------------------------ training and evaluation
 
-#: the multi-task set-ups train/dense.py compares (see attach_dense_method)
-DENSE_METHODS = ("lite", "polyhistor", "per-task", "shared", "decoder", "full")
 # Plugin defaults per method that differ from the plugin's own: the per-task baseline is Polyhistor's placement
 # (serial after the MLP, "pfeiffer") with a width-proportional bottleneck, as the paper's Adapter baseline.
 _METHOD_PLUGIN = {"lite": ("polyhistor", {"variant": "lite"}), "polyhistor": ("polyhistor", {"variant": "polyhistor"}),

@@ -4,8 +4,9 @@ One :class:`accelerate.Accelerator` does the devices (one CPU, one GPU, several 
 and mixed precision: ``TrainConfig.precision`` / ``--precision`` (``auto``: the launch's ``--mixed_precision``
 when it set one, else bf16 on a CUDA device that has it, else fp32); trainable parameters and the optimiser
 state stay fp32 and the forward runs under autocast. :func:`fit` trains the trainable parameters of an
-adapted model with AdamW and a linear warm-up followed by a cosine (default) or constant learning rate
-(``lr_schedule``, ``--lr-schedule``), optionally stopping after ``max_steps`` optimiser steps (mid-epoch too) or
+adapted model with the optimiser timm's ``create_optimizer_v2`` builds (AdamW by default, ``--optimizer``) and a
+``timm.scheduler`` learning rate: a linear warm-up followed by a cosine (default), linear or constant schedule
+(``lr_schedule``, ``--lr-schedule``; :func:`build_lr_scheduler`), optionally stopping after ``max_steps`` optimiser steps (mid-epoch too) or
 after ``patience`` evaluations without improvement, evaluates with ``gather_for_metrics``
 (exact under any number of processes: padded duplicates are dropped and the count is checked), and
 checkpoints so that a killed run resumed with ``resume=True`` ends with the same numbers as one that was
@@ -25,22 +26,20 @@ Conventions that matter for reproducibility:
   several processes the main process makes that choice and every rank follows it: one notice, or one ``error:``
   line and exit code 2 on every rank (:func:`run_script`); each rank gets its own RNG state and running loss back.
 
-Speed (the run flags of :func:`add_run_flags`): timm attention runs PyTorch SDPA (``--attention``, see
-:mod:`visadapt.attention`), AdamW is the fused kernel on CUDA, ``--compile`` compiles the adapted model once
+Speed (the run flags of :func:`add_run_flags`, defined in :mod:`visadapt.train.flags`): timm attention runs
+PyTorch SDPA (``--attention``, see :mod:`visadapt.attention`), AdamW is the fused kernel on CUDA, ``--compile`` compiles the adapted model once
 with ``torch.compile`` (plugins keep their per-step state in tensors, so steps do not recompile), evaluation
 runs under ``torch.inference_mode()`` with a large batch, and a dataset's ``device_transform`` (uint8 images
 decoded once, normalised on the device) is applied to every batch as it reaches the device.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -66,10 +65,21 @@ from visadapt.tracking import (
     METRICS_LOG,
     MetricsLog,
     TrainingLog,
-    add_tracking_flags,
     resolve_report_to,
     tag_prefix,
     tracker_config,
+)
+from visadapt.train.flags import (  # noqa: F401 - add_run_flags & co. are this module's API too
+    LR_SCHEDULES,
+    MOMENTUM_OPTIMIZERS,
+    OPTIMIZERS,
+    PRECISIONS,
+    RESUME_LATEST,
+    SCHED_ON,
+    add_run_flags,
+    finish_run_args,
+    run_options,
+    run_script,
 )
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -79,10 +89,6 @@ _TRAINABLE = "trainable.safetensors"
 _SELECTED = "selected.safetensors"
 # History key of the accuracy on ``fit``'s ``test_dataset``: recorded at every evaluation, never used to choose.
 TEST_METRIC = "test_accuracy"
-#: ``TrainConfig.precision`` choices; ``fp32`` is Accelerate's ``"no"``
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-#: ``TrainConfig.lr_schedule`` choices (``--lr-schedule``): what follows the linear warm-up
-LR_SCHEDULES = ("cosine", "constant")
 
 
 def default_eval_batch_size() -> int:
@@ -116,9 +122,14 @@ class TrainConfig:
     compile_backend: str | Callable = "inductor"  # torch.compile backend; tests pass "aot_eager" or a counter
     attention: str = "sdpa"             # timm attention path: sdpa | eager (reference code) | xformers
     allow_rng_reset: bool = False       # resume a checkpoint lacking its RNG state (other random draws; warned)
-    lr_schedule: str = "cosine"         # cosine | constant, each after the linear warm-up (see lr_factor)
+    lr_schedule: str = "cosine"         # cosine | constant | linear after the linear warm-up (build_lr_scheduler)
     max_steps: int = 0                  # stop after this many optimiser steps, mid-epoch too (0: all epochs)
     patience: int | None = None         # stop after this many evaluations without a better metric (None: never)
+    optimizer: str = "adamw"            # timm.optim.create_optimizer_v2 name: adamw | adam | sgd | momentum | lamb
+    momentum: float = 0.9               # sgd / momentum only (timm's default)
+    warmup_lr: float = 0.0              # lr the warm-up starts from (timm's warmup_lr_init)
+    min_lr: float = 0.0                 # lr cosine / linear end at (timm's lr_min)
+    sched_on: str = "steps"             # steps | epochs: the unit the schedule is stepped in (build_lr_scheduler)
     log_every: int = DEFAULT_LOG_EVERY  # log loss, lr, images/s every N optimiser steps (--log-every)
 
     def __post_init__(self) -> None:
@@ -140,6 +151,16 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps!r} must be an integer >= 0 (0: run every epoch)")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):
             raise ValueError(f"patience={self.patience!r} must be a positive integer (or None: no early stopping)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        if self.momentum < 0 or (self.optimizer == "sgd" and self.momentum == 0):
+            raise ValueError(f"momentum={self.momentum} must be > 0 for sgd (Nesterov) and >= 0 otherwise")
+        if self.sched_on not in SCHED_ON:
+            raise ValueError(f"sched_on={self.sched_on!r} must be one of {', '.join(SCHED_ON)}")
+        if self.warmup_lr < 0 or self.min_lr < 0:
+            raise ValueError(f"warmup_lr={self.warmup_lr} and min_lr={self.min_lr} must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 (None: no clipping)")
 
 
 class EpochPermutation(Sampler[int]):
@@ -161,25 +182,99 @@ class EpochPermutation(Sampler[int]):
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor at optimiser step ``s``: linear from ~0 to 1 over ``warmup_steps``, then cosine to 0."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+def build_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], config: TrainConfig, *,
+                    device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """The optimiser ``config.optimizer`` names, built by timm's ``create_optimizer_v2``.
+
+    ``params`` is a list of tensors or of parameter groups (``{"params": [...], "weight_decay": ...}``: timm
+    passes groups through, each group's own settings winning over ``config``). ``config.lr``,
+    ``config.weight_decay`` and, for ``sgd`` / ``momentum``, ``config.momentum`` are passed on; timm applies no
+    weight-decay filtering to a list of tensors, so every tensor decays alike, as torch's own optimisers do.
+    On CUDA, AdamW and Adam run their fused kernel (one launch for every tensor); on CPU the default (foreach)
+    path is kept, so CPU runs stay bit-identical to earlier releases and across process counts.
+    """
+    from timm.optim import create_optimizer_v2
+
+    extra = {"fused": True} if torch.device(device).type == "cuda" and config.optimizer in ("adamw", "adam") else {}
+    if config.optimizer in MOMENTUM_OPTIMIZERS:
+        extra["momentum"] = config.momentum
+    return create_optimizer_v2(params, opt=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                               **extra)
 
 
-def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor at optimiser step ``s`` for ``TrainConfig.lr_schedule``: ``cosine`` (:func:`cosine_with_warmup`)
-    or ``constant`` (linear from ~0 to 1 over ``warmup_steps``, then 1: with no warm-up, the plain constant rate
-    of SelaVPR's official Adam)."""
-    if schedule == "cosine":
-        return cosine_with_warmup(warmup_steps, total_steps)
-    if schedule != "constant":
-        raise ValueError(f"lr schedule {schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
-    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
+class TimmScheduleLR(torch.optim.lr_scheduler.LRScheduler):
+    """A ``timm.scheduler`` schedule behind torch's ``LRScheduler`` interface: every learning rate is timm's.
+
+    Why a wrapper: Accelerate prepares, steps (skipping an fp16 step whose gradients overflowed) and checkpoints
+    (``scheduler.bin``, read back with ``weights_only``) torch schedulers only; timm's are not one, and Accelerate's
+    route for other objects (``register_for_checkpointing``) unpickles them with ``weights_only=False`` on resume.
+    ``step()`` counts optimiser steps (torch's ``last_epoch``) and hands the count to timm's own protocol:
+    ``step_update(num_updates=step)`` for a per-step schedule, ``step(epoch=step // steps_per_epoch)`` for a
+    per-epoch one (timm's ``t_in_epochs``), exactly as timm's ``train.py`` calls them.
+
+    The checkpointed state is the step count alone; the schedule is rebuilt from the run's settings, so a
+    resumed run follows them (as the ``LambdaLR`` of earlier releases did; its ``scheduler.bin`` loads too).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Any, steps_per_epoch: int):
+        self.schedule = schedule  # a timm.scheduler.Scheduler over ``optimizer``
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        step = max(self.last_epoch, 0)
+        if self.schedule.t_in_epochs:
+            self.schedule.step(epoch=step // self.steps_per_epoch)
+        else:
+            self.schedule.step_update(num_updates=step)
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        self._last_lr = self.get_lr()
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int,
+                       total_steps: int) -> TimmScheduleLR:
+    """The learning-rate schedule of ``config``, from ``timm.scheduler``, for a run of ``total_steps`` optimiser
+    steps of which ``steps_per_epoch`` make an epoch. Call its ``step()`` after every optimiser step.
+
+    A linear warm-up from ``config.warmup_lr`` over ``config.warmup_epochs``, then ``config.lr_schedule``:
+    ``cosine`` (``CosineLRScheduler``) or ``linear`` (``PolyLRScheduler`` with power 1) down to
+    ``config.min_lr``, or ``constant`` (``StepLRScheduler`` that never decays, as timm's factory builds it).
+    ``config.sched_on``:
+
+    * ``steps`` (default): timm's ``t_in_epochs=False``, one learning rate per optimiser step; the warm-up takes
+      ``round(warmup_epochs * steps_per_epoch)`` steps and the decay spans the steps after it
+      (``warmup_prefix=True``), ending at ``total_steps`` (``max_steps`` shortens it). This is diffusers'
+      ``get_scheduler`` convention: step ``s`` of the warm-up trains at ``warmup_lr + s * (lr - warmup_lr) / W``.
+    * ``epochs``: timm's ``train.py`` convention (``t_in_epochs=True``, ``warmup_prefix=False``): one learning
+      rate per epoch, the cosine spanning all epochs and the warm-up overriding its first ``warmup_epochs``.
+      NOAH's VTAB-1k schedule is ``epochs=100, warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5`` with this.
+    """
+    from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+
+    if config.sched_on == "epochs":
+        length = math.ceil(total_steps / max(1, steps_per_epoch))  # epochs the run trains (max_steps counted)
+        warmup, prefix, span = config.warmup_epochs, False, max(1, length)
+    else:
+        warmup = round(config.warmup_epochs * steps_per_epoch)
+        prefix, span = True, max(1, total_steps - warmup)
+    shared = {"warmup_t": warmup, "warmup_lr_init": config.warmup_lr, "warmup_prefix": prefix,
+              "t_in_epochs": config.sched_on == "epochs"}
+    if config.lr_schedule == "cosine":
+        schedule = CosineLRScheduler(optimizer, t_initial=span, lr_min=config.min_lr, **shared)
+    elif config.lr_schedule == "linear":
+        schedule = PolyLRScheduler(optimizer, t_initial=span, power=1.0, lr_min=config.min_lr, **shared)
+    elif config.lr_schedule == "constant":
+        schedule = StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, **shared)
+    else:
+        raise ValueError(f"lr_schedule={config.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
+    return TimmScheduleLR(optimizer, schedule, steps_per_epoch)
 
 
 def evaluations_without_improvement(history: Sequence[Mapping[str, float]], metric: str, best_epoch: int) -> int:
@@ -366,27 +461,6 @@ class CheckpointError(RuntimeError):
     """No checkpoint of a run can be resumed as asked (every one is broken, or one lacks its RNG state)."""
 
 
-def run_script(main: Callable[[], int]) -> int:
-    """The exit code of a ``train/`` script's ``main``: its own, or 2 with one ``error:`` line (the message names
-    the checkpoint folder or file and the fix) when resuming is impossible or ``--init-adapter`` cannot start the
-    run, instead of a traceback.
-
-    Under a multi-process launch every rank raises the same :class:`CheckpointError` at the same point (:func:`fit`
-    broadcasts the main process's decision), so only the main process prints the line and every rank returns 2.
-    The process group is then torn down, as ``Accelerator.end_training`` does after a finished run: a rank that
-    exits with gloo's threads still running is aborted by the C++ runtime ("terminate called without an active
-    exception", SIGABRT) instead of exiting with its code.
-    """
-    try:
-        code = main()
-    except (CheckpointError, InitAdapterError) as err:
-        if _is_main_process():
-            print(f"error: {err}", file=sys.stderr)
-        code = 2
-    _end_process_group()
-    return code
-
-
 def _is_main_process() -> bool:
     """Whether this is the main process of the launch: Accelerate's answer once a ``PartialState`` exists (it is
     never created here, which would join a process group), else ``RANK`` as launchers set it."""
@@ -559,11 +633,27 @@ def _publish_checkpoint(staging: Path, target: Path) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def _choose_resume_checkpoint(root: Path, num_processes: int, *, needs_scaler: bool) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint under ``root`` that :func:`checkpoint_problem` passes, and one notice per newer
-    broken one. ``(None, [])`` when there is no ``step_N`` folder at all (a fresh start); ``CheckpointError``
-    naming the folder and each checkpoint's problem when there are some and none is complete."""
+def _choose_resume_checkpoint(root: Path, num_processes: int, *, needs_scaler: bool,
+                              requested: Path | None = None) -> tuple[Path | None, list[str]]:
+    """The checkpoint under ``root`` to resume, and the notices to print.
+
+    By default the newest one that :func:`checkpoint_problem` passes, with one notice per newer broken one;
+    ``(None, [])`` when there is no ``step_N`` folder at all (a fresh start); ``CheckpointError`` naming the folder
+    and each checkpoint's problem when there are some and none is complete. ``requested`` (``--resume PATH``)
+    inside ``root``: that checkpoint or ``CheckpointError`` naming its problem (no other is taken in its place);
+    outside ``root``: it belongs to another task or stage of the run, and this one resumes its newest, with a notice.
+    """
     notices, problems = [], []
+    if requested is not None:
+        if root.resolve() in requested.resolve().parents:
+            problem = (f"{requested} is not a step_N folder of {root}" if requested.resolve().parent != root.resolve()
+                       else checkpoint_problem(requested, num_processes, needs_scaler=needs_scaler))
+            if problem is not None:
+                raise CheckpointError(f"--resume {requested} cannot be resumed: {problem}; pass another checkpoint "
+                                      f"of {root}, or --resume alone for the newest complete one")
+            return requested, notices
+        notices.append(f"notice: --resume {requested} belongs to another task or stage; {root.parent} resumes from "
+                       f"its newest checkpoint, if it has one")
     for candidate in reversed(_step_dirs(root)):
         problem = checkpoint_problem(candidate, num_processes, needs_scaler=needs_scaler)
         if problem is None:
@@ -574,7 +664,7 @@ def _choose_resume_checkpoint(root: Path, num_processes: int, *, needs_scaler: b
     if problems:
         raise CheckpointError(f"no complete checkpoint to resume in {root} ({'; '.join(problems)}); delete those "
                               f"folders to start this run over, or start with --overwrite")
-    return None, []
+    return None, notices
 
 
 def _prepare_attention(model: nn.Module, backend: str, accelerator: Accelerator) -> dict[str, int]:
@@ -680,7 +770,7 @@ def _checked_groups(param_groups: list[dict[str, Any]] | None, params: list[nn.P
 
 def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, config: TrainConfig, *,
         accelerator: Accelerator | None = None, output_dir: str | os.PathLike | None = None,
-        resume: bool = False, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        resume: bool | str | os.PathLike = False, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
         evaluator: Callable[[nn.Module, Accelerator], dict[str, float]] | None = None, metric: str = "accuracy",
         before_epoch: Callable[[nn.Module, int], None] | None = None, log_prefix: str = "",
         batch_sampler: Sampler[list] | None = None, test_dataset: Dataset | None = None,
@@ -695,7 +785,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     hard negatives with the current model.
     Checkpoints go to ``output_dir/checkpoints/step_N`` at each epoch end (and every
     ``checkpoint_every_steps`` optimiser steps), each written aside, fsynced and renamed into place whole;
-    ``resume=True`` continues from the newest complete one (starting fresh when there is none). A broken newer
+    ``resume=True`` (or ``"latest"``) continues from the newest complete one (starting fresh when there is none);
+    ``resume=PATH`` from the checkpoint folder PATH when it lies in this run's checkpoints folder (a broken one
+    is an error; the newer ones are removed at the next checkpoint), else from the newest (PATH then belongs to
+    another task or stage of the same job, which calls fit once per task). A broken newer
     checkpoint (half-written ``progress.json``, truncated tensors, a missing file) is skipped with a notice naming
     it and why; :class:`CheckpointError` when every one is broken, or when the chosen one lacks a process's RNG
     state and ``config.allow_rng_reset`` is off. Plugins attached with :func:`visadapt.attach` get their
@@ -706,7 +799,11 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     its ``batch_size`` attribute must divide over the processes, its length must not change between epochs, and
     its ``set_epoch(epoch)`` is called before every epoch so that its order can depend on the epoch alone.
 
-    ``config.lr_schedule`` picks what follows the linear warm-up (cosine to 0, or constant), and
+    The optimiser is ``config.optimizer`` from timm's ``create_optimizer_v2`` (:func:`build_optimizer`), the
+    learning rate follows ``timm.scheduler`` (:func:`build_lr_scheduler`: linear warm-up, then
+    ``config.lr_schedule`` cosine, linear or constant, per step or per epoch), the gradient norm of the trained
+    tensors is clipped to ``config.max_grad_norm`` before each optimiser step when set, ``config.max_steps`` stops
+    the run after that many optimiser steps (mid-epoch too; that epoch is then evaluated and checkpointed), and
     ``config.patience`` stops training once that many evaluations in a row have not beaten the best ``metric``
     (SelaVPR's official early stopping on R@5); ``FitResult.stopped_early`` says it did, and a resumed run that
     had stopped does not train further.
@@ -718,10 +815,10 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     into ``model`` before returning: the model then holds the adapter whose test accuracy is
     ``FitResult.test_at_best``, not the last epoch's.
 
-    ``param_groups`` (AdamW parameter groups: ``{"params": [...], "weight_decay": ..., "betas": ..., ...}``) sets
-    per-group optimiser settings, e.g. a method's official ones (:func:`visadapt.plugins.ranking_clip.
+    ``param_groups`` (optimiser parameter groups: ``{"params": [...], "weight_decay": ..., "betas": ..., ...}``)
+    sets per-group optimiser settings, e.g. a method's official AdamW ones (:func:`visadapt.plugins.ranking_clip.
     official_param_groups`); together they must hold every trainable parameter exactly once. Default: one group
-    with ``config.weight_decay`` and AdamW's defaults.
+    with ``config.weight_decay`` and the optimiser's defaults.
 
     Logging (:mod:`visadapt.tracking`): every ``config.log_every`` optimiser steps the mean loss, the learning
     rate(s) and images/s, and at every epoch end the history entry, go to the accelerator's trackers
@@ -772,13 +869,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    # The fused CUDA kernel updates every tensor in one launch; on CPU the default (foreach) path is kept, so
-    # CPU runs stay bit-identical to earlier releases and across process counts.
-    optimizer = torch.optim.AdamW(_checked_groups(param_groups, params), lr=config.lr,
-                                  weight_decay=config.weight_decay,
-                                  fused=accelerator.device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.lr_schedule, warmup_steps, total_steps))
+    optimizer = build_optimizer(_checked_groups(param_groups, params), config, device=accelerator.device)
+    scheduler = build_lr_scheduler(optimizer, config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     if eval_loader is None:
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         run_evaluation = evaluator
@@ -819,6 +911,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": (-1.0, 0)}
     resumed_from = None
     selected: dict[str, torch.Tensor] | None = None  # trainable state at the best evaluation (keep_best)
+    requested = None if resume in (None, False, True, RESUME_LATEST) else Path(resume)
     if resume and ckpt_root is not None:
         # The main process decides (which checkpoint, which notices, which RNG files are missing, or the error) and
         # broadcasts the decision; every process follows it. Letting each rank read the files itself could split
@@ -832,7 +925,8 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             try:
                 remove_stale_staging(ckpt_root)
                 chosen, notices = _choose_resume_checkpoint(ckpt_root, accelerator.num_processes,
-                                                            needs_scaler=accelerator.scaler is not None)
+                                                            needs_scaler=accelerator.scaler is not None,
+                                                            requested=requested)
                 missing_rng = [name for name in rng_state_files(accelerator.num_processes)
                                if chosen is not None and not (chosen / name).is_file()]
                 decision = (str(chosen) if chosen is not None else None, notices, missing_rng, None)
@@ -1059,72 +1153,6 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
                      resumed_from=resumed_from, metric=metric, restored_best=keep_best and selected is not None,
                      precision=precision_name(accelerator.mixed_precision), compiled=config.compile,
                      attention=attention, stopped_early=stopped_early, **test)
-
-
-def add_run_flags(parser: argparse.ArgumentParser, *, resume_help: str = "continue from the newest checkpoint",
-                  overwrite_help: str = "discard an earlier run in --output-dir", progress: bool = True,
-                  init_adapter: bool = False) -> None:
-    """The flags every ``train/`` script shares: ``--resume``, ``--overwrite``, ``--allow-rng-reset``, (with
-    ``progress``) ``--no-progress``, ``--lr-schedule``, the speed flags ``--precision``, ``--compile``,
-    ``--attention`` (pass them, ``--lr-schedule`` and ``--allow-rng-reset`` on with :func:`run_options`), and (with
-    ``init_adapter``, for scripts that call :func:`init_adapter_from_file`) ``--init-adapter FILE``, and the tracking
-    flags ``--report-to``, ``--logging-dir``, ``--log-every`` (:func:`visadapt.tracking.add_tracking_flags`: pass
-    them on with ``make_accelerator(..., **tracking_options(args))`` and :func:`run_options`);
-    :func:`finish_run_args` checks them after parsing."""
-    parser.add_argument("--resume", action="store_true", help=resume_help)
-    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    parser.add_argument("--allow-rng-reset", action="store_true",
-                        help="with --resume: continue from a checkpoint that lacks its random number state "
-                             "(random_states_<rank>.pkl), reseeded from seed and step. Dropout masks and stochastic "
-                             "adapter choices then differ from the interrupted run's; without this flag such a "
-                             "resume is refused")
-    if progress:
-        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # None: the recipe's, else cosine (run_options)
-    parser.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
-                        help="learning rate after the linear warm-up: cosine (decays to 0 at the last step) or "
-                             "constant. Default: the recipe's, else cosine")
-    if init_adapter:
-        parser.add_argument("--init-adapter", default=None, metavar="FILE",
-                            help="start from the trained adapter in FILE (a visadapt .safetensors, e.g. the "
-                                 "adapter.safetensors of an earlier run) instead of a fresh one; it must hold this "
-                                 "run's plugin with this run's config, for this backbone (checked before training)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="autocast precision (adapter weights and optimiser state stay fp32). auto: the "
-                             "--mixed_precision of accelerate launch when it set one, else bf16 on a CUDA GPU that "
-                             "has it, else fp32")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the adapted model once (first steps are slower while it compiles)")
-    parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
-                        help="timm attention kernel: sdpa (PyTorch fused attention), eager (unfused, as the "
-                             "reference PETL code runs it), xformers (where its kernels run here, else sdpa with "
-                             "a notice)")
-    add_tracking_flags(parser)  # --report-to, --logging-dir, --log-every (visadapt.tracking)
-
-
-def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields the speed flags, ``--lr-schedule``, ``--allow-rng-reset`` and
-    ``--log-every`` of :func:`add_run_flags` set:
-    ``TrainConfig(..., **run_options(args))``. The accelerator takes ``precision=args.precision`` too."""
-    return {"precision": args.precision, "compile": args.compile, "attention": args.attention,
-            "allow_rng_reset": args.allow_rng_reset, "lr_schedule": getattr(args, "lr_schedule", None) or "cosine",
-            "log_every": args.log_every}
-
-
-def finish_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                    recipe: Mapping[str, Any] | None = None) -> argparse.Namespace:
-    """Fill every value left at ``None`` from ``recipe`` (a flag given on the command line wins), refuse
-    ``--resume`` together with ``--overwrite``, and let ``--no-progress`` silence every progress bar of the run
-    (:func:`visadapt.progress.apply_no_progress_flag`). Returns ``args``."""
-    from visadapt.progress import apply_no_progress_flag
-
-    apply_no_progress_flag(args)
-    for key, value in (recipe or {}).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite contradict each other; choose one")
-    return args
 
 
 class InitAdapterError(AdapterFileError):

@@ -33,8 +33,10 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: importing visadapt loads no torch (visadapt/__init__.py)
+    from torch import nn
 
 #: the attribute visadapt hangs its modules on (:data:`visadapt.inject.ADAPTERS_ATTR`; not imported: no cycle)
 _ADAPTERS_ATTR = "visadapt_adapters"

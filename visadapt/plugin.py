@@ -7,7 +7,6 @@ so the trainable set, the saved state and detach are all found by name.
 from __future__ import annotations
 
 import abc
-import argparse
 import dataclasses
 import difflib
 import os
@@ -118,20 +117,6 @@ def config_values(config_file: str | os.PathLike | None, overrides: typing.Itera
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set bottleneck=16")
         values[key.strip()] = yaml.safe_load(raw)
     return values
-
-
-class SetOverride(argparse.Action):
-    """``--set KEY=VALUE`` (repeatable): appends to the list like ``action="append"``, but refuses an item without
-    ``=`` while parsing, so ``--set rank 8`` says how to write it instead of argparse's later "unrecognized
-    arguments: 8"."""
-
-    def __call__(self, parser, namespace, value, option_string=None) -> None:
-        key, sep, _ = str(value).partition("=")
-        if not sep or not key.strip():
-            parser.error(f"{option_string} {value!r}: expected KEY=VALUE with no space around '=', "
-                         f"e.g. {option_string} {key.strip() or 'rank'}=8")
-        items = list(getattr(namespace, self.dest, None) or [])
-        setattr(namespace, self.dest, [*items, value])
 
 
 def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:

@@ -22,10 +22,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from visadapt.backbones import EMBEDDED_MODEL
-from visadapt.data.tasks import resolve_task
-from visadapt.data.transforms import NORMALIZATION_CHOICES
-from visadapt.registry import get_plugin
+from visadapt.names import EMBEDDED_MODEL, NORMALIZATION_CHOICES
+from visadapt.train.flags import LR_SCHEDULES
 
 # Defaults per benchmark, under any recipe; every value can be overridden by its flag. VTAB-1k / FGVC: the common
 # recipe of NOAH, PETL-ViT and V-PETL Bench. mini-vtab: sized to finish on 2 CPU cores in a few minutes.
@@ -78,7 +76,6 @@ class RecipeSchema(NamedTuple):
     per_task: bool = False
 
 
-_LR_SCHEDULES = ("cosine", "constant")  # visadapt.engine.LR_SCHEDULES (not imported: engine pulls in accelerate)
 SCHEMAS: dict[str, RecipeSchema] = {
     "vtab": RecipeSchema("train/vtab.py", tuple(BENCHMARK_DEFAULTS), SETTING_TYPES,
                          {"normalize": NORMALIZATION_CHOICES}, ("input_size",), per_task=True),
@@ -89,12 +86,12 @@ SCHEMAS: dict[str, RecipeSchema] = {
         "mining": str, "margin": float, "local_weight": float, "local_margin": float, "rerank_k": int,
         "train_positive_radius": float, "negative_radius": float, "eval_radius": float, "seed": int,
     }, {"normalize": NORMALIZATION_CHOICES, "mining": ("partial", "semihard", "random"),
-        "lr_schedule": _LR_SCHEDULES}, ("input_size", "patience", "queries_per_epoch", "mining_refresh_every")),
+        "lr_schedule": LR_SCHEDULES}, ("input_size", "patience", "queries_per_epoch", "mining_refresh_every")),
     "rank": RecipeSchema("train/rank.py", ("rank",), {
         "model": str, "pretrained": str, "epochs": int, "lr": float, "weight_decay": float, "list_size": int,
         "warmup_epochs": float, "lr_schedule": str, "negative_ratio": float, "pair_partners": int,
         "rank_weight": float, "regression_weight": float, "zero_weight": float, "seed": int,
-    }, {"lr_schedule": _LR_SCHEDULES}, ("pair_partners",)),
+    }, {"lr_schedule": LR_SCHEDULES}, ("pair_partners",)),
 }
 
 
@@ -269,6 +266,10 @@ def load_recipe(name_or_path: str, script: str = "vtab") -> Recipe:
                              f"{schema.script} applies it")
     if not all(isinstance(v, str) for v in data.get("deviations", [])):
         raise ValueError(f"{where}: deviations must be a list of texts")
+    # torch-importing modules: loaded when a recipe is read, not to list the recipes (a job's --help)
+    from visadapt.data.tasks import resolve_task
+    from visadapt.registry import get_plugin
+
     try:
         plugin = get_plugin(data["adapter"])()
     except KeyError as err:

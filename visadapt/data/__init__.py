@@ -10,15 +10,10 @@ from visadapt.data.errors import DatasetError
 from visadapt.data.tasks import benchmark_tasks
 from visadapt.data.transforms import fgvc_transforms, resolve_normalization, vtab_transform
 from visadapt.data.vtab import ImageListDataset
+from visadapt.names import PROTOCOLS  # which splits train and evaluate under each protocol
 
 __all__ = ["PROTOCOLS", "DatasetError", "ImageListDataset", "build_datasets", "resolve_normalization"]
 
-# Which splits train and evaluate under each protocol: "final" reports test accuracy after training on
-# train+val (VTAB-1k: the 1000-image train800val200); "tune" is the hyper-parameter search split.
-PROTOCOLS = {
-    "final": {"vtab": ("train800val200", "test"), "fgvc": (("train", "val"), "test")},
-    "tune": {"vtab": ("train800", "val200"), "fgvc": ("train", "val")},
-}
 
 
 def build_datasets(benchmark: str, data_root: str | os.PathLike, task: str, *, protocol: str = "final",

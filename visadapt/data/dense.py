@@ -94,9 +94,9 @@ from visadapt.data.errors import DatasetError
 from visadapt.data.procedural import _polygon, _regular, _star, default_data_root
 from visadapt.data.transforms import resolve_normalization
 from visadapt.data.vtab import decode_image
+from visadapt.names import DENSE_TASKS
 from visadapt.progress import Progress
 
-DENSE_TASKS = ("semseg", "human_parts", "sal", "normals")
 IGNORE_INDEX = 255
 
 # ------------------------------------------------------------------------------------------ label tables

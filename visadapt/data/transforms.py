@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from visadapt.names import NORMALIZATION_CHOICES
+
 if TYPE_CHECKING:
     from torchvision.transforms import Compose
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATION_CHOICES = ("model", "imagenet", "none")
 
 
 def resolve_normalization(choice: str, model=None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

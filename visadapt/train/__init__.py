@@ -38,7 +38,7 @@ def run(command: str, argv: list[str] | None = None, prog: str | None = None) ->
     ``prog`` is how the user invoked it, shown in the job's usage and ``--help`` (``visadapt-train vtab``,
     ``python -m visadapt.train vtab``); the default is the checkout's thin script, ``train/<module>.py``.
     """
-    from visadapt.engine import run_script
+    from visadapt.train.flags import run_script  # torch-free: the job parses before it loads torch
 
     module_name = COMMANDS[command][0]
     module = importlib.import_module(f"{__name__}.{module_name}")

@@ -41,43 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-import timm
-import torch
-from accelerate import PartialState
-
 import visadapt
-from visadapt.backbones import EMBEDDED_SWIN, BackboneWeightsError, check_backbone_choice, create_backbone
-from visadapt.data import resolve_normalization
-from visadapt.data.dense import DENSE_TASKS, PascalContextMultiTask, ProceduralDenseScenes
-from visadapt.dense import (
-    DENSE_METHODS,
-    MTLORA_LOSS_WEIGHTS,
-    DenseTargets,
-    MultiTaskDenseModel,
-    attach_dense_method,
-    benchmark_plugin_fields,
-    dense_evaluator,
-    dense_loss,
-    method_plugin_fields,
-    save_dense_adapters,
-    unflatten_results,
-)
-from visadapt.engine import (
-    InitAdapterError,
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.io import AdapterFileError, read_adapter_metadata, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
+from visadapt.names import DENSE_METHODS, DENSE_TASKS, EMBEDDED_SWIN
 from visadapt.tracking import tracker_config, tracking_options
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
 from visadapt.train.preflight import check_data_root, refuse_existing_runs, report_error, task_output_dir
 
 # Per benchmark; every value can be overridden by its flag. pascal: MTLoRA's schedule (AdamW 5e-4, wd 0.05,
@@ -182,6 +149,9 @@ def check_polyhistor_tasks(args: argparse.Namespace, file: str, tasks: list[str]
     """Refuse a Polyhistor(-Lite) ``file`` trained on other tasks than ``tasks`` with the fix (``--tasks``, or
     under ``--single-task`` a file of that task alone): its config's ``tasks`` comes from ``--tasks``, not from
     ``--set`` (:func:`visadapt.dense.method_plugin_fields`), so the engine's ``--set`` fix would not apply."""
+    from visadapt.engine import InitAdapterError
+    from visadapt.io import AdapterFileError, read_adapter_metadata
+
     try:
         meta = read_adapter_metadata(file)
         holds = list(json.loads(meta["config"]).get("tasks") or []) if meta["plugin"] == "polyhistor" else None
@@ -197,6 +167,9 @@ def check_polyhistor_tasks(args: argparse.Namespace, file: str, tasks: list[str]
 
 def plugin_fields(args: argparse.Namespace) -> dict:
     """The method's plugin fields: the benchmark's defaults the plugin has, then --adapter-config, then --set."""
+    from visadapt.dense import benchmark_plugin_fields
+    from visadapt.plugin import config_values
+
     given = config_values(args.adapter_config, args.overrides)
     return benchmark_plugin_fields(args.method, args.tasks, args.benchmark, given)
 
@@ -211,6 +184,8 @@ def check_data(args: argparse.Namespace) -> None:
     construction: directory listings, nothing decoded). ``ValueError`` (a ``DatasetError``) naming the fix."""
     if args.benchmark != "pascal":
         return
+    from visadapt.data.dense import PascalContextMultiTask
+
     if args.data_root is None:
         raise ValueError(PASCAL_NEEDS_ROOT)
     check_data_root(args.data_root, "the PASCAL_MT layout (JPEGImages, ImageSets, semseg, ...)")
@@ -219,6 +194,8 @@ def check_data(args: argparse.Namespace) -> None:
 
 
 def build_datasets(args: argparse.Namespace, tasks: list[str], normalization):
+    from visadapt.data.dense import PascalContextMultiTask, ProceduralDenseScenes
+
     if args.benchmark == "scenes":
         common = {"size": args.input_size, "seed": args.data_seed, "tasks": tasks, "normalization": normalization}
         return (ProceduralDenseScenes("train", num_samples=args.train_samples, **common),
@@ -232,6 +209,24 @@ def build_datasets(args: argparse.Namespace, tasks: list[str], normalization):
 
 def train_one(args: argparse.Namespace, tasks: list[str], out: Path, plugin_fields: dict) -> dict:
     """Train one multi-task model on ``tasks``; returns its metrics (also written to ``out/metrics.json``)."""
+    import timm
+    import torch
+
+    from visadapt.backbones import create_backbone
+    from visadapt.data import resolve_normalization
+    from visadapt.dense import (
+        MTLORA_LOSS_WEIGHTS,
+        DenseTargets,
+        MultiTaskDenseModel,
+        attach_dense_method,
+        dense_evaluator,
+        dense_loss,
+        save_dense_adapters,
+        unflatten_results,
+    )
+    from visadapt.engine import TrainConfig, fit, init_adapter_from_file, make_accelerator, seed_everything
+    from visadapt.io import write_json_atomic
+
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, eval_every=args.eval_every,
                          num_workers=args.num_workers, progress=not args.no_progress, **run_options(args))
@@ -290,6 +285,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # headers, the backbone name and a --pretrained path, the data folder, output folders holding a run. No
     # model is built and the hub is not contacted before they pass.
     args = parse_args(argv, prog)
+    from accelerate import PartialState
+
+    from visadapt.backbones import BackboneWeightsError, check_backbone_choice
+    from visadapt.dense import attach_dense_method, method_plugin_fields
+    from visadapt.engine import check_init_adapter
+    from visadapt.io import write_json_atomic
+
     try:
         fields = plugin_fields(args)
         attach_dense_method(None, args.method, args.tasks, fields)  # a bad config fails before any work

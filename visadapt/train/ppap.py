@@ -35,59 +35,20 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate import PartialState
 from PIL import Image
-from torch import nn
-from torch.utils.data import Dataset
 
 import visadapt
-from visadapt.backbones import (
-    PPAP_WORLD_CLASSES,
-    BackboneWeightsError,
-    _hub_source,
-    check_backbone_choice,
-    create_ppap_world_classifier,
-    create_ppap_world_pipeline,
-    weights_error,
-)
-from visadapt.data.shards import write_image_shards
-from visadapt.diffusion import check_pipeline_choice, load_pipeline, read_metadata
-from visadapt.engine import (
-    InitAdapterError,
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    prepare_output_dir,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.io import (
-    TRAIN_METADATA,
-    AdapterFileError,
-    check_base_model,
-    parse_header,
-    read_adapter_metadata,
-    write_json_atomic,
-)
-from visadapt.plugins.ppap import (
-    classifier_distillation_loss,
-    copy_expert,
-    dense_distillation_loss,
-    expert_parameters,
-    guide,
-    ppap_config,
-    save_experts,
-    use_expert,
-)
+from visadapt.train.flags import add_run_flags, finish_run_args, run_options, run_script
+
+if TYPE_CHECKING:  # annotations only: importing the job (its --help) loads no torch
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from visadapt.train.ppap_distillation import NoisedStudent, TeacherLabelledPool
 from visadapt.tracking import tracker_config, tracking_options
 from visadapt.train.preflight import refuse_existing_runs, report_error
 
@@ -105,6 +66,9 @@ def check_world_choice(pipeline: str, classifier: str, classifier_weights: str |
     """Refuse, before anything loads, a ``--pipeline`` that can be no pipeline, an unknown timm ``--classifier``
     (``ValueError``) or ``--classifier-weights`` that are no file (``FileNotFoundError``; a timm classifier
     also takes ``default`` and ``none``)."""
+    from visadapt.backbones import check_backbone_choice
+    from visadapt.diffusion import check_pipeline_choice
+
     check_pipeline_choice(pipeline, embedded=EMBEDDED_WORLD)
     if classifier != EMBEDDED_WORLD:
         check_backbone_choice(classifier, "none", flags=("--classifier", "--classifier-weights"),
@@ -124,6 +88,17 @@ def load_world(pipeline: str, classifier: str, classifier_weights: str | None, s
     Raises what :func:`check_world_choice` does, and :class:`~visadapt.backbones.BackboneWeightsError` when a hub
     pipeline or the classifier's weights cannot be had."""
     check_world_choice(pipeline, classifier, classifier_weights)
+    import torch
+    import torch.nn.functional as F
+
+    from visadapt.backbones import (
+        _hub_source,
+        create_ppap_world_classifier,
+        create_ppap_world_pipeline,
+        weights_error,
+    )
+    from visadapt.diffusion import load_pipeline
+
     if pipeline == EMBEDDED_WORLD:
         pipe = create_ppap_world_pipeline(scheduler=scheduler)
     else:
@@ -172,6 +147,8 @@ def load_world(pipeline: str, classifier: str, classifier_weights: str | None, s
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """Pipeline output ``(B, H, W, 3)`` floats in [0, 1] -> ``(B, 3, H, W)`` in [-1, 1]."""
+    import torch
+
     return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
 
 
@@ -181,6 +158,9 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def generate_pool(pipe, folder: Path, *, size: int, shard_size: int, batch_size: int, steps: int, seed: int,
                   pipeline_name: str) -> dict[str, int]:
     """Step 1: ``size`` unconditional samples of ``pipe`` as PNG shards under ``folder`` (resumable)."""
+
+    from visadapt.data.shards import write_image_shards
+
     settings = {"version": POOL_VERSION, "kind": "ppap_pool", "pipeline": pipeline_name,
                 "scheduler": type(pipe.scheduler).__name__, "steps": steps, "seed": seed}
 
@@ -196,67 +176,16 @@ def generate_pool(pipe, folder: Path, *, size: int, shard_size: int, batch_size:
                                   batch_size=batch_size, seed=seed, progress=images)
 
 
-class TeacherLabelledPool(Dataset):
-    """The pool images ``(3, H, W)`` in [-1, 1], each with the frozen teacher's output on it as its "label".
-
-    The teacher runs once per image here (experts off, eval mode), not once per training step.
-    """
-
-    def __init__(self, root: Path, teacher: nn.Module, preprocess, batch_size: int = 256) -> None:
-        paths = [path for path, _ in read_metadata(root)]
-        self.images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in paths])
-        self.images = self.images.permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad(), use_expert(teacher, None):
-            self.teacher = torch.cat([teacher(preprocess(self.images[i:i + batch_size])).float()
-                                      for i in range(0, len(self.images), batch_size)])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.teacher[index]
-
-
-class _Subset(Dataset):
-    def __init__(self, data: Dataset, indices: list[int]) -> None:
-        self.data, self.indices = data, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.data[self.indices[index]]
-
-
 # ---------------------------------------------------------------------------------------------- the experts
-
-
-class NoisedStudent(nn.Module):
-    """Expert ``expert`` of the classifier on ``x_t = add_noise(x0, noise, t)``, ``t ~ U[lo, hi)``.
-
-    ``forward(x0)``: ``(B, 3, H, W)`` clean images in [-1, 1] -> the student's output on x_t (``(B, K)`` logits).
-    Noise and t come from torch's global RNG, which the engine checkpoints, so a resumed run draws the same.
-    """
-
-    def __init__(self, model: nn.Module, scheduler, expert: int, time_range: tuple[int, int], preprocess) -> None:
-        super().__init__()
-        self.model, self.scheduler, self.expert, self.time_range = model, scheduler, expert, time_range
-        self.preprocess = preprocess
-
-    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        lo, hi = self.time_range
-        t = torch.randint(lo, hi, (len(x0),), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        return self.scheduler.add_noise(x0, noise, t)
-
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        with use_expert(self.model, self.expert):
-            return self.model(self.preprocess(self.noised(x0)))
 
 
 def distillation_evaluator(student: NoisedStudent, held_out: Dataset, loss_fn, seed: int, batch_size: int = 256):
     """``evaluate(model, accelerator)``: on ``held_out`` at fixed noise and t, the distillation loss and the
     ``agreement`` (%) of the expert's top class on x_t with the teacher's on x0."""
+    import torch
+
+    from visadapt.plugins.ppap import use_expert
+
     def evaluate(model: nn.Module, accelerator) -> dict[str, float]:
         generator = torch.Generator().manual_seed(seed)
         was_training = student.training
@@ -280,12 +209,24 @@ def distillation_evaluator(student: NoisedStudent, held_out: Dataset, loss_fn, s
 def train_experts(model: nn.Module, scheduler, preprocess, pool: TeacherLabelledPool, out: Path, args,
                   accelerator) -> list[dict]:
     """Step 2: train every expert on ``pool``; return one record per expert (range, fit history)."""
+    import torch
+
+    from visadapt.engine import TrainConfig, fit
+    from visadapt.plugins.ppap import (
+        classifier_distillation_loss,
+        copy_expert,
+        dense_distillation_loss,
+        expert_parameters,
+        ppap_config,
+    )
+    from visadapt.train.ppap_distillation import NoisedStudent, PoolSubset
+
     config = ppap_config(model)
     loss_fn = ((lambda outputs, teacher: classifier_distillation_loss(outputs, teacher, args.temperature))
                if args.objective == "class" else dense_distillation_loss)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held = max(1, round(len(pool) * args.holdout_fraction))
-    train_set, held_out = _Subset(pool, order[held:]), _Subset(pool, order[:held])
+    train_set, held_out = PoolSubset(pool, order[held:]), PoolSubset(pool, order[:held])
     if len(train_set) < args.batch_size:
         raise ValueError(f"--pool-size {len(pool)} leaves {len(train_set)} training images after the hold-out, fewer "
                          f"than --batch-size {args.batch_size}; generate a larger pool or lower the batch")
@@ -325,6 +266,9 @@ def measure_guidance(pipe, classifier: nn.Module, preprocess, *, num_classes: in
     Sample ``i`` starts from the same noise in every setting (generator seeded from ``(seed, i)``), so the
     settings differ only by the guidance.
     """
+    import torch
+
+    from visadapt.plugins.ppap import guide, use_expert
     from visadapt.progress import Progress
 
     targets = torch.randint(num_classes, (samples,), generator=torch.Generator().manual_seed(seed))
@@ -422,6 +366,9 @@ def check_init_experts(path: str, classifier: nn.Module, config: dict, pipeline:
     """Refuse ``--init-adapter path`` unless it holds PPAP experts this run can start from: ``config``'s expert
     count, rank and alpha (the fix names their flags), its training timesteps (those of ``pipeline``) and the
     other fields (:func:`visadapt.engine.check_init_adapter`), for ``classifier`` (un-adapted). Header only."""
+    from visadapt.engine import InitAdapterError, check_init_adapter
+    from visadapt.io import AdapterFileError, check_base_model, parse_header, read_adapter_metadata
+
     try:
         _, plugin, file_config = parse_header(path, read_adapter_metadata(path))
     except AdapterFileError:
@@ -452,6 +399,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # --classifier name and its weights file, an output folder holding a run; then the models load (a pipeline or
     # weights that cannot be had: one line), --init-adapter is checked against them, and the output folder is made.
     args = parse_args(argv, prog)
+    from accelerate import PartialState
+
+    from visadapt.backbones import PPAP_WORLD_CLASSES, BackboneWeightsError
+    from visadapt.engine import init_adapter_from_file, make_accelerator, prepare_output_dir, seed_everything
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+    from visadapt.plugins.ppap import save_experts
+    from visadapt.train.ppap_distillation import TeacherLabelledPool
+
     out = Path(args.output_dir)
     try:
         check_world_choice(args.pipeline, args.classifier, args.classifier_weights)

@@ -83,8 +83,12 @@ def render_world(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch
 
 
 def _cosine(optimizer, total: int, warmup: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    """timm's cosine over ``total`` optimiser steps with a linear warm-up from 0 over the first ``warmup`` (timm's
+    train.py convention: the warm-up overrides the cosine's start); call ``step_update(num_updates=n)`` after the
+    n-th optimiser step."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=total, warmup_t=warmup, warmup_lr_init=0.0, t_in_epochs=False)
 
 
 def train_classifier(args, train_x, train_y, hold_x, hold_y) -> tuple[torch.nn.Module, float]:
@@ -94,6 +98,7 @@ def train_classifier(args, train_x, train_y, hold_x, hold_y) -> tuple[torch.nn.M
     schedule = _cosine(optimizer, steps, 100)
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
+    updates = 0
     for epoch in range(args.classifier_epochs):
         order = torch.randperm(len(train_x), generator=generator)
         for i in range(len(train_x) // args.batch_size):
@@ -102,7 +107,8 @@ def train_classifier(args, train_x, train_y, hold_x, hold_y) -> tuple[torch.nn.M
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            updates += 1
+            schedule.step_update(num_updates=updates)
         print(f"classifier epoch {epoch + 1}: loss {loss.item():.3f}, held-out accuracy "
               f"{classifier_accuracy(model, hold_x, hold_y):.1f}%", flush=True)
     return model.eval(), classifier_accuracy(model, hold_x, hold_y)
@@ -139,7 +145,7 @@ def train_unet(args, train_x, start: float):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
+        schedule.step_update(num_updates=step)
         # An EMA of the weights samples visibly cleaner than the last iterate after so few steps.
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():

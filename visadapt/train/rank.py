@@ -14,9 +14,11 @@ mean over categories (the official script's headline figure), for the adapter an
 
 Optimiser: the official AdamW parameter groups by default (:func:`visadapt.plugins.ranking_clip.
 official_param_groups`: no weight decay on gains and biases, amsgrad, betas and eps per image tower);
-``--optimizer plain`` gives one group with ``--weight-decay`` everywhere and torch's betas/eps. Measured on the
-small run of ``tests/test_rank_train.py`` (512 images, 12 epochs, one seed): test SRCC 0.335 with the official
-defaults, 0.376 with ``--optimizer plain --set image_proj=frozen`` (visadapt's behaviour before 2026-12).
+``--param-groups plain`` gives one group with ``--weight-decay`` everywhere and the optimiser's defaults (the
+official groups are AdamW's: with ``--optimizer`` sgd, momentum or lamb they need ``--param-groups plain``).
+Measured on the small run of ``tests/test_rank_train.py`` (512 images, 12 epochs, one seed): test SRCC 0.335
+with the official defaults, 0.376 with ``--param-groups plain --set image_proj=frozen`` (visadapt's behaviour
+before 2026-12; ``--param-groups`` was called ``--optimizer`` before the shared ``--optimizer`` flag).
 Recipes: ``ranking-clip`` (``assets/recipes/ranking-clip.yaml``, read by :mod:`visadapt.recipes`; ``--recipe``
 also takes another recipe file) follows the official command (AdamW, weight decay 0.01, lr 5e-5: the README's flag
 is garbled, 5e-5 is the spec's reading; loss 1.0 pairwise + 0.2 regression) on the released checkpoints'
@@ -31,34 +33,16 @@ import json
 import shutil
 import sys
 from pathlib import Path
-
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-from torchvision import transforms
+from typing import TYPE_CHECKING
 
 import visadapt
-from visadapt import api
-from visadapt.backbones import EMBEDDED_CLIP, BackboneWeightsError, check_clip_choice, create_clip
-from visadapt.data.errors import DatasetError
-from visadapt.data.ranking import COUNTING_MANIFEST, RankingLists, RankingTable, generate_mini_counting
-from visadapt.engine import (
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
-from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
-from visadapt.plugins.ranking_clip import RankingLoss, RankingModel, default_tokenizer, official_param_groups
+from visadapt.names import EMBEDDED_CLIP
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision import transforms
 from visadapt.tracking import tracker_config, tracking_options
 from visadapt.train.preflight import check_data_root, report_error, task_output_dir
 
@@ -92,10 +76,11 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     for flag, kind in (("epochs", int), ("lr", float), ("weight-decay", float), ("list-size", int),
                        ("warmup-epochs", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
-    p.add_argument("--optimizer", default="official", choices=("official", "plain"),
+    p.add_argument("--param-groups", default="official", choices=("official", "plain"),
                    help="official: the official AdamW groups (no weight decay on gains and biases, amsgrad, betas "
-                        "(0.9, 0.98) / eps 1e-6 for ViT towers, (0.9, 0.999) / 1e-8 otherwise); plain: one AdamW "
-                        "group with --weight-decay on every tensor and torch's defaults (visadapt before 2026-12)")
+                        "(0.9, 0.98) / eps 1e-6 for ViT towers, (0.9, 0.999) / 1e-8 otherwise; --optimizer adamw or "
+                        "adam); plain: one group with --weight-decay on every tensor and the --optimizer's defaults "
+                        "(visadapt before 2026-12, when this flag was called --optimizer)")
     p.add_argument("--negative-ratio", type=float, default=None, help="share of each list drawn from other "
                                                                       "categories with target 0 (official 0.2)")
     p.add_argument("--pair-partners", type=int, default=None,
@@ -113,6 +98,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--output-dir", default=None, help="default: runs/rank-<dataset>")
     add_run_flags(p, init_adapter=True)
     args = p.parse_args(argv)
+    from visadapt.data.ranking import COUNTING_MANIFEST  # after parsing: --help loads no torch
+
     embedded = args.data_root is None or (Path(args.data_root) / COUNTING_MANIFEST).is_file()
     if args.recipe is None:
         args.recipe = "mini-counting" if embedded else "ranking-clip"
@@ -126,6 +113,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         if embedded:  # a smoke run on the generated data: its tiny CLIP, the recipe's optimisation
             values.update({k: RECIPES["mini-counting"][k] for k in ("model", "pretrained")})
     finish_run_args(p, args, {**SETTING_DEFAULTS, **values})
+    if args.param_groups == "official" and args.optimizer not in (None, "adamw", "adam"):
+        p.error(f"--optimizer {args.optimizer}: the official parameter groups carry AdamW's betas, eps and amsgrad; "
+                f"pass --param-groups plain with it, or --optimizer adamw")
     if args.list_size < 2:
         p.error(f"--list-size {args.list_size}: a ranking list needs at least 2 images")
     if args.pair_partners is not None and args.pair_partners < 1:
@@ -136,6 +126,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 def clip_transforms(facts: dict) -> tuple[transforms.Compose, transforms.Compose]:
     """Train and eval transforms: plain bicubic resize (no centre crop, as the official training), CLIP mean/std;
     training adds a horizontal flip."""
+    from torchvision import transforms
+
     size = facts["image_size"]
     base = [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.ToTensor(), transforms.Normalize(facts["mean"], facts["std"])]
@@ -144,6 +136,8 @@ def clip_transforms(facts: dict) -> tuple[transforms.Compose, transforms.Compose
 
 def tower_digest(clip: torch.nn.Module) -> str:
     """SHA-256 of every CLIP tensor outside the adapter: equal before and after training, or the towers moved."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(clip.state_dict().items()):
         if not name.startswith("visadapt_adapters.") and ".visadapt_adapters." not in name:
@@ -153,6 +147,20 @@ def tower_digest(clip: torch.nn.Module) -> str:
 
 
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
+    from visadapt import api
+    from visadapt.backbones import create_clip
+    from visadapt.data.ranking import RankingLists, RankingTable
+    from visadapt.engine import TrainConfig, fit, init_adapter_from_file, make_accelerator, seed_everything
+    from visadapt.eval.ranking import adapter_scorer, evaluate_ranking, zero_shot_scorer
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+    from visadapt.plugin import config_values
+    from visadapt.plugins.ranking_clip import (
+        RankingLoss,
+        RankingModel,
+        default_tokenizer,
+        official_param_groups,
+    )
+
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=1,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, progress=not args.no_progress,
                          **run_options(args))
@@ -172,13 +180,14 @@ def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
         init_adapter_from_file(clip, args.init_adapter)
     digest = tower_digest(clip)
     model = RankingModel(clip, pair_partners=args.pair_partners)
-    param_groups = official_param_groups(model, args.weight_decay) if args.optimizer == "official" else None
+    param_groups = official_param_groups(model, args.weight_decay) if args.param_groups == "official" else None
     counts = api.summary(clip)
     name = data_root.name
     run = {"benchmark": "rank", "dataset": name, "data_root": str(data_root), "model": args.model,
            "pretrained": args.pretrained, "recipe": args.recipe, "data_seed": args.data_seed, "seed": args.seed,
            "adapter": "ranking_clip", "ordinal": args.ordinal, "recipe_sha256": args.recipe_sha256,
-           "init_adapter": args.init_adapter, "lr_schedule": config.lr_schedule, "optimizer": args.optimizer}
+           "init_adapter": args.init_adapter, "lr_schedule": config.lr_schedule, "optimizer": config.optimizer,
+           "param_groups": args.param_groups}
     accelerator.init_trackers("rank", config=tracker_config({**run, **vars(config)}))
     accelerator.print(f"[rank] ranking_clip on {args.model}: {counts.trainable_params:,} trainable of "
                       f"{counts.total_params:,} params; {len(lists)} lists of {args.list_size} per epoch, "
@@ -239,6 +248,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # built and the hub is not contacted before they pass.
     try:
         args = parse_args(argv, prog)
+        from visadapt.backbones import check_clip_choice
+        from visadapt.engine import check_init_adapter
+        from visadapt.plugin import config_values
+
         settings = config_values(args.adapter_config, args.overrides, base=args.adapter_settings)
         visadapt.get_plugin("ranking_clip")().Config.from_dict(settings)
         if args.init_adapter:  # the header only: the file's plugin and config against this run's
@@ -248,6 +261,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             check_data_root(args.data_root, "train.csv, val.csv and test.csv")
     except (ValueError, KeyError, OSError) as err:
         return report_error(err)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt.backbones import BackboneWeightsError
+    from visadapt.data.errors import DatasetError
+    from visadapt.data.ranking import generate_mini_counting
+
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if args.data_root is None:
         with state.main_process_first():

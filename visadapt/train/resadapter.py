@@ -40,41 +40,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from PIL import Image
 
 import visadapt
-from visadapt import api
-from visadapt.backbones import EMBEDDED_SD, BackboneWeightsError
-from visadapt.data.generated import write_generated
-from visadapt.diffusion import (
-    METADATA_FILE,
-    BucketBatchSampler,
-    ImagePromptFolder,
-    TextToImageTrainer,
-    check_pipeline_choice,
-    denoising_evaluator,
-    denoising_loss,
-    load_pipeline,
-)
-from visadapt.engine import (
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    prepare_output_dir,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
+from visadapt.names import EMBEDDED_SD
 from visadapt.tracking import tracking_options
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
 from visadapt.train.preflight import check_data_root, refuse_existing_runs, report_error
 
 RECIPES = {
@@ -131,6 +102,9 @@ def default_data_root(seed: int = 0, count: int = 48) -> Path:
 def generate_shapes(root: str | os.PathLike | None = None, seed: int = 0, count: int = 48) -> Path:
     """Write ``count`` procedural images ("a red circle", ...) at the sizes of :data:`RENDER_SIZES` (cycled) as an
     image-prompt folder; deterministic in ``seed``, written once (a folder with the same manifest is reused)."""
+    from visadapt.data.generated import write_generated
+    from visadapt.diffusion import METADATA_FILE
+
     root = Path(root) if root is not None else default_data_root(seed, count)
 
     def write(tmp: Path) -> dict:
@@ -152,12 +126,13 @@ def generate_shapes(root: str | os.PathLike | None = None, seed: int = 0, count:
 # ------------------------------------------------------------------------------------------ sample grids
 
 
-@torch.no_grad()
 def sample_grid(pipe, prompts: list[str], sizes: list[tuple[int, int]], *, steps: int, guidance: float,
                 seed: int) -> np.ndarray:
     """Images of every prompt at every size, one row per size, each image centred in a cell of the largest
     size: ``(rows * H_max, columns * W_max, 3)`` uint8. Same seed for every cell, so grids of two epochs differ
-    only through the adapter."""
+    only through the adapter. (A diffusers pipeline's ``__call__`` runs under ``torch.no_grad()`` itself.)"""
+    import torch
+
     cell_h, cell_w = max(h for h, _ in sizes), max(w for _, w in sizes)
     grid = np.full((len(sizes) * cell_h, len(prompts) * cell_w, 3), 255, dtype=np.uint8)
     pipe.set_progress_bar_config(disable=True)
@@ -223,6 +198,33 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # --init-adapter, the --pipeline name or folder, the --data folder, an output folder holding a run. The output
     # folder is made once the pipeline, the adapter and the data are loaded, so a failed start leaves none.
     args = parse_args(argv, prog)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt import api
+    from visadapt.backbones import BackboneWeightsError
+    from visadapt.diffusion import (
+        METADATA_FILE,
+        BucketBatchSampler,
+        ImagePromptFolder,
+        TextToImageTrainer,
+        check_pipeline_choice,
+        denoising_evaluator,
+        denoising_loss,
+        load_pipeline,
+    )
+    from visadapt.engine import (
+        TrainConfig,
+        check_init_adapter,
+        fit,
+        init_adapter_from_file,
+        make_accelerator,
+        prepare_output_dir,
+        seed_everything,
+    )
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+    from visadapt.plugin import config_values
+
     try:
         config = visadapt.get_plugin("resadapter")().Config.from_dict(config_values(None, args.overrides))
         if args.init_adapter:  # the header only: the file's plugin and config against this run's

@@ -46,54 +46,34 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from PIL import Image
 
 import visadapt
-from visadapt import api
-from visadapt.backbones import EMBEDDED_SD, BackboneWeightsError
-from visadapt.data.generated import write_generated
-from visadapt.diffusion import (
-    METADATA_FILE,
-    ImagePromptFolder,
-    TextToImageTrainer,
-    check_pipeline_choice,
-    denoising_evaluator,
-    denoising_loss,
-    load_pipeline,
-)
-from visadapt.engine import (
-    InitAdapterError,
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    prepare_output_dir,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.io import TRAIN_METADATA, read_adapter_metadata, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
-from visadapt.plugins.selma import MERGE_METHODS, RECIPE, merge_expert_files
+from visadapt.names import EMBEDDED_SD
+from visadapt.names import SELMA_MERGE_METHODS as MERGE_METHODS
 from visadapt.tracking import tracking_options
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
 from visadapt.train.preflight import refuse_existing_runs, report_error
 
-RECIPES = {
-    "selma": {"rank": RECIPE["rank"], "alpha": RECIPE["alpha"], "lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"],
-              "grad_accum_steps": RECIPE["grad_accum_steps"], "resolution": RECIPE["resolution"], "epochs": None,
-              "max_steps": RECIPE["max_steps"], "lr_schedule": RECIPE["lr_schedule"],
-              "weight_decay": RECIPE["weight_decay"], "max_grad_norm": RECIPE["max_grad_norm"],
-              "random_flip": RECIPE["random_flip"], "seed": RECIPE["seed"]},
-    "embedded": {"rank": 4, "alpha": 4.0, "lr": 1e-3, "batch_size": 4, "grad_accum_steps": 1, "resolution": 32,
-                 "epochs": 3, "max_steps": 0, "lr_schedule": "cosine", "weight_decay": 0.0, "max_grad_norm": None,
-                 "random_flip": False, "seed": 0},
-}
+#: ``--recipe`` choices; their values: :func:`recipe_values`
+RECIPE_NAMES = ("embedded", "selma")
+
+
+def recipe_values(name: str) -> dict:
+    """The settings of recipe ``name``: ``selma`` is the official one (:data:`visadapt.plugins.selma.RECIPE`, read
+    here rather than at import: the plugin loads torch, and ``--help`` should not), ``embedded`` is sized for the
+    embedded pipeline on 2 CPU cores."""
+    if name == "embedded":
+        return {"rank": 4, "alpha": 4.0, "lr": 1e-3, "batch_size": 4, "grad_accum_steps": 1, "resolution": 32,
+                "epochs": 3, "max_steps": 0, "lr_schedule": "cosine", "weight_decay": 0.0, "max_grad_norm": None,
+                "random_flip": False, "seed": 0}
+    from visadapt.plugins.selma import RECIPE
+
+    return {"rank": RECIPE["rank"], "alpha": RECIPE["alpha"], "lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"],
+            "grad_accum_steps": RECIPE["grad_accum_steps"], "resolution": RECIPE["resolution"], "epochs": None,
+            "max_steps": RECIPE["max_steps"], "lr_schedule": RECIPE["lr_schedule"],
+            "weight_decay": RECIPE["weight_decay"], "max_grad_norm": RECIPE["max_grad_norm"],
+            "random_flip": RECIPE["random_flip"], "seed": RECIPE["seed"]}
 SKILL_DATA_VERSION = 1
 SKILL_MANIFEST = "selma_skills.json"
 COUNT_WORDS = ("one", "two", "three", "four")
@@ -126,7 +106,9 @@ def generate_skill_datasets(root: str | os.PathLike | None = None, seed: int = 0
     ``counting``: 1-4 copies of one shape, prompt "three circles"; ``color``: one shape of a named colour, prompt
     "a red square". Deterministic in ``seed``; written once (a folder with the same manifest is reused).
     """
+    from visadapt.data.generated import write_generated
     from visadapt.data.ranking import render_count
+    from visadapt.diffusion import METADATA_FILE
 
     root = Path(root) if root is not None else default_skills_root(seed, per_skill)
 
@@ -165,12 +147,13 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                                                            f"pipeline, or {EMBEDDED_SD} (embedded, no download)")
     p.add_argument("--skill", action="append", default=[], metavar="NAME=FOLDER",
                    help="a skill and its image-prompt folder; repeatable (default: the embedded procedural skills)")
-    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+    p.add_argument("--recipe", default=None, choices=sorted(RECIPE_NAMES),
                    help="default: embedded for the embedded pipeline, selma otherwise")
     for flag, kind in (("rank", int), ("alpha", float), ("lr", float), ("batch-size", int),
                        ("grad-accum-steps", int), ("resolution", int), ("epochs", int), ("seed", int),
-                       ("max-steps", int), ("weight-decay", float), ("max-grad-norm", float)):
+                       ("weight-decay", float)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="default: the recipe's")
+    # --max-steps, --max-grad-norm, --lr-schedule and the optimiser are add_run_flags' (the recipe fills them)
     p.add_argument("--set", dest="overrides", action=SetOverride, default=[], metavar="KEY=VALUE",
                    help="override one selma config field (value parsed as YAML), e.g. targets=[to_q,to_v]")
     p.add_argument("--merge", choices=MERGE_METHODS, default=None, help="merge the experts into one adapter")
@@ -192,9 +175,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         "config (checked before training)")
     args = p.parse_args(argv)
     args.recipe = args.recipe or ("embedded" if args.pipeline == EMBEDDED_SD else "selma")
-    finish_run_args(p, args, RECIPES[args.recipe])
-    if args.max_steps < 0 or (args.epochs is not None and args.epochs <= 0):
-        p.error("--max-steps must be >= 0 (0: --epochs decides) and --epochs positive")
+    finish_run_args(p, args, recipe_values(args.recipe))
+    if args.epochs is not None and args.epochs <= 0:
+        p.error(f"--epochs {args.epochs}: must be positive (or leave it out: --max-steps decides)")
     if not args.max_steps and args.epochs is None:
         p.error(f"recipe {args.recipe} counts optimiser steps: give --max-steps N (or --epochs N)")
     skills = {}
@@ -220,6 +203,8 @@ def epochs_for_steps(max_steps: int, images: int, batch_size: int, grad_accum_st
 
 def expert_config(args, skill: str) -> dict:
     """The ``selma`` config fields of the expert of ``skill``: the recipe's rank and alpha, ``--set``, its name."""
+    from visadapt.plugin import config_values
+
     return config_values(None, args.overrides, base={"rank": args.rank, "alpha": args.alpha, "skill": skill})
 
 
@@ -227,6 +212,9 @@ def init_adapter_files(args) -> dict[str, Path]:
     """``{skill: file}`` from ``--init-adapter SKILL=FILE`` (``args.skills`` known), each header checked: a
     ``selma`` expert of that skill with this run's config. Raises ``ValueError`` (:class:`InitAdapterError` for a
     file) naming the item and the fix."""
+    from visadapt.engine import InitAdapterError, check_init_adapter
+    from visadapt.io import read_adapter_metadata
+
     files: dict[str, Path] = {}
     for item in args.init_adapter:
         skill, sep, file = item.partition("=")
@@ -252,6 +240,13 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
                  init_file: Path | None = None) -> dict:
     """Attach a ``selma`` expert for ``skill`` (fresh, or ``init_file``'s trained one), fit it on ``folder``, save
     it, detach it; return its metrics."""
+    import torch
+
+    from visadapt import api
+    from visadapt.diffusion import ImagePromptFolder, TextToImageTrainer, denoising_evaluator, denoising_loss
+    from visadapt.engine import TrainConfig, fit, init_adapter_from_file, seed_everything
+    from visadapt.io import TRAIN_METADATA
+
     seed_everything(args.seed)
     visadapt.attach(pipe.unet, "selma", expert_config(args, skill), adapter_name=skill)
     try:
@@ -265,9 +260,8 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
         epochs = args.epochs or epochs_for_steps(args.max_steps, len(data), args.batch_size, args.grad_accum_steps)
         train_config = TrainConfig(epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
                                    batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
-                                   warmup_epochs=0, max_steps=args.max_steps,
-                                   max_grad_norm=args.max_grad_norm, seed=args.seed,
-                                   progress=not args.no_progress, **run_options(args))
+                                   warmup_epochs=0, seed=args.seed, progress=not args.no_progress,
+                                   **run_options(args))
         result = fit(model, data, None, train_config, accelerator=accelerator, output_dir=out / "runs" / skill,
                      resume=args.resume, loss_fn=denoising_loss, evaluator=evaluator, metric="neg_denoising_loss",
                      log_prefix=f"[{skill}] ")
@@ -291,6 +285,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # folder, every --skill folder, --init-adapter headers, an output folder holding a run. The output folder is
     # made once the pipeline is loaded, so a pipeline that cannot be had leaves none.
     args = parse_args(argv, prog)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt.backbones import BackboneWeightsError
+    from visadapt.diffusion import METADATA_FILE, check_pipeline_choice, load_pipeline
+    from visadapt.engine import make_accelerator, prepare_output_dir
+    from visadapt.io import write_json_atomic
+    from visadapt.plugin import config_values
+    from visadapt.plugins.selma import merge_expert_files
+
     try:
         visadapt.get_plugin("selma")().Config.from_dict(
             config_values(None, args.overrides, base={"rank": args.rank, "alpha": args.alpha}))

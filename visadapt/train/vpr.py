@@ -40,36 +40,17 @@ import os
 import shutil
 import sys
 from pathlib import Path
-
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-from torch.utils.data import Dataset, Subset
+from typing import TYPE_CHECKING
 
 import visadapt
-from visadapt import api
-from visadapt.backbones import EMBEDDED_MODEL, BackboneWeightsError, check_backbone_choice, create_backbone
-from visadapt.data import resolve_normalization
-from visadapt.data.errors import DatasetError
-from visadapt.data.places import LAYOUT, MANIFEST, PlaceSplit, TripletDataset, generate_mini_places
-from visadapt.data.transforms import vtab_transform
-from visadapt.engine import (
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    run_options,
-    run_script,
-    seed_everything,
-)
-from visadapt.eval.vpr import evaluate_places, extract_place_features
-from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
-from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
+from visadapt.names import EMBEDDED_MODEL
 from visadapt.recipes import available_recipes, load_recipe
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
+
+if TYPE_CHECKING:
+    import torch
+
+    from visadapt.data.places import TripletDataset
 from visadapt.tracking import tracker_config, tracking_options
 from visadapt.train.preflight import check_data_root, report_error, task_output_dir
 
@@ -157,6 +138,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--output-dir", default=None, help="default: runs/vpr-<dataset>-<adapter>")
     add_run_flags(p, init_adapter=True)
     args = p.parse_args(argv)
+    from visadapt.data.places import MANIFEST  # after parsing: --help loads no torch
+
     embedded = args.data_root is None or (Path(args.data_root) / MANIFEST).is_file()
     args.recipe_notice = None
     if args.recipe is None:  # the embedded world (generated, or a folder written by generate_mini_places)
@@ -198,6 +181,8 @@ def check_places_root(data_root: str | os.PathLike) -> Path:
     """``data_root`` if it is a readable folder with the database and query folders of every split (folder
     checks only: the images are listed when the splits are loaded); else ``ValueError`` naming what is
     missing."""
+    from visadapt.data.places import LAYOUT
+
     root = check_data_root(data_root, LAYOUT)
     missing = [f"images/{split}/{kind}" for split in ("train", "val", "test")
                for kind in ("database", "queries") if not (root / "images" / split / kind).is_dir()]
@@ -228,6 +213,8 @@ def refresh_every(args: argparse.Namespace) -> int | None:
 
 def adapter_settings(args: argparse.Namespace) -> dict:
     """Recipe settings, then ``--adapter-config``, then ``--set key=value`` (later wins)."""
+    from visadapt.plugin import config_values
+
     return config_values(args.adapter_config, args.overrides,
                          base=args.adapter_settings if args.adapter == "selavpr" else None)
 
@@ -254,6 +241,8 @@ def select_negatives(d_positive: torch.Tensor, d_negatives: torch.Tensor, count:
     most queries, and the cheapest way to lower the triplet loss is then to pull every descriptor together;
     the loss settles at the margin and the descriptors end up nearly identical.
     """
+    import torch
+
     if semihard:
         # unit descriptors are at most 2 apart: +4 sends the negatives closer than the positive behind the rest
         d_negatives = torch.where(d_negatives > d_positive, d_negatives, d_negatives + 4.0)
@@ -271,6 +260,8 @@ class HardNegativeMiner:
         self.triplets, self.args, self.output_dir, self.accelerator = triplets, args, output_dir, accelerator
 
     def __call__(self, model, epoch: int) -> None:
+        import torch
+
         self.triplets.set_epoch(epoch)
         if self.args.mining == "random":
             return
@@ -288,8 +279,19 @@ class HardNegativeMiner:
             torch.save({"positive": positive, "negatives": negatives}, tmp)
             os.replace(tmp, path)
 
-    @torch.no_grad()
     def mine(self, model, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_mine` under ``torch.no_grad()`` (applied here, not as a decorator: importing the job loads no
+        torch)."""
+        import torch
+
+        with torch.no_grad():
+            return self._mine(model, epoch)
+
+    def _mine(self, model, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from visadapt.eval.vpr import extract_place_features
+
         split, triplets = self.triplets.split, self.triplets
         db_global, _ = extract_place_features(model, split.database_dataset(), self.args.eval_batch_size,
                                               keep_local=False)
@@ -310,7 +312,7 @@ class HardNegativeMiner:
         return positive, negatives
 
 
-class QueryRounds(Dataset):
+class QueryRounds:  # a map-style dataset (len, getitem); no torch base class, so --help loads no torch
     """The training tuples of one mining round of the official protocol: ``per_round`` usable queries of
     ``triplets`` drawn without replacement from ``(seed, round)`` alone (so a resumed round draws them again),
     each with the positive and negatives a :class:`RoundMiner` chose. Item ``i`` is ``(images, i)`` with
@@ -331,6 +333,8 @@ class QueryRounds(Dataset):
 
     def set_round(self, round_index: int) -> None:
         """Draw the queries of ``round_index``, with the geographically nearest positive and no negatives yet."""
+        import torch
+
         generator = torch.Generator().manual_seed(self.seed * 100_003 + round_index)
         self.round = round_index
         self.queries = torch.randperm(len(self.triplets), generator=generator)[: self.per_round]
@@ -360,6 +364,8 @@ class QueryRounds(Dataset):
         return self.per_round
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import torch
+
         if self.negatives is None:
             raise RuntimeError(f"round {self.round} has not been mined; call a RoundMiner before training on it")
         split = self.triplets.split
@@ -388,6 +394,8 @@ class RoundMiner:
         self.mined_at: list[int] = []
 
     def __call__(self, model, round_index: int) -> None:
+        import torch
+
         self.rounds.set_round(round_index)
         path = None if self.output_dir is None else self.output_dir / MINING_FILE.format(epoch=round_index)
         if path is not None and path.is_file():
@@ -405,8 +413,20 @@ class RoundMiner:
             torch.save({"queries": self.rounds.queries, "positive": positive, "negatives": negatives}, tmp)
             os.replace(tmp, path)
 
-    @torch.no_grad()
     def mine(self, model, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_mine` under ``torch.no_grad()`` (applied here, not as a decorator: importing the job loads no
+        torch)."""
+        import torch
+
+        with torch.no_grad():
+            return self._mine(model, round_index)
+
+    def _mine(self, model, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+        from torch.utils.data import Subset
+
+        from visadapt.eval.vpr import extract_place_features
+
         rounds, triplets, args = self.rounds, self.rounds.triplets, self.args
         split = triplets.split
         generator = torch.Generator().manual_seed(args.seed * 100_003 + round_index + 1)
@@ -445,7 +465,24 @@ class RoundMiner:
         return positive, negatives
 
 
+def evaluate_places(*args, **kwargs) -> dict:
+    """:func:`visadapt.eval.vpr.evaluate_places`, imported on the first call (the job's ``--help`` loads no torch);
+    a module attribute, so that a test can stand in for it."""
+    from visadapt.eval.vpr import evaluate_places as evaluate
+
+    return evaluate(*args, **kwargs)
+
+
 def train(args: argparse.Namespace, data_root: Path, out: Path) -> dict:
+    from visadapt import api
+    from visadapt.backbones import create_backbone
+    from visadapt.data import resolve_normalization
+    from visadapt.data.places import PlaceSplit, TripletDataset
+    from visadapt.data.transforms import vtab_transform
+    from visadapt.engine import TrainConfig, fit, init_adapter_from_file, make_accelerator, seed_everything
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+    from visadapt.plugins.selavpr import BACKBONE_ARGUMENTS, PlaceRecognitionModel, SelaVPRLoss
+
     per_round = refresh_every(args)
     # The official protocol as engine epochs: one engine epoch per mining round, validation (and early stopping)
     # every rounds_per_epoch of them, i.e. after every official epoch of --queries-per-epoch queries.
@@ -563,6 +600,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # folder holding a run. No model is built and the hub is not contacted before they pass.
     try:
         args = parse_args(argv, prog)
+        from visadapt.backbones import check_backbone_choice
+        from visadapt.engine import check_init_adapter
+
         visadapt.get_plugin(args.adapter)().Config.from_dict(adapter_settings(args))  # fail before any work
         recipe = args.recipe_file
         if recipe is not None and recipe.starts_from and not args.init_adapter:
@@ -575,6 +615,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             check_places_root(args.data_root)
     except (ValueError, KeyError, OSError) as err:  # InitAdapterError and DatasetError are ValueErrors too
         return report_error(err)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt.backbones import BackboneWeightsError
+    from visadapt.data.errors import DatasetError
+    from visadapt.data.places import generate_mini_places
+
     if args.recipe_notice:
         print(args.recipe_notice)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

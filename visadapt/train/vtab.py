@@ -40,41 +40,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import accelerate
-import timm
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from PIL import Image
 
+# Only what parsing needs is imported here (no torch, timm or diffusers: --help and a parse error answer at once,
+# tests/test_flags.py); each function imports the heavy modules it uses.
 import visadapt
-from visadapt import api
-from visadapt.backbones import BackboneWeightsError, check_backbone_choice, create_backbone
-from visadapt.data import PROTOCOLS, build_datasets, resolve_normalization
-from visadapt.data.cache import default_workers
-from visadapt.data.errors import DatasetError
-from visadapt.data.procedural import default_data_root, generate_mini_vtab
-from visadapt.data.tasks import benchmark_tasks, resolve_tasks
-from visadapt.data.transforms import NORMALIZATION_CHOICES
-from visadapt.data.verify import verify_benchmark
-from visadapt.data.vtab import find_task_dir
-from visadapt.engine import (
-    TEST_METRIC,
-    TrainConfig,
-    add_run_flags,
-    check_init_adapter,
-    finish_run_args,
-    fit,
-    init_adapter_from_file,
-    make_accelerator,
-    precision_name,
-    run_options,
-    run_script,
-    seed_everything,
-    validation_selected,
-)
-from visadapt.io import TRAIN_METADATA, write_json_atomic
-from visadapt.plugin import SetOverride, config_values
+from visadapt.names import NORMALIZATION_CHOICES, PROTOCOLS
 from visadapt.recipes import (
     BACKBONE_SETTINGS,
     BENCHMARK_DEFAULTS,
@@ -85,6 +56,7 @@ from visadapt.recipes import (
     load_recipe,
 )
 from visadapt.tracking import tracker_config, tracking_options
+from visadapt.train.flags import SetOverride, add_run_flags, finish_run_args, run_options, run_script
 from visadapt.train.preflight import check_data_root, refuse_existing_runs, report_error, task_output_dir
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -227,6 +199,10 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     """Load the recipe, choose the benchmark, fill every unset flag per task, and build each task's plugin
     config, so that a bad recipe, flag, config, backbone name or ``--pretrained`` path fails before any work
     (``ValueError`` / ``KeyError`` / ``FileNotFoundError``)."""
+    from visadapt.backbones import check_backbone_choice
+    from visadapt.data.tasks import resolve_tasks
+    from visadapt.plugin import config_values
+
     recipe = load_recipe(args.recipe) if args.recipe else None
     benchmark = args.benchmark or (recipe.benchmark if recipe else "mini-vtab")
     if recipe and args.adapter is not None and args.adapter != recipe.adapter:
@@ -346,6 +322,27 @@ def data_cache_choice(args: argparse.Namespace, on_gpu: bool) -> bool | str:
 
 def train_task(args: argparse.Namespace, info, data_root: Path, out: Path, plugin, adapter_config) -> dict:
     """Train one task with the settings in ``args``; returns its metrics (also written to ``out/metrics.json``)."""
+    import accelerate
+    import timm
+    import torch
+
+    from visadapt import api
+    from visadapt.backbones import create_backbone
+    from visadapt.data import build_datasets, resolve_normalization
+    from visadapt.data.cache import default_workers
+    from visadapt.data.verify import verify_benchmark
+    from visadapt.engine import (
+        TEST_METRIC,
+        TrainConfig,
+        fit,
+        init_adapter_from_file,
+        make_accelerator,
+        precision_name,
+        seed_everything,
+        validation_selected,
+    )
+    from visadapt.io import TRAIN_METADATA, write_json_atomic
+
     accelerator = make_accelerator(out, grad_accum_steps=args.grad_accum, precision=args.precision,
                                    **tracking_options(args))
     on_gpu = accelerator.device.type == "cuda"
@@ -496,6 +493,16 @@ def seeded_config(plan: RunPlan, task: str, seed: int):
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    from accelerate import PartialState  # after parsing: --help and parse errors load none of these
+    from accelerate.utils import parse_flag_from_env
+
+    from visadapt.backbones import BackboneWeightsError
+    from visadapt.data.errors import DatasetError
+    from visadapt.data.procedural import default_data_root, generate_mini_vtab
+    from visadapt.data.tasks import benchmark_tasks
+    from visadapt.data.vtab import find_task_dir
+    from visadapt.engine import check_init_adapter
+
     if args.list_recipes:
         _print_recipes()
         return 0

@@ -291,6 +291,8 @@ def draw_curves(runs: Sequence[tuple[str, Mapping[str, Mapping[int | None, list[
     seed of it one line (line style per seed) labelled ``"<label>"`` or ``"<label>, seed <n>"``, whose points are
     the history's ``(epoch, train_loss)`` or ``(epoch, accuracy)``.
     """
+    from matplotlib.ticker import MaxNLocator
+
     tasks = benchmark_tasks(benchmark)
     shown = [name for name in tasks if any(name in histories for _, histories in runs)]
     if not shown:
@@ -330,6 +332,7 @@ def draw_curves(runs: Sequence[tuple[str, Mapping[str, Mapping[int | None, list[
             if not ax.lines:
                 ax.text(0.5, 0.5, "no history", transform=ax.transAxes, ha="center", va="center", color="0.4")
         acc_ax.set_xlabel("epoch")
+        acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         if col == 0:
             loss_ax.set_ylabel("train loss")
             acc_ax.set_ylabel("test accuracy (%)")

@@ -2,6 +2,7 @@
 
     visadapt-eval --benchmark vtab --adapters runs/lora runs/mosa
     visadapt-eval --benchmark vtab --adapters runs/lora --data-root /data/vtab-1k --csv lora.csv --plot lora.png
+    visadapt-eval --benchmark vtab --adapters runs/lora runs/mosa --plot bars.png --plot curves curves.png
     visadapt-eval --benchmark vpr --adapters runs/vpr-mini-places-selavpr      # Recall@1/5/10, global and re-ranked
     visadapt-eval --benchmark rank --adapters runs/rank-mini-counting-v1-seed0   # PLCC / SRCC / MAE / pair accuracy
     visadapt-eval --benchmark dense --adapters runs/dense-scenes-lite --reference runs/dense-scenes-full-single  # Δm
@@ -16,6 +17,9 @@ shows the best test accuracy seen during training instead, labelled best-on-test
 runs of the other protocol unless --mixed-protocols is given. A run trained with --seeds (one seed_<n>
 directory per seed) shows mean ± sample standard deviation per task and in every average (each average is
 computed per seed first). With --data-root every adapter file is evaluated again on the data.
+--plot FILE draws the table as bars (value labels, ± std error bars over seeds, missing tasks marked n/a);
+--plot curves FILE draws train loss and test accuracy per epoch from each task's metrics.json history (one
+line per run and seed); --plot may be given more than once.
 The table goes to stdout; progress, and where --csv / --json / --plot were written, go to stderr.
 """
 from __future__ import annotations
@@ -170,10 +174,18 @@ def _unique_labels(runs: list[RunResult]) -> None:
             run.label = run.path
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``--plot [curves] FILE``: argparse has no nargs for "one or two values", so --plot takes ``+`` (checked
+    by :func:`visadapt.eval.plot.parse_plot_request`) and its usage is written out here."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.dest == "plot":
+            return "[curves] FILE"
+        return super()._format_args(action, default_metavar)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="visadapt-eval", description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="visadapt-eval", description=plain_help(__doc__), formatter_class=_HelpFormatter)
     parser.add_argument("--benchmark", required=True, choices=[*BENCHMARKS, "vpr", "rank", "dense"],
                         help="which table; vpr: place recognition runs of train/vpr.py; rank: text-driven "
                              "ranking runs of train/rank.py; dense: multi-task dense runs of train/dense.py")
@@ -211,7 +223,10 @@ def _parser() -> argparse.ArgumentParser:
                              "directory, or 'pascal' (published single-task Swin-T numbers)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     parser.add_argument("--json", metavar="FILE", help="also write everything as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    parser.add_argument("--plot", nargs="+", action="append",
+                        help="also draw a picture (needs matplotlib): --plot FILE the per-task bars of the table, "
+                             "--plot curves FILE train loss and test accuracy per epoch (metrics.json history); "
+                             "repeatable")
     add_no_progress_flag(parser)
     return parser
 
@@ -352,9 +367,11 @@ def main(argv: list[str] | None = None, *, evaluate: Evaluator | None = None) ->
         return exit_.code if isinstance(exit_.code, int) else 2
     apply_no_progress_flag(args)
     try:
+        plots = []
         if args.plot:  # fail before a long re-evaluation, not after it
-            from .plot import require_matplotlib
+            from .plot import parse_plot_request, require_matplotlib
 
+            plots = [parse_plot_request(values) for values in args.plot]
             require_matplotlib()
         if args.benchmark == "vpr":
             return _vpr(args)
@@ -367,17 +384,28 @@ def main(argv: list[str] | None = None, *, evaluate: Evaluator | None = None) ->
         runs = _collect(args, evaluate)
         if args.labels is None:
             _unique_labels(runs)
+        curves = None
+        if any(kind == "curves" for kind, _ in plots):  # a run without any history is refused before any output
+            from .plot import collect_curves
+
+            curves = collect_curves(runs, args.benchmark)
         print(to_markdown(runs), end="")
         sys.stdout.flush()
         if args.csv:
             _write(args.csv, to_csv(runs), "CSV")
         if args.json:
             _write(args.json, to_json(runs), "JSON")
-        if args.plot:
-            from .plot import plot_runs
+        for kind, file in plots:
+            from .plot import draw_curves, plot_runs, save_figure
 
-            target = plot_runs(runs, args.benchmark, args.plot)
-            print(f"visadapt-eval: wrote plot to {target}", file=sys.stderr)
+            if kind == "curves":
+                for note in curves[1]:
+                    print(f"visadapt-eval: note: {note}", file=sys.stderr)
+                target = save_figure(draw_curves(curves[0], args.benchmark), file)
+                print(f"visadapt-eval: wrote curves to {target}", file=sys.stderr)
+            else:
+                target = plot_runs(runs, args.benchmark, file)
+                print(f"visadapt-eval: wrote plot to {target}", file=sys.stderr)
         return 0
     except BrokenPipeError:  # `visadapt-eval ... | head`: the reader left, which is not an error
         sys.stderr.close()

@@ -69,6 +69,7 @@ def test_train_ppap_end_to_end_and_resume(tmp_path):
     # step 3: the measurement table is in metrics.json
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["guidance"]["table"]) == {"unguided", "naive", "ppap"}
+    assert (out / "samples" / "guidance.png").is_file()  # the labelled grid (tests/test_grids.py: its content)
     assert [e["range"] for e in metrics["experts"]] == [[0, 500], [500, 1000]]
 
     # a resumed run rewrites no pool image and reloads the finished experts instead of retraining them

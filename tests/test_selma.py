@@ -202,6 +202,8 @@ def test_train_script_writes_experts_and_a_merged_adapter_that_load(tmp_path, mo
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["experts"]) == {"counting", "color"}
     assert all(len(e["history"]) == 1 for e in metrics["experts"].values())
+    for skill in ("counting", "color"):  # a labelled grid per skill and evaluation (tests/test_grids.py: its content)
+        assert (out / "samples" / skill / "epoch_001.png").is_file()
     unet = create_tiny_sd_pipeline().unet
     for skill in ("counting", "color"):
         config = visadapt.load_adapter(unet, out / "experts" / f"{skill}.safetensors", skill)

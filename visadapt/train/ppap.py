@@ -15,11 +15,13 @@ U[lo_i, hi_i)``, against the frozen classifier on the clean ``x0`` (KL to the te
 the classifier itself with the experts switched off (one backbone in memory). Step 3 (measurement, unless
 ``--eval-samples 0``): for random requested classes, the fraction of generated images that the clean classifier
 labels as requested, with no guidance, with naive guidance (the frozen classifier) and with the PPAP experts,
-from the same initial noise.
+from the same initial noise. Once the experts are trained, a labelled sample grid of the three settings (a row
+each, a column per requested class; :mod:`visadapt.grids`) is written to ``samples/guidance.png`` and logged to the
+run's trackers as ``samples/guidance``.
 
 Outputs in ``--output-dir``: ``ppap_experts.safetensors`` (all experts in ONE visadapt file; the metadata lists the
 ranges; ``visadapt.load_adapter(classifier, path)`` reloads it), ``metrics.json`` (pool, per-expert fit history,
-guidance table) and ``pool/``.
+guidance table), ``samples/`` and ``pool/``.
 
 ``--init-adapter FILE`` starts every expert from a trained experts file (the ``ppap_experts.safetensors`` of an
 earlier run, or the shipped one) instead of the same fresh state: expert ``i`` from the file's expert ``i``. The file
@@ -55,6 +57,7 @@ from visadapt.train.preflight import refuse_existing_runs, report_error
 EMBEDDED_WORLD = "visadapt_ppap_world"
 POOL_VERSION = 1
 EXPERTS_FILE = "ppap_experts.safetensors"
+GRID_CLASSES = 4  # columns of the sample grids of a classifier with more classes than that
 #: the PPAP config fields this script sets by flag (the fix an --init-adapter config difference names)
 EXPERT_FLAGS = {"num_experts": "--num-experts", "rank": "--rank", "alpha": "--alpha"}
 
@@ -204,6 +207,46 @@ def distillation_evaluator(student: NoisedStudent, held_out: Dataset, loss_fn, s
         student.train(was_training)
         return {"agreement": 100.0 * agree / max(seen, 1), "distill_loss": loss / max(seen, 1), "samples": seen}
     return evaluate
+
+
+def class_names(args, classifier: nn.Module) -> list[str]:
+    """Names of the classes the sample grids request: the embedded world's four, else the first four indices."""
+    if args.classifier == EMBEDDED_WORLD:
+        from visadapt.backbones import PPAP_WORLD_CLASSES
+
+        return list(PPAP_WORLD_CLASSES)
+    return [f"class {k}" for k in range(min(GRID_CLASSES, classifier.num_classes))]
+
+
+def guidance_grid(pipe, classifier: nn.Module, preprocess, classes: list[str], *, scale: float, steps: int,
+                  seed: int):
+    """The labelled grid of what guidance does with the trained experts: a column per requested class (index =
+    column), a row per setting: no guidance, naive guidance (the frozen classifier), PPAP guidance. Column ``j``
+    starts from the same noise in every row (:func:`measure_guidance`'s seeding), so the rows differ only by the
+    guidance.
+
+    Drawn once per run, after the last expert, not after each: the two guided rows take a classifier gradient at
+    every step, and on CPU one grid of four columns costs about as much as a pool batch of 128 images."""
+    import torch
+
+    from visadapt.grids import labelled_grid
+    from visadapt.plugins.ppap import guide, ppap_config
+
+    targets = torch.arange(len(classes))
+    rows = []
+    for setting in ("unguided", "naive", "ppap"):
+        call = {"batch_size": len(classes), "num_inference_steps": steps, "output_type": "np",
+                "generator": [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(len(classes))]}
+        if setting == "unguided":
+            rows.append(pipe(**call).images)
+            continue
+        with guide(pipe, classifier, target=targets, scale=scale, naive=setting == "naive", preprocess=preprocess):
+            rows.append(pipe(**call).images)
+    experts = ppap_config(classifier).num_experts
+    labels = ["no guidance", "naive guidance (frozen classifier)", f"PPAP guidance ({experts} experts)"]
+    return labelled_grid(rows, row_labels=labels, column_labels=classes, row_axis="guidance",
+                         column_axis="requested class",
+                         title=f"PPAP samples ({steps} steps, guidance scale {scale:g}, seed {seed})")
 
 
 def train_experts(model: nn.Module, scheduler, preprocess, pool: TeacherLabelledPool, out: Path, args,
@@ -455,6 +498,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if accelerator.is_main_process:
         save_experts(classifier, out / EXPERTS_FILE, metadata={TRAIN_METADATA: json.dumps(recipe)})
         print(f"wrote {out / EXPERTS_FILE} ({args.num_experts} experts)", flush=True)
+        from visadapt.grids import save_and_log
+
+        grid = guidance_grid(pipe, classifier, preprocess, class_names(args, classifier), scale=args.eval_scale,
+                             steps=args.eval_steps, seed=args.seed + 1)
+        save_and_log(grid, out / "samples" / "guidance.png", accelerator.trackers, "samples/guidance",
+                     args.num_experts)
         if args.eval_samples > 0:
             num_classes = (len(PPAP_WORLD_CLASSES) if args.classifier == EMBEDDED_WORLD
                            else classifier.num_classes)

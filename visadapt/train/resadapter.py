@@ -12,8 +12,9 @@ and aspect ratios, which is the paper's mixed-resolution training. The loss is t
 diffusers text-to-image examples (:class:`visadapt.diffusion.TextToImageTrainer`).
 
 At every checkpoint (each epoch end) the script samples the prompts of ``--sample-prompts`` at every
-``--sample-sizes`` resolution with the adapter, writes them as one grid ``samples/epoch_<n>.png`` (a row per
-resolution) and logs the grid to the Accelerate trackers (TensorBoard under ``--output-dir`` when installed).
+``--sample-sizes`` resolution with the adapter, writes them as one labelled grid ``samples/epoch_<n>.png`` (a
+row per resolution, a column per prompt, tiny samples upscaled; :mod:`visadapt.grids`) and logs the grid as
+image ``samples`` to every tracker of the run.
 
 Outputs in ``--output-dir``: ``resadapter.safetensors`` (one visadapt file; ``pipe.load_visadapt(path)``),
 ``samples/``, ``checkpoints/`` (for ``--resume``) and ``metrics.json`` (the denoising loss at fixed noise on
@@ -126,34 +127,31 @@ def generate_shapes(root: str | os.PathLike | None = None, seed: int = 0, count:
 # ------------------------------------------------------------------------------------------ sample grids
 
 
-def sample_grid(pipe, prompts: list[str], sizes: list[tuple[int, int]], *, steps: int, guidance: float,
-                seed: int) -> np.ndarray:
-    """Images of every prompt at every size, one row per size, each image centred in a cell of the largest
-    size: ``(rows * H_max, columns * W_max, 3)`` uint8. Same seed for every cell, so grids of two epochs differ
-    only through the adapter. (A diffusers pipeline's ``__call__`` runs under ``torch.no_grad()`` itself.)"""
+def sample_cells(pipe, prompts: list[str], sizes: list[tuple[int, int]], *, steps: int, guidance: float,
+                 seed: int) -> list[list[np.ndarray]]:
+    """Images of every prompt at every size: ``cells[row][column]`` is prompt ``column`` at size ``row``, an
+    ``(H, W, 3)`` uint8 array of that size. Same seed for every cell, so grids of two epochs differ only through
+    the adapter."""
     import torch
 
-    cell_h, cell_w = max(h for h, _ in sizes), max(w for _, w in sizes)
-    grid = np.full((len(sizes) * cell_h, len(prompts) * cell_w, 3), 255, dtype=np.uint8)
     pipe.set_progress_bar_config(disable=True)
-    for row, (height, width) in enumerate(sizes):
+    cells = []
+    for height, width in sizes:
         images = pipe(prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                       output_type="np", generator=torch.Generator().manual_seed(seed)).images
-        for col, image in enumerate(images):
-            top, left = row * cell_h + (cell_h - height) // 2, col * cell_w + (cell_w - width) // 2
-            grid[top:top + height, left:left + width] = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return grid
+        cells.append([(np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8) for image in images])
+    return cells
 
 
-def log_grid(accelerator, grid: np.ndarray, step: int) -> None:
-    """Send the grid ``(H, W, 3)`` uint8 to every tracker that takes images (TensorBoard, W&B, ...)."""
-    for tracker in accelerator.trackers:
-        if not hasattr(tracker, "log_images"):
-            continue
-        if tracker.name == "tensorboard":
-            tracker.log_images({"samples": grid[None]}, step=step, dataformats="NHWC")
-        else:
-            tracker.log_images({"samples": [grid]}, step=step)
+def sample_grid(pipe, prompts: list[str], sizes: list[tuple[int, int]], *, steps: int, guidance: float, seed: int,
+                title: str) -> Image.Image:
+    """The labelled grid of :func:`sample_cells`: a row per resolution, a column per prompt
+    (:func:`visadapt.grids.labelled_grid`; tiny samples upscaled with NEAREST)."""
+    from visadapt.grids import labelled_grid
+
+    cells = sample_cells(pipe, prompts, sizes, steps=steps, guidance=guidance, seed=seed)
+    return labelled_grid(cells, row_labels=[f"{h}x{w}" for h, w in sizes], column_labels=prompts, title=title,
+                         row_axis="resolution (HxW)", column_axis="prompt")
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -283,10 +281,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metrics = denoising(trainer, accel)
         if progress["epoch"] >= 0:  # at a checkpoint (epoch end), not the 'before' measurement
             if accel.is_main_process:
+                from visadapt.grids import save_and_log
+
+                epoch = progress["epoch"] + 1
                 grid = sample_grid(pipe, args.sample_prompts, args.sample_sizes, steps=args.steps,
-                                   guidance=args.guidance, seed=args.seed)
-                Image.fromarray(grid).save(out / "samples" / f"epoch_{progress['epoch'] + 1:03d}.png")
-                log_grid(accel, grid, step=progress["epoch"] + 1)
+                                   guidance=args.guidance, seed=args.seed,
+                                   title=f"ResAdapter samples after epoch {epoch} ({args.steps} steps, guidance "
+                                         f"{args.guidance:g}, seed {args.seed})")
+                save_and_log(grid, out / "samples" / f"epoch_{epoch:03d}.png", accel.trackers, "samples", epoch)
             accel.wait_for_everyone()
         return metrics
 

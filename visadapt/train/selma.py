@@ -12,7 +12,9 @@ expert starts from the same base and seed), then ``--merge``
 writes one multi-skill ``lora`` adapter (:func:`visadapt.plugins.selma.merge_expert_files`).
 
 Outputs in ``--output-dir``: ``experts/<skill>.safetensors`` (visadapt ``selma`` adapters; per-skill checkpoints
-under ``runs/<skill>/`` for ``--resume``), ``merged-<method>.safetensors`` and ``metrics.json`` (per skill: the
+under ``runs/<skill>/`` for ``--resume``), ``samples/<skill>/epoch_<n>.png`` (after each evaluation, a labelled
+grid: the skill's first prompts by expert weight 0 = base and 1 = expert, also logged to the run's trackers as
+``samples/<skill>``), ``merged-<method>.safetensors`` and ``metrics.json`` (per skill: the
 denoising loss at fixed noise on up to ``--eval-items`` of its images, before and after, per epoch; the merge
 report). Load the result with ``pipe.load_visadapt(path)`` or ``visadapt.load_adapter(pipe.unet, path)``; for
 the unmerged alternative load every expert with its own ``adapter_name`` and set their weights.
@@ -74,6 +76,12 @@ def recipe_values(name: str) -> dict:
             "max_steps": RECIPE["max_steps"], "lr_schedule": RECIPE["lr_schedule"],
             "weight_decay": RECIPE["weight_decay"], "max_grad_norm": RECIPE["max_grad_norm"],
             "random_flip": RECIPE["random_flip"], "seed": RECIPE["seed"]}
+# The sample grid written at each evaluation (per skill: rows = the skill's first prompts, columns = expert
+# weight): denoising steps and guidance of the pipeline call, per recipe. Kept out of recipe_values, whose keys are the
+# defaults of command-line flags.
+SAMPLE_SETTINGS = {"selma": {"steps": 25, "guidance": 7.5}, "embedded": {"steps": 4, "guidance": 1.0}}
+SAMPLE_PROMPTS = 3
+SAMPLE_WEIGHTS = (0.0, 1.0)
 SKILL_DATA_VERSION = 1
 SKILL_MANIFEST = "selma_skills.json"
 COUNT_WORDS = ("one", "two", "three", "four")
@@ -236,6 +244,50 @@ def init_adapter_files(args) -> dict[str, Path]:
     return files
 
 
+def skill_prompts(folder: Path, count: int = SAMPLE_PROMPTS) -> list[str]:
+    """The first ``count`` distinct prompts of a skill's image-prompt folder (metadata order)."""
+    from visadapt.diffusion import read_metadata
+
+    prompts: list[str] = []
+    for _, text in read_metadata(folder):
+        if text not in prompts:
+            prompts.append(text)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def expert_grid(pipe, skill: str, prompts: list[str], *, resolution: int, steps: int, guidance: float, seed: int,
+                title: str):
+    """The labelled grid of the ``skill`` expert: a row per prompt, a column per expert weight in
+    :data:`SAMPLE_WEIGHTS` (0 = the frozen base pipeline, 1 = the expert as trained), every cell from the same
+    seed, so a row differs only through the expert. The expert's weight and the UNet's mode are restored. (A
+    diffusers pipeline's ``__call__`` runs under ``torch.no_grad()`` itself.)"""
+    import torch
+
+    from visadapt.grids import labelled_grid
+
+    unet = pipe.unet
+    was_training, weight = unet.training, visadapt.get_weight(unet, skill)
+    pipe.set_progress_bar_config(disable=True)
+    columns = []
+    try:
+        unet.eval()
+        for value in SAMPLE_WEIGHTS:
+            visadapt.set_weight(unet, skill, value)
+            columns.append(pipe(prompts, height=resolution, width=resolution, num_inference_steps=steps,
+                                guidance_scale=guidance, output_type="np",
+                                generator=torch.Generator().manual_seed(seed)).images)
+    finally:
+        visadapt.set_weight(unet, skill, weight)
+        unet.train(was_training)
+    cells = [[column[row] for column in columns] for row in range(len(prompts))]
+    labels = [f"weight {value:g}" + (" (base)" if value == 0 else " (expert)" if value == 1 else "")
+              for value in SAMPLE_WEIGHTS]
+    return labelled_grid(cells, row_labels=prompts, column_labels=labels, title=title, row_axis="prompt",
+                         column_axis=f"{skill} expert weight")
+
+
 def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, run: dict,
                  init_file: Path | None = None) -> dict:
     """Attach a ``selma`` expert for ``skill`` (fresh, or ``init_file``'s trained one), fit it on ``folder``, save
@@ -254,7 +306,29 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
             init_adapter_from_file(pipe.unet, init_file, skill)
         data = ImagePromptFolder(folder, pipe.tokenizer, args.resolution, random_flip=args.random_flip)
         held = torch.utils.data.Subset(data, range(min(args.eval_items, len(data))))
-        evaluator = denoising_evaluator(held, batch_size=args.batch_size, seed=args.seed)
+        denoising = denoising_evaluator(held, batch_size=args.batch_size, seed=args.seed)
+        sampling = {"epoch": 0, "prompts": skill_prompts(folder), **SAMPLE_SETTINGS[args.recipe]}
+
+        def evaluator(trainer, accel) -> dict[str, float]:
+            """The denoising loss, and after each training epoch the expert's sample grid, written to
+            ``samples/<skill>/epoch_<n>.png`` and logged as image ``samples/<skill>`` at step ``n``."""
+            metrics = denoising(trainer, accel)
+            if sampling["epoch"] > 0:  # not the 'before' measurement
+                if accel.is_main_process:
+                    from visadapt.grids import save_and_log
+
+                    epoch = sampling["epoch"]
+                    grid = expert_grid(pipe, skill, sampling["prompts"], resolution=args.resolution,
+                                       steps=sampling["steps"], guidance=sampling["guidance"], seed=args.seed,
+                                       title=f"SELMA {skill} expert after epoch {epoch} ({sampling['steps']} "
+                                             f"steps, guidance {sampling['guidance']:g}, seed {args.seed})")
+                    save_and_log(grid, out / "samples" / skill / f"epoch_{epoch:03d}.png", accel.trackers,
+                                 f"samples/{skill}", epoch)
+                accel.wait_for_everyone()
+            return metrics
+
+        def before_epoch(_model, epoch: int) -> None:
+            sampling["epoch"] = epoch + 1  # the epoch an evaluation after it reports
         model = TextToImageTrainer.from_pipeline(pipe)
         before = evaluator(model, accelerator)["denoising_loss"]
         epochs = args.epochs or epochs_for_steps(args.max_steps, len(data), args.batch_size, args.grad_accum_steps)
@@ -264,7 +338,7 @@ def train_expert(args, pipe, skill: str, folder: Path, out: Path, accelerator, r
                                    **run_options(args))
         result = fit(model, data, None, train_config, accelerator=accelerator, output_dir=out / "runs" / skill,
                      resume=args.resume, loss_fn=denoising_loss, evaluator=evaluator, metric="neg_denoising_loss",
-                     log_prefix=f"[{skill}] ")
+                     log_prefix=f"[{skill}] ", before_epoch=before_epoch)
         path = out / "experts" / f"{skill}.safetensors"
         if accelerator.is_main_process:
             visadapt.save_adapter(pipe.unet, path, skill, metadata={

@@ -119,7 +119,6 @@ def test_resadapter_job_writes_a_labelled_grid_that_tensorboard_reads(tmp_path, 
     """A one-epoch embedded run with an Accelerator logging to TensorBoard: the grid PNG under samples/ is the
     image TensorBoard's own EventAccumulator reads back, pixel for pixel."""
     pytest.importorskip("tensorboard")
-    from accelerate import Accelerator
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tests.train_scripts import load_train_script
@@ -127,10 +126,7 @@ def test_resadapter_job_writes_a_labelled_grid_that_tensorboard_reads(tmp_path, 
     monkeypatch.setenv("VISADAPT_CACHE", str(tmp_path / "cache"))
     script = load_train_script("resadapter")
     out = tmp_path / "run"
-    # the tracker under test, whatever the job's own default or flags choose
-    monkeypatch.setattr(script, "make_accelerator",
-                        lambda *args, **kwargs: Accelerator(log_with="tensorboard", project_dir=str(out)))
-    assert script.main(["--images", "4", "--epochs", "1", "--batch-size", "4", "--eval-items", "1", "--buckets",
+    assert script.main(["--report-to", "tensorboard", "--images", "4", "--epochs", "1", "--batch-size", "4", "--eval-items", "1", "--buckets",
                         "32x32", "--sample-sizes", "24x24", "32x32", "--steps", "1", "--sample-prompts",
                         "a red circle", "a blue square", "--output-dir", str(out), "--no-progress"]) == 0
     written = np.asarray(Image.open(out / "samples" / "epoch_001.png").convert("RGB"))

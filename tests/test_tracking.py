@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from train_scripts import load_train_script
 
+import visadapt.engine
 from visadapt import tracking
 from visadapt.data.procedural import generate_mini_vtab
 from visadapt.tracking import METRICS_LOG, MetricsLog
@@ -110,7 +111,9 @@ def test_report_to_none_writes_the_jsonl_log_and_the_bar_shows_loss_lr_throughpu
         def isatty(self) -> bool:
             return True
 
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # tqdm's own setting: redraw at every batch
+    # redraw at every batch, however fast the batches are (tqdm reads its TQDM_MININTERVAL at import, so the
+    # environment cannot do it here)
+    monkeypatch.setattr(visadapt.engine, "BAR_MININTERVAL_S", 0.0)
     terminal = Terminal()
     with contextlib.redirect_stderr(terminal), contextlib.redirect_stdout(io.StringIO()):
         args = _args(tiny_data, tmp_path, "--report-to", "none", "--epochs", "1", "--log-every", "2")

@@ -59,7 +59,7 @@ def _one_error_line(capsys) -> str:
 def _vtab(monkeypatch, build_models: bool = False):
     vtab = load_train_script("vtab")
     if not build_models:
-        monkeypatch.setattr(vtab, "create_backbone", _no_model)
+        monkeypatch.setattr("visadapt.backbones.create_backbone", _no_model)  # the jobs import it when they build
     return vtab
 
 
@@ -157,7 +157,7 @@ def test_vpr_cheap_checks_come_before_any_model(argv, message, tmp_path, monkeyp
               "layout": _places_layout(tmp_path / "layout")}
     places["empty"].mkdir()
     vpr = load_train_script("vpr")
-    monkeypatch.setattr(vpr, "create_backbone", _no_model)
+    monkeypatch.setattr("visadapt.backbones.create_backbone", _no_model)
     out = tmp_path / "runs"
     argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
     assert _exit_code(vpr.main, argv) == 2
@@ -197,7 +197,7 @@ def test_rank_cheap_checks_come_before_any_model(argv, message, tmp_path, monkey
     places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "csvs": _ranking_csvs(tmp_path / "csvs")}
     places["empty"].mkdir()
     rank = load_train_script("rank")
-    monkeypatch.setattr(rank, "create_clip", _no_model)
+    monkeypatch.setattr("visadapt.backbones.create_clip", _no_model)
     out = tmp_path / "runs"
     argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
     assert _exit_code(rank.main, argv) == 2
@@ -270,7 +270,7 @@ def test_dense_cheap_checks_come_before_any_model(argv, message, tmp_path, monke
     places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty"}
     places["empty"].mkdir()
     dense = load_train_script("dense")
-    monkeypatch.setattr(dense, "create_backbone", _no_model)
+    monkeypatch.setattr("visadapt.backbones.create_backbone", _no_model)
     out = tmp_path / "runs"
     argv = [arg.format(**places) for arg in argv] + ["--output-dir", str(out), "--no-progress"]
     assert _exit_code(dense.main, argv) == 2
@@ -281,7 +281,7 @@ def test_dense_cheap_checks_come_before_any_model(argv, message, tmp_path, monke
 def test_dense_single_task_refuses_a_later_task_holding_a_run_before_the_first_trains(tmp_path, monkeypatch,
                                                                                     capsys):
     dense = load_train_script("dense")
-    monkeypatch.setattr(dense, "create_backbone", _no_model)
+    monkeypatch.setattr("visadapt.backbones.create_backbone", _no_model)
     out = tmp_path / "runs"
     (out / "sal").mkdir(parents=True)
     (out / "sal" / "metrics.json").write_text("{}")
@@ -331,7 +331,7 @@ def _diffusion_places(tmp_path: Path) -> dict[str, Path]:
 def test_resadapter_cheap_checks_come_before_any_pipeline(argv, message, tmp_path, monkeypatch, capsys):
     places = _diffusion_places(tmp_path)
     resadapter = load_train_script("resadapter")
-    monkeypatch.setattr(resadapter, "load_pipeline", _no_model)
+    monkeypatch.setattr("visadapt.diffusion.load_pipeline", _no_model)
     out = tmp_path / "runs"
     argv = ["--output-dir", str(out)] + [arg.format(**places) for arg in argv] + ["--no-progress"]
     assert _exit_code(resadapter.main, argv) == 2
@@ -347,7 +347,7 @@ def test_resadapter_cheap_checks_come_before_any_pipeline(argv, message, tmp_pat
 def test_selma_cheap_checks_come_before_any_pipeline(argv, message, tmp_path, monkeypatch, capsys):
     places = _diffusion_places(tmp_path)
     selma = load_train_script("selma")
-    monkeypatch.setattr(selma, "load_pipeline", _no_model)
+    monkeypatch.setattr("visadapt.diffusion.load_pipeline", _no_model)
     out = tmp_path / "runs"
     argv = ["--output-dir", str(out)] + [arg.format(**places) for arg in argv] + ["--no-progress"]
     assert _exit_code(selma.main, argv) == 2

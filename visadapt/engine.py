@@ -83,6 +83,8 @@ from visadapt.train.flags import (  # noqa: F401 - add_run_flags & co. are this 
 )
 
 CHECKPOINTS_DIR = "checkpoints"
+#: seconds between two redraws of the training bar (tqdm's default); its postfix is refreshed as often
+BAR_MININTERVAL_S = 0.1
 _PROGRESS = "progress.json"
 _TRAINABLE = "trainable.safetensors"
 # The trainable state at the best evaluation so far (``fit(keep_best=True)``), carried in every checkpoint.
@@ -1059,7 +1061,7 @@ def fit(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None, 
             # disable=None: tqdm's own rule, no bar when stderr is not a terminal (a log file gets the one
             # line per epoch printed below, not carriage-return redraws); its notebook widget still shows
             bar = tqdm(total=batches_per_epoch, initial=progress["batch"], leave=False, disable=None,
-                       desc=f"{log_prefix}epoch {epoch + 1}/{config.epochs}")
+                       mininterval=BAR_MININTERVAL_S, desc=f"{log_prefix}epoch {epoch + 1}/{config.epochs}")
         training_log.start_epoch()
         # Carried in the checkpoint so that a mid-epoch resume reports the whole epoch's mean loss.
         loss_sum = torch.tensor(_resumed_loss_sum(progress, accelerator.process_index, accelerator.num_processes),

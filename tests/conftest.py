@@ -12,6 +12,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _progress_switched_on():
+    """Every test starts with progress on: a job run in-process with ``--no-progress`` switches it off for the
+    process (as its command line asks), which would otherwise silence the bars later tests look for."""
+    from visadapt.progress import set_progress_enabled
+
+    set_progress_enabled(True)
+    yield
+
+
 # ------------------------------------------------------------------------ tiny SD pipeline (tests opt in by name)
 
 

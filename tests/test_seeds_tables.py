@@ -201,7 +201,7 @@ def _scripted_fit(monkeypatch, output_dir, epochs, val_scores, test_scores, resu
     where snapshots[k] is the weight at the k-th validation evaluation."""
     val, test, snapshots = iter(val_scores), iter(test_scores), []
 
-    def scripted(model, loader, accelerator, expected, transform=None):
+    def scripted(model, loader, accelerator, expected, transform=None, **progress):
         if expected == 6:  # the validation set
             snapshots.append(accelerator.unwrap_model(model).weight.detach().clone())
             return {"accuracy": next(val), "samples": 6}

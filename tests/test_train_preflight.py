@@ -237,6 +237,30 @@ def test_input_size_builds_a_vit_as_timm_create_model_with_img_size_does():
     assert input_size_options(EMBEDDED_MODEL, 32) == {} and input_size_options(EMBEDDED_MODEL, None) == {}
 
 
+def test_a_hub_repo_given_for_an_embedded_model_is_what_loads(tmp_path):
+    """``--pretrained owner/name`` on a model whose config names a weights file (the embedded ones) loads the repo's
+    weights, as timm's ``hf-hub:`` ids do; timm preferred the config's file, so the repo was silently ignored. A
+    repo that cannot be had is one BackboneWeightsError, not the embedded weights."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from visadapt.backbones import EMBEDDED_MODEL, BackboneWeightsError, create_backbone
+
+    embedded = timm.create_model(EMBEDDED_MODEL, pretrained=True, num_classes=0)
+    other = {name: tensor + 1 for name, tensor in embedded.state_dict().items()}
+    # the repo as huggingface_hub's cache holds it, read offline (offline_hub points the cache here)
+    snapshot = tmp_path / "empty-hub-cache" / "models--visadapt-tests--procvit" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file(other, str(snapshot / "model.safetensors"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    loaded = create_backbone(EMBEDDED_MODEL, "visadapt-tests/procvit", num_classes=0).state_dict()
+    assert all(torch.equal(loaded[name], other[name]) for name in other)
+    with pytest.raises(BackboneWeightsError, match=NO_SUCH_REPO):
+        create_backbone(EMBEDDED_MODEL, NO_SUCH_REPO, num_classes=0)
+
+
 def test_vtab_trains_a_vit_at_an_input_size_other_than_its_own(tiny_data, tmp_path):
     """``--model <ViT> --input-size N`` trained and evaluated; it failed at the first forward ("Input height (48)
     doesn't match model (32)") when img_size did not reach timm. visadapt-eval's rebuild uses the size too."""

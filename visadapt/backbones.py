@@ -229,7 +229,10 @@ def create_backbone(model: str, pretrained: str | None = "default", num_classes:
                                  **kwargs)
     from huggingface_hub.errors import EntryNotFoundError
 
-    overlay = {} if choice == "default" else {"pretrained_cfg_overlay": {"hf_hub_id": choice}}
+    # source "hf-hub" is how timm's own "hf-hub:owner/name" model ids load: the repo wins over a weights file in the
+    # model's config (the embedded models ship one) and over cached URL weights of its default tag, either of
+    # which timm would otherwise load silently instead of the repo asked for
+    overlay = {} if choice == "default" else {"pretrained_cfg_overlay": {"hf_hub_id": choice, "source": "hf-hub"}}
     try:
         return timm.create_model(model, pretrained=True, **overlay, **kwargs)
     # huggingface_hub's errors are OSErrors (EntryNotFoundError aside), as are urllib's for URL-hosted weights

@@ -183,6 +183,31 @@ def test_flags_beat_the_recipe_and_per_task_entries_land_in_their_task(vtab, tin
     assert digits["recipe_details"]["overridden"] == {"lr": 7e-3, "adapter_config.scale": 10.0}
 
 
+def test_a_vtab_recipe_sets_the_shared_optimisation_flags_and_a_flag_beats_it(vtab, tiny_data, tmp_path,
+                                                                            monkeypatch):
+    """A recipe can state the optimiser and schedule (e.g. timm's per-epoch cosine of the VTAB code); they reach
+    fit's TrainConfig, a command-line flag wins over them, and a bad value names the key."""
+    import visadapt.engine
+
+    configs, real_fit = [], visadapt.engine.fit
+
+    def recording_fit(model, train, evaluation, config, **kwargs):
+        configs.append(config)
+        return real_fit(model, train, evaluation, config, **kwargs)
+
+    monkeypatch.setattr(visadapt.engine, "fit", recording_fit)  # the job imports fit when it trains
+    recipe = _write_recipe(tmp_path / "sched.yaml", optimizer="momentum", momentum=0.8, sched_on="epochs",
+                           warmup_lr=1e-5, min_lr=1e-4, max_grad_norm=1.0, lr_schedule="linear")
+    assert vtab.main(_args(tiny_data, tmp_path / "run", "--recipe", str(recipe), "--task", "cells",
+                           "--min-lr", "2e-4")) == 0
+    (config,) = configs
+    assert (config.optimizer, config.momentum, config.sched_on, config.warmup_lr, config.lr_schedule,
+            config.max_grad_norm) == ("momentum", 0.8, "epochs", 1e-5, "linear", 1.0)
+    assert config.min_lr == 2e-4  # the flag, not the recipe's 1e-4
+    with pytest.raises(ValueError, match="sched_on"):
+        load_recipe(_write_recipe(tmp_path / "bad.yaml", sched_on="hourly"), script="vtab")
+
+
 def test_seeds_write_one_directory_per_seed_and_resume(vtab, tiny_data, tmp_path, capsys):
     recipe = _write_recipe(tmp_path / "tiny.yaml")
     out = tmp_path / "run"

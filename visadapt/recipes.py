@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from visadapt.names import EMBEDDED_MODEL, NORMALIZATION_CHOICES
-from visadapt.train.flags import LR_SCHEDULES
+from visadapt.train.flags import LR_SCHEDULES, OPTIMIZERS, SCHED_ON
 
 # Defaults per benchmark, under any recipe; every value can be overridden by its flag. VTAB-1k / FGVC: the common
 # recipe of NOAH, PETL-ViT and V-PETL Bench. mini-vtab: sized to finish on 2 CPU cores in a few minutes.
@@ -47,6 +47,9 @@ SETTING_TYPES: dict[str, type] = {
     "model": str, "pretrained": str, "normalize": str, "input_size": int, "epochs": int, "lr": float,
     "weight_decay": float, "batch_size": int, "warmup_epochs": float, "eval_every": int, "label_smoothing": float,
     "drop_path_rate": float, "seed": int,
+    # the shared optimisation flags (visadapt.train.flags), so that a recipe can state e.g. timm's per-epoch schedule
+    "optimizer": str, "momentum": float, "lr_schedule": str, "warmup_lr": float, "min_lr": float, "sched_on": str,
+    "max_grad_norm": float, "max_steps": int,
 }
 # Settings that define the run as a whole and so cannot differ per task.
 RUN_WIDE_SETTINGS = ("model", "pretrained", "seed")
@@ -78,7 +81,8 @@ class RecipeSchema(NamedTuple):
 
 SCHEMAS: dict[str, RecipeSchema] = {
     "vtab": RecipeSchema("train/vtab.py", tuple(BENCHMARK_DEFAULTS), SETTING_TYPES,
-                         {"normalize": NORMALIZATION_CHOICES}, ("input_size",), per_task=True),
+                         {"normalize": NORMALIZATION_CHOICES, "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
+                          "sched_on": SCHED_ON}, ("input_size", "max_grad_norm"), per_task=True),
     "vpr": RecipeSchema("train/vpr.py", ("vpr",), {
         "model": str, "pretrained": str, "normalize": str, "input_size": int, "epochs": int, "lr": float,
         "weight_decay": float, "batch_size": int, "warmup_epochs": float, "lr_schedule": str, "patience": int,

@@ -463,16 +463,6 @@ class CheckpointError(RuntimeError):
     """No checkpoint of a run can be resumed as asked (every one is broken, or one lacks its RNG state)."""
 
 
-def _is_main_process() -> bool:
-    """Whether this is the main process of the launch: Accelerate's answer once a ``PartialState`` exists (it is
-    never created here, which would join a process group), else ``RANK`` as launchers set it."""
-    from accelerate import PartialState
-
-    if PartialState._shared_state:
-        return PartialState().is_main_process
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _end_process_group() -> None:
     """Destroy the default process group if this process joined one (Accelerate's teardown, which leaves the group of
     a notebook fork launch alone)."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from visadapt.progress import apply_no_progress_flag
+from visadapt.progress import apply_no_progress_flag, is_main_process
 from visadapt.tracking import add_tracking_flags
 
 #: ``--precision`` choices (``TrainConfig.precision``); ``fp32`` is Accelerate's ``"no"``
@@ -266,7 +266,7 @@ def run_script(main: Callable[[], int]) -> int:
         engine = sys.modules.get("visadapt.engine")
         if engine is None or not isinstance(err, (engine.CheckpointError, engine.InitAdapterError)):
             raise
-        if engine._is_main_process():
+        if is_main_process():  # the launch's main process (Accelerate's state, else RANK)
             print(f"error: {err}", file=sys.stderr)
         code = 2
     engine = sys.modules.get("visadapt.engine")

@@ -1219,8 +1219,9 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, state) -> No
     A folder already holding files is refused (``FileExistsError``) unless the run resumes it or overwrites it;
     with ``overwrite`` the main process empties it while the others wait. Then it exists, on every process.
     """
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    from visadapt.train.preflight import refuse_existing_runs
+
+    refuse_existing_runs([out], resume=resume, overwrite=overwrite)
     state.wait_for_everyone()
     if overwrite and state.is_main_process and out.exists():
         shutil.rmtree(out)

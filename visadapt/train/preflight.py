@@ -34,7 +34,7 @@ def check_data_root(data_root: str | os.PathLike, layout: str, flag: str = "--da
 def refuse_existing_runs(folders: Iterable[Path], *, resume: bool, overwrite: bool) -> None:
     """``FileExistsError`` when any of ``folders`` (the output folders of the tasks a run will train)
     already holds files and the run neither resumes nor overwrites: checked for every task before the first
-    one trains, with the message of :func:`visadapt.engine.prepare_output_dir`."""
+    one trains; :func:`visadapt.engine.prepare_output_dir` refuses a task's folder through it as well."""
     if resume or overwrite:
         return
     taken = [folder for folder in folders if folder.is_dir() and any(folder.iterdir())]

@@ -51,8 +51,68 @@ def test_readme_figures_are_what_their_sources_give(request):
 
 
 def test_the_readme_has_every_block():
+    # each results file with a table is one block, once: a file whose block was deleted from the README fails
     names = [match["name"] for match in figures.blocks(figures.README.read_text())]
-    assert sorted(names) == ["ci-run", "embedded-default", "test-count"]
+    assert sorted(names) == sorted(figures.known_blocks())
+    assert {"vpr", "ranking", "ppap", "dense-scenes", "train-throughput", "diffusers-load"} <= set(names)
+
+
+# README tables that are not measurements (keyed by their header line), with why; every other table must sit in
+# a generated block, so a new hand-copied table of measured figures fails here until it is generated
+NOT_MEASURED = {
+    "| plugin | method | families | merge | status |": "the plugin list",
+    "| method | item | paper | official code | visadapt default | options / measured difference |":
+        "fidelity choices (prose per cell)",
+    "| flag | default | meaning |": "the shared training flags",
+    "| Recipe | Method (plugin) | Source | Per task | Not published (what the recipe uses) |": "recipes",
+    "| `train/vtab.py --split` | trains on | evaluates | the adapter file holds | the number shown |":
+        "the split protocols",
+    "| `--model` | written to `--to DIR` | loads with (no visadapt needed) |": "export formats",
+    # counts from configs, each compared with the computation by a test in this file
+    "| base | LoRA | norms | total | ResAdapter README |": "ResAdapter counts (test below)",
+    "| method (ρ = 16, defaults) | FFN adapters | FFN + attention adapters |": "Polyhistor counts (test below)",
+    "| backbone | per-task adapters | Polyhistor | Lite |": "Polyhistor counts per backbone (test below)",
+}
+# tables inside fenced code blocks: the example output of a snippet or command shown with it, by header line
+EXAMPLE_OUTPUT = {
+    "| Run | Digits | Textures | Cells | ...": "an illustration of the seeds table's layout (smoke run)",
+    "| Method | SemSeg mIoU ↑ | Parts mIoU ↑ | Sal mIoU ↑ | Sal maxF ↑ | Normals mErr ↓ | Δm (%) ↑ | Trainable (M) |":
+        "what the dense-metrics snippet above it prints",
+}
+
+
+def readme_tables(text: str) -> list[tuple[int, str, bool, bool]]:
+    """``(line number, header line, inside a generated block, inside a code fence)`` of every README table."""
+    spans = [(match.start(), match.end()) for match in figures.blocks(text)]
+    tables, offset, fenced, previous_is_table = [], 0, False, False
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        is_table = line.startswith("|")
+        if is_table and not previous_is_table:
+            inside = any(start <= offset < end for start, end in spans)
+            tables.append((number, line.rstrip("\n"), inside, fenced))
+        previous_is_table, offset = is_table, offset + len(line)
+    return tables
+
+
+def test_every_table_of_measured_figures_is_generated():
+    tables = readme_tables(figures.README.read_text())
+    loose = [(number, header) for number, header, inside, fenced in tables
+             if not inside and not any(header.startswith(known) for known in (NOT_MEASURED if not fenced
+                                                                             else EXAMPLE_OUTPUT))]
+    assert not loose, ("README tables neither generated (eval/bench/readme_figures.py) nor listed as not "
+                       f"measured in this test: {loose}")
+    generated = [header for _, header, inside, _ in tables if inside]
+    assert not [header for header in generated if header in NOT_MEASURED]
+    # the lists hold no stale entries (a removed table leaves none behind)
+    headers = [header for _, header, _, _ in tables]
+    assert all(any(header.startswith(known) for header in headers) for known in [*NOT_MEASURED, *EXAMPLE_OUTPUT])
+
+
+def test_the_table_finder_sees_a_new_hand_copied_table():
+    text = figures.README.read_text() + "\nMeasured today:\n\n| run | ms |\n|---|---:|\n| new | 1.0 |\n"
+    assert readme_tables(text)[-1][1:] == ("| run | ms |", False, False)
 
 
 def test_a_changed_figure_is_found_and_write_puts_it_back():

@@ -47,7 +47,8 @@ RESULTS = ROOT / "eval" / "results"
 SUITE_JSON = RESULTS / "test_suite.json"
 EMBEDDED_JSON = RESULTS / "embedded_default.json"
 REFRESH = "python eval/bench/readme_figures.py --write"
-BLOCKS = ("test-count", "ci-run", "embedded-default")
+# blocks with a renderer of their own; every other block NAME is a table from eval/results/NAME.json
+SPECIAL_BLOCKS = ("test-count", "ci-run", "embedded-default")
 
 # no "--" inside a marker: an inline HTML comment may not contain one (CommonMark 0.29, GitHub's cmark-gfm),
 # so a marker inside a paragraph would otherwise be shown as text
@@ -183,6 +184,71 @@ def render_embedded(table: Mapping) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
+def known_blocks() -> tuple[str, ...]:
+    """The special blocks and every results file that holds a table (``columns``)."""
+    tables = sorted(path.stem.replace("_", "-") for path in RESULTS.glob("*.json")
+                    if "columns" in json.loads(path.read_text()))
+    return (*SPECIAL_BLOCKS, *tables)
+
+
+def results_path(name: str) -> Path:
+    """The results file of block ``name``: ``eval/results/NAME.json`` with ``-`` written ``_``."""
+    return RESULTS / f"{name.replace('-', '_')}.json"
+
+
+def fill(template: str, meta: Mapping) -> str:
+    """``template`` with ``{date}``, ``{machine}`` and ``{command}`` replaced (plain replacement, not
+    ``str.format``: README text has braces of its own, such as shell globs)."""
+    for key in ("date", "machine", "command"):
+        if key in meta:
+            template = template.replace("{" + key + "}", str(meta[key]))
+    return template
+
+
+def render_cell(cell, number_format: str | None) -> str:
+    """A table cell: a string as it is, a number through its column's format, or ``{"value": ..., "format":
+    ..., "bold": ...}`` where one cell differs from its column (another precision, emphasis)."""
+    if isinstance(cell, Mapping):
+        text = render_cell(cell["value"], cell.get("format", number_format))
+        return f"**{text}**" if cell.get("bold") else text
+    if cell is None or isinstance(cell, str):
+        return cell or ""
+    if number_format is None:
+        raise FiguresError(f"number {cell!r} in a column without a format")
+    return number_format.format(cell)
+
+
+def render_table(table: Mapping) -> str:
+    """A markdown table from ``columns`` (header cells), ``align`` (``---`` / ``---:``), ``formats`` (one per
+    column, for numbers) and ``rows`` (each ``{"id": ..., "cells": [...]}``), without a final newline."""
+    columns, formats = table["columns"], table["formats"]
+    width = len(columns)
+    if len(formats) != width or len(table["align"]) != width:
+        raise FiguresError(f"table {columns[0]!r}: {width} columns but {len(formats)} formats and "
+                           f"{len(table['align'])} alignments")
+
+    def line(cells: list[str]) -> str:
+        # an empty cell is "| |", as the README writes it
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    lines = [line(columns), "|" + "|".join(table["align"]) + "|"]
+    for row in table["rows"]:
+        if len(row["cells"]) != width:
+            raise FiguresError(f"row {row.get('id')!r} has {len(row['cells'])} cells, the table {width}")
+        lines.append(line([render_cell(cell, fmt) for cell, fmt in zip(row["cells"], formats)]))
+    return "\n".join(lines)
+
+
+def render_generic(name: str, data: Mapping) -> str:
+    """Block ``name`` from its results file: ``intro`` (text before the table, verbatim but for ``{date}``,
+    ``{machine}`` and ``{command}`` of the file), the table, then ``outro``."""
+    try:
+        return fill(data.get("intro", ""), data) + render_table(data) + fill(data.get("outro", "\n"), data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise FiguresError(f"{results_path(name).relative_to(ROOT)} cannot be rendered ({type(err).__name__}: "
+                           f"{err}); compare it with another block's file") from None
+
+
 def render(name: str, collected: int | None) -> str:
     """The text block ``name`` must hold; ``collected``: the tests pytest collects now (``test-count``)."""
     if name == "test-count":
@@ -193,8 +259,10 @@ def render(name: str, collected: int | None) -> str:
         return render_ci_run(read_json(SUITE_JSON))
     if name == "embedded-default":
         return render_embedded(read_json(EMBEDDED_JSON))
-    raise FiguresError(f"README.md has a generated block {name!r}, which this script does not know; known: "
-                       f"{', '.join(BLOCKS)}")
+    if results_path(name).exists():
+        return render_generic(name, read_json(results_path(name)))
+    raise FiguresError(f"README.md has a generated block {name!r}, which this script does not know (no "
+                       f"{results_path(name).relative_to(ROOT)}); known: {', '.join(known_blocks())}")
 
 
 def blocks(text: str) -> list[re.Match]:
@@ -333,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --record-embedded: the row id in eval/results/embedded_default.json")
     parser.add_argument("--label", help="with --record-embedded: the row's label (needed for a new row)")
     parser.add_argument("--minutes", type=float, help="with --record-embedded: the command's wall clock")
-    parser.add_argument("--block", action="append", dest="blocks", choices=BLOCKS,
+    parser.add_argument("--block", action="append", dest="blocks", choices=known_blocks(),
                         help="only this block (repeatable); default: all")
     args = parser.parse_args(argv)
     if args.record_embedded is not None and not args.row:

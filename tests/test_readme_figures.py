@@ -226,3 +226,64 @@ def test_record_suite_times_a_passing_run_and_appends_it(tmp_path, monkeypatch):
     assert figures.latest_run(json.loads(suite.read_text()), command) == entry
     with pytest.raises(figures.FiguresError, match="exited with"):
         figures.record_suite("python -c 'import sys; sys.exit(3)'")
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_polyhistor_count_tables_are_the_formula():
+    # the hand-written count tables of the Polyhistor section, computed again (nothing is built: ~1 s)
+    from visadapt.plugins.polyhistor import PolyhistorConfig, parameter_count
+
+    bench = _bench_module("polyhistor")
+    swin = {"T": ((96, 192, 384, 768), (2, 2, 6, 2)), "S": ((96, 192, 384, 768), (2, 2, 18, 2)),
+            "B": ((128, 256, 512, 1024), (2, 2, 18, 2)), "L": ((192, 384, 768, 1536), (2, 2, 18, 2))}
+
+    def total(size="T", **fields):
+        config = PolyhistorConfig(tasks=bench.TASKS, **fields)
+        return parameter_count(config, *swin[size], len(bench.TASKS))["total"]
+
+    def share(count, base):
+        return f"{count:,} ({100 * count / base:.1f} %)"
+
+    ffn = bench.per_task_adapter_count(*swin["T"], 16, 4)
+    both = 2 * ffn  # houlsby: one adapter after attention and one after the MLP, each as large as pfeiffer's
+    lite = (share(total(variant="lite"), ffn), share(total(variant="lite", attention=True), both))
+    expected = [
+        f"| per-task adapters: 4 × `adapter` (`reduction_factor=16`, pfeiffer / houlsby) | {ffn:,} | {both:,} |",
+        f"| Polyhistor (one hypernetwork per stage) | {share(total(), ffn)} | {share(total(attention=True), both)} |",
+        f"| Polyhistor, per-block hypernetworks | {share(total(per_block_hypernet=True), ffn)} | "
+        f"{share(total(per_block_hypernet=True, attention=True), both)} |",
+        f"| **Polyhistor-Lite** | **{lite[0]}** | **{lite[1]}** |",
+    ]
+    for size in swin:
+        base = bench.per_task_adapter_count(*swin[size], 16, 4)
+        expected.append(f"| Swin-{size} | {base:,} | {total(size):,} | {share(total(size, variant='lite'), base)} |")
+    lines = figures.README.read_text().splitlines()
+    assert [line for line in expected if line not in lines] == []
+
+
+def test_the_resadapter_count_table_is_the_real_unets():
+    # the hand-written ResAdapter count table, counted on the SD1.5 / SDXL UNet configs on the meta device
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    import visadapt
+    from tests.test_resadapter import SD15_UNET, SDXL_UNET
+
+    lines = figures.README.read_text().splitlines()
+    for name, config in (("SD1.5", SD15_UNET), ("SDXL", SDXL_UNET)):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+        visadapt.attach(unet, "resadapter")
+        items = visadapt.inject.attached(unet)
+        loras = [i.module for i in items if isinstance(i.module, visadapt.layers.LoRA)]
+        lora = sum(p.numel() for module in loras for p in module.parameters())
+        norms = visadapt.summary(unet).adapter_params - lora
+        norm_count = len(items) - len(loras)
+        row = f"| {name} | {lora:,} ({len(loras)} convs) | {norms:,} ({norm_count} norms) | **{lora + norms:,}** |"
+        assert any(line.startswith(row) for line in lines), row

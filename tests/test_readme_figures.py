@@ -287,3 +287,50 @@ def test_the_resadapter_count_table_is_the_real_unets():
         norm_count = len(items) - len(loras)
         row = f"| {name} | {lora:,} ({len(loras)} convs) | {norms:,} ({norm_count} norms) | **{lora + norms:,}** |"
         assert any(line.startswith(row) for line in lines), row
+
+
+@pytest.fixture
+def results_copy(tmp_path, monkeypatch):
+    """``eval/results`` copied to a temporary folder that the script (and a bench script's ``import
+    readme_figures``) records into, so a test measurement never touches the real files."""
+    import shutil
+    import sys
+
+    results = tmp_path / "results"
+    shutil.copytree(figures.RESULTS, results)
+    monkeypatch.setattr(figures, "RESULTS", results)
+    monkeypatch.setattr(figures, "ROOT", tmp_path)  # messages name files relative to the root
+    monkeypatch.setitem(sys.modules, "readme_figures", figures)
+    return results
+
+
+def rendered_rows(name: str) -> dict[str, list[str]]:
+    """Block ``name`` as the README would show it now, its rows' cells by the first cell."""
+    body = figures.render(name, collected=None)
+    rows = [line for line in body.splitlines() if line.startswith("|")][2:]
+    return {cells[0]: cells[1:] for cells in ([cell.strip() for cell in row[1:-1].split("|")] for row in rows)}
+
+
+def test_record_table_keeps_the_readme_rows_and_refuses_a_partial_run(results_copy):
+    data = figures.read_json(figures.results_path("selavpr-faiss"))
+    rows = [{"id": row["id"], "values": [0.5, 1.0, 2.0]} for row in data["rows"]]
+    rows.append({"id": "not-shown", "values": [1, 2, 3]})  # measured, but not a row of the README table
+    figures.record_table("selavpr-faiss", rows, "python eval/bench/selavpr.py")
+    recorded = figures.read_json(figures.results_path("selavpr-faiss"))
+    assert [row["id"] for row in recorded["rows"]] == [row["id"] for row in data["rows"]]
+    assert recorded["source"] == "measured" and recorded["date"] == figures.today()
+    assert rendered_rows("selavpr-faiss")["10,000"] == ["0.500", "1.000", "2.00"]
+    with pytest.raises(figures.FiguresError, match="did not measure rows 100-000"):
+        figures.record_table("selavpr-faiss", rows[:2], "python eval/bench/selavpr.py")
+
+
+def test_bitadapter_size_record_is_what_it_prints(results_copy, capsys):
+    # a real run at a small size (ViT-Ti: every file written and measured, in a few seconds)
+    _bench_module("bitadapter_size").main(["--model", "vit_tiny_patch16_224", "--record"])
+    printed = {tuple(line.split()[:2]): line.split()[2:] for line in capsys.readouterr().out.splitlines()
+               if line.startswith(("adaptformer", "lora"))}
+    data = figures.read_json(figures.results_path("bitadapter-size"))
+    assert data["command"] == "python eval/bench/bitadapter_size.py --model vit_tiny_patch16_224"
+    table = figures.render("bitadapter-size", collected=None)
+    assert "| AdaptFormer | 1 | " + " | ".join(printed[("adaptformer", "1")]) + " |" in table
+    assert "| LoRA (q, v) | 2 | " + " | ".join(printed[("lora", "2")]) + " |" in table

@@ -383,6 +383,52 @@ def record_embedded(run_dir: Path, row_id: str, label: str | None, minutes: floa
 
 
 
+def bench_command(script: str, argv: list[str]) -> str:
+    """The command line a bench run was given, as the README prints it, without ``--record``."""
+    return " ".join(["python", f"eval/bench/{script}", *(arg for arg in argv if arg != "--record")])
+
+
+def record_table(name: str, rows: list[Mapping], command: str, machine: str | None = None,
+                 source: str = "measured") -> dict:
+    """Write a bench script's measurement into ``eval/results/NAME.json`` (block ``name``), then
+    ``python eval/bench/readme_figures.py --write`` puts it into README.md.
+
+    ``rows``: one ``{"id": ..., "values": [...]}`` per measured row, ``values`` the cells after the label
+    (numbers go through the column's format; a ``{"value": ..., "format": ...}`` cell keeps its own). Which
+    rows the table shows, in which order and with which label, is the README's choice, kept in the file: a
+    measured row the table does not show is left out (add a row to the file by hand to show it), and each cell
+    keeps the emphasis and precision the README gives it (bold, a per-cell format: choices about the row, not
+    the figure). Every shown row must be measured: the intro names one date and machine for all of them, so a
+    partial run (fewer variants, other sizes) cannot be recorded.
+    """
+    path = results_path(name)
+    data = read_json(path)
+    measured = {row["id"]: row["values"] for row in rows}
+    missing = [row["id"] for row in data["rows"] if row["id"] not in measured]
+    if missing:
+        raise FiguresError(f"{path.relative_to(ROOT)}: this run did not measure rows {', '.join(missing)}; "
+                           f"record a run of the whole table (the command's default settings)")
+    width = len(data["columns"])
+    new_rows = []
+    for previous in data["rows"]:
+        values = measured[previous["id"]]
+        if len(values) != width - 1:
+            raise FiguresError(f"row {previous['id']!r} gives {len(values)} values, the table has "
+                               f"{width - 1} columns after the label")
+        cells = [previous["cells"][0]]
+        for before, value in zip(previous["cells"][1:], values):
+            if isinstance(before, Mapping) and not isinstance(value, (Mapping, str)) and value is not None:
+                value = {"value": value, **{key: before[key] for key in ("format", "bold") if key in before}}
+            cells.append(value)
+        new_rows.append({"id": previous["id"], "cells": cells})
+    data.update({"rows": new_rows, "command": command, "machine": machine or machine_phrase(),
+                 "date": today(), "source": source})
+    write_json(path, data)
+    # the check fails now (README.md differs) until --write: say so where the measurement was made
+    print(f"recorded {path.relative_to(ROOT)}; put it into README.md with {REFRESH}", file=sys.stderr)
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     from visadapt.cli import plain_help
 

@@ -334,3 +334,19 @@ def test_bitadapter_size_record_is_what_it_prints(results_copy, capsys):
     table = figures.render("bitadapter-size", collected=None)
     assert "| AdaptFormer | 1 | " + " | ".join(printed[("adaptformer", "1")]) + " |" in table
     assert "| LoRA (q, v) | 2 | " + " | ".join(printed[("lora", "2")]) + " |" in table
+
+
+def test_ranking_pairs_record_is_what_it_prints(results_copy, capsys):
+    # the README's list sizes, on shapes small enough for a second
+    _bench_module("ranking_pairs").main(["--width", "16", "--tokens", "4", "--heads", "2", "--queries", "2",
+                                         "--rounds", "1", "--device", "cpu", "--record"])
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()]
+    table = rendered_rows("ranking-pairs")
+    assert list(table) == ["8 (64)", "16 (256)", "32 (1,024)", "64 (4,096)"]
+    for n, pairs, _, lit_ms, lit_mb, _, fact_ms, fact_mb, ratio, _, part_ms, part_mb in printed:
+        cells = table[f"{n} ({int(pairs):,})"]
+        # the table shows whole ms and MB of what the script prints with one decimal
+        for cell, shown in ((cells[0], lit_ms), (cells[1], lit_mb), (cells[2], fact_ms), (cells[3], fact_mb),
+                            (cells[5], part_ms), (cells[6], part_mb)):
+            assert abs(float(cell.replace(",", "")) - float(shown)) <= 0.55, (n, cell, shown)
+        assert cells[4] == f"{float(ratio):.1f}x"

@@ -1,6 +1,7 @@
 """The ranking adapter's pair branch: time and memory against the list size N, side by side in one run.
 
     python eval/bench/ranking_pairs.py               # ViT-B/32-like shapes: D 512, 49 tokens, 8 heads, 16 queries
+    python eval/bench/ranking_pairs.py --record      # also writes the README table (eval/results/ranking_pairs.json)
 
 The relational attention scores every ordered pair of a list: N^2 pairs. Three ways, each a forward and
 backward pass of the branch (relational attention + pair head) on fused tokens ``(N, P, D)``:
@@ -21,6 +22,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--literal-max", type=int, default=64, help="largest N for the literal form (its memory)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--record", action="store_true",
+                   help="also write the rows into eval/results/ranking_pairs.json (README block ranking-pairs); "
+                        "then readme_figures.py --write")
     args = p.parse_args(argv)
+    rows = []
     device = torch.device(args.device)
     torch.manual_seed(0)
     attention = RelationalAttention(args.width, args.heads, args.queries).to(device)
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         fact_mb = saved_bytes(run(z, pairs, False)) / 2**20
         part_ms = timed(run(z, sampled, False))
         part_mb = saved_bytes(run(z, sampled, False)) / 2**20
+        lit_ms = lit_mb = None
         if n <= args.literal_max:
             lit_ms = timed(run(z, pairs, True))
             lit_mb = saved_bytes(run(z, pairs, True)) / 2**20
@@ -100,8 +107,18 @@ def main(argv: list[str] | None = None) -> None:
             ratio = f"{lit_mb / fact_mb:>10.1f}"
         else:
             literal, ratio = f"{'-':>10} {'-':>8}", f"{'-':>10}"
+        # row id of the README table: "N (pairs)" slugged, e.g. 32-1-024 for "32 (1,024)"
+        rows.append({"id": f"{n}-{n * n:,}".replace(",", "-"),
+                     "values": [lit_ms, lit_mb, fact_ms, fact_mb, lit_mb / fact_mb if lit_mb else None, part_ms,
+                                part_mb]})
         print(f"{n:>4} {n * n:>6} | {literal} | {fact_ms:>13.1f} {fact_mb:>8.1f} {ratio} | "
               f"{part_ms:>13.1f} {part_mb:>7.1f}")
+    if args.record:
+        import readme_figures  # beside this script (eval/bench/), imported only to record
+
+        command = readme_figures.bench_command("ranking_pairs.py", sys.argv[1:] if argv is None else argv)
+        readme_figures.record_table("ranking-pairs", rows, command,
+                                    machine=readme_figures.machine_phrase(args.device))
 
 
 if __name__ == "__main__":

@@ -95,13 +95,18 @@ def latest_run(suite: Mapping, command: str) -> dict:
     return runs[-1]
 
 
-def machine_phrase() -> str:
-    """How the README names this machine: its usable cores and CPU model."""
+def machine_phrase(device: str = "cpu") -> str:
+    """How the README names this machine: its usable cores and CPU model, and the GPU when ``device`` is one."""
     sys.path.insert(0, str(Path(__file__).parent))
     from machine import cpu_name
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cores} CPU cores ({cpu_name()})"
+    phrase = f"{cores} CPU cores ({cpu_name()})"
+    if str(device).startswith("cuda"):
+        import torch
+
+        phrase += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return phrase
 
 
 def today() -> str:

@@ -256,12 +256,12 @@ def test_the_polyhistor_count_tables_are_the_formula():
     expected = [
         f"| per-task adapters: 4 × `adapter` (`reduction_factor=16`, pfeiffer / houlsby) | {ffn:,} | {both:,} |",
         f"| Polyhistor (one hypernetwork per stage) | {share(total(), ffn)} | {share(total(attention=True), both)} |",
-        f"| Polyhistor, per-block hypernetworks | {share(total(per_block_hypernet=True), ffn)} | "
-        f"{share(total(per_block_hypernet=True, attention=True), both)} |",
+        (f"| Polyhistor, per-block hypernetworks | {share(total(per_block_hypernet=True), ffn)} | "
+         f"{share(total(per_block_hypernet=True, attention=True), both)} |"),
         f"| **Polyhistor-Lite** | **{lite[0]}** | **{lite[1]}** |",
     ]
-    for size in swin:
-        base = bench.per_task_adapter_count(*swin[size], 16, 4)
+    for size, shape in swin.items():
+        base = bench.per_task_adapter_count(*shape, 16, 4)
         expected.append(f"| Swin-{size} | {base:,} | {total(size):,} | {share(total(size, variant='lite'), base)} |")
     lines = figures.README.read_text().splitlines()
     assert [line for line in expected if line not in lines] == []

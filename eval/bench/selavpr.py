@@ -2,6 +2,7 @@
 number of local features, and k-NN search in torch vs faiss.
 
     python eval/bench/selavpr.py                 # official shapes: 1024-d globals, 61x61x128 local maps
+    python eval/bench/selavpr.py --record        # also writes the README's three tables (eval/results/selavpr_*.json)
 
 1. **Re-ranking vs global-only** per query: global k-NN over ``--database`` descriptors, then MNN re-ranking
    of the top k (10, 20, 50, 100) candidates with the official local map (61 x 61 = 3721 features of 128
@@ -19,6 +20,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -72,11 +74,12 @@ def rerank_vs_global(args) -> dict:
     return {"global_knn_ms": global_ms, "rerank_ms": rerank_ms}
 
 
-def rerank_vs_features(args) -> None:
+def rerank_vs_features(args) -> dict[int, float]:
+    """Prints and returns the re-ranking ms per query of the top 20 by local map side (13, 29, 61)."""
     k = 20
     print(f"\n2. re-ranking the top {k} per query vs local features per image ({args.local_dim} channels)")
     print(f"{'local map':<16}{'features':>10}{'ms/query':>12}{'vs smallest':>14}")
-    base = None
+    base, found = None, {}
     for side in (13, 29, 61):
         q_local = unit(args.queries, side, side, args.local_dim, dtype=torch.float16)
         db_local = unit(k, side, side, args.local_dim, dtype=torch.float16)
@@ -84,9 +87,12 @@ def rerank_vs_features(args) -> None:
         ms = median_ms(lambda q=q_local, d=db_local, c=candidates: rerank(q, d, c), args.rounds, args.queries)
         base = base or ms
         print(f"{f'{side}x{side}':<16}{side * side:>10}{ms:>12.2f}{ms / base:>14.1f}")
+        found[side] = ms
+    return found
 
 
-def knn_backends(args) -> None:
+def knn_backends(args) -> dict[int, dict[str, float]]:
+    """Prints and returns the k-NN ms per query by database size and backend (torch; faiss when installed)."""
     try:
         import faiss  # noqa: F401
         backends = ("torch", "faiss")
@@ -96,6 +102,7 @@ def knn_backends(args) -> None:
     print(f"\n3. exact k-NN (k=100) of {args.queries_knn} queries, {args.dim}-d, ms per query")
     print(f"{'database':>10}" + "".join(f"{b:>12}" for b in backends)
           + (f"{'faiss/torch':>14}" if len(backends) == 2 else ""))
+    table = {}
     for size in (1_000, 10_000, 100_000):
         database, queries = unit(size, args.dim), unit(args.queries_knn, args.dim)
         found = {b: median_ms(lambda b=b, q=queries, d=database: global_knn(q, d, 100, backend=b), args.rounds,
@@ -104,6 +111,31 @@ def knn_backends(args) -> None:
         if len(backends) == 2:
             row += f"{found['faiss'] / found['torch']:>14.2f}"
         print(row)
+        table[size] = found
+    return table
+
+
+def record(args, argv: list[str], retrieval: dict, features: dict[int, float], knn: dict) -> None:
+    """The three README tables (blocks selavpr-rerank, selavpr-local-features, selavpr-faiss) from one run."""
+    import readme_figures  # beside this script (eval/bench/), imported only to record
+
+    if any("faiss" not in found for found in knn.values()):
+        raise SystemExit("--record: faiss is not installed, and the k-NN table compares it with torch; "
+                         "pip install faiss-cpu")
+    command = readme_figures.bench_command("selavpr.py", argv)
+    machine = readme_figures.machine_phrase(args.device)
+    global_ms = retrieval["global_knn_ms"]
+    rows = [{"id": "global-knn", "values": [global_ms, 1]}]
+    rows += [{"id": f"rerank-{k}", "values": [ms, ms / global_ms]} for k, ms in retrieval["rerank_ms"].items()]
+    readme_figures.record_table("selavpr-rerank", rows, command, machine)
+    base = features[13]
+    readme_figures.record_table("selavpr-local-features", [
+        {"id": "ms-per-query", "values": [features[13], features[29], features[61]]},
+        {"id": "vs-13x13", "values": [1, features[29] / base, features[61] / base]}], command, machine)
+    # this part always runs on the CPU (see --device)
+    readme_figures.record_table("selavpr-faiss", [
+        {"id": str(size), "values": [found["torch"], found["faiss"], found["faiss"] / found["torch"]]}
+        for size, found in knn.items()], command, readme_figures.machine_phrase())
 
 
 def main(argv=None) -> None:
@@ -117,14 +149,19 @@ def main(argv=None) -> None:
     p.add_argument("--queries-knn", type=int, default=100, help="queries per timed call (k-NN search)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu", help="where part 1 runs (cpu or cuda); parts 2 and 3 stay on the CPU")
+    p.add_argument("--record", action="store_true",
+                   help="also write the README's three tables into eval/results/selavpr_*.json; then "
+                        "readme_figures.py --write")
     args = p.parse_args(argv)
     print(f"visadapt SelaVPR retrieval benchmark, {datetime.date.today()}, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     torch.manual_seed(0)
-    rerank_vs_global(args)
-    rerank_vs_features(args)
-    knn_backends(args)
+    retrieval = rerank_vs_global(args)
+    features = rerank_vs_features(args)
+    knn = knn_backends(args)
+    if args.record:
+        record(args, sys.argv[1:] if argv is None else argv, retrieval, features, knn)
 
 
 if __name__ == "__main__":

@@ -367,3 +367,25 @@ def test_selavpr_record_writes_its_three_tables(results_copy, monkeypatch):
     assert rendered_rows("selavpr-local-features")["vs 13x13"] == ["1", "1.2", "1"]
     assert rendered_rows("selavpr-local-features")["ms per query"] == ["6.0", "7.0", "8"]
     assert rendered_rows("selavpr-faiss")["100,000"] == ["13.000", "14.000", "1.08"]
+
+
+def test_mosa_record_writes_its_two_tables(results_copy, monkeypatch, capsys):
+    bench = _bench_module("mosa")
+    # memory is measured for real on a small ViT; timing is replaced by numbers per configuration (seconds saved)
+    fake = {"backbone": 9.0, "plain adapter": 10.0, "MoSA eval, unmerged": 12.0, "MoSA merged": 10.5,
+            "MoSA, consistency 1.0": 21.0, "MoSA, consistency 0": 11.0}
+    monkeypatch.setattr(bench, "interleaved_ms", lambda calls, args, repeats: {name: fake[name] for name in calls})
+    create = bench.timm.create_model
+    # a 2-block, 64-wide ViT (the ViT-Ti at 224 px takes seconds per step on a loaded 2-core machine)
+    monkeypatch.setattr(bench.timm, "create_model",
+                        lambda name, **kwargs: create(name, depth=2, embed_dim=64, num_heads=2, **kwargs))
+    bench.main(["--memory-model", "vit_tiny_patch16_224", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+                "--record"])
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("FGVC")]
+    plain, mosa, ncopy = printed[0][-5:-2]  # the FGVC row: MB of the three forms, then the two ratios
+    assert rendered_rows("mosa-memory")["FGVC: r 64, N 4, split up"][:3] == [f"{plain} MB", f"{mosa} MB",
+                                                                              f"{ncopy} MB"]
+    timing = rendered_rows("mosa-timing")
+    assert timing["inference: backbone alone"] == ["9.0", "0.90"]
+    assert timing["training step: MoSA, consistency 1.0 (two passes, official)"] == ["21.0", "2.10"]
+    assert len(timing) == 7

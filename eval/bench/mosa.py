@@ -2,6 +2,7 @@
 and inference latency of the merged MoSA adapter vs a plain adapter (and the unmerged eval path).
 
     python eval/bench/mosa.py                          # ViT-B/16 shapes for memory, ViT-S/16 at 96 px for time
+    python eval/bench/mosa.py --record                 # also writes the README's two tables (eval/results/mosa_*.json)
 
 1. **Trainer memory**: bytes of trainable parameters, AdamW state after one step and the adapter's buffers
    (masks, frozen initial values), for the three official recipes on ViT-B/16 (random init: only shapes
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 
 import timm
@@ -35,6 +37,12 @@ RECIPES = {  # official scripts: scripts/mosa/vit/{VTAB,FGVC}/*.sh
     "FGVC (r 64, N 4, split up)": {"dim": 64, "num_modules": 4, "split": ("up",)},
     "multi-task (r 64, N 2, split both)": {"dim": 64, "num_modules": 2, "split": ("down", "up")},
 }
+# row ids of the README tables (eval/results/mosa_memory.json, mosa_timing.json)
+RECIPE_ROWS = dict(zip(RECIPES, ("vtab-1k", "fgvc", "multi-task")))
+LATENCY_ROWS = {"backbone": "inference-backbone", "plain adapter": "inference-plain",
+                "MoSA merged": "inference-mosa-merged", "MoSA eval, unmerged": "inference-mosa-unmerged"}
+STEP_ROWS = {"plain adapter": "step-plain", "MoSA, consistency 1.0": "step-mosa-consistency-1",
+             "MoSA, consistency 0": "step-mosa-consistency-0"}
 
 
 class OfficialNCopyLinear(nn.Module):
@@ -78,12 +86,14 @@ def trainer_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     return nbytes(params) - head, nbytes(state) - 2 * head, nbytes(buffers)
 
 
-def memory_table(args) -> None:
+def memory_table(args) -> dict[str, tuple[float, float, float]]:
+    """Prints and returns the MB of (plain adapter, MoSA, N-copy) per recipe."""
     print(f"\n1. trainer memory, {args.memory_model} (MB; trainable params + AdamW state + adapter buffers, "
           f"head excluded)")
     print(f"{'recipe':<36}{'plain adapter':>14}{'MoSA (visadapt)':>17}{'N-copy (official)':>19}"
           f"{'visadapt/plain':>16}{'N-copy/visadapt':>17}")
     x = torch.randn(1, 3, 224, 224)
+    table = {}
     for label, recipe in RECIPES.items():
         totals = []
         for form in ("plain", "mosa", "n-copy"):
@@ -99,6 +109,8 @@ def memory_table(args) -> None:
             totals.append(sum(trainer_bytes(model, x)) / 2**20)
         plain, mosa, ncopy = totals
         print(f"{label:<36}{plain:>14.2f}{mosa:>17.2f}{ncopy:>19.2f}{mosa / plain:>16.2f}{ncopy / mosa:>16.2f}x")
+        table[label] = (plain, mosa, ncopy)
+    return table
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -128,7 +140,7 @@ def print_against(medians: dict[str, float], reference: str, digits: int) -> Non
         print(f"{name:<24}{ms:>9.{digits}f} ms   vs {reference} {ms / medians[reference]:>5.2f}")
 
 
-def latency_table(args) -> None:
+def latency_table(args) -> dict[str, float]:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     calls = {}
     for name in ("backbone", "plain adapter", "MoSA eval, unmerged", "MoSA merged"):
@@ -147,9 +159,10 @@ def latency_table(args) -> None:
     print(f"\n2. inference latency, {args.model} at {args.img_size} px, batch {args.batch_size}, dim {args.dim} "
           f"(median ms of {args.rounds} x {args.repeats} forwards)")
     print_against(medians, "plain adapter", digits=2)
+    return medians
 
 
-def step_table(args) -> None:
+def step_table(args) -> dict[str, float]:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, 10, (args.batch_size,))
     configs = {"plain adapter": None, "MoSA, consistency 1.0": 1.0, "MoSA, consistency 0": 0.0}
@@ -176,6 +189,20 @@ def step_table(args) -> None:
     print(f"\n3. training step (forward + backward + AdamW), {args.model} at {args.img_size} px, batch "
           f"{args.batch_size}")
     print_against(medians, "plain adapter", digits=1)
+    return medians
+
+
+def record(memory: dict, latency: dict, steps: dict, argv: list[str]) -> None:
+    """The README's two MoSA tables (blocks mosa-memory, mosa-timing) from one run."""
+    import readme_figures  # beside this script (eval/bench/), imported only to record
+
+    command = readme_figures.bench_command("mosa.py", argv)
+    readme_figures.record_table("mosa-memory", [
+        {"id": RECIPE_ROWS[label], "values": [plain, mosa, ncopy, mosa / plain, ncopy / mosa]}
+        for label, (plain, mosa, ncopy) in memory.items()], command)
+    rows = [{"id": LATENCY_ROWS[name], "values": [ms, ms / latency["plain adapter"]]} for name, ms in latency.items()]
+    rows += [{"id": STEP_ROWS[name], "values": [ms, ms / steps["plain adapter"]]} for name, ms in steps.items()]
+    readme_figures.record_table("mosa-timing", rows, command)
 
 
 def main(argv=None) -> None:
@@ -189,13 +216,19 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--record", action="store_true",
+                   help="also write the README's two tables into eval/results/mosa_memory.json and "
+                        "mosa_timing.json (not with --skip-memory); then readme_figures.py --write")
     args = p.parse_args(argv)
+    if args.record and args.skip_memory:
+        p.error("--record writes the memory table too; drop --skip-memory")
     print(f"visadapt MoSA benchmark, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if not args.skip_memory:
-        memory_table(args)
-    latency_table(args)
-    step_table(args)
+    memory = memory_table(args) if not args.skip_memory else {}
+    latency = latency_table(args)
+    steps = step_table(args)
+    if args.record:
+        record(memory, latency, steps, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -389,3 +389,21 @@ def test_mosa_record_writes_its_two_tables(results_copy, monkeypatch, capsys):
     assert timing["inference: backbone alone"] == ["9.0", "0.90"]
     assert timing["training step: MoSA, consistency 1.0 (two passes, official)"] == ["21.0", "2.10"]
     assert len(timing) == 7
+
+
+def test_overhead_record_fills_the_readme_cells(results_copy, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports machine.py from beside it
+    bench = _bench_module("overhead")
+    # the measurements replaced (building vit_small and PEFT twice takes long on a loaded machine)
+    monkeypatch.setattr(bench, "bench_latency", lambda args, device, x: {"base": 100.0, "unmerged": 120.0,
+                                                                           "merged": 101.0, "max_abs_diff": 0.0})
+    training = {"visadapt lora q,v": (210.0, 50.0), "visadapt lora qkv": (205.0, 49.5), "peft lora qkv": (200.0, 49.0)}
+    monkeypatch.setattr(bench, "bench_training", lambda args, device, x, y: {
+        name: {"trainable": 1000, "step_ms": ms, "saved_state_mb": mb} for name, (ms, mb) in training.items()})
+    bench.main(["--record"])
+    cells = {label: cells[0] for label, cells in rendered_rows("overhead").items()}
+    assert cells["inference: base / LoRA unmerged / LoRA merged"] == "100.0 / 120.0 / 101.0 ms"
+    assert cells["merged / unmerged latency"] == "0.84x (merged costs what the base model costs)"
+    assert cells["training step: visadapt q,v / visadapt qkv / PEFT qkv"] == "210.0 / 205.0 / 200.0 ms"
+    assert cells["step time, visadapt qkv vs PEFT qkv"] == "1.02x"
+    assert cells["memory saved for backward + trainable state, visadapt vs PEFT"] == "1.02x (50.0 vs 49.0 MB)"

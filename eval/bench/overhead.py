@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import sys
 import time
 
 import peft
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats per configuration")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--record", action="store_true",
+                   help="also write the README table (block overhead) into eval/results/overhead.json; then "
+                        "readme_figures.py --write")
     return p.parse_args(argv)
 
 
@@ -166,8 +170,8 @@ def bench_training(args, device, x, y) -> dict[str, dict[str, float]]:
     return results
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,6 +212,26 @@ def main() -> None:
               f"saved+state memory {r['saved_state_mb'] / peft_r['saved_state_mb']:.2f}x"
               + (f", CUDA peak {r['cuda_peak_mb'] / peft_r['cuda_peak_mb']:.2f}x" if cuda else "")
               + f", trainable params {r['trainable'] / peft_r['trainable']:.2f}x")
+    if args.record:
+        record(lat, res, sys.argv[1:] if argv is None else argv, args.device)
+
+
+def record(lat: dict, res: dict, argv: list[str], device: str) -> None:
+    """The README's overhead table (block overhead) from one run's latencies and training results."""
+    import readme_figures  # beside this script (eval/bench/), imported only to record
+
+    qv, qkv, peft_qkv = (res[c] for c in TRAIN_CONFIGS)
+    rows = [
+        {"id": "inference-ms", "values": [[lat["base"], lat["unmerged"], lat["merged"]]]},
+        {"id": "merged-vs-unmerged", "values": [lat["merged"] / lat["unmerged"]]},
+        {"id": "step-ms", "values": [[qv["step_ms"], qkv["step_ms"], peft_qkv["step_ms"]]]},
+        {"id": "step-qv-vs-peft", "values": [qv["step_ms"] / peft_qkv["step_ms"]]},
+        {"id": "step-qkv-vs-peft", "values": [qkv["step_ms"] / peft_qkv["step_ms"]]},
+        {"id": "memory-vs-peft", "values": [[qv["saved_state_mb"] / peft_qkv["saved_state_mb"],
+                                             qv["saved_state_mb"], peft_qkv["saved_state_mb"]]]},
+    ]
+    readme_figures.record_table("overhead", rows, readme_figures.bench_command("overhead.py", argv),
+                                readme_figures.machine_phrase(device))
 
 
 if __name__ == "__main__":

@@ -211,8 +211,9 @@ def fill(template: str, meta: Mapping) -> str:
 
 
 def render_cell(cell, number_format: str | None) -> str:
-    """A table cell: a string as it is, a number through its column's format, or ``{"value": ..., "format":
-    ..., "bold": ...}`` where one cell differs from its column (another precision, emphasis)."""
+    """A table cell: a string as it is, a number (or a list of numbers) through its column's format, or
+    ``{"value": ..., "format": ..., "bold": ...}`` where one cell differs from its column (another precision, a
+    note, emphasis)."""
     if isinstance(cell, Mapping):
         text = render_cell(cell["value"], cell.get("format", number_format))
         return f"**{text}**" if cell.get("bold") else text
@@ -220,7 +221,8 @@ def render_cell(cell, number_format: str | None) -> str:
         return cell or ""
     if number_format is None:
         raise FiguresError(f"number {cell!r} in a column without a format")
-    return number_format.format(cell)
+    # a list fills a format of several numbers, e.g. "{:.1f} / {:.1f} ms"
+    return number_format.format(*cell) if isinstance(cell, list) else number_format.format(cell)
 
 
 def render_table(table: Mapping) -> str:

@@ -407,3 +407,28 @@ def test_overhead_record_fills_the_readme_cells(results_copy, monkeypatch):
     assert cells["training step: visadapt q,v / visadapt qkv / PEFT qkv"] == "210.0 / 205.0 / 200.0 ms"
     assert cells["step time, visadapt qkv vs PEFT qkv"] == "1.02x"
     assert cells["memory saved for backward + trainable state, visadapt vs PEFT"] == "1.02x (50.0 vs 49.0 MB)"
+
+
+def test_polyhistor_record_gives_the_readme_counts_again(results_copy, monkeypatch):
+    before = {name: rendered_rows(name) for name in ("polyhistor-size", "polyhistor-timing")}
+    bench = _bench_module("polyhistor")
+    # the models are built for real (their counts are compared); the step is replaced, with a time per method
+    seconds = dict(zip(bench.METHODS, (0.2, 0.21, 0.22, 0.1, 0.05)))
+    monkeypatch.setattr(bench, "stepper", lambda model, batch: lambda: seconds[model.method_for_test])
+    build = bench.build
+
+    def tagged(method, device):
+        model = build(method, device)
+        model.method_for_test = method
+        return model
+
+    monkeypatch.setattr(bench, "build", tagged)
+    bench.main(["--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--record"])
+    assert rendered_rows("polyhistor-size") == before["polyhistor-size"]  # the formula: the same numbers
+    timing = rendered_rows("polyhistor-timing")
+    assert list(timing) == list(before["polyhistor-timing"])
+    for label, cells in timing.items():
+        # adapter params, their ratio and all trainable params are the model's, step ms and ratio the run's
+        assert cells[:3] == before["polyhistor-timing"][label][:3], label
+    assert timing["per-task adapters"][3:] == ["200.0", "1.00"]
+    assert timing["shared adapter (one backbone pass)"][3:] == ["100.0", "0.50"]

@@ -3,6 +3,7 @@ adapter per task, for the same four dense tasks.
 
     python eval/bench/polyhistor.py                 # Swin-T counts (formula) + embedded Swin step time on CPU
     python eval/bench/polyhistor.py --batch 32 --steps 10 --device cuda
+    python eval/bench/polyhistor.py --record        # also writes the README's two tables (eval/results/polyhistor_*.json)
 
 1. **Parameters at Swin-T scale** (stages 96/192/384/768, depths 2/2/6/2, 4 tasks, rho 16; nothing is built):
    the adapters of Polyhistor and Polyhistor-Lite from :func:`visadapt.plugins.polyhistor.parameter_count`,
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -49,17 +51,20 @@ def per_task_adapter_count(widths, depths, rho: int, num_tasks: int) -> int:
     return num_tasks * per_task
 
 
-def swin_t_table() -> str:
+def swin_t_table() -> tuple[str, list[dict]]:
+    """The Swin-T count table as markdown, and its rows for ``--record`` (ids of the README's table)."""
     baseline = per_task_adapter_count(SWIN_T["stage_widths"], SWIN_T["depths"], 16, len(TASKS))
     lines = ["| Swin-T, 4 tasks, rho 16 | adapter params | vs 4 x adapter |", "|---|---:|---:|",
              f"| 4 x adapter (per task) | {baseline:,} | 1.000 |"]
+    rows = [{"id": "per-task", "values": [baseline, 1.0]}]
     for label, fields in (("code defaults (d_t 512)", {}), ("d_t 64", {"task_embedding_dim": 64})):
         for variant in ("polyhistor", "lite"):
             config = PolyhistorConfig(tasks=TASKS, variant=variant, **fields)
             total = parameter_count(config, SWIN_T["stage_widths"], SWIN_T["depths"], len(TASKS))["total"]
             name = "Polyhistor" if variant == "polyhistor" else "Polyhistor-Lite"
             lines.append(f"| {name}, {label} | {total:,} | {total / baseline:.3f} |")
-    return "\n".join(lines)
+            rows.append({"id": f"{variant}-{config.task_embedding_dim}", "values": [total, total / baseline]})
+    return "\n".join(lines), rows
 
 
 def build(method: str, device: torch.device) -> MultiTaskDenseModel:
@@ -101,7 +106,7 @@ def random_batch(size: int, batch: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in sample.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
@@ -109,9 +114,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods to time (per-task, the reference of the ratios, is always included)")
-    args = parser.parse_args()
+    parser.add_argument("--record", action="store_true",
+                        help="also write the README's two tables into eval/results/polyhistor_size.json and "
+                             "polyhistor_timing.json (all methods); then readme_figures.py --write")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print(swin_t_table())
+    table, size_rows = swin_t_table()
+    print(table)
     batch = random_batch(64, args.batch, device)
     counts, steppers = {}, {}
     for method in ["per-task"] + [m for m in args.methods if m != "per-task"]:
@@ -136,6 +145,16 @@ def main() -> None:
     for method, (adapter, total, seconds) in rows.items():
         ratio = f"{adapter / base_adapter:.3f}" if base_adapter else "-"
         print(f"| {method} | {adapter:,} | {ratio} | {total:,} | {1000 * seconds:.1f} | {seconds / base_time:.2f} |")
+    if args.record:
+        import readme_figures  # beside this script (eval/bench/), imported only to record
+
+        command = readme_figures.bench_command("polyhistor.py", sys.argv[1:] if argv is None else argv)
+        readme_figures.record_table("polyhistor-size", size_rows, command)
+        readme_figures.record_table("polyhistor-timing", [
+            {"id": method, "values": [adapter, adapter / base_adapter if base_adapter else None, total,
+                                      1000 * seconds, seconds / base_time]}
+            for method, (adapter, total, seconds) in rows.items()], command,
+            readme_figures.machine_phrase(args.device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"\n{device.type} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"{datetime.date.today()}; median of {args.steps} steps after {args.warmup} warm-up, methods interleaved")

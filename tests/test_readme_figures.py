@@ -432,3 +432,18 @@ def test_polyhistor_record_gives_the_readme_counts_again(results_copy, monkeypat
         assert cells[:3] == before["polyhistor-timing"][label][:3], label
     assert timing["per-task adapters"][3:] == ["200.0", "1.00"]
     assert timing["shared adapter (one backbone pass)"][3:] == ["100.0", "0.50"]
+
+
+def test_dataloader_record_fills_the_readme_rows(results_copy, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    bench = _bench_module("dataloader")
+    # the suite and the timed epochs replaced: rates per task and workers value
+    monkeypatch.setattr(bench, "make_synthetic_vtab", lambda root, **kwargs: None)
+    rates = {("oxford_iiit_pet", 0): (100.0, 2000.0, 9000.0), ("oxford_iiit_pet", 2): (90.0, 900.0, 3000.0),
+             ("svhn", 0): (300.0, 2100.0, 13000.0), ("svhn", 2): (280.0, 1050.0, 4400.0)}
+    monkeypatch.setattr(bench, "measure_task", lambda root, task, args, workers, *rest: (
+        (task, 1000, 10.0, 0.1, 140.0), [(task, 1000, w, *rates[task, w]) for w in workers]))
+    bench.main(["--root", str(tmp_path), "--device", "cpu", "--record"])
+    lines = figures.render("dataloader", collected=None).splitlines()
+    assert "| oxford_iiit_pet (500x375) | 2 | 90 | 900 | 10.0x | 3,000 |" in lines
+    assert "| svhn (32x32) | 0 | 300 | 2,100 | 7.0x | 13,000 |" in lines

@@ -18,6 +18,7 @@ training throughput, e.g. 3,000-4,000 imgs/s for ViT-B/16 bf16 on an H100) adds 
 above 1 the model, not the loader, is the limit.
 
 Run from the repository root:  python eval/bench/dataloader.py [--tasks oxford_iiit_pet,svhn --workers 0,2]
+(``--record`` also writes the README's table, eval/results/dataloader.json; then readme_figures.py --write)
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-cache", action="store_true", help="reuse a built cache instead of timing a build")
     p.add_argument("--consumer-imgs-per-s", type=float, default=None,
                    help="what the model consumes (imgs/s); adds loader/consumer ratios to the table")
+    p.add_argument("--record", action="store_true",
+                   help="also write the README table (block dataloader) into eval/results/dataloader.json; then "
+                        "readme_figures.py --write")
     return p.parse_args(argv)
 
 
@@ -173,6 +177,14 @@ def main(argv=None) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for task, n, build_s, open_s, mib in builds:
         print(f"| {task} | {n} | {build_s:.2f} | {n / build_s:.0f} | {open_s:.3f} | {mib:.1f} |")
+    if args.record:
+        import readme_figures  # beside this script (eval/bench/), imported only to record
+
+        # README row ids: task and workers; cells after the label: workers, decode, cache, ratio, cache uint8
+        readme_figures.record_table("dataloader", [
+            {"id": f"{task}-{w}", "values": [w, dec, cac, cac / dec, raw]} for task, _, w, dec, cac, raw in rows],
+            readme_figures.bench_command("dataloader.py", sys.argv[1:] if argv is None else argv),
+            readme_figures.machine_phrase(str(device)))
 
 
 if __name__ == "__main__":

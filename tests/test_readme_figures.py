@@ -447,3 +447,22 @@ def test_dataloader_record_fills_the_readme_rows(results_copy, monkeypatch, tmp_
     lines = figures.render("dataloader", collected=None).splitlines()
     assert "| oxford_iiit_pet (500x375) | 2 | 90 | 900 | 10.0x | 3,000 |" in lines
     assert "| svhn (32x32) | 0 | 300 | 2,100 | 7.0x | 13,000 |" in lines
+
+
+def test_train_throughput_record_fills_the_readme_rows(results_copy, monkeypatch, tmp_path):
+    bench = _bench_module("train_throughput")
+    # the suite and the training children replaced: figures per variant as run_variant returns them
+    monkeypatch.setattr(bench, "make_synthetic_vtab", lambda root, **kwargs: None)
+    speed = {"reference style": 100.0, "visadapt": 200.0, "visadapt --compile": 250.0, "PEFT LoRA": 210.0,
+             "linear probe": 500.0}
+    monkeypatch.setattr(bench, "run_variant_in_child", lambda args, name: {
+        "variant": name, "trainable": 7141 if name == "linear probe" else 46405, "imgs_per_s": speed[name],
+        "epoch_s": [1.0, 1.0], "peak_bytes": 2**29, "precision": "fp32", "compiled": False,
+        "attention": {"eager" if name == "reference style" else "sdpa": 12}, "rank": None})
+    bench.main(["--device", "cpu", "--root", str(tmp_path), "--record"])
+    table = rendered_rows("train-throughput")
+    assert table["visadapt `--compile`"] == ["46,405", "fp32", "sdpa", "250.0", "2.50x", "1.19x", "0.50"]
+    assert table["reference style (fp32, eager attention, JPEGs decoded every epoch)"][2:5] == ["eager", "100.0",
+                                                                                               "1.00x"]
+    assert figures.read_json(figures.results_path("train-throughput"))["command"] == (
+        f"python eval/bench/train_throughput.py --device cpu --root {tmp_path}")

@@ -24,6 +24,7 @@ on a GPU; on a CPU the process's peak resident set (includes Python and torch th
 
     python eval/bench/train_throughput.py                                  # 2-core CPU: ViT-Ti/16 at 64 px
     python eval/bench/train_throughput.py --device cuda                    # GPU: ViT-B/16 at 224, batch 128
+    python eval/bench/train_throughput.py --device cpu --record     # also writes the README table (CPU run)
 """
 from __future__ import annotations
 
@@ -85,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated variants (default: {', '.join(DEFAULT_VARIANTS)}; also: "
                         f"{', '.join(v for v in VARIANTS if v not in DEFAULT_VARIANTS)})")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    p.add_argument("--record", action="store_true",
+                   help="also write the README table (block train-throughput) into "
+                        "eval/results/train_throughput.json (the default variants); then readme_figures.py --write")
     args = p.parse_args(argv)
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
@@ -163,7 +167,7 @@ def run_variant_in_child(args: argparse.Namespace, name: str, timeout: float | N
     """Train variant ``name`` in a fresh process (:func:`run_variant`) and return its figures; raises
     :class:`children.ChildFailed` when it fails, ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k not in ("child", "variants") and v is not None]
+                 if k not in ("child", "variants", "record") and v is not None]
     done = run_child([sys.executable, __file__, *forwarded, f"--child={name}"], timeout, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -206,6 +210,22 @@ def main(argv=None) -> None:
         attention = ", ".join(f"{k} {v}" for k, v in row["attention"].items()) or "-"
         print(f"| {name} | {row['trainable']:,} | {row['precision']} | {attention} | {row['imgs_per_s']:,.1f} | "
               f"{vs_ref} | {vs_lora} | {row['peak_bytes'] / 2**30:.2f} |")
+    if args.record:
+        record(rows, reference, lora, args, sys.argv[1:] if argv is None else argv)
+
+
+def record(rows: list[dict], reference: dict | None, lora: dict | None, args, argv: list[str]) -> None:
+    """The README's throughput table (block train-throughput): rows by variant, the ratios of this run."""
+    import readme_figures  # beside this script (eval/bench/), imported only to record
+
+    if reference is None or lora is None:
+        raise SystemExit("--record: the table's ratios need the 'reference style' and 'PEFT LoRA' variants")
+    readme_figures.record_table("train-throughput", [
+        {"id": row["variant"].replace(" --", " ").replace(" ", "-").lower(),
+         "values": [row["trainable"], row["precision"], ", ".join(row["attention"]) or "-", row["imgs_per_s"],
+                    row["imgs_per_s"] / reference["imgs_per_s"], row["imgs_per_s"] / lora["imgs_per_s"],
+                    row["peak_bytes"] / 2**30]} for row in rows],
+        readme_figures.bench_command("train_throughput.py", argv), readme_figures.machine_phrase(args.device))
 
 
 if __name__ == "__main__":

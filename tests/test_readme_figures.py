@@ -466,3 +466,22 @@ def test_train_throughput_record_fills_the_readme_rows(results_copy, monkeypatch
                                                                                                "1.00x"]
     assert figures.read_json(figures.results_path("train-throughput"))["command"] == (
         f"python eval/bench/train_throughput.py --device cpu --root {tmp_path}")
+
+
+def test_vtab_wallclock_record_fills_the_readme_rows(results_copy, monkeypatch, tmp_path):
+    bench = _bench_module("vtab_wallclock")
+    # the suite and the two train/vtab.py processes replaced by their figures
+    monkeypatch.setattr(bench, "make_synthetic_vtab", lambda root, **kwargs: None)
+    # by --eval-every: the CPU default runs 2 epochs evaluated at the end (every 2) and every epoch (every 1)
+    walls = {2: 100.0, 1: 110.0}
+
+    def fake_run(args, tasks, every, out):
+        evaluations = 1 if every == 2 else 2
+        return {"wall_s": walls[every], "fit_s": 75.0, "train_images": 38000, "test_images": 4982,
+                "precision": "fp32", "evaluations": evaluations, "mean_accuracy": 10.0}
+
+    monkeypatch.setattr(bench, "run_protocol", fake_run)
+    bench.main(["--device", "cpu", "--root", str(tmp_path), "--record"])
+    table = rendered_rows("vtab-wallclock")
+    assert table["once at the end"] == ["1", "100.0", "75.0", "25.0", "380", "4,982", "1.00x"]
+    assert table["every epoch"] == ["2", "110.0", "75.0", "35.0", "345", "4,982", "1.10x"]

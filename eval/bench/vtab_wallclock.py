@@ -11,6 +11,7 @@ ten passes over every test split at 100 epochs) or every epoch of the CPU defaul
 
     python eval/bench/vtab_wallclock.py                          # 2-core CPU: embedded tiny ViT, --scale 0.01
     python eval/bench/vtab_wallclock.py --device cuda --scale 1  # GPU: ViT-B/16 at 224, 100 epochs, --compile
+    python eval/bench/vtab_wallclock.py --device cpu --record    # also writes the README table (the CPU run)
 
 Printed: the wall time of each run, the part spent in each task's ``fit`` (``metrics.json`` ``wall_time_s``),
 the rest (start-up, cache builds, writing results), and training images per second over the whole run.
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "then evaluate twice)")
     p.add_argument("--output-dir", default=None, help="default: a temporary folder, removed afterwards")
     p.add_argument("--workers", type=int, default=None, help="processes generating the suite")
+    p.add_argument("--record", action="store_true",
+                   help="also write the README table (block vtab-wallclock: evaluation at the end and every "
+                        "epoch) into eval/results/vtab_wallclock.json; then readme_figures.py --write")
     args = p.parse_args(argv)
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
@@ -151,6 +155,17 @@ def main(argv=None) -> None:
               f"{r['wall_s'] / base:.2f}x |")
     print(f"\n(mean final accuracy {results[0][2]['mean_accuracy']:.1f}%: the synthetic images are not meant to be "
           "learnable; the figure only shows every task ran to the end)")
+    if args.record:
+        import readme_figures  # beside this script (eval/bench/), imported only to record
+
+        # README row ids: "end", "every-N"; the cells after the label as printed above, without precision
+        readme_figures.record_table("vtab-wallclock", [
+            {"id": "end" if label == "end" else f"every-{every}",
+             "values": [r["evaluations"], r["wall_s"], r["fit_s"], r["wall_s"] - r["fit_s"],
+                        r["train_images"] / r["wall_s"], r["test_images"], r["wall_s"] / base]}
+            for label, every, r in results],
+            readme_figures.bench_command("vtab_wallclock.py", sys.argv[1:] if argv is None else argv),
+            readme_figures.machine_phrase(args.device))
 
 
 if __name__ == "__main__":

@@ -485,3 +485,17 @@ def test_vtab_wallclock_record_fills_the_readme_rows(results_copy, monkeypatch, 
     table = rendered_rows("vtab-wallclock")
     assert table["once at the end"] == ["1", "100.0", "75.0", "25.0", "380", "4,982", "1.00x"]
     assert table["every epoch"] == ["2", "110.0", "75.0", "35.0", "345", "4,982", "1.10x"]
+
+
+def test_diffusers_load_record_fills_the_readme_rows(results_copy):
+    # the run's figures given (a real run takes a minute: the pipeline is built and copied per load)
+    bench = _bench_module("diffusers_load")
+    steps = {"base": 0.1, "visadapt LoRA, unfused": 0.13, "visadapt LoRA, fused": 0.101,
+             "diffusers LoRA (PEFT), unfused": 0.12}
+    bench.record((0.06, 0.05, 0.2), steps, ["--load-repeats", "15", "--record"])
+    table = rendered_rows("diffusers-load")
+    assert table["**same folder: `load_visadapt` / `load_lora_weights`**"] == ["", "**0.25x** (target <= 1.0x)"]
+    assert table["load: `pipe.load_lora_weights` (the same folder)"] == ["0.200", "3.33"]
+    assert table["step: visadapt LoRA, fused (`fuse_visadapt`)"] == ["0.101", "1.01"]
+    assert figures.read_json(figures.results_path("diffusers-load"))["command"] == (
+        "python eval/bench/diffusers_load.py --load-repeats 15")

@@ -10,12 +10,14 @@ to_out.0), the usual diffusers LoRA targets; the PEFT file holds the *same* tens
 both pipelines give the same UNet output).
 
     python eval/bench/diffusers_load.py            # about a minute on 2 CPU cores
+    python eval/bench/diffusers_load.py --load-repeats 15 --step-repeats 15 --record   # the README's table
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,13 +83,16 @@ def write_loras(pipe, folder: Path) -> tuple[Path, Path, int]:
     return visadapt_file, peft_folder, len(peft_state)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load-repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per timed generation")
     parser.add_argument("--step-repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (the VAE downsamples by 2)")
-    args = parser.parse_args()
+    parser.add_argument("--record", action="store_true",
+                        help="also write the README table (block diffusers-load) into "
+                             "eval/results/diffusers_load.json; then readme_figures.py --write")
+    args = parser.parse_args(argv)
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -168,7 +173,26 @@ def main() -> None:
     print(f"{'pipeline step (best of ' + str(args.step_repeats) + ')':<34}{'seconds':>10}{'vs base':>10}")
     for name, value in steps.items():
         print(f"{name:<34}{value:>10.4f}{value / steps['base']:>10.2f}")
+    if args.record:
+        record((t_visadapt, t_same_file, t_peft), steps, sys.argv[1:] if argv is None else argv)
 
+
+STEP_ROWS = {"base": "step-base", "visadapt LoRA, unfused": "step-visadapt-unfused",
+             "visadapt LoRA, fused": "step-visadapt-fused", "diffusers LoRA (PEFT), unfused": "step-peft-unfused"}
+
+
+def record(loads: tuple[float, float, float], steps: dict[str, float], argv: list[str]) -> None:
+    """The README's table (block diffusers-load): best load seconds (visadapt file, diffusers folder by
+    visadapt, the same folder by diffusers) and best step seconds per pipeline, ratios to the first of each."""
+    import readme_figures  # beside this script (eval/bench/), imported only to record
+
+    t_visadapt, t_same_file, t_peft = loads
+    rows = [{"id": "load-visadapt", "values": [t_visadapt, 1.0]},
+            {"id": "load-visadapt-diffusers-folder", "values": [t_same_file, t_same_file / t_visadapt]},
+            {"id": "load-lora-weights", "values": [t_peft, t_peft / t_visadapt]},
+            {"id": "same-folder-ratio", "values": [None, t_same_file / t_peft]}]
+    rows += [{"id": STEP_ROWS[name], "values": [value, value / steps["base"]]} for name, value in steps.items()]
+    readme_figures.record_table("diffusers-load", rows, readme_figures.bench_command("diffusers_load.py", argv))
 
 if __name__ == "__main__":
     main()

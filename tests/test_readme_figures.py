@@ -499,3 +499,76 @@ def test_diffusers_load_record_fills_the_readme_rows(results_copy):
     assert table["step: visadapt LoRA, fused (`fuse_visadapt`)"] == ["0.101", "1.01"]
     assert figures.read_json(figures.results_path("diffusers-load"))["command"] == (
         "python eval/bench/diffusers_load.py --load-repeats 15")
+
+
+def write_metrics(folder: Path, record: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_record_run_puts_a_vpr_run_into_its_rows(results_copy, tmp_path):
+    stage = {"global": {"1": 12.04, "5": 40.0, "10": 56.0}, "reranked": {"1": 23.96, "5": 51.0, "10": 56.0},
+             "top1_fixed": 90, "top1_broken": 20, "rerank_k": 10, "queries": 599, "database": 400,
+             "global_ms_per_query": 0.004, "rerank_ms_per_query": 41.2, "extract_ms_per_image": 1.0}
+    run = write_metrics(tmp_path / "runs" / "vpr", {"benchmark": "vpr", "test": {"mini-places test": stage},
+                                                     "trainable_params": 259000})
+    entry = figures.record_run("vpr", run, ["test-global", "test-rerank"])
+    assert entry["source"] == f"visadapt-eval --benchmark vpr --adapters {run} --json"
+    table = rendered_rows("vpr")
+    assert table["test (400 places, 599 queries), global retrieval"] == ["12.0", "40.0", "56.0", "< 0.01", ""]
+    # bold stays on the recalls re-ranking improves; ms = global + re-ranking; made right / wrong
+    assert table["test, + re-rank top 10"] == ["**24.0**", "**51.0**", "56.0", "41", "90 / 20"]
+    assert table["test city of seed 1, + re-rank top 10"][0] == "**22.9**"  # not recorded: kept
+    # recorded today on this machine, not on the intro's date: a note under the table says so
+    assert f"- test-global, test-rerank: measured {figures.today()} on " in figures.render("vpr", None)
+
+
+def test_record_run_takes_both_ranking_rows_from_one_run(results_copy, tmp_path):
+    def scores(base):
+        return {"all": {"plcc": base, "srcc": base + 0.01, "mae": 1.234, "pair_acc_official": 0.8,
+                        "pair_acc_strict": 0.9}}
+
+    run = write_metrics(tmp_path / "rank", {"benchmark": "rank", "test": scores(0.9), "zero_shot": scores(-0.05),
+                                            "trainable_params": 297000})
+    figures.record_run("ranking", run, ["zero-shot", "adapter"])
+    table = rendered_rows("ranking")
+    assert table["zero-shot CLIP (frozen tiny CLIP)"] == ["-0.050", "-0.040", "1.23", "0.800", "0.900"]
+    assert table["ranking adapter"] == ["0.900", "0.910", "1.23", "0.800", "0.900"]
+
+
+def test_record_run_takes_dense_cells_from_the_printed_table(results_copy, tmp_path):
+    def results(scale):
+        return {"semseg": {"mIoU": 30.0 * scale}, "human_parts": {"mIoU": 20.0 * scale},
+                "sal": {"mIoU": 80.0 * scale, "maxF": 90.0 * scale}, "normals": {"mean": 16.0 / scale}}
+
+    common = {"benchmark": "scenes", "trainable_params": 130000, "adapter_params": 9338}
+    run = write_metrics(tmp_path / "lite", {**common, "method": "lite", "results": results(1.0)})
+    reference = write_metrics(tmp_path / "full", {**common, "method": "full", "single_task": True,
+                                                  "results": results(2.0)})
+    figures.record_run("dense-scenes", run, ["lite"], eval_args=["--reference", str(reference)])
+    # Δm: the three higher-is-better tasks at half the reference (-50 % each), normals error doubled (-100 %)
+    assert rendered_rows("dense-scenes")["Polyhistor-Lite"] == ["30.00", "20.00", "80.00", "90.00", "16.00",
+                                                                "-62.50", "0.130", "9,338"]
+    with pytest.raises(figures.FiguresError, match="--row nope"):
+        figures.record_run("dense-scenes", run, ["nope"])
+
+
+def test_record_run_fills_one_ppap_column_from_metrics_json(results_copy, tmp_path):
+    table = {setting: {"fraction": fraction, "stderr": 0.031, "samples": 256, "seconds": 1.0}
+             for setting, fraction in (("unguided", 0.25), ("naive", 0.5), ("ppap", 0.625))}
+    run = write_metrics(tmp_path / "ppap", {"guidance": {"scheduler": "ddim", "steps": 25, "scale": 40.0,
+                                                         "table": table}})
+    figures.record_run("ppap", run, ["unguided", "naive", "ppap"], column="256 samples")
+    rows = rendered_rows("ppap")
+    assert rows["PPAP experts"] == ["**62.5% +- 3.1**", "**59.8% +- 1.5**"]  # the 1024 column is another run's
+    assert rows["unguided"] == ["25.0% +- 3.1", "26.1% +- 1.4"]
+    assert "(256 samples): measured" in figures.render("ppap", None)
+
+
+def test_record_run_command_line_mistakes_are_one_error_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        figures.main(["--record-run", str(tmp_path), "--row", "lite"])
+    assert exit_.value.code == 2 and "needs --block NAME" in capsys.readouterr().err
+    assert figures.main(["--record-run", str(tmp_path), "--block", "overhead", "--row", "x"]) == 2
+    assert "not recorded from a run folder" in capsys.readouterr().err

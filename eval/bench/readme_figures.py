@@ -35,6 +35,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -246,11 +247,22 @@ def render_table(table: Mapping) -> str:
     return "\n".join(lines)
 
 
+def render_run_notes(data: Mapping) -> str:
+    """After the table, a line per ``--record-run`` made on another date or machine than the one the intro
+    names, so that no figure shows without where and when it was measured (empty when there is none)."""
+    notes = [f"- {', '.join(record['rows'])}{' (' + record['column'] + ')' if record.get('column') else ''}: "
+             f"measured {record['date']} on {record['machine']} with `{record['command']}`."
+             for record in data.get("runs", [])
+             if (record["date"], record["machine"]) != (data["date"], data["machine"])]
+    return "\n\n" + "\n".join(notes) if notes else ""
+
+
 def render_generic(name: str, data: Mapping) -> str:
     """Block ``name`` from its results file: ``intro`` (text before the table, verbatim but for ``{date}``,
     ``{machine}`` and ``{command}`` of the file), the table, then ``outro``."""
     try:
-        return fill(data.get("intro", ""), data) + render_table(data) + fill(data.get("outro", "\n"), data)
+        return (fill(data.get("intro", ""), data) + render_table(data) + render_run_notes(data)
+                + fill(data.get("outro", "\n"), data))
     except (KeyError, TypeError, ValueError) as err:
         raise FiguresError(f"{results_path(name).relative_to(ROOT)} cannot be rendered ({type(err).__name__}: "
                            f"{err}); compare it with another block's file") from None
@@ -390,6 +402,139 @@ def record_embedded(run_dir: Path, row_id: str, label: str | None, minutes: floa
 
 
 
+KEEP = object()  # a field that is not measured: the cell keeps what the README shows
+
+
+def _walk(record: Mapping, path: str):
+    """``record`` at a dotted ``path``; ``*`` steps into the only key there is (e.g. the one test dataset)."""
+    node = record
+    for part in path.split("."):
+        if part == "*":
+            if len(node) != 1:
+                raise FiguresError(f"field {path!r}: '*' needs exactly one key, found {', '.join(node)}")
+            (node,) = node.values()
+        elif not isinstance(node, Mapping) or part not in node:
+            raise FiguresError(f"the run's record has no {path!r} (stopped at {part!r})")
+        else:
+            node = node[part]
+    return node
+
+
+def _number_or_text(text: str):
+    """A cell of the table visadapt-eval prints: its number when it is one (so the README's format and
+    emphasis apply), else the text."""
+    try:
+        return float(text.strip("*").replace(",", ""))
+    except ValueError:
+        return text
+
+
+def field_value(field, record: Mapping, printed: Mapping[str, str]):
+    """A cell's value from a row's ``fields`` entry: ``null`` (keep the cell), a dotted path into the run's
+    record, ``table:COLUMN`` (that column of the row visadapt-eval printed for the run), a list (several
+    numbers for one format), ``{"sum": [...]}`` or ``{"paths": [...], "scale": k}``."""
+    if field is None:
+        return KEEP
+    if isinstance(field, list):
+        return [field_value(item, record, printed) for item in field]
+    if isinstance(field, Mapping) and "sum" in field:
+        return sum(field_value(item, record, printed) for item in field["sum"])
+    if isinstance(field, Mapping) and "paths" in field:
+        return [field.get("scale", 1) * _walk(record, path) for path in field["paths"]]
+    if field.startswith("table:"):
+        column = field[len("table:"):]
+        if column not in printed:
+            raise FiguresError(f"visadapt-eval printed no column {column!r} (columns: {', '.join(printed)})")
+        return _number_or_text(printed[column])
+    return _walk(record, field)
+
+
+def _printed_row(output: str, label: str) -> dict[str, str]:
+    """The cells, by column title, of the row ``label`` in the first markdown table of ``output``."""
+    lines = [line for line in output.splitlines() if line.startswith("|")]
+    if not lines:
+        return {}
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] == label:
+            return dict(zip(header, cells))
+    return {}
+
+
+def read_run(spec: Mapping, run_dir: Path, eval_args: list[str]) -> tuple[dict, dict[str, str], str]:
+    """``(record, printed row, source)`` of one run folder: through ``visadapt-eval --benchmark B --json``
+    when the block names a benchmark it covers, else the run's ``metrics.json`` (``train/ppap.py``)."""
+    if "benchmark" not in spec:
+        if eval_args:
+            raise FiguresError("--eval-args: this block reads the run's metrics.json, not visadapt-eval")
+        return read_json(run_dir / "metrics.json"), {}, f"{run_dir}/metrics.json ({spec['metrics']})"
+    import contextlib
+    import io
+    import tempfile
+
+    from visadapt.eval.cli import main as eval_main
+
+    label = "recorded-run"
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "record.json"
+        argv = ["--benchmark", spec["benchmark"], "--adapters", str(run_dir), "--labels", label, *eval_args,
+                "--json", str(target)]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status = eval_main(argv)
+        if status != 0 or not target.exists():
+            raise FiguresError(f"visadapt-eval {' '.join(argv[:-2])} failed (exit {status}; its message is above)")
+        records = json.loads(target.read_text())
+    source = " ".join(["visadapt-eval", *argv[:argv.index("--labels")], *eval_args, "--json"])
+    return records[label], _printed_row(printed.getvalue(), label), source
+
+
+def record_run(name: str, run_dir: Path, row_ids: list[str], column: str | None = None,
+               eval_args: list[str] | None = None) -> dict:
+    """Put run folder ``run_dir`` into rows ``row_ids`` of block ``name`` (all their measured columns, or only
+    ``column``): each cell from the row's ``fields`` (see :func:`field_value`), with the run's provenance in
+    ``runs`` (a note under the table when its date or machine is not the intro's)."""
+    path = results_path(name)
+    data = read_json(path)
+    spec = data.get("record_run")
+    if spec is None:
+        raise FiguresError(f"block {name!r} is not recorded from a run folder; its command is in "
+                           f"{path.relative_to(ROOT)} ('command')")
+    rows = {row["id"]: row for row in data["rows"]}
+    unknown = [row_id for row_id in row_ids if row_id not in rows or "fields" not in rows[row_id]]
+    if unknown or not row_ids:
+        raise FiguresError(f"--row {', '.join(unknown) or '(none)'}: block {name!r} records rows "
+                           f"{', '.join(row['id'] for row in data['rows'] if 'fields' in row)} from a run")
+    columns = data["columns"][1:]
+    if column is not None and column not in columns:
+        raise FiguresError(f"--column {column!r}: block {name!r} has {', '.join(columns)}")
+    record, printed, source = read_run(spec, run_dir, eval_args or [])
+    for row_id in row_ids:
+        row = rows[row_id]
+        for index, (title, field) in enumerate(zip(columns, row["fields"]), 1):
+            if column is not None and title != column:
+                continue
+            value = field_value(field, record, printed)
+            if value is KEEP:
+                continue
+            before = row["cells"][index]
+            if isinstance(before, Mapping):  # the README's emphasis and precision of this cell stay
+                value = {"value": value, **{key: before[key] for key in ("format", "bold") if key in before}}
+            row["cells"][index] = value
+    command = " ".join(["python eval/bench/readme_figures.py --record-run", str(run_dir), "--block", name,
+                        *(f"--row {row_id}" for row_id in row_ids),
+                        *([f"--column '{column}'"] if column else []),
+                        *([f"--eval-args '{' '.join(eval_args)}'"] if eval_args else [])])
+    entry = {"rows": row_ids, "column": column, "run_dir": str(run_dir), "command": command, "source": source,
+             "date": today(), "machine": machine_phrase(), "record": record}
+    if entry["column"] is None:
+        del entry["column"]
+    data.setdefault("runs", []).append(entry)
+    write_json(path, data)
+    return entry
+
+
 def bench_command(script: str, argv: list[str]) -> str:
     """The command line a bench run was given, as the README prints it, without ``--record``."""
     return " ".join(["python", f"eval/bench/{script}", *(arg for arg in argv if arg != "--record")])
@@ -448,17 +593,31 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--record-embedded", metavar="RUN_DIR", type=Path,
                         help="record a train/vtab.py run folder into a row of the embedded table, then "
                              "--write")
+    action.add_argument("--record-run", metavar="RUN_DIR", type=Path,
+                        help="record a training run folder into rows of a block (--block NAME --row ID ...; the "
+                             "blocks whose results file has 'record_run'), then --write")
+    parser.add_argument("--column", help="with --record-run: only this column (e.g. '256 samples' of ppap)")
+    parser.add_argument("--eval-args", default="",
+                        help="with --record-run: more visadapt-eval arguments, e.g. '--data-root WORLD' or "
+                             "'--reference RUN'")
     parser.add_argument("--command", default="python -m pytest",
                         help="with --record-suite: the command to time (python -m pytest, or .ci/run)")
-    parser.add_argument("--row",
-                        help="with --record-embedded: the row id in eval/results/embedded_default.json")
+    parser.add_argument("--row", action="append",
+                        help="with --record-embedded: the row id in eval/results/embedded_default.json; with "
+                             "--record-run: a row id of the block (repeatable)")
     parser.add_argument("--label", help="with --record-embedded: the row's label (needed for a new row)")
     parser.add_argument("--minutes", type=float, help="with --record-embedded: the command's wall clock")
     parser.add_argument("--block", action="append", dest="blocks", choices=known_blocks(),
                         help="only this block (repeatable); default: all")
     args = parser.parse_args(argv)
-    if args.record_embedded is not None and not args.row:
+    if args.record_embedded is not None and (not args.row or len(args.row) > 1):
         parser.error("--record-embedded needs --row ID (see the rows in eval/results/embedded_default.json)")
+    if args.record_run is not None:
+        if not args.blocks or len(args.blocks) != 1 or not args.row:
+            parser.error("--record-run needs --block NAME and --row ID (repeatable); the rows are in "
+                         "eval/results/NAME.json")
+        if not args.record_run.is_dir():
+            parser.error(f"--record-run {args.record_run}: no such directory")
     if args.record_embedded is not None and not args.record_embedded.is_dir():
         parser.error(f"--record-embedded {args.record_embedded}: no such directory")
     if args.minutes is not None and not args.minutes > 0:
@@ -478,8 +637,12 @@ def main(argv: list[str] | None = None) -> int:
             entry = record_suite(args.command)
             print(f"recorded {entry}", file=sys.stderr)
         elif args.record_embedded is not None:
-            row = record_embedded(args.record_embedded, args.row, args.label, args.minutes)
+            row = record_embedded(args.record_embedded, args.row[0], args.label, args.minutes)
             print(f"recorded row {row['id']} ({row['source']})", file=sys.stderr)
+        elif args.record_run is not None:
+            entry = record_run(args.blocks[0], args.record_run, args.row, args.column, shlex.split(args.eval_args))
+            print(f"recorded rows {', '.join(entry['rows'])} of {args.blocks[0]} ({entry['source']})",
+                  file=sys.stderr)
         updated = regenerate(text, only=only)
         if updated != text:
             README.write_text(updated)

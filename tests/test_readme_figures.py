@@ -320,6 +320,9 @@ def test_record_table_keeps_the_readme_rows_and_refuses_a_partial_run(results_co
     assert [row["id"] for row in recorded["rows"]] == [row["id"] for row in data["rows"]]
     assert recorded["source"] == "measured" and recorded["date"] == figures.today()
     assert rendered_rows("selavpr-faiss")["10,000"] == ["0.500", "1.000", "2.00"]
+    # the README's sentence names the old date and machine in words: the table now says its own
+    assert (f"Measured {figures.today()} on {recorded['machine']} with `python eval/bench/selavpr.py`."
+            in figures.render("selavpr-faiss", None))
     with pytest.raises(figures.FiguresError, match="did not measure rows 100000"):
         figures.record_table("selavpr-faiss", rows[:2], "python eval/bench/selavpr.py")
 

@@ -247,13 +247,20 @@ def render_table(table: Mapping) -> str:
     return "\n".join(lines)
 
 
-def render_run_notes(data: Mapping) -> str:
-    """After the table, a line per ``--record-run`` made on another date or machine than the one the intro
-    names, so that no figure shows without where and when it was measured (empty when there is none)."""
-    notes = [f"- {', '.join(record['rows'])}{' (' + record['column'] + ')' if record.get('column') else ''}: "
-             f"measured {record['date']} on {record['machine']} with `{record['command']}`."
-             for record in data.get("runs", [])
-             if (record["date"], record["machine"]) != (data["date"], data["machine"])]
+def render_notes(data: Mapping) -> str:
+    """After the table: when and where it was measured, if the README's own text (the transcribed wording in
+    ``stated``) no longer says so, and a line per ``--record-run`` made on another date or machine than the
+    file's, so that no figure shows without where and when it was measured (empty when all is said)."""
+    notes = []
+    stated = data.get("stated")
+    if stated is not None and (stated["date"], stated["machine"]) != (data["date"], data["machine"]):
+        # the README names the date or machine of the transcribed measurement in words the intro cannot fill in
+        # (outside the block, or split over lines): a newer measurement says its own
+        notes.append(f"Measured {data['date']} on {data['machine']} with `{data['command']}`.")
+    notes += [f"- {', '.join(record['rows'])}{' (' + record['column'] + ')' if record.get('column') else ''}: "
+              f"measured {record['date']} on {record['machine']} with `{record['command']}`."
+              for record in data.get("runs", [])
+              if (record["date"], record["machine"]) != (data["date"], data["machine"])]
     return "\n\n" + "\n".join(notes) if notes else ""
 
 
@@ -261,7 +268,7 @@ def render_generic(name: str, data: Mapping) -> str:
     """Block ``name`` from its results file: ``intro`` (text before the table, verbatim but for ``{date}``,
     ``{machine}`` and ``{command}`` of the file), the table, then ``outro``."""
     try:
-        return (fill(data.get("intro", ""), data) + render_table(data) + render_run_notes(data)
+        return (fill(data.get("intro", ""), data) + render_table(data) + render_notes(data)
                 + fill(data.get("outro", "\n"), data))
     except (KeyError, TypeError, ValueError) as err:
         raise FiguresError(f"{results_path(name).relative_to(ROOT)} cannot be rendered ({type(err).__name__}: "

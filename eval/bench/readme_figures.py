@@ -12,9 +12,44 @@ and is rewritten from its source:
 * ``embedded-default``: the table of the embedded default (mini-VTAB on the project's backbone) from
   ``eval/results/embedded_default.json``: per row the ``visadapt-eval --json`` record of its run folder, its
   training command, time, machine and date (rows measured before this file existed carry their README values,
-  marked ``"source": "transcribed ..."``, until someone records them again); the chance row is computed.
+  marked ``"source": "transcribed ..."``, until someone records them again); the chance row is computed;
+* every other block NAME: a table from ``eval/results/NAME.json`` (``-`` written ``_``), by one renderer: the
+  ``intro`` text (``{date}``, ``{machine}``, ``{command}`` filled from the file), the table (``columns``,
+  ``align``, one ``formats`` entry per column for numbers, ``rows`` of ``{"id", "cells"}``; a cell is text, a
+  number, a list of numbers for a format of several, or ``{"value", "format", "bold"}``), notes, ``outro``. The
+  file holds the command, machine, date and ``source`` of its measurement (``"transcribed from README.md ..."``
+  until measured again; ``"measured"`` after). When the README's wording names the date or machine of the
+  transcribed measurement in fixed words (``stated``), a newer one adds a "Measured DATE on MACHINE" line.
 
-Commands::
+Which command writes which results file (each bench command then needs ``--write``)::
+
+    python eval/bench/train_throughput.py --device cpu --record             # train-throughput
+    python eval/bench/vtab_wallclock.py --device cpu --record               # vtab-wallclock
+    python eval/bench/dataloader.py --threads 1 --repeats 3 --record        # dataloader
+    python eval/bench/overhead.py --record                                  # overhead
+    python eval/bench/polyhistor.py --record                                # polyhistor-size, polyhistor-timing
+    python eval/bench/bitadapter_size.py --record                           # bitadapter-size
+    python eval/bench/mosa.py --record                                      # mosa-memory, mosa-timing
+    python eval/bench/selavpr.py --record        # selavpr-rerank, selavpr-local-features, selavpr-faiss
+    python eval/bench/ranking_pairs.py --rounds 3 --record                  # ranking-pairs
+    python eval/bench/diffusers_load.py --load-repeats 15 --step-repeats 15 --record   # diffusers-load
+
+A bench script's ``--record`` (:func:`record_table`) replaces the measured cells of every row the table shows,
+keeping the README's labels, row choice, emphasis and per-cell precision, and refuses a run that did not measure
+every shown row. The training tables are recorded from run folders (:func:`record_run`, per row ``fields``: a
+dotted path into the run's ``visadapt-eval --json`` record, ``table:COLUMN`` of the table visadapt-eval prints,
+or the ``metrics.json`` of ``train/ppap.py``, which visadapt-eval does not cover)::
+
+    python eval/bench/readme_figures.py --record-run runs/vpr --block vpr --row test-global --row test-rerank
+    python eval/bench/readme_figures.py --record-run runs/vpr --block vpr --row seed1-global \\
+        --row seed1-rerank --eval-args '--data-root WORLD_OF_SEED_1'
+    python eval/bench/readme_figures.py --record-run runs/rank --block ranking --row zero-shot --row adapter
+    python eval/bench/readme_figures.py --record-run runs/dense-scenes-lite --block dense-scenes --row lite \\
+        --eval-args '--reference runs/dense-scenes-full-single'     # likewise polyhistor, per-task, shared, ...
+    python eval/bench/readme_figures.py --record-run runs/ppap-256 --block ppap --row unguided --row naive \\
+        --row ppap --column '256 samples'                             # a train/ppap.py --eval-samples 256 run
+
+Every block::
 
     python eval/bench/readme_figures.py --write     # rewrite every block (runs pytest --collect-only: ~20 s)
     python eval/bench/readme_figures.py --check     # exit 1 and print a diff when README.md differs
@@ -25,7 +60,8 @@ Commands::
 ``--record-embedded`` reads the run folder as ``visadapt-eval --benchmark mini-vtab --adapters RUN --json``
 does (final-epoch test accuracy) and takes the time from the tasks' ``metrics.json`` (``wall_time_s`` summed)
 unless ``--minutes`` gives the command's wall clock. ``tests/test_readme_figures.py`` runs the check on every
-block.
+block, fails on a README table of measured figures outside a block, and runs each record path on a small or
+replaced measurement.
 """
 from __future__ import annotations
 

@@ -2,13 +2,15 @@
 
 ``visadapt_procvit_tiny`` is registered with timm like any timm model, so ``timm.create_model(
 "visadapt_procvit_tiny", pretrained=True, num_classes=10)`` loads the weights shipped in ``assets/`` (no
-download): a 4-block, 96-wide ViT on 32x32 images with 4x4 patches (0.46 M parameters), trained by
-``train/pretrain_backbone.py`` on the procedural upstream task of :mod:`visadapt.data.procedural`.
+download): a 4-block, 96-wide ViT on 32x32 images with 4x4 patches (0.46 M parameters) whose head reads the
+average of its patch tokens, trained by ``train/pretrain_backbone.py`` on the procedural scenes of
+:mod:`visadapt.data.upstream` with a masked-image, per-patch, presence and layout objective.
 
 ``visadapt_procswin_tiny`` is its hierarchical sibling for dense prediction: a timm Swin Transformer on 64x64
 images (patch 4, width 24, depths 1/1/2/1, window 4; 0.80 M parameters without its classifier) whose four
 stages give feature maps of 16, 8, 4 and 2 pixels with 24, 48, 96 and 192 channels. It was pretrained on the
-same upstream task (``train/pretrain_backbone.py --model visadapt_procswin_tiny``, the 32x32 renders upsampled
+single-object shapes task of :mod:`visadapt.data.procedural` (``train/pretrain_backbone.py --model
+visadapt_procswin_tiny``, the 32x32 renders upsampled
 to 64x64), and ``timm.create_model("visadapt_procswin_tiny", pretrained=True, num_classes=0)`` loads it from
 ``assets/``.
 """
@@ -27,11 +29,15 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from visadapt.data.procedural import IMAGE_SIZE, UPSTREAM_CLASSES
+from visadapt.data.upstream import NUM_CATEGORIES, UPSTREAM_VERSION
 from visadapt.names import EMBEDDED_CLIP, EMBEDDED_MODEL, EMBEDDED_SD, EMBEDDED_SWIN  # noqa: F401 - also named here
 
 EMBEDDED_WEIGHTS = "procvit_tiny.safetensors"
+# The head reads the average of the patch tokens, not the class token: the upstream objective trains every
+# patch token (masked pixels, patch labels) and the pooled vector (presence, layout), and the class token of
+# a backbone trained so carries little a new head can use (README, "The embedded default").
 PROCVIT_TINY_ARGS = {"img_size": IMAGE_SIZE, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3,
-                     "mlp_ratio": 4.0}
+                     "mlp_ratio": 4.0, "global_pool": "avg"}
 
 EMBEDDED_SWIN_WEIGHTS = "procswin_tiny.safetensors"
 #: input side of the embedded Swin: the upstream renders (32x32) are upsampled 2x, so that a 4x4 patch
@@ -57,9 +63,9 @@ def embedded_swin_weights_path() -> Path:
 
 # timm reads `default_cfgs` of the module that registers a model to learn its pretrained configs.
 default_cfgs = generate_default_cfgs({
-    f"{EMBEDDED_MODEL}.upstream_v1": {
+    f"{EMBEDDED_MODEL}.upstream_v{UPSTREAM_VERSION}": {
         "file": str(embedded_weights_path()),
-        "num_classes": UPSTREAM_CLASSES,
+        "num_classes": NUM_CATEGORIES,
         "input_size": (3, IMAGE_SIZE, IMAGE_SIZE),
         "fixed_input_size": True,
         "interpolation": "bicubic",
@@ -89,7 +95,8 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def visadapt_procvit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT for 32x32 inputs (patch 4, width 96, depth 4, 3 heads), pretrained on procedural shapes."""
+    """ViT for 32x32 inputs (patch 4, width 96, depth 4, 3 heads, average pooling), pretrained on procedural
+    scenes."""
     args = dict(PROCVIT_TINY_ARGS, **kwargs)
     return build_model_with_cfg(VisionTransformer, EMBEDDED_MODEL, pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn, **args)

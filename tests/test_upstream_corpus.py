@@ -1,0 +1,192 @@
+"""The upstream scene corpus of the embedded ViT and the pieces of its masked-image objective.
+
+The objective's model must see exactly what timm's own ViT sees (same tokens, same order, same head), or the
+backbone written to ``assets/`` would not be the network that was trained; those checks compare with timm.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from visadapt.data.upstream import (
+    BACKGROUND,
+    CATEGORIES,
+    GLYPHS,
+    NUM_CATEGORIES,
+    PATCH_GRID,
+    _glyph_mask,
+    render_scene,
+)
+from visadapt.train.pretrain_backbone import (
+    LAYOUT_GRID,
+    MaskedImageModel,
+    block_mask,
+    layout_target,
+    render_scene_set,
+    to_input,
+)
+
+
+def test_a_scene_is_deterministic_and_typed():
+    image, presence, patches = render_scene(np.random.default_rng([3, 11, 5]))
+    again = render_scene(np.random.default_rng([3, 11, 5]))
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert presence.shape == (NUM_CATEGORIES,) and presence.dtype == np.float32
+    assert patches.shape == (PATCH_GRID, PATCH_GRID) and patches.dtype == np.uint8
+    for a, b in zip((image, presence, patches), again):
+        np.testing.assert_array_equal(a, b)
+    other = render_scene(np.random.default_rng([3, 11, 6]))[0]
+    assert not np.array_equal(image, other)
+
+
+def test_patch_labels_name_only_objects_in_the_presence_label():
+    """A patch is labelled with a category only if that category was drawn; every scene shows an object."""
+    for index in range(60):
+        _, presence, patches = render_scene(np.random.default_rng([0, 11, index]))
+        assert presence.sum() >= 1
+        drawn = set(np.flatnonzero(presence))
+        labelled = set(np.unique(patches)) - {BACKGROUND}
+        assert labelled <= drawn, (index, labelled, drawn)
+        assert patches.max() <= BACKGROUND
+
+
+def test_the_corpus_covers_every_category():
+    seen = np.zeros(NUM_CATEGORIES)
+    for index in range(400):
+        seen += render_scene(np.random.default_rng([1, 11, index]))[1]
+    assert (seen > 0).all(), [CATEGORIES[i] for i in np.flatnonzero(seen == 0)]
+
+
+def test_every_glyph_draws_and_glyphs_differ():
+    masks = {g: _glyph_mask(g, np.random.default_rng(0), 16, 16, 24, 0.0) for g in GLYPHS}
+    assert all(m.sum() > 40 for m in masks.values())
+    names = list(masks)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (masks[a] ^ masks[b]).sum() > 20, (a, b)
+
+
+def test_render_scene_set_is_the_per_item_render():
+    images, presence, patches = render_scene_set(seed=2, start=10, count=5, workers=2)
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.uint8
+    for k in range(5):
+        image, label, grid = render_scene(np.random.default_rng([2, 11, 10 + k]))
+        np.testing.assert_array_equal(images[k].permute(1, 2, 0).numpy(), image)
+        np.testing.assert_array_equal(presence[k].numpy(), label)
+        np.testing.assert_array_equal(patches[k].numpy(), grid.reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def masked_model():
+    torch.manual_seed(0)
+    return MaskedImageModel(timm.create_model("visadapt_procvit_tiny", num_classes=NUM_CATEGORIES)).eval()
+
+
+def test_unmasked_forward_is_timms_forward(masked_model):
+    x = torch.randn(3, 3, 32, 32)
+    logits, pixels, patch_logits, layout_logits = masked_model(x, torch.zeros(3, 64, dtype=torch.bool))
+    torch.testing.assert_close(logits, masked_model.vit(x))
+    assert pixels.shape == (3, 64, 48) and patch_logits.shape == (3, 64, NUM_CATEGORIES + 1)
+    assert layout_logits.shape == (3, LAYOUT_GRID ** 2)
+
+
+def test_patchify_follows_the_patch_embeddings_token_order(masked_model):
+    """Token n of timm's patch embedding is a linear map of patchify's row n, so pixel targets line up."""
+    x = torch.randn(2, 3, 32, 32)
+    conv = masked_model.vit.patch_embed.proj
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (D, p, p, C) as patchify lays out
+    expected = masked_model.patchify(x) @ weight.T + conv.bias
+    torch.testing.assert_close(masked_model.vit.patch_embed(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_masked_token_hides_its_pixels(masked_model):
+    """Changing the pixels under a masked patch changes nothing the model computes."""
+    x = torch.randn(1, 3, 32, 32)
+    mask = torch.zeros(1, 64, dtype=torch.bool)
+    mask[0, 9] = True  # row 1, column 1: pixels 4..7 x 4..7
+    y = x.clone()
+    y[..., 4:8, 4:8] = torch.randn(3, 4, 4)
+    for a, b in zip(masked_model(x, mask), masked_model(y, mask)):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(masked_model(x, ~mask)[0], masked_model(y, ~mask)[0])
+
+
+def test_block_mask_masks_whole_blocks_at_the_ratio():
+    mask = block_mask(16, 8, 2, 0.5, torch.Generator().manual_seed(0)).reshape(16, 4, 2, 4, 2)
+    assert (mask.float().mean(dim=(1, 2, 3, 4)) == 0.5).all()
+    # every 2x2 block is all masked or all kept
+    blocks = mask.permute(0, 1, 3, 2, 4).reshape(16, 16, 4)
+    assert ((blocks.all(-1)) | (~blocks.any(-1))).all()
+
+
+def test_layout_target_is_the_object_fraction_per_region():
+    patches = torch.full((1, PATCH_GRID, PATCH_GRID), BACKGROUND)
+    patches[0, 0, 0] = 3          # one of the four patches of region (0, 0)
+    patches[0, 6:8, 6:8] = 5      # all of region (3, 3)
+    target = layout_target(patches.reshape(1, -1)).reshape(LAYOUT_GRID, LAYOUT_GRID)
+    expected = torch.zeros(LAYOUT_GRID, LAYOUT_GRID)
+    expected[0, 0], expected[3, 3] = 0.25, 1.0
+    torch.testing.assert_close(target, expected)
+
+
+def test_to_input_maps_uint8_to_minus_one_one():
+    images = torch.tensor([0, 255], dtype=torch.uint8).reshape(1, 1, 1, 2).expand(1, 3, 1, 2)
+    torch.testing.assert_close(to_input(images, size=2)[..., 0, :], torch.tensor([-1.0, 1.0]).expand(1, 3, 2))
+
+
+@pytest.mark.parametrize("model, figure", [("visadapt_procvit_tiny", "upstream_holdout_map"),
+                                           ("visadapt_procswin_tiny", "upstream_holdout_accuracy")])
+def test_pretraining_writes_a_backbone_timm_loads_with_its_recipe(tmp_path, model, figure):
+    """A tiny run of each embedded backbone's recipe writes a file that timm loads as the registered model's
+    weights, with the recipe and the held-out figure in its metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    from visadapt.train.pretrain_backbone import main
+
+    out = tmp_path / "backbone.safetensors"
+    main(["--model", model, "--samples", "128", "--holdout", "64", "--epochs", "1", "--batch-size", "64",
+          "--warmup-steps", "1", "--workers", "1", "--output", str(out)])
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta["recipe"])
+    assert recipe["samples"] == 128 and recipe["batch_size"] == 64 and 0.0 <= float(meta[figure]) <= 100.0
+    assert ("mim_weight" in recipe) == (model == "visadapt_procvit_tiny")  # the Swin's recipe has no scene flags
+    loaded = timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=7)
+    from safetensors.torch import load_file
+
+    state = load_file(str(out))
+    own = loaded.state_dict()
+    body = [k for k in state if not k.startswith("head")]
+    assert body and all(torch.equal(own[k], state[k]) for k in body)
+
+
+def test_the_shipped_vit_is_the_scripts_default_recipe(monkeypatch):
+    """``python train/pretrain_backbone.py`` with no flags is the recipe recorded in the shipped file, so running
+    it reproduces the asset (up to floating-point order)."""
+    import json
+
+    from safetensors import safe_open
+
+    from visadapt.backbones import embedded_weights_path
+    from visadapt.data.upstream import UPSTREAM_VERSION
+    from visadapt.train.pretrain_backbone import EMBEDDED_BACKBONES, main
+
+    with safe_open(str(embedded_weights_path()), "pt") as f:
+        meta = f.metadata()
+    recorded = json.loads(meta["recipe"])
+    captured = {}
+
+    def capture(args, spec, start):  # stop before any rendering: only the resolved flags matter here
+        captured.update(vars(args))
+        raise SystemExit(0)
+
+    monkeypatch.setattr("visadapt.train.pretrain_backbone.train_scenes", capture)
+    with pytest.raises(SystemExit):
+        main([])
+    assert {k: captured[k] for k in recorded} == recorded
+    assert meta["upstream_version"] == str(UPSTREAM_VERSION) and meta["model"] == "visadapt_procvit_tiny"
+    assert EMBEDDED_BACKBONES["visadapt_procvit_tiny"]["corpus"] == "scenes"

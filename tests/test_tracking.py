@@ -34,7 +34,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-root", str(data), "--output-dir", str(out), "--pretrained", "default", "--task", TASK,
             "--batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "0", "--epochs", str(EPOCHS),
-            "--checkpoint-every-steps", "1", "--keep-checkpoints", "100", "--log-every", "1", *extra]
+            "--checkpoint-every-steps", "1", "--keep-checkpoints", "100", "--log-every", "1",
+            "--eval-every", "1", *extra]  # an evaluation per epoch, whatever mini-VTAB's default schedule is
 
 
 def _run(args: list[str]) -> tuple[int, str, str]:

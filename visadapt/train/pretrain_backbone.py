@@ -81,14 +81,20 @@ def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def render_set(seed: int, start: int, count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)``; item ``i`` depends only on ``(seed, start + i)``."""
+def _render_parallel(render_chunk, seed: int, start: int, count: int, workers: int) -> list[np.ndarray]:
+    """Items ``start .. start + count`` of a corpus, rendered by ``render_chunk((seed, first, stop))`` in
+    ``workers`` processes; each output array of the chunks concatenated in item order."""
     chunk = max(1, count // (workers * 8))
     jobs = [(seed, s, min(s + chunk, start + count)) for s in range(start, start + count, chunk)]
     with multiprocessing.Pool(workers) as pool:
-        parts = pool.map(_render, jobs)
-    images = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
-    return images, torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        parts = pool.map(render_chunk, jobs)
+    return [np.concatenate(arrays) for arrays in zip(*parts)]
+
+
+def render_set(seed: int, start: int, count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)``; item ``i`` depends only on ``(seed, start + i)``."""
+    images, labels = _render_parallel(_render, seed, start, count, workers)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
 def to_input(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -119,16 +125,13 @@ def _render_scenes(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return images, labels, patches
 
 
-def render_scene_set(seed: int, start: int, count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scene images ``(N, 3, 32, 32)`` uint8 and presence labels ``(N, NUM_CATEGORIES)``; item ``i`` depends only
-    on ``(seed, start + i)``."""
-    chunk = max(1, count // (workers * 8))
-    jobs = [(seed, s, min(s + chunk, start + count)) for s in range(start, start + count, chunk)]
-    with multiprocessing.Pool(workers) as pool:
-        parts = pool.map(_render_scenes, jobs)
-    images = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
-    return (images, torch.from_numpy(np.concatenate([p[1] for p in parts])),
-            torch.from_numpy(np.concatenate([p[2] for p in parts])).long())
+def render_scene_set(seed: int, start: int, count: int,
+                     workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scene images ``(N, 3, 32, 32)`` uint8, presence labels ``(N, NUM_CATEGORIES)`` float and patch labels
+    ``(N, PATCH_GRID**2)`` long; item ``i`` depends only on ``(seed, start + i)``."""
+    images, presence, patches = _render_parallel(_render_scenes, seed, start, count, workers)
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(presence),
+            torch.from_numpy(patches).long())
 
 
 class MaskedImageModel(torch.nn.Module):
@@ -209,6 +212,14 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int) -> CosineLRS
                              t_in_epochs=False)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer, loss: torch.Tensor) -> None:
+    """Backward ``loss``, clip the gradient norm at 1 and step: the same update in both recipes."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
 def scene_losses(model: MaskedImageModel, x, presence, patches, mask) -> dict[str, torch.Tensor]:
     """The four upstream losses of a batch ``x (B, 3, 32, 32)`` with ``mask (B, N)`` (module docstring)."""
     logits, pixels, patch_logits, layout_logits = model(x, mask)
@@ -271,10 +282,7 @@ def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
             mask[len(idx) // 2:] = False
             losses = scene_losses(model, to_input(train_x[idx]), train_y[idx], train_p[idx], mask)
             loss = sum(weights[k] * v for k, v in losses.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            optimizer_step(model, optimizer, loss)
             step += 1
             schedule.step_update(num_updates=step)
             for k, v in losses.items():
@@ -284,8 +292,10 @@ def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
                 shown = " ".join(f"{k} {v / counted:.4f}" for k, v in sums.items())
                 print(f"epoch {epoch + 1} step {step}/{total} {shown} ({time.time() - start:.0f} s)", flush=True)
                 sums, counted = dict.fromkeys(weights, 0.0), 0
-        print(f"epoch {epoch + 1}: held-out {scene_holdout(model, *hold, args.mask_ratio, args.seed)}", flush=True)
-    figures = scene_holdout(model, *hold, args.mask_ratio, args.seed)
+        figures = scene_holdout(model, *hold, args.mask_ratio, args.seed)  # seeded masks: the same on every call
+        print(f"epoch {epoch + 1}: held-out {figures}", flush=True)
+    if args.epochs == 0:
+        figures = scene_holdout(model, *hold, args.mask_ratio, args.seed)
     figures["upstream_task"] = (f"procedural scenes v{UPSTREAM_VERSION}, {NUM_CATEGORIES} categories "
                                 f"(visadapt.data.upstream.render_scene)")
     figures["upstream_version"] = str(UPSTREAM_VERSION)
@@ -315,10 +325,7 @@ def train_shapes(args, spec: dict, start: float) -> tuple[dict, dict]:
             if torch.rand((), generator=generator) < 0.5:  # flips keep every upstream class intact
                 x = x.flip(3)
             loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            optimizer_step(model, optimizer, loss)
             step += 1
             schedule.step_update(num_updates=step)
             running, counted = running + loss.item(), counted + 1
@@ -326,13 +333,15 @@ def train_shapes(args, spec: dict, start: float) -> tuple[dict, dict]:
                 print(f"epoch {epoch + 1} step {step}/{total} loss {running / counted:.3f} "
                       f"({time.time() - start:.0f} s)", flush=True)
                 running, counted = 0.0, 0
-        print(f"epoch {epoch + 1}: held-out upstream accuracy {accuracy(model, hold_x, hold_y, size=size):.1f}%",
-              flush=True)
+        held_out = accuracy(model, hold_x, hold_y, size=size)
+        print(f"epoch {epoch + 1}: held-out upstream accuracy {held_out:.1f}%", flush=True)
+    if args.epochs == 0:
+        held_out = accuracy(model, hold_x, hold_y, size=size)
     upstream = "procedural shapes x fills, 60 classes (visadapt.data.procedural.render_upstream)"
     if size != IMAGE_SIZE:
         upstream += f", 32x32 renders upsampled bilinearly to {size}x{size}"
     figures = {"upstream_task": upstream, "generator_version": str(GENERATOR_VERSION),
-               "upstream_holdout_accuracy": f"{accuracy(model, hold_x, hold_y, size=size):.2f}"}
+               "upstream_holdout_accuracy": f"{held_out:.2f}"}
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}, figures
 
 

@@ -259,6 +259,8 @@ def test_embedded_swin_is_registered_and_loads_its_shipped_weights():
     assert MultiTaskDenseModel(model, TASK_OUTPUTS).stage_channels == (24, 48, 96, 192)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    # the recipe is recorded, and the upstream accuracy is above chance (1 in 60)
+    # the recipe is recorded, with held-out figures above what guessing gives: a presence mAP above the base
+    # rate of a category (about 1.7 objects of 32 categories per scene) and patch labels above 1 in 33
     assert meta["model"] == EMBEDDED_SWIN and json.loads(meta["recipe"])["epochs"] > 0
-    assert float(meta["upstream_holdout_accuracy"]) > 100 / 60
+    assert float(meta["upstream_holdout_map"]) > 100 * 1.7 / 32
+    assert float(meta["upstream_holdout_patch_accuracy"]) > 100 / 33

@@ -1,7 +1,8 @@
-"""The upstream scene corpus of the embedded ViT and the pieces of its masked-image objective.
+"""The upstream scene corpus of the embedded backbones and the pieces of their masked-image objective.
 
-The objective's model must see exactly what timm's own ViT sees (same tokens, same order, same head), or the
-backbone written to ``assets/`` would not be the network that was trained; those checks compare with timm.
+The objective's model must see exactly what timm's own ViT / Swin sees (same tokens, same order, same head, the
+same stage maps), or the backbone written to ``assets/`` would not be the network that was trained; those checks
+compare with timm.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from visadapt.data.upstream import (
     BACKGROUND,
@@ -22,9 +24,13 @@ from visadapt.data.upstream import (
 from visadapt.train.pretrain_backbone import (
     LAYOUT_GRID,
     MaskedImageModel,
+    MaskedSwinModel,
     block_mask,
     layout_target,
+    patchify,
     render_scene_set,
+    scene_losses,
+    scene_mask,
     to_input,
 )
 
@@ -87,7 +93,7 @@ def masked_model():
 def test_unmasked_forward_is_timms_forward(masked_model):
     x = torch.randn(3, 3, 32, 32)
     logits, pixels, patch_logits, layout_logits = masked_model(x, torch.zeros(3, 64, dtype=torch.bool))
-    torch.testing.assert_close(logits, masked_model.vit(x))
+    torch.testing.assert_close(logits, masked_model.backbone(x))
     assert pixels.shape == (3, 64, 48) and patch_logits.shape == (3, 64, NUM_CATEGORIES + 1)
     assert layout_logits.shape == (3, LAYOUT_GRID ** 2)
 
@@ -95,10 +101,10 @@ def test_unmasked_forward_is_timms_forward(masked_model):
 def test_patchify_follows_the_patch_embeddings_token_order(masked_model):
     """Token n of timm's patch embedding is a linear map of patchify's row n, so pixel targets line up."""
     x = torch.randn(2, 3, 32, 32)
-    conv = masked_model.vit.patch_embed.proj
+    conv = masked_model.backbone.patch_embed.proj
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (D, p, p, C) as patchify lays out
-    expected = masked_model.patchify(x) @ weight.T + conv.bias
-    torch.testing.assert_close(masked_model.vit.patch_embed(x), expected, rtol=1e-4, atol=1e-5)
+    expected = patchify(x) @ weight.T + conv.bias
+    torch.testing.assert_close(masked_model.backbone.patch_embed(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_masked_token_hides_its_pixels(masked_model):
@@ -111,6 +117,65 @@ def test_a_masked_token_hides_its_pixels(masked_model):
     for a, b in zip(masked_model(x, mask), masked_model(y, mask)):
         torch.testing.assert_close(a, b)
     assert not torch.allclose(masked_model(x, ~mask)[0], masked_model(y, ~mask)[0])
+
+
+@pytest.fixture(scope="module")
+def masked_swin():
+    torch.manual_seed(0)
+    return MaskedSwinModel(timm.create_model("visadapt_procswin_tiny", num_classes=NUM_CATEGORIES)).eval()
+
+
+def test_unmasked_swin_forward_is_timms_forward_and_its_stage_maps(masked_swin):
+    """Without a mask the logits are timm's, and the per-patch heads read timm's own ``forward_intermediates``
+    maps, each layer-normed and resized to the 8x8 label map."""
+    swin = masked_swin.backbone
+    x = torch.randn(2, 3, 64, 64)
+    logits, pixels, patch_logits, layout_logits = masked_swin(x, torch.zeros(2, 256, dtype=torch.bool))
+    torch.testing.assert_close(logits, swin(x))
+    maps = swin.forward_intermediates(x, intermediates_only=True)
+    resized = [F.adaptive_avg_pool2d(norm(m), PATCH_GRID) if m.shape[-1] > PATCH_GRID
+               else F.interpolate(norm(m), size=(PATCH_GRID, PATCH_GRID)) for m, norm in
+               zip(maps, masked_swin.stage_norms)]
+    column = torch.cat(resized, 1).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pixels, masked_swin.decoder(column))
+    torch.testing.assert_close(patch_logits, masked_swin.patch_head(column))
+    assert pixels.shape == (2, 64, 48) and patch_logits.shape == (2, 64, NUM_CATEGORIES + 1)
+    assert layout_logits.shape == (2, LAYOUT_GRID ** 2)
+
+
+def test_a_masked_swin_block_hides_its_pixels(masked_swin):
+    """A masking block is 4x4 tokens (16x16 input pixels = 8x8 of the render): changing the pixels under a
+    masked block changes nothing the model computes, and the cells it covers are the ones scored."""
+    x = torch.randn(1, 3, 64, 64)
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[0, 4:8, 8:12] = True  # input pixels 16..31 x 32..47
+    y = x.clone()
+    y[..., 16:32, 32:48] = torch.randn(3, 16, 16)
+    for a, b in zip(masked_swin(x, mask.reshape(1, -1)), masked_swin(y, mask.reshape(1, -1))):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(masked_swin(x, ~mask.reshape(1, -1))[0], masked_swin(y, ~mask.reshape(1, -1))[0])
+    cells = masked_swin.cell_mask(mask.reshape(1, -1)).reshape(PATCH_GRID, PATCH_GRID)
+    expected = torch.zeros(PATCH_GRID, PATCH_GRID, dtype=torch.bool)
+    expected[2:4, 4:6] = True  # render pixels 8..15 x 16..23: 4x4 patches 2..3 x 4..5
+    assert torch.equal(cells, expected)
+
+
+@pytest.mark.parametrize("wrapper", ["masked_model", "masked_swin"])
+def test_scene_losses_score_the_masked_cells_of_the_render(wrapper, request):
+    """Both wrappers take the same batch: the pixel loss is the L1 over exactly the masked cells of the 32x32
+    render, whatever the model's input size."""
+    model = request.getfixturevalue(wrapper)
+    images, presence, patches = render_scene_set(0, 0, 4, 1)
+    mask = scene_mask(model, 4, 0.5, torch.Generator().manual_seed(1))
+    losses = scene_losses(model, images, presence, patches, mask)
+    with torch.no_grad():
+        pixels = model(to_input(images, model.input_size), mask)[1]
+    cells = model.cell_mask(mask)
+    assert cells.float().mean() == 0.5
+    expected = (pixels - patchify(to_input(images))).abs()[cells].mean()
+    torch.testing.assert_close(losses["pixels"], expected)
+    assert set(losses) == {"pixels", "patches", "presence", "layout"} and all(torch.isfinite(v) for v in
+                                                                               losses.values())
 
 
 def test_block_mask_masks_whole_blocks_at_the_ratio():
@@ -136,9 +201,8 @@ def test_to_input_maps_uint8_to_minus_one_one():
     torch.testing.assert_close(to_input(images, size=2)[..., 0, :], torch.tensor([-1.0, 1.0]).expand(1, 3, 2))
 
 
-@pytest.mark.parametrize("model, figure", [("visadapt_procvit_tiny", "upstream_holdout_map"),
-                                           ("visadapt_procswin_tiny", "upstream_holdout_accuracy")])
-def test_pretraining_writes_a_backbone_timm_loads_with_its_recipe(tmp_path, model, figure):
+@pytest.mark.parametrize("model", ["visadapt_procvit_tiny", "visadapt_procswin_tiny"])
+def test_pretraining_writes_a_backbone_timm_loads_with_its_recipe(tmp_path, model):
     """A tiny run of each embedded backbone's recipe writes a file that timm loads as the registered model's
     weights, with the recipe and the held-out figure in its metadata."""
     import json
@@ -153,8 +217,8 @@ def test_pretraining_writes_a_backbone_timm_loads_with_its_recipe(tmp_path, mode
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     recipe = json.loads(meta["recipe"])
-    assert recipe["samples"] == 128 and recipe["batch_size"] == 64 and 0.0 <= float(meta[figure]) <= 100.0
-    assert ("mim_weight" in recipe) == (model == "visadapt_procvit_tiny")  # the Swin's recipe has no scene flags
+    assert recipe["samples"] == 128 and recipe["batch_size"] == 64 and recipe["mim_weight"] == 1.0
+    assert all(0.0 <= float(meta[f"upstream_holdout_{k}"]) <= 100.0 for k in ("map", "patch_accuracy"))
     loaded = timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=7)
     from safetensors.torch import load_file
 
@@ -164,18 +228,18 @@ def test_pretraining_writes_a_backbone_timm_loads_with_its_recipe(tmp_path, mode
     assert body and all(torch.equal(own[k], state[k]) for k in body)
 
 
-def test_the_shipped_vit_is_the_scripts_default_recipe(monkeypatch):
-    """``python train/pretrain_backbone.py`` with no flags is the recipe recorded in the shipped file, so running
-    it reproduces the asset (up to floating-point order)."""
+@pytest.mark.parametrize("model", ["visadapt_procvit_tiny", "visadapt_procswin_tiny"])
+def test_each_shipped_backbone_is_the_scripts_default_recipe(monkeypatch, model):
+    """``python train/pretrain_backbone.py --model M`` with no other flag is the recipe recorded in M's shipped
+    file, so running it reproduces the asset (up to floating-point order)."""
     import json
 
     from safetensors import safe_open
 
-    from visadapt.backbones import embedded_weights_path
     from visadapt.data.upstream import UPSTREAM_VERSION
     from visadapt.train.pretrain_backbone import EMBEDDED_BACKBONES, main
 
-    with safe_open(str(embedded_weights_path()), "pt") as f:
+    with safe_open(str(EMBEDDED_BACKBONES[model]["output"]()), "pt") as f:
         meta = f.metadata()
     recorded = json.loads(meta["recipe"])
     captured = {}
@@ -186,7 +250,6 @@ def test_the_shipped_vit_is_the_scripts_default_recipe(monkeypatch):
 
     monkeypatch.setattr("visadapt.train.pretrain_backbone.train_scenes", capture)
     with pytest.raises(SystemExit):
-        main([])
+        main(["--model", model])
     assert {k: captured[k] for k in recorded} == recorded
-    assert meta["upstream_version"] == str(UPSTREAM_VERSION) and meta["model"] == "visadapt_procvit_tiny"
-    assert EMBEDDED_BACKBONES["visadapt_procvit_tiny"]["corpus"] == "scenes"
+    assert meta["upstream_version"] == str(UPSTREAM_VERSION) and meta["model"] == model

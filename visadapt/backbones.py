@@ -9,10 +9,9 @@ average of its patch tokens, trained by ``train/pretrain_backbone.py`` on the pr
 ``visadapt_procswin_tiny`` is its hierarchical sibling for dense prediction: a timm Swin Transformer on 64x64
 images (patch 4, width 24, depths 1/1/2/1, window 4; 0.80 M parameters without its classifier) whose four
 stages give feature maps of 16, 8, 4 and 2 pixels with 24, 48, 96 and 192 channels. It was pretrained on the
-single-object shapes task of :mod:`visadapt.data.procedural` (``train/pretrain_backbone.py --model
-visadapt_procswin_tiny``, the 32x32 renders upsampled
-to 64x64), and ``timm.create_model("visadapt_procswin_tiny", pretrained=True, num_classes=0)`` loads it from
-``assets/``.
+same scenes with the same four losses, its per-patch heads reading all four stages (``train/pretrain_backbone.py
+--model visadapt_procswin_tiny``, the 32x32 renders upsampled to 64x64), and
+``timm.create_model("visadapt_procswin_tiny", pretrained=True, num_classes=0)`` loads it from ``assets/``.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from visadapt.data.procedural import IMAGE_SIZE, UPSTREAM_CLASSES
+from visadapt.data.procedural import IMAGE_SIZE
 from visadapt.data.upstream import NUM_CATEGORIES, UPSTREAM_VERSION
 from visadapt.names import EMBEDDED_CLIP, EMBEDDED_MODEL, EMBEDDED_SD, EMBEDDED_SWIN  # noqa: F401 - also named here
 
@@ -76,9 +75,9 @@ default_cfgs = generate_default_cfgs({
         "classifier": "head",
         "license": "apache-2.0",
     },
-    f"{EMBEDDED_SWIN}.upstream_v1": {
+    f"{EMBEDDED_SWIN}.upstream_v{UPSTREAM_VERSION}": {
         "file": str(embedded_swin_weights_path()),
-        "num_classes": UPSTREAM_CLASSES,
+        "num_classes": NUM_CATEGORIES,
         "input_size": (3, PROCSWIN_IMAGE_SIZE, PROCSWIN_IMAGE_SIZE),
         "pool_size": (PROCSWIN_IMAGE_SIZE // 32, PROCSWIN_IMAGE_SIZE // 32),
         "fixed_input_size": True,
@@ -104,7 +103,7 @@ def visadapt_procvit_tiny(pretrained: bool = False, **kwargs) -> VisionTransform
 
 @register_model
 def visadapt_procswin_tiny(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """Swin for 64x64 inputs (patch 4, width 24, depths 1/1/2/1, window 4), pretrained on procedural shapes.
+    """Swin for 64x64 inputs (patch 4, width 24, depths 1/1/2/1, window 4), pretrained on procedural scenes.
 
     ``forward_intermediates(x, intermediates_only=True)`` gives 4 maps
     ``(B, 24 * 2**s, 16 / 2**s, 16 / 2**s)`` for stages ``s = 0..3``; ``features_only=True`` works as for

@@ -1,11 +1,10 @@
-"""Procedural images: the upstream task the embedded backbone is pretrained on, and the mini-VTAB suite.
+"""Procedural images: the mini-VTAB suite and the drawing helpers the other procedural sets share.
 
 Everything here is drawn with numpy from a seed, so the embedded default needs no download and is the
 same on every machine. Images are 32x32 RGB, rendered at 2x and box-filtered down (anti-aliased edges).
+The embedded backbones are pretrained on :mod:`visadapt.data.upstream` (scenes of shapes and glyphs, with
+:data:`UPSTREAM_SHAPES` and :data:`UPSTREAM_FILLS` from here).
 
-* **Upstream** (:class:`UpstreamObjects`): one large object on a textured background; the class is the
-  pair (shape, fill pattern), 10 shapes x 6 fills = 60 classes, under random position, size, rotation and
-  colours. The backbone in ``assets/`` learnt only this.
 * **Mini-VTAB** (:func:`generate_mini_vtab`): seven downstream tasks in the three VTAB groups, written to
   disk in the NOAH VTAB-1k layout so that the real folder loader is what reads them:
 
@@ -21,9 +20,9 @@ same on every machine. Images are 32x32 RGB, rendered at 2x and box-filtered dow
   orientation   Structured   8        orientation bin (over 180 degrees) of one bar (dSprites-ori-like)
   ============  ===========  =======  ==========================================================
 
-The structured tasks ask for what the upstream classifier was trained to ignore (where, how many, which
-way), which is why adapting the frozen backbone beats a linear probe on its pooled feature there, as on
-real VTAB-1k.
+The structured tasks ask where, how many and which way, labels the upstream objective never trains (its
+layout target does keep where objects are in the pooled feature: README, "The embedded default"), which is
+why adapting the frozen backbone beats a linear probe on its pooled feature there, as on real VTAB-1k.
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from visadapt.data.tasks import MINI_VTAB_TASKS
@@ -194,10 +192,10 @@ def _two_tone(pattern: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return pattern[..., None] * a + (1 - pattern[..., None]) * b
 
 
-def _background(rng: np.random.Generator, light: bool | None = None, plain: bool = False) -> np.ndarray:
-    """A low-contrast textured background, ``(S*H, S*W, 3)`` floats in [0, 1]; ``plain``: never striped."""
+def _background(rng: np.random.Generator, light: bool | None = None) -> np.ndarray:
+    """A low-contrast textured background, ``(S*H, S*W, 3)`` floats in [0, 1]."""
     base = _color(rng, light)
-    kind = rng.choice(["flat", "noise", "gradient"] if plain else ["flat", "noise", "gradient", "stripes"])
+    kind = rng.choice(["flat", "noise", "gradient", "stripes"])
     if kind == "flat":
         tex = np.full_like(_GX, 0.5)
     elif kind == "noise":
@@ -230,47 +228,6 @@ def _object(rng, canvas, shape: str, fill: str, cx, cy, size, angle, bg_mean) ->
     a = _contrasting(rng, bg_mean)
     b = _contrasting(rng, a, 0.4)
     _paint(canvas, mask, _two_tone(_pattern(fill, rng), a, b))
-
-
-# --------------------------------------------------------------------------------------------- upstream
-
-
-def render_upstream(rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """One upstream image ``(32, 32, 3)`` uint8 and its class in ``[0, 60)`` = shape * 6 + fill."""
-    shape_id = int(rng.integers(len(UPSTREAM_SHAPES)))
-    fill_id = int(rng.integers(len(UPSTREAM_FILLS)))
-    canvas = _background(rng, plain=True)
-    bg_mean = canvas.mean(axis=(0, 1))
-    size = rng.uniform(9.0, 13.0)
-    margin = size * 0.8
-    _object(rng, canvas, UPSTREAM_SHAPES[shape_id], UPSTREAM_FILLS[fill_id],
-            rng.uniform(margin, 32 - margin), rng.uniform(margin, 32 - margin), size,
-            rng.uniform(0, 2 * math.pi), bg_mean)
-    return _finish(canvas, rng), shape_id * len(UPSTREAM_FILLS) + fill_id
-
-
-UPSTREAM_CLASSES = len(UPSTREAM_SHAPES) * len(UPSTREAM_FILLS)
-
-
-class UpstreamObjects(torch.utils.data.Dataset):
-    """The upstream pretraining set, rendered on the fly: item ``i`` is the same image for a given seed.
-
-    Returns ``(image, label)`` with ``image`` a ``(3, 32, 32)`` float tensor in [0, 1] (normalise in the
-    model's transform) and ``label`` in ``[0, 60)``.
-    """
-
-    num_classes = UPSTREAM_CLASSES
-
-    def __init__(self, length: int, seed: int = 0):
-        self.length = length
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img, label = render_upstream(np.random.default_rng([self.seed, 7, index]))
-        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255), label
 
 
 # -------------------------------------------------------------------------------------------- mini-VTAB

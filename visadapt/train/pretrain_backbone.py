@@ -1,26 +1,27 @@
 """Pretrain an embedded backbone, writing ``assets/proc*_tiny.safetensors``.
 
     python train/pretrain_backbone.py           # the shipped ViT recipe (about 12 min on 2 CPU cores)
-    python train/pretrain_backbone.py --model visadapt_procswin_tiny --threads 1   # the Swin's (about 10 min)
+    python train/pretrain_backbone.py --model visadapt_procswin_tiny   # the Swin's (about 15 min)
     python train/pretrain_backbone.py --samples 4000 --epochs 1 --output /tmp/vit.safetensors  # a quick look
 
-The ViT learns from the scene corpus of :mod:`visadapt.data.upstream` (one to three objects of 32 categories,
-shapes and stroke-font glyphs, on varied backgrounds and lighting) with four losses, chosen by what transfers
-to mini-VTAB rather than by upstream accuracy (README, "The embedded default"):
+Both backbones learn from the scene corpus of :mod:`visadapt.data.upstream` (one to three objects of 32
+categories, shapes and stroke-font glyphs, on varied backgrounds and lighting) with four losses, chosen by what
+transfers downstream (mini-VTAB for the ViT, the dense scenes for the Swin) rather than by upstream accuracy
+(README, "The embedded default" and "The embedded Swin"):
 
-* masked-image modelling (SimMIM): half of each batch has half of its 2x2-patch blocks replaced by a learned
-  token, and a linear layer predicts the raw pixels of every masked patch from its final token (L1); this is
-  what keeps colour, texture and where things are;
+* masked-image modelling (SimMIM): half of each batch has half of its 8x8-pixel blocks of tokens replaced by a
+  learned token, and a linear layer predicts the raw pixels of every masked 4x4 patch of the 32x32 render (L1);
+  this is what keeps colour, texture and where things are;
 * a per-patch label (the category covering most of each 4x4 patch, or background; cross-entropy);
 * the presence of each category, from the pooled features (multi-label BCE);
 * the layout: the fraction of object patches in each of 4x4 regions, from the pooled features (BCE), so that
   the pooled vector, which is what a downstream head reads, keeps where the objects are.
 
-The Swin (``visadapt_procswin_tiny``, 64x64 input) keeps its recipe: the single-object shape x fill task of
-:func:`visadapt.data.procedural.render_upstream` (60 classes), its 32x32 renders upsampled bilinearly, AdamW,
-timm's cosine schedule with linear warm-up and label smoothing. Images are rendered once up front (in
-parallel) and kept in memory as uint8. The file records the recipe and the held-out upstream figures in its
-safetensors metadata.
+The ViT (32x32 input) reads the per-patch heads from its final tokens (:class:`MaskedImageModel`); the Swin
+(64x64 input: the renders upsampled bilinearly) from a hypercolumn of its four stages, so that every map a dense
+decoder reads is trained (:class:`MaskedSwinModel`). AdamW with the MAE / SimMIM betas, timm's cosine schedule
+with linear warm-up, gradients clipped at norm 1. Images are rendered once up front (in parallel) and kept in
+memory as uint8. The file records the recipe and the held-out upstream figures in its safetensors metadata.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.layers import LayerNorm2d
 from timm.scheduler import CosineLRScheduler
 
 from visadapt.backbones import (
@@ -48,53 +50,27 @@ from visadapt.backbones import (
     embedded_weights_path,
 )
 from visadapt.cli import plain_help
-from visadapt.data.procedural import GENERATOR_VERSION, IMAGE_SIZE, UPSTREAM_CLASSES, render_upstream
+from visadapt.data.procedural import IMAGE_SIZE
 from visadapt.data.upstream import NUM_CATEGORIES, PATCH_GRID, UPSTREAM_VERSION, render_scene
 
-#: what differs between the embedded backbones: the input side (renders are 32x32, a larger input is their
-#: bilinear upsample), the architecture arguments recorded in the file, where the file ships, the names of
-#: matrices kept out of weight decay besides norms and biases (position tables, as in the DeiT/Swin recipes),
-#: the upstream corpus and the shipped recipe's defaults (each one a flag)
+#: what differs between the embedded backbones: the architecture arguments recorded in the file, where the file
+#: ships, the names of matrices kept out of weight decay besides norms and biases (position tables, as in the
+#: DeiT/Swin recipes; the ViT's mask token too, as SimMIM; the Swin's shipped run decayed its mask token, which
+#: lives only during pretraining) and the shipped recipe's defaults (each one a flag)
 EMBEDDED_BACKBONES = {
-    EMBEDDED_MODEL: {"input_size": IMAGE_SIZE, "model_args": PROCVIT_TINY_ARGS,
-                     "output": embedded_weights_path, "no_decay": ("pos_embed", "mask_token"), "corpus": "scenes",
+    EMBEDDED_MODEL: {"model_args": PROCVIT_TINY_ARGS, "output": embedded_weights_path,
+                     "no_decay": ("pos_embed", "mask_token"),
                      "recipe": {"samples": 60000, "epochs": 8, "batch_size": 128, "lr": 1e-3, "warmup_steps": 150}},
-    EMBEDDED_SWIN: {"input_size": PROCSWIN_IMAGE_SIZE, "model_args": PROCSWIN_TINY_ARGS,
-                    "output": embedded_swin_weights_path, "no_decay": ("relative_position_bias_table",),
-                    "corpus": "shapes",
-                    "recipe": {"samples": 32000, "epochs": 8, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200}},
+    EMBEDDED_SWIN: {"model_args": PROCSWIN_TINY_ARGS, "output": embedded_swin_weights_path,
+                    "no_decay": ("relative_position_bias_table",),
+                    "recipe": {"samples": 64000, "epochs": 8, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200}},
 }
-#: the corpus seeds: item i of a corpus is rendered from ``default_rng([seed, STREAM, i])``
-SHAPES_STREAM, SCENES_STREAM = 7, 11
+#: the corpus seed: item i is rendered from ``default_rng([seed, SCENES_STREAM, i])``
+SCENES_STREAM = 11
 #: held-out items start here, far beyond any training set
 HOLDOUT_START = 10_000_000
 #: side of the layout target: the fraction of object patches in each region of a LAYOUT_GRID x LAYOUT_GRID split
 LAYOUT_GRID = 4
-
-
-def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    seed, start, stop = args
-    images = np.empty((stop - start, 32, 32, 3), dtype=np.uint8)
-    labels = np.empty(stop - start, dtype=np.int64)
-    for k, index in enumerate(range(start, stop)):
-        images[k], labels[k] = render_upstream(np.random.default_rng([seed, SHAPES_STREAM, index]))
-    return images, labels
-
-
-def _render_parallel(render_chunk, seed: int, start: int, count: int, workers: int) -> list[np.ndarray]:
-    """Items ``start .. start + count`` of a corpus, rendered by ``render_chunk((seed, first, stop))`` in
-    ``workers`` processes; each output array of the chunks concatenated in item order."""
-    chunk = max(1, count // (workers * 8))
-    jobs = [(seed, s, min(s + chunk, start + count)) for s in range(start, start + count, chunk)]
-    with multiprocessing.Pool(workers) as pool:
-        parts = pool.map(render_chunk, jobs)
-    return [np.concatenate(arrays) for arrays in zip(*parts)]
-
-
-def render_set(seed: int, start: int, count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)``; item ``i`` depends only on ``(seed, start + i)``."""
-    images, labels = _render_parallel(_render, seed, start, count, workers)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
 def to_input(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -104,14 +80,6 @@ def to_input(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x
-
-
-@torch.no_grad()
-def accuracy(model, images, labels, batch_size=512, size: int = IMAGE_SIZE) -> float:
-    model.eval()
-    correct = sum((model(to_input(images[i:i + batch_size], size)).argmax(1) == labels[i:i + batch_size])
-                  .sum().item() for i in range(0, len(images), batch_size))
-    return 100.0 * correct / len(images)
 
 
 def _render_scenes(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,30 +97,46 @@ def render_scene_set(seed: int, start: int, count: int,
                      workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scene images ``(N, 3, 32, 32)`` uint8, presence labels ``(N, NUM_CATEGORIES)`` float and patch labels
     ``(N, PATCH_GRID**2)`` long; item ``i`` depends only on ``(seed, start + i)``."""
-    images, presence, patches = _render_parallel(_render_scenes, seed, start, count, workers)
+    chunk = max(1, count // (workers * 8))
+    jobs = [(seed, s, min(s + chunk, start + count)) for s in range(start, start + count, chunk)]
+    with multiprocessing.Pool(workers) as pool:
+        parts = pool.map(_render_scenes, jobs)
+    images, presence, patches = (np.concatenate(arrays) for arrays in zip(*parts))
     return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(presence),
             torch.from_numpy(patches).long())
+
+
+def patchify(x: torch.Tensor, patch: int = IMAGE_SIZE // PATCH_GRID) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, N, p*p*3)``, row-major over the patches: the pixel target of a 32x32 render is
+    one row of ``p*p*3`` values per cell of the ``PATCH_GRID x PATCH_GRID`` label map."""
+    b, c, h, w = x.shape
+    p = patch
+    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), -1)
 
 
 class MaskedImageModel(torch.nn.Module):
     """A timm ViT with a SimMIM-style masked-image head: masked patch tokens are replaced by a learned token
     before the position embedding, and a linear layer predicts each patch's pixels from its final token.
 
-    ``forward(x (B, 3, H, W), mask (B, N) bool)`` -> ``(logits (B, C), pixels (B, N, p*p*3))``.
+    ``forward(x (B, 3, 32, 32), mask (B, 64) bool)`` -> ``(logits (B, C), pixels (B, 64, 48), patch logits
+    (B, 64, C + 1), layout logits (B, LAYOUT_GRID**2))``: one row per 4x4 patch, which is one cell of the
+    ``PATCH_GRID`` label map.
     """
+
+    #: the side of the input, of the token grid the mask covers, and of a masking block in tokens (8x8 px)
+    input_size, mask_grid, mask_block = IMAGE_SIZE, PATCH_GRID, 2
 
     def __init__(self, vit):
         super().__init__()
-        self.vit = vit
-        self.patch = vit.patch_embed.patch_size[0]
+        self.backbone = vit
         self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
         torch.nn.init.normal_(self.mask_token, std=0.02)
-        self.decoder = torch.nn.Linear(vit.embed_dim, self.patch * self.patch * 3)
+        self.decoder = torch.nn.Linear(vit.embed_dim, 3 * (IMAGE_SIZE // PATCH_GRID) ** 2)
         self.patch_head = torch.nn.Linear(vit.embed_dim, NUM_CATEGORIES + 1)
         self.layout_head = torch.nn.Linear(vit.embed_dim, LAYOUT_GRID * LAYOUT_GRID)
 
     def forward(self, x, mask):
-        vit = self.vit
+        vit = self.backbone
         tokens = vit.patch_embed(x)
         tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
         tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(tokens)))
@@ -161,11 +145,57 @@ class MaskedImageModel(torch.nn.Module):
         pooled = vit.forward_head(tokens, pre_logits=True)
         return (vit.head(pooled), self.decoder(patches), self.patch_head(patches), self.layout_head(pooled))
 
-    def patchify(self, x):
-        """``(B, 3, H, W)`` -> ``(B, N, p*p*3)`` in the patch embedding's token order (row-major)."""
-        p = self.patch
-        b, c, h, w = x.shape
-        return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), -1)
+    def cell_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The token mask ``(B, mask_grid**2)`` as a mask of the label-map cells ``(B, PATCH_GRID**2)``."""
+        return mask
+
+
+class MaskedSwinModel(torch.nn.Module):
+    """The same four heads on a timm Swin (SimMIM's Swin variant): masked tokens of the patch embedding's
+    ``16x16`` grid (64 px input) are replaced by a learned token before the first stage; the heads read a
+    hypercolumn of every stage's map, each layer-normed and resized to the ``PATCH_GRID x PATCH_GRID`` label map
+    (stage 1 average-pooled, stage 2 as is, stages 3-4 repeated), so that every stage a dense decoder reads is
+    trained to carry the pixels and the category of each place; presence and layout read the pooled final map.
+
+    ``forward(x (B, 3, 64, 64), mask (B, 256) bool)`` -> the :class:`MaskedImageModel` outputs.
+    """
+
+    input_size, mask_grid, mask_block = PROCSWIN_IMAGE_SIZE, PROCSWIN_IMAGE_SIZE // 4, 4
+
+    def __init__(self, swin):
+        super().__init__()
+        self.backbone = swin
+        channels = [info["num_chs"] for info in swin.feature_info]
+        self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, 1, channels[0]))
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        self.stage_norms = torch.nn.ModuleList(LayerNorm2d(c, eps=1e-5) for c in channels)
+        self.decoder = torch.nn.Linear(sum(channels), 3 * (IMAGE_SIZE // PATCH_GRID) ** 2)
+        self.patch_head = torch.nn.Linear(sum(channels), NUM_CATEGORIES + 1)
+        self.layout_head = torch.nn.Linear(swin.num_features, LAYOUT_GRID * LAYOUT_GRID)
+
+    def forward(self, x, mask):
+        swin = self.backbone
+        tokens = swin.patch_embed(x)  # (B, 16, 16, C) NHWC
+        b, h, w, _ = tokens.shape
+        tokens = torch.where(mask.reshape(b, h, w, 1), self.mask_token.to(tokens.dtype), tokens)
+        maps = []
+        for stage, norm in zip(swin.layers, self.stage_norms):
+            tokens = stage(tokens)
+            stage_map = norm(tokens.permute(0, 3, 1, 2))
+            if stage_map.shape[-1] > PATCH_GRID:
+                stage_map = F.adaptive_avg_pool2d(stage_map, PATCH_GRID)
+            elif stage_map.shape[-1] < PATCH_GRID:
+                stage_map = F.interpolate(stage_map, size=(PATCH_GRID, PATCH_GRID), mode="nearest")
+            maps.append(stage_map)
+        column = torch.cat(maps, 1).flatten(2).transpose(1, 2)  # (B, PATCH_GRID**2, sum of widths)
+        pooled = swin.forward_head(swin.norm(tokens), pre_logits=True)
+        return (swin.head.fc(pooled), self.decoder(column), self.patch_head(column), self.layout_head(pooled))
+
+    def cell_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A cell is masked when the 2x2 tokens over it are (masking blocks cover whole cells)."""
+        b, side = len(mask), self.mask_grid
+        cells = mask.reshape(b, PATCH_GRID, side // PATCH_GRID, PATCH_GRID, side // PATCH_GRID)
+        return cells.all(4).all(2).reshape(b, PATCH_GRID * PATCH_GRID)
 
 
 def layout_target(patches: torch.Tensor) -> torch.Tensor:
@@ -184,10 +214,11 @@ def block_mask(batch: int, grid: int, block: int, ratio: float, generator) -> to
 
 
 @torch.no_grad()
-def mean_average_precision(model, images, labels, batch_size=512) -> float:
+def mean_average_precision(model, images, labels, batch_size=512, size: int = IMAGE_SIZE) -> float:
     """Held-out mean over categories of the average precision of the presence scores (%)."""
     model.eval()
-    scores = torch.cat([model(to_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    scores = torch.cat([model(to_input(images[i:i + batch_size], size))
+                        for i in range(0, len(images), batch_size)])
     aps = []
     for c in range(labels.shape[1]):
         order = scores[:, c].argsort(descending=True)
@@ -220,12 +251,18 @@ def optimizer_step(model: torch.nn.Module, optimizer, loss: torch.Tensor) -> Non
     optimizer.step()
 
 
-def scene_losses(model: MaskedImageModel, x, presence, patches, mask) -> dict[str, torch.Tensor]:
-    """The four upstream losses of a batch ``x (B, 3, 32, 32)`` with ``mask (B, N)`` (module docstring)."""
-    logits, pixels, patch_logits, layout_logits = model(x, mask)
-    masked = mask[..., None].expand_as(pixels)
+def scene_mask(model, batch: int, ratio: float, generator) -> torch.Tensor:
+    """``(batch, model.mask_grid**2)``: ``ratio`` of the model's 8x8-pixel blocks of tokens masked."""
+    return block_mask(batch, model.mask_grid, model.mask_block, ratio, generator)
+
+
+def scene_losses(model, images, presence, patches, mask) -> dict[str, torch.Tensor]:
+    """The four upstream losses (module docstring) of uint8 renders ``images (B, 3, 32, 32)`` fed at the model's
+    input size, with ``mask (B, model.mask_grid**2)``; the pixel target is the 32x32 render itself."""
+    logits, pixels, patch_logits, layout_logits = model(to_input(images, model.input_size), mask)
+    masked = model.cell_mask(mask)[..., None].expand_as(pixels)
     return {
-        "pixels": (pixels - model.patchify(x)).abs()[masked].mean() if mask.any() else pixels.sum() * 0,
+        "pixels": (pixels - patchify(to_input(images))).abs()[masked].mean() if mask.any() else pixels.sum() * 0,
         "patches": F.cross_entropy(patch_logits.flatten(0, 1), patches.flatten()),
         "presence": F.binary_cross_entropy_with_logits(logits, presence),
         "layout": F.binary_cross_entropy_with_logits(layout_logits, layout_target(patches)),
@@ -233,33 +270,40 @@ def scene_losses(model: MaskedImageModel, x, presence, patches, mask) -> dict[st
 
 
 @torch.no_grad()
-def scene_holdout(model: MaskedImageModel, images, presence, patches, mask_ratio: float, seed: int) -> dict:
+def scene_holdout(model, images, presence, patches, mask_ratio: float, seed: int) -> dict:
     """Held-out figures: presence mAP (%), foreground patch-label accuracy (%), masked-pixel L1 ([-1, 1] units)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     hits = fg = 0
     l1 = []
     for i in range(0, len(images), 500):
-        x, p = to_input(images[i:i + 500]), patches[i:i + 500]
-        mask = block_mask(len(x), IMAGE_SIZE // model.patch, 2, mask_ratio, generator)
+        batch, p = images[i:i + 500], patches[i:i + 500]
+        x, target = to_input(batch, model.input_size), patchify(to_input(batch))
+        mask = scene_mask(model, len(x), mask_ratio, generator)
         _, pixels, _, _ = model(x, mask)
-        l1.append((pixels - model.patchify(x)).abs()[mask[..., None].expand_as(pixels)].mean())
+        l1.append((pixels - target).abs()[model.cell_mask(mask)[..., None].expand_as(pixels)].mean())
         predicted = model(x, torch.zeros_like(mask))[2].argmax(-1)
         foreground = p != NUM_CATEGORIES
         hits += int((predicted == p)[foreground].sum())
         fg += int(foreground.sum())
-    return {"upstream_holdout_map": f"{mean_average_precision(model.vit, images, presence):.2f}",
+    presence_map = mean_average_precision(model.backbone, images, presence, size=model.input_size)
+    return {"upstream_holdout_map": f"{presence_map:.2f}",
             "upstream_holdout_patch_accuracy": f"{100.0 * hits / max(fg, 1):.2f}",
             "upstream_holdout_pixel_l1": f"{float(torch.stack(l1).mean()):.4f}"}
 
 
+#: the masked-image wrapper of each embedded backbone
+MASKED_MODELS = {EMBEDDED_MODEL: MaskedImageModel, EMBEDDED_SWIN: MaskedSwinModel}
+
+
 def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
-    """The ViT's recipe: the scene corpus with the four losses; returns the backbone's state and figures."""
+    """The scene corpus with the four losses; returns the backbone's state (without the pretraining heads) and
+    the held-out figures."""
     train_x, train_y, train_p = render_scene_set(args.seed, 0, args.samples, args.workers)
     hold = render_scene_set(args.seed, HOLDOUT_START, args.holdout, args.workers)
     print(f"rendered {args.samples} + {args.holdout} scenes in {time.time() - start:.0f} s", flush=True)
-    vit = timm.create_model(args.model, pretrained=False, num_classes=NUM_CATEGORIES)
-    model = MaskedImageModel(vit)
+    backbone = timm.create_model(args.model, pretrained=False, num_classes=NUM_CATEGORIES)
+    model = MASKED_MODELS[args.model](backbone)
     optimizer = torch.optim.AdamW(param_groups(model, spec["no_decay"], args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))  # the MAE / SimMIM betas
     steps_per_epoch = args.samples // args.batch_size
@@ -268,7 +312,6 @@ def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
     weights = {"pixels": args.mim_weight, "patches": args.patch_weight, "presence": args.presence_weight,
                "layout": args.layout_weight}
     generator = torch.Generator().manual_seed(args.seed)
-    grid = IMAGE_SIZE // model.patch
     step = 0
     for epoch in range(args.epochs):
         model.train()
@@ -278,9 +321,9 @@ def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             # the first half of the batch masked (pixel loss), the rest whole, as a downstream task sees images
-            mask = block_mask(len(idx), grid, 2, args.mask_ratio, generator)
+            mask = scene_mask(model, len(idx), args.mask_ratio, generator)
             mask[len(idx) // 2:] = False
-            losses = scene_losses(model, to_input(train_x[idx]), train_y[idx], train_p[idx], mask)
+            losses = scene_losses(model, train_x[idx], train_y[idx], train_p[idx], mask)
             loss = sum(weights[k] * v for k, v in losses.items())
             optimizer_step(model, optimizer, loss)
             step += 1
@@ -299,50 +342,7 @@ def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
     figures["upstream_task"] = (f"procedural scenes v{UPSTREAM_VERSION}, {NUM_CATEGORIES} categories "
                                 f"(visadapt.data.upstream.render_scene)")
     figures["upstream_version"] = str(UPSTREAM_VERSION)
-    return {k: v.detach().contiguous() for k, v in vit.state_dict().items()}, figures
-
-
-def train_shapes(args, spec: dict, start: float) -> tuple[dict, dict]:
-    """The Swin's recipe: the 60-class single-object task with label smoothing and flips."""
-    size = spec["input_size"]
-    train_x, train_y = render_set(args.seed, 0, args.samples, args.workers)
-    hold_x, hold_y = render_set(args.seed, HOLDOUT_START, args.holdout, args.workers)
-    print(f"rendered {args.samples} + {args.holdout} images in {time.time() - start:.0f} s", flush=True)
-    model = timm.create_model(args.model, pretrained=False, num_classes=UPSTREAM_CLASSES)
-    optimizer = torch.optim.AdamW(param_groups(model, spec["no_decay"], args.weight_decay), lr=args.lr)
-    steps_per_epoch = args.samples // args.batch_size
-    total = steps_per_epoch * args.epochs
-    schedule = cosine_schedule(optimizer, total, args.warmup_steps)
-    generator = torch.Generator().manual_seed(args.seed)
-    step = 0
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(args.samples, generator=generator)
-        running, counted = 0.0, 0
-        for i in range(steps_per_epoch):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x = to_input(train_x[idx], size)
-            if torch.rand((), generator=generator) < 0.5:  # flips keep every upstream class intact
-                x = x.flip(3)
-            loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=0.1)
-            optimizer_step(model, optimizer, loss)
-            step += 1
-            schedule.step_update(num_updates=step)
-            running, counted = running + loss.item(), counted + 1
-            if step % args.log_every == 0:
-                print(f"epoch {epoch + 1} step {step}/{total} loss {running / counted:.3f} "
-                      f"({time.time() - start:.0f} s)", flush=True)
-                running, counted = 0.0, 0
-        held_out = accuracy(model, hold_x, hold_y, size=size)
-        print(f"epoch {epoch + 1}: held-out upstream accuracy {held_out:.1f}%", flush=True)
-    if args.epochs == 0:
-        held_out = accuracy(model, hold_x, hold_y, size=size)
-    upstream = "procedural shapes x fills, 60 classes (visadapt.data.procedural.render_upstream)"
-    if size != IMAGE_SIZE:
-        upstream += f", 32x32 renders upsampled bilinearly to {size}x{size}"
-    figures = {"upstream_task": upstream, "generator_version": str(GENERATOR_VERSION),
-               "upstream_holdout_accuracy": f"{held_out:.2f}"}
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}, figures
+    return {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, figures
 
 
 def main(argv=None, prog: str | None = None) -> None:
@@ -358,7 +358,7 @@ def main(argv=None, prog: str | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help=shipped)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-steps", type=int, default=None, help=shipped)
-    scene = parser.add_argument_group("the ViT's scene objective (module docstring)")
+    scene = parser.add_argument_group("the scene objective (module docstring)")
     scene.add_argument("--mim-weight", type=float, default=1.0, help="weight of the masked-pixel L1")
     scene.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch label loss")
     scene.add_argument("--presence-weight", type=float, default=1.0, help="weight of the presence BCE")
@@ -382,11 +382,7 @@ def main(argv=None, prog: str | None = None) -> None:
 
     torch.manual_seed(args.seed)
     start = time.time()
-    train = train_scenes if spec["corpus"] == "scenes" else train_shapes
-    state, figures = train(args, spec, start)
-    if spec["corpus"] != "scenes":  # the scene objective's flags change nothing here: keep them out of the record
-        for key in ("mim_weight", "patch_weight", "presence_weight", "layout_weight", "mask_ratio"):
-            delattr(args, key)
+    state, figures = train_scenes(args, spec, start)
     meta = {
         "model": args.model,
         "model_args": json.dumps(spec["model_args"]),

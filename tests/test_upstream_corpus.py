@@ -27,6 +27,7 @@ from visadapt.train.pretrain_backbone import (
     MaskedSwinModel,
     block_mask,
     layout_target,
+    mean_average_precision,
     patchify,
     render_scene_set,
     scene_losses,
@@ -158,6 +159,17 @@ def test_a_masked_swin_block_hides_its_pixels(masked_swin):
     expected = torch.zeros(PATCH_GRID, PATCH_GRID, dtype=torch.bool)
     expected[2:4, 4:6] = True  # render pixels 8..15 x 16..23: 4x4 patches 2..3 x 4..5
     assert torch.equal(cells, expected)
+
+
+def test_mean_average_precision_is_the_mean_of_per_category_average_precision():
+    """AP = the mean, over a category's positives, of the precision at each positive's rank (scores descending);
+    a category with no positive is left out of the mean rather than counted as 0."""
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.4, 0.2], [0.7, 0.3, 0.9], [0.6, 0.2, 0.1]])
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float32)
+    # category 0: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2; category 1: its positive ranked 1st -> 1;
+    # category 2 has no positive
+    expected = 100.0 * ((1.0 + 2.0 / 3.0) / 2 + 1.0) / 2
+    assert mean_average_precision(scores, labels) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("wrapper", ["masked_model", "masked_swin"])

@@ -53,18 +53,6 @@ from visadapt.cli import plain_help
 from visadapt.data.procedural import IMAGE_SIZE
 from visadapt.data.upstream import NUM_CATEGORIES, PATCH_GRID, UPSTREAM_VERSION, render_scene
 
-#: what differs between the embedded backbones: the architecture arguments recorded in the file, where the file
-#: ships, the names of matrices kept out of weight decay besides norms and biases (position tables, as in the
-#: DeiT/Swin recipes; the ViT's mask token too, as SimMIM; the Swin's shipped run decayed its mask token, which
-#: lives only during pretraining) and the shipped recipe's defaults (each one a flag)
-EMBEDDED_BACKBONES = {
-    EMBEDDED_MODEL: {"model_args": PROCVIT_TINY_ARGS, "output": embedded_weights_path,
-                     "no_decay": ("pos_embed", "mask_token"),
-                     "recipe": {"samples": 60000, "epochs": 8, "batch_size": 128, "lr": 1e-3, "warmup_steps": 150}},
-    EMBEDDED_SWIN: {"model_args": PROCSWIN_TINY_ARGS, "output": embedded_swin_weights_path,
-                    "no_decay": ("relative_position_bias_table",),
-                    "recipe": {"samples": 64000, "epochs": 8, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200}},
-}
 #: the corpus seed: item i is rendered from ``default_rng([seed, SCENES_STREAM, i])``
 SCENES_STREAM = 11
 #: held-out items start here, far beyond any training set
@@ -76,7 +64,11 @@ LAYOUT_GRID = 4
 def to_input(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """uint8 ``(B, 3, 32, 32)`` -> float ``(B, 3, size, size)`` normalised with the model's mean = std = 0.5,
     i.e. to [-1, 1]; a ``size`` other than 32 is a bilinear upsample (the Swin's 64)."""
-    x = images.float().div_(127.5).sub_(1.0)
+    return resize(images.float().div_(127.5).sub_(1.0), size)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 3, size, size)``, bilinear; ``x`` itself when it already has that size."""
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x
@@ -198,6 +190,20 @@ class MaskedSwinModel(torch.nn.Module):
         return cells.all(4).all(2).reshape(b, PATCH_GRID * PATCH_GRID)
 
 
+#: what differs between the embedded backbones: the masked-image wrapper, the architecture arguments recorded
+#: in the file, where the file ships, the names of matrices kept out of weight decay besides norms and biases
+#: (position tables, as in the DeiT/Swin recipes; the ViT's mask token too, as SimMIM; the Swin's shipped run
+#: decayed its mask token, which lives only during pretraining) and the shipped recipe's defaults (each a flag)
+EMBEDDED_BACKBONES = {
+    EMBEDDED_MODEL: {"wrapper": MaskedImageModel, "model_args": PROCVIT_TINY_ARGS,
+                     "output": embedded_weights_path, "no_decay": ("pos_embed", "mask_token"),
+                     "recipe": {"samples": 60000, "epochs": 8, "batch_size": 128, "lr": 1e-3, "warmup_steps": 150}},
+    EMBEDDED_SWIN: {"wrapper": MaskedSwinModel, "model_args": PROCSWIN_TINY_ARGS,
+                    "output": embedded_swin_weights_path, "no_decay": ("relative_position_bias_table",),
+                    "recipe": {"samples": 64000, "epochs": 8, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200}},
+}
+
+
 def layout_target(patches: torch.Tensor) -> torch.Tensor:
     """``(B, PATCH_GRID**2)`` patch labels -> ``(B, LAYOUT_GRID**2)`` fraction of object patches per region."""
     objects = (patches != NUM_CATEGORIES).float().reshape(-1, 1, PATCH_GRID, PATCH_GRID)
@@ -213,12 +219,9 @@ def block_mask(batch: int, grid: int, block: int, ratio: float, generator) -> to
     return chosen.reshape(batch, grid * grid)
 
 
-@torch.no_grad()
-def mean_average_precision(model, images, labels, batch_size=512, size: int = IMAGE_SIZE) -> float:
-    """Held-out mean over categories of the average precision of the presence scores (%)."""
-    model.eval()
-    scores = torch.cat([model(to_input(images[i:i + batch_size], size))
-                        for i in range(0, len(images), batch_size)])
+def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over categories of the average precision (%) of presence ``scores (N, C)`` for ``labels (N, C)`` in
+    {0, 1}; a category with no positive is skipped."""
     aps = []
     for c in range(labels.shape[1]):
         order = scores[:, c].argsort(descending=True)
@@ -256,13 +259,28 @@ def scene_mask(model, batch: int, ratio: float, generator) -> torch.Tensor:
     return block_mask(batch, model.mask_grid, model.mask_block, ratio, generator)
 
 
+def input_and_target(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 renders ``(B, 3, 32, 32)`` -> the model's input ``(B, 3, S, S)`` (``S = model.input_size``) and the
+    pixel target ``(B, PATCH_GRID**2, 48)``: the 4x4 patches of the render itself, whatever the input size."""
+    rendered = to_input(images)
+    return resize(rendered, model.input_size), patchify(rendered)
+
+
+def masked_pixel_l1(model, pixels: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean L1 of predicted ``pixels`` against ``target`` (both ``(B, PATCH_GRID**2, 48)``) over the cells the
+    token ``mask`` hides; zero, still attached to the graph, when nothing is masked."""
+    if not mask.any():
+        return pixels.sum() * 0
+    return (pixels - target).abs()[model.cell_mask(mask)[..., None].expand_as(pixels)].mean()
+
+
 def scene_losses(model, images, presence, patches, mask) -> dict[str, torch.Tensor]:
     """The four upstream losses (module docstring) of uint8 renders ``images (B, 3, 32, 32)`` fed at the model's
     input size, with ``mask (B, model.mask_grid**2)``; the pixel target is the 32x32 render itself."""
-    logits, pixels, patch_logits, layout_logits = model(to_input(images, model.input_size), mask)
-    masked = model.cell_mask(mask)[..., None].expand_as(pixels)
+    x, target = input_and_target(model, images)
+    logits, pixels, patch_logits, layout_logits = model(x, mask)
     return {
-        "pixels": (pixels - patchify(to_input(images))).abs()[masked].mean() if mask.any() else pixels.sum() * 0,
+        "pixels": masked_pixel_l1(model, pixels, target, mask),
         "patches": F.cross_entropy(patch_logits.flatten(0, 1), patches.flatten()),
         "presence": F.binary_cross_entropy_with_logits(logits, presence),
         "layout": F.binary_cross_entropy_with_logits(layout_logits, layout_target(patches)),
@@ -275,25 +293,22 @@ def scene_holdout(model, images, presence, patches, mask_ratio: float, seed: int
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     hits = fg = 0
-    l1 = []
+    l1, scores = [], []
     for i in range(0, len(images), 500):
-        batch, p = images[i:i + 500], patches[i:i + 500]
-        x, target = to_input(batch, model.input_size), patchify(to_input(batch))
+        x, target = input_and_target(model, images[i:i + 500])
+        p = patches[i:i + 500]
         mask = scene_mask(model, len(x), mask_ratio, generator)
-        _, pixels, _, _ = model(x, mask)
-        l1.append((pixels - target).abs()[model.cell_mask(mask)[..., None].expand_as(pixels)].mean())
-        predicted = model(x, torch.zeros_like(mask))[2].argmax(-1)
+        l1.append(masked_pixel_l1(model, model(x, mask)[1], target, mask))
+        # unmasked, the wrapper's logits are the backbone's own (tests/test_upstream_corpus.py)
+        logits, _, patch_logits, _ = model(x, torch.zeros_like(mask))
+        scores.append(logits)
         foreground = p != NUM_CATEGORIES
-        hits += int((predicted == p)[foreground].sum())
+        hits += int((patch_logits.argmax(-1) == p)[foreground].sum())
         fg += int(foreground.sum())
-    presence_map = mean_average_precision(model.backbone, images, presence, size=model.input_size)
+    presence_map = mean_average_precision(torch.cat(scores), presence)
     return {"upstream_holdout_map": f"{presence_map:.2f}",
             "upstream_holdout_patch_accuracy": f"{100.0 * hits / max(fg, 1):.2f}",
             "upstream_holdout_pixel_l1": f"{float(torch.stack(l1).mean()):.4f}"}
-
-
-#: the masked-image wrapper of each embedded backbone
-MASKED_MODELS = {EMBEDDED_MODEL: MaskedImageModel, EMBEDDED_SWIN: MaskedSwinModel}
 
 
 def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
@@ -303,7 +318,7 @@ def train_scenes(args, spec: dict, start: float) -> tuple[dict, dict]:
     hold = render_scene_set(args.seed, HOLDOUT_START, args.holdout, args.workers)
     print(f"rendered {args.samples} + {args.holdout} scenes in {time.time() - start:.0f} s", flush=True)
     backbone = timm.create_model(args.model, pretrained=False, num_classes=NUM_CATEGORIES)
-    model = MASKED_MODELS[args.model](backbone)
+    model = spec["wrapper"](backbone)
     optimizer = torch.optim.AdamW(param_groups(model, spec["no_decay"], args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))  # the MAE / SimMIM betas
     steps_per_epoch = args.samples // args.batch_size
@@ -363,7 +378,7 @@ def main(argv=None, prog: str | None = None) -> None:
     scene.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch label loss")
     scene.add_argument("--presence-weight", type=float, default=1.0, help="weight of the presence BCE")
     scene.add_argument("--layout-weight", type=float, default=1.0, help="weight of the layout BCE")
-    scene.add_argument("--mask-ratio", type=float, default=0.5, help="share of 2x2-patch blocks masked")
+    scene.add_argument("--mask-ratio", type=float, default=0.5, help="share of the 8x8-pixel masking blocks masked")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering images")
     parser.add_argument("--threads", type=int, default=None,
